@@ -1,0 +1,709 @@
+#!/usr/bin/env python3
+"""azure-provisioning: first-boot provisioning for Azure images without an agent.
+
+Runs once at first boot of a VM made from a generalized image that has neither
+walinuxagent nor cloud-init.  In order:
+
+  1. reads the instance metadata (IMDS),
+  2. sets the hostname the user asked for (compute.osProfile.computerName),
+  3. tells the WireServer "Ready" for the current goal-state incarnation,
+
+and when step 1 or 2 fails it reports NotReady/ProvisioningFailed with a short
+reason instead, so that `az vm create` fails fast with that reason.
+
+Exit codes: 0 provisioned, 1 provisioning failed, 2 usage error.
+Standard library only; Python 3.6 or newer.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import random
+import re
+import socket
+import sys
+import time
+from xml.etree import ElementTree
+from xml.sax.saxutils import escape as xml_escape
+
+__all__ = ['ProvisioningError', 'main', 'provision']
+
+VERSION = '0.1.0'
+AGENT_NAME = 'azure-provisioning'
+
+DEFAULT_WIRESERVER = '168.63.129.16'
+DEFAULT_IMDS = '169.254.169.254'
+DEFAULT_TIMEOUT = 1200          # seconds, like waagent's and cloud-init's waits
+DOCUMENTATION_URL = 'https://aka.ms/linuxprovisioningerror'
+MAX_DESCRIPTION = 512           # cloud-init's cut; the WireServer 500s on long ones
+HOST_NAME_MAX = 64              # Linux; hostnamectl refuses longer names
+
+
+class ProvisioningError(Exception):
+    """Provisioning cannot go on; the message is one line, fit for Azure and the user."""
+
+
+# --------------------------------------------------------------------------
+# Logging: one line per step on stderr (the unit sends it to journal+console)
+# --------------------------------------------------------------------------
+
+class Log(object):
+    def __init__(self, verbose=False, stream=None):
+        self.verbose = verbose
+        self.stream = stream or sys.stderr
+
+    def info(self, message):
+        self.stream.write('%s: %s\n' % (AGENT_NAME, message))
+        self.stream.flush()
+
+    def debug(self, message):
+        if self.verbose:
+            self.info(message)
+
+    def error(self, message):
+        self.info('error: ' + message)
+
+
+def elapsed_ms(started):
+    return '%d ms' % round((time.monotonic() - started) * 1000)
+
+
+# --------------------------------------------------------------------------
+# Transport: plain http.client (never a proxy), one deadline, one retry policy
+# --------------------------------------------------------------------------
+
+REQUEST_TIMEOUT = 15.0          # per connect and per read
+MAX_RESPONSE_BYTES = 1 << 20    # goal state and IMDS documents are a few KiB
+BACKOFF_FIRST = 0.05            # seconds
+BACKOFF_CAP = 0.3               # short: Ready must go out soon after the WireServer is up
+STILL_WAITING_EVERY = 30.0      # seconds between "still retrying" lines
+
+
+class Deadline(object):
+    """A point in time every step shares; `reserve` keeps time back for a failure report."""
+
+    def __init__(self, seconds, reserve=0.0):
+        self.end = time.monotonic() + seconds
+        self.reserve = reserve
+
+    def remaining(self):
+        return max(0.0, self.end - self.reserve - time.monotonic())
+
+    def without_reserve(self):
+        whole = Deadline(0)
+        whole.end = self.end
+        return whole
+
+
+class TryAgain(Exception):
+    """A passing condition: the attempt may succeed if made again later."""
+
+    def __init__(self, problem, retry_after=None):
+        Exception.__init__(self, problem)
+        self.retry_after = retry_after
+
+
+class Response(object):
+    def __init__(self, status, reason, headers, body):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+
+    def text(self):
+        return self.body.decode('utf-8', 'replace')
+
+
+def backoff_delay(attempt, retry_after=None):
+    if retry_after is not None:
+        return retry_after
+    delay = min(BACKOFF_CAP, BACKOFF_FIRST * (2 ** (attempt - 1)))
+    return delay * random.uniform(0.5, 1.0)
+
+
+def with_retries(what, attempt, deadline, log):
+    """Call attempt() until it returns; TryAgain is retried with capped backoff
+    and jitter until the deadline, any other exception goes to the caller."""
+    started = time.monotonic()
+    last_said = None
+    last_said_at = started
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return attempt()
+        except TryAgain as again:
+            problem = str(again)
+            delay = backoff_delay(tries, again.retry_after)
+            if delay >= deadline.remaining():
+                raise ProvisioningError(
+                    '%s: %s; gave up after %d attempts in %.1f s (deadline)'
+                    % (what, problem, tries, time.monotonic() - started))
+            now = time.monotonic()
+            if problem != last_said or now - last_said_at >= STILL_WAITING_EVERY:
+                log.info('%s: %s; retrying (attempt %d, %.1f s left)'
+                         % (what, problem, tries, deadline.remaining()))
+                last_said, last_said_at = problem, now
+            else:
+                log.debug('%s: %s; retry in %.2f s' % (what, problem, delay))
+            time.sleep(delay)
+
+
+def parse_address(text, default_port=80):
+    """'IP' or 'IP:PORT' (or '[IPv6]:PORT') -> (host, port)."""
+    match = re.match(r'^(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]+))(?::(\d{1,5}))?$', text.strip())
+    if not match:
+        raise ValueError('expected IP or IP:PORT, got %r' % text)
+    host = match.group(1) or match.group(2)
+    port = int(match.group(3)) if match.group(3) else default_port
+    if not 0 < port < 65536:
+        raise ValueError('port out of range in %r' % text)
+    return host, port
+
+
+def http_exchange(target, method, path, headers, deadline, log,
+                  body=None, retry_statuses=()):
+    """One HTTP exchange.  Connection errors, timeouts, 5xx, 429 and the caller's
+    retry_statuses raise TryAgain; every other answer is returned."""
+    host, port = target
+    timeout = min(REQUEST_TIMEOUT, deadline.remaining())
+    if timeout <= 0:
+        raise TryAgain('no time left for a request')
+    started = time.monotonic()
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        answer = connection.getresponse()
+        data = answer.read(MAX_RESPONSE_BYTES + 1)
+        response = Response(answer.status, answer.reason, answer.headers, data)
+    except (OSError, http.client.HTTPException) as exc:
+        log.debug('%s http://%s:%d%s -> %s (%s)' % (method, host, port, path,
+                                                    describe_error(exc), elapsed_ms(started)))
+        raise TryAgain(describe_error(exc))
+    finally:
+        connection.close()
+    log.debug('%s http://%s:%d%s -> %d %s, %d bytes (%s)'
+              % (method, host, port, path, response.status, response.reason,
+                 len(data), elapsed_ms(started)))
+    if len(data) > MAX_RESPONSE_BYTES:
+        raise ProvisioningError('%s http://%s:%d%s: response larger than %d bytes'
+                                % (method, host, port, path, MAX_RESPONSE_BYTES))
+    status = response.status
+    if status >= 500 or status == 429 or status in retry_statuses:
+        raise TryAgain('HTTP %d %s' % (status, response.reason),
+                       retry_after_seconds(response.headers.get('Retry-After')))
+    return response
+
+
+def retry_after_seconds(value):
+    """Retry-After in seconds (the HTTP-date form is rare here; backoff covers it)."""
+    if value and value.strip().isdigit():
+        return float(value.strip())
+    return None
+
+
+def describe_error(exc):
+    if isinstance(exc, socket.timeout):
+        return 'timed out'
+    if isinstance(exc, OSError) and exc.strerror:
+        if exc.filename:
+            return '%s: %s' % (exc.filename, exc.strerror)
+        return exc.strerror
+    return str(exc) or exc.__class__.__name__
+
+
+# --------------------------------------------------------------------------
+# WireServer: goal state and health report
+# --------------------------------------------------------------------------
+
+WIRESERVER_HEADERS = {'x-ms-version': '2012-11-30', 'x-ms-agent-name': AGENT_NAME}
+MALFORMED_GOAL_STATES_ALLOWED = 3   # a truncated answer may pass; a broken server won't
+
+
+class GoalState(object):
+    def __init__(self, incarnation, container_id, instance_id):
+        self.incarnation = incarnation
+        self.container_id = container_id
+        self.instance_id = instance_id
+
+
+def parse_xml(text):
+    """Parse XML that must not declare a DTD: the stdlib expands entities (no defusedxml)."""
+    if re.search(r'<!\s*(DOCTYPE|ENTITY)', text, re.IGNORECASE):
+        raise ValueError('document declares a DOCTYPE or entities; refused')
+    try:
+        return ElementTree.fromstring(text)
+    except ElementTree.ParseError as exc:
+        raise ValueError('not well-formed XML (%s)' % exc)
+
+
+def parse_goal_state(text):
+    """Goal-state XML -> GoalState.  ValueError when malformed; None when the
+    container has no role instance yet (the host is still preparing the VM)."""
+    root = parse_xml(text.strip())
+    if root.tag != 'GoalState':
+        raise ValueError('root element is <%s>, not <GoalState>' % root.tag)
+    incarnation = (root.findtext('Incarnation') or '').strip()
+    container_id = (root.findtext('Container/ContainerId') or '').strip()
+    if not incarnation.isdigit():
+        raise ValueError('Incarnation %r is not a number' % incarnation)
+    instance_id = (root.findtext('Container/RoleInstanceList/RoleInstance/InstanceId')
+                   or '').strip()
+    if not container_id or not instance_id:
+        return None
+    return GoalState(incarnation, container_id, instance_id)
+
+
+def fetch_goal_state(wireserver, deadline, log):
+    malformed = [0]
+
+    def attempt():
+        response = http_exchange(wireserver, 'GET', '/machine/?comp=goalstate',
+                                 WIRESERVER_HEADERS, deadline, log)
+        if response.status != 200:
+            raise ProvisioningError('goal state: WireServer answered HTTP %d %s'
+                                    % (response.status, response.reason))
+        try:
+            goal_state = parse_goal_state(response.text())
+        except ValueError as exc:
+            malformed[0] += 1
+            if malformed[0] >= MALFORMED_GOAL_STATES_ALLOWED:
+                raise ProvisioningError('goal state: %s (%d times)' % (exc, malformed[0]))
+            raise TryAgain('malformed goal state: %s' % exc)
+        if goal_state is None:
+            raise TryAgain('goal state has no role instance yet')
+        return goal_state
+
+    return with_retries('goal state', attempt, deadline, log)
+
+
+def build_health_report(goal_state, state='Ready', substatus=None, description=None):
+    details = ''
+    if substatus:
+        details = ('\n          <Details>\n            <SubStatus>%s</SubStatus>'
+                   '\n            <Description>%s</Description>\n          </Details>'
+                   % (xml_escape(substatus), xml_escape(description or '')))
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>\n'
+        '<Health xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"'
+        ' xmlns:xsd="http://www.w3.org/2001/XMLSchema">\n'
+        '  <GoalStateIncarnation>%s</GoalStateIncarnation>\n'
+        '  <Container>\n'
+        '    <ContainerId>%s</ContainerId>\n'
+        '    <RoleInstanceList>\n'
+        '      <Role>\n'
+        '        <InstanceId>%s</InstanceId>\n'
+        '        <Health>\n'
+        '          <State>%s</State>%s\n'
+        '        </Health>\n'
+        '      </Role>\n'
+        '    </RoleInstanceList>\n'
+        '  </Container>\n'
+        '</Health>\n'
+    ) % (xml_escape(goal_state.incarnation), xml_escape(goal_state.container_id),
+         xml_escape(goal_state.instance_id), xml_escape(state), details)
+
+
+HEALTH_HEADERS = dict(WIRESERVER_HEADERS, **{'Content-Type': 'text/xml;charset=utf-8'})
+STALE_INCARNATIONS_ALLOWED = 5
+
+
+def report_health(wireserver, deadline, log, state='Ready', substatus=None, description=None):
+    """POST a health report for a freshly fetched goal state; on 410 Gone the
+    incarnation moved on, so fetch the goal state again and re-post."""
+    for _ in range(STALE_INCARNATIONS_ALLOWED):
+        goal_state = fetch_goal_state(wireserver, deadline, log)
+        body = build_health_report(goal_state, state, substatus, description).encode('utf-8')
+
+        def attempt():
+            return http_exchange(wireserver, 'POST', '/machine?comp=health',
+                                 HEALTH_HEADERS, deadline, log, body=body)
+
+        response = with_retries('health report', attempt, deadline, log)
+        if 200 <= response.status < 300:
+            return goal_state
+        if response.status != 410:
+            raise ProvisioningError('health report: WireServer answered HTTP %d %s: %s'
+                                    % (response.status, response.reason,
+                                       one_line(response.text(), 200)))
+        log.info('health report: incarnation %s is stale (410 Gone); fetching the goal state again'
+                 % goal_state.incarnation)
+    raise ProvisioningError('health report: incarnation kept changing (%d times 410 Gone)'
+                            % STALE_INCARNATIONS_ALLOWED)
+
+
+def one_line(text, limit):
+    text = ' '.join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+# --------------------------------------------------------------------------
+# IMDS: the instance document
+# --------------------------------------------------------------------------
+
+IMDS_API_VERSION = '2021-02-01'
+IMDS_FALLBACK_API_VERSION = '2019-06-01'  # what cloud-init falls back to on 400
+IMDS_HEADERS = {'Metadata': 'true'}
+IMDS_RETRY_STATUSES = (404, 410)          # IMDS warming up; 5xx and 429 retry anyway
+
+
+def fetch_instance_metadata(imds, deadline, log):
+    """GET the instance document; dict with at least a 'compute' object."""
+    versions = [IMDS_API_VERSION, IMDS_FALLBACK_API_VERSION]
+    malformed = [0]
+
+    def attempt():
+        path = '/metadata/instance?api-version=' + versions[0]
+        response = http_exchange(imds, 'GET', path, IMDS_HEADERS, deadline, log,
+                                 retry_statuses=IMDS_RETRY_STATUSES)
+        if response.status == 400 and len(versions) > 1:
+            log.info('IMDS: api-version %s refused (HTTP 400); trying %s'
+                     % (versions.pop(0), versions[0]))
+            raise TryAgain('api-version refused', retry_after=0)
+        if response.status != 200:
+            raise ProvisioningError('IMDS answered HTTP %d %s: %s'
+                                    % (response.status, response.reason,
+                                       one_line(response.text(), 200)))
+        try:
+            document = json.loads(response.text())
+            if not isinstance(document.get('compute'), dict):
+                raise ValueError('no "compute" object')
+        except (ValueError, AttributeError) as exc:
+            malformed[0] += 1
+            if malformed[0] >= MALFORMED_GOAL_STATES_ALLOWED:
+                raise ProvisioningError('IMDS: instance document is not valid (%s)' % exc)
+            raise TryAgain('invalid instance document (%s)' % exc)
+        return document
+
+    return with_retries('IMDS', attempt, deadline, log)
+
+
+def compute_field(metadata, *path):
+    """A string from metadata['compute'][...], '' when absent."""
+    node = metadata.get('compute', {})
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node.strip() if isinstance(node, str) else ''
+
+
+# --------------------------------------------------------------------------
+# Hostname
+# --------------------------------------------------------------------------
+
+HOSTNAME_LABEL = re.compile(r'^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$')
+
+
+def desired_hostname(metadata):
+    """The name the user asked for; compute.name only when the api-version has no osProfile."""
+    return (compute_field(metadata, 'osProfile', 'computerName')
+            or compute_field(metadata, 'name'))
+
+
+def validate_hostname(name):
+    if not name:
+        raise ProvisioningError('IMDS has neither osProfile.computerName nor name')
+    shown = name if len(name) <= 80 else name[:77] + '...'
+    if len(name) > HOST_NAME_MAX:
+        raise ProvisioningError('invalid hostname %r: %d characters, Linux allows %d'
+                                % (shown, len(name), HOST_NAME_MAX))
+    for label in name.split('.'):
+        if not HOSTNAME_LABEL.match(label):
+            raise ProvisioningError(
+                'invalid hostname %r: labels must be letters, digits and inner hyphens'
+                % shown)
+    return name
+
+
+def hostnamectl_usable():
+    """hostnamectl asks systemd-hostnamed, which lives in PID 1's UTS namespace:
+    use it only when systemd runs and we share that namespace (never from a test
+    namespace, where it would rename the host)."""
+    if not os.path.isdir('/run/systemd/system'):
+        return False
+    if not any(os.access(os.path.join(d, 'hostnamectl'), os.X_OK)
+               for d in ('/usr/bin', '/bin')):
+        return False
+    try:
+        return os.readlink('/proc/self/ns/uts') == os.readlink('/proc/1/ns/uts')
+    except OSError:
+        return False
+
+
+def set_hostname(name, deadline, log, etc='/etc'):
+    """Set the live and persistent hostname; returns how it was done."""
+    if hostnamectl_usable():
+        import subprocess
+        try:
+            done = subprocess.run(['hostnamectl', 'set-hostname', name],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  universal_newlines=True,
+                                  timeout=max(1.0, min(60.0, deadline.remaining())))
+            if done.returncode == 0 and socket.gethostname() == name:
+                return 'hostnamectl'
+            why = one_line(done.stderr, 200) or 'exit status %d' % done.returncode
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            why = describe_error(exc)
+        log.info('hostname: hostnamectl failed (%s); using sethostname' % why)
+    try:
+        socket.sethostname(name)
+    except OSError as exc:
+        raise ProvisioningError('cannot set hostname %s: %s' % (name, describe_error(exc)))
+    write_file_atomically(os.path.join(etc, 'hostname'), (name + '\n').encode())
+    return 'sethostname'
+
+
+def rename_in_hosts(text, old, new):
+    """Replace `old` (and `old.domain`) by `new` on the lines that carry it,
+    outside comments; every other byte stays as it was."""
+    out = []
+    for line in text.splitlines(True):
+        content, hash_, comment = line.partition('#')
+        fields = re.split(r'(\s+)', content)
+        if len(fields) < 3:
+            out.append(line)
+            continue
+        for i in range(2, len(fields), 2):      # fields[0] is the address
+            if fields[i] == old:
+                fields[i] = new
+            elif fields[i].startswith(old + '.'):
+                fields[i] = new + fields[i][len(old):]
+        out.append(''.join(fields) + hash_ + comment)
+    return ''.join(out)
+
+
+def update_etc_hosts(old, new, etc='/etc'):
+    """True when /etc/hosts carried the old name and was rewritten."""
+    path = os.path.join(etc, 'hosts')
+    if not old or old == 'localhost':
+        return False
+    try:
+        with open(path, 'rb') as f:
+            text = f.read().decode('utf-8', 'surrogateescape')
+    except FileNotFoundError:
+        return False
+    changed = rename_in_hosts(text, old, new)
+    if changed == text:
+        return False
+    write_file_atomically(path, changed.encode('utf-8', 'surrogateescape'))
+    return True
+
+
+def write_file_atomically(path, data, mode=0o644):
+    """Write via a temporary file and rename, keeping an existing file's mode and
+    owner: a crash leaves the old file or the new one, never half of one."""
+    directory = os.path.dirname(path) or '.'
+    try:
+        st = os.stat(path)
+        mode, owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        owner = None
+    tmp = os.path.join(directory, '.%s.%d.tmp' % (os.path.basename(path), os.getpid()))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if owner is not None and hasattr(os, 'chown'):
+            try:
+                os.chown(tmp, *owner)
+            except PermissionError:
+                pass    # not root (tests): the file stays ours
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# --------------------------------------------------------------------------
+# Provisioning steps
+# --------------------------------------------------------------------------
+
+def failure_description(reason, vm_id, step):
+    """Azure agents' pipe-separated format, at most MAX_DESCRIPTION characters."""
+    reason = ' '.join(reason.replace('|', '/').split())
+    head = 'result=error|reason='
+    tail = '|'.join(['', 'agent=%s/%s' % (AGENT_NAME, VERSION), 'step=' + step,
+                     'vm_id=' + (vm_id or 'unknown').replace('|', '/'),
+                     'timestamp=' + time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+                     'documentation_url=' + DOCUMENTATION_URL])
+    room = MAX_DESCRIPTION - len(head) - len(tail)
+    if len(reason) > room:
+        reason = reason[:max(0, room - 3)] + '...'
+    return head + reason + tail
+
+
+class Options(object):
+    """What a run needs; main() fills it from the command line."""
+
+    def __init__(self, wireserver=(DEFAULT_WIRESERVER, 80), imds=(DEFAULT_IMDS, 80),
+                 timeout=DEFAULT_TIMEOUT, set_hostname=True, dry_run=False, etc='/etc'):
+        self.wireserver = wireserver
+        self.imds = imds
+        self.timeout = timeout
+        self.set_hostname = set_hostname
+        self.dry_run = dry_run
+        self.etc = etc
+
+
+def provision(options, log, out=None):
+    """Run every step; returns the exit code (0 or 1)."""
+    out = out or sys.stdout
+    started = time.monotonic()
+    # keep time back so that a failure can still be told to Azure before the deadline
+    deadline = Deadline(options.timeout, reserve=min(60.0, options.timeout / 4.0))
+    vm_id, step = None, 'imds'
+    try:
+        t = time.monotonic()
+        metadata = fetch_instance_metadata(options.imds, deadline, log)
+        vm_id = compute_field(metadata, 'vmId')
+        log.info('IMDS: vm %s, computerName %s (%s)'
+                 % (vm_id or '?', desired_hostname(metadata) or '-', elapsed_ms(t)))
+        step = 'hostname'
+        if options.set_hostname:
+            apply_hostname(metadata, options, deadline, log, out)
+        else:
+            log.info('hostname: left alone (--no-hostname)')
+    except ProvisioningError as exc:
+        return report_failure(str(exc), vm_id, step, options, deadline, log, out)
+    except OSError as exc:      # e.g. a read-only /etc
+        return report_failure('%s: %s' % (step, describe_error(exc)), vm_id, step,
+                              options, deadline, log, out)
+
+    whole = deadline.without_reserve()
+    if options.dry_run:
+        goal_state = fetch_goal_state(options.wireserver, whole, log)
+        out.write('would POST to http://%s:%d/machine?comp=health:\n%s'
+                  % (options.wireserver + (build_health_report(goal_state),)))
+        log.info('dry run: nothing changed, nothing posted (%s)' % elapsed_ms(started))
+        return 0
+    t = time.monotonic()
+    try:
+        goal_state = report_health(options.wireserver, whole, log, 'Ready')
+    except ProvisioningError as exc:
+        log.error('could not report Ready: %s' % exc)
+        return 1
+    log.info('Ready accepted for incarnation %s (%s; %s since start)'
+             % (goal_state.incarnation, elapsed_ms(t), elapsed_ms(started)))
+    return 0
+
+
+def apply_hostname(metadata, options, deadline, log, out):
+    t = time.monotonic()
+    name = validate_hostname(desired_hostname(metadata))
+    current = socket.gethostname()
+    if name == current:
+        log.info('hostname: already %s, nothing to change (%s)' % (name, elapsed_ms(t)))
+        return
+    if options.dry_run:
+        out.write('would set hostname: %s (now %s)\n' % (name, current))
+        return
+    method = set_hostname(name, deadline, log, options.etc)
+    hosts = update_etc_hosts(current, name, options.etc)
+    log.info('hostname set to %s via %s%s (%s)'
+             % (name, method, ', /etc/hosts updated' if hosts else '', elapsed_ms(t)))
+
+
+def report_failure(reason, vm_id, step, options, deadline, log, out):
+    log.error(reason)
+    description = failure_description(reason, vm_id, step)
+    whole = deadline.without_reserve()
+    if options.dry_run:
+        goal_state = fetch_goal_state(options.wireserver, whole, log)
+        out.write('would POST to http://%s:%d/machine?comp=health:\n%s'
+                  % (options.wireserver + (build_health_report(
+                      goal_state, 'NotReady', 'ProvisioningFailed', description),)))
+        return 1
+    try:
+        goal_state = report_health(options.wireserver, whole, log,
+                                   'NotReady', 'ProvisioningFailed', description)
+    except ProvisioningError as exc:
+        log.error('could not report the failure to Azure: %s' % exc)
+        return 1
+    log.info('reported ProvisioningFailed for incarnation %s; the unit stays enabled'
+             % goal_state.incarnation)
+    return 1
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+def address(text):
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def positive_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not 0 < value < 1e7:
+        raise argparse.ArgumentTypeError('expected a positive number of seconds, got %r' % text)
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog='azure-provisioning',
+        description='First-boot provisioning for Azure images without walinuxagent or '
+                    'cloud-init: sets the hostname from IMDS and reports Ready to the '
+                    'WireServer (or ProvisioningFailed with the reason).',
+        epilog='Exit status: 0 provisioned, 1 provisioning failed (reported to Azure '
+               'when possible), 2 usage error.')
+    parser.add_argument('--wireserver', metavar='ADDR', type=address,
+                        default=(DEFAULT_WIRESERVER, 80),
+                        help='WireServer IP or IP:PORT (default %s)' % DEFAULT_WIRESERVER)
+    parser.add_argument('--imds', metavar='ADDR', type=address, default=(DEFAULT_IMDS, 80),
+                        help='IMDS IP or IP:PORT (default %s)' % DEFAULT_IMDS)
+    parser.add_argument('--timeout', metavar='SECONDS', type=positive_seconds,
+                        default=DEFAULT_TIMEOUT,
+                        help='overall deadline for all steps, including the failure '
+                             'report (default %d)' % DEFAULT_TIMEOUT)
+    parser.add_argument('--no-hostname', action='store_true',
+                        help='do not change the hostname')
+    parser.add_argument('--dry-run', action='store_true',
+                        help='fetch everything, print the hostname and the health report '
+                             'it would send; change nothing, post nothing')
+    parser.add_argument('-v', '--verbose', action='store_true',
+                        help='log every HTTP exchange')
+    parser.add_argument('--version', action='version', version='%(prog)s ' + VERSION)
+    return parser
+
+
+def main(args=None):
+    options = build_parser().parse_args(args)
+    log = Log(options.verbose)
+    run = Options(wireserver=options.wireserver, imds=options.imds, timeout=options.timeout,
+                  set_hostname=not options.no_hostname, dry_run=options.dry_run)
+    try:
+        return provision(run, log)
+    except ProvisioningError as exc:
+        log.error(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        log.error('interrupted')
+        return 1
+    except Exception as exc:    # a bug: say it in one line, the traceback only with -v
+        if options.verbose:
+            import traceback
+            traceback.print_exc()
+        log.error('internal error: %s: %s' % (exc.__class__.__name__, exc))
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
