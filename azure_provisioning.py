@@ -175,7 +175,10 @@ def http_exchange(target, method, path, headers, deadline, log,
     try:
         connection.request(method, path, body=body, headers=headers)
         answer = connection.getresponse()
-        data = answer.read(MAX_RESPONSE_BYTES + 1)
+        if answer.length is not None and answer.length <= MAX_RESPONSE_BYTES:
+            data = answer.read()    # raises IncompleteRead when the body is cut short
+        else:
+            data = answer.read(MAX_RESPONSE_BYTES + 1)
         response = Response(answer.status, answer.reason, answer.headers, data)
     except (OSError, http.client.HTTPException) as exc:
         log.debug('%s http://%s:%d%s -> %s (%s)' % (method, host, port, path,

@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Run the provisioner's test suite under every Python 3.6 .. 3.13 found.
+
+    python3 tests/matrix.py [--pythons DIR] [MODULE ...]
+
+Looks for DIR/3.N*/bin/python3 (DIR defaults to ~/.pyenv/versions) and runs
+`PY -m unittest MODULES` from the repository root with each.  The black-box
+tests start the script with the interpreter that runs them, so each version
+runs the script too.  A version that is not installed is reported as absent,
+never as passed.  Exit status 1 when any present version fails or none is found.
+"""
+
+import argparse
+import glob
+import os
+import re
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MINORS = range(6, 14)
+DEFAULT_MODULES = ['tests.test_transport', 'tests.test_wireserver', 'tests.test_hostname',
+                   'tests.test_provisioner']
+TIMEOUT = 600   # per version
+
+
+def find_python(root, minor):
+    found = sorted(glob.glob(os.path.join(root, '3.%d.*' % minor, 'bin', 'python3')))
+    return found[-1] if found else None
+
+
+def run_suite(python, modules):
+    started = time.monotonic()
+    try:
+        done = subprocess.run([python, '-m', 'unittest'] + modules, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              universal_newlines=True, timeout=TIMEOUT)
+        output, code = done.stdout, done.returncode
+    except subprocess.TimeoutExpired as exc:
+        output, code = (exc.output or '') + '\n(timed out after %d s)' % TIMEOUT, 1
+    ran = re.search(r'^Ran (\d+) tests?', output, re.M)
+    skipped = re.search(r'skipped=(\d+)', output)
+    return code, int(ran.group(1)) if ran else 0, int(skipped.group(1)) if skipped else 0, \
+        output, time.monotonic() - started
+
+
+def main(args=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--pythons', default=os.path.expanduser('~/.pyenv/versions'),
+                        help='directory holding 3.N.M/bin/python3 (default %(default)s)')
+    parser.add_argument('modules', nargs='*', default=DEFAULT_MODULES)
+    options = parser.parse_args(args)
+
+    passed = failed = absent = 0
+    for minor in MINORS:
+        python = find_python(options.pythons, minor)
+        if python is None:
+            print('3.%d: absent (no %s/3.%d.*/bin/python3), not run'
+                  % (minor, options.pythons, minor), flush=True)
+            absent += 1
+            continue
+        code, ran, skipped, output, seconds = run_suite(python, options.modules)
+        ok = code == 0 and ran > 0
+        print('3.%d: %s  %d tests, %d skipped, %.1f s  (%s)'
+              % (minor, 'ok  ' if ok else 'FAIL', ran, skipped, seconds, python), flush=True)
+        if ok:
+            passed += 1
+        else:
+            failed += 1
+            sys.stdout.write(output[-6000:] + '\n')
+    print('python versions run; absent ones are counted as skipped:')
+    print('matrix: %d passed, %d failed, %d skipped' % (passed, failed, absent))
+    return 1 if failed or not passed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

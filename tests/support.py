@@ -1,0 +1,111 @@
+"""Shared helpers for the tests: run the provisioner as a process, and run it
+inside a private UTS + mount namespace with a private copy of /etc."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, 'azure_provisioning.py')
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
+PROCESS_TIMEOUT = 60    # no single run of the script in the tests may take longer
+
+# A proxy that is never listening: the provisioner must not use it.
+DEAD_PROXY_ENV = {'http_proxy': 'http://127.0.0.1:9', 'HTTP_PROXY': 'http://127.0.0.1:9',
+                  'no_proxy': '', 'NO_PROXY': ''}
+
+
+class Run(object):
+    def __init__(self, code, stdout, stderr, seconds):
+        self.code = code
+        self.stdout = stdout
+        self.stderr = stderr
+        self.seconds = seconds
+
+    def __repr__(self):
+        return 'exit %s after %.2f s\n--- stdout\n%s--- stderr\n%s' % (
+            self.code, self.seconds, self.stdout, self.stderr)
+
+
+def run_command(command, env=None, timeout=PROCESS_TIMEOUT):
+    started = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               universal_newlines=True, env=env)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        raise AssertionError('%s did not finish in %d s\n%s\n%s'
+                             % (command, timeout, stdout, stderr))
+    return Run(process.returncode, stdout, stderr, time.monotonic() - started)
+
+
+def run_provisioner(az, *args, **kwargs):
+    """Run the script as `python3 -I` (as the unit does) against the emulator `az`."""
+    env = dict(os.environ)
+    env.update(kwargs.pop('env', {}))
+    command = [sys.executable, '-I', SCRIPT]
+    if az is not None:
+        command += ['--wireserver', az.wireserver_addr, '--imds', az.imds_addr]
+    return run_command(command + list(args), env=env, **kwargs)
+
+
+def is_root():
+    return os.geteuid() == 0
+
+
+class PrivateHost(object):
+    """A private copy of /etc and a private hostname, for root tests.
+
+    `run(argv)` runs argv inside `unshare --uts --mount` after bind-mounting the
+    copy over /etc and setting the namespace's hostname to `hostname`; it then
+    prints the hostname the namespace ended with.  The real /etc and hostname are
+    never touched."""
+
+    MARK = '@@hostname-after='
+
+    def __init__(self, hostname='image-template', hosts=None):
+        self.dir = tempfile.mkdtemp(prefix='azp-etc-')
+        self.etc = os.path.join(self.dir, 'etc')
+        shutil.copytree('/etc', self.etc, symlinks=True)
+        self.hostname = hostname
+        self.write('hostname', hostname + '\n')
+        self.write('hosts', hosts if hosts is not None else
+                   '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n\n'
+                   '# The following lines are desirable for IPv6 capable hosts\n'
+                   '::1     localhost ip6-localhost ip6-loopback\n' % hostname)
+
+    def write(self, name, text):
+        with open(os.path.join(self.etc, name), 'w') as f:
+            f.write(text)
+
+    def read(self, name):
+        with open(os.path.join(self.etc, name)) as f:
+            return f.read()
+
+    def run(self, argv, timeout=PROCESS_TIMEOUT, env=None):
+        wrapper = ('set -e; mount --bind "$1" /etc; hostname "$2"; shift 2; '
+                   'set +e; "$@"; code=$?; echo "%s$(hostname)"; exit $code' % self.MARK)
+        run = run_command(['unshare', '--uts', '--mount', 'sh', '-c', wrapper, 'sh',
+                           self.etc, self.hostname] + list(argv), env=env, timeout=timeout)
+        lines = run.stdout.splitlines()
+        run.hostname_after = None
+        if lines and lines[-1].startswith(self.MARK):
+            run.hostname_after = lines[-1][len(self.MARK):]
+            run.stdout = '\n'.join(lines[:-1]) + ('\n' if len(lines) > 1 else '')
+        return run
+
+    def cleanup(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def require_root(test):
+    if not is_root():
+        message = 'needs root for unshare --uts --mount (run the suite as root to check it)'
+        sys.stderr.write('\nSKIP %s: %s\n' % (test.id(), message))
+        raise unittest.SkipTest(message)

@@ -1,0 +1,187 @@
+"""Transport section: addresses, the retry policy, size and time limits."""
+
+import socket
+import threading
+import time
+import unittest
+
+import azure_provisioning as ap
+
+
+class QuietLog(ap.Log):
+    def __init__(self):
+        ap.Log.__init__(self, verbose=True)
+        self.lines = []
+
+    def info(self, message):
+        self.lines.append(message)
+
+
+class RawServer(object):
+    """Answers every connection on 127.0.0.1 with `reply` (bytes) after `delay` s."""
+
+    def __init__(self, reply, delay=0.0):
+        self.reply, self.delay = reply, delay
+        self.sock = socket.socket()
+        self.sock.bind(('127.0.0.1', 0))
+        self.sock.listen(8)
+        self.sock.settimeout(10)
+        self.address = self.sock.getsockname()
+        self.connections = 0
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            try:
+                conn.recv(65536)
+                time.sleep(self.delay)
+                conn.sendall(self.reply)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+class Addresses(unittest.TestCase):
+    def test_forms(self):
+        self.assertEqual(ap.parse_address('168.63.129.16'), ('168.63.129.16', 80))
+        self.assertEqual(ap.parse_address('127.0.0.1:8080'), ('127.0.0.1', 8080))
+        self.assertEqual(ap.parse_address('[::1]:81'), ('::1', 81))
+        for bad in ['', '1.2.3.4:', '1.2.3.4:0', '1.2.3.4:70000', 'a:b:c', '1.2.3.4:80x']:
+            with self.subTest(address=bad):
+                with self.assertRaises(ValueError):
+                    ap.parse_address(bad)
+
+
+class RetryPolicy(unittest.TestCase):
+    def test_backoff_grows_then_caps_with_jitter(self):
+        for attempt in range(1, 30):
+            delay = ap.backoff_delay(attempt)
+            ceiling = min(ap.BACKOFF_CAP, ap.BACKOFF_FIRST * 2 ** (attempt - 1))
+            self.assertTrue(ceiling / 2 <= delay <= ceiling, (attempt, delay))
+        self.assertEqual(ap.backoff_delay(3, retry_after=2.0), 2.0)
+
+    def test_retries_until_success(self):
+        answers = [ap.TryAgain('one'), ap.TryAgain('two'), 'done']
+
+        def attempt():
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+        log = QuietLog()
+        self.assertEqual(ap.with_retries('thing', attempt, ap.Deadline(10), log), 'done')
+        self.assertEqual(len([l for l in log.lines if 'retrying' in l]), 2)
+
+    def test_gives_up_at_the_deadline_with_a_clear_message(self):
+        calls = []
+
+        def attempt():
+            calls.append(1)
+            raise ap.TryAgain('Connection refused')
+        started = time.monotonic()
+        with self.assertRaisesRegex(ap.ProvisioningError,
+                                    r'^thing: Connection refused; gave up after \d+ attempts'):
+            ap.with_retries('thing', attempt, ap.Deadline(1.0), QuietLog())
+        took = time.monotonic() - started
+        self.assertLess(took, 1.0)
+        self.assertGreater(took, 0.6)
+        self.assertGreater(len(calls), 3)
+
+    def test_retry_after_beyond_the_deadline_gives_up_at_once(self):
+        def attempt():
+            raise ap.TryAgain('HTTP 429', retry_after=60)
+        started = time.monotonic()
+        with self.assertRaises(ap.ProvisioningError):
+            ap.with_retries('thing', attempt, ap.Deadline(5), QuietLog())
+        self.assertLess(time.monotonic() - started, 1.0)
+
+    def test_other_errors_are_not_retried(self):
+        calls = []
+
+        def attempt():
+            calls.append(1)
+            raise ap.ProvisioningError('final')
+        with self.assertRaisesRegex(ap.ProvisioningError, 'final'):
+            ap.with_retries('thing', attempt, ap.Deadline(5), QuietLog())
+        self.assertEqual(len(calls), 1)
+
+    def test_repeated_problem_is_logged_once_not_per_attempt(self):
+        def attempt():
+            raise ap.TryAgain('Connection refused')
+        log = QuietLog()
+        log.verbose = False
+        with self.assertRaises(ap.ProvisioningError):
+            ap.with_retries('thing', attempt, ap.Deadline(1.0), log)
+        self.assertEqual(len(log.lines), 1, log.lines)
+
+    def test_reserve_is_kept_back(self):
+        deadline = ap.Deadline(10, reserve=4)
+        self.assertTrue(5.5 < deadline.remaining() <= 6)
+        self.assertTrue(9.5 < deadline.without_reserve().remaining() <= 10)
+
+
+class Exchange(unittest.TestCase):
+    def exchange(self, reply, delay=0.0, deadline=5.0, **kwargs):
+        server = RawServer(reply, delay)
+        self.addCleanup(server.close)
+        return ap.http_exchange(server.address, 'GET', '/x', {}, ap.Deadline(deadline),
+                                QuietLog(), **kwargs)
+
+    def test_ok(self):
+        response = self.exchange(b'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi')
+        self.assertEqual((response.status, response.body), (200, b'hi'))
+
+    def test_4xx_is_returned_not_retried(self):
+        self.assertEqual(self.exchange(b'HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n')
+                         .status, 403)
+
+    def test_5xx_429_and_chosen_statuses_are_retried(self):
+        for status, kwargs in [(500, {}), (503, {}), (429, {}), (404, {'retry_statuses': (404,)})]:
+            with self.subTest(status=status):
+                with self.assertRaises(ap.TryAgain):
+                    self.exchange(('HTTP/1.1 %d X\r\nContent-Length: 0\r\n\r\n' % status)
+                                  .encode(), **kwargs)
+
+    def test_retry_after_is_read(self):
+        with self.assertRaises(ap.TryAgain) as caught:
+            self.exchange(b'HTTP/1.1 429 Too Many\r\nRetry-After: 3\r\nContent-Length: 0\r\n\r\n')
+        self.assertEqual(caught.exception.retry_after, 3.0)
+
+    def test_oversized_response_is_refused(self):
+        body = b'x' * (ap.MAX_RESPONSE_BYTES + 10)
+        reply = b'HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n' % len(body) + body
+        with self.assertRaisesRegex(ap.ProvisioningError, 'larger than'):
+            self.exchange(reply)
+
+    def test_garbage_and_hangups_are_retried(self):
+        for reply in [b'', b'SSH-2.0-OpenSSH\r\n', b'HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab']:
+            with self.subTest(reply=reply):
+                with self.assertRaises(ap.TryAgain):
+                    self.exchange(reply)
+
+    def test_a_silent_server_times_out_within_the_deadline(self):
+        started = time.monotonic()
+        with self.assertRaisesRegex(ap.TryAgain, 'timed out'):
+            self.exchange(b'', delay=5, deadline=0.5)
+        self.assertLess(time.monotonic() - started, 2.0)
+
+    def test_refused_connection_is_retried(self):
+        sock = socket.socket()
+        sock.bind(('127.0.0.1', 0))      # bound, not listening: connections are refused
+        self.addCleanup(sock.close)
+        with self.assertRaisesRegex(ap.TryAgain, 'refused'):
+            ap.http_exchange(sock.getsockname(), 'GET', '/', {}, ap.Deadline(5), QuietLog())
+
+
+if __name__ == '__main__':
+    unittest.main()
