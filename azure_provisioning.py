@@ -221,7 +221,7 @@ def describe_error(exc):
 # --------------------------------------------------------------------------
 
 WIRESERVER_HEADERS = {'x-ms-version': '2012-11-30', 'x-ms-agent-name': AGENT_NAME}
-MALFORMED_GOAL_STATES_ALLOWED = 3   # a truncated answer may pass; a broken server won't
+MALFORMED_ANSWERS_ALLOWED = 3   # a truncated answer may pass; a broken server won't
 
 
 class GoalState(object):
@@ -271,7 +271,7 @@ def fetch_goal_state(wireserver, deadline, log):
             goal_state = parse_goal_state(response.text())
         except ValueError as exc:
             malformed[0] += 1
-            if malformed[0] >= MALFORMED_GOAL_STATES_ALLOWED:
+            if malformed[0] >= MALFORMED_ANSWERS_ALLOWED:
                 raise ProvisioningError('goal state: %s (%d times)' % (exc, malformed[0]))
             raise TryAgain('malformed goal state: %s' % exc)
         if goal_state is None:
@@ -374,7 +374,7 @@ def fetch_instance_metadata(imds, deadline, log):
                 raise ValueError('no "compute" object')
         except (ValueError, AttributeError) as exc:
             malformed[0] += 1
-            if malformed[0] >= MALFORMED_GOAL_STATES_ALLOWED:
+            if malformed[0] >= MALFORMED_ANSWERS_ALLOWED:
                 raise ProvisioningError('IMDS: instance document is not valid (%s)' % exc)
             raise TryAgain('invalid instance document (%s)' % exc)
         return document
@@ -492,15 +492,16 @@ def update_etc_hosts(old, new, etc='/etc'):
     return True
 
 
-def write_file_atomically(path, data, mode=0o644):
-    """Write via a temporary file and rename, keeping an existing file's mode and
-    owner: a crash leaves the old file or the new one, never half of one."""
+def write_file_atomically(path, data, mode=0o644, owner=None, check=None):
+    """Write via a temporary file and rename: a crash leaves the old file or the new
+    one, never half of one.  An existing file keeps its mode and owner unless they are
+    given; `check` is a command run on the temporary file (e.g. visudo -cf) first."""
     directory = os.path.dirname(path) or '.'
     try:
         st = os.stat(path)
-        mode, owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
+        mode, owner = st.st_mode & 0o7777, owner or (st.st_uid, st.st_gid)
     except FileNotFoundError:
-        owner = None
+        pass
     tmp = os.path.join(directory, '.%s.%d.tmp' % (os.path.basename(path), os.getpid()))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -508,12 +509,14 @@ def write_file_atomically(path, data, mode=0o644):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if owner is not None and hasattr(os, 'chown'):
+        if owner is not None:
             try:
                 os.chown(tmp, *owner)
             except PermissionError:
                 pass    # not root (tests): the file stays ours
         os.chmod(tmp, mode)
+        if check:
+            run_tool(check + [tmp], Deadline(60), 'checking %s' % path)
         os.rename(tmp, path)
     except BaseException:
         try:
@@ -526,6 +529,321 @@ def write_file_atomically(path, data, mode=0o644):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+# --------------------------------------------------------------------------
+# Admin user and SSH keys (--provision-user)
+# --------------------------------------------------------------------------
+
+USER_NAME = re.compile(r'^[a-z_][a-z0-9_-]{0,31}$')     # portable useradd names
+KEY_TYPES = ('ssh-rsa', 'ssh-ed25519', 'ecdsa-sha2-nistp256', 'ecdsa-sha2-nistp384',
+             'ecdsa-sha2-nistp521', 'sk-ssh-ed25519@openssh.com',
+             'sk-ecdsa-sha2-nistp256@openssh.com')
+SUDOERS_DROP_IN = '/etc/sudoers.d/azure-provisioning'   # no dot: sudo skips names with one
+SSHD_DROP_IN = '/etc/ssh/sshd_config.d/50-azure-provisioning.conf'
+
+
+def validate_user_name(name):
+    if not USER_NAME.match(name or ''):
+        raise ProvisioningError('invalid admin user name %r: use 1-32 of a-z, 0-9, _ and -, '
+                                'starting with a letter or _' % one_line(name or '', 40))
+    return name
+
+
+def validate_public_key(text):
+    """'type base64 [comment]' -> the normalized line; the blob must name its type."""
+    import base64
+    import binascii
+    import struct
+    line = ' '.join((text or '').replace('\r', ' ').replace('\n', ' ').split())
+    parts = line.split(' ', 2)
+    shown = one_line(line, 40)
+    if len(parts) < 2 or parts[0] not in KEY_TYPES:
+        raise ProvisioningError('invalid SSH public key %r: expected "TYPE BASE64 [COMMENT]" '
+                                'with TYPE one of %s' % (shown, ', '.join(KEY_TYPES[:3])))
+    try:
+        blob = base64.b64decode(parts[1].encode('ascii'), validate=True)
+        (size,) = struct.unpack('>I', blob[:4])
+        named = blob[4:4 + size].decode('ascii')
+    except (binascii.Error, ValueError, struct.error, UnicodeError):
+        named = None
+    if named != parts[0]:
+        raise ProvisioningError('invalid SSH public key %r: the base64 body is not a %s key'
+                                % (shown, parts[0]))
+    return line
+
+
+def user_from_metadata(metadata):
+    """(user name, [key lines], [IMDS paths], disable password auth) from IMDS."""
+    name = validate_user_name(compute_field(metadata, 'osProfile', 'adminUsername'))
+    keys, paths = [], []
+    entries = metadata.get('compute', {}).get('publicKeys') or []
+    if not isinstance(entries, list):
+        raise ProvisioningError('IMDS publicKeys is not a list')
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ProvisioningError('IMDS publicKeys holds a %s, not an object'
+                                    % type(entry).__name__)
+        key = validate_public_key(entry.get('keyData'))
+        if key not in keys:
+            keys.append(key)
+        paths.append(entry.get('path') if isinstance(entry.get('path'), str) else '')
+    disable = compute_field(metadata, 'osProfile', 'disablePasswordAuthentication') == 'true'
+    return name, keys, paths, disable
+
+
+def authorized_keys_path(home, imds_paths, log):
+    """The path IMDS gives when it lies inside the home, else ~/.ssh/authorized_keys."""
+    default = os.path.join(home, '.ssh', 'authorized_keys')
+    for path in set(p for p in imds_paths if p):
+        normal = os.path.normpath(path)
+        if (os.path.isabs(path) and normal.startswith(home.rstrip('/') + '/')
+                and '..' not in path.split('/')):
+            return normal
+        log.info('user: key path %r is outside %s; using %s' % (one_line(path, 80), home, default))
+    return default
+
+
+def run_tool(argv, deadline, what):
+    import subprocess
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True,
+                              timeout=max(1.0, min(60.0, deadline.remaining())))
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ProvisioningError('%s: %s: %s' % (what, argv[0], describe_error(exc)))
+    if done.returncode != 0:
+        raise ProvisioningError('%s: %s failed: %s' % (
+            what, argv[0], one_line(done.stderr, 200) or 'exit status %d' % done.returncode))
+    return done.stdout
+
+
+def find_tool(name):
+    for directory in ('/usr/sbin', '/sbin', '/usr/bin', '/bin'):
+        path = os.path.join(directory, name)
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def provision_user(metadata, deadline, log, dry_run, out):
+    """Create the admin user, give it sudo, install its keys; changes only what differs."""
+    import pwd
+    name, keys, paths, disable_passwords = user_from_metadata(metadata)
+    say = (lambda message: out.write('would ' + message + '\n')) if dry_run else None
+    try:
+        account = pwd.getpwnam(name)
+    except KeyError:
+        account = None
+    if account is not None and account.pw_uid < 1000:
+        raise ProvisioningError('admin user %s exists as a system account (uid %d); refused'
+                                % (name, account.pw_uid))
+    shell = '/bin/bash' if os.access('/bin/bash', os.X_OK) else '/bin/sh'
+    if account is None:
+        if say:
+            say('create user %s (useradd -m -s %s), password locked' % (name, shell))
+            home = os.path.join('/home', name)
+        else:
+            run_tool([find_tool('useradd') or 'useradd', '-m', '-s', shell, name], deadline,
+                     'user')
+            account = pwd.getpwnam(name)
+            log.info('user: created %s (uid %d, shell %s)' % (name, account.pw_uid, shell))
+    if account is not None:
+        home = account.pw_dir
+        if not dry_run:
+            lock_password(name, deadline)
+    grant_sudo(name, deadline, log, say)
+    install_keys(name, keys, authorized_keys_path(home, paths, log), account, log, say)
+    if disable_passwords:
+        disable_password_logins(log, say)
+    else:
+        log.info('user: disablePasswordAuthentication is not "true"; sshd left alone')
+    return name
+
+
+def lock_password(name, deadline):
+    """IMDS carries no password: make sure none works (useradd leaves '!' already)."""
+    try:
+        with open('/etc/shadow') as f:
+            for line in f:
+                fields = line.split(':')
+                if fields[0] == name and fields[1:2] and fields[1][:1] in ('!', '*'):
+                    return
+    except OSError:
+        pass
+    run_tool([find_tool('usermod') or 'usermod', '-L', name], deadline, 'user')
+
+
+def grant_sudo(name, deadline, log, say):
+    if not os.path.isdir(os.path.dirname(SUDOERS_DROP_IN)):
+        log.info('user: /etc/sudoers.d does not exist (sudo not installed); no sudo rule')
+        return
+    rule = ('# written by azure-provisioning: the admin user from IMDS, whose password\n'
+            '# is locked (IMDS carries none)\n%s ALL=(ALL) NOPASSWD:ALL\n' % name).encode()
+    if read_bytes(SUDOERS_DROP_IN) == rule:
+        return
+    if say:
+        return say('write %s granting %s sudo' % (SUDOERS_DROP_IN, name))
+    visudo = find_tool('visudo')
+    check = [visudo, '-cf'] if visudo else None
+    write_file_atomically(SUDOERS_DROP_IN, rule, mode=0o440, check=check)
+    log.info('user: sudo rule %s written%s' % (SUDOERS_DROP_IN,
+                                               ' (visudo -cf ok)' if visudo else ''))
+
+
+def install_keys(name, keys, path, account, log, say):
+    if not keys:
+        log.info('user: IMDS has no public keys for %s' % name)
+        return
+    present = read_bytes(path)
+    lines = present.decode('utf-8', 'replace').splitlines() if present else []
+    known = set(' '.join(line.split()[:2]) for line in lines)
+    new = [key for key in keys if ' '.join(key.split()[:2]) not in known]
+    if not new:
+        log.info('user: %d key(s) already in %s' % (len(keys), path))
+        return
+    if say:
+        return say('add %d key(s) to %s (0600, owner %s)' % (len(new), path, name))
+    directory = os.path.dirname(path)
+    home = account.pw_dir
+    for link in (directory, path):
+        if os.path.islink(link):
+            raise ProvisioningError('%s is a symbolic link; refusing to write keys through it'
+                                    % link)
+    made = []
+    parent = directory
+    while not os.path.isdir(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
+    for missing in reversed(made):
+        os.mkdir(missing, 0o700)
+        os.chown(missing, account.pw_uid, account.pw_gid)
+    if directory == os.path.join(home, '.ssh'):
+        os.chmod(directory, 0o700)
+    text = ''.join(line + '\n' for line in lines + new)
+    write_file_atomically(path, text.encode('utf-8'), mode=0o600,
+                          owner=(account.pw_uid, account.pw_gid))
+    restorecon = find_tool('restorecon')
+    if restorecon:
+        import subprocess
+        subprocess.call([restorecon, '-R', directory])
+    log.info('user: %d key(s) added to %s' % (len(new), path))
+
+
+def disable_password_logins(log, say):
+    config = read_bytes('/etc/ssh/sshd_config')
+    if config is None:
+        log.info('user: no /etc/ssh/sshd_config; PasswordAuthentication left alone')
+        return
+    includes = re.search(r'^\s*Include\s+/etc/ssh/sshd_config\.d/\*\.conf\s*$',
+                         config.decode('utf-8', 'replace'), re.M | re.I)
+    if not includes:
+        log.info('user: sshd_config does not include sshd_config.d/*.conf; '
+                 'PasswordAuthentication left alone')
+        return
+    setting = b'# written by azure-provisioning (disablePasswordAuthentication)\n' \
+              b'PasswordAuthentication no\n'
+    if read_bytes(SSHD_DROP_IN) == setting:
+        return
+    if say:
+        return say('write %s: PasswordAuthentication no' % SSHD_DROP_IN)
+    write_file_atomically(SSHD_DROP_IN, setting)
+    log.info('user: PasswordAuthentication no (%s)' % SSHD_DROP_IN)
+
+
+def read_bytes(path):
+    try:
+        with open(path, 'rb') as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+# --------------------------------------------------------------------------
+# ready.d hooks: the image's own steps that must succeed before Ready
+# --------------------------------------------------------------------------
+
+HOOKS_DIR = '/etc/azure-provisioning/ready.d'
+HOOK_NAME = re.compile(r'^[A-Za-z0-9_-]+$')     # run-parts: skips *.dpkg-old, *~, *.rpmnew
+
+
+def list_hooks(directory, log):
+    try:
+        names = sorted(os.listdir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    hooks = []
+    for name in names:
+        path = os.path.join(directory, name)
+        if not HOOK_NAME.match(name) or not os.path.isfile(path):
+            log.debug('hooks: skipping %s (not a run-parts name or not a file)' % name)
+        elif not os.access(path, os.X_OK):
+            log.info('hooks: skipping %s: not executable' % name)
+        else:
+            hooks.append(path)
+    return hooks
+
+
+def run_hooks(hooks, facts, metadata, deadline, log):
+    """Run each hook with the VM facts in its environment and the time left as its
+    limit; the first failure stops provisioning with the hook's last stderr line."""
+    import shutil
+    import tempfile
+    scratch = tempfile.mkdtemp(prefix='azure-provisioning-')
+    try:
+        imds_copy = os.path.join(scratch, 'imds.json')
+        write_file_atomically(imds_copy, json.dumps(metadata, indent=2).encode('utf-8'),
+                              mode=0o600)
+        env = dict(os.environ, AZURE_IMDS_JSON=imds_copy, **facts)
+        for hook in hooks:
+            run_hook(hook, env, deadline, log)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_hook(path, env, deadline, log):
+    import subprocess
+    import threading
+    name = os.path.basename(path)
+    limit = deadline.remaining()
+    env = dict(env, AZURE_PROVISIONING_SECONDS_LEFT='%d' % limit)
+    t = time.monotonic()
+    try:
+        process = subprocess.Popen([path], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=env, cwd='/',
+                                   start_new_session=True)
+    except OSError as exc:
+        raise ProvisioningError('hook %s could not start: %s' % (name, describe_error(exc)))
+    last_error = ['']
+
+    def forward(stream, keep_last):
+        for raw in iter(stream.readline, b''):
+            line = raw.decode('utf-8', 'replace').rstrip()
+            if line:
+                log.info('hook %s: %s' % (name, line))
+                if keep_last:
+                    last_error[0] = line
+        stream.close()
+
+    readers = [threading.Thread(target=forward, args=(process.stdout, False)),
+               threading.Thread(target=forward, args=(process.stderr, True))]
+    for reader in readers:
+        reader.start()
+    try:
+        code = process.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)   # the whole session: a hook's children go too
+        process.wait()
+        code = None
+    for reader in readers:
+        reader.join(5)
+    if code is None:
+        raise ProvisioningError('hook %s timed out after %d s: %s'
+                                % (name, limit, last_error[0] or 'no output on stderr'))
+    if code != 0:
+        raise ProvisioningError('hook %s failed with exit status %d: %s'
+                                % (name, code, last_error[0] or 'no output on stderr'))
+    log.info('hook %s done (%s)' % (name, elapsed_ms(t)))
 
 
 # --------------------------------------------------------------------------
@@ -550,11 +868,14 @@ class Options(object):
     """What a run needs; main() fills it from the command line."""
 
     def __init__(self, wireserver=(DEFAULT_WIRESERVER, 80), imds=(DEFAULT_IMDS, 80),
-                 timeout=DEFAULT_TIMEOUT, set_hostname=True, dry_run=False, etc='/etc'):
+                 timeout=DEFAULT_TIMEOUT, set_hostname=True, provision_user=False,
+                 hooks_dir=HOOKS_DIR, dry_run=False, etc='/etc'):
         self.wireserver = wireserver
         self.imds = imds
         self.timeout = timeout
         self.set_hostname = set_hostname
+        self.provision_user = provision_user
+        self.hooks_dir = hooks_dir
         self.dry_run = dry_run
         self.etc = etc
 
@@ -565,22 +886,38 @@ def provision(options, log, out=None):
     started = time.monotonic()
     # keep time back so that a failure can still be told to Azure before the deadline
     deadline = Deadline(options.timeout, reserve=min(60.0, options.timeout / 4.0))
-    vm_id, step = None, 'imds'
+    facts = {}
+    step = 'imds'
     try:
         t = time.monotonic()
         metadata = fetch_instance_metadata(options.imds, deadline, log)
-        vm_id = compute_field(metadata, 'vmId')
-        log.info('IMDS: vm %s, computerName %s (%s)'
-                 % (vm_id or '?', desired_hostname(metadata) or '-', elapsed_ms(t)))
+        facts['AZURE_VM_ID'] = compute_field(metadata, 'vmId')
+        log.info('IMDS: vm %s, computerName %s (%s)' % (
+            facts['AZURE_VM_ID'] or '?', desired_hostname(metadata) or '-', elapsed_ms(t)))
         step = 'hostname'
         if options.set_hostname:
             apply_hostname(metadata, options, deadline, log, out)
         else:
             log.info('hostname: left alone (--no-hostname)')
+        facts['AZURE_HOSTNAME'] = socket.gethostname()
+        step = 'user'
+        if options.provision_user:
+            t = time.monotonic()
+            facts['AZURE_ADMIN_USERNAME'] = provision_user(metadata, deadline, log,
+                                                           options.dry_run, out)
+            log.info('user: %s ready (%s)' % (facts['AZURE_ADMIN_USERNAME'], elapsed_ms(t)))
+        else:
+            facts['AZURE_ADMIN_USERNAME'] = compute_field(metadata, 'osProfile', 'adminUsername')
+        step = 'hooks'
+        hooks = list_hooks(options.hooks_dir, log)
+        if hooks and options.dry_run:
+            out.write('would run hooks: %s\n' % ' '.join(hooks))
+        elif hooks:
+            run_hooks(hooks, facts, metadata, deadline, log)
     except ProvisioningError as exc:
-        return report_failure(str(exc), vm_id, step, options, deadline, log, out)
+        return report_failure(str(exc), facts, step, options, deadline, log, out)
     except OSError as exc:      # e.g. a read-only /etc
-        return report_failure('%s: %s' % (step, describe_error(exc)), vm_id, step,
+        return report_failure('%s: %s' % (step, describe_error(exc)), facts, step,
                               options, deadline, log, out)
 
     whole = deadline.without_reserve()
@@ -617,9 +954,9 @@ def apply_hostname(metadata, options, deadline, log, out):
              % (name, method, ', /etc/hosts updated' if hosts else '', elapsed_ms(t)))
 
 
-def report_failure(reason, vm_id, step, options, deadline, log, out):
+def report_failure(reason, facts, step, options, deadline, log, out):
     log.error(reason)
-    description = failure_description(reason, vm_id, step)
+    description = failure_description(reason, facts.get('AZURE_VM_ID'), step)
     whole = deadline.without_reserve()
     if options.dry_run:
         goal_state = fetch_goal_state(options.wireserver, whole, log)
@@ -678,6 +1015,9 @@ def build_parser():
                              'report (default %d)' % DEFAULT_TIMEOUT)
     parser.add_argument('--no-hostname', action='store_true',
                         help='do not change the hostname')
+    parser.add_argument('--provision-user', action='store_true',
+                        help='create the admin user from IMDS, give it sudo and install '
+                             'its SSH keys')
     parser.add_argument('--dry-run', action='store_true',
                         help='fetch everything, print the hostname and the health report '
                              'it would send; change nothing, post nothing')
@@ -691,7 +1031,8 @@ def main(args=None):
     options = build_parser().parse_args(args)
     log = Log(options.verbose)
     run = Options(wireserver=options.wireserver, imds=options.imds, timeout=options.timeout,
-                  set_hostname=not options.no_hostname, dry_run=options.dry_run)
+                  set_hostname=not options.no_hostname,
+                  provision_user=options.provision_user, dry_run=options.dry_run)
     try:
         return provision(run, log)
     except ProvisioningError as exc:

@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from socketserver import ThreadingMixIn
+from socketserver import TCPServer, ThreadingMixIn
 from urllib.parse import parse_qs, quote, urlsplit
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape as xml_escape
@@ -108,9 +108,9 @@ def parse_fault_list(text):
             faults.append("reset")
         elif head == "delay" and arg:
             faults.append(("delay", float(arg)))
-        elif head.isdigit() and not arg:
+        elif re.match(r"^[0-9]{3}$", head) and not arg:
             faults.append(int(head))
-        elif head.isdigit() and arg:
+        elif re.match(r"^[0-9]{3}$", head) and arg:
             faults.append(("status", int(head), {"Retry-After": arg}))
         else:
             raise ValueError("bad fault %r (expected CODE, CODE:RETRY_AFTER, reset "
@@ -161,7 +161,7 @@ def make_goal_state_template():
 
 
 def strip_role_instance_list(goal_state):
-    """The 'not ready yet' shape (cf. walinuxagent__goal_state_noop.xml)."""
+    """The "not ready yet" shape: a Container without RoleInstanceList."""
     return re.sub(r"\n\s*<RoleInstanceList>.*</RoleInstanceList>", "", goal_state,
                   flags=re.S)
 
@@ -273,10 +273,12 @@ class _Server(ThreadingMixIn, HTTPServer):
             self.server_close()
             raise
 
-    @property
-    def addr(self):
-        host, port = self.socket.getsockname()[:2]
-        return "%s:%d" % (host, port)
+    def server_bind(self):
+        # HTTPServer.server_bind() would call socket.getfqdn(), which can send a
+        # DNS query off this machine: bind only.
+        TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+        self.addr = "%s:%d" % self.server_address[:2]     # still known after stop()
 
     def activate(self):
         self.server_activate()      # listen()
@@ -338,7 +340,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             return b""
-        if not length.strip().isdigit() or int(length) > MAX_BODY_BYTES:
+        if not re.match(r"^\s*[0-9]+\s*$", length) or int(length) > MAX_BODY_BYTES:
             raise _BadRequest("bad Content-Length")
         return self.rfile.read(int(length))
 
@@ -367,18 +369,18 @@ class _Handler(BaseHTTPRequestHandler):
             "path": self.path,
             "headers": dict((k.lower(), v) for k, v in self.headers.items()),
             "body": "",
-            "status": 0,
+            "status": 0,        # 0: the connection was dropped unanswered
+            "fault": None,      # the injected fault(s), e.g. "delay 0.5, status 503"
             "time": time.time(),
         }
         try:
             raw = self._read_body()
             request["body"] = raw.decode("utf-8", "replace")
-            reply = fake._answer(self.server.kind, self.command, self.path,
-                                 request["headers"], raw)
+            reply, request["fault"] = fake._answer(self.server.kind, self.command,
+                                                   self.path, request["headers"], raw)
         except _BadRequest as e:
             reply = Reply(400, str(e) + "\n", close=True)
         if reply is RESET:
-            request["fault"] = "reset"
             fake._record_request(request)
             self._reset()
             return
@@ -399,8 +401,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(reply.body)
 
     def _reset(self):
-        """Close with RST, no answer.  The makefile()s hold references to the
-        socket, so close them first or close() would not really close."""
+        """Close with RST, no answer.  rfile (a makefile()) holds a reference to
+        the socket, so close it first or close() would not really close; wfile
+        writes to the socket directly and is left for the base class to flush."""
         self.close_connection = True
         try:
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
@@ -408,7 +411,6 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
         self.rfile.close()
-        self.wfile.close()
         self.connection.close()
 
 
@@ -569,9 +571,7 @@ class FakeAzure(object):
             self._requests.append(request)
             self._write_record(dict(request, type="request"))
         if self.verbose:
-            sys.stderr.write("fake_azure: %-10s %s %s -> %s\n" % (
-                request["server"], request["method"], request["path"],
-                request.get("fault") or request["status"]))
+            sys.stderr.write("fake_azure: %s\n" % _request_line(request))
             sys.stderr.flush()
 
     def _write_record(self, entry):
@@ -583,18 +583,21 @@ class FakeAzure(object):
     # -- request handling --------------------------------------------------
 
     def _answer(self, kind, method, path, headers, raw):
-        """Reply (or RESET) for one request.  Runs in a handler thread."""
+        """(Reply or RESET, description of injected faults or None) for one
+        request.  Runs in a handler thread."""
         endpoint = self._endpoint(kind, path)
-        for fault in self._take_faults(kind, endpoint):
+        faults = self._take_faults(kind, endpoint)
+        applied = ", ".join(" ".join(str(x) for x in f[:2]) for f in faults) or None
+        for fault in faults:
             if fault[0] == "delay":
                 self._stopping.wait(fault[1])
             elif fault[0] == "reset":
-                return RESET
+                return RESET, applied
             else:
-                return self._fault_reply(kind, fault[1], fault[2])
+                return self._fault_reply(kind, fault[1], fault[2]), applied
         if kind == "imds":
-            return self._imds_answer(method, path, headers)
-        return self._wire_answer(endpoint, method, headers, raw)
+            return self._imds_answer(method, path, headers), applied
+        return self._wire_answer(endpoint, method, headers, raw), applied
 
     def _endpoint(self, kind, path):
         if kind == "imds":
@@ -762,6 +765,12 @@ class FakeAzure(object):
 # Summaries (run / demo / serve)
 # ---------------------------------------------------------------------------
 
+def _request_line(r):
+    answer = r["status"] or "no answer"
+    fault = " (fault: %s)" % r["fault"] if r["fault"] else ""
+    return "%-10s %-4s %s -> %s%s" % (r["server"], r["method"], r["path"], answer, fault)
+
+
 def summarize(az, limit=40):
     requests = az.requests
     counts = collections.Counter(r["server"] for r in requests)
@@ -771,8 +780,7 @@ def summarize(az, limit=40):
     if len(shown) < len(requests):
         lines.append("  ... %d earlier request(s) not shown" % (len(requests) - len(shown)))
     for r in shown:
-        lines.append("  %-10s %-4s %s -> %s" % (r["server"], r["method"], r["path"],
-                                               r.get("fault") or r["status"]))
+        lines.append("  " + _request_line(r))
     reports = az.health_reports
     lines.append("%d health report(s)" % len(reports))
     for r in reports:
@@ -871,14 +879,14 @@ def _show_file(label, text, out):
     if text is None:
         out.write("    (missing)\n")
     for line in (text or "").splitlines():
-        out.write("    %s\n" % line)
+        out.write(("    " + line).rstrip() + "\n")
 
 
-def run_demo(script, timeout, out):
+def run_demo(script, timeout, out, use_namespace=True):
     if not os.path.exists(script):
         out.write("demo: %s not found\n" % script)
         return 2
-    problem = namespace_problem()
+    problem = namespace_problem() if use_namespace else "--no-namespace given"
     scratch = tempfile.mkdtemp(prefix="fake-azure-demo-")
     try:
         with FakeAzure(computer_name=DEMO_HOSTNAME) as az:
@@ -1091,6 +1099,8 @@ def build_parser():
                       metavar="FILE", help="provisioner to run (default: the repo's)")
     demo.add_argument("--timeout", type=float, default=120, metavar="SECONDS",
                       help="kill it after this long (default: %(default)s)")
+    demo.add_argument("--no-namespace", action="store_true",
+                      help="do not try a namespace: run with --no-hostname")
     return parser
 
 
@@ -1141,7 +1151,8 @@ def main(argv=None):
             return cmd_serve(args)
         if args.command == "run":
             return cmd_run(args)
-        return run_demo(args.script, args.timeout, sys.stdout)
+        return run_demo(args.script, args.timeout, sys.stdout,
+                        use_namespace=not args.no_namespace)
     except (OSError, ValueError) as e:
         sys.stderr.write("fake_azure: %s\n" % e)
         return 2

@@ -51,6 +51,9 @@ def run_provisioner(az, *args, **kwargs):
     env.update(kwargs.pop('env', {}))
     command = [sys.executable, '-I', SCRIPT]
     if az is not None:
+        # outside PrivateHost a run must not rename this machine
+        if '--no-hostname' not in args and '--dry-run' not in args:
+            raise AssertionError('run_provisioner without --no-hostname: use PrivateHost')
         command += ['--wireserver', az.wireserver_addr, '--imds', az.imds_addr]
     return run_command(command + list(args), env=env, **kwargs)
 
@@ -60,12 +63,13 @@ def is_root():
 
 
 class PrivateHost(object):
-    """A private copy of /etc and a private hostname, for root tests.
+    """A private copy of /etc, empty private /home and /root, and a private
+    hostname, for root tests.
 
     `run(argv)` runs argv inside `unshare --uts --mount` after bind-mounting the
-    copy over /etc and setting the namespace's hostname to `hostname`; it then
-    prints the hostname the namespace ended with.  The real /etc and hostname are
-    never touched."""
+    copies over /etc, /home and /root and setting the namespace's hostname to
+    `hostname`; it then prints the hostname the namespace ended with.  The real
+    /etc, /home, /root and hostname are never touched."""
 
     MARK = '@@hostname-after='
 
@@ -73,6 +77,15 @@ class PrivateHost(object):
         self.dir = tempfile.mkdtemp(prefix='azp-etc-')
         self.etc = os.path.join(self.dir, 'etc')
         shutil.copytree('/etc', self.etc, symlinks=True)
+        self.home = os.path.join(self.dir, 'home')
+        self.root_home = os.path.join(self.dir, 'root')
+        os.mkdir(self.home)
+        os.mkdir(self.root_home, 0o700)
+        # pyenv's interpreters live under /root: keep the running one visible
+        self.keep = ''
+        if sys.base_prefix.startswith('/root/'):
+            self.keep = sys.base_prefix
+            os.makedirs(self.root_home + self.keep[len('/root'):])
         self.hostname = hostname
         self.write('hostname', hostname + '\n')
         self.write('hosts', hosts if hosts is not None else
@@ -89,10 +102,13 @@ class PrivateHost(object):
             return f.read()
 
     def run(self, argv, timeout=PROCESS_TIMEOUT, env=None):
-        wrapper = ('set -e; mount --bind "$1" /etc; hostname "$2"; shift 2; '
+        wrapper = ('set -e; mount --bind "$1" /etc; mount --bind "$2" /home; '
+                   'if [ -n "$5" ]; then mount --bind "$5" "$3${5#/root}"; fi; '
+                   'mount --rbind "$3" /root; hostname "$4"; shift 5; '
                    'set +e; "$@"; code=$?; echo "%s$(hostname)"; exit $code' % self.MARK)
-        run = run_command(['unshare', '--uts', '--mount', 'sh', '-c', wrapper, 'sh',
-                           self.etc, self.hostname] + list(argv), env=env, timeout=timeout)
+        run = run_command(['unshare', '--uts', '--mount', 'sh', '-c', wrapper, 'sh', self.etc,
+                           self.home, self.root_home, self.hostname, self.keep] + list(argv),
+                          env=env, timeout=timeout)
         lines = run.stdout.splitlines()
         run.hostname_after = None
         if lines and lines[-1].startswith(self.MARK):
