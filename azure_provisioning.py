@@ -555,7 +555,7 @@ def validate_public_key(text):
     import base64
     import binascii
     import struct
-    line = ' '.join((text or '').replace('\r', ' ').replace('\n', ' ').split())
+    line = ' '.join(text.split()) if isinstance(text, str) else ''
     parts = line.split(' ', 2)
     shown = one_line(line, 40)
     if len(parts) < 2 or parts[0] not in KEY_TYPES:

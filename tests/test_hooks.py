@@ -1,0 +1,142 @@
+"""ready.d hooks: run-parts rules, environment, failures and time limits, run in
+a private /etc (root only) against the emulator."""
+
+import json
+import os
+import sys
+import time
+import unittest
+
+from tests.fake_azure import FakeAzure
+from tests.support import SCRIPT, PrivateHost, require_root
+
+RECORDER = '''#!/bin/sh
+# appends its name, the time and its environment facts to OUT
+{
+  echo "name=$(basename "$0") time=$(date +%%s.%%N)"
+  echo "vm_id=$AZURE_VM_ID hostname=$AZURE_HOSTNAME admin=$AZURE_ADMIN_USERNAME left=$AZURE_PROVISIONING_SECONDS_LEFT"
+  echo "imds_mode=$(stat -c %%a "$AZURE_IMDS_JSON")"
+  cp "$AZURE_IMDS_JSON" %(out)s.imds.json
+} >> %(out)s
+echo "stdout of $(basename "$0")"
+'''
+
+
+def alive(pid):
+    """Running, not a zombie (PID 1 in some sandboxes never reaps orphans)."""
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
+
+
+class Hooks(unittest.TestCase):
+    def setUp(self):
+        require_root(self)
+        self.host = PrivateHost('web-7')
+        self.addCleanup(self.host.cleanup)
+        self.hooks = os.path.join(self.host.etc, 'azure-provisioning', 'ready.d')
+        os.makedirs(self.hooks)
+        self.out = os.path.join(self.host.dir, 'hooks.log')
+
+    def hook(self, name, text, mode=0o755):
+        path = os.path.join(self.hooks, name)
+        with open(path, 'w') as f:
+            f.write(text)
+        os.chmod(path, mode)
+
+    def recorder(self, name, mode=0o755):
+        self.hook(name, RECORDER % {'out': self.out}, mode)
+
+    def provision(self, az, *extra):
+        run = self.host.run([sys.executable, '-I', SCRIPT, '--wireserver', az.wireserver_addr,
+                             '--imds', az.imds_addr] + list(extra))
+        self.assertNotIn('Traceback', run.stderr)
+        return run
+
+    def recorded(self):
+        if not os.path.exists(self.out):
+            return []
+        with open(self.out) as f:
+            return [line for line in f.read().splitlines() if line.startswith('name=')]
+
+    def test_run_parts_order_environment_and_before_ready(self):
+        self.recorder('20-second')
+        self.recorder('10-first')
+        self.recorder('30-disabled', mode=0o644)
+        for leftover in ('40-x.dpkg-old', '41-x~', '42-x.rpmnew', '.hidden', '43-x.sh'):
+            self.recorder(leftover)
+        os.mkdir(os.path.join(self.hooks, '50-dir'))
+        with FakeAzure(computer_name='web-7', admin_username='alice',
+                       vm_id='0a0b0c0d-0000-1111-2222-333344445555') as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 0, run)
+            ready, = az.health_reports
+        names = [line.split()[0] for line in self.recorded()]
+        self.assertEqual(names, ['name=10-first', 'name=20-second'])
+        last_hook = float(self.recorded()[-1].split('time=')[1])
+        self.assertLess(last_hook, ready['time'])
+        with open(self.out) as f:
+            text = f.read()
+        self.assertIn('vm_id=0a0b0c0d-0000-1111-2222-333344445555 hostname=web-7 admin=alice left=',
+                      text)
+        self.assertIn('imds_mode=600', text)
+        with open(self.out + '.imds.json') as f:
+            self.assertEqual(json.load(f)['compute']['vmId'], '0a0b0c0d-0000-1111-2222-333344445555')
+        self.assertIn('hooks: skipping 30-disabled: not executable', run.stderr)
+        self.assertIn('hook 10-first: stdout of 10-first', run.stderr)
+        self.assertRegex(run.stderr, r'hook 20-second done \(\d+ ms\)')
+
+    def test_failing_hook_fails_provisioning_with_its_last_stderr_line(self):
+        self.recorder('10-ok')
+        self.hook('20-mount-data', '#!/bin/sh\necho "checking /dev/sdc" >&2\n'
+                                   'echo "mount: /data: special device /dev/sdc does not exist" >&2\n'
+                                   'exit 32\n')
+        self.recorder('30-never')
+        with FakeAzure(computer_name='web-7') as az:
+            run = self.provision(az, '--timeout', '30')
+            self.assertEqual(run.code, 1, run)
+            report, = az.health_reports
+        self.assertEqual((report['state'], report['substatus']), ('NotReady', 'ProvisioningFailed'))
+        self.assertIn('reason=hook 20-mount-data failed with exit status 32: mount: /data: special '
+                      'device /dev/sdc does not exist|', report['description'])
+        self.assertIn('step=hooks', report['description'])
+        self.assertEqual([l.split()[0] for l in self.recorded()], ['name=10-ok'])
+        self.assertIn('hook 20-mount-data: checking /dev/sdc', run.stderr)
+
+    def test_hanging_hook_is_killed_with_its_children_at_the_deadline(self):
+        pid_file = os.path.join(self.host.dir, 'child.pid')
+        self.hook('10-hang', '#!/bin/sh\necho "waiting for the data disk" >&2\n'
+                             'sleep 600 &\necho $! > %s\nwait\n' % pid_file)
+        with FakeAzure(computer_name='web-7') as az:
+            started = time.monotonic()
+            run = self.provision(az, '--timeout', '8')
+            took = time.monotonic() - started
+            self.assertEqual(run.code, 1, run)
+            report, = az.health_reports
+        self.assertIn('hook 10-hang timed out after', report['description'])
+        self.assertIn('waiting for the data disk', report['description'])
+        self.assertLess(took, 8 + 1.5)
+        self.assertGreater(took, 5)     # 8 s less the 2 s kept back for the report
+        with open(pid_file) as f:
+            child = int(f.read())
+        for _ in range(50):             # the kill is asynchronous: give it a second
+            if not alive(child):
+                break
+            time.sleep(0.02)
+        self.assertFalse(alive(child), 'the hook\'s child survived')
+
+    def test_dry_run_lists_hooks_and_runs_none(self):
+        self.recorder('10-first')
+        self.recorder('20-second')
+        with FakeAzure(computer_name='web-7') as az:
+            run = self.provision(az, '--dry-run')
+            self.assertEqual(run.code, 0, run)
+        self.assertIn('would run hooks: /etc/azure-provisioning/ready.d/10-first '
+                      '/etc/azure-provisioning/ready.d/20-second', run.stdout)
+        self.assertEqual(self.recorded(), [])
+
+
+if __name__ == '__main__':
+    unittest.main()

@@ -1,0 +1,204 @@
+"""Admin user and SSH keys (--provision-user): validation, then real runs in a
+private /etc, /home and /root (root only)."""
+
+import base64
+import os
+import stat
+import struct
+import subprocess
+import sys
+import unittest
+
+import azure_provisioning as ap
+from tests.fake_azure import FakeAzure
+from tests.support import SCRIPT, PrivateHost, require_root
+from tests.test_transport import QuietLog
+
+
+def key(kind='ssh-ed25519', comment='alice@laptop', filler=b'\x07'):
+    blob = struct.pack('>I', len(kind)) + kind.encode() + struct.pack('>I', 32) + filler * 32
+    return ('%s %s %s' % (kind, base64.b64encode(blob).decode(), comment)).strip()
+
+
+class Validation(unittest.TestCase):
+    def test_user_names(self):
+        for good in ['alice', 'a', '_svc', 'ops-1', 'x' * 32]:
+            self.assertEqual(ap.validate_user_name(good), good)
+        for bad in ['', 'Alice', '1abc', '-x', 'a b', 'x' * 33, 'al:ice', 'a/b', '../x', 'é']:
+            with self.subTest(name=bad):
+                with self.assertRaisesRegex(ap.ProvisioningError, 'invalid admin user name'):
+                    ap.validate_user_name(bad)
+
+    def test_keys_are_normalized(self):
+        line = key()
+        for raw in [line + '\n', line + '\r\n', '  ' + line + '  ', line.replace(' ', '\t')]:
+            self.assertEqual(ap.validate_public_key(raw), line)
+        self.assertEqual(ap.validate_public_key(key(comment='')), key(comment=''))
+        self.assertEqual(ap.validate_public_key(key('ssh-rsa')), key('ssh-rsa'))
+
+    def test_bad_keys(self):
+        good_body = key().split()[1]
+        for bad in ['', 'ssh-rsa', 'ssh-rsa 0', 'ssh-ed25519 !!!notbase64', 'nope ' + good_body,
+                    'ssh-rsa ' + good_body,            # blob says ssh-ed25519
+                    'command="rm -rf /" ' + key(), None, 42]:
+            with self.subTest(key=bad):
+                with self.assertRaisesRegex(ap.ProvisioningError, 'invalid SSH public key'):
+                    ap.validate_public_key(bad)
+
+    def test_user_from_metadata(self):
+        metadata = {'compute': {'osProfile': {'adminUsername': 'alice',
+                                              'disablePasswordAuthentication': 'true'},
+                                'publicKeys': [{'keyData': key() + '\r\n', 'path': '/p'},
+                                               {'keyData': key(), 'path': '/q'}]}}
+        self.assertEqual(ap.user_from_metadata(metadata),
+                         ('alice', [key()], ['/p', '/q'], True))
+        metadata['compute']['publicKeys'] = 'x'
+        with self.assertRaises(ap.ProvisioningError):
+            ap.user_from_metadata(metadata)
+
+    def test_key_path_must_stay_in_the_home(self):
+        log = QuietLog()
+        default = '/home/alice/.ssh/authorized_keys'
+        for path, expected in [('/home/alice/.ssh/authorized_keys', default),
+                               ('/home/alice/.ssh/keys2', '/home/alice/.ssh/keys2'),
+                               ('/root/.ssh/authorized_keys', default),
+                               ('/home/alice/../root/.ssh/authorized_keys', default),
+                               ('/home/alicex/.ssh/authorized_keys', default),
+                               ('relative/keys', default), ('', default)]:
+            with self.subTest(path=path):
+                self.assertEqual(ap.authorized_keys_path('/home/alice', [path], log), expected)
+
+
+SSHD_CONFIG = 'Include /etc/ssh/sshd_config.d/*.conf\n\nKbdInteractiveAuthentication no\n'
+
+
+class ProvisionUser(unittest.TestCase):
+    """Runs the script with --provision-user in a private host and looks at the files."""
+
+    def setUp(self):
+        require_root(self)
+        self.host = PrivateHost('web-7')    # same name as IMDS: the hostname step is a no-op
+        self.addCleanup(self.host.cleanup)
+        os.makedirs(os.path.join(self.host.etc, 'ssh', 'sshd_config.d'), exist_ok=True)
+        self.host.write('ssh/sshd_config', SSHD_CONFIG)
+
+    def provision(self, az, *extra):
+        argv = [sys.executable, '-I', SCRIPT, '--wireserver', az.wireserver_addr,
+                '--imds', az.imds_addr, '--provision-user', '--timeout', '30'] + list(extra)
+        run = self.host.run(argv)
+        self.assertNotIn('Traceback', run.stderr)
+        return run
+
+    def passwd_entry(self, name):
+        for line in self.host.read('passwd').splitlines():
+            fields = line.split(':')
+            if fields[0] == name:
+                return fields
+        return None
+
+    def assert_failed(self, az, run, text):
+        self.assertEqual(run.code, 1, run)
+        report, = az.health_reports
+        self.assertEqual(report['substatus'], 'ProvisioningFailed')
+        self.assertIn(text, report['description'])
+        self.assertIn('step=user', report['description'])
+
+    def test_user_sudo_keys_and_sshd(self):
+        keys = [key() + '\r\n', key('ssh-rsa', 'bob@desk', b'\x09')]
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=keys) as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 0, run)
+            self.assertTrue(az.ready_accepted())
+        entry = self.passwd_entry('alice')
+        self.assertIsNotNone(entry, self.host.read('passwd'))
+        uid, gid, home, shell = int(entry[2]), int(entry[3]), entry[5], entry[6]
+        self.assertEqual(home, '/home/alice')
+        self.assertTrue(os.access(shell, os.X_OK))
+        shadow = [l for l in self.host.read('shadow').splitlines() if l.startswith('alice:')]
+        self.assertTrue(shadow[0].split(':')[1].startswith('!'), shadow)
+
+        ssh_dir = os.path.join(self.host.home, 'alice', '.ssh')
+        keys_file = os.path.join(ssh_dir, 'authorized_keys')
+        with open(keys_file) as f:
+            self.assertEqual(f.read(), key() + '\n' + key('ssh-rsa', 'bob@desk', b'\x09') + '\n')
+        for path, mode in [(ssh_dir, 0o700), (keys_file, 0o600)]:
+            st = os.stat(path)
+            self.assertEqual((stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid), (mode, uid, gid))
+
+        sudoers = os.path.join(self.host.etc, 'sudoers.d', 'azure-provisioning')
+        if os.path.isdir(os.path.dirname(sudoers)):
+            self.assertEqual(stat.S_IMODE(os.stat(sudoers).st_mode), 0o440)
+            with open(sudoers) as f:
+                self.assertIn('alice ALL=(ALL) NOPASSWD:ALL\n', f.read())
+            if os.access('/usr/sbin/visudo', os.X_OK):
+                check = subprocess.call(['/usr/sbin/visudo', '-cf', sudoers],
+                                        stdout=subprocess.DEVNULL)
+                self.assertEqual(check, 0)
+        else:
+            self.assertIn('sudo not installed', run.stderr)
+        self.assertEqual(self.host.read('ssh/sshd_config.d/50-azure-provisioning.conf').splitlines()[-1],
+                         'PasswordAuthentication no')
+        self.assertEqual(self.host.read('ssh/sshd_config'), SSHD_CONFIG)
+
+    def test_second_run_changes_nothing_and_keeps_other_keys(self):
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            self.assertEqual(self.provision(az).code, 0)
+            keys_file = os.path.join(self.host.home, 'alice', '.ssh', 'authorized_keys')
+            with open(keys_file, 'a') as f:
+                f.write('ssh-ed25519 AAAAmine user-added\n')
+            watched = [os.path.join(self.host.etc, n) for n in
+                       ('passwd', 'shadow', 'group', 'sudoers.d', 'ssh/sshd_config.d')] + [keys_file]
+            before = [(os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in watched
+                      if os.path.exists(p)]
+            run = self.provision(az)
+            self.assertEqual(run.code, 0, run)
+            after = [(os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in watched
+                     if os.path.exists(p)]
+            self.assertEqual(before, after)
+            self.assertIn('1 key(s) already in /home/alice/.ssh/authorized_keys', run.stderr)
+            with open(keys_file) as f:
+                self.assertEqual(f.read(), key() + '\nssh-ed25519 AAAAmine user-added\n')
+
+    def test_hostile_paths_go_to_the_default(self):
+        keys = [{'keyData': key(), 'path': '/root/.ssh/authorized_keys'},
+                {'keyData': key('ssh-ed25519', 'b', b'\x01'),
+                 'path': '/home/alice/../../root/.ssh/authorized_keys'}]
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=keys) as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 0, run)
+        self.assertEqual(os.listdir(self.host.root_home), ['.pyenv'] if self.host.keep else [])
+        with open(os.path.join(self.host.home, 'alice', '.ssh', 'authorized_keys')) as f:
+            self.assertEqual(len(f.read().splitlines()), 2)
+        self.assertIn('is outside /home/alice', run.stderr)
+
+    def test_bad_key_is_reported_and_no_user_made(self):
+        with FakeAzure(computer_name='web-7', admin_username='alice',
+                       public_keys=['ssh-rsa AAAA-not-a-key']) as az:
+            run = self.provision(az)
+            self.assert_failed(az, run, 'invalid SSH public key')
+        self.assertIsNone(self.passwd_entry('alice'))
+
+    def test_bad_user_name_is_reported(self):
+        with FakeAzure(computer_name='web-7', admin_username='Root;id') as az:
+            run = self.provision(az)
+            self.assert_failed(az, run, "invalid admin user name 'Root;id'")
+
+    def test_system_account_is_refused(self):
+        with FakeAzure(computer_name='web-7', admin_username='daemon') as az:
+            run = self.provision(az)
+            self.assert_failed(az, run, 'daemon exists as a system account')
+
+    def test_dry_run_says_what_it_would_do(self):
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az, '--dry-run')
+            self.assertEqual(run.code, 0, run)
+            self.assertEqual(az.health_reports, [])
+        self.assertIn('would create user alice', run.stdout)
+        self.assertIn('would add 1 key(s) to /home/alice/.ssh/authorized_keys', run.stdout)
+        self.assertIn('would write /etc/ssh/sshd_config.d/50-azure-provisioning.conf', run.stdout)
+        self.assertIsNone(self.passwd_entry('alice'))
+        self.assertEqual(os.listdir(self.host.home), [])
+
+
+if __name__ == '__main__':
+    unittest.main()
