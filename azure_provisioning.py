@@ -61,6 +61,9 @@ class Log(object):
         if self.verbose:
             self.info(message)
 
+    def warning(self, message):
+        self.info('warning: ' + message)
+
     def error(self, message):
         self.info('error: ' + message)
 
@@ -532,6 +535,164 @@ def write_file_atomically(path, data, mode=0o644, owner=None, check=None):
 
 
 # --------------------------------------------------------------------------
+# Publishing the new hostname to Azure DNS (DHCP option 12)
+# --------------------------------------------------------------------------
+# Azure's internal DNS learns the name from the DHCP request.  Ours comes after
+# the network is up, so the DHCP client has announced the image's old name; it
+# must send a request carrying the new one, without ifdown/ifup (missing on
+# RHEL 9) or a NetworkManager restart (drops the IP now and then).
+
+PUBLISH_TIMEOUT = 30.0      # seconds for the DHCP client to get its lease back
+
+
+def primary_interface(root='/'):
+    """The interface of the IPv4 default route with the lowest metric."""
+    best = None
+    try:
+        with open(os.path.join(root, 'proc/net/route')) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if len(fields) > 6 and fields[1] == '00000000' and int(fields[3], 16) & 1:
+                    if best is None or int(fields[6]) < best[1]:
+                        best = (fields[0], int(fields[6]))
+    except (OSError, ValueError):
+        return None
+    return best[0] if best else None
+
+
+def read_text(path):
+    data = read_bytes(path)
+    return data.decode('utf-8', 'replace') if data is not None else None
+
+
+def ini_values(text, sections, key):
+    """Every value of `key` inside the given [sections] of a systemd-style file."""
+    values, section = [], None
+    for line in (text or '').splitlines():
+        line = line.strip()
+        if line.startswith('[') and line.endswith(']'):
+            section = line[1:-1]
+        elif section in sections and '=' in line and not line.startswith(('#', ';')):
+            name, _, value = line.partition('=')
+            if name.strip() == key:
+                values.append(value.strip())
+    return values
+
+
+def networkd_plan(interface, name, root='/'):
+    """networkd keeps the name it had when it configured the link (systemd #23244):
+    `renew` re-sends the old one, `reconfigure` starts the DHCP client again."""
+    try:
+        with open(os.path.join(root, 'sys/class/net', interface, 'ifindex')) as f:
+            index = f.read().strip()
+    except OSError:
+        return None
+    state = read_text(os.path.join(root, 'run/systemd/netif/links', index))
+    if not state or 'NETWORK_FILE=' not in state:
+        return None
+    fields = dict(line.partition('=')[::2] for line in state.splitlines() if '=' in line)
+    files = [fields.get('NETWORK_FILE', '')] + fields.get('NETWORK_FILE_DROPINS', '') \
+        .strip('"').split()
+    text = '\n'.join(read_text(os.path.join(root, p.lstrip('/'))) or '' for p in files if p)
+    sections = ('DHCPv4', 'DHCP')
+    send = ini_values(text, sections, 'SendHostname')
+    if send and send[-1].lower() in ('no', 'false', '0', 'off'):
+        return ('systemd-networkd', None, '%s sets SendHostname=%s' % (files[0], send[-1]))
+    fixed = ini_values(text, sections, 'Hostname')
+    if fixed:
+        return ('systemd-networkd', None, '%s sends the fixed name Hostname=%s'
+                % (files[0], fixed[-1]))
+    return ('systemd-networkd', [['networkctl', 'reconfigure', interface]], None)
+
+
+def networkmanager_plan(interface, name, deadline, root='/'):
+    """`nmcli device modify` re-applies the active profile with a new dhcp-hostname:
+    NetworkManager restarts only the DHCP client, with no restart of the daemon."""
+    if not os.path.isdir(os.path.join(root, 'run/NetworkManager')) or not find_tool('nmcli'):
+        return None
+    try:
+        connection = run_tool(['nmcli', '-g', 'GENERAL.CONNECTION', 'device', 'show',
+                               interface], deadline, 'nmcli').strip()
+    except ProvisioningError:
+        return None
+    if not connection:
+        return None
+    send = run_tool(['nmcli', '-g', 'ipv4.dhcp-send-hostname', 'connection', 'show',
+                     connection], deadline, 'nmcli').strip()
+    if send == 'no':
+        return ('NetworkManager', None, 'connection %s has ipv4.dhcp-send-hostname no'
+                % connection)
+    return ('NetworkManager', [['nmcli', 'device', 'modify', interface,
+                                'ipv4.dhcp-hostname', name]], None)
+
+
+def dhclient_plan(interface, name, root='/'):
+    """ISC dhclient evaluates `send host-name = gethostname();` per packet, but only a
+    new client sends a fresh request: stop it keeping its lease (-x), start it again
+    with the same arguments; it asks for the same address (INIT-REBOOT)."""
+    proc = os.path.join(root, 'proc')
+    for pid in (p for p in os.listdir(proc) if p.isdigit()):
+        data = read_bytes(os.path.join(proc, pid, 'cmdline')) or b''
+        argv = [a.decode('utf-8', 'replace') for a in data.split(b'\0') if a]
+        if not argv or os.path.basename(argv[0]) != 'dhclient' or interface not in argv[1:]:
+            continue
+        config = argv[argv.index('-cf') + 1] if '-cf' in argv[:-1] else '/etc/dhcp/dhclient.conf'
+        text = read_text(os.path.join(root, config.lstrip('/'))) or ''
+        sends = re.findall(r'^\s*send\s+host-name\s+(.*?);', text, re.M)
+        if not sends:
+            return ('dhclient', None, '%s has no "send host-name"' % config)
+        if 'gethostname()' not in sends[-1]:
+            return ('dhclient', None, '%s sends the fixed name %s' % (config, sends[-1]))
+        arguments = [a for a in argv[1:] if a not in ('-x', '-r')]
+        return ('dhclient', [['dhclient', '-x'] + arguments, ['dhclient'] + arguments], None)
+    return None
+
+
+def interface_address(interface, deadline, log):
+    """The interface's first IPv4 address, waiting for one until the deadline."""
+    def attempt():
+        out = run_tool(['ip', '-4', '-o', 'addr', 'show', 'dev', interface], deadline, 'ip')
+        match = re.search(r'\binet (\d+\.\d+\.\d+\.\d+)', out)
+        if not match:
+            raise TryAgain('%s has no IPv4 address yet' % interface)
+        return match.group(1)
+    return with_retries('publish hostname', attempt, deadline, log)
+
+
+def publish_hostname(name, deadline, log, dry_run=False, out=None, root='/'):
+    """Make the DHCP client send `name`; returns a warning or None.  Never raises:
+    a name missing from DNS is worth a warning, not a failed VM."""
+    t = time.monotonic()
+    interface = primary_interface(root)
+    if interface is None:
+        return 'no default route; hostname not published to DHCP'
+    try:
+        plan = (networkd_plan(interface, name, root)
+                or networkmanager_plan(interface, name, deadline, root)
+                or dhclient_plan(interface, name, root))
+        if plan is None:
+            return 'no known DHCP client manages %s; hostname not published' % interface
+        client, commands, why_not = plan
+        if why_not:
+            return '%s on %s will not send the new name: %s' % (client, interface, why_not)
+        if dry_run:
+            for command in commands:
+                out.write('would run: %s\n' % ' '.join(command))
+            return None
+        limited = Deadline(min(PUBLISH_TIMEOUT, deadline.remaining()))
+        before = interface_address(interface, limited, log)
+        for command in commands:
+            run_tool(command, limited, 'publish hostname')
+        after = interface_address(interface, limited, log)
+    except ProvisioningError as exc:
+        return 'hostname not published: %s' % exc
+    log.info('hostname %s sent to DHCP by %s on %s (%s); address %s%s (%s)'
+             % (name, client, interface, ' && '.join(' '.join(c) for c in commands), after,
+                '' if after == before else ', was %s' % before, elapsed_ms(t)))
+    return None
+
+
+# --------------------------------------------------------------------------
 # Admin user and SSH keys (--provision-user)
 # --------------------------------------------------------------------------
 
@@ -619,9 +780,12 @@ def run_tool(argv, deadline, what):
 
 
 def find_tool(name):
-    for directory in ('/usr/sbin', '/sbin', '/usr/bin', '/bin'):
+    """A command's path: PATH first, then the sbin directories PATH may lack."""
+    directories = os.environ.get('PATH', '').split(os.pathsep) + ['/usr/sbin', '/sbin',
+                                                                   '/usr/bin', '/bin']
+    for directory in directories:
         path = os.path.join(directory, name)
-        if os.access(path, os.X_OK):
+        if directory and os.path.isfile(path) and os.access(path, os.X_OK):
             return path
     return None
 
@@ -868,12 +1032,14 @@ class Options(object):
     """What a run needs; main() fills it from the command line."""
 
     def __init__(self, wireserver=(DEFAULT_WIRESERVER, 80), imds=(DEFAULT_IMDS, 80),
-                 timeout=DEFAULT_TIMEOUT, set_hostname=True, provision_user=False,
+                 timeout=DEFAULT_TIMEOUT, set_hostname=True, publish_hostname=True,
+                 provision_user=False,
                  hooks_dir=HOOKS_DIR, dry_run=False, etc='/etc'):
         self.wireserver = wireserver
         self.imds = imds
         self.timeout = timeout
         self.set_hostname = set_hostname
+        self.publish_hostname = publish_hostname
         self.provision_user = provision_user
         self.hooks_dir = hooks_dir
         self.dry_run = dry_run
@@ -886,7 +1052,7 @@ def provision(options, log, out=None):
     started = time.monotonic()
     # keep time back so that a failure can still be told to Azure before the deadline
     deadline = Deadline(options.timeout, reserve=min(60.0, options.timeout / 4.0))
-    facts = {}
+    facts, warnings = {}, []
     step = 'imds'
     try:
         t = time.monotonic()
@@ -896,7 +1062,14 @@ def provision(options, log, out=None):
             facts['AZURE_VM_ID'] or '?', desired_hostname(metadata) or '-', elapsed_ms(t)))
         step = 'hostname'
         if options.set_hostname:
-            apply_hostname(metadata, options, deadline, log, out)
+            changed = apply_hostname(metadata, options, deadline, log, out)
+            if changed and options.publish_hostname:
+                warning = publish_hostname(socket.gethostname() if not options.dry_run
+                                           else desired_hostname(metadata),
+                                           deadline, log, options.dry_run, out)
+                if warning:
+                    log.warning(warning)
+                    warnings.append(warning)
         else:
             log.info('hostname: left alone (--no-hostname)')
         facts['AZURE_HOSTNAME'] = socket.gethostname()
@@ -947,11 +1120,12 @@ def apply_hostname(metadata, options, deadline, log, out):
         return
     if options.dry_run:
         out.write('would set hostname: %s (now %s)\n' % (name, current))
-        return
+        return True
     method = set_hostname(name, deadline, log, options.etc)
     hosts = update_etc_hosts(current, name, options.etc)
     log.info('hostname set to %s via %s%s (%s)'
              % (name, method, ', /etc/hosts updated' if hosts else '', elapsed_ms(t)))
+    return True
 
 
 def report_failure(reason, facts, step, options, deadline, log, out):
@@ -1015,6 +1189,9 @@ def build_parser():
                              'report (default %d)' % DEFAULT_TIMEOUT)
     parser.add_argument('--no-hostname', action='store_true',
                         help='do not change the hostname')
+    parser.add_argument('--no-publish-hostname', action='store_true',
+                        help='do not make the DHCP client send the new hostname (which is '
+                             'how Azure DNS learns it)')
     parser.add_argument('--provision-user', action='store_true',
                         help='create the admin user from IMDS, give it sudo and install '
                              'its SSH keys')
@@ -1032,6 +1209,7 @@ def main(args=None):
     log = Log(options.verbose)
     run = Options(wireserver=options.wireserver, imds=options.imds, timeout=options.timeout,
                   set_hostname=not options.no_hostname,
+                  publish_hostname=not options.no_publish_hostname,
                   provision_user=options.provision_user, dry_run=options.dry_run)
     try:
         return provision(run, log)
