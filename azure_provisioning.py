@@ -345,6 +345,86 @@ def one_line(text, limit):
 
 
 # --------------------------------------------------------------------------
+# Hyper-V KVP: the report where the host can read it without the WireServer
+# --------------------------------------------------------------------------
+
+KVP_POOL = '/var/lib/hyperv/.kvp_pool_1'   # pool 1 is the guest's; hv_kvp_daemon sends it up
+KVP_KEY_SIZE = 512
+KVP_VALUE_SIZE = 2048
+KVP_VALUE_MAX = 1024                        # what Azure keeps of a value
+KVP_REPORT_KEY = 'PROVISIONING_REPORT'
+
+
+def boot_time():
+    with open('/proc/stat') as f:
+        for line in f:
+            if line.startswith('btime '):
+                return int(line.split()[1])
+    raise OSError('no btime in /proc/stat')
+
+
+def kvp_record(key, value):
+    """One fixed-size record: NUL-padded key and value, the value cut (on a
+    character boundary) to what Azure keeps."""
+    data = value.encode('utf-8')[:KVP_VALUE_MAX].decode('utf-8', 'ignore').encode('utf-8')
+    return (key.encode('utf-8')[:KVP_KEY_SIZE - 1].ljust(KVP_KEY_SIZE, b'\0')
+            + data.ljust(KVP_VALUE_SIZE, b'\0'))
+
+
+def write_kvp(key, value, pool=KVP_POOL, booted=None):
+    """Append a record under flock, emptying a pool left from an earlier boot
+    first (the first writer of each boot does, as the Azure agents do)."""
+    import fcntl
+    fd = os.open(pool, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        booted = boot_time() if booted is None else booted
+        if os.fstat(fd).st_mtime < booted:
+            os.ftruncate(fd, 0)
+        record = kvp_record(key, value)
+        if os.write(fd, record) != len(record):
+            raise OSError('short write to %s' % pool)
+    finally:
+        os.close(fd)     # closing releases the lock
+
+
+def report_to_kvp(description, log, dry_run=False, out=None, pool=KVP_POOL):
+    """The WireServer report again, into KVP when this is a Hyper-V guest; never fails."""
+    if not os.path.isdir(os.path.dirname(pool)):
+        log.debug('KVP: %s does not exist; no KVP report' % os.path.dirname(pool))
+        return
+    if dry_run:
+        out.write('would append to %s: %s=%s\n' % (pool, KVP_REPORT_KEY, description))
+        return
+    try:
+        write_kvp(KVP_REPORT_KEY, description, pool)
+        log.debug('KVP: %s written to %s' % (KVP_REPORT_KEY, pool))
+    except OSError as exc:
+        log.warning('KVP report not written: %s' % describe_error(exc))
+
+
+def report_description(result, facts, step=None, reason=None, warnings=()):
+    """Azure agents' pipe-separated report, at most MAX_DESCRIPTION characters:
+    `result=error|reason=...|agent=...|step=...|vm_id=...|timestamp=...|documentation_url=...`"""
+    clean = lambda text: ' '.join(text.replace('|', '/').split())
+    head = 'result=%s' % result + ('|reason=' if reason is not None else '')
+    tail = ['', 'agent=%s/%s' % (AGENT_NAME, VERSION)]
+    if step:
+        tail.append('step=' + step)
+    tail += ['warning=' + clean(w) for w in warnings]
+    tail += ['vm_id=' + clean(facts.get('AZURE_VM_ID') or 'unknown'),
+             'timestamp=' + time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())]
+    if result == 'error':
+        tail.append('documentation_url=' + DOCUMENTATION_URL)
+    tail = '|'.join(tail)
+    reason = clean(reason or '')
+    room = MAX_DESCRIPTION - len(head) - len(tail)
+    if len(reason) > room:
+        reason = reason[:max(0, room - 3)] + '...'
+    return (head + reason + tail)[:MAX_DESCRIPTION]
+
+
+# --------------------------------------------------------------------------
 # IMDS: the instance document
 # --------------------------------------------------------------------------
 
@@ -1014,27 +1094,13 @@ def run_hook(path, env, deadline, log):
 # Provisioning steps
 # --------------------------------------------------------------------------
 
-def failure_description(reason, vm_id, step):
-    """Azure agents' pipe-separated format, at most MAX_DESCRIPTION characters."""
-    reason = ' '.join(reason.replace('|', '/').split())
-    head = 'result=error|reason='
-    tail = '|'.join(['', 'agent=%s/%s' % (AGENT_NAME, VERSION), 'step=' + step,
-                     'vm_id=' + (vm_id or 'unknown').replace('|', '/'),
-                     'timestamp=' + time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
-                     'documentation_url=' + DOCUMENTATION_URL])
-    room = MAX_DESCRIPTION - len(head) - len(tail)
-    if len(reason) > room:
-        reason = reason[:max(0, room - 3)] + '...'
-    return head + reason + tail
-
-
 class Options(object):
     """What a run needs; main() fills it from the command line."""
 
     def __init__(self, wireserver=(DEFAULT_WIRESERVER, 80), imds=(DEFAULT_IMDS, 80),
                  timeout=DEFAULT_TIMEOUT, set_hostname=True, publish_hostname=True,
                  provision_user=False,
-                 hooks_dir=HOOKS_DIR, dry_run=False, etc='/etc'):
+                 hooks_dir=HOOKS_DIR, kvp_pool=KVP_POOL, dry_run=False, etc='/etc'):
         self.wireserver = wireserver
         self.imds = imds
         self.timeout = timeout
@@ -1042,6 +1108,7 @@ class Options(object):
         self.publish_hostname = publish_hostname
         self.provision_user = provision_user
         self.hooks_dir = hooks_dir
+        self.kvp_pool = kvp_pool
         self.dry_run = dry_run
         self.etc = etc
 
@@ -1098,16 +1165,23 @@ def provision(options, log, out=None):
         goal_state = fetch_goal_state(options.wireserver, whole, log)
         out.write('would POST to http://%s:%d/machine?comp=health:\n%s'
                   % (options.wireserver + (build_health_report(goal_state),)))
+        report_to_kvp(report_description('success', facts, warnings=warnings), log, True, out,
+                      options.kvp_pool)
         log.info('dry run: nothing changed, nothing posted (%s)' % elapsed_ms(started))
         return 0
     t = time.monotonic()
     try:
         goal_state = report_health(options.wireserver, whole, log, 'Ready')
     except ProvisioningError as exc:
-        log.error('could not report Ready: %s' % exc)
+        reason = 'could not report Ready: %s' % exc
+        log.error(reason)
+        report_to_kvp(report_description('error', facts, 'ready', reason), log,
+                      pool=options.kvp_pool)
         return 1
     log.info('Ready accepted for incarnation %s (%s; %s since start)'
              % (goal_state.incarnation, elapsed_ms(t), elapsed_ms(started)))
+    report_to_kvp(report_description('success', facts, warnings=warnings), log,
+                  pool=options.kvp_pool)
     return 0
 
 
@@ -1130,7 +1204,10 @@ def apply_hostname(metadata, options, deadline, log, out):
 
 def report_failure(reason, facts, step, options, deadline, log, out):
     log.error(reason)
-    description = failure_description(reason, facts.get('AZURE_VM_ID'), step)
+    description = report_description('error', facts, step, reason)
+    # KVP first: it needs no network, so the host learns the reason even when the
+    # WireServer is what failed
+    report_to_kvp(description, log, options.dry_run, out, options.kvp_pool)
     whole = deadline.without_reserve()
     if options.dry_run:
         goal_state = fetch_goal_state(options.wireserver, whole, log)
