@@ -1227,6 +1227,238 @@ def report_failure(reason, facts, step, options, deadline, log, out):
 
 
 # --------------------------------------------------------------------------
+# Image preflight (--check): the mistakes that otherwise show up 20-40 minutes
+# later as OSProvisioningTimedOut.  Read-only and offline.
+# --------------------------------------------------------------------------
+
+UNIT_NAME = 'azure-provisioning.service'
+UNIT_DIRS = ('etc/systemd/system', 'usr/lib/systemd/system', 'lib/systemd/system')
+AGENT_BINARIES = {'walinuxagent': ('usr/sbin/waagent', 'usr/bin/waagent'),
+                  'cloud-init': ('usr/bin/cloud-init',)}
+AGENT_UNITS = {'walinuxagent': ('walinuxagent.service', 'waagent.service'),
+               'cloud-init': ('cloud-init-local.service', 'cloud-init.service',
+                              'cloud-config.service', 'cloud-final.service')}
+REMOVE_AGENT = ('apt-get purge walinuxagent cloud-init  (or: dnf remove WALinuxAgent '
+                'cloud-init; zypper remove python3-azure-agent cloud-init)')
+NEEDED_MODULES = ('http.client', 'json', 'xml.etree.ElementTree')
+
+
+class Check(object):
+    def __init__(self, root):
+        self.root = root
+        self.results = []
+        self.root_flag = '' if root == '/' else ' --root %s' % root
+        self.systemctl = 'systemctl' + ('' if root == '/' else ' --root=%s' % root)
+
+    def path(self, *parts):
+        return os.path.join(self.root, *[p.lstrip('/') for p in parts])
+
+    def exists(self, *parts):
+        return os.path.lexists(self.path(*parts))
+
+    def say(self, status, text, fix=None):
+        self.results.append((status, text, fix))
+
+    def enabled_units(self):
+        """Unit names with a symlink in some *.wants directory of the image."""
+        names = set()
+        for directory in UNIT_DIRS[:1]:
+            base = self.path(directory)
+            for wants in (os.listdir(base) if os.path.isdir(base) else []):
+                if wants.endswith(('.wants', '.requires')):
+                    names.update(os.listdir(os.path.join(base, wants)))
+        return names
+
+    def resolve(self, path):
+        """`path` inside the image, following symlinks inside the image."""
+        for _ in range(40):
+            full = self.path(path)
+            if not os.path.islink(full):
+                return path
+            target = os.readlink(full)
+            path = target if target.startswith('/') else os.path.join(os.path.dirname(path), target)
+            path = os.path.normpath(path)
+        return path
+
+
+def check_unit(c):
+    unit = next((d for d in UNIT_DIRS if c.exists(d, UNIT_NAME)), None)
+    if unit is None:
+        c.say('FAIL', '%s is not installed' % UNIT_NAME, 'sh install.sh%s' % c.root_flag)
+        return None
+    c.say('ok', 'unit installed: /%s/%s' % (unit, UNIT_NAME))
+    if UNIT_NAME in c.enabled_units():
+        c.say('ok', 'unit enabled')
+    else:
+        c.say('FAIL', 'unit not enabled (it disables itself after a run: an image captured '
+                      'from a provisioned VM never provisions again)',
+              '%s enable %s' % (c.systemctl, UNIT_NAME))
+    text = read_text(c.path(unit, UNIT_NAME)) or ''
+    match = re.search(r'^ExecStart=[-@:+!]*(\S+)(.*)$', text, re.M)
+    if not match:
+        c.say('FAIL', 'the unit has no ExecStart=', 'sh install.sh%s' % c.root_flag)
+        return None
+    python, args = match.group(1), match.group(2).split()
+    script = next((a for a in args if a.startswith('/')), None)
+    for what, path in (('interpreter', python), ('script', script)):
+        if path is None or not os.path.exists(c.path(c.resolve(path))):
+            c.say('FAIL', 'ExecStart %s %s does not exist' % (what, path),
+                  'sh install.sh%s --python PATH' % c.root_flag)
+            return None
+    c.say('ok', 'ExecStart: %s %s' % (python, ' '.join(args)))
+    return python
+
+
+def check_python(c, python):
+    """Version and modules from the image's files: running a binary of another
+    root is not always possible (another architecture, no chroot)."""
+    real = c.resolve(python)
+    version = re.search(r'python(\d)\.(\d+)$', real)
+    if version is None:     # e.g. /usr/libexec/platform-python -> python3.6
+        found = sorted(glob_names(c.path('usr/lib'), r'^python3\.\d+$'))
+        version = re.search(r'(\d)\.(\d+)$', found[-1]) if found else None
+    if version is None:
+        c.say('warn', 'cannot tell the version of %s (%s)' % (python, real))
+        return
+    major_minor = (int(version.group(1)), int(version.group(2)))
+    name = 'python%d.%d' % major_minor
+    if major_minor < (3, 6):
+        c.say('FAIL', '%s is Python %d.%d; 3.6 or newer is needed' % ((python,) + major_minor),
+              'install python3 and run install.sh%s again' % c.root_flag)
+        return
+    missing = [m for m in NEEDED_MODULES
+               if not any(os.path.exists(c.path(lib, name, m.replace('.', '/') + suffix))
+                          for lib in ('usr/lib', 'usr/lib64')
+                          for suffix in ('.py', '/__init__.py'))]
+    if missing:
+        c.say('FAIL', '%s lacks %s (python3-minimal is not enough)'
+              % (python, ', '.join(missing)),
+              'apt-get install python3  (or: dnf install python3)')
+    else:
+        c.say('ok', '%s is Python %d.%d with http.client, json, xml.etree' % ((python,) + major_minor))
+
+
+def glob_names(directory, pattern):
+    try:
+        return [n for n in os.listdir(directory) if re.match(pattern, n)]
+    except OSError:
+        return []
+
+
+def check_agents(c):
+    enabled = c.enabled_units()
+    for agent in ('walinuxagent', 'cloud-init'):
+        found = [b for b in AGENT_BINARIES[agent] if c.exists(b)]
+        found += [u + ' enabled' for u in AGENT_UNITS[agent] if u in enabled]
+        if found:
+            c.say('FAIL', '%s is present (%s): it would report to Azure too'
+                  % (agent, ', '.join('/' + f if '/' in f else f for f in found)), REMOVE_AGENT)
+        else:
+            c.say('ok', '%s not installed' % agent)
+    leftovers = [p for p in ('var/lib/waagent', 'etc/waagent.conf') if c.exists(p)]
+    if leftovers:
+        c.say('warn', 'waagent leftovers: %s' % ', '.join('/' + p for p in leftovers),
+              'rm -rf %s' % ' '.join(c.path(p) for p in leftovers))
+
+
+def dhcp_configurations(c):
+    """Where the image asks for DHCP: (kind, file) pairs."""
+    found = []
+    enabled = c.enabled_units()
+    networkd = 'systemd-networkd.service' in enabled
+    seen = set()
+    for directory in ('etc/systemd/network', 'usr/lib/systemd/network', 'lib/systemd/network'):
+        if os.path.realpath(c.path(directory)) in seen:
+            continue    # /lib is /usr/lib on merged-/usr systems
+        seen.add(os.path.realpath(c.path(directory)))
+        for name in sorted(glob_names(c.path(directory), r'.*\.network$')):
+            text = read_text(c.path(directory, name)) or ''
+            if re.search(r'^\s*DHCP\s*=\s*(yes|true|ipv4|both|1)\s*$', text, re.M | re.I):
+                found.append(('systemd-networkd%s' % ('' if networkd else ' (NOT enabled)'),
+                              '/%s/%s' % (directory, name)))
+    if 'NetworkManager.service' in enabled:
+        found.append(('NetworkManager', 'NetworkManager.service enabled (DHCP by default)'))
+    for path in ['etc/network/interfaces'] + ['etc/network/interfaces.d/' + n for n in
+                                             sorted(glob_names(c.path('etc/network/interfaces.d'),
+                                                               r'^[\w.-]+$'))]:
+        if re.search(r'^\s*iface\s+\S+\s+inet\s+dhcp', read_text(c.path(path)) or '', re.M):
+            found.append(('ifupdown', '/' + path))
+    for name in sorted(glob_names(c.path('etc/netplan'), r'.*\.yaml$')):
+        if re.search(r'dhcp4:\s*(true|yes)', read_text(c.path('etc/netplan', name)) or ''):
+            found.append(('netplan', '/etc/netplan/' + name))
+    for name in sorted(glob_names(c.path('etc/sysconfig/network-scripts'), r'^ifcfg-')):
+        text = read_text(c.path('etc/sysconfig/network-scripts', name)) or ''
+        if re.search(r'^\s*BOOTPROTO=["\']?dhcp', text, re.M):
+            found.append(('ifcfg', '/etc/sysconfig/network-scripts/' + name))
+    if 'dhcpcd.service' in enabled:
+        found.append(('dhcpcd', 'dhcpcd.service enabled'))
+    return found
+
+
+def check_network(c):
+    found = dhcp_configurations(c)
+    for kind, where in found:
+        if 'NOT enabled' in kind:
+            c.say('warn', 'DHCP: %s (%s)' % (kind, where),
+                  '%s enable systemd-networkd.service' % c.systemctl)
+        else:
+            c.say('ok', 'DHCP: %s (%s)' % (kind, where))
+    if not [kind for kind, _ in found if 'NOT enabled' not in kind]:
+        c.say('FAIL', 'no DHCP configuration found: the VM gets no address, so it can reach '
+                      'neither IMDS nor the WireServer',
+              'e.g. /etc/systemd/network/20-dhcp.network with [Match] Name=en* eth* and '
+              '[Network] DHCP=ipv4, then %s enable systemd-networkd' % c.systemctl)
+    waiters = [u for u in ('systemd-networkd-wait-online.service',
+                           'NetworkManager-wait-online.service', 'ifupdown-wait-online.service')
+               if u in c.enabled_units()]
+    if waiters:
+        c.say('ok', 'network-online.target waits for %s' % ', '.join(waiters))
+    else:
+        c.say('warn', 'no wait-online service enabled: network-online.target does not wait for '
+                      'the network (the script retries, but starts early)',
+              '%s enable systemd-networkd-wait-online.service (or '
+              'NetworkManager-wait-online.service)' % c.systemctl)
+
+
+def check_hostname(c):
+    if any(c.exists(d, 'hostnamectl') for d in ('usr/bin', 'bin')):
+        c.say('ok', 'hostnamectl present')
+    elif os.access(c.path('etc'), os.W_OK):
+        c.say('ok', 'no hostnamectl: sethostname(2) and /etc/hostname will be used')
+    else:
+        c.say('FAIL', 'neither hostnamectl nor a writable /etc', 'make /etc writable at boot')
+    name = (read_text(c.path('etc/hostname')) or '').strip()
+    for line in (read_text(c.path('etc/hosts')) or '').splitlines():
+        fields = line.split('#', 1)[0].split()
+        if fields[:1] == ['127.0.1.1'] and name not in fields[1:]:
+            c.say('info', '/etc/hosts has "%s" but /etc/hostname is %r: that line is left as it is'
+                  % (' '.join(fields), name))
+        elif fields[:1] == ['127.0.1.1']:
+            c.say('info', '/etc/hosts line "%s" will get the new name at first boot'
+                  % ' '.join(fields))
+
+
+def check_image(root, out):
+    """Print one line per check; returns 1 when anything blocks, else 0."""
+    c = Check(root)
+    python = check_unit(c)
+    if python:
+        check_python(c, python)
+    check_agents(c)
+    check_network(c)
+    check_hostname(c)
+    for status, text, fix in c.results:
+        out.write('%-5s %s\n' % (status, text))
+        if fix and status in ('FAIL', 'warn'):
+            out.write('      fix: %s\n' % fix)
+    failed = sum(1 for r in c.results if r[0] == 'FAIL')
+    warned = sum(1 for r in c.results if r[0] == 'warn')
+    out.write('%s: %d blocking, %d warnings (%s)\n'
+              % ('image NOT ready' if failed else 'image ready', failed, warned, root))
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
 
@@ -1272,6 +1504,11 @@ def build_parser():
     parser.add_argument('--provision-user', action='store_true',
                         help='create the admin user from IMDS, give it sudo and install '
                              'its SSH keys')
+    parser.add_argument('--check', action='store_true',
+                        help='check the image before generalizing it (unit enabled, no other '
+                             'agent, DHCP configured, ...); read-only and offline')
+    parser.add_argument('--root', metavar='DIR', default='/',
+                        help='with --check: the mounted image tree to check (default /)')
     parser.add_argument('--dry-run', action='store_true',
                         help='fetch everything, print the hostname and the health report '
                              'it would send; change nothing, post nothing')
@@ -1282,7 +1519,14 @@ def build_parser():
 
 
 def main(args=None):
-    options = build_parser().parse_args(args)
+    parser = build_parser()
+    options = parser.parse_args(args)
+    if options.root != '/' and not options.check:
+        parser.error('--root goes with --check')
+    if options.check:
+        if not os.path.isdir(options.root):
+            parser.error('--root %s: not a directory' % options.root)
+        return check_image(options.root, sys.stdout)
     log = Log(options.verbose)
     run = Options(wireserver=options.wireserver, imds=options.imds, timeout=options.timeout,
                   set_hostname=not options.no_hostname,
