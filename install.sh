@@ -69,6 +69,8 @@ OPTIONS:
                      /usr/bin/python3 and /usr/libexec/platform-python that
                      exists). Must be Python >= 3.6 with http.client (the
                      python3-minimal package lacks it)
+    --provision-user Also create the admin user from IMDS with its SSH keys and
+                     sudo (adds --provision-user to ExecStart=)
     --uninstall      Disable the unit and remove every file listed below
     -h, --help       Print this help and exit
 
@@ -523,7 +525,7 @@ do_install() {
 
     install_file "$_src" "$SCRIPT_PATH" 0755
     install_file "$SRC_DIR/$UNIT" "$UNIT_PATH" 0644 unit_text
-    say "unit runs: ExecStart=$PY -I $SCRIPT_PATH"
+    say "unit runs: ExecStart=$PY -I $SCRIPT_PATH$SCRIPT_ARGS"
     for _doc in README.md LICENSE; do
         if [ -f "$SRC_DIR/$_doc" ]; then
             install_file "$SRC_DIR/$_doc" "$DOC_DIR/$_doc" 0644
@@ -542,7 +544,7 @@ do_install() {
 
 # The unit ($1) with the target's interpreter and systemctl written in.
 unit_text() {
-    sed -e "s|^ExecStart=/usr/bin/python3 -I |ExecStart=$PY -I |" \
+    sed -e "s|^ExecStart=/usr/bin/python3 -I \(.*\)$|ExecStart=$PY -I \1$SCRIPT_ARGS|" \
         -e "s|^ExecStartPost=/bin/systemctl |ExecStartPost=$SYSTEMCTL_PATH |" "$1"
 }
 
@@ -581,7 +583,7 @@ do_uninstall() {
 }
 
 main() {
-    ROOT="" PYTHON="" ACTION=install _root_given=no _python_given=no
+    ROOT="" PYTHON="" ACTION=install SCRIPT_ARGS="" _root_given=no _python_given=no
     while [ $# -gt 0 ]; do
         case $1 in
             -h | --help)
@@ -610,8 +612,9 @@ main() {
                 ACTION=uninstall
                 shift
                 ;;
-            --provision-user | --provision-user=*)
-                usage_error "--provision-user is reserved for a later version and not supported yet"
+            --provision-user)
+                SCRIPT_ARGS=" --provision-user"
+                shift
                 ;;
             *)
                 usage_error "unknown option '$1'"
@@ -626,6 +629,9 @@ main() {
     fi
     if [ "$ACTION" = uninstall ] && [ "$_python_given" = yes ]; then
         usage_error "--python makes no sense with --uninstall"
+    fi
+    if [ "$ACTION" = uninstall ] && [ -n "$SCRIPT_ARGS" ]; then
+        usage_error "--provision-user makes no sense with --uninstall"
     fi
     case $PYTHON in
         "" | /*) ;;

@@ -292,8 +292,9 @@ class TestOptions(InstallTestCase):
                              (['--root='], '--root needs a directory'),
                              (['--root', root, '--python'], '--python needs a path'),
                              (['--root', root, '--python', 'python3'], 'absolute path'),
-                             (['--root', root, '--provision-user'], 'reserved'),
-                             (['--root', root, '--provision-user=bob'], 'reserved'),
+                             (['--root', root, '--provision-user=bob'], 'unknown option'),
+                             (['--root', root, '--uninstall', '--provision-user'],
+                              'makes no sense with --uninstall'),
                              (['--uninstall', '--root', root, '--python', '/usr/bin/python3'],
                               '--uninstall'),
                              (['install'], "unknown option 'install'")):
@@ -505,6 +506,19 @@ class TestInstallIntoRoot(InstallTestCase):
         r = self.install('--root=' + root, '--python=/usr/bin/python3')
         self.assertOK(r)
         self.assertInstalled(root, python='/usr/bin/python3')
+
+    def test_provision_user_goes_into_execstart_and_rerun_drops_it(self):
+        root = self.image()
+        r = self.install('--root', root, '--provision-user')
+        self.assertOK(r)
+        unit = read(root + UNIT_PATH)
+        self.assertIn('\nExecStart=/usr/bin/python3 -I %s --provision-user\n' % SCRIPT_PATH, unit)
+        self.assertEqual(unit.count('--provision-user'), 1)
+        self.assertIn('unit runs: ExecStart=/usr/bin/python3 -I %s --provision-user'
+                      % SCRIPT_PATH, r.stdout)
+        r = self.install('--root', root)      # an upgrade without it takes it out again
+        self.assertOK(r)
+        self.assertInstalled(root)
 
     def test_python_option_missing_or_odd(self):
         root = self.image()
