@@ -16,16 +16,13 @@ Standard library only; Python 3.6 or newer.
 """
 
 import argparse
-import http.client
 import json
 import os
-import random
 import re
 import socket
 import sys
 import time
 from xml.etree import ElementTree
-from xml.sax.saxutils import escape as xml_escape
 
 __all__ = ['ProvisioningError', 'main', 'provision']
 
@@ -73,7 +70,10 @@ def elapsed_ms(started):
 
 
 # --------------------------------------------------------------------------
-# Transport: plain http.client (never a proxy), one deadline, one retry policy
+# Transport: HTTP/1.1 straight on a socket (never a proxy), one deadline, one
+# retry policy.  Not http.client: its imports (email, ssl) cost more than this
+# whole run does once started (tests/bench.py), for two link-local servers that
+# speak plain HTTP.
 # --------------------------------------------------------------------------
 
 REQUEST_TIMEOUT = 15.0          # per connect and per read
@@ -122,7 +122,8 @@ def backoff_delay(attempt, retry_after=None):
     if retry_after is not None:
         return retry_after
     delay = min(BACKOFF_CAP, BACKOFF_FIRST * (2 ** (attempt - 1)))
-    return delay * random.uniform(0.5, 1.0)
+    jitter = int.from_bytes(os.urandom(2), 'big') / 65535.0     # no `random` import
+    return delay * (0.5 + jitter / 2)
 
 
 def with_retries(what, attempt, deadline, log):
@@ -167,39 +168,107 @@ def parse_address(text, default_port=80):
 
 def http_exchange(target, method, path, headers, deadline, log,
                   body=None, retry_statuses=()):
-    """One HTTP exchange.  Connection errors, timeouts, 5xx, 429 and the caller's
-    retry_statuses raise TryAgain; every other answer is returned."""
+    """One HTTP exchange.  Connection errors, timeouts, broken answers, 5xx, 429
+    and the caller's retry_statuses raise TryAgain; every other answer is returned."""
     host, port = target
     timeout = min(REQUEST_TIMEOUT, deadline.remaining())
     if timeout <= 0:
         raise TryAgain('no time left for a request')
     started = time.monotonic()
-    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    url = 'http://%s:%d%s' % (host if ':' not in host else '[%s]' % host, port, path)
+    lines = ['%s %s HTTP/1.1' % (method, path), 'Host: %s' % host, 'Connection: close',
+             'User-Agent: %s/%s' % (AGENT_NAME, VERSION)]
+    lines += ['%s: %s' % item for item in headers.items()]
+    if body is not None:
+        lines.append('Content-Length: %d' % len(body))
+    request = ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1') + (body or b'')
     try:
-        connection.request(method, path, body=body, headers=headers)
-        answer = connection.getresponse()
-        if answer.length is not None and answer.length <= MAX_RESPONSE_BYTES:
-            data = answer.read()    # raises IncompleteRead when the body is cut short
-        else:
-            data = answer.read(MAX_RESPONSE_BYTES + 1)
-        response = Response(answer.status, answer.reason, answer.headers, data)
-    except (OSError, http.client.HTTPException) as exc:
-        log.debug('%s http://%s:%d%s -> %s (%s)' % (method, host, port, path,
-                                                    describe_error(exc), elapsed_ms(started)))
+        connection = socket.create_connection((host, port), timeout=timeout)
+        try:
+            connection.sendall(request)
+            response = read_response(connection, deadline)
+        finally:
+            connection.close()
+    except (OSError, ValueError) as exc:
+        log.debug('%s %s -> %s (%s)' % (method, url, describe_error(exc), elapsed_ms(started)))
         raise TryAgain(describe_error(exc))
-    finally:
-        connection.close()
-    log.debug('%s http://%s:%d%s -> %d %s, %d bytes (%s)'
-              % (method, host, port, path, response.status, response.reason,
-                 len(data), elapsed_ms(started)))
-    if len(data) > MAX_RESPONSE_BYTES:
-        raise ProvisioningError('%s http://%s:%d%s: response larger than %d bytes'
-                                % (method, host, port, path, MAX_RESPONSE_BYTES))
+    log.debug('%s %s -> %d %s, %d bytes (%s)' % (method, url, response.status, response.reason,
+                                                  len(response.body), elapsed_ms(started)))
     status = response.status
     if status >= 500 or status == 429 or status in retry_statuses:
         raise TryAgain('HTTP %d %s' % (status, response.reason),
-                       retry_after_seconds(response.headers.get('Retry-After')))
+                       retry_after_seconds(response.headers.get('retry-after')))
     return response
+
+
+class ResponseTooLarge(ProvisioningError):
+    pass
+
+
+def read_response(connection, deadline):
+    """Read and parse one response: ValueError when it is not HTTP or is cut
+    short, ResponseTooLarge past MAX_RESPONSE_BYTES."""
+    data = b''
+
+    def receive():
+        connection.settimeout(max(0.001, min(REQUEST_TIMEOUT, deadline.remaining())))
+        chunk = connection.recv(65536)
+        if len(data) + len(chunk) > MAX_RESPONSE_BYTES + 65536:
+            raise ResponseTooLarge('response larger than %d bytes' % MAX_RESPONSE_BYTES)
+        return chunk
+
+    while b'\r\n\r\n' not in data:
+        chunk = receive()
+        if not chunk:
+            raise ValueError('connection closed before a complete HTTP answer'
+                             if data else 'connection closed without an answer')
+        data += chunk
+    head, _, rest = data.partition(b'\r\n\r\n')
+    status_line, *header_lines = head.decode('latin-1').split('\r\n')
+    match = re.match(r'^HTTP/1\.[01] (\d{3})(?: (.*))?$', status_line)
+    if not match:
+        raise ValueError('not an HTTP answer: %r' % status_line[:40])
+    headers = {}
+    for line in header_lines:
+        name, colon, value = line.partition(':')
+        if not colon:
+            raise ValueError('malformed HTTP header %r' % line[:40])
+        headers[name.strip().lower()] = value.strip()
+    length = headers.get('content-length')
+    chunked = 'chunked' in headers.get('transfer-encoding', '').lower()
+    if length is not None and not length.isdigit():
+        raise ValueError('bad Content-Length %r' % length)
+    if length is not None and int(length) > MAX_RESPONSE_BYTES:
+        raise ResponseTooLarge('response larger than %d bytes' % MAX_RESPONSE_BYTES)
+    data = rest
+    while True:
+        if length is not None and not chunked and len(data) >= int(length):
+            data = data[:int(length)]
+            break
+        if chunked and (data.startswith(b'0\r\n') or b'\r\n0\r\n' in data) \
+                and data.endswith(b'\r\n\r\n'):
+            break
+        chunk = receive()
+        if not chunk:
+            if length is not None or chunked:
+                raise ValueError('connection closed mid-answer')
+            break   # no length given: the body ends with the connection
+        data += chunk
+    body = decode_chunked(data) if chunked else data
+    if len(body) > MAX_RESPONSE_BYTES:
+        raise ResponseTooLarge('response larger than %d bytes' % MAX_RESPONSE_BYTES)
+    return Response(int(match.group(1)), match.group(2) or '', headers, body)
+
+
+def decode_chunked(data):
+    body = b''
+    while True:
+        size_line, _, data = data.partition(b'\r\n')
+        size = int(size_line.split(b';')[0].strip() or b'x', 16)    # ValueError if not hex
+        if size == 0:
+            return body
+        body += data[:size]
+        data = data[size + 2:]
 
 
 def retry_after_seconds(value):
@@ -282,6 +351,11 @@ def fetch_goal_state(wireserver, deadline, log):
         return goal_state
 
     return with_retries('goal state', attempt, deadline, log)
+
+
+def xml_escape(text):
+    """Text-node escaping (xml.sax.saxutils would cost a dozen imports at start-up)."""
+    return text.replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;')
 
 
 def build_health_report(goal_state, state='Ready', substatus=None, description=None):
@@ -1240,7 +1314,7 @@ AGENT_UNITS = {'walinuxagent': ('walinuxagent.service', 'waagent.service'),
                               'cloud-config.service', 'cloud-final.service')}
 REMOVE_AGENT = ('apt-get purge walinuxagent cloud-init  (or: dnf remove WALinuxAgent '
                 'cloud-init; zypper remove python3-azure-agent cloud-init)')
-NEEDED_MODULES = ('http.client', 'json', 'xml.etree.ElementTree')
+NEEDED_MODULES = ('json', 'xml.etree.ElementTree', 'base64', 'shutil')  # not in python3-minimal
 
 
 class Check(object):
@@ -1335,7 +1409,8 @@ def check_python(c, python):
               % (python, ', '.join(missing)),
               'apt-get install python3  (or: dnf install python3)')
     else:
-        c.say('ok', '%s is Python %d.%d with http.client, json, xml.etree' % ((python,) + major_minor))
+        c.say('ok', '%s is Python %d.%d with %s'
+              % ((python,) + major_minor + (', '.join(NEEDED_MODULES),)))
 
 
 def glob_names(directory, pattern):

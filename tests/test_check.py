@@ -16,7 +16,7 @@ WANTS = 'etc/systemd/system/%s.target.wants/%s'
 
 def good_image(root):
     make_image(root)
-    for module in ('json/__init__.py', 'xml/etree/ElementTree.py'):
+    for module in ('json/__init__.py', 'xml/etree/ElementTree.py', 'base64.py', 'shutil.py'):
         write(os.path.join(root, 'usr/lib/python3.11', module), '')
     write(os.path.join(root, 'etc/systemd/network/20-dhcp.network'),
           '[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n')
@@ -65,7 +65,8 @@ class Check(unittest.TestCase):
             'ok    unit installed: /etc/systemd/system/azure-provisioning.service\n'
             'ok    unit enabled\n'
             'ok    ExecStart: /usr/bin/python3 -I /usr/local/sbin/azure-provisioning\n'
-            'ok    /usr/bin/python3 is Python 3.11 with http.client, json, xml.etree\n'
+            'ok    /usr/bin/python3 is Python 3.11 with json, xml.etree.ElementTree, base64, '
+            'shutil\n'
             'ok    walinuxagent not installed\n'
             'ok    cloud-init not installed\n'
             'ok    DHCP: systemd-networkd (/etc/systemd/network/20-dhcp.network)\n'
@@ -91,11 +92,12 @@ class Check(unittest.TestCase):
         os.unlink(os.path.join(root, 'usr/bin/python3.11'))
         self.assert_blocked(root, 'FAIL  ExecStart interpreter /usr/bin/python3 does not exist')
 
-    def test_python_minimal_without_http_client(self):
+    def test_python_minimal_without_json_and_xml(self):
         root = self.copy()
-        shutil.rmtree(os.path.join(root, 'usr/lib/python3.11/http'))
-        self.assert_blocked(root, 'FAIL  /usr/bin/python3 lacks http.client (python3-minimal is '
-                                  'not enough)\n      fix: apt-get install python3')
+        for package in ('json', 'xml'):
+            shutil.rmtree(os.path.join(root, 'usr/lib/python3.11', package))
+        self.assert_blocked(root, 'FAIL  /usr/bin/python3 lacks json, xml.etree.ElementTree '
+                                  '(python3-minimal is not enough)\n      fix: apt-get install python3')
 
     def test_python_too_old(self):
         root = self.copy()

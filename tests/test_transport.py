@@ -28,6 +28,7 @@ class RawServer(object):
         self.sock.settimeout(10)
         self.address = self.sock.getsockname()
         self.connections = 0
+        self.recv_hook = lambda data: None
         self.thread = threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
 
@@ -39,7 +40,7 @@ class RawServer(object):
                 return
             self.connections += 1
             try:
-                conn.recv(65536)
+                self.recv_hook(conn.recv(65536))
                 time.sleep(self.delay)
                 conn.sendall(self.reply)
             except OSError:
@@ -141,6 +142,26 @@ class Exchange(unittest.TestCase):
         response = self.exchange(b'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi')
         self.assertEqual((response.status, response.body), (200, b'hi'))
 
+    def test_chunked_and_connection_delimited_bodies(self):
+        chunked = self.exchange(b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n'
+                                b'5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\n\r\n')
+        self.assertEqual(chunked.body, b'hello, world')
+        until_close = self.exchange(b'HTTP/1.0 200 OK\r\nServer: x\r\n\r\nall of it')
+        self.assertEqual((until_close.body, until_close.headers['server']), (b'all of it', 'x'))
+
+    def test_request_is_plain_http_1_1_with_close(self):
+        server = RawServer(b'HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n')
+        self.addCleanup(server.close)
+        seen = []
+        server.recv_hook = seen.append
+        ap.http_exchange(server.address, 'POST', '/machine?comp=health', {'x-ms-version': '1'},
+                         ap.Deadline(5), QuietLog(), body=b'<Health/>')
+        request = seen[0]
+        self.assertTrue(request.startswith(b'POST /machine?comp=health HTTP/1.1\r\nHost: 127.0.0.1'
+                                           b'\r\nConnection: close\r\n'), request)
+        self.assertIn(b'\r\nx-ms-version: 1\r\n', request)
+        self.assertTrue(request.endswith(b'Content-Length: 9\r\n\r\n<Health/>'), request)
+
     def test_4xx_is_returned_not_retried(self):
         self.assertEqual(self.exchange(b'HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n')
                          .status, 403)
@@ -164,7 +185,11 @@ class Exchange(unittest.TestCase):
             self.exchange(reply)
 
     def test_garbage_and_hangups_are_retried(self):
-        for reply in [b'', b'SSH-2.0-OpenSSH\r\n', b'HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab']:
+        for reply in [b'', b'SSH-2.0-OpenSSH\r\n\r\n', b'HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab',
+                      b'HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\nab',
+                      b'HTTP/1.1 200 OK\r\nno colon here\r\n\r\n',
+                      b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n',
+                      b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab']:
             with self.subTest(reply=reply):
                 with self.assertRaises(ap.TryAgain):
                     self.exchange(reply)
