@@ -15,7 +15,6 @@ Exit codes: 0 provisioned, 1 provisioning failed, 2 usage error.
 Standard library only; Python 3.6 or newer.
 """
 
-import argparse
 import json
 import os
 import re
@@ -183,8 +182,11 @@ def http_exchange(target, method, path, headers, deadline, log,
         lines.append('Content-Length: %d' % len(body))
     request = ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1') + (body or b'')
     try:
-        connection = socket.create_connection((host, port), timeout=timeout)
+        # a plain connect: create_connection's getaddrinfo imports the idna codec
+        connection = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
         try:
+            connection.settimeout(timeout)
+            connection.connect((host, port))
             connection.sendall(request)
             response = read_response(connection, deadline)
         finally:
@@ -1537,24 +1539,84 @@ def check_image(root, out):
 # Command line
 # --------------------------------------------------------------------------
 
-def address(text):
-    try:
-        return parse_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc))
-
-
 def positive_seconds(text):
     try:
         value = float(text)
     except ValueError:
         value = -1
     if not 0 < value < 1e7:
-        raise argparse.ArgumentTypeError('expected a positive number of seconds, got %r' % text)
+        raise ValueError('expected a positive number of seconds, got %r' % text)
     return value
 
 
+# One table for both parsers below: (flag, destination, metavar or None for a
+# switch, converter, default, help).
+OPTIONS = [
+    ('--wireserver', 'wireserver', 'ADDR', parse_address, (DEFAULT_WIRESERVER, 80),
+     'WireServer IP or IP:PORT (default %s)' % DEFAULT_WIRESERVER),
+    ('--imds', 'imds', 'ADDR', parse_address, (DEFAULT_IMDS, 80),
+     'IMDS IP or IP:PORT (default %s)' % DEFAULT_IMDS),
+    ('--timeout', 'timeout', 'SECONDS', positive_seconds, DEFAULT_TIMEOUT,
+     'overall deadline for all steps, including the failure report (default %d)'
+     % DEFAULT_TIMEOUT),
+    ('--no-hostname', 'no_hostname', None, None, False, 'do not change the hostname'),
+    ('--no-publish-hostname', 'no_publish_hostname', None, None, False,
+     'do not make the DHCP client send the new hostname (which is how Azure DNS learns it)'),
+    ('--provision-user', 'provision_user', None, None, False,
+     'create the admin user from IMDS, give it sudo and install its SSH keys'),
+    ('--check', 'check', None, None, False,
+     'check the image before generalizing it (unit enabled, no other agent, DHCP '
+     'configured, ...); read-only and offline'),
+    ('--root', 'root', 'DIR', str, '/', 'with --check: the mounted image tree (default /)'),
+    ('--dry-run', 'dry_run', None, None, False,
+     'fetch everything, print the hostname and the health report it would send; change '
+     'nothing, post nothing'),
+    ('--verbose', 'verbose', None, None, False, 'log every HTTP exchange'),
+]
+SHORT_FLAGS = {'-v': '--verbose'}
+
+
+class Namespace(object):
+    pass
+
+
+def parse_args(args):
+    """The unit's plain command lines are parsed here; --help, --version and every
+    mistake go to argparse, which says it well but costs milliseconds to import."""
+    table = dict((option[0], option) for option in OPTIONS)
+    options = Namespace()
+    for flag, dest, metavar, convert, default, _ in OPTIONS:
+        setattr(options, dest, default)
+    pending = list(args)
+    while pending:
+        flag, equals, value = SHORT_FLAGS.get(pending[0], pending[0]).partition('=')
+        option = table.get(flag)
+        if option is None or (equals and not option[2]) or (option[2] and not equals
+                                                              and len(pending) < 2):
+            return build_parser().parse_args(args)
+        pending.pop(0)
+        if not option[2]:
+            setattr(options, option[1], True)
+            continue
+        text = value if equals else pending.pop(0)
+        try:
+            setattr(options, option[1], option[3](text))
+        except ValueError:
+            return build_parser().parse_args(args)
+    return options
+
+
 def build_parser():
+    import argparse
+
+    def checked(convert):
+        def argument(text):
+            try:
+                return convert(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc))
+        return argument
+
     parser = argparse.ArgumentParser(
         prog='azure-provisioning',
         description='First-boot provisioning for Azure images without walinuxagent or '
@@ -1562,45 +1624,28 @@ def build_parser():
                     'WireServer (or ProvisioningFailed with the reason).',
         epilog='Exit status: 0 provisioned, 1 provisioning failed (reported to Azure '
                'when possible), 2 usage error.')
-    parser.add_argument('--wireserver', metavar='ADDR', type=address,
-                        default=(DEFAULT_WIRESERVER, 80),
-                        help='WireServer IP or IP:PORT (default %s)' % DEFAULT_WIRESERVER)
-    parser.add_argument('--imds', metavar='ADDR', type=address, default=(DEFAULT_IMDS, 80),
-                        help='IMDS IP or IP:PORT (default %s)' % DEFAULT_IMDS)
-    parser.add_argument('--timeout', metavar='SECONDS', type=positive_seconds,
-                        default=DEFAULT_TIMEOUT,
-                        help='overall deadline for all steps, including the failure '
-                             'report (default %d)' % DEFAULT_TIMEOUT)
-    parser.add_argument('--no-hostname', action='store_true',
-                        help='do not change the hostname')
-    parser.add_argument('--no-publish-hostname', action='store_true',
-                        help='do not make the DHCP client send the new hostname (which is '
-                             'how Azure DNS learns it)')
-    parser.add_argument('--provision-user', action='store_true',
-                        help='create the admin user from IMDS, give it sudo and install '
-                             'its SSH keys')
-    parser.add_argument('--check', action='store_true',
-                        help='check the image before generalizing it (unit enabled, no other '
-                             'agent, DHCP configured, ...); read-only and offline')
-    parser.add_argument('--root', metavar='DIR', default='/',
-                        help='with --check: the mounted image tree to check (default /)')
-    parser.add_argument('--dry-run', action='store_true',
-                        help='fetch everything, print the hostname and the health report '
-                             'it would send; change nothing, post nothing')
-    parser.add_argument('-v', '--verbose', action='store_true',
-                        help='log every HTTP exchange')
+    for flag, dest, metavar, convert, default, help_text in OPTIONS:
+        flags = [short for short, long_flag in SHORT_FLAGS.items() if long_flag == flag]
+        if metavar:
+            parser.add_argument(*flags + [flag], dest=dest, metavar=metavar,
+                                type=checked(convert), default=default, help=help_text)
+        else:
+            parser.add_argument(*flags + [flag], dest=dest, action='store_true', help=help_text)
     parser.add_argument('--version', action='version', version='%(prog)s ' + VERSION)
     return parser
 
 
+def usage_error(message):
+    build_parser().error(message)
+
+
 def main(args=None):
-    parser = build_parser()
-    options = parser.parse_args(args)
+    options = parse_args(sys.argv[1:] if args is None else args)
     if options.root != '/' and not options.check:
-        parser.error('--root goes with --check')
+        usage_error('--root goes with --check')
     if options.check:
         if not os.path.isdir(options.root):
-            parser.error('--root %s: not a directory' % options.root)
+            usage_error('--root %s: not a directory' % options.root)
         return check_image(options.root, sys.stdout)
     log = Log(options.verbose)
     run = Options(wireserver=options.wireserver, imds=options.imds, timeout=options.timeout,

@@ -21,6 +21,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINORS = range(6, 14)
 DEFAULT_MODULES = ['tests.test_transport', 'tests.test_wireserver', 'tests.test_imds',
+                   'tests.test_cli', 'tests.test_kvp', 'tests.test_publish', 'tests.test_user',
+                   'tests.test_hooks', 'tests.test_check',
                    'tests.test_hostname', 'tests.test_fake_azure',
                    'tests.test_provisioner']
 TIMEOUT = 600   # per version
