@@ -16,7 +16,7 @@ WANTS = 'etc/systemd/system/%s.target.wants/%s'
 
 def good_image(root):
     make_image(root)
-    for module in ('json/__init__.py', 'xml/etree/ElementTree.py', 'base64.py', 'shutil.py'):
+    for module in ('json/__init__.py', 'xml/parsers/expat.py', 'base64.py', 'shutil.py'):
         write(os.path.join(root, 'usr/lib/python3.11', module), '')
     write(os.path.join(root, 'etc/systemd/network/20-dhcp.network'),
           '[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n')
@@ -65,7 +65,7 @@ class Check(unittest.TestCase):
             'ok    unit installed: /etc/systemd/system/azure-provisioning.service\n'
             'ok    unit enabled\n'
             'ok    ExecStart: /usr/bin/python3 -I /usr/local/sbin/azure-provisioning\n'
-            'ok    /usr/bin/python3 is Python 3.11 with json, xml.etree.ElementTree, base64, '
+            'ok    /usr/bin/python3 is Python 3.11 with json, xml.parsers.expat, base64, '
             'shutil\n'
             'ok    walinuxagent not installed\n'
             'ok    cloud-init not installed\n'
@@ -96,7 +96,7 @@ class Check(unittest.TestCase):
         root = self.copy()
         for package in ('json', 'xml'):
             shutil.rmtree(os.path.join(root, 'usr/lib/python3.11', package))
-        self.assert_blocked(root, 'FAIL  /usr/bin/python3 lacks json, xml.etree.ElementTree '
+        self.assert_blocked(root, 'FAIL  /usr/bin/python3 lacks json, xml.parsers.expat '
                                   '(python3-minimal is not enough)\n      fix: apt-get install python3')
 
     def test_python_too_old(self):

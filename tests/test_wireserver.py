@@ -64,7 +64,9 @@ class GoalStateParsing(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, 'DOCTYPE'):
             ap.parse_goal_state(BILLION_LAUGHS)
         with self.assertRaisesRegex(ValueError, 'DOCTYPE'):
-            ap.parse_goal_state('<!doctype x SYSTEM "file:///etc/passwd"><GoalState/>')
+            ap.parse_goal_state('<!DOCTYPE x SYSTEM "file:///etc/passwd"><GoalState/>')
+        with self.assertRaisesRegex(ValueError, 'undefined entity'):
+            ap.parse_goal_state('<GoalState><Incarnation>&xxe;</Incarnation></GoalState>')
 
     def test_garbage_and_wrong_documents(self):
         for text, message in [('<html>502 Bad Gateway', 'well-formed'),
