@@ -611,6 +611,15 @@ def validate_hostname(name):
     return name
 
 
+def in_system_uts_namespace():
+    """True when our hostname is the system's: we share PID 1's UTS namespace.
+    Unknown (unreadable /proc/1) counts as no."""
+    try:
+        return os.readlink('/proc/self/ns/uts') == os.readlink('/proc/1/ns/uts')
+    except OSError:
+        return False
+
+
 def hostnamectl_usable():
     """hostnamectl asks systemd-hostnamed, which lives in PID 1's UTS namespace:
     use it only when systemd runs and we share that namespace (never from a test
@@ -620,10 +629,7 @@ def hostnamectl_usable():
     if not any(os.access(os.path.join(d, 'hostnamectl'), os.X_OK)
                for d in ('/usr/bin', '/bin')):
         return False
-    try:
-        return os.readlink('/proc/self/ns/uts') == os.readlink('/proc/1/ns/uts')
-    except OSError:
-        return False
+    return in_system_uts_namespace()
 
 
 def set_hostname(name, deadline, log, etc='/etc'):
@@ -1240,7 +1246,10 @@ def provision(options, log, out=None):
         step = 'hostname'
         if options.set_hostname:
             changed = apply_hostname(metadata, options, deadline, log, out)
-            if changed and options.publish_hostname:
+            if changed and options.publish_hostname and not in_system_uts_namespace():
+                # a name set in a private namespace is not the one DHCP should send
+                log.info('hostname: not published to DHCP (not the system\'s UTS namespace)')
+            elif changed and options.publish_hostname:
                 warning = publish_hostname(socket.gethostname() if not options.dry_run
                                            else desired_hostname(metadata),
                                            deadline, log, options.dry_run, out)

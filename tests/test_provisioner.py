@@ -235,6 +235,9 @@ class HostnameChange(Case):
                          '::1     localhost ip6-localhost ip6-loopback\n')
         self.assertRegex(run.stderr, r'hostname set to web-7 via sethostname, /etc/hosts '
                                      r'updated \(\d+ ms\)')
+        # never touch the host's DHCP client from a test namespace
+        self.assertIn("hostname: not published to DHCP (not the system's UTS namespace)",
+                      run.stderr)
         leftovers = [n for n in os.listdir(host.etc) if n.endswith('.tmp')]
         self.assertEqual(leftovers, [])
 
