@@ -120,8 +120,12 @@ class PrivateHost(object):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def skip(test, reason):
+    """Skip with the reason printed, also when unittest runs without -v."""
+    sys.stderr.write('\nSKIP %s: %s\n' % (test.id(), reason))
+    raise unittest.SkipTest(reason)
+
+
 def require_root(test):
     if not is_root():
-        message = 'needs root for unshare --uts --mount (run the suite as root to check it)'
-        sys.stderr.write('\nSKIP %s: %s\n' % (test.id(), message))
-        raise unittest.SkipTest(message)
+        skip(test, 'needs root for unshare --uts --mount (run the suite as root to check it)')

@@ -8,7 +8,7 @@ import tempfile
 import unittest
 
 import azure_provisioning as ap
-from tests.support import DATA, SCRIPT, is_root, run_command
+from tests.support import DATA, SCRIPT, is_root, run_command, skip
 
 
 def metadata(name):
@@ -125,7 +125,7 @@ class AtomicWrite(unittest.TestCase):
 
     def test_unwritable_directory_is_an_oserror(self):
         if is_root():
-            self.skipTest('root can write anywhere; read-only /etc is covered in the '
+            skip(self, 'root can write anywhere; read-only /etc is covered in the '
                           'black-box tests')
         os.chmod(self.tmp, 0o500)
         self.addCleanup(os.chmod, self.tmp, 0o700)
@@ -139,7 +139,7 @@ class HostnamectlChoice(unittest.TestCase):
 
     def usable(self, inner=''):
         if not is_root():
-            self.skipTest('needs root for unshare')
+            skip(self, 'needs root for unshare')
         code = ('import sys; sys.path.insert(0, %r); import azure_provisioning as ap; '
                 'print(ap.hostnamectl_usable())' % os.path.dirname(SCRIPT))
         # a private PID namespace makes the shell PID 1, so /proc/1 is readable
@@ -152,7 +152,7 @@ class HostnamectlChoice(unittest.TestCase):
 
     def test_same_uts_namespace_as_pid_1(self):
         if not os.access('/usr/bin/hostnamectl', os.X_OK):
-            self.skipTest('hostnamectl is not installed here')
+            skip(self, 'hostnamectl is not installed here')
         self.assertEqual(self.usable(), 'True')
 
     def test_never_hostnamectl_from_another_uts_namespace(self):

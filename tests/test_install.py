@@ -16,6 +16,8 @@ import sys
 import tempfile
 import unittest
 
+from tests.support import run_command, skip
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTALL_SH = os.path.join(REPO, 'install.sh')
 UNIT_NAME = 'azure-provisioning.service'
@@ -37,22 +39,9 @@ TOOLS = ('sh awk sort cat chmod cut dirname basename grep id mkdir mktemp mv rea
          'rmdir sed tr ln cmp chroot env').split()
 
 
-def skip(test, reason):
-    """Skip with the reason printed, also when unittest runs without -v."""
-    sys.stderr.write('\nSKIP %s: %s\n' % (test.id(), reason))
-    raise unittest.SkipTest(reason)
-
-
 def run(argv, env=None, timeout=TIMEOUT):
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               universal_newlines=True, env=env)
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, err = process.communicate()
-        raise AssertionError('%s did not finish in %d s\n%s%s' % (argv, timeout, out, err))
-    return Result(argv, process.returncode, out, err)
+    done = run_command(argv, env=env, timeout=timeout)
+    return Result(argv, done.code, done.stdout, done.stderr)
 
 
 class Result(object):
