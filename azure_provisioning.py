@@ -730,6 +730,26 @@ def write_file_atomically(path, data, mode=0o644, owner=None, check=None):
         os.close(dir_fd)
 
 
+def read_bytes(path):
+    try:
+        with open(path, 'rb') as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def read_text(path):
+    data = read_bytes(path)
+    return data.decode('utf-8', 'replace') if data is not None else None
+
+
+def glob_names(directory, pattern):
+    try:
+        return [n for n in os.listdir(directory) if re.match(pattern, n)]
+    except OSError:
+        return []
+
+
 # --------------------------------------------------------------------------
 # Publishing the new hostname to Azure DNS (DHCP option 12)
 # --------------------------------------------------------------------------
@@ -754,11 +774,6 @@ def primary_interface(root='/'):
     except (OSError, ValueError):
         return None
     return best[0] if best else None
-
-
-def read_text(path):
-    data = read_bytes(path)
-    return data.decode('utf-8', 'replace') if data is not None else None
 
 
 def ini_values(text, sections, key):
@@ -861,7 +876,7 @@ def publish_hostname(name, deadline, log, dry_run=False, out=None, root='/'):
     t = time.monotonic()
     interface = primary_interface(root)
     if interface is None:
-        return 'no default route; hostname not published to DHCP'
+        return 'no routed interface; hostname not published to DHCP'
     try:
         plan = (networkd_plan(interface, name, root)
                 or networkmanager_plan(interface, name, deadline, root)
@@ -1109,14 +1124,6 @@ def disable_password_logins(log, say):
         return say('write %s: PasswordAuthentication no' % SSHD_DROP_IN)
     write_file_atomically(SSHD_DROP_IN, setting)
     log.info('user: PasswordAuthentication no (%s)' % SSHD_DROP_IN)
-
-
-def read_bytes(path):
-    try:
-        with open(path, 'rb') as f:
-            return f.read()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
 
 
 # --------------------------------------------------------------------------
@@ -1456,13 +1463,6 @@ def check_python(c, python):
     else:
         c.say('ok', '%s is Python %d.%d with %s'
               % ((python,) + major_minor + (', '.join(NEEDED_MODULES),)))
-
-
-def glob_names(directory, pattern):
-    try:
-        return [n for n in os.listdir(directory) if re.match(pattern, n)]
-    except OSError:
-        return []
 
 
 def check_agents(c):

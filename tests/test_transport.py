@@ -125,6 +125,18 @@ class RetryPolicy(unittest.TestCase):
             ap.with_retries('thing', attempt, ap.Deadline(1.0), log)
         self.assertEqual(len(log.lines), 1, log.lines)
 
+    def test_flapping_problems_are_each_logged_once(self):
+        problems = ['Connection reset by peer', 'Remote end closed'] * 10
+
+        def attempt():
+            if problems:
+                raise ap.TryAgain(problems.pop())
+            return 'up'
+        log = QuietLog()
+        log.verbose = False
+        self.assertEqual(ap.with_retries('thing', attempt, ap.Deadline(30), log), 'up')
+        self.assertEqual(len(log.lines), 2, log.lines)
+
     def test_reserve_is_kept_back(self):
         deadline = ap.Deadline(10, reserve=4)
         self.assertTrue(5.5 < deadline.remaining() <= 6)
