@@ -128,8 +128,7 @@ def with_retries(what, attempt, deadline, log):
     """Call attempt() until it returns; TryAgain is retried with capped backoff
     and jitter until the deadline, any other exception goes to the caller."""
     started = time.monotonic()
-    last_said = None
-    last_said_at = started
+    said = {}       # problem -> when it was last logged: a flapping error is said once
     tries = 0
     while True:
         tries += 1
@@ -143,10 +142,10 @@ def with_retries(what, attempt, deadline, log):
                     '%s: %s; gave up after %d attempts in %.1f s (deadline)'
                     % (what, problem, tries, time.monotonic() - started))
             now = time.monotonic()
-            if problem != last_said or now - last_said_at >= STILL_WAITING_EVERY:
+            if now - said.get(problem, -STILL_WAITING_EVERY) >= STILL_WAITING_EVERY:
                 log.info('%s: %s; retrying (attempt %d, %.1f s left)'
                          % (what, problem, tries, deadline.remaining()))
-                last_said, last_said_at = problem, now
+                said[problem] = now
             else:
                 log.debug('%s: %s; retry in %.2f s' % (what, problem, delay))
             time.sleep(delay)
@@ -762,18 +761,30 @@ PUBLISH_TIMEOUT = 30.0      # seconds for the DHCP client to get its lease back
 
 
 def primary_interface(root='/'):
-    """The interface of the IPv4 default route with the lowest metric."""
-    best = None
+    """The interface of the IPv4 default route with the lowest metric; without a
+    default route, the one networkd holds a DHCP lease for, else the first routed
+    interface (a single-NIC VM on a network that hands out no router)."""
+    routes = []
     try:
         with open(os.path.join(root, 'proc/net/route')) as f:
             for line in f.readlines()[1:]:
                 fields = line.split()
-                if len(fields) > 6 and fields[1] == '00000000' and int(fields[3], 16) & 1:
-                    if best is None or int(fields[6]) < best[1]:
-                        best = (fields[0], int(fields[6]))
+                if len(fields) > 6:
+                    routes.append((fields[0], fields[1], int(fields[3], 16), int(fields[6])))
     except (OSError, ValueError):
         return None
-    return best[0] if best else None
+    defaults = sorted((metric, name) for name, destination, flags, metric in routes
+                      if destination == '00000000' and flags & 1)
+    if defaults:
+        return defaults[0][1]
+    leases = os.path.join(root, 'run/systemd/netif/leases')
+    for index in sorted(glob_names(leases, r'^\d+$')):
+        for name in glob_names(os.path.join(root, 'sys/class/net'), r'.'):
+            if (read_text(os.path.join(root, 'sys/class/net', name, 'ifindex')) or '').strip() \
+                    == index:
+                return name
+    routed = [name for name, _, flags, _ in routes if name != 'lo' and flags & 1]
+    return routed[0] if routed else None
 
 
 def ini_values(text, sections, key):
