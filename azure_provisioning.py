@@ -5,11 +5,15 @@ Runs once at first boot of a VM made from a generalized image that has neither
 walinuxagent nor cloud-init.  In order:
 
   1. reads the instance metadata (IMDS),
-  2. sets the hostname the user asked for (compute.osProfile.computerName),
-  3. tells the WireServer "Ready" for the current goal-state incarnation,
+  2. sets the hostname the user asked for (compute.osProfile.computerName) and
+     makes the DHCP client announce it (that is how Azure DNS learns it),
+  3. with --provision-user, creates the admin user with its SSH keys,
+  4. runs the image's own hooks in /etc/azure-provisioning/ready.d/,
+  5. tells the WireServer "Ready" for the current goal-state incarnation,
 
-and when step 1 or 2 fails it reports NotReady/ProvisioningFailed with a short
-reason instead, so that `az vm create` fails fast with that reason.
+and when a step fails it reports NotReady/ProvisioningFailed with a short reason
+instead (also to Hyper-V KVP), so that `az vm create` fails fast with that reason.
+`--check` looks at an image before it is captured.
 
 Exit codes: 0 provisioned, 1 provisioning failed, 2 usage error.
 Standard library only; Python 3.6 or newer.
@@ -79,6 +83,7 @@ MAX_RESPONSE_BYTES = 1 << 20    # goal state and IMDS documents are a few KiB
 BACKOFF_FIRST = 0.05            # seconds
 BACKOFF_CAP = 0.3               # short: Ready must go out soon after the WireServer is up
 STILL_WAITING_EVERY = 30.0      # seconds between "still retrying" lines
+MALFORMED_ANSWERS_ALLOWED = 3   # a truncated answer may pass; a broken server won't
 
 
 class Deadline(object):
@@ -293,7 +298,6 @@ def describe_error(exc):
 # --------------------------------------------------------------------------
 
 WIRESERVER_HEADERS = {'x-ms-version': '2012-11-30', 'x-ms-agent-name': AGENT_NAME}
-MALFORMED_ANSWERS_ALLOWED = 3   # a truncated answer may pass; a broken server won't
 
 
 class GoalState(object):

@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -374,28 +373,14 @@ def timed_rounds(args, az, ns, computer_name):
     return samples, commands
 
 
-def latency_emulator_class():
-    """FakeAzure that notes when its WireServer starts listening (time.time(), the clock
-    of its request records).  Uses the emulator's own attribute when it has one."""
-    from tests.fake_azure import FakeAzure
-
-    class TimedFakeAzure(FakeAzure):
-        def _late_start(self):
-            if getattr(self, 'wireserver_up_at', None) is None:
-                self.bench_up_at = time.time()
-            return FakeAzure._late_start(self)
-
-    return TimedFakeAzure
-
-
 def ready_latency(args, ns, computer_name):
     """WireServer refuses connections for T s; time from its coming up to the
     accepted Ready POST, both taken from the emulator's clock."""
-    emulator = latency_emulator_class()
+    from tests.fake_azure import FakeAzure
     latencies = []
     for _ in range(args.latency_rounds):
         ns.reset()
-        with emulator(computer_name=computer_name, incarnation=1,
+        with FakeAzure(computer_name=computer_name, incarnation=1,
                       wireserver_up_after=args.up_after) as az:
             ours = [args.python, '-I', SCRIPT, '--wireserver', az.wireserver_addr,
                     '--imds', az.imds_addr]
@@ -404,7 +389,7 @@ def ready_latency(args, ns, computer_name):
             result = run_timed(ns.wrap(ours), args.timeout + args.up_after)
             if result.status != 0 or not az.ready_accepted():
                 raise RunFailed('Ready-latency run failed\n' + result.describe())
-            up = wireserver_up_time(az)
+            up = az.wireserver_up_at
             accepted = [r['time'] for r in az.health_reports
                         if r.get('state') == 'Ready' and 200 <= int(r.get('status') or 0) < 300]
             if up is None or not accepted:
@@ -421,15 +406,6 @@ def ready_latency(args, ns, computer_name):
             latencies.append(min(accepted) - up)
     ns.reset()
     return latencies
-
-
-def wireserver_up_time(az):
-    """When the emulator's WireServer started listening (time.time())."""
-    for name in ('wireserver_up_at', 'bench_up_at'):
-        value = getattr(az, name, None)
-        if value is not None:
-            return value
-    return None
 
 
 IMPORT_LINE = re.compile(r'^import time:\s+(\d+)\s*\|\s*(\d+)\s*\|(\s*)(\S+)\s*$')

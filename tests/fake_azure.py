@@ -445,6 +445,7 @@ class FakeAzure(object):
         self.imds_down = imds_down
         self.record_file = record_file
         self.verbose = verbose
+        self.wireserver_up_at = None    # set when a late WireServer starts listening
 
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -500,6 +501,8 @@ class FakeAzure(object):
         with self._lock:
             if not self._stopping.is_set():
                 self._wire.activate()
+                # time.time(), the clock of the request records: latency measurements
+                self.wireserver_up_at = time.time()
 
     def stop(self):
         with self._lock:

@@ -373,11 +373,14 @@ class Faults(unittest.TestCase):
     def test_wireserver_up_after(self):
         started = time.monotonic()
         with FakeAzure(wireserver_up_after=1.0) as az:
+            before = time.time()
             self.assertTrue(refused(az.wireserver_addr))
+            self.assertIsNone(az.wireserver_up_at)
             self.assertEqual(get_imds(az)[0], 200, "IMDS is up meanwhile")
             self.assertTrue(az.wait_for(lambda: not refused(az.wireserver_addr), timeout=10))
             self.assertGreaterEqual(time.monotonic() - started, 0.9)
             self.assertEqual(get_goal_state(az)[0], 200)
+            self.assertTrue(before < az.wireserver_up_at <= az.requests[-1]["time"])
 
     def test_imds_down(self):
         with FakeAzure(imds_down=True) as az:
