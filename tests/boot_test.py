@@ -14,15 +14,25 @@ exist inside it and are forwarded (guestfwd, `nc`) to tests/fake_azure.py on thi
 machine's loopback: the unit runs with its default addresses and no packet leaves the
 machine.
 
+Tests (one result line each):
+  preflight     (issue 7) while the images are built: `azure-provisioning --check` on
+                each tree, inside it (chroot, the image's own python3) and from this
+                machine (--root): exit 0, "image ready", the same checklist both ways;
+                on a broken hard-linked copy of the default tree (enable symlink
+                removed, a fake /usr/sbin/waagent): exit 1 naming both, with fixes.
 Boots (each one a test; the names work with --only):
   first         fresh disk: Ready accepted for the current incarnation, IMDS asked with
                 Metadata: true, hostname and /etc/hostname = computerName (not the
                 scale-set style compute.name), /etc/hosts updated, the unit started
                 after network-online.target (with a DHCP lease), it disabled itself,
-                its step lines are on the serial console.
+                its step lines are on the serial console.  Issue 6 with
+                systemd-networkd, from the packet capture: option 12 was the image
+                name at boot; after the unit's IMDS connection a REQUEST carries the
+                new name, the last name sent is the new one, the same address is asked
+                for and ACKed; "sent to DHCP by systemd-networkd" on the console.
   second        the same disk again: the unit does not run, the emulator sees no
                 request from it (the checker's own marked probe proves that the guest
-                could have reached it).
+                could have reached it); DHCP carries the new name from the start.
   failure       invalid computerName: ProvisioningFailed reported with a readable
                 description, the unit stays enabled, the hostname is untouched.
   slow-network  the WireServer refuses connections for the first seconds of the boot
@@ -31,14 +41,27 @@ Boots (each one a test; the names work with --only):
                 closed port (seen in the packet capture) and Ready is still accepted.
   no-dbus       dbus masked (hostnamectl cannot work): the hostname is still set,
                 through the sethostname fallback.
-  networkmanager  optional (only with --only): `first` on an image with NetworkManager
-                instead of systemd-networkd.
+  networkmanager  an image with NetworkManager (instead of systemd-networkd), sudo and
+                openssh-server, installed with `install.sh --provision-user`; the
+                emulator serves adminUsername alice and two keys (one ending in CR LF,
+                one with runs of blanks).  `first`'s checks with NetworkManager
+                (issue 6), and (issue 5) from inside the guest: alice exists with her
+                home, password locked, ~/.ssh 0700 and authorized_keys 0600 owned by
+                her holding both keys normalized, the sudoers drop-in 0440 passing
+                visudo, the sshd drop-in read by `sshd -T`; an ssh login to
+                127.0.0.1 as alice with the served key (made by the image's ssh-keygen)
+                runs `sudo -n`; the running sshd offers no password login.
 The image has dbus, as Azure's images do, so `first` goes through hostnamectl and
 systemd-hostnamed; `no-dbus` covers minimal images without it.
 
 Variants: a base recipe (RECIPES: packages + network stack, cached), a per-run image
 (IMAGES: install.sh options, tweaks of the tree, extra guest facts for the checker) and
 a boot (BOOTS: emulator keywords, check function) are each one entry below.
+
+Times: per boot "QEMU start -> Ready accepted" (the emulator's clock), at the end all
+of them, the VMs' total and the run's total.  Packet times come from filter-dump,
+whose clock lags by up to ~1 s: they are aligned on the unit's IMDS connection
+(capture_offset), and the issue-6 order is decided on the capture's own clock.
 
 Guest facts come from tests/boot/azp-boot-check (a test-only unit ordered after ours)
 over the second serial port; it powers the VM off.  Pass/fail is decided from what
@@ -53,6 +76,7 @@ when every boot passed.
 """
 
 import argparse
+import base64
 import fcntl
 import hashlib
 import importlib.util
@@ -108,6 +132,10 @@ PROBE_AGENT = 'azp-boot-check'      # User-Agent of the checker's own IMDS probe
 UNIT = 'azure-provisioning.service'
 CHECKER_UNIT = 'azp-boot-check.service'
 GUEST_LIB = '/usr/local/lib/azp-boot-test'
+ADMIN_USER = 'alice'                # osProfile.adminUsername in the --provision-user boot
+LOGIN_KEY = GUEST_LIB + '/login_key'    # private key of the checker's ssh login as ADMIN_USER
+SUDOERS_FILE = '/etc/sudoers.d/azure-provisioning'
+SSHD_DROP_IN = '/etc/ssh/sshd_config.d/50-azure-provisioning.conf'
 
 BOOT_TIME_LIMIT = 150.0             # s per boot (a TCG boot takes ~20 s)
 POWEROFF_GRACE = 30.0               # s from the facts to QEMU's exit before we stop it
@@ -140,8 +168,9 @@ class BaseRecipe(object):
 
 RECIPES = {
     'networkd': BaseRecipe('networkd', BASE_PACKAGES),
-    # For later variants (issue 6): NetworkManager instead of systemd-networkd.
-    'networkmanager': BaseRecipe('networkmanager', BASE_PACKAGES + ['network-manager'],
+    # NetworkManager instead of systemd-networkd (issue 6), sudo and sshd (issue 5).
+    'networkmanager': BaseRecipe('networkmanager',
+                                 BASE_PACKAGES + ['network-manager', 'sudo', 'openssh-server'],
                                  network='networkmanager',
                                  lease_pattern=r'dhcp4 \(.*\).*(state changed bound|'
                                                r'new lease|address )'),
@@ -164,28 +193,69 @@ class GuestImage(object):
     + the checker + tweaks (functions of the tree, run after install.sh).
     checker_config: {'files': [guest paths to report (content, mode, owner)],
     'commands': {name: argv to run in the guest}}; both end up in the facts
-    (facts['files'][path], facts['commands'][name]); see tests/boot/azp-boot-check."""
+    (facts['files'][path], facts['commands'][name]); see tests/boot/azp-boot-check.
+    login_key: make an SSH key pair with the image's own ssh-keygen, the private half
+    at LOGIN_KEY in the image (for the checker's ssh login), the public half in the
+    built image's 'login_key' (for the emulator's compute.publicKeys).
+    broken_check: also run --check on a deliberately broken copy of the tree."""
 
     def __init__(self, name, recipe='networkd', install_args=(), tweaks=(),
-                 checker_config=None):
+                 checker_config=None, login_key=False, broken_check=False):
         self.name = name
         self.recipe = RECIPES[recipe]
         self.install_args = list(install_args)
         self.tweaks = list(tweaks)
         self.checker_config = checker_config or {}
+        self.login_key = login_key
+        self.broken_check = broken_check
+
+
+SSH_OPTIONS = ('-o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null '
+               '-o LogLevel=ERROR -o ConnectTimeout=30')
+USER_CHECKER = {
+    'files': ['/home/' + ADMIN_USER, '/home/%s/.ssh' % ADMIN_USER,
+              '/home/%s/.ssh/authorized_keys' % ADMIN_USER, SUDOERS_FILE, SSHD_DROP_IN],
+    'commands': {
+        'user_passwd': ['getent', 'passwd', ADMIN_USER],
+        'user_status': ['passwd', '-S', ADMIN_USER],
+        'sudoers_valid': ['visudo', '-cf', SUDOERS_FILE],
+        'sshd_config': ['sshd', '-T'],
+        # sshd may still be starting: wait for it (bounded), then log in with the key
+        'ssh_login': ['sh', '-c',
+                      'i=0; while [ $i -lt 60 ] && ! systemctl -q is-active ssh.service; do '
+                      'i=$((i+1)); sleep 0.5; done; '
+                      'ssh -i %s -o IdentitiesOnly=yes %s %s@127.0.0.1 '
+                      '\'echo "user=$(id -un) home=$HOME"; echo "sudo=$(sudo -n id -u)"\''
+                      % (LOGIN_KEY, SSH_OPTIONS, ADMIN_USER)],
+        # which methods the running sshd offers: "Permission denied (publickey)."
+        'ssh_methods': ['sh', '-c', 'ssh -o PubkeyAuthentication=no %s %s@127.0.0.1 true'
+                        % (SSH_OPTIONS, ADMIN_USER)],
+        # evidence when the running sshd disagrees with sshd -T: when did it start,
+        # and what does it offer once reloaded (the commands run in this order)
+        'ssh_service': ['systemctl', 'show', '-p', 'ActiveEnterTimestampMonotonic',
+                        'ssh.service'],
+        'ssh_zz_methods_after_reload': [
+            'sh', '-c', 'systemctl reload ssh.service; i=0; while [ $i -lt 20 ]; do '
+            'out=$(ssh -o PubkeyAuthentication=no %s %s@127.0.0.1 true 2>&1); '
+            'case "$out" in *"Permission denied"*) break ;; esac; '
+            'i=$((i+1)); sleep 0.5; done; echo "$out"' % (SSH_OPTIONS, ADMIN_USER)],
+    }}
 
 
 IMAGES = {
-    'default': GuestImage('default'),
+    'default': GuestImage('default', broken_check=True),
     'no-dbus': GuestImage('no-dbus', tweaks=[mask_units('dbus.service', 'dbus.socket')]),
-    'networkmanager': GuestImage('networkmanager', recipe='networkmanager'),
+    # NetworkManager, sudo and sshd, installed with --provision-user (issues 5 and 6)
+    'networkmanager': GuestImage('networkmanager', recipe='networkmanager',
+                                 install_args=['--provision-user'],
+                                 checker_config=USER_CHECKER, login_key=True),
 }
 
 
 class Boot(object):
-    """One boot of a VM.  emulator: FakeAzure keywords, or a function of the VmRuns of
-    the boots before it returning them.  disk_from: boot the disk another boot left
-    behind (that boot runs first).  check(ctx, c) judges the boot."""
+    """One boot of a VM.  emulator: FakeAzure keywords, or a function (VmRuns of the
+    boots before it, the built image's dict) returning them.  disk_from: boot the disk
+    another boot left behind (that boot runs first).  check(ctx, c) judges the boot."""
 
     def __init__(self, name, check, image='default', emulator=None, disk_from=None,
                  time_limit=BOOT_TIME_LIMIT, optional=False):
@@ -197,9 +267,9 @@ class Boot(object):
         self.disk_from = disk_from
         self.time_limit = time_limit
 
-    def emulator_kwargs(self, history):
+    def emulator_kwargs(self, history, image):
         if callable(self.emulator):
-            return self.emulator(history)
+            return self.emulator(history, image)
         return dict(self.emulator)
 
 
@@ -445,6 +515,8 @@ def build_image(image, workdir, cache_dir, repo, log):
     install_checker(tree, image.checker_config)
     for tweak in image.tweaks:
         tweak(tree)
+    login_key = make_login_key(tree) if image.login_key else None
+    preflight = preflight_checks(image, tree, repo, out)
     kernel, initrd = find_boot_files(tree)
     for src in (kernel, initrd):
         shutil.copyfile(src, os.path.join(out, os.path.basename(src)))
@@ -456,7 +528,118 @@ def build_image(image, workdir, cache_dir, repo, log):
         % (image.name, install_summary(text), time.monotonic() - started,
            ''.join('; ' + (t.__doc__ or t.__name__) for t in image.tweaks)))
     return {'disk': disk, 'kernel': os.path.join(out, os.path.basename(kernel)),
-            'initrd': os.path.join(out, os.path.basename(initrd))}
+            'initrd': os.path.join(out, os.path.basename(initrd)),
+            'login_key': login_key, 'preflight': preflight}
+
+
+def make_login_key(tree):
+    """A fresh ed25519 key pair made by the image's own ssh-keygen: the private half
+    stays in the image (LOGIN_KEY, root only) for the checker's ssh login; returns the
+    public half, which the emulator serves in compute.publicKeys."""
+    key = os.path.join(tree, LOGIN_KEY.lstrip('/'))
+    for old in (key, key + '.pub'):
+        if os.path.lexists(old):
+            os.unlink(old)
+    run(['chroot', tree, 'ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-C', 'azp-boot-test',
+         '-f', LOGIN_KEY], 'ssh-keygen in the image', 60)
+    with open(key + '.pub') as f:
+        return f.read().strip()
+
+
+# ---------------------------------------------------------------------------
+# Image preflight (issue 7): azure-provisioning --check on the built tree
+# ---------------------------------------------------------------------------
+
+# The image's own interpreter runs the installed script (chroot), the way a user runs
+# it inside the image before generalizing; -B: write no .pyc into the image.
+CHECK_IN_IMAGE = ['/usr/bin/python3', '-I', '-B', '/usr/local/sbin/azure-provisioning',
+                  '--check']
+ENABLE_LINK = 'etc/systemd/system/multi-user.target.wants/' + UNIT
+FAKE_WAAGENT = 'usr/sbin/waagent'
+CHECK_ENV = {'PATH': '/usr/sbin:/usr/bin:/sbin:/bin', 'LANG': 'C.UTF-8'}
+
+
+def run_status(cmd, timeout=60):
+    """(exit status, output); status None when the time limit stopped it."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, universal_newlines=True, env=CHECK_ENV,
+                            start_new_session=True)
+    try:
+        output = proc.communicate(timeout=timeout)[0]
+        return proc.returncode, output
+    except subprocess.TimeoutExpired:
+        stop_process_group(proc)
+        return None, (proc.communicate()[0] or '') + '\n[stopped after %d s]' % timeout
+
+
+def check_runs(tree, repo):
+    """--check on tree twice: inside (chroot, the image's python) and from outside
+    (this machine's python with --root).  Returns {'chroot'|'root': (status, output)}."""
+    return {'chroot': run_status(['chroot', tree] + CHECK_IN_IMAGE),
+            'root': run_status([sys.executable, '-B', os.path.join(repo, 'azure_provisioning.py'),
+                                '--check', '--root', tree])}
+
+
+def checklist(output):
+    """The status lines of --check output without the fixes and the verdict line."""
+    return [l for l in output.splitlines() if re.match(r'(ok|warn|FAIL|info)\s', l)]
+
+
+def flagged(output, status, *words):
+    """The first `status` line naming all words, and whether a fix line follows it."""
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(status) and all(w in line for w in words):
+            return line, i + 1 < len(lines) and lines[i + 1].startswith('      fix: ')
+    return None, False
+
+
+def preflight_checks(image, tree, repo, workdir):
+    """[(ok, what, detail, output)]: the built tree must pass --check; a broken copy
+    (enable symlink removed, a fake waagent) must fail naming both problems."""
+    results = []
+    runs = check_runs(tree, repo)
+    for how, (status, output) in sorted(runs.items()):
+        where = ('inside the image (chroot, its own python3)' if how == 'chroot'
+                 else 'from this machine with --root')
+        last = (output.strip().splitlines() or [''])[-1]
+        results.append((status == 0 and last.startswith('image ready: 0 blocking')
+                        and not flagged(output, 'FAIL')[0],
+                        'image %s: --check %s exits 0, "image ready"' % (image.name, where),
+                        'exit %s; %s' % (status, last), output))
+    same = checklist(runs['chroot'][1]) == checklist(runs['root'][1])
+    results.append((same, 'image %s: the same checklist inside and with --root' % image.name,
+                    '' if same else 'differs: %s' % sorted(set(checklist(runs['chroot'][1]))
+                                                           ^ set(checklist(runs['root'][1]))),
+                    None))
+    if not image.broken_check:
+        return results
+    broken = os.path.join(workdir, 'broken-rootfs')
+    # hard links: 0.5 s instead of 7; only unlink and create new files in the copy
+    run(['cp', '-al', tree, broken], 'cp -al (broken copy for --check)', 120)
+    try:
+        os.unlink(os.path.join(broken, ENABLE_LINK))
+        fd = os.open(os.path.join(broken, FAKE_WAAGENT), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                     0o755)
+        os.write(fd, b'#!/bin/sh\n# fake walinuxagent for the --check test\nexit 0\n')
+        os.close(fd)
+        runs = check_runs(broken, repo)
+    finally:
+        shutil.rmtree(broken, ignore_errors=True)
+    if not os.path.lexists(os.path.join(tree, ENABLE_LINK)) or \
+            os.path.lexists(os.path.join(tree, FAKE_WAAGENT)):
+        raise TestFailure('breaking the copy of %s changed the tree itself' % tree)
+    for how, (status, output) in sorted(runs.items()):
+        where = 'inside (chroot)' if how == 'chroot' else 'with --root'
+        last = (output.strip().splitlines() or [''])[-1]
+        unit, unit_fix = flagged(output, 'FAIL', 'unit not enabled')
+        agent, agent_fix = flagged(output, 'FAIL', 'walinuxagent', '/' + FAKE_WAAGENT)
+        results.append((status == 1 and last.startswith('image NOT ready: 2 blocking')
+                        and bool(unit and unit_fix and agent and agent_fix),
+                        'broken copy of %s (unit not enabled, a /%s): --check %s exits 1 '
+                        'naming both, each with a fix' % (image.name, FAKE_WAAGENT, where),
+                        'exit %s; %s | %s | %s' % (status, unit, agent, last), output))
+    return results
 
 
 def install_summary(text):
@@ -477,6 +660,7 @@ def copy_disk(src, dest):
 class VmRun(object):
     def __init__(self):
         self.ready_after = None     # s from QEMU start to the first accepted Ready
+        self.wall_started = None    # time.time() when QEMU was started
         self.first_request_after = None   # s from QEMU start to the unit's first request
         self.duration = None        # s QEMU ran
         self.outcome = None         # 'powered off', 'timeout', 'no poweroff', 'qemu exit N'
@@ -525,7 +709,7 @@ def boot_vm(files, disk, accel, az, rundir, time_limit):
     facts_path = os.path.join(rundir, 'facts.log')
     qemu_log = open(os.path.join(rundir, 'qemu.log'), 'wb')
     started = time.monotonic()
-    wall_started = time.time()
+    wall_started = vm.wall_started = time.time()
     # timeout(1) as a backstop: QEMU ends even if this script is killed outright.
     proc = subprocess.Popen(['timeout', '-k', '5', '%d' % (time_limit + 15)] + cmd,
                             stdin=subprocess.DEVNULL, stdout=qemu_log,
@@ -671,8 +855,8 @@ def dhcp_messages(packets):
 
 
 def tcp_syns_from_guest(packets, dst, dport):
-    """Times (host clock: filter-dump stamps packets with the wall time) of the guest's
-    TCP connection attempts to dst:dport."""
+    """Times (capture clock, see capture_offset) of the guest's TCP connection attempts
+    to dst:dport."""
     times = []
     for ts, frame in packets:
         p = decode_frame(frame)
@@ -680,6 +864,32 @@ def tcp_syns_from_guest(packets, dst, dport):
                 and p.get('dport') == dport and p.get('flags', 0) & 0x12 == 0x02:
             times.append(ts)
     return times
+
+
+def guest_payload_times(packets, dst, dport, start):
+    """Capture times of the guest's TCP segments to dst:dport whose payload starts
+    with `start` (bytes), e.g. b'POST /machine?comp=health'."""
+    times = []
+    for ts, frame in packets:
+        p = decode_frame(frame)
+        if p and p['proto'] == 6 and p['src_mac'] == GUEST_MAC and p['dst'] == dst \
+                and p.get('dport') == dport and p.get('payload', b'').startswith(start):
+            times.append(ts)
+    return times
+
+
+def capture_offset(ctx):
+    """Seconds to add to a capture time to get this machine's clock.  filter-dump
+    stamps packets with the seconds of time(NULL) when it was set up plus QEMU's
+    virtual clock, so the capture runs up to ~1 s behind: aligned here on the unit's
+    first IMDS connection (its SYN in the capture, its request at the emulator; the
+    request comes a few ms after the SYN, so the aligned times are, if anything, late).
+    0.0 when the unit never reached IMDS."""
+    syns = tcp_syns_from_guest(ctx.vm.packets, IMDS_IP, 80)
+    imds = [r['time'] for r in ctx.unit_requests if r['server'] == 'imds']
+    if not syns or not imds:
+        return 0.0
+    return min(imds) - min(syns)
 
 
 # ---------------------------------------------------------------------------
@@ -848,7 +1058,8 @@ def check_console(ctx, c, must_match):
                  hits[0] if hits else '%d step lines, none matching %r' % (len(lines), pattern))
 
 
-def check_first(ctx, c):
+def check_provisioned(ctx, c):
+    """A fresh image provisioned: what `first` and `networkmanager` share."""
     check_common(ctx, c)
     check_ready(ctx, c)
     check_imds_requests(ctx, c)
@@ -861,9 +1072,234 @@ def check_first(ctx, c):
     check_console(ctx, c, [
         (r'Ready accepted.*\b%d\b' % INCARNATION, 'Ready accepted line with the incarnation'),
         (r'hostname\b.*\b%s\b' % re.escape(COMPUTER_NAME), 'the hostname line')])
-    say('    info: DHCP in the capture: %s' % '; '.join(
-        '%s hostname=%s' % (m['type'], m['hostname']) for m in dhcp_messages(ctx.vm.packets)
-        if m['from_guest']))
+
+
+def check_first(ctx, c):
+    check_provisioned(ctx, c)
+    check_publish(ctx, c, 'systemd-networkd')
+
+
+def check_networkmanager(ctx, c):
+    check_provisioned(ctx, c)
+    check_publish(ctx, c, 'NetworkManager')
+    check_user(ctx, c)
+
+
+# Issue 6 -------------------------------------------------------------------
+
+def dhcp_timeline(ctx, msgs, change, health_posts):
+    """Print the DHCP messages of the capture with the unit's first IMDS connection
+    and its health POSTs, in s after QEMU start (capture clock aligned)."""
+    t0 = (ctx.vm.wall_started or 0.0) - capture_offset(ctx)
+    events = []
+    for m in msgs:
+        if m['from_guest']:
+            text = 'guest %-8s option 12 %-12s' % (m['type'], repr(m['hostname'])
+                                                    if m['hostname'] else '-')
+            if m['requested']:
+                text += ' requested %s' % m['requested']
+            if m['ciaddr'] != '0.0.0.0':
+                text += ' ciaddr %s' % m['ciaddr']
+        else:
+            text = 'slirp %-8s yiaddr %s' % (m['type'], m['yiaddr'])
+        events.append((m['time'], text))
+    if change is not None:
+        events.append((change, "unit connects to IMDS (the new name is known only after this)"))
+    for t in health_posts:
+        events.append((t, 'unit POSTs its health report (Ready)'))
+    say('    info: on the wire (s after QEMU start; capture clock aligned on the unit\'s '
+        'IMDS connection, %+.3f s):' % capture_offset(ctx))
+    for t, text in sorted(events, key=lambda e: e[0]):
+        say('      %7.3f  %s' % (t - t0, text))
+
+
+def check_publish(ctx, c, client):
+    """Issue 6 on the wire: after the hostname change the DHCP client sent a request
+    carrying option 12 = the new name and got the same address back; Ready still
+    accepted (check_ready); the unit's log line names the client."""
+    msgs = dhcp_messages(ctx.vm.packets)
+    # Everything on the capture's own clock: the new name is known only after the
+    # unit's first IMDS connection (the checker's probe comes after the unit).
+    syns = tcp_syns_from_guest(ctx.vm.packets, IMDS_IP, 80)
+    change = min(syns) if syns else None
+    posts = guest_payload_times(ctx.vm.packets, WIRESERVER_IP, 80, b'POST /machine?comp=health')
+    dhcp_timeline(ctx, msgs, change, posts)
+    asks = [m for m in msgs if m['from_guest'] and m['type'] in ('DISCOVER', 'REQUEST')]
+    before = [m for m in msgs if change is not None and m['time'] < change]
+    after = [m for m in msgs if change is not None and m['time'] >= change]
+    say('    info: option 12 sent by the guest, in order: %s'
+        % ', '.join('%s %s' % (m['type'], m['hostname']) for m in asks))
+    boot_names = [m['hostname'] for m in before if m in asks]
+    c.expect(bool(boot_names) and set(boot_names) == set([IMAGE_HOSTNAME]),
+             'at boot %s announced the image name %s in option 12 (what issue 6 fixes)'
+             % (client, IMAGE_HOSTNAME), 'option 12 before the change: %s' % boot_names)
+    acks_before = [m['yiaddr'] for m in before if m['type'] == 'ACK' and not m['from_guest']]
+    address = acks_before[-1] if acks_before else None
+    c.expect(address is not None, 'a DHCP lease before the hostname change',
+             'ACK yiaddr %s' % ', '.join(acks_before))
+    new = [m for m in after if m in asks and m['type'] == 'REQUEST'
+           and m['hostname'] == COMPUTER_NAME]
+    t0 = (ctx.vm.wall_started or 0.0) - capture_offset(ctx)
+    c.expect(bool(new), 'a DHCP REQUEST after the hostname change carries option 12 = %s'
+             % COMPUTER_NAME,
+             '%s at %.3f s, %.3f s after the unit connected to IMDS'
+             % (new[0]['type'], new[0]['time'] - t0, new[0]['time'] - change) if new else
+             'requests after the change: %s' % ['%s %s' % (m['type'], m['hostname'])
+                                                 for m in after if m in asks])
+    c.expect(bool(asks) and asks[-1]['hostname'] == COMPUTER_NAME,
+             'the last name the guest sent to DHCP is %s' % COMPUTER_NAME,
+             '%s %r' % (asks[-1]['type'], asks[-1]['hostname']) if asks else 'no request')
+    if new:
+        asked = new[0]['requested'] or new[0]['ciaddr']
+        acks = [m for m in after if m['type'] in ('ACK', 'NAK') and not m['from_guest']
+                and m['time'] >= new[0]['time']]
+        c.expect(address is not None and asked == address and bool(acks)
+                 and acks[0]['type'] == 'ACK' and acks[0]['yiaddr'] == address,
+                 'the same address before and after: %s' % address,
+                 'before: ACK %s; the new REQUEST asked for %s; answer %s %s'
+                 % (address, asked, acks[0]['type'] if acks else 'none',
+                    acks[0]['yiaddr'] if acks else ''))
+        releases = [m for m in after if m['type'] == 'RELEASE' and m['from_guest']
+                    and m['time'] < new[0]['time']]
+        if releases and acks:
+            say('    info: %s released the lease first: no lease for %.0f ms '
+                '(RELEASE at %.3f s, ACK at %.3f s)'
+                % (client, (acks[0]['time'] - releases[0]['time']) * 1000,
+                   releases[0]['time'] - t0, acks[0]['time'] - t0))
+        elif acks:
+            say('    info: %s sent no RELEASE: it asked for its address again (REQUEST at '
+                '%.3f s, ACK at %.3f s)' % (client, new[0]['time'] - t0, acks[0]['time'] - t0))
+        if posts:
+            say('    info: the new-name REQUEST went out %.3f s %s the Ready POST'
+                % (abs(posts[0] - new[0]['time']), 'before' if new[0]['time'] <= posts[0]
+                   else 'AFTER'))
+    addresses = re.findall(r'\binet (\d+\.\d+\.\d+\.\d+)/',
+                           (ctx.facts.get('ip_addr') or {}).get('output', ''))
+    c.expect(address is not None and address in addresses,
+             'the guest still has %s when the checker runs' % address,
+             'IPv4 addresses: %s' % ' '.join(addresses))
+    pattern = (r'hostname %s sent to DHCP by %s on (\S+) \((.*)\); address ([\d.]+)'
+               r'(, was ([\d.]+))? \(' % (re.escape(COMPUTER_NAME), re.escape(client)))
+    line = next((l for l in ctx.step_lines() if re.search(pattern, l)), None)
+    match = re.search(pattern, line or '')
+    c.expect(bool(match) and match.group(3) == address and not match.group(4),
+             'serial console: "sent to DHCP by %s", same address' % client,
+             line or 'no such line; publish lines: %s' % [
+                 l for l in ctx.step_lines() if 'DHCP' in l or 'publish' in l])
+    say('    info: option 12 captured: %s; address before %s, after %s'
+        % (' -> '.join(m['hostname'] or '-' for m in asks), address,
+           acks[0]['yiaddr'] if new and acks else '-'))
+
+
+# Issue 5 -------------------------------------------------------------------
+
+def ssh_string(data):
+    return struct.pack('>I', len(data)) + data
+
+
+def rsa_shaped_key(comment):
+    """A well-formed ssh-rsa public key line (its modulus is no one's key)."""
+    modulus = b'\x00' + b''.join(hashlib.sha256(b'azp-boot-test %d' % i).digest()
+                                 for i in range(8))
+    blob = ssh_string(b'ssh-rsa') + ssh_string(b'\x01\x00\x01') + ssh_string(modulus)
+    return 'ssh-rsa %s %s' % (base64.b64encode(blob).decode('ascii'), comment)
+
+
+SECOND_KEY = rsa_shaped_key('alice@laptop  second   key')     # runs of spaces: normalized
+
+
+def user_emulator(history, image):
+    """osProfile.adminUsername alice with two keys: the image's login key with a
+    trailing CR LF (as in real IMDS documents), and an rsa key with extra blanks."""
+    if not image.get('login_key'):
+        raise TestFailure('the image has no login key for the --provision-user boot')
+    return dict(EMULATOR, admin_username=ADMIN_USER, public_keys=[
+        {'keyData': image['login_key'] + '\r\n',
+         'path': '/home/%s/.ssh/authorized_keys' % ADMIN_USER},
+        '  ' + SECOND_KEY + ' \n'])
+
+
+def command(ctx, name):
+    result = (ctx.facts.get('commands') or {}).get(name) or {}
+    return result.get('rc'), result.get('output') or ''
+
+
+def check_user(ctx, c):
+    """Issue 5: --provision-user created alice with her keys, sudo and the sshd drop-in,
+    seen from inside the guest; an ssh login with the served key works."""
+    entries = ctx.emulator.get('public_keys') or []
+    expected = [' '.join((e['keyData'] if isinstance(e, dict) else e).split())
+                for e in entries]
+    rc, out = command(ctx, 'user_passwd')
+    fields = out.strip().split(':')
+    ok = rc == 0 and len(fields) == 7 and fields[0] == ADMIN_USER
+    uid, gid = (int(fields[2]), int(fields[3])) if ok else (None, None)
+    home = fields[5] if ok else None
+    c.expect(ok and uid >= 1000 and home == '/home/' + ADMIN_USER,
+             'user %s exists (uid >= 1000, home /home/%s)' % (ADMIN_USER, ADMIN_USER),
+             out.strip() or 'getent exit %s' % rc)
+    info = ctx.facts.get('files', {})
+    home_dir = info.get('/home/' + ADMIN_USER) or {}
+    c.expect(home_dir.get('exists') and 'entries' in home_dir and home_dir.get('uid') == uid,
+             'the home directory exists, owned by %s' % ADMIN_USER,
+             'mode %s uid %s gid %s' % (home_dir.get('mode'), home_dir.get('uid'),
+                                        home_dir.get('gid')))
+    ssh_dir = info.get('/home/%s/.ssh' % ADMIN_USER) or {}
+    c.expect(ssh_dir.get('mode') == '700' and ssh_dir.get('uid') == uid
+             and ssh_dir.get('gid') == gid,
+             '~/.ssh mode 0700, owner %s:%s' % (ADMIN_USER, gid),
+             'mode %s uid %s gid %s' % (ssh_dir.get('mode'), ssh_dir.get('uid'),
+                                        ssh_dir.get('gid')))
+    keys = info.get('/home/%s/.ssh/authorized_keys' % ADMIN_USER) or {}
+    c.expect(keys.get('mode') == '600' and keys.get('uid') == uid and keys.get('gid') == gid,
+             '~/.ssh/authorized_keys mode 0600, owner %s:%s' % (ADMIN_USER, gid),
+             'mode %s uid %s gid %s' % (keys.get('mode'), keys.get('uid'), keys.get('gid')))
+    content = keys.get('content')
+    c.expect(len(expected) == 2 and content == ''.join(k + '\n' for k in expected),
+             'authorized_keys holds both keys, normalized (no CR, single blanks), once each',
+             repr(content)[:300] if content != ''.join(k + '\n' for k in expected) else
+             '%d lines' % len(expected))
+    rc, out = command(ctx, 'user_status')
+    c.expect(rc == 0 and out.split()[1:2] == ['L'], "%s's password is locked" % ADMIN_USER,
+             out.strip())
+    sudoers = info.get(SUDOERS_FILE) or {}
+    rule = '%s ALL=(ALL) NOPASSWD:ALL' % ADMIN_USER
+    c.expect(sudoers.get('mode') == '440' and sudoers.get('uid') == 0
+             and rule in (sudoers.get('content') or '').splitlines(),
+             '%s mode 0440, owner root, with "%s"' % (SUDOERS_FILE, rule),
+             'mode %s uid %s content %r' % (sudoers.get('mode'), sudoers.get('uid'),
+                                            sudoers.get('content')))
+    rc, out = command(ctx, 'sudoers_valid')
+    c.expect(rc == 0, 'visudo -cf accepts it', out.strip())
+    drop_in = info.get(SSHD_DROP_IN) or {}
+    rc, out = command(ctx, 'sshd_config')
+    c.expect(bool(re.search(r'(?m)^\s*PasswordAuthentication\s+no\s*$',
+                            drop_in.get('content') or ''))
+             and 'passwordauthentication no' in out.splitlines(),
+             '%s says PasswordAuthentication no, and sshd -T reads it' % SSHD_DROP_IN,
+             'drop-in %r; sshd -T: %s' % (drop_in.get('content'), ', '.join(
+                 l for l in out.splitlines() if l.startswith('passwordauth')) or out[-200:]))
+    rc, out = command(ctx, 'ssh_login')
+    c.expect(rc == 0 and 'user=%s home=/home/%s' % (ADMIN_USER, ADMIN_USER) in out
+             and 'sudo=0' in out,
+             'ssh %s@127.0.0.1 with the served key logs in, and sudo -n works' % ADMIN_USER,
+             ' | '.join(out.strip().splitlines()) or 'exit %s' % rc)
+    rc, out = command(ctx, 'ssh_methods')
+    methods = re.search(r'Permission denied \(([^)]*)\)', out)
+    written = [e['monotonic'] for e in ctx.journal_this_boot()
+               if 'PasswordAuthentication no' in (e.get('message') or '')]
+    started = command(ctx, 'ssh_service')[1].strip().partition('=')[2]
+    c.expect(bool(methods) and 'password' not in methods.group(1).split(','),
+             'the running sshd offers no password login',
+             '%s; ssh.service active at %.3f s, drop-in written at %s s (monotonic)'
+             % (methods.group(0) if methods else out.strip()[-200:],
+                int(started or 0) / 1e6, '%.3f' % (written[0] / 1e6) if written else '-'))
+    reloaded = re.search(r'Permission denied \(([^)]*)\)',
+                         command(ctx, 'ssh_zz_methods_after_reload')[1])
+    say('    info: after `systemctl reload ssh.service` the running sshd says: %s'
+        % (reloaded.group(0) if reloaded else
+           command(ctx, 'ssh_zz_methods_after_reload')[1].strip()[-200:]))
+    check_console(ctx, c, [(r'user: %s ready' % ADMIN_USER, 'the user line')])
 
 
 def check_second(ctx, c):
@@ -894,6 +1330,11 @@ def check_second(ctx, c):
     c.expect(ctx.is_enabled() == 'disabled', 'the unit is still disabled', ctx.is_enabled())
     c.expect(ctx.facts.get('hostname') == COMPUTER_NAME,
              'the hostname survived the reboot', repr(ctx.facts.get('hostname')))
+    names = [m['hostname'] for m in dhcp_messages(ctx.vm.packets)
+             if m['from_guest'] and m['type'] in ('DISCOVER', 'REQUEST')]
+    c.expect(bool(names) and set(names) == set([COMPUTER_NAME]),
+             'from the start of this boot DHCP option 12 carries %s' % COMPUTER_NAME,
+             'option 12: %s' % names)
 
 
 def readable(text):
@@ -934,7 +1375,8 @@ def check_slow(ctx, c):
     check_ready(ctx, c)
     up = ctx.emulator['wireserver_up_after']
     wire = [r for r in ctx.unit_requests if r['server'] == 'wireserver']
-    syns = tcp_syns_from_guest(ctx.vm.packets, WIRESERVER_IP, 80)
+    offset = capture_offset(ctx)
+    syns = [t + offset for t in tcp_syns_from_guest(ctx.vm.packets, WIRESERVER_IP, 80)]
     early = [t for t in syns if t < ctx.emulator_started + up - 0.5]
     c.expect(bool(early) and all(r['time'] >= ctx.emulator_started + up for r in wire),
              'the guest hit the WireServer while it was down',
@@ -962,9 +1404,22 @@ def check_no_dbus(ctx, c):
     check_unit_succeeded_and_disabled(ctx, c)
     check_console(ctx, c, [(r'hostname\b.*\b%s\b' % re.escape(COMPUTER_NAME),
                             'the hostname line')])
+    # networkctl needs the bus: publishing may fail here, but only as a warning
+    sent = [l for l in ctx.step_lines() if 'sent to DHCP by' in l]
+    asks = [m for m in dhcp_messages(ctx.vm.packets)
+            if m['from_guest'] and m['type'] in ('DISCOVER', 'REQUEST')]
+    if sent:
+        c.expect(bool(asks) and asks[-1]['hostname'] == COMPUTER_NAME,
+                 'published without dbus: the last name on the wire is %s' % COMPUTER_NAME,
+                 '%s; option 12: %s' % (sent[0], [m['hostname'] for m in asks]))
+    else:
+        warned = [l for l in ctx.step_lines() if re.search(r'warning: .*not published', l)]
+        c.expect(bool(warned), 'not published without dbus: a warning, and still Ready',
+                 (warned or ['no publish line: %s' % ctx.step_lines()])[0])
+        say('    info: option 12 on the wire: %s' % [m['hostname'] for m in asks])
 
 
-def slow_emulator(history):
+def slow_emulator(history, image):
     """The WireServer comes up SLOW_MARGIN s after the unit's first request was seen in
     the boots before (so it surely refuses the unit's first attempts however fast or
     slow this machine boots), or after SLOW_WIRESERVER_UP s when there were none."""
@@ -982,9 +1437,8 @@ BOOTS = [
     Boot('slow-network', check_slow, emulator=slow_emulator,
          time_limit=BOOT_TIME_LIMIT + SLOW_WIRESERVER_UP),
     Boot('no-dbus', check_no_dbus, image='no-dbus', emulator=EMULATOR),
-    # Variants for later work (issue 6), run with --only NAME:
-    Boot('networkmanager', check_first, image='networkmanager', emulator=EMULATOR,
-         optional=True),
+    Boot('networkmanager', check_networkmanager, image='networkmanager',
+         emulator=user_emulator),
 ]
 
 
@@ -1008,6 +1462,21 @@ def select_boots(only):
     return [b for b in BOOTS if b.name in wanted]
 
 
+def report_preflight(images):
+    """Issue 7: the --check runs made while building the images, as one test."""
+    say('')
+    say('== preflight: azure-provisioning --check on the built image trees')
+    c = Checks()
+    for name in sorted(images):
+        for ok, what, detail, output in images[name]['preflight']:
+            c.expect(ok, what, detail)
+            if output and (not ok or 'broken' in what
+                           or (name == 'default' and 'inside the image' in what)):
+                for line in output.rstrip().splitlines():
+                    say('      | ' + line)
+    return ('preflight', not c.failures, '%d checks, %d failed' % (c.count, len(c.failures)))
+
+
 def describe_requests(ctx):
     for r in ctx.requests[:30]:
         say('      %-10s %s %s -> %s%s' % (r['server'], r['method'], r['path'], r['status'],
@@ -1026,7 +1495,7 @@ def run_boot(boot, images, disks, history, FakeAzure, accel, workdir):
         disk = os.path.join(rundir, 'disk.ext4')
         copy_disk(images[boot.image]['disk'], disk)
     disks[boot.name] = disk
-    emulator = boot.emulator_kwargs(history)
+    emulator = boot.emulator_kwargs(history, images[boot.image])
     if emulator.get('wireserver_up_after'):
         say('  the WireServer refuses connections for the first %.1f s'
             % emulator['wireserver_up_after'])
@@ -1073,7 +1542,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.list:
         for b in BOOTS:
-            say('%-13s image %s%s%s' % (b.name, b.image,
+            say('%-15s image %s%s%s' % (b.name, b.image,
                                         ', disk of ' + b.disk_from if b.disk_from else '',
                                         ' (optional: only with --only)' if b.optional else ''))
         return 0
@@ -1087,6 +1556,7 @@ def main(argv=None):
     workdir = tempfile.mkdtemp(prefix='azp-boot-test-')
     say('boot test: %s; work directory %s' % (', '.join(b.name for b in boots), workdir))
     results = []                    # (name, passed, summary)
+    ready_times = []                # (boot name, VmRun)
     try:
         try:
             if os.geteuid() != 0:
@@ -1106,6 +1576,7 @@ def main(argv=None):
             boots = []
         else:
             say('setup done after %.1f s' % (time.monotonic() - started))
+            results.append(report_preflight(images))
         disks, history = {}, []
         for index, boot in enumerate(boots):
             say('')
@@ -1122,6 +1593,7 @@ def main(argv=None):
                 say('  FAIL %s' % exc)
                 results.append((boot.name, False, str(exc).splitlines()[0]))
                 continue
+            ready_times.append((boot.name, vm))
             summary = '%d checks, %d failed; Ready after %s; VM %.1f s' % (
                 c.count, len(c.failures),
                 '%.1f s' % vm.ready_after if vm.ready_after is not None else '-', vm.duration)
@@ -1140,8 +1612,12 @@ def main(argv=None):
     say('')
     say('boot test summary:')
     for name, passed, summary in results:
-        say('  %-13s %s  %s' % (name, 'PASS' if passed else 'FAIL', summary))
-    say('total run time %.1f s' % (time.monotonic() - started))
+        say('  %-14s %s  %s' % (name, 'PASS' if passed else 'FAIL', summary))
+    ready = [(vm_name, vm.ready_after) for vm_name, vm in ready_times]
+    say('QEMU start -> Ready accepted: %s' % ', '.join(
+        '%s %s' % (n, '%.1f s' % t if t is not None else '-') for n, t in ready))
+    say('VMs ran %.1f s in total; total run time %.1f s'
+        % (sum(vm.duration or 0 for _, vm in ready_times), time.monotonic() - started))
     passed = sum(1 for _, p, _ in results if p)
     failed = len(results) - passed
     say('%d passed, %d failed' % (passed, failed))
