@@ -48,23 +48,32 @@ class ProvisioningError(Exception):
 # --------------------------------------------------------------------------
 
 class Log(object):
-    def __init__(self, verbose=False, stream=None):
+    def __init__(self, verbose=False, stream=None, quiet=False):
         self.verbose = verbose
         self.stream = stream or sys.stderr
+        self.quiet = quiet
 
-    def info(self, message):
+    def write(self, message):
         self.stream.write('%s: %s\n' % (AGENT_NAME, message))
         self.stream.flush()
 
+    def info(self, message):
+        if self.verbose or not self.quiet:
+            self.write(message)
+
     def debug(self, message):
         if self.verbose:
-            self.info(message)
+            self.write(message)
 
     def warning(self, message):
-        self.info('warning: ' + message)
+        self.write('warning: ' + message)
 
     def error(self, message):
-        self.info('error: ' + message)
+        self.write('error: ' + message)
+
+    def quieter(self):
+        """The same log with info lines only under -v: for waits that are expected."""
+        return Log(self.verbose, self.stream, quiet=True)
 
 
 def elapsed_ms(started):
@@ -909,7 +918,8 @@ def publish_hostname(name, deadline, log, dry_run=False, out=None, root='/'):
         before = interface_address(interface, limited, log)
         for command in commands:
             run_tool(command, limited, 'publish hostname')
-        after = interface_address(interface, limited, log)
+        # networkd lets the lease go for a moment before it asks again: expected
+        after = interface_address(interface, limited, log.quieter())
     except ProvisioningError as exc:
         return 'hostname not published: %s' % exc
     log.info('hostname %s sent to DHCP by %s on %s (%s); address %s%s (%s)'
@@ -1139,6 +1149,20 @@ def disable_password_logins(log, say):
         return say('write %s: PasswordAuthentication no' % SSHD_DROP_IN)
     write_file_atomically(SSHD_DROP_IN, setting)
     log.info('user: PasswordAuthentication no (%s)' % SSHD_DROP_IN)
+    reload_sshd(log)
+
+
+def reload_sshd(log):
+    """sshd reads its configuration when it starts, and it may be running already.
+    Only the system's sshd, never from a test namespace."""
+    if not os.path.isdir('/run/systemd/system') or not in_system_uts_namespace():
+        return
+    try:
+        run_tool(['systemctl', 'try-reload-or-restart', 'ssh.service', 'sshd.service'],
+                 Deadline(30), 'user')
+    except ProvisioningError as exc:
+        log.warning('sshd not reloaded, PasswordAuthentication no applies from its next '
+                    'start: %s' % exc)
 
 
 # --------------------------------------------------------------------------

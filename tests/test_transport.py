@@ -9,11 +9,13 @@ import azure_provisioning as ap
 
 
 class QuietLog(ap.Log):
+    """Keeps the lines it would print."""
+
     def __init__(self):
         ap.Log.__init__(self, verbose=True)
         self.lines = []
 
-    def info(self, message):
+    def write(self, message):
         self.lines.append(message)
 
 
@@ -50,6 +52,27 @@ class RawServer(object):
 
     def close(self):
         self.sock.close()
+
+
+class Logging(unittest.TestCase):
+    def lines(self, verbose, quieter):
+        import io
+        stream = io.StringIO()
+        log = ap.Log(verbose, stream)
+        log = log.quieter() if quieter else log
+        log.info('i')
+        log.debug('d')
+        log.warning('w')
+        log.error('e')
+        return stream.getvalue().splitlines()
+
+    def test_levels(self):
+        p = 'azure-provisioning: '
+        self.assertEqual(self.lines(False, False), [p + 'i', p + 'warning: w', p + 'error: e'])
+        self.assertEqual(self.lines(True, False), [p + 'i', p + 'd', p + 'warning: w',
+                                                   p + 'error: e'])
+        self.assertEqual(self.lines(False, True), [p + 'warning: w', p + 'error: e'])
+        self.assertEqual(self.lines(True, True), self.lines(True, False))
 
 
 class Addresses(unittest.TestCase):
