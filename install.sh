@@ -504,8 +504,8 @@ do_install() {
     _src=$SRC_DIR/azure_provisioning.py
     [ -f "$_src" ] || die "azure_provisioning.py not found next to $PROG (looked in $SRC_DIR): run $PROG from the azure-provisioning source tree"
     [ -f "$SRC_DIR/$UNIT" ] || die "$UNIT not found next to $PROG (looked in $SRC_DIR)"
-    grep -q '^ExecStart=/usr/bin/python3 -I /usr/local/sbin/azure-provisioning$' "$SRC_DIR/$UNIT" ||
-        die "$SRC_DIR/$UNIT has no 'ExecStart=/usr/bin/python3 -I /usr/local/sbin/azure-provisioning' line to write the interpreter into"
+    grep -q '^ExecStart=/usr/bin/python3 -I -S /usr/local/sbin/azure-provisioning$' "$SRC_DIR/$UNIT" ||
+        die "$SRC_DIR/$UNIT has no 'ExecStart=/usr/bin/python3 -I -S /usr/local/sbin/azure-provisioning' line to write the interpreter into"
 
     choose_python
     check_other_agents
@@ -525,7 +525,7 @@ do_install() {
 
     install_file "$_src" "$SCRIPT_PATH" 0755
     install_file "$SRC_DIR/$UNIT" "$UNIT_PATH" 0644 unit_text
-    say "unit runs: ExecStart=$PY -I $SCRIPT_PATH$SCRIPT_ARGS"
+    say "unit runs: ExecStart=$PY -I -S $SCRIPT_PATH$SCRIPT_ARGS"
     for _doc in README.md LICENSE; do
         if [ -f "$SRC_DIR/$_doc" ]; then
             install_file "$SRC_DIR/$_doc" "$DOC_DIR/$_doc" 0644
@@ -544,7 +544,7 @@ do_install() {
 
 # The unit ($1) with the target's interpreter and systemctl written in.
 unit_text() {
-    sed -e "s|^ExecStart=/usr/bin/python3 -I \(.*\)$|ExecStart=$PY -I \1$SCRIPT_ARGS|" \
+    sed -e "s|^ExecStart=/usr/bin/python3 \(.*\)$|ExecStart=$PY \1$SCRIPT_ARGS|" \
         -e "s|^ExecStartPost=/bin/systemctl |ExecStartPost=$SYSTEMCTL_PATH |" "$1"
 }
 

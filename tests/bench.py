@@ -6,7 +6,8 @@
 Everything runs against tests/fake_azure.py (in this process, on 127.0.0.1); nothing
 leaves the machine.  Each round starts these fresh processes, in rotating order:
 
-  (a) python3 -I azure_provisioning.py --wireserver W --imds I   (our full run)
+  (a) python3 -I -S azure_provisioning.py --wireserver W --imds I (our full run, with the
+      interpreter flags of the unit's ExecStart=, read from azure-provisioning.service)
   (b) python3 -I tests/seed_sample.py W                          (the article's sample)
   (c) python3 -I -c pass                                         (the interpreter alone)
 
@@ -42,6 +43,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 SCRIPT = os.path.join(REPO, 'azure_provisioning.py')
 SEED = os.path.join(HERE, 'seed_sample.py')
+
+
+def unit_flags():
+    """The interpreter flags of the unit's ExecStart= (['-I', '-S']): (a) runs the
+    script the way the unit does."""
+    with open(os.path.join(REPO, 'azure-provisioning.service')) as f:
+        for line in f:
+            if line.startswith('ExecStart='):
+                words = line.split('=', 1)[1].split()
+                return [word for word in words[1:] if word.startswith('-')]
+    raise SystemExit('bench: no ExecStart= in azure-provisioning.service')
+
+
+UNIT_FLAGS = unit_flags()
 
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
@@ -87,6 +102,7 @@ class Result(object):
 # perf_counter and reaps the child with wait4.  Outputs go to files, never pipes.
 LAUNCHER = r"""
 import os, signal, sys, time
+
 def serve():
     devnull = os.open(os.devnull, os.O_RDONLY)
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
@@ -334,8 +350,8 @@ def accepted_ready_count(az):
 
 
 def timed_rounds(args, az, ns, computer_name):
-    ours = [args.python, '-I', SCRIPT, '--wireserver', az.wireserver_addr,
-            '--imds', az.imds_addr]
+    ours = [args.python] + UNIT_FLAGS + [SCRIPT, '--wireserver', az.wireserver_addr,
+                                         '--imds', az.imds_addr]
     if not isinstance(ns, Namespace):
         ours.append('--no-hostname')
     commands = [
@@ -382,7 +398,7 @@ def ready_latency(args, ns, computer_name):
         ns.reset()
         with FakeAzure(computer_name=computer_name, incarnation=1,
                       wireserver_up_after=args.up_after) as az:
-            ours = [args.python, '-I', SCRIPT, '--wireserver', az.wireserver_addr,
+            ours = [args.python] + UNIT_FLAGS + [SCRIPT, '--wireserver', az.wireserver_addr,
                     '--imds', az.imds_addr]
             if not isinstance(ns, Namespace):
                 ours.append('--no-hostname')

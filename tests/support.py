@@ -46,10 +46,10 @@ def run_command(command, env=None, timeout=PROCESS_TIMEOUT):
 
 
 def run_provisioner(az, *args, **kwargs):
-    """Run the script as `python3 -I` (as the unit does) against the emulator `az`."""
+    """Run the script as `python3 -I -S` (as the unit does) against the emulator `az`."""
     env = dict(os.environ)
     env.update(kwargs.pop('env', {}))
-    command = [sys.executable, '-I', SCRIPT]
+    command = [sys.executable, '-I', '-S', SCRIPT]
     if az is not None:
         # outside PrivateHost a run must not rename this machine
         if '--no-hostname' not in args and '--dry-run' not in args:

@@ -64,7 +64,7 @@ class Check(unittest.TestCase):
         self.assertEqual(run.stdout, (
             'ok    unit installed: /etc/systemd/system/azure-provisioning.service\n'
             'ok    unit enabled\n'
-            'ok    ExecStart: /usr/bin/python3 -I /usr/local/sbin/azure-provisioning\n'
+            'ok    ExecStart: /usr/bin/python3 -I -S /usr/local/sbin/azure-provisioning\n'
             'ok    /usr/bin/python3 is Python 3.11 with json, xml.parsers.expat, base64, '
             'shutil\n'
             'ok    walinuxagent not installed\n'

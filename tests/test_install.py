@@ -233,7 +233,7 @@ class InstallTestCase(unittest.TestCase):
 
     def expected_unit(self, python='/usr/bin/python3', systemctl='/bin/systemctl'):
         text = read(os.path.join(self.src, UNIT_NAME))
-        text = text.replace('\nExecStart=/usr/bin/python3 -I ', '\nExecStart=%s -I ' % python)
+        text = text.replace('\nExecStart=/usr/bin/python3 -I -S ', '\nExecStart=%s -I -S ' % python)
         return text.replace('\nExecStartPost=/bin/systemctl ', '\nExecStartPost=%s ' % systemctl)
 
     def assertInstalled(self, root, python='/usr/bin/python3', systemctl='/bin/systemctl'):
@@ -246,7 +246,7 @@ class InstallTestCase(unittest.TestCase):
         self.assertTrue(stat.S_ISREG(os.lstat(unit).st_mode))
         text = read(unit)
         self.assertEqual(text, self.expected_unit(python, systemctl))
-        self.assertIn('\nExecStart=%s -I %s\n' % (python, SCRIPT_PATH), text)
+        self.assertIn('\nExecStart=%s -I -S %s\n' % (python, SCRIPT_PATH), text)
         self.assertIn('\nExecStartPost=%s --no-reload disable %s\n' % (systemctl, UNIT_NAME),
                       text)
         link = root + WANTS_LINK
@@ -327,7 +327,7 @@ class TestInstallIntoRoot(InstallTestCase):
         for phrase in ('target: the image tree at %s' % root,
                        'installed %s (in %s) (mode 0755)' % (SCRIPT_PATH, root),
                        'installed %s (in %s) (mode 0644)' % (UNIT_PATH, root),
-                       'ExecStart=/usr/bin/python3 -I %s' % SCRIPT_PATH,
+                       'ExecStart=/usr/bin/python3 -I -S %s' % SCRIPT_PATH,
                        'enabled %s: %s -> %s' % (UNIT_NAME, WANTS_LINK, UNIT_PATH),
                        'Python 3.11', 'http/client.py present', 'checked the files'):
             self.assertIn(phrase, out)
@@ -500,9 +500,10 @@ class TestInstallIntoRoot(InstallTestCase):
         r = self.install('--root', root, '--provision-user')
         self.assertOK(r)
         unit = read(root + UNIT_PATH)
-        self.assertIn('\nExecStart=/usr/bin/python3 -I %s --provision-user\n' % SCRIPT_PATH, unit)
+        self.assertIn('\nExecStart=/usr/bin/python3 -I -S %s --provision-user\n' % SCRIPT_PATH,
+                      unit)
         self.assertEqual(unit.count('--provision-user'), 1)
-        self.assertIn('unit runs: ExecStart=/usr/bin/python3 -I %s --provision-user'
+        self.assertIn('unit runs: ExecStart=/usr/bin/python3 -I -S %s --provision-user'
                       % SCRIPT_PATH, r.stdout)
         r = self.install('--root', root)      # an upgrade without it takes it out again
         self.assertOK(r)

@@ -113,7 +113,7 @@ class TestUnitKeys(unittest.TestCase):
         s = self.unit
         self.assertEqual(single(self, s, 'Service', 'Type'), 'oneshot')
         self.assertEqual(single(self, s, 'Service', 'ExecStart'),
-                         '/usr/bin/python3 -I /usr/local/sbin/azure-provisioning')
+                         '/usr/bin/python3 -I -S /usr/local/sbin/azure-provisioning')
         post = single(self, s, 'Service', 'ExecStartPost').split()
         self.assertTrue(post[0].startswith('/') and post[0].endswith('/systemctl'),
                         'ExecStartPost must run systemctl by absolute path: %r' % post)
