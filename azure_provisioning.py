@@ -1291,17 +1291,7 @@ def provision(options, log, out=None):
             facts['AZURE_VM_ID'] or '?', desired_hostname(metadata) or '-', elapsed_ms(t)))
         step = 'hostname'
         if options.set_hostname:
-            changed = apply_hostname(metadata, options, deadline, log, out)
-            if changed and options.publish_hostname and not in_system_uts_namespace():
-                # a name set in a private namespace is not the one DHCP should send
-                log.info('hostname: not published to DHCP (not the system\'s UTS namespace)')
-            elif changed and options.publish_hostname:
-                warning = publish_hostname(socket.gethostname() if not options.dry_run
-                                           else desired_hostname(metadata),
-                                           deadline, log, options.dry_run, out)
-                if warning:
-                    log.warning(warning)
-                    warnings.append(warning)
+            hostname_step(metadata, options, deadline, log, out, warnings)
         else:
             log.info('hostname: left alone (--no-hostname)')
         facts['AZURE_HOSTNAME'] = socket.gethostname()
@@ -1325,32 +1315,37 @@ def provision(options, log, out=None):
         return report_failure('%s: %s' % (step, describe_error(exc)), facts, step,
                               options, deadline, log, out)
 
-    whole = deadline.without_reserve()
-    if options.dry_run:
-        goal_state = fetch_goal_state(options.wireserver, whole, log)
-        out.write('would POST to http://%s:%d/machine?comp=health:\n%s'
-                  % (options.wireserver + (build_health_report(goal_state),)))
-        report_to_kvp(report_description('success', facts, warnings=warnings), log, True, out,
-                      options.kvp_pool)
-        log.info('dry run: nothing changed, nothing posted (%s)' % elapsed_ms(started))
-        return 0
     t = time.monotonic()
     try:
-        goal_state = report_health(options.wireserver, whole, log, 'Ready')
+        goal_state = send_health(options, deadline.without_reserve(), log, out, 'Ready')
     except ProvisioningError as exc:
         reason = 'could not report Ready: %s' % exc
         log.error(reason)
         report_to_kvp(report_description('error', facts, 'ready', reason), log,
-                      pool=options.kvp_pool)
+                      options.dry_run, out, options.kvp_pool)
         return 1
-    log.info('Ready accepted for incarnation %s (%s; %s since start)'
-             % (goal_state.incarnation, elapsed_ms(t), elapsed_ms(started)))
     report_to_kvp(report_description('success', facts, warnings=warnings), log,
-                  pool=options.kvp_pool)
+                  options.dry_run, out, options.kvp_pool)
+    if options.dry_run:
+        log.info('dry run: nothing changed, nothing posted (%s)' % elapsed_ms(started))
+    else:
+        log.info('Ready accepted for incarnation %s (%s; %s since start)'
+                 % (goal_state.incarnation, elapsed_ms(t), elapsed_ms(started)))
     return 0
 
 
-def apply_hostname(metadata, options, deadline, log, out):
+def send_health(options, deadline, log, out, state, substatus=None, description=None):
+    """report_health(), or with --dry-run print the report it would post."""
+    if not options.dry_run:
+        return report_health(options.wireserver, deadline, log, state, substatus, description)
+    goal_state = fetch_goal_state(options.wireserver, deadline, log)
+    out.write('would POST to http://%s:%d/machine?comp=health:\n' % options.wireserver
+              + build_health_report(goal_state, state, substatus, description))
+    return goal_state
+
+
+def hostname_step(metadata, options, deadline, log, out, warnings):
+    """Set the name IMDS gives (when it differs), then announce it to DHCP."""
     t = time.monotonic()
     name = validate_hostname(desired_hostname(metadata))
     current = socket.gethostname()
@@ -1359,12 +1354,21 @@ def apply_hostname(metadata, options, deadline, log, out):
         return
     if options.dry_run:
         out.write('would set hostname: %s (now %s)\n' % (name, current))
-        return True
-    method = set_hostname(name, deadline, log, options.etc)
-    hosts = update_etc_hosts(current, name, options.etc)
-    log.info('hostname set to %s via %s%s (%s)'
-             % (name, method, ', /etc/hosts updated' if hosts else '', elapsed_ms(t)))
-    return True
+    else:
+        method = set_hostname(name, deadline, log, options.etc)
+        hosts = update_etc_hosts(current, name, options.etc)
+        log.info('hostname set to %s via %s%s (%s)'
+                 % (name, method, ', /etc/hosts updated' if hosts else '', elapsed_ms(t)))
+    if not options.publish_hostname:
+        return
+    if not in_system_uts_namespace():
+        # a name set in a private namespace is not the one DHCP should send
+        log.info('hostname: not published to DHCP (not the system\'s UTS namespace)')
+        return
+    warning = publish_hostname(name, deadline, log, options.dry_run, out)
+    if warning:
+        log.warning(warning)
+        warnings.append(warning)
 
 
 def report_failure(reason, facts, step, options, deadline, log, out):
@@ -1373,21 +1377,15 @@ def report_failure(reason, facts, step, options, deadline, log, out):
     # KVP first: it needs no network, so the host learns the reason even when the
     # WireServer is what failed
     report_to_kvp(description, log, options.dry_run, out, options.kvp_pool)
-    whole = deadline.without_reserve()
-    if options.dry_run:
-        goal_state = fetch_goal_state(options.wireserver, whole, log)
-        out.write('would POST to http://%s:%d/machine?comp=health:\n%s'
-                  % (options.wireserver + (build_health_report(
-                      goal_state, 'NotReady', 'ProvisioningFailed', description),)))
-        return 1
     try:
-        goal_state = report_health(options.wireserver, whole, log,
-                                   'NotReady', 'ProvisioningFailed', description)
+        goal_state = send_health(options, deadline.without_reserve(), log, out,
+                                 'NotReady', 'ProvisioningFailed', description)
     except ProvisioningError as exc:
         log.error('could not report the failure to Azure: %s' % exc)
         return 1
-    log.info('reported ProvisioningFailed for incarnation %s; the unit stays enabled'
-             % goal_state.incarnation)
+    if not options.dry_run:
+        log.info('reported ProvisioningFailed for incarnation %s; the unit stays enabled'
+                 % goal_state.incarnation)
     return 1
 
 
@@ -1532,6 +1530,8 @@ def dhcp_configurations(c):
         seen.add(os.path.realpath(c.path(directory)))
         for name in sorted(glob_names(c.path(directory), r'.*\.network$')):
             text = read_text(c.path(directory, name)) or ''
+            if ini_values(text, ('Match',), 'Virtualization') == ['container']:
+                continue    # systemd's 80-container-*.network: never in a VM
             if re.search(r'^\s*DHCP\s*=\s*(yes|true|ipv4|both|1)\s*$', text, re.M | re.I):
                 found.append(('systemd-networkd%s' % ('' if networkd else ' (NOT enabled)'),
                               '/%s/%s' % (directory, name)))

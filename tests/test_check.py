@@ -134,6 +134,14 @@ class Check(unittest.TestCase):
         os.unlink(os.path.join(root, 'etc/systemd/network/20-dhcp.network'))
         self.assert_blocked(root, 'FAIL  no DHCP configuration found: the VM gets no address')
 
+    def test_container_only_network_files_do_not_count(self):
+        root = self.copy()
+        os.unlink(os.path.join(root, 'etc/systemd/network/20-dhcp.network'))
+        write(os.path.join(root, 'usr/lib/systemd/network/80-container-host0.network'),
+              '[Match]\nVirtualization=container\nName=host0\n\n[Network]\nDHCP=yes\n')
+        run = self.assert_blocked(root, 'FAIL  no DHCP configuration found')
+        self.assertNotIn('80-container-host0', run.stdout)
+
     def test_networkd_file_but_networkd_disabled(self):
         root = self.copy()
         os.unlink(os.path.join(root, WANTS % ('multi-user', 'systemd-networkd.service')))
