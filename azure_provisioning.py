@@ -119,6 +119,10 @@ class TryAgain(Exception):
         self.retry_after = retry_after
 
 
+class Malformed(TryAgain):
+    """An answer that cannot be read: retried, but only MALFORMED_ANSWERS_ALLOWED times."""
+
+
 class Response(object):
     def __init__(self, status, reason, headers, body):
         self.status = status
@@ -143,13 +147,16 @@ def with_retries(what, attempt, deadline, log):
     and jitter until the deadline, any other exception goes to the caller."""
     started = time.monotonic()
     said = {}       # problem -> when it was last logged: a flapping error is said once
-    tries = 0
+    tries = malformed = 0
     while True:
         tries += 1
         try:
             return attempt()
         except TryAgain as again:
             problem = str(again)
+            malformed += isinstance(again, Malformed)
+            if malformed >= MALFORMED_ANSWERS_ALLOWED:
+                raise ProvisioningError('%s: %s (%d times)' % (what, problem, malformed))
             delay = backoff_delay(tries, again.retry_after)
             if delay >= deadline.remaining():
                 raise ProvisioningError(
@@ -250,14 +257,16 @@ def read_response(connection, deadline):
         headers[name.strip().lower()] = value.strip()
     length = headers.get('content-length')
     chunked = 'chunked' in headers.get('transfer-encoding', '').lower()
-    if length is not None and not length.isdigit():
-        raise ValueError('bad Content-Length %r' % length)
-    if length is not None and int(length) > MAX_RESPONSE_BYTES:
-        raise ResponseTooLarge('response larger than %d bytes' % MAX_RESPONSE_BYTES)
+    if length is not None:
+        if not length.isdigit():
+            raise ValueError('bad Content-Length %r' % length)
+        length = int(length)
+        if length > MAX_RESPONSE_BYTES:
+            raise ResponseTooLarge('response larger than %d bytes' % MAX_RESPONSE_BYTES)
     data = rest
     while True:
-        if length is not None and not chunked and len(data) >= int(length):
-            data = data[:int(length)]
+        if length is not None and not chunked and len(data) >= length:
+            data = data[:length]
             break
         if chunked and (data.startswith(b'0\r\n') or b'\r\n0\r\n' in data) \
                 and data.endswith(b'\r\n\r\n'):
@@ -300,6 +309,33 @@ def describe_error(exc):
             return '%s: %s' % (exc.filename, exc.strerror)
         return exc.strerror
     return str(exc) or exc.__class__.__name__
+
+
+def run_tool(argv, deadline, what):
+    """Run a command (never through a shell) within the deadline; its stdout, or
+    ProvisioningError naming the command and its last words."""
+    import subprocess
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True,
+                              timeout=max(1.0, min(60.0, deadline.remaining())))
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ProvisioningError('%s: %s: %s' % (what, argv[0], describe_error(exc)))
+    if done.returncode != 0:
+        raise ProvisioningError('%s: %s failed: %s' % (
+            what, argv[0], one_line(done.stderr, 200) or 'exit status %d' % done.returncode))
+    return done.stdout
+
+
+def find_tool(name):
+    """A command's path: PATH first, then the sbin directories PATH may lack."""
+    directories = os.environ.get('PATH', '').split(os.pathsep) + ['/usr/sbin', '/sbin',
+                                                                   '/usr/bin', '/bin']
+    for directory in directories:
+        path = os.path.join(directory, name)
+        if directory and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
 
 
 # --------------------------------------------------------------------------
@@ -379,8 +415,6 @@ def parse_goal_state(text):
 
 
 def fetch_goal_state(wireserver, deadline, log):
-    malformed = [0]
-
     def attempt():
         response = http_exchange(wireserver, 'GET', '/machine/?comp=goalstate',
                                  WIRESERVER_HEADERS, deadline, log)
@@ -390,10 +424,7 @@ def fetch_goal_state(wireserver, deadline, log):
         try:
             goal_state = parse_goal_state(response.text())
         except ValueError as exc:
-            malformed[0] += 1
-            if malformed[0] >= MALFORMED_ANSWERS_ALLOWED:
-                raise ProvisioningError('goal state: %s (%d times)' % (exc, malformed[0]))
-            raise TryAgain('malformed goal state: %s' % exc)
+            raise Malformed(str(exc))
         if goal_state is None:
             raise TryAgain('goal state has no role instance yet')
         return goal_state
@@ -539,10 +570,7 @@ def report_description(result, facts, step=None, reason=None, warnings=()):
     if result == 'error':
         tail.append('documentation_url=' + DOCUMENTATION_URL)
     tail = '|'.join(tail)
-    reason = clean(reason or '')
-    room = MAX_DESCRIPTION - len(head) - len(tail)
-    if len(reason) > room:
-        reason = reason[:max(0, room - 3)] + '...'
+    reason = one_line(clean(reason or ''), max(3, MAX_DESCRIPTION - len(head) - len(tail)))
     return (head + reason + tail)[:MAX_DESCRIPTION]
 
 
@@ -559,7 +587,6 @@ IMDS_RETRY_STATUSES = (404, 410)          # IMDS warming up; 5xx and 429 retry a
 def fetch_instance_metadata(imds, deadline, log):
     """GET the instance document; dict with at least a 'compute' object."""
     versions = [IMDS_API_VERSION, IMDS_FALLBACK_API_VERSION]
-    malformed = [0]
 
     def attempt():
         path = '/metadata/instance?api-version=' + versions[0]
@@ -578,10 +605,7 @@ def fetch_instance_metadata(imds, deadline, log):
             if not isinstance(document.get('compute'), dict):
                 raise ValueError('no "compute" object')
         except (ValueError, AttributeError) as exc:
-            malformed[0] += 1
-            if malformed[0] >= MALFORMED_ANSWERS_ALLOWED:
-                raise ProvisioningError('IMDS: instance document is not valid (%s)' % exc)
-            raise TryAgain('invalid instance document (%s)' % exc)
+            raise Malformed('instance document is not valid (%s)' % exc)
         return document
 
     return with_retries('IMDS', attempt, deadline, log)
@@ -632,32 +656,27 @@ def in_system_uts_namespace():
         return False
 
 
+def system_systemd():
+    """systemd runs and we share its UTS namespace: asking it (hostnamectl, systemctl)
+    acts on this system, never on the host of a test namespace."""
+    return os.path.isdir('/run/systemd/system') and in_system_uts_namespace()
+
+
 def hostnamectl_usable():
-    """hostnamectl asks systemd-hostnamed, which lives in PID 1's UTS namespace:
-    use it only when systemd runs and we share that namespace (never from a test
-    namespace, where it would rename the host)."""
-    if not os.path.isdir('/run/systemd/system'):
-        return False
-    if not any(os.access(os.path.join(d, 'hostnamectl'), os.X_OK)
-               for d in ('/usr/bin', '/bin')):
-        return False
-    return in_system_uts_namespace()
+    """hostnamectl asks systemd-hostnamed, which lives in PID 1's UTS namespace."""
+    return system_systemd() and find_tool('hostnamectl') is not None
 
 
 def set_hostname(name, deadline, log, etc='/etc'):
     """Set the live and persistent hostname; returns how it was done."""
     if hostnamectl_usable():
-        import subprocess
         try:
-            done = subprocess.run(['hostnamectl', 'set-hostname', name],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  universal_newlines=True,
-                                  timeout=max(1.0, min(60.0, deadline.remaining())))
-            if done.returncode == 0 and socket.gethostname() == name:
+            run_tool(['hostnamectl', 'set-hostname', name], deadline, 'hostname')
+            if socket.gethostname() == name:
                 return 'hostnamectl'
-            why = one_line(done.stderr, 200) or 'exit status %d' % done.returncode
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            why = describe_error(exc)
+            why = 'the hostname is still %s' % socket.gethostname()
+        except ProvisioningError as exc:
+            why = str(exc)
         log.info('hostname: hostnamectl failed (%s); using sethostname' % why)
     try:
         socket.sethostname(name)
@@ -691,11 +710,10 @@ def update_etc_hosts(old, new, etc='/etc'):
     path = os.path.join(etc, 'hosts')
     if not old or old == 'localhost':
         return False
-    try:
-        with open(path, 'rb') as f:
-            text = f.read().decode('utf-8', 'surrogateescape')
-    except FileNotFoundError:
+    data = read_bytes(path)
+    if data is None:
         return False
+    text = data.decode('utf-8', 'surrogateescape')
     changed = rename_in_hosts(text, old, new)
     if changed == text:
         return False
@@ -773,6 +791,10 @@ def glob_names(directory, pattern):
 PUBLISH_TIMEOUT = 30.0      # seconds for the DHCP client to get its lease back
 
 
+def interface_index(interface, root='/'):
+    return (read_text(os.path.join(root, 'sys/class/net', interface, 'ifindex')) or '').strip()
+
+
 def primary_interface(root='/'):
     """The interface of the IPv4 default route with the lowest metric; without a
     default route, the one networkd holds a DHCP lease for, else the first routed
@@ -793,8 +815,7 @@ def primary_interface(root='/'):
     leases = os.path.join(root, 'run/systemd/netif/leases')
     for index in sorted(glob_names(leases, r'^\d+$')):
         for name in glob_names(os.path.join(root, 'sys/class/net'), r'.'):
-            if (read_text(os.path.join(root, 'sys/class/net', name, 'ifindex')) or '').strip() \
-                    == index:
+            if interface_index(name, root) == index:
                 return name
     routed = [name for name, _, flags, _ in routes if name != 'lo' and flags & 1]
     return routed[0] if routed else None
@@ -817,12 +838,8 @@ def ini_values(text, sections, key):
 def networkd_plan(interface, name, root='/'):
     """networkd keeps the name it had when it configured the link (systemd #23244):
     `renew` re-sends the old one, `reconfigure` starts the DHCP client again."""
-    try:
-        with open(os.path.join(root, 'sys/class/net', interface, 'ifindex')) as f:
-            index = f.read().strip()
-    except OSError:
-        return None
-    state = read_text(os.path.join(root, 'run/systemd/netif/links', index))
+    index = interface_index(interface, root)
+    state = index and read_text(os.path.join(root, 'run/systemd/netif/links', index))
     if not state or 'NETWORK_FILE=' not in state:
         return None
     fields = dict(line.partition('=')[::2] for line in state.splitlines() if '=' in line)
@@ -992,38 +1009,13 @@ def user_from_metadata(metadata):
 def authorized_keys_path(home, imds_paths, log):
     """The path IMDS gives when it lies inside the home, else ~/.ssh/authorized_keys."""
     default = os.path.join(home, '.ssh', 'authorized_keys')
-    for path in set(p for p in imds_paths if p):
+    for path in sorted(set(p for p in imds_paths if p), key=imds_paths.index):
         normal = os.path.normpath(path)
         if (os.path.isabs(path) and normal.startswith(home.rstrip('/') + '/')
                 and '..' not in path.split('/')):
             return normal
         log.info('user: key path %r is outside %s; using %s' % (one_line(path, 80), home, default))
     return default
-
-
-def run_tool(argv, deadline, what):
-    import subprocess
-    try:
-        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              universal_newlines=True,
-                              timeout=max(1.0, min(60.0, deadline.remaining())))
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ProvisioningError('%s: %s: %s' % (what, argv[0], describe_error(exc)))
-    if done.returncode != 0:
-        raise ProvisioningError('%s: %s failed: %s' % (
-            what, argv[0], one_line(done.stderr, 200) or 'exit status %d' % done.returncode))
-    return done.stdout
-
-
-def find_tool(name):
-    """A command's path: PATH first, then the sbin directories PATH may lack."""
-    directories = os.environ.get('PATH', '').split(os.pathsep) + ['/usr/sbin', '/sbin',
-                                                                   '/usr/bin', '/bin']
-    for directory in directories:
-        path = os.path.join(directory, name)
-        if directory and os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    return None
 
 
 def provision_user(metadata, deadline, log, dry_run, out):
@@ -1155,7 +1147,7 @@ def disable_password_logins(log, say):
 def reload_sshd(log):
     """sshd reads its configuration when it starts, and it may be running already.
     Only the system's sshd, never from a test namespace."""
-    if not os.path.isdir('/run/systemd/system') or not in_system_uts_namespace():
+    if not system_systemd():
         return
     try:
         run_tool(['systemctl', 'try-reload-or-restart', 'ssh.service', 'sshd.service'],
@@ -1410,6 +1402,7 @@ class Check(object):
     def __init__(self, root):
         self.root = root
         self.results = []
+        self._enabled = None
         self.root_flag = '' if root == '/' else ' --root %s' % root
         self.systemctl = 'systemctl' + ('' if root == '/' else ' --root=%s' % root)
 
@@ -1423,14 +1416,14 @@ class Check(object):
         self.results.append((status, text, fix))
 
     def enabled_units(self):
-        """Unit names with a symlink in some *.wants directory of the image."""
-        names = set()
-        for directory in UNIT_DIRS[:1]:
-            base = self.path(directory)
-            for wants in (os.listdir(base) if os.path.isdir(base) else []):
-                if wants.endswith(('.wants', '.requires')):
-                    names.update(os.listdir(os.path.join(base, wants)))
-        return names
+        """Unit names with a symlink in some *.wants directory of /etc/systemd/system
+        (read once: every check asks)."""
+        if self._enabled is None:
+            self._enabled = set()
+            base = self.path('etc/systemd/system')
+            for wants in glob_names(base, r'.*\.(wants|requires)$'):
+                self._enabled.update(glob_names(os.path.join(base, wants), r'.'))
+        return self._enabled
 
     def resolve(self, path):
         """`path` inside the image, following symlinks inside the image."""
@@ -1532,7 +1525,8 @@ def dhcp_configurations(c):
             text = read_text(c.path(directory, name)) or ''
             if ini_values(text, ('Match',), 'Virtualization') == ['container']:
                 continue    # systemd's 80-container-*.network: never in a VM
-            if re.search(r'^\s*DHCP\s*=\s*(yes|true|ipv4|both|1)\s*$', text, re.M | re.I):
+            dhcp = ini_values(text, ('Network',), 'DHCP')
+            if dhcp and dhcp[-1].lower() in ('yes', 'true', 'ipv4', 'both', '1'):
                 found.append(('systemd-networkd%s' % ('' if networkd else ' (NOT enabled)'),
                               '/%s/%s' % (directory, name)))
     if 'NetworkManager.service' in enabled:

@@ -67,6 +67,9 @@ class Validation(unittest.TestCase):
                                ('relative/keys', default), ('', default)]:
             with self.subTest(path=path):
                 self.assertEqual(ap.authorized_keys_path('/home/alice', [path], log), expected)
+        inside = ['/home/alice/.ssh/z_keys', '/home/alice/.ssh/a_keys']
+        for _ in range(5):      # IMDS's order, whatever the hash seed
+            self.assertEqual(ap.authorized_keys_path('/home/alice', inside, log), inside[0])
 
 
 SSHD_CONFIG = 'Include /etc/ssh/sshd_config.d/*.conf\n\nKbdInteractiveAuthentication no\n'
