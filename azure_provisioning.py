@@ -19,12 +19,17 @@ Exit codes: 0 provisioned, 1 provisioning failed, 2 usage error.
 Standard library only; Python 3.6 or newer.
 """
 
-import json
+import itertools
 import os
-import re
-import socket
 import sys
 import time
+
+# Start-up is boot time on every VM made from the image, so the path to Ready imports
+# C modules only: socket.py would add enum and selectors (4 ms) and json the regex
+# engine (3 ms), for nothing this script uses.  _socket is the object socket.socket
+# wraps; parse_json runs json's own C scanner.  Other steps import what they need
+# where they need it (tests/bench.py measures the difference).
+import _socket
 
 __all__ = ['ProvisioningError', 'main', 'provision']
 
@@ -37,6 +42,10 @@ DEFAULT_TIMEOUT = 1200          # seconds, like waagent's and cloud-init's waits
 DOCUMENTATION_URL = 'https://aka.ms/linuxprovisioningerror'
 MAX_DESCRIPTION = 512           # cloud-init's cut; the WireServer 500s on long ones
 HOST_NAME_MAX = 64              # Linux; hostnamectl refuses longer names
+
+DIGITS = '0123456789'
+LOWER = 'abcdefghijklmnopqrstuvwxyz'
+LETTERS_DIGITS = LOWER + LOWER.upper() + DIGITS
 
 
 class ProvisioningError(Exception):
@@ -78,6 +87,12 @@ class Log(object):
 
 def elapsed_ms(started):
     return '%d ms' % round((time.monotonic() - started) * 1000)
+
+
+def made_of(text, allowed):
+    """True when text is not empty and every character of it is in allowed
+    (the character-class checks, without the regex engine)."""
+    return bool(text) and all(c in allowed for c in text)
 
 
 # --------------------------------------------------------------------------
@@ -174,11 +189,18 @@ def with_retries(what, attempt, deadline, log):
 
 def parse_address(text, default_port=80):
     """'IP' or 'IP:PORT' (or '[IPv6]:PORT') -> (host, port)."""
-    match = re.match(r'^(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]+))(?::(\d{1,5}))?$', text.strip())
-    if not match:
+    if text.strip().startswith('['):
+        host, bracket, rest = text.strip()[1:].partition(']')
+        valid = bool(bracket) and made_of(host, DIGITS + 'abcdefABCDEF:.')
+    else:
+        host, colon, port = text.strip().partition(':')
+        rest = colon + port
+        valid = bool(host) and '[' not in host and ']' not in host
+    if rest:
+        valid = valid and rest[0] == ':' and made_of(rest[1:], DIGITS) and len(rest) <= 6
+    if not valid:
         raise ValueError('expected IP or IP:PORT, got %r' % text)
-    host = match.group(1) or match.group(2)
-    port = int(match.group(3)) if match.group(3) else default_port
+    port = int(rest[1:]) if rest else default_port
     if not 0 < port < 65536:
         raise ValueError('port out of range in %r' % text)
     return host, port
@@ -202,7 +224,8 @@ def http_exchange(target, method, path, headers, deadline, log,
     request = ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1') + (body or b'')
     try:
         # a plain connect: create_connection's getaddrinfo imports the idna codec
-        connection = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
+        connection = _socket.socket(_socket.AF_INET6 if ':' in host else _socket.AF_INET,
+                                    _socket.SOCK_STREAM)
         try:
             connection.settimeout(timeout)
             connection.connect((host, port))
@@ -246,8 +269,10 @@ def read_response(connection, deadline):
         data += chunk
     head, _, rest = data.partition(b'\r\n\r\n')
     status_line, *header_lines = head.decode('latin-1').split('\r\n')
-    match = re.match(r'^HTTP/1\.[01] (\d{3})(?: (.*))?$', status_line)
-    if not match:
+    version, _, status_reason = status_line.partition(' ')
+    status, _, reason = status_reason.partition(' ')
+    if version not in ('HTTP/1.0', 'HTTP/1.1') or len(status) != 3 \
+            or not made_of(status, DIGITS):
         raise ValueError('not an HTTP answer: %r' % status_line[:40])
     headers = {}
     for line in header_lines:
@@ -280,7 +305,7 @@ def read_response(connection, deadline):
     body = decode_chunked(data) if chunked else data
     if len(body) > MAX_RESPONSE_BYTES:
         raise ResponseTooLarge('response larger than %d bytes' % MAX_RESPONSE_BYTES)
-    return Response(int(match.group(1)), match.group(2) or '', headers, body)
+    return Response(int(status), reason, headers, body)
 
 
 def decode_chunked(data):
@@ -302,7 +327,7 @@ def retry_after_seconds(value):
 
 
 def describe_error(exc):
-    if isinstance(exc, socket.timeout):
+    if isinstance(exc, _socket.timeout):
         return 'timed out'
     if isinstance(exc, OSError) and exc.strerror:
         if exc.filename:
@@ -601,7 +626,7 @@ def fetch_instance_metadata(imds, deadline, log):
                                     % (response.status, response.reason,
                                        one_line(response.text(), 200)))
         try:
-            document = json.loads(response.text())
+            document = parse_json(response.text())
             if not isinstance(document.get('compute'), dict):
                 raise ValueError('no "compute" object')
         except (ValueError, AttributeError) as exc:
@@ -609,6 +634,35 @@ def fetch_instance_metadata(imds, deadline, log):
         return document
 
     return with_retries('IMDS', attempt, deadline, log)
+
+
+class JsonDefaults(object):
+    """What _json.make_scanner reads from its context: json.loads' defaults."""
+    strict = True
+    object_hook = object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = {'NaN': float('nan'), 'Infinity': float('inf'),
+                      '-Infinity': float('-inf')}.__getitem__
+
+
+def parse_json(text):
+    """json.loads(text) with json's C scanner, without importing json (whose decoder
+    imports re at start-up).  ValueError when text is not one JSON value."""
+    try:
+        from _json import make_scanner
+    except ImportError:     # a Python built without the accelerator: json's own path
+        import json
+        return json.loads(text)
+    space = ' \t\n\r'
+    start = len(text) - len(text.lstrip(space))
+    try:
+        value, end = make_scanner(JsonDefaults)(text, start)
+    except StopIteration as stop:
+        raise ValueError('not JSON at character %d' % stop.value)
+    if text[end:].strip(space):
+        raise ValueError('extra data after JSON at character %d' % end)
+    return value
 
 
 def compute_field(metadata, *path):
@@ -622,9 +676,6 @@ def compute_field(metadata, *path):
 # --------------------------------------------------------------------------
 # Hostname
 # --------------------------------------------------------------------------
-
-HOSTNAME_LABEL = re.compile(r'^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$')
-
 
 def desired_hostname(metadata):
     """The name the user asked for; compute.name only when the api-version has no osProfile."""
@@ -640,7 +691,8 @@ def validate_hostname(name):
         raise ProvisioningError('invalid hostname %r: %d characters, Linux allows %d'
                                 % (shown, len(name), HOST_NAME_MAX))
     for label in name.split('.'):
-        if not HOSTNAME_LABEL.match(label):
+        if not (made_of(label, LETTERS_DIGITS + '-') and len(label) <= 63
+                and label[0] != '-' and label[-1] != '-'):
             raise ProvisioningError(
                 'invalid hostname %r: labels must be letters, digits and inner hyphens'
                 % shown)
@@ -672,18 +724,23 @@ def set_hostname(name, deadline, log, etc='/etc'):
     if hostnamectl_usable():
         try:
             run_tool(['hostnamectl', 'set-hostname', name], deadline, 'hostname')
-            if socket.gethostname() == name:
+            if _socket.gethostname() == name:
                 return 'hostnamectl'
-            why = 'the hostname is still %s' % socket.gethostname()
+            why = 'the hostname is still %s' % _socket.gethostname()
         except ProvisioningError as exc:
             why = str(exc)
         log.info('hostname: hostnamectl failed (%s); using sethostname' % why)
     try:
-        socket.sethostname(name)
+        _socket.sethostname(name)
     except OSError as exc:
         raise ProvisioningError('cannot set hostname %s: %s' % (name, describe_error(exc)))
     write_file_atomically(os.path.join(etc, 'hostname'), (name + '\n').encode())
     return 'sethostname'
+
+
+def split_keeping_spaces(text):
+    """'a  b c' -> ['a', '  ', 'b', ' ', 'c']: words and the whitespace between them."""
+    return [''.join(run) for _, run in itertools.groupby(text, key=str.isspace)]
 
 
 def rename_in_hosts(text, old, new):
@@ -692,11 +749,9 @@ def rename_in_hosts(text, old, new):
     out = []
     for line in text.splitlines(True):
         content, hash_, comment = line.partition('#')
-        fields = re.split(r'(\s+)', content)
-        if len(fields) < 3:
-            out.append(line)
-            continue
-        for i in range(2, len(fields), 2):      # fields[0] is the address
+        fields = split_keeping_spaces(content)
+        words = [i for i, field in enumerate(fields) if not field.isspace()]
+        for i in words[1:]:     # the first word is the address
             if fields[i] == old:
                 fields[i] = new
             elif fields[i].startswith(old + '.'):
@@ -774,6 +829,7 @@ def read_text(path):
 
 
 def glob_names(directory, pattern):
+    import re
     try:
         return [n for n in os.listdir(directory) if re.match(pattern, n)]
     except OSError:
@@ -882,6 +938,7 @@ def dhclient_plan(interface, name, root='/'):
     """ISC dhclient evaluates `send host-name = gethostname();` per packet, but only a
     new client sends a fresh request: stop it keeping its lease (-x), start it again
     with the same arguments; it asks for the same address (INIT-REBOOT)."""
+    import re
     proc = os.path.join(root, 'proc')
     for pid in (p for p in os.listdir(proc) if p.isdigit()):
         data = read_bytes(os.path.join(proc, pid, 'cmdline')) or b''
@@ -902,6 +959,8 @@ def dhclient_plan(interface, name, root='/'):
 
 def interface_address(interface, deadline, log):
     """The interface's first IPv4 address, waiting for one until the deadline."""
+    import re
+
     def attempt():
         out = run_tool(['ip', '-4', '-o', 'addr', 'show', 'dev', interface], deadline, 'ip')
         match = re.search(r'\binet (\d+\.\d+\.\d+\.\d+)', out)
@@ -949,7 +1008,6 @@ def publish_hostname(name, deadline, log, dry_run=False, out=None, root='/'):
 # Admin user and SSH keys (--provision-user)
 # --------------------------------------------------------------------------
 
-USER_NAME = re.compile(r'^[a-z_][a-z0-9_-]{0,31}$')     # portable useradd names
 KEY_TYPES = ('ssh-rsa', 'ssh-ed25519', 'ecdsa-sha2-nistp256', 'ecdsa-sha2-nistp384',
              'ecdsa-sha2-nistp521', 'sk-ssh-ed25519@openssh.com',
              'sk-ecdsa-sha2-nistp256@openssh.com')
@@ -958,7 +1016,8 @@ SSHD_DROP_IN = '/etc/ssh/sshd_config.d/50-azure-provisioning.conf'
 
 
 def validate_user_name(name):
-    if not USER_NAME.match(name or ''):
+    if not (made_of(name, LOWER + DIGITS + '_-') and len(name) <= 32     # portable
+            and name[0] not in DIGITS + '-'):                                # useradd names
         raise ProvisioningError('invalid admin user name %r: use 1-32 of a-z, 0-9, _ and -, '
                                 'starting with a letter or _' % one_line(name or '', 40))
     return name
@@ -1127,6 +1186,7 @@ def disable_password_logins(log, say):
     if config is None:
         log.info('user: no /etc/ssh/sshd_config; PasswordAuthentication left alone')
         return
+    import re
     includes = re.search(r'^\s*Include\s+/etc/ssh/sshd_config\.d/\*\.conf\s*$',
                          config.decode('utf-8', 'replace'), re.M | re.I)
     if not includes:
@@ -1162,7 +1222,6 @@ def reload_sshd(log):
 # --------------------------------------------------------------------------
 
 HOOKS_DIR = '/etc/azure-provisioning/ready.d'
-HOOK_NAME = re.compile(r'^[A-Za-z0-9_-]+$')     # run-parts: skips *.dpkg-old, *~, *.rpmnew
 
 
 def list_hooks(directory, log):
@@ -1173,7 +1232,8 @@ def list_hooks(directory, log):
     hooks = []
     for name in names:
         path = os.path.join(directory, name)
-        if not HOOK_NAME.match(name) or not os.path.isfile(path):
+        # run-parts names: *.dpkg-old, *~ and *.rpmnew are skipped
+        if not made_of(name, LETTERS_DIGITS + '_-') or not os.path.isfile(path):
             log.debug('hooks: skipping %s (not a run-parts name or not a file)' % name)
         elif not os.access(path, os.X_OK):
             log.info('hooks: skipping %s: not executable' % name)
@@ -1185,6 +1245,7 @@ def list_hooks(directory, log):
 def run_hooks(hooks, facts, metadata, deadline, log):
     """Run each hook with the VM facts in its environment and the time left as its
     limit; the first failure stops provisioning with the hook's last stderr line."""
+    import json
     import shutil
     import tempfile
     scratch = tempfile.mkdtemp(prefix='azure-provisioning-')
@@ -1286,7 +1347,7 @@ def provision(options, log, out=None):
             hostname_step(metadata, options, deadline, log, out, warnings)
         else:
             log.info('hostname: left alone (--no-hostname)')
-        facts['AZURE_HOSTNAME'] = socket.gethostname()
+        facts['AZURE_HOSTNAME'] = _socket.gethostname()
         step = 'user'
         if options.provision_user:
             t = time.monotonic()
@@ -1340,7 +1401,7 @@ def hostname_step(metadata, options, deadline, log, out, warnings):
     """Set the name IMDS gives (when it differs), then announce it to DHCP."""
     t = time.monotonic()
     name = validate_hostname(desired_hostname(metadata))
-    current = socket.gethostname()
+    current = _socket.gethostname()
     if name == current:
         log.info('hostname: already %s, nothing to change (%s)' % (name, elapsed_ms(t)))
         return
@@ -1450,6 +1511,7 @@ def check_unit(c):
                       'from a provisioned VM never provisions again)',
               '%s enable %s' % (c.systemctl, UNIT_NAME))
     text = read_text(c.path(unit, UNIT_NAME)) or ''
+    import re
     match = re.search(r'^ExecStart=[-@:+!]*(\S+)(.*)$', text, re.M)
     if not match:
         c.say('FAIL', 'the unit has no ExecStart=', 'sh install.sh%s' % c.root_flag)
@@ -1468,6 +1530,7 @@ def check_unit(c):
 def check_python(c, python):
     """Version and modules from the image's files: running a binary of another
     root is not always possible (another architecture, no chroot)."""
+    import re
     real = c.resolve(python)
     version = re.search(r'python(\d)\.(\d+)$', real)
     if version is None:     # e.g. /usr/libexec/platform-python -> python3.6
@@ -1513,6 +1576,7 @@ def check_agents(c):
 
 def dhcp_configurations(c):
     """Where the image asks for DHCP: (kind, file) pairs."""
+    import re
     found = []
     enabled = c.enabled_units()
     networkd = 'systemd-networkd.service' in enabled

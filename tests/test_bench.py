@@ -76,8 +76,12 @@ class BenchTest(unittest.TestCase):
             self.assertIn('e', rows, self.show())
         for key, (med, low, high) in rows.items():
             self.assertTrue(0 < low <= med <= high < 30000, (key, med, low, high))
-        # our full run does more than start the interpreter
-        self.assertGreater(rows['a'][0], rows['c'][1], self.show())
+        # our full run does more than start the interpreter; (c) imports `site` and (a),
+        # like the unit, does not (-S): with heavy .pth files (c) can be the slower one
+        if 'importing `site` at start-up' not in self.out:
+            self.assertGreater(rows['a'][0], rows['c'][1], self.show())
+        if 'd' in rows:
+            self.assertGreater(rows['a'][0], rows['d'][2], self.show())
 
     def test_ratios_sane(self):
         for name in ('a/b', 'a/c'):
@@ -113,7 +117,8 @@ class BenchTest(unittest.TestCase):
             self.skipTest('python %s has no -X importtime (3.7+): table not printed'
                           % sys.version.split()[0])
         rows = re.findall(r'^\s*(\d+)\s+(\d+)\s+(\S.*)$', section, re.M)
-        self.assertEqual(len(rows), 10, section)
+        # up to 10: the path to Ready imports only a few C modules (tests/test_startup.py)
+        self.assertTrue(1 <= len(rows) <= 10, section)
         cumulative = [int(r[0]) for r in rows]
         self.assertEqual(cumulative, sorted(cumulative, reverse=True), section)
         self.assertTrue(all(int(c) >= int(s) for c, s, _ in rows), section)

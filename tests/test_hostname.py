@@ -74,6 +74,19 @@ class EtcHosts(unittest.TestCase):
         self.assertEqual(ap.rename_in_hosts('127.0.1.1 a', 'a', 'b'), '127.0.1.1 b')
         self.assertEqual(ap.rename_in_hosts('127.0.1.1 a\r\n', 'a', 'b'), '127.0.1.1 b\r\n')
 
+    def test_split_keeping_spaces(self):
+        for text in ['127.0.1.1\told  old.x  ', '  ::1 a\t\tb\n', '', ' ', 'one', 'a\u00a0b']:
+            with self.subTest(text=text):
+                parts = ap.split_keeping_spaces(text)
+                self.assertEqual(''.join(parts), text)
+                self.assertEqual([p for p in parts if not p.isspace()], text.split())
+                self.assertFalse(any(a.isspace() == b.isspace() for a, b in zip(parts, parts[1:])))
+
+    def test_leading_whitespace_keeps_the_address_first(self):
+        self.assertEqual(ap.rename_in_hosts('  127.0.1.1  a # a\n', 'a', 'b'),
+                         '  127.0.1.1  b # a\n')
+        self.assertEqual(ap.rename_in_hosts('\t10.0.0.1 x\n', '10.0.0.1', 'b'), '\t10.0.0.1 x\n')
+
     def test_address_column_is_never_renamed(self):
         self.assertEqual(ap.rename_in_hosts('a b\n', 'a', 'z'), 'a b\n')
 

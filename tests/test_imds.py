@@ -42,6 +42,32 @@ class InstanceDocument(unittest.TestCase):
             self.assertEqual(len(az.requests), 1)
 
 
+class ParseJson(unittest.TestCase):
+    """parse_json (json's C scanner, without importing json) agrees with json.loads."""
+
+    def test_same_values_as_json_loads(self):
+        with open(os.path.join(DATA, 'azure-docs__imds-full-instance-response-linux.json')) as f:
+            sample = f.read()
+        for text in [sample, ' {"a": [1, -2.5e3, true, false, null]}\n', '"\\u00e9\\ud83d\\ude00"',
+                     '[]', '0', '{"nested": {"x": [{"y": ""}]}}', '{"n": 12345678901234567890}',
+                     '\t\r\n[1]\t\r\n', '{"dup": 1, "dup": 2}']:
+            with self.subTest(text=text[:40]):
+                self.assertEqual(ap.parse_json(text), json.loads(text))
+
+    def test_constants_like_json_loads(self):
+        self.assertEqual(ap.parse_json('[Infinity, -Infinity]'), [float('inf'), float('-inf')])
+        self.assertNotEqual(ap.parse_json('NaN'), ap.parse_json('NaN'))
+
+    def test_what_json_loads_refuses_is_a_value_error(self):
+        for text in ['', '   ', '{', '{"a": }', '[1,]', '{"a": 1} x', '[1] [2]', "{'a': 1}",
+                     '"unterminated', '"bad \\x escape"', '\ufeff{}', '"ctrl \x01 char"']:
+            with self.subTest(text=text):
+                with self.assertRaises(ValueError):
+                    json.loads(text)
+                with self.assertRaises(ValueError):
+                    ap.parse_json(text)
+
+
 class BadDocuments(unittest.TestCase):
     def serve(self, body):
         reply = (b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n'

@@ -80,7 +80,10 @@ class Addresses(unittest.TestCase):
         self.assertEqual(ap.parse_address('168.63.129.16'), ('168.63.129.16', 80))
         self.assertEqual(ap.parse_address('127.0.0.1:8080'), ('127.0.0.1', 8080))
         self.assertEqual(ap.parse_address('[::1]:81'), ('::1', 81))
-        for bad in ['', '1.2.3.4:', '1.2.3.4:0', '1.2.3.4:70000', 'a:b:c', '1.2.3.4:80x']:
+        self.assertEqual(ap.parse_address(' [fe80::1] '), ('fe80::1', 80))
+        for bad in ['', '1.2.3.4:', '1.2.3.4:0', '1.2.3.4:70000', 'a:b:c', '1.2.3.4:80x',
+                    ':80', '[::1', '[::1]x', '[::1]:', '[zz]:80', '[]:80', '1.2.3.4:123456',
+                    'a]:80', '1.2.3.4:\u0662']:
             with self.subTest(address=bad):
                 with self.assertRaises(ValueError):
                     ap.parse_address(bad)
@@ -196,6 +199,18 @@ class Exchange(unittest.TestCase):
                                            b'\r\nConnection: close\r\n'), request)
         self.assertIn(b'\r\nx-ms-version: 1\r\n', request)
         self.assertTrue(request.endswith(b'Content-Length: 9\r\n\r\n<Health/>'), request)
+
+    def test_status_line_forms(self):
+        for line, status, reason in [(b'HTTP/1.1 200 OK', 200, 'OK'), (b'HTTP/1.0 204', 204, ''),
+                                     (b'HTTP/1.1 410 Gone Away', 410, 'Gone Away')]:
+            with self.subTest(line=line):
+                response = self.exchange(line + b'\r\nContent-Length: 0\r\n\r\n')
+                self.assertEqual((response.status, response.reason), (status, reason))
+        for line in [b'HTTP/2 200 OK', b'HTTP/1.1 20 OK', b'HTTP/1.1 2x0 OK', b'http/1.1 200 OK',
+                     b'HTTP/1.1  200 OK', b'ICY 200 OK']:
+            with self.subTest(line=line):
+                with self.assertRaisesRegex(ap.TryAgain, 'not an HTTP answer'):
+                    self.exchange(line + b'\r\nContent-Length: 0\r\n\r\n')
 
     def test_4xx_is_returned_not_retried(self):
         self.assertEqual(self.exchange(b'HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n')
