@@ -27,6 +27,10 @@ DOC_DIR=/usr/local/share/doc/azure-provisioning
 # again (when empty) and leaves the tree as it found it.
 MANIFEST=$DOC_DIR/install-manifest
 DEFAULT_PYTHONS="/usr/bin/python3 /usr/libexec/platform-python"
+# The modules azure_provisioning.py needs (its NEEDED_MODULES) that Debian's
+# python3-minimal lacks (base64 is in it), as files of the standard library:
+# the probe imports them, check_python_files looks for them.
+PY_MODULE_FILES="json/__init__.py xml/parsers/expat.py shutil.py"
 
 # ---------------------------------------------------------------- messages
 
@@ -67,8 +71,9 @@ OPTIONS:
     --python PATH    Interpreter written into the unit's ExecStart=, a path
                      inside the target (default: the first of
                      /usr/bin/python3 and /usr/libexec/platform-python that
-                     exists). Must be Python >= 3.6 with http.client (the
-                     python3-minimal package lacks it)
+                     exists). Must be Python >= 3.6 with the full standard
+                     library: json, xml.parsers.expat and shutil (the
+                     python3-minimal package lacks them)
     --provision-user Also create the admin user from IMDS with its SSH keys and
                      sudo (adds --provision-user to ExecStart=)
     --uninstall      Disable the unit and remove every file listed below
@@ -211,18 +216,41 @@ resolve_in_target() {
 
 # ---------------------------------------------------------------- python
 
+# The words of $1 as "a", "a and b", "a, b and c".
+and_list() {
+    _j="" _last=""
+    for _w in $1; do
+        [ -z "$_last" ] || _j="${_j:+$_j, }$_last"
+        _last=$_w
+    done
+    printf '%s%s%s' "$_j" "${_j:+ and }" "$_last"
+}
+
+# The module names of the files in $1 (json/__init__.py -> json), one a line.
+module_names() {
+    for _m in $1; do
+        printf '%s\n' "$_m"
+    done | sed -e 's|/__init__\.py$||' -e 's|\.py$||' -e 's|/|.|g'
+}
+
 # Run by the candidate interpreter (with -E -S -B: no environment, no site,
 # no .pyc written into the target). Written so that Python 2 can run it too
-# and say what it is. Reads azure_provisioning.py on stdin and compiles it.
+# and say what it is. Its argument: the modules to import, separated by
+# blanks (it prints "missing MODULE: why" for each that fails). Reads
+# azure_provisioning.py on stdin and compiles it.
 PROBE='import sys
 sys.stdout.write("python %d.%d\n" % tuple(sys.version_info[:2]))
 sys.stdout.flush()
 if sys.version_info < (3, 6):
     sys.exit(4)
-try:
-    import http.client
-except Exception as e:
-    sys.stdout.write("cannot import http.client: %s\n" % (e,))
+missing = 0
+for name in sys.argv[1].split():
+    try:
+        __import__(name)
+    except Exception as e:
+        sys.stdout.write("missing %s: %s\n" % (name, " ".join(str(e).split())))
+        missing += 1
+if missing:
     sys.exit(3)
 try:
     compile(sys.stdin.buffer.read(), "azure_provisioning.py", "exec")
@@ -234,9 +262,9 @@ sys.stdout.write("ok\n")'
 # Sets PY_HOW; dies when the interpreter is unusable.
 check_python() {
     _py=$1 _src=$SRC_DIR/azure_provisioning.py
-    _ran=no _why=""
+    _ran=no _why="" _mods=$(module_names "$PY_MODULE_FILES")
     if [ -z "$ROOT" ]; then
-        if _out=$("$_py" -E -S -B -c "$PROBE" <"$_src" 2>&1); then _rc=0; else _rc=$?; fi
+        if _out=$("$_py" -E -S -B -c "$PROBE" "$_mods" <"$_src" 2>&1); then _rc=0; else _rc=$?; fi
         _ran=yes
         _how="by running it"
     elif [ "$(id -u)" != 0 ]; then
@@ -244,7 +272,7 @@ check_python() {
     elif ! command -v chroot >/dev/null 2>&1; then
         _why="no chroot command"
     else
-        if _out=$(chroot "$ROOT" "$_py" -E -S -B -c "$PROBE" <"$_src" 2>&1); then _rc=0; else _rc=$?; fi
+        if _out=$(chroot "$ROOT" "$_py" -E -S -B -c "$PROBE" "$_mods" <"$_src" 2>&1); then _rc=0; else _rc=$?; fi
         _ran=yes
         _how="by running it with chroot $ROOT"
     fi
@@ -262,11 +290,16 @@ check_python() {
             case $_rc in
                 0) ;;
                 4) die "$(where "$_py") is Python $_ver; azure-provisioning needs Python 3.6 or newer (pass --python PATH)" ;;
-                3) die "$(where "$_py") (Python $_ver) has no http.client ($_rest): install the full python3 package, not python3-minimal, or pass --python PATH" ;;
+                3)
+                    _names=$(and_list "$(printf '%s\n' "$_out" | sed -n 's/^missing \([^ :]*\): .*$/\1/p')")
+                    _whys=$(printf '%s\n' "$_out" | sed -n 's/^missing //p' | sed '$!s/$/;/' | tr '\n' ' ' | sed 's/ *$//')
+                    [ -n "$_names" ] || die "checking $(where "$_py") failed (exit status 3): $_rest"
+                    die "$(where "$_py") (Python $_ver) has no $_names ($_whys): install the full python3 package, not python3-minimal, or pass --python PATH"
+                    ;;
                 5) die "azure_provisioning.py does not compile with $(where "$_py") (Python $_ver): $_rest" ;;
                 *) die "checking $(where "$_py") failed (exit status $_rc): $_out" ;;
             esac
-            PY_HOW="Python $_ver with http.client, azure_provisioning.py compiles (checked $_how)"
+            PY_HOW="Python $_ver with $(and_list "$_mods"), azure_provisioning.py compiles (checked $_how)"
             return 0
         fi
     fi
@@ -305,19 +338,39 @@ check_python_files() {
     if [ "$_major" -lt 3 ] || { [ "$_major" -eq 3 ] && [ "$_minor" -lt 6 ]; }; then
         die "$(where "$_py") is Python $_ver ($_from); azure-provisioning needs Python 3.6 or newer (pass --python PATH)"
     fi
-    _found=""
-    for _l in $_libs; do
-        for _f in "$_l/http/client.py" "$_l/http/client.pyc" "$_l"/http/__pycache__/client.*.pyc; do
-            if [ -f "$(target "$_f")" ]; then
-                _found=$_f
-                break 2
-            fi
+    # Each module as a .py file, a .pyc beside it (a sourceless install) or in
+    # __pycache__; the globs expand inside the target, not on this machine.
+    _have="" _dirs="" _missing="" _absent=""
+    for _m in $PY_MODULE_FILES; do
+        _name=$(module_names "$_m")
+        _stem=${_m%.py}
+        case $_m in
+            */*) _pyc=${_stem%/*}/__pycache__/${_stem##*/} ;;
+            *) _pyc=__pycache__/$_stem ;;
+        esac
+        _hit=""
+        for _l in $_libs; do
+            for _f in "$(target "$_l")/$_m" "$(target "$_l")/${_m}c" "$(target "$_l")/$_pyc".*.pyc; do
+                if [ -f "$_f" ]; then
+                    _hit=$_l
+                    break 2
+                fi
+            done
         done
+        if [ -n "$_hit" ]; then
+            _have="$_have $_name"
+            case " $_dirs " in *" $_hit "*) ;; *) _dirs="$_dirs $_hit" ;; esac
+        else
+            _missing="$_missing $_name"
+            for _l in $_libs; do
+                _absent="${_absent:+$_absent, }$_l/$_m"
+            done
+        fi
     done
-    [ -n "$_found" ] ||
-        die "$(where "$_py") (Python $_ver) has no http.client: no$(for _l in $_libs; do printf ' %s/http/client.py' "$_l"; done) in $ROOT; install the full python3 package, not python3-minimal, or pass --python PATH (checked the files because $_why)"
+    [ -z "$_missing" ] ||
+        die "$(where "$_py") (Python $_ver) has no $(and_list "$_missing"): no $_absent in $ROOT; install the full python3 package, not python3-minimal, or pass --python PATH (checked the files because $_why)"
     [ -x "$(target "$_real")" ] || die "$(where "$_real") is not executable"
-    PY_HOW="Python $_ver ($_from), $_found present (checked the files because $_why; azure_provisioning.py not compiled with it)"
+    PY_HOW="Python $_ver ($_from), $(and_list "$_have") present in $(and_list "$_dirs") (checked the files because $_why; azure_provisioning.py not compiled with it)"
 }
 
 choose_python() {

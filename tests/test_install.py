@@ -6,6 +6,7 @@ directories bind-mounted over /usr/local and /etc/systemd/system inside a
 private mount namespace: this machine's files are never touched.
 """
 
+import ast
 import hashlib
 import os
 import re
@@ -26,10 +27,15 @@ SCRIPT_PATH = '/usr/local/sbin/azure-provisioning'
 DOC_DIR = '/usr/local/share/doc/azure-provisioning'
 TIMEOUT = 60            # seconds for one install.sh run
 NOBODY = 65534          # uid and gid of nobody/nogroup (nobody on RHEL)
+# The standard library files install.sh wants (beyond python3-minimal's), and
+# the modules they are.
+FULL_STDLIB = ('json/__init__.py', 'xml/parsers/expat.py', 'shutil.py')
+FULL_MODULES = 'json, xml.parsers.expat and shutil'
 
 STAND_IN = '''#!/usr/bin/env python3
 """Stand-in for azure_provisioning.py (the real one was not in the repo)."""
-import http.client
+import json
+import xml.parsers.expat
 print("stand-in")
 '''
 
@@ -85,7 +91,7 @@ def make_source(directory):
     return directory
 
 
-def make_image(root, python='3.11', http_client=True, layout='debian', systemctl=True):
+def make_image(root, python='3.11', full_stdlib=True, layout='debian', systemctl=True):
     """A small but realistic root file system tree.
 
     layout 'debian': merged /usr (bin, sbin, lib, lib64 are symlinks into usr),
@@ -94,6 +100,8 @@ def make_image(root, python='3.11', http_client=True, layout='debian', systemctl
       /usr/lib64/python3.6, no /usr/bin/python3 unless python is given.
     layout 'unmerged': /bin and /usr/bin are separate (Debian 10 without
       usrmerge), systemctl in /bin.
+    full_stdlib False: only the part of the standard library that Debian's
+      python3-minimal has (no json, xml, shutil).
     The interpreter files are placeholders that cannot run in a chroot (there is
     no /bin/sh in the tree), so install.sh has to judge them by their files."""
     os.makedirs(root)
@@ -139,9 +147,10 @@ def make_image(root, python='3.11', http_client=True, layout='debian', systemctl
             os.symlink('python' + python, os.path.join(root, 'usr/bin/python3'))
         write(os.path.join(root, stdlib, 'os.py'), '')
         write(os.path.join(root, stdlib, 'encodings/__init__.py'), '')
-        if http_client:
-            write(os.path.join(root, stdlib, 'http/__init__.py'), '')
-            write(os.path.join(root, stdlib, 'http/client.py'), '')
+        write(os.path.join(root, stdlib, 'base64.py'), '')
+        if full_stdlib:
+            for name in FULL_STDLIB + ('xml/__init__.py', 'xml/parsers/__init__.py'):
+                write(os.path.join(root, stdlib, name), '')
     return root
 
 
@@ -269,7 +278,7 @@ class TestOptions(InstallTestCase):
         self.assertOK(r)
         self.assertEqual(r.stderr, '')
         for option in ('--root DIR', '--python PATH', '--uninstall', '--help',
-                       SCRIPT_PATH, UNIT_PATH, 'python3-minimal'):
+                       SCRIPT_PATH, UNIT_PATH, 'python3-minimal', FULL_MODULES):
             self.assertIn(option, r.stdout)
         self.assertEqual(self.install('-h').stdout, r.stdout)
 
@@ -303,6 +312,28 @@ class TestOptions(InstallTestCase):
         self.assertFailed(r, 1, 'azure_provisioning.py not found next to install.sh')
         self.assertEqual(snapshot(root), before)
 
+    def test_modules_are_the_provisioners(self):
+        """install.sh checks azure_provisioning.py's NEEDED_MODULES, less base64
+        (which python3-minimal has)."""
+        script = os.path.join(REPO, 'azure_provisioning.py')
+        if not os.path.exists(script):
+            skip(self, 'no azure_provisioning.py to compare with')
+        needed = None
+        for node in ast.parse(read(script)).body:
+            if isinstance(node, ast.Assign) and any(
+                    isinstance(t, ast.Name) and t.id == 'NEEDED_MODULES' for t in node.targets):
+                needed = ast.literal_eval(node.value)
+        if needed is None:
+            skip(self, 'azure_provisioning.py has no NEEDED_MODULES = (...) to compare with')
+        match = re.search(r'^PY_MODULE_FILES="([^"]*)"$', read(INSTALL_SH), re.M)
+        self.assertIsNotNone(match, 'no PY_MODULE_FILES="..." line in install.sh')
+        files = tuple(match.group(1).split())
+        self.assertEqual(files, FULL_STDLIB)
+        modules = [re.sub(r'(/__init__)?\.py$', '', f).replace('/', '.') for f in files]
+        self.assertEqual(sorted(set(needed) - {'base64'}), sorted(modules),
+                         'NEEDED_MODULES of azure_provisioning.py and PY_MODULE_FILES of '
+                         'install.sh differ')
+
     def test_shellcheck(self):
         shellcheck = shutil.which('shellcheck')
         if not shellcheck:
@@ -329,7 +360,8 @@ class TestInstallIntoRoot(InstallTestCase):
                        'installed %s (in %s) (mode 0644)' % (UNIT_PATH, root),
                        'ExecStart=/usr/bin/python3 -I -S %s' % SCRIPT_PATH,
                        'enabled %s: %s -> %s' % (UNIT_NAME, WANTS_LINK, UNIT_PATH),
-                       'Python 3.11', 'http/client.py present', 'checked the files'):
+                       'Python 3.11',
+                       '%s present in /usr/lib/python3.11 (checked the files' % FULL_MODULES):
             self.assertIn(phrase, out)
         self.assertNotIn('WARNING', r.stderr)
         for line in out.splitlines():
@@ -454,7 +486,7 @@ class TestInstallIntoRoot(InstallTestCase):
         self.assertOK(r)
         self.assertInstalled(root, python='/usr/libexec/platform-python')
         self.assertIn('Python 3.6', r.stdout)
-        self.assertIn('/usr/lib64/python3.6/http/client.py present', r.stdout)
+        self.assertIn('%s present in /usr/lib64/python3.6' % FULL_MODULES, r.stdout)
 
     def test_absolute_links_resolved_inside_the_image(self):
         # RHEL: /usr/bin/python3 -> /etc/alternatives/python3 -> /usr/bin/python3.6
@@ -530,19 +562,63 @@ class TestPythonRefused(InstallTestCase):
         self.assertEqual(snapshot(root), before, 'a refused install wrote files')
         return r
 
-    def test_python3_minimal_without_http_client(self):
-        # Debian's python3-minimal: the interpreter, a part of the stdlib, no http/
-        root = self.image(http_client=False)
-        r = self.refused(root, 'has no http.client', 'python3-minimal',
-                         '/usr/lib/python3.11/http/client.py')
+    def test_python3_minimal_without_full_stdlib(self):
+        # Debian's python3-minimal: the interpreter, a part of the stdlib, no
+        # json, xml or shutil
+        root = self.image(full_stdlib=False)
+        r = self.refused(root, 'has no %s: no ' % FULL_MODULES, 'python3-minimal',
+                         'install the full python3 package',
+                         '/usr/lib/python3.11/json/__init__.py',
+                         '/usr/lib/python3.11/xml/parsers/expat.py',
+                         '/usr/lib/python3.11/shutil.py')
         self.assertIn('checked the files because', r.stderr)
+        self.assertEqual(len(r.stderr.splitlines()), 1, str(r))
+
+    def test_only_the_missing_module_is_named(self):
+        root = self.image()
+        os.remove(root + '/usr/lib/python3.11/xml/parsers/expat.py')
+        r = self.refused(root, 'has no xml.parsers.expat: no /usr/lib/python3.11/xml/parsers/'
+                         'expat.py in %s;' % root, 'python3-minimal')
+        self.assertNotIn('json', r.stderr)
+        self.assertNotIn('shutil', r.stderr)
+        # json missing, expat there
+        write(root + '/usr/lib/python3.11/xml/parsers/expat.py', '')
+        shutil.rmtree(root + '/usr/lib/python3.11/json')
+        r = self.refused(root, 'has no json: no /usr/lib/python3.11/json/__init__.py in')
+        self.assertNotIn('expat', r.stderr)
+
+    def test_compiled_modules_count(self):
+        # a .pyc beside the missing .py (sourceless), or only in __pycache__
+        root = self.image()
+        stdlib = root + '/usr/lib/python3.11'
+        os.remove(stdlib + '/json/__init__.py')
+        write(stdlib + '/json/__init__.pyc', '')
+        os.remove(stdlib + '/xml/parsers/expat.py')
+        write(stdlib + '/xml/parsers/__pycache__/expat.cpython-311.pyc', '')
+        os.remove(stdlib + '/shutil.py')
+        write(stdlib + '/__pycache__/shutil.cpython-311.pyc', '')
+        r = self.install('--root', root)
+        self.assertOK(r)
+        self.assertIn('%s present in /usr/lib/python3.11' % FULL_MODULES, r.stdout)
+        # the __pycache__ globs look inside the image, not at this machine
+        os.remove(stdlib + '/xml/parsers/__pycache__/expat.cpython-311.pyc')
+        self.refused(root, 'has no xml.parsers.expat:')
+
+    def test_modules_split_between_lib_and_lib64(self):
+        root = self.image(python='3.6', layout='rhel8')
+        os.makedirs(root + '/usr/lib/python3.6/xml/parsers')
+        os.rename(root + '/usr/lib64/python3.6/xml/parsers/expat.py',
+                  root + '/usr/lib/python3.6/xml/parsers/expat.py')
+        r = self.install('--root', root)
+        self.assertOK(r)
+        self.assertIn('present in /usr/lib64/python3.6 and /usr/lib/python3.6', r.stdout)
 
     def test_old_python(self):
         root = self.image(python='3.5')
         self.refused(root, 'Python 3.5', 'needs Python 3.6 or newer')
 
     def test_python2(self):
-        root = self.image(python='2.7', http_client=False)   # python3 -> python2.7
+        root = self.image(python='2.7', full_stdlib=False)   # python3 -> python2.7
         self.refused(root, 'Python 2.7', 'needs Python 3.6 or newer')
 
     def test_no_python(self):
@@ -661,8 +737,8 @@ class TestAsRoot(InstallTestCase):
         before = snapshot(root)
         r = self.install('--root', root)
         self.assertOK(r)
-        self.assertIn('with http.client, azure_provisioning.py compiles (checked by running '
-                      'it with chroot %s)' % root, r.stdout)
+        self.assertIn('with %s, azure_provisioning.py compiles (checked by running '
+                      'it with chroot %s)' % (FULL_MODULES, root), r.stdout)
         if version:
             self.assertIn('Python %s' % version, r.stdout)
         self.assertInstalled(root)
@@ -670,13 +746,21 @@ class TestAsRoot(InstallTestCase):
         self.assertEqual(snapshot(root), before, 'the probe or uninstall left files:\n'
                          + tree_diff(before, snapshot(root)))
 
-    def test_chroot_python_without_http_client(self):
+    def test_chroot_python_without_expat(self):
+        # only xml/parsers/expat.py gone: the probe names that module alone
         root, _, stdlibs = self.runnable_image()
         for stdlib in stdlibs:
-            shutil.rmtree(root + stdlib + '/http', ignore_errors=True)   # unlinks our links
+            for name in ('expat.py', '__pycache__'):
+                path = root + stdlib + '/xml/parsers/' + name     # unlinks our links
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
         before = snapshot(root)
         r = self.install('--root', root)
-        self.assertFailed(r, 1, 'has no http.client', 'python3-minimal')
+        self.assertFailed(r, 1, 'has no xml.parsers.expat (xml.parsers.expat: No module named',
+                          'install the full python3 package, not python3-minimal')
+        self.assertNotIn('json', r.stderr)
         self.assertNotIn('checked the files', r.stderr)
         self.assertEqual(snapshot(root), before)
 
@@ -737,9 +821,10 @@ class TestAsRoot(InstallTestCase):
         self.assertFalse(os.path.lexists(local + '/sbin/azure-provisioning'))
         self.assertFalse(os.path.lexists(local + '/share/doc/azure-provisioning'))
 
-    def test_python_without_http_client_on_this_machine(self):
+    def test_python_without_full_stdlib_on_this_machine(self):
         # python3-minimal for real: the distribution's interpreter with a
-        # standard library lacking http/ (prefix found from the binary's place).
+        # standard library lacking json/ and xml/ (prefix found from the
+        # binary's place).
         self.require_root()
         exe, stdlibs = system_python()
         if exe is None or not re.search(r'python\d+\.\d+$', exe):
@@ -749,14 +834,16 @@ class TestAsRoot(InstallTestCase):
         shutil.copy2(exe, prefix + '/bin/' + os.path.basename(exe))
         stdlib = prefix + '/lib/' + os.path.basename(exe)
         shutil.copytree(stdlibs[0], stdlib, symlinks=True, copy_function=link_or_copy,
-                        ignore=shutil.ignore_patterns('http', 'site-packages', 'dist-packages',
-                                                      'test'))
+                        ignore=shutil.ignore_patterns('json', 'xml', 'site-packages',
+                                                      'dist-packages', 'test'))
         python = prefix + '/bin/' + os.path.basename(exe)
         check = run([python, '-E', '-S', '-c', 'import os'])
         if check.code != 0:
             skip(self, 'a relocated copy of %s does not start: %s' % (exe, check.stderr))
         r, local, etc = self.namespace_run('--python', python)
-        self.assertFailed(r, 1, 'has no http.client', 'python3-minimal')
+        self.assertFailed(r, 1, 'has no json and xml.parsers.expat (json: No module named',
+                          'python3-minimal')
+        self.assertNotIn('shutil', r.stderr)
         self.assertEqual(os.listdir(local + '/sbin'), [])
         self.assertFalse(os.path.lexists(etc + '/' + UNIT_NAME))
 
