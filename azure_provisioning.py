@@ -189,11 +189,12 @@ def with_retries(what, attempt, deadline, log):
 
 def parse_address(text, default_port=80):
     """'IP' or 'IP:PORT' (or '[IPv6]:PORT') -> (host, port)."""
-    if text.strip().startswith('['):
-        host, bracket, rest = text.strip()[1:].partition(']')
+    address = text.strip()
+    if address.startswith('['):
+        host, bracket, rest = address[1:].partition(']')
         valid = bool(bracket) and made_of(host, DIGITS + 'abcdefABCDEF:.')
     else:
-        host, colon, port = text.strip().partition(':')
+        host, colon, port = address.partition(':')
         rest = colon + port
         valid = bool(host) and '[' not in host and ']' not in host
     if rest:
