@@ -20,16 +20,12 @@ Standard library only; Python 3.6 or newer.
 """
 
 import itertools
+import json
 import os
+import re
+import socket
 import sys
 import time
-
-# Start-up is boot time on every VM made from the image, so the path to Ready imports
-# C modules only: socket.py would add enum and selectors (4 ms) and json the regex
-# engine (3 ms), for nothing this script uses.  _socket is the object socket.socket
-# wraps; parse_json runs json's own C scanner.  Other steps import what they need
-# where they need it (tests/bench.py measures the difference).
-import _socket
 
 __all__ = ['ProvisioningError', 'main', 'provision']
 
@@ -150,11 +146,12 @@ class Response(object):
 
 
 def backoff_delay(attempt, retry_after=None):
-    if retry_after is not None:
-        return retry_after
+    """Capped exponential backoff with jitter.  A server's Retry-After can only make
+    the wait longer: "Retry-After: 0" from a busy server must not become a flood."""
     delay = min(BACKOFF_CAP, BACKOFF_FIRST * (2 ** (attempt - 1)))
-    jitter = int.from_bytes(os.urandom(2), 'big') / 65535.0     # no `random` import
-    return delay * (0.5 + jitter / 2)
+    jitter = int.from_bytes(os.urandom(2), 'big') / 65535.0
+    delay *= 0.5 + jitter / 2
+    return max(delay, retry_after or 0.0)
 
 
 def with_retries(what, attempt, deadline, log):
@@ -172,15 +169,19 @@ def with_retries(what, attempt, deadline, log):
             malformed += isinstance(again, Malformed)
             if malformed >= MALFORMED_ANSWERS_ALLOWED:
                 raise ProvisioningError('%s: %s (%d times)' % (what, problem, malformed))
-            delay = backoff_delay(tries, again.retry_after)
-            if delay >= deadline.remaining():
+            delay = backoff_delay(tries)
+            remaining = deadline.remaining()
+            if delay >= remaining:
                 raise ProvisioningError(
                     '%s: %s; gave up after %d attempts in %.1f s (deadline)'
                     % (what, problem, tries, time.monotonic() - started))
+            if again.retry_after is not None:
+                # a Retry-After past the deadline is cut so that one more try fits
+                delay = max(delay, min(again.retry_after, remaining - delay))
             now = time.monotonic()
             if now - said.get(problem, -STILL_WAITING_EVERY) >= STILL_WAITING_EVERY:
                 log.info('%s: %s; retrying (attempt %d, %.1f s left)'
-                         % (what, problem, tries, deadline.remaining()))
+                         % (what, problem, tries, remaining))
                 said[problem] = now
             else:
                 log.debug('%s: %s; retry in %.2f s' % (what, problem, delay))
@@ -188,52 +189,60 @@ def with_retries(what, attempt, deadline, log):
 
 
 def parse_address(text, default_port=80):
-    """'IP' or 'IP:PORT' (or '[IPv6]:PORT') -> (host, port)."""
-    address = text.strip()
-    if address.startswith('['):
-        host, bracket, rest = address[1:].partition(']')
-        valid = bool(bracket) and made_of(host, DIGITS + 'abcdefABCDEF:.')
-    else:
-        host, colon, port = address.partition(':')
-        rest = colon + port
-        valid = bool(host) and '[' not in host and ']' not in host
-    if rest:
-        valid = valid and rest[0] == ':' and made_of(rest[1:], DIGITS) and len(rest) <= 6
-    if not valid:
-        raise ValueError('expected IP or IP:PORT, got %r' % text)
-    port = int(rest[1:]) if rest else default_port
+    """'IP' or 'IP:PORT' or '[IPv6]' or '[IPv6]:PORT' -> (host, port).  Only IP
+    addresses: a name would be a DNS lookup, retried until the deadline."""
+    match = re.match(r'^(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+))(?::([0-9]{1,5}))?$', text.strip())
+    if not match:
+        raise ValueError('expected IP, IP:PORT or [IPv6]:PORT, got %r' % text)
+    ipv6, ipv4, port = match.groups()
+    try:
+        socket.inet_pton(socket.AF_INET6 if ipv6 else socket.AF_INET, ipv6 or ipv4)
+    except OSError:
+        raise ValueError('not an IP address: %r' % text)
+    port = int(port) if port else default_port
     if not 0 < port < 65536:
         raise ValueError('port out of range in %r' % text)
-    return host, port
+    return ipv6 or ipv4, port
+
+
+def host_header(target):
+    """The Host: value: the port unless it is 80, an IPv6 address in brackets."""
+    host, port = target
+    host = '[%s]' % host if ':' in host else host
+    return host if port == 80 else '%s:%d' % (host, port)
 
 
 def http_exchange(target, method, path, headers, deadline, log,
                   body=None, retry_statuses=()):
-    """One HTTP exchange.  Connection errors, timeouts, broken answers, 5xx, 429
-    and the caller's retry_statuses raise TryAgain; every other answer is returned."""
+    """One HTTP exchange.  Connection errors, timeouts, 5xx, 429 and the caller's
+    retry_statuses raise TryAgain, an answer that is not HTTP raises Malformed;
+    every other answer is returned."""
     host, port = target
     timeout = min(REQUEST_TIMEOUT, deadline.remaining())
     if timeout <= 0:
         raise TryAgain('no time left for a request')
     started = time.monotonic()
-    url = 'http://%s:%d%s' % (host if ':' not in host else '[%s]' % host, port, path)
-    lines = ['%s %s HTTP/1.1' % (method, path), 'Host: %s' % host, 'Connection: close',
-             'User-Agent: %s/%s' % (AGENT_NAME, VERSION)]
+    url = 'http://%s%s' % (host_header(target), path)
+    lines = ['%s %s HTTP/1.1' % (method, path), 'Host: ' + host_header(target),
+             'Connection: close', 'User-Agent: %s/%s' % (AGENT_NAME, VERSION)]
     lines += ['%s: %s' % item for item in headers.items()]
     if body is not None:
         lines.append('Content-Length: %d' % len(body))
     request = ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1') + (body or b'')
     try:
-        # a plain connect: create_connection's getaddrinfo imports the idna codec
-        connection = _socket.socket(_socket.AF_INET6 if ':' in host else _socket.AF_INET,
-                                    _socket.SOCK_STREAM)
+        # not create_connection: addresses are IPs already, no getaddrinfo needed
+        connection = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET,
+                                   socket.SOCK_STREAM)
         try:
             connection.settimeout(timeout)
             connection.connect((host, port))
             connection.sendall(request)
-            response = read_response(connection, deadline)
+            response = read_response(connection, deadline, method)
         finally:
             connection.close()
+    except NotHttp as exc:
+        log.debug('%s %s -> %s (%s)' % (method, url, exc, elapsed_ms(started)))
+        raise Malformed(str(exc))
     except (OSError, ValueError) as exc:
         log.debug('%s %s -> %s (%s)' % (method, url, describe_error(exc), elapsed_ms(started)))
         raise TryAgain(describe_error(exc))
@@ -246,78 +255,128 @@ def http_exchange(target, method, path, headers, deadline, log,
     return response
 
 
-class ResponseTooLarge(ProvisioningError):
-    pass
+class NotHttp(ValueError):
+    """The peer answered, but not in HTTP/1.x, or beyond MAX_RESPONSE_BYTES: asking
+    again will not help (a cut-short answer is a plain ValueError: it may)."""
 
 
-def read_response(connection, deadline):
-    """Read and parse one response: ValueError when it is not HTTP or is cut
-    short, ResponseTooLarge past MAX_RESPONSE_BYTES."""
-    data = b''
+class Reader(object):
+    """Buffered reads from a socket, each bounded by the deadline and all of them by
+    MAX_RESPONSE_BYTES."""
 
-    def receive():
-        connection.settimeout(max(0.001, min(REQUEST_TIMEOUT, deadline.remaining())))
-        chunk = connection.recv(65536)
-        if len(data) + len(chunk) > MAX_RESPONSE_BYTES + 65536:
-            raise ResponseTooLarge('response larger than %d bytes' % MAX_RESPONSE_BYTES)
-        return chunk
+    def __init__(self, connection, deadline):
+        self.connection = connection
+        self.deadline = deadline
+        self.buffer = b''
+        self.total = 0
 
-    while b'\r\n\r\n' not in data:
-        chunk = receive()
-        if not chunk:
-            raise ValueError('connection closed before a complete HTTP answer'
-                             if data else 'connection closed without an answer')
-        data += chunk
-    head, _, rest = data.partition(b'\r\n\r\n')
-    status_line, *header_lines = head.decode('latin-1').split('\r\n')
-    version, _, status_reason = status_line.partition(' ')
-    status, _, reason = status_reason.partition(' ')
-    if version not in ('HTTP/1.0', 'HTTP/1.1') or len(status) != 3 \
-            or not made_of(status, DIGITS):
-        raise ValueError('not an HTTP answer: %r' % status_line[:40])
-    headers = {}
-    for line in header_lines:
-        name, colon, value = line.partition(':')
-        if not colon:
-            raise ValueError('malformed HTTP header %r' % line[:40])
-        headers[name.strip().lower()] = value.strip()
-    length = headers.get('content-length')
-    chunked = 'chunked' in headers.get('transfer-encoding', '').lower()
-    if length is not None:
-        if not length.isdigit():
-            raise ValueError('bad Content-Length %r' % length)
-        length = int(length)
-        if length > MAX_RESPONSE_BYTES:
-            raise ResponseTooLarge('response larger than %d bytes' % MAX_RESPONSE_BYTES)
-    data = rest
-    while True:
-        if length is not None and not chunked and len(data) >= length:
-            data = data[:length]
-            break
-        if chunked and (data.startswith(b'0\r\n') or b'\r\n0\r\n' in data) \
-                and data.endswith(b'\r\n\r\n'):
-            break
-        chunk = receive()
-        if not chunk:
-            if length is not None or chunked:
+    def fill(self):
+        self.connection.settimeout(max(0.001, min(REQUEST_TIMEOUT, self.deadline.remaining())))
+        chunk = self.connection.recv(65536)
+        self.total += len(chunk)
+        if self.total > MAX_RESPONSE_BYTES + 65536:
+            raise NotHttp('response larger than %d bytes' % MAX_RESPONSE_BYTES)
+        self.buffer += chunk
+        return bool(chunk)
+
+    def line(self, limit=8192):
+        """One CRLF-terminated line without its CRLF."""
+        while b'\r\n' not in self.buffer:
+            if len(self.buffer) > limit:
+                raise NotHttp('line longer than %d bytes' % limit)
+            if not self.fill():
+                raise ValueError('connection closed mid-answer' if self.total
+                                 else 'connection closed without an answer')
+        line, _, self.buffer = self.buffer.partition(b'\r\n')
+        return line
+
+    def exactly(self, size):
+        while len(self.buffer) < size:
+            if not self.fill():
                 raise ValueError('connection closed mid-answer')
-            break   # no length given: the body ends with the connection
-        data += chunk
-    body = decode_chunked(data) if chunked else data
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def until_closed(self):
+        while self.fill():
+            pass
+        data, self.buffer = self.buffer, b''
+        return data
+
+
+STATUS_LINE = re.compile(r'^HTTP/1\.[01] ([0-9]{3})(?: (.*))?$')
+CHUNK_SIZE = re.compile(rb'^([0-9A-Fa-f]{1,8})[ \t]*(?:;.*)?$')
+
+
+def read_head(reader):
+    """(status, reason, headers) of one answer head."""
+    status_line = reader.line().decode('latin-1')
+    match = STATUS_LINE.match(status_line)
+    if not match:
+        raise NotHttp('not an HTTP answer: %r' % status_line[:40])
+    headers = read_fields(reader)
+    return int(match.group(1)), match.group(2) or '', headers
+
+
+def read_fields(reader):
+    """Header (or trailer) lines up to the empty line -> {lower-case name: value}."""
+    fields = {}
+    for _ in range(200):
+        line = reader.line().decode('latin-1')
+        if not line:
+            return fields
+        name, colon, value = line.partition(':')
+        if not colon or not name.strip() or name != name.strip():
+            raise NotHttp('malformed HTTP header %r' % line[:40])
+        fields[name.lower()] = value.strip()
+    raise NotHttp('more than 200 header lines')
+
+
+def read_response(connection, deadline, method='GET'):
+    """Read one answer, skipping interim 1xx ones (RFC 9110 15.2).  ValueError when it
+    is cut short, NotHttp when it is not HTTP/1.x or is larger than MAX_RESPONSE_BYTES."""
+    reader = Reader(connection, deadline)
+    for _ in range(10):
+        status, reason, headers = read_head(reader)
+        if not 100 <= status < 200:
+            break
+    else:
+        raise NotHttp('more than 10 interim answers')
+    length = headers.get('content-length')
+    if method == 'HEAD' or status in (204, 304):
+        body = b''
+    elif 'chunked' in headers.get('transfer-encoding', '').lower():
+        body = read_chunked(reader)
+    elif length is not None:
+        if not length.isdigit() or len(length) > 12:
+            raise NotHttp('bad Content-Length %r' % length[:40])
+        if int(length) > MAX_RESPONSE_BYTES:
+            raise NotHttp('response larger than %d bytes' % MAX_RESPONSE_BYTES)
+        body = reader.exactly(int(length))
+    else:
+        body = reader.until_closed()    # no length given: the body ends with the connection
     if len(body) > MAX_RESPONSE_BYTES:
-        raise ResponseTooLarge('response larger than %d bytes' % MAX_RESPONSE_BYTES)
-    return Response(int(status), reason, headers, body)
+        raise NotHttp('response larger than %d bytes' % MAX_RESPONSE_BYTES)
+    return Response(status, reason, headers, body)
 
 
-def decode_chunked(data):
-    body = b''
+def read_chunked(reader):
+    """A chunked body (RFC 9112 7.1): size line, data, CRLF, ..., 0, trailers, CRLF."""
+    parts, total = [], 0
     while True:
-        size_line, _, data = data.partition(b'\r\n')
-        size = int(size_line.split(b';')[0].strip() or b'x', 16)    # ValueError if not hex
+        match = CHUNK_SIZE.match(reader.line())
+        if not match:
+            raise NotHttp('bad chunk size line')
+        size = int(match.group(1), 16)
         if size == 0:
-            return body
-        body += data[:size]
-        data = data[size + 2:]
+            read_fields(reader)             # trailers: read, not used
+            return b''.join(parts)
+        total += size
+        if total > MAX_RESPONSE_BYTES:
+            raise NotHttp('response larger than %d bytes' % MAX_RESPONSE_BYTES)
+        parts.append(reader.exactly(size))
+        if reader.exactly(2) != b'\r\n':
+            raise NotHttp('chunk data not followed by CRLF')
 
 
 def retry_after_seconds(value):
@@ -328,7 +387,7 @@ def retry_after_seconds(value):
 
 
 def describe_error(exc):
-    if isinstance(exc, _socket.timeout):
+    if isinstance(exc, socket.timeout):
         return 'timed out'
     if isinstance(exc, OSError) and exc.strerror:
         if exc.filename:
@@ -418,9 +477,11 @@ def xml_texts(text, paths):
     parser.StartElementHandler, parser.EndElementHandler = start, end
     parser.CharacterDataHandler = data
     try:
-        parser.Parse(text.strip().encode('utf-8'), True)
+        parser.Parse(text.strip().encode('utf-8', 'surrogateescape'), True)
     except expat.ExpatError as exc:
         raise ValueError('not well-formed XML (%s)' % exc)
+    except (LookupError, UnicodeError) as exc:     # e.g. encoding="utf-Z" in the declaration
+        raise ValueError('unreadable XML (%s: %s)' % (exc.__class__.__name__, exc))
     return (root[0] if root else None), found
 
 
@@ -458,9 +519,22 @@ def fetch_goal_state(wireserver, deadline, log):
     return with_retries('goal state', attempt, deadline, log)
 
 
+# Terminal escape sequences (colours, cursor moves) and every character XML 1.0
+# forbids (C0 controls but tab/LF/CR, U+FFFE/U+FFFF, lone surrogates): a report that
+# carried one would be refused with 400 and the VM would time out instead of failing.
+TERMINAL_ESCAPE = re.compile(r'\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\\\)?|.?)')
+NOT_XML_TEXT = re.compile('[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]')
+
+
+def clean_text(text):
+    """Text fit for XML 1.0 and KVP: escape sequences dropped, forbidden characters
+    replaced by U+FFFD."""
+    return NOT_XML_TEXT.sub('\ufffd', TERMINAL_ESCAPE.sub('', text))
+
+
 def xml_escape(text):
-    """Text-node escaping (xml.sax.saxutils would cost a dozen imports at start-up)."""
-    return text.replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;')
+    return (clean_text(text).replace('&', '&amp;').replace('<', '&lt;')
+            .replace('>', '&gt;'))
 
 
 def build_health_report(goal_state, state='Ready', substatus=None, description=None):
@@ -585,7 +659,7 @@ def report_to_kvp(description, log, dry_run=False, out=None, pool=KVP_POOL):
 def report_description(result, facts, step=None, reason=None, warnings=()):
     """Azure agents' pipe-separated report, at most MAX_DESCRIPTION characters:
     `result=error|reason=...|agent=...|step=...|vm_id=...|timestamp=...|documentation_url=...`"""
-    clean = lambda text: ' '.join(text.replace('|', '/').split())
+    clean = lambda text: ' '.join(clean_text(text).replace('|', '/').split())
     head = 'result=%s' % result + ('|reason=' if reason is not None else '')
     tail = ['', 'agent=%s/%s' % (AGENT_NAME, VERSION)]
     if step:
@@ -627,43 +701,30 @@ def fetch_instance_metadata(imds, deadline, log):
                                     % (response.status, response.reason,
                                        one_line(response.text(), 200)))
         try:
-            document = parse_json(response.text())
-            if not isinstance(document.get('compute'), dict):
-                raise ValueError('no "compute" object')
-        except (ValueError, AttributeError) as exc:
+            return parse_instance_document(response.text())
+        except ValueError as exc:
             raise Malformed('instance document is not valid (%s)' % exc)
-        return document
 
     return with_retries('IMDS', attempt, deadline, log)
 
 
-class JsonDefaults(object):
-    """What _json.make_scanner reads from its context: json.loads' defaults."""
-    strict = True
-    object_hook = object_pairs_hook = None
-    parse_float = float
-    parse_int = int
-    parse_constant = {'NaN': float('nan'), 'Infinity': float('inf'),
-                      '-Infinity': float('-inf')}.__getitem__
-
-
 def parse_json(text):
-    """json.loads(text) with json's C scanner, without importing json (whose decoder
-    imports re at start-up).  ValueError when text is not one JSON value."""
+    """json.loads, with every way it can fail as ValueError: deeply nested input
+    raises RecursionError, and some Python versions have raised other types."""
     try:
-        from _json import make_scanner
-    except ImportError:     # a Python built without the accelerator: json's own path
-        import json
         return json.loads(text)
-    space = ' \t\n\r'
-    start = len(text) - len(text.lstrip(space))
-    try:
-        value, end = make_scanner(JsonDefaults)(text, start)
-    except StopIteration as stop:
-        raise ValueError('not JSON at character %d' % stop.value)
-    if text[end:].strip(space):
-        raise ValueError('extra data after JSON at character %d' % end)
-    return value
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError('%s: %s' % (exc.__class__.__name__, one_line(str(exc), 80)))
+
+
+def parse_instance_document(text):
+    """IMDS's JSON -> dict with a 'compute' object; ValueError otherwise."""
+    document = parse_json(text)
+    if not isinstance(document, dict) or not isinstance(document.get('compute'), dict):
+        raise ValueError('no "compute" object')
+    return document
 
 
 def compute_field(metadata, *path):
@@ -725,14 +786,14 @@ def set_hostname(name, deadline, log, etc='/etc'):
     if hostnamectl_usable():
         try:
             run_tool(['hostnamectl', 'set-hostname', name], deadline, 'hostname')
-            if _socket.gethostname() == name:
+            if socket.gethostname() == name:
                 return 'hostnamectl'
-            why = 'the hostname is still %s' % _socket.gethostname()
+            why = 'the hostname is still %s' % socket.gethostname()
         except ProvisioningError as exc:
             why = str(exc)
         log.info('hostname: hostnamectl failed (%s); using sethostname' % why)
     try:
-        _socket.sethostname(name)
+        socket.sethostname(name)
     except OSError as exc:
         raise ProvisioningError('cannot set hostname %s: %s' % (name, describe_error(exc)))
     write_file_atomically(os.path.join(etc, 'hostname'), (name + '\n').encode())
@@ -1223,6 +1284,8 @@ def reload_sshd(log):
 # --------------------------------------------------------------------------
 
 HOOKS_DIR = '/etc/azure-provisioning/ready.d'
+HOOK_KILL_GRACE = 5         # seconds to wait for a killed hook to be gone
+HOOK_OUTPUT_GRACE = 0.5     # seconds to read what a finished hook still had in the pipe
 
 
 def list_hooks(directory, log):
@@ -1285,18 +1348,24 @@ def run_hook(path, env, deadline, log):
                     last_error[0] = line
         stream.close()
 
-    readers = [threading.Thread(target=forward, args=(process.stdout, False)),
-               threading.Thread(target=forward, args=(process.stderr, True))]
+    # Daemon threads, joined for a moment only: a hook may leave a child running
+    # (a daemon started with &) that holds our pipes open long after the hook exits.
+    readers = [threading.Thread(target=forward, args=(process.stdout, False), daemon=True),
+               threading.Thread(target=forward, args=(process.stderr, True), daemon=True)]
     for reader in readers:
         reader.start()
     try:
         code = process.wait(timeout=limit)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, 9)   # the whole session: a hook's children go too
-        process.wait()
+        try:
+            process.wait(timeout=HOOK_KILL_GRACE)   # not forever: e.g. stuck in D state
+        except subprocess.TimeoutExpired:
+            log.warning('hook %s: still not gone %d s after SIGKILL' % (name, HOOK_KILL_GRACE))
         code = None
+    drained = time.monotonic() + HOOK_OUTPUT_GRACE
     for reader in readers:
-        reader.join(5)
+        reader.join(max(0.0, drained - time.monotonic()))
     if code is None:
         raise ProvisioningError('hook %s timed out after %d s: %s'
                                 % (name, limit, last_error[0] or 'no output on stderr'))
@@ -1348,7 +1417,7 @@ def provision(options, log, out=None):
             hostname_step(metadata, options, deadline, log, out, warnings)
         else:
             log.info('hostname: left alone (--no-hostname)')
-        facts['AZURE_HOSTNAME'] = _socket.gethostname()
+        facts['AZURE_HOSTNAME'] = socket.gethostname()
         step = 'user'
         if options.provision_user:
             t = time.monotonic()
@@ -1363,17 +1432,15 @@ def provision(options, log, out=None):
             out.write('would run hooks: %s\n' % ' '.join(hooks))
         elif hooks:
             run_hooks(hooks, facts, metadata, deadline, log)
-    except ProvisioningError as exc:
-        return report_failure(str(exc), facts, step, options, deadline, log, out)
-    except OSError as exc:      # e.g. a read-only /etc
-        return report_failure('%s: %s' % (step, describe_error(exc)), facts, step,
-                              options, deadline, log, out)
+    except Exception as exc:    # whatever the type: Azure must hear why, not time out
+        return report_failure(failure_reason(exc, step), facts, step, options, deadline,
+                              log, out)
 
     t = time.monotonic()
     try:
         goal_state = send_health(options, deadline.without_reserve(), log, out, 'Ready')
-    except ProvisioningError as exc:
-        reason = 'could not report Ready: %s' % exc
+    except Exception as exc:
+        reason = 'could not report Ready: %s' % failure_reason(exc, 'ready')
         log.error(reason)
         report_to_kvp(report_description('error', facts, 'ready', reason), log,
                       options.dry_run, out, options.kvp_pool)
@@ -1402,7 +1469,7 @@ def hostname_step(metadata, options, deadline, log, out, warnings):
     """Set the name IMDS gives (when it differs), then announce it to DHCP."""
     t = time.monotonic()
     name = validate_hostname(desired_hostname(metadata))
-    current = _socket.gethostname()
+    current = socket.gethostname()
     if name == current:
         log.info('hostname: already %s, nothing to change (%s)' % (name, elapsed_ms(t)))
         return
@@ -1425,6 +1492,17 @@ def hostname_step(metadata, options, deadline, log, out, warnings):
         warnings.append(warning)
 
 
+def failure_reason(exc, step):
+    """One line for the report: a ProvisioningError says it all; anything else is
+    named with its step and type (e.g. a read-only /etc, or a bug)."""
+    if isinstance(exc, ProvisioningError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return '%s: %s' % (step, describe_error(exc))
+    return '%s: unexpected %s: %s' % (step, exc.__class__.__name__,
+                                      one_line(str(exc), 200) or 'no message')
+
+
 def report_failure(reason, facts, step, options, deadline, log, out):
     log.error(reason)
     description = report_description('error', facts, step, reason)
@@ -1434,8 +1512,8 @@ def report_failure(reason, facts, step, options, deadline, log, out):
     try:
         goal_state = send_health(options, deadline.without_reserve(), log, out,
                                  'NotReady', 'ProvisioningFailed', description)
-    except ProvisioningError as exc:
-        log.error('could not report the failure to Azure: %s' % exc)
+    except Exception as exc:
+        log.error('could not report the failure to Azure: %s' % failure_reason(exc, 'report'))
         return 1
     if not options.dry_run:
         log.info('reported ProvisioningFailed for incarnation %s; the unit stays enabled'

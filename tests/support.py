@@ -31,9 +31,31 @@ class Run(object):
             self.code, self.seconds, self.stdout, self.stderr)
 
 
+# On an Azure or Hyper-V machine the host READS this pool: no test may add to it.
+HYPERV_DIR = '/var/lib/hyperv'
+UNSHARE = shutil.which('unshare') or '/usr/bin/unshare'
+
+
+def shielded(command):
+    """command, run where the machine's KVP pool cannot be written: with
+    /var/lib/hyperv present, inside `unshare --mount` with an empty tmpfs over it.
+    Every process a test starts goes through here (tests/test_machine_untouched.py
+    proves it)."""
+    if not os.path.isdir(HYPERV_DIR):
+        return list(command)
+    if not is_root():
+        if os.access(HYPERV_DIR, os.W_OK):
+            raise AssertionError('%s is writable and only root can hide it: run the tests as '
+                                 'root or as a user who cannot write it' % HYPERV_DIR)
+        return list(command)
+    # absolute paths: some tests run commands with a PATH of their own
+    return [UNSHARE, '--mount', '/bin/sh', '-c',
+            'mount -t tmpfs azp-test-kvp "$0" && exec "$@"', HYPERV_DIR] + list(command)
+
+
 def run_command(command, env=None, timeout=PROCESS_TIMEOUT):
     started = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    process = subprocess.Popen(shielded(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                universal_newlines=True, env=env)
     try:
         stdout, stderr = process.communicate(timeout=timeout)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import unittest
 
+from tests.support import shielded
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 BENCH = os.path.join(HERE, 'bench.py')
@@ -30,7 +32,7 @@ class BenchTest(unittest.TestCase):
     def setUpClass(cls):
         cmd = [sys.executable, BENCH, '--rounds', '2', '--latency-rounds', '1',
                '--warmup', '1', '--up-after', '1.0', '--timeout', '30']
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.Popen(shielded(cmd), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 universal_newlines=True)
         try:
             cls.out, cls.err = proc.communicate(timeout=240)

@@ -21,6 +21,7 @@ from xml.etree import ElementTree
 
 from tests import fake_azure
 from tests.fake_azure import FakeAzure
+from tests.support import shielded
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data")
@@ -516,7 +517,7 @@ sys.exit(0 if status == 200 else 1)
 
 
 def run_cli(*args, **kwargs):
-    process = subprocess.Popen([sys.executable, SCRIPT] + list(args), stdout=subprocess.PIPE,
+    process = subprocess.Popen(shielded([sys.executable, SCRIPT] + list(args)), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, universal_newlines=True, **kwargs)
     try:
         out, err = process.communicate(timeout=CHILD_TIMEOUT)

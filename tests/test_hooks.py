@@ -127,6 +127,40 @@ class Hooks(unittest.TestCase):
             time.sleep(0.02)
         self.assertFalse(alive(child), 'the hook\'s child survived')
 
+    def test_a_daemon_started_by_a_hook_does_not_hold_the_run(self):
+        # the daemon keeps the hook's stdout and stderr (our pipes) open for 60 s
+        pid_file = os.path.join(self.host.dir, 'daemon.pid')
+        self.hook('10-start-daemon', '#!/bin/sh\necho starting\n'
+                                     '(sleep 60; echo late) &\necho $! > %s\nexit 0\n' % pid_file)
+        self.hook('20-second-daemon', '#!/bin/sh\nsleep 60 &\necho "second" >&2\n')
+        with FakeAzure(computer_name='web-7') as az:
+            started = time.monotonic()
+            run = self.provision(az, '--timeout', '60')
+            took = time.monotonic() - started
+            self.assertEqual(run.code, 0, run)
+            self.assertTrue(az.ready_accepted())
+        self.assertLess(took, 5, run)
+        self.assertIn('hook 10-start-daemon: starting', run.stderr)
+        self.assertRegex(run.stderr, r'hook 10-start-daemon done')
+        with open(pid_file) as f:
+            daemon = int(f.read())
+        self.assertTrue(alive(daemon), 'a daemon started by a hook is left running')
+        os.kill(daemon, 9)
+
+    def test_control_characters_in_a_hook_error_still_reach_azure(self):
+        # terminal colours (ESC), a bell, a NUL, a form feed, U+FFFE and invalid UTF-8
+        self.hook('10-colour', '#!/bin/sh\nprintf \'\\033[31mERROR\\033[0m: disk \\007\\000\\014 '
+                               'missing \\357\\277\\276 \\377 end\\n\' >&2\nexit 3\n')
+        with FakeAzure(computer_name='web-7') as az:
+            run = self.provision(az, '--timeout', '30')
+            self.assertEqual(run.code, 1, run)
+            report, = az.health_reports
+            self.assertEqual(report['status'], 200, report)
+        self.assertEqual((report['state'], report['substatus']), ('NotReady', 'ProvisioningFailed'))
+        self.assertIn('reason=hook 10-colour failed with exit status 3: ERROR: disk', report['description'])
+        self.assertIn('missing', report['description'])
+        self.assertNotIn('\x1b', report['description'])
+
     def test_dry_run_lists_hooks_and_runs_none(self):
         self.recorder('10-first')
         self.recorder('20-second')

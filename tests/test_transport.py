@@ -22,8 +22,8 @@ class QuietLog(ap.Log):
 class RawServer(object):
     """Answers every connection on 127.0.0.1 with `reply` (bytes) after `delay` s."""
 
-    def __init__(self, reply, delay=0.0):
-        self.reply, self.delay = reply, delay
+    def __init__(self, reply, delay=0.0, hold=0.0):
+        self.reply, self.delay, self.hold = reply, delay, hold
         self.sock = socket.socket()
         self.sock.bind(('127.0.0.1', 0))
         self.sock.listen(8)
@@ -44,7 +44,11 @@ class RawServer(object):
             try:
                 self.recv_hook(conn.recv(65536))
                 time.sleep(self.delay)
-                conn.sendall(self.reply)
+                parts = self.reply if isinstance(self.reply, list) else [self.reply]
+                for i, part in enumerate(parts):
+                    time.sleep(0.2 if i else 0)     # arrives in separate reads
+                    conn.sendall(part)
+                time.sleep(self.hold)               # the connection stays open
             except OSError:
                 pass
             finally:
@@ -81,9 +85,30 @@ class Addresses(unittest.TestCase):
         self.assertEqual(ap.parse_address('127.0.0.1:8080'), ('127.0.0.1', 8080))
         self.assertEqual(ap.parse_address('[::1]:81'), ('::1', 81))
         self.assertEqual(ap.parse_address(' [fe80::1] '), ('fe80::1', 80))
+        self.assertEqual(ap.parse_address('[::ffff:1.2.3.4]:8'), ('::ffff:1.2.3.4', 8))
+
+    def test_usage_error_at_once_for_a_name(self):
+        import subprocess
+        import sys
+        started = time.monotonic()
+        for flag in ('--imds', '--wireserver'):
+            for bad in ('169.254.169.2544', 'metadata', '1.2.3'):
+                with self.subTest(flag=flag, address=bad):
+                    done = subprocess.run([sys.executable, ap.__file__, flag, bad, '--timeout', '30'],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          universal_newlines=True, timeout=20)
+                    self.assertEqual(done.returncode, 2, done.stderr)
+                    errors = [l for l in done.stderr.splitlines() if 'error:' in l]
+                    self.assertEqual(len(errors), 1, done.stderr)
+                    self.assertIn(bad, errors[0])
+                    self.assertNotIn('Traceback', done.stderr)
+        self.assertLess(time.monotonic() - started, 15)
         for bad in ['', '1.2.3.4:', '1.2.3.4:0', '1.2.3.4:70000', 'a:b:c', '1.2.3.4:80x',
                     ':80', '[::1', '[::1]x', '[::1]:', '[zz]:80', '[]:80', '1.2.3.4:123456',
-                    'a]:80', '1.2.3.4:\u0662']:
+                    'a]:80', '1.2.3.4:\u0662',
+                    # not IP addresses: each would become a DNS lookup retried to the deadline
+                    '169.254.169.2544', '1.2.3', 'metadata', '1.2.3.4.5', '01.2.3.4x',
+                    '[1.2.3.4]:80', 'metadata:80', '256.1.1.1', '[::1%lo]:80', '[:::]:80']:
             with self.subTest(address=bad):
                 with self.assertRaises(ValueError):
                     ap.parse_address(bad)
@@ -96,6 +121,10 @@ class RetryPolicy(unittest.TestCase):
             ceiling = min(ap.BACKOFF_CAP, ap.BACKOFF_FIRST * 2 ** (attempt - 1))
             self.assertTrue(ceiling / 2 <= delay <= ceiling, (attempt, delay))
         self.assertEqual(ap.backoff_delay(3, retry_after=2.0), 2.0)
+        # Retry-After never shortens the backoff: "0" must not mean "at once"
+        for attempt in range(1, 30):
+            self.assertGreaterEqual(ap.backoff_delay(attempt, retry_after=0),
+                                    min(ap.BACKOFF_CAP, ap.BACKOFF_FIRST * 2 ** (attempt - 1)) / 2)
 
     def test_retries_until_success(self):
         answers = [ap.TryAgain('one'), ap.TryAgain('two'), 'done']
@@ -124,13 +153,29 @@ class RetryPolicy(unittest.TestCase):
         self.assertGreater(took, 0.6)
         self.assertGreater(len(calls), 3)
 
-    def test_retry_after_beyond_the_deadline_gives_up_at_once(self):
+    def test_retry_after_zero_does_not_flood(self):
+        calls = []
+
         def attempt():
-            raise ap.TryAgain('HTTP 429', retry_after=60)
-        started = time.monotonic()
+            calls.append(1)
+            raise ap.TryAgain('HTTP 503', retry_after=0)
         with self.assertRaises(ap.ProvisioningError):
-            ap.with_retries('thing', attempt, ap.Deadline(5), QuietLog())
-        self.assertLess(time.monotonic() - started, 1.0)
+            ap.with_retries('thing', attempt, ap.Deadline(1.0), QuietLog())
+        # the backoff alone allows about 8 in a second; Retry-After: 0 used to allow thousands
+        self.assertLess(len(calls), 20)
+
+    def test_retry_after_beyond_the_deadline_is_cut_to_the_time_left(self):
+        calls = []
+
+        def attempt():
+            calls.append(time.monotonic())
+            if len(calls) == 1:
+                raise ap.TryAgain('HTTP 503', retry_after=3600)
+            return 'up'
+        started = time.monotonic()
+        self.assertEqual(ap.with_retries('thing', attempt, ap.Deadline(2.0), QuietLog()), 'up')
+        self.assertEqual(len(calls), 2)
+        self.assertLess(time.monotonic() - started, 2.0)
 
     def test_other_errors_are_not_retried(self):
         calls = []
@@ -170,8 +215,8 @@ class RetryPolicy(unittest.TestCase):
 
 
 class Exchange(unittest.TestCase):
-    def exchange(self, reply, delay=0.0, deadline=5.0, **kwargs):
-        server = RawServer(reply, delay)
+    def exchange(self, reply, delay=0.0, deadline=5.0, hold=0.0, **kwargs):
+        server = RawServer(reply, delay, hold)
         self.addCleanup(server.close)
         return ap.http_exchange(server.address, 'GET', '/x', {}, ap.Deadline(deadline),
                                 QuietLog(), **kwargs)
@@ -195,10 +240,74 @@ class Exchange(unittest.TestCase):
         ap.http_exchange(server.address, 'POST', '/machine?comp=health', {'x-ms-version': '1'},
                          ap.Deadline(5), QuietLog(), body=b'<Health/>')
         request = seen[0]
-        self.assertTrue(request.startswith(b'POST /machine?comp=health HTTP/1.1\r\nHost: 127.0.0.1'
-                                           b'\r\nConnection: close\r\n'), request)
+        host = ('Host: 127.0.0.1:%d' % server.address[1]).encode()
+        self.assertTrue(request.startswith(b'POST /machine?comp=health HTTP/1.1\r\n' + host
+                                           + b'\r\nConnection: close\r\n'), request)
         self.assertIn(b'\r\nx-ms-version: 1\r\n', request)
         self.assertTrue(request.endswith(b'Content-Length: 9\r\n\r\n<Health/>'), request)
+
+    def test_host_header_carries_the_port_unless_80_and_brackets_ipv6(self):
+        self.assertEqual(ap.host_header(('168.63.129.16', 80)), '168.63.129.16')
+        self.assertEqual(ap.host_header(('127.0.0.1', 8080)), '127.0.0.1:8080')
+        self.assertEqual(ap.host_header(('::1', 80)), '[::1]')
+        self.assertEqual(ap.host_header(('fe80::1', 81)), '[fe80::1]:81')
+
+    def test_interim_1xx_answers_are_skipped(self):
+        for interim in [b'HTTP/1.1 100 Continue\r\n\r\n',
+                        b'HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n',
+                        b'HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n']:
+            with self.subTest(interim=interim):
+                response = self.exchange([interim, b'HTTP/1.1 201 Created\r\n'
+                                          b'Content-Length: 2\r\n\r\nok'])
+                self.assertEqual((response.status, response.body), (201, b'ok'))
+                response = self.exchange(interim + b'HTTP/1.1 200 OK\r\n'
+                                         b'Content-Length: 2\r\n\r\nhi')
+                self.assertEqual((response.status, response.body), (200, b'hi'))
+
+    def test_chunk_framing_is_parsed_not_guessed(self):
+        head = b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n'
+        # the first chunk's data looks like the last-chunk marker, at the end of a read
+        response = self.exchange([head + b'9\r\nab\r\n0\r\n\r\n\r\n',
+                                  b'5\r\nhello\r\n0\r\n\r\n'])
+        self.assertEqual(response.body, b'ab\r\n0\r\n\r\nhello')
+        # trailers, extensions, sizes in upper case, split anywhere; the server keeps
+        # the connection open after the last chunk: the answer ends at the framing
+        started = time.monotonic()
+        response = self.exchange([head + b'A;name="x"\r\n0123', b'456789\r',
+                                  b'\n0\r\nX-Trailer: y\r\n', b'\r\n'], hold=5)
+        self.assertEqual(response.body, b'0123456789')
+        self.assertLess(time.monotonic() - started, 3)
+        for broken in [b'5\r\nhelloXX0\r\n\r\n',          # no CRLF after the data
+                       b'5\r\nhello\r\n0\r\nX-Trailer\r\n\r\n',   # bad trailer
+                       b'-5\r\nhello\r\n0\r\n\r\n', b'\r\n', b'0x5\r\nhello\r\n0\r\n\r\n',
+                       b'5\r\nhel']:
+            with self.subTest(broken=broken):
+                with self.assertRaises(ap.TryAgain):
+                    self.exchange(head + broken)
+
+    def test_no_body_for_204_and_304(self):
+        for status in (204, 304):
+            with self.subTest(status=status):
+                started = time.monotonic()
+                response = self.exchange(('HTTP/1.1 %d X\r\n\r\n' % status).encode(), hold=5)
+                self.assertEqual((response.status, response.body), (status, b''))
+                self.assertLess(time.monotonic() - started, 3)
+
+    def test_answers_that_cannot_get_better_are_malformed(self):
+        for reply in [b'SSH-2.0-OpenSSH\r\n\r\n', b'HTTP/1.1 200 OK\r\nno colon here\r\n\r\n',
+                      b'HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\nab']:
+            with self.subTest(reply=reply):
+                with self.assertRaises(ap.Malformed):
+                    self.exchange(reply)
+        # and with_retries stops after MALFORMED_ANSWERS_ALLOWED of them, not at the deadline
+        server = RawServer(b'SSH-2.0-OpenSSH\r\n\r\n')
+        self.addCleanup(server.close)
+        started = time.monotonic()
+        with self.assertRaisesRegex(ap.ProvisioningError, r'\(3 times\)'):
+            ap.with_retries('thing', lambda: ap.http_exchange(
+                server.address, 'GET', '/', {}, ap.Deadline(30), QuietLog()),
+                ap.Deadline(30), QuietLog())
+        self.assertLess(time.monotonic() - started, 5)
 
     def test_status_line_forms(self):
         for line, status, reason in [(b'HTTP/1.1 200 OK', 200, 'OK'), (b'HTTP/1.0 204', 204, ''),
@@ -230,9 +339,13 @@ class Exchange(unittest.TestCase):
 
     def test_oversized_response_is_refused(self):
         body = b'x' * (ap.MAX_RESPONSE_BYTES + 10)
-        reply = b'HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n' % len(body) + body
-        with self.assertRaisesRegex(ap.ProvisioningError, 'larger than'):
-            self.exchange(reply)
+        for head in [b'Content-Length: %d\r\n' % len(body), b'Transfer-Encoding: chunked\r\n',
+                     b'']:
+            with self.subTest(head=head):
+                data = body if b'chunked' not in head else b'%x\r\n%s\r\n0\r\n\r\n' % (
+                    len(body), body)
+                with self.assertRaisesRegex(ap.Malformed, 'larger than'):
+                    self.exchange(b'HTTP/1.1 200 OK\r\n' + head + b'\r\n' + data)
 
     def test_garbage_and_hangups_are_retried(self):
         for reply in [b'', b'SSH-2.0-OpenSSH\r\n\r\n', b'HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab',
