@@ -48,6 +48,15 @@ class ProvisioningError(Exception):
     """Provisioning cannot go on; the message is one line, fit for Azure and the user."""
 
 
+class Terminated(BaseException):
+    """SIGTERM (systemd stopping the unit): unwinds like Ctrl-C, so that what is half
+    done is cleaned up (temporary files), and is no provisioning failure to report."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
 # --------------------------------------------------------------------------
 # Logging: one line per step on stderr (the unit sends it to journal+console)
 # --------------------------------------------------------------------------
@@ -59,7 +68,8 @@ class Log(object):
         self.quiet = quiet
 
     def write(self, message):
-        self.stream.write('%s: %s\n' % (AGENT_NAME, message))
+        # clean: a hook's colours or a NUL from IMDS must not reach the console raw
+        self.stream.write('%s: %s\n' % (AGENT_NAME, clean_text(message)))
         self.stream.flush()
 
     def info(self, message):
@@ -396,15 +406,20 @@ def describe_error(exc):
     return str(exc) or exc.__class__.__name__
 
 
+TOOL_TIMEOUT = 60.0     # seconds for one command, at most: the deadline may cut it shorter
+
+
 def run_tool(argv, deadline, what):
     """Run a command (never through a shell) within the deadline; its stdout, or
     ProvisioningError naming the command and its last words."""
     import subprocess
+    limit = min(TOOL_TIMEOUT, deadline.remaining())
+    if limit <= 0:
+        raise ProvisioningError('%s: no time left to run %s' % (what, argv[0]))
     try:
         done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              universal_newlines=True,
-                              timeout=max(1.0, min(60.0, deadline.remaining())))
-    except (OSError, subprocess.TimeoutExpired) as exc:
+                              universal_newlines=True, timeout=limit)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:   # ValueError: a NUL
         raise ProvisioningError('%s: %s: %s' % (what, argv[0], describe_error(exc)))
     if done.returncode != 0:
         raise ProvisioningError('%s: %s failed: %s' % (
@@ -796,7 +811,8 @@ def set_hostname(name, deadline, log, etc='/etc'):
         socket.sethostname(name)
     except OSError as exc:
         raise ProvisioningError('cannot set hostname %s: %s' % (name, describe_error(exc)))
-    write_file_atomically(os.path.join(etc, 'hostname'), (name + '\n').encode())
+    write_file_atomically(os.path.join(etc, 'hostname'), (name + '\n').encode(),
+                          deadline=deadline)
     return 'sethostname'
 
 
@@ -805,14 +821,31 @@ def split_keeping_spaces(text):
     return [''.join(run) for _, run in itertools.groupby(text, key=str.isspace)]
 
 
+def is_loopback_address(text):
+    """127.0.0.1 or ::1, however spelled (127.0.1.1, Debian's line for the host's
+    own name, is not one of them)."""
+    try:    # inet_aton reads IPv4 as glibc's hosts parser does (127.000.000.001)
+        if '.' in text and socket.inet_aton(text) == socket.inet_aton('127.0.0.1'):
+            return True
+    except (OSError, ValueError):
+        pass
+    try:
+        return socket.inet_pton(socket.AF_INET6, text) == socket.inet_pton(socket.AF_INET6, '::1')
+    except (OSError, ValueError):
+        return False
+
+
 def rename_in_hosts(text, old, new):
     """Replace `old` (and `old.domain`) by `new` on the lines that carry it,
-    outside comments; every other byte stays as it was."""
+    outside comments and never on the 127.0.0.1 and ::1 lines (the VM's name must
+    not resolve to loopback); every other byte stays as it was."""
     out = []
     for line in text.splitlines(True):
         content, hash_, comment = line.partition('#')
         fields = split_keeping_spaces(content)
         words = [i for i, field in enumerate(fields) if not field.isspace()]
+        if words and is_loopback_address(fields[words[0]]):
+            words = []
         for i in words[1:]:     # the first word is the address
             if fields[i] == old:
                 fields[i] = new
@@ -822,10 +855,11 @@ def rename_in_hosts(text, old, new):
     return ''.join(out)
 
 
-def update_etc_hosts(old, new, etc='/etc'):
-    """True when /etc/hosts carried the old name and was rewritten."""
+def update_etc_hosts(old, new, etc='/etc', deadline=None):
+    """True when /etc/hosts carried the old name and was rewritten.  A localhost*
+    name (RHEL's template is localhost.localdomain) is never the name to replace."""
     path = os.path.join(etc, 'hosts')
-    if not old or old == 'localhost':
+    if not old or old.lower().startswith('localhost'):
         return False
     data = read_bytes(path)
     if data is None:
@@ -834,20 +868,30 @@ def update_etc_hosts(old, new, etc='/etc'):
     changed = rename_in_hosts(text, old, new)
     if changed == text:
         return False
-    write_file_atomically(path, changed.encode('utf-8', 'surrogateescape'))
+    write_file_atomically(path, changed.encode('utf-8', 'surrogateescape'), deadline=deadline)
     return True
 
 
-def write_file_atomically(path, data, mode=0o644, owner=None, check=None):
-    """Write via a temporary file and rename: a crash leaves the old file or the new
-    one, never half of one.  An existing file keeps its mode and owner unless they are
-    given; `check` is a command run on the temporary file (e.g. visudo -cf) first."""
+SELINUX_FS = '/sys/fs/selinux'     # mounted when SELinux is enabled
+
+
+def write_file_atomically(path, data, mode=None, owner=None, check=None, deadline=None):
+    """Write via a temporary file and rename: a crash or SIGTERM leaves the old file
+    or the new one, never half of one nor the temporary file.  The mode and owner
+    asked for are enforced (an existing 0666 authorized_keys becomes 0600); not
+    given, an existing file's are kept (new files: 0644, ours).  `check` is a
+    command run on the temporary file first (e.g. visudo -cf); on SELinux the new
+    file gets the old one's label.  Commands are bounded by `deadline`."""
+    deadline = deadline or Deadline(TOOL_TIMEOUT)
     directory = os.path.dirname(path) or '.'
     try:
         st = os.stat(path)
-        mode, owner = st.st_mode & 0o7777, owner or (st.st_uid, st.st_gid)
+        existing = True
+        mode = st.st_mode & 0o7777 if mode is None else mode
+        owner = owner or (st.st_uid, st.st_gid)
     except FileNotFoundError:
-        pass
+        existing = False
+        mode = 0o644 if mode is None else mode
     tmp = os.path.join(directory, '.%s.%d.tmp' % (os.path.basename(path), os.getpid()))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -862,7 +906,11 @@ def write_file_atomically(path, data, mode=0o644, owner=None, check=None):
                 pass    # not root (tests): the file stays ours
         os.chmod(tmp, mode)
         if check:
-            run_tool(check + [tmp], Deadline(60), 'checking %s' % path)
+            run_tool(check + [tmp], deadline, 'checking %s' % path)
+        if existing and os.path.isdir(SELINUX_FS):
+            # a renamed-in file keeps the label of where it was made, not the old file's
+            run_tool([find_tool('chcon') or 'chcon', '--reference=' + path, tmp], deadline,
+                     'SELinux label for %s' % path)
         os.rename(tmp, path)
     except BaseException:
         try:
@@ -1166,9 +1214,10 @@ def provision_user(metadata, deadline, log, dry_run, out):
         if not dry_run:
             lock_password(name, deadline)
     grant_sudo(name, deadline, log, say)
-    install_keys(name, keys, authorized_keys_path(home, paths, log), account, log, say)
+    install_keys(name, keys, authorized_keys_path(home, paths, log), account, deadline, log,
+                 say)
     if disable_passwords:
-        disable_password_logins(log, say)
+        disable_password_logins(deadline, log, say)
     else:
         log.info('user: disablePasswordAuthentication is not "true"; sshd left alone')
     return name
@@ -1199,12 +1248,12 @@ def grant_sudo(name, deadline, log, say):
         return say('write %s granting %s sudo' % (SUDOERS_DROP_IN, name))
     visudo = find_tool('visudo')
     check = [visudo, '-cf'] if visudo else None
-    write_file_atomically(SUDOERS_DROP_IN, rule, mode=0o440, check=check)
+    write_file_atomically(SUDOERS_DROP_IN, rule, mode=0o440, check=check, deadline=deadline)
     log.info('user: sudo rule %s written%s' % (SUDOERS_DROP_IN,
                                                ' (visudo -cf ok)' if visudo else ''))
 
 
-def install_keys(name, keys, path, account, log, say):
+def install_keys(name, keys, path, account, deadline, log, say):
     if not keys:
         log.info('user: IMDS has no public keys for %s' % name)
         return
@@ -1235,15 +1284,15 @@ def install_keys(name, keys, path, account, log, say):
         os.chmod(directory, 0o700)
     text = ''.join(line + '\n' for line in lines + new)
     write_file_atomically(path, text.encode('utf-8'), mode=0o600,
-                          owner=(account.pw_uid, account.pw_gid))
+                          owner=(account.pw_uid, account.pw_gid), deadline=deadline)
     restorecon = find_tool('restorecon')
-    if restorecon:
-        import subprocess
-        subprocess.call([restorecon, '-R', directory])
+    if restorecon and os.path.isdir(SELINUX_FS):
+        # ssh_home_t, or sshd may not read the keys
+        run_tool([restorecon, '-R', directory], deadline, 'user')
     log.info('user: %d key(s) added to %s' % (len(new), path))
 
 
-def disable_password_logins(log, say):
+def disable_password_logins(deadline, log, say):
     config = read_bytes('/etc/ssh/sshd_config')
     if config is None:
         log.info('user: no /etc/ssh/sshd_config; PasswordAuthentication left alone')
@@ -1261,19 +1310,19 @@ def disable_password_logins(log, say):
         return
     if say:
         return say('write %s: PasswordAuthentication no' % SSHD_DROP_IN)
-    write_file_atomically(SSHD_DROP_IN, setting)
+    write_file_atomically(SSHD_DROP_IN, setting, deadline=deadline)
     log.info('user: PasswordAuthentication no (%s)' % SSHD_DROP_IN)
-    reload_sshd(log)
+    reload_sshd(deadline, log)
 
 
-def reload_sshd(log):
+def reload_sshd(deadline, log):
     """sshd reads its configuration when it starts, and it may be running already.
     Only the system's sshd, never from a test namespace."""
     if not system_systemd():
         return
     try:
         run_tool(['systemctl', 'try-reload-or-restart', 'ssh.service', 'sshd.service'],
-                 Deadline(30), 'user')
+                 deadline, 'user')
     except ProvisioningError as exc:
         log.warning('sshd not reloaded, PasswordAuthentication no applies from its next '
                     'start: %s' % exc)
@@ -1316,7 +1365,7 @@ def run_hooks(hooks, facts, metadata, deadline, log):
     try:
         imds_copy = os.path.join(scratch, 'imds.json')
         write_file_atomically(imds_copy, json.dumps(metadata, indent=2).encode('utf-8'),
-                              mode=0o600)
+                              mode=0o600, deadline=deadline)
         env = dict(os.environ, AZURE_IMDS_JSON=imds_copy, **facts)
         for hook in hooks:
             run_hook(hook, env, deadline, log)
@@ -1477,7 +1526,7 @@ def hostname_step(metadata, options, deadline, log, out, warnings):
         out.write('would set hostname: %s (now %s)\n' % (name, current))
     else:
         method = set_hostname(name, deadline, log, options.etc)
-        hosts = update_etc_hosts(current, name, options.etc)
+        hosts = update_etc_hosts(current, name, options.etc, deadline)
         log.info('hostname set to %s via %s%s (%s)'
                  % (name, method, ', /etc/hosts updated' if hosts else '', elapsed_ms(t)))
     if not options.publish_hostname:
@@ -1866,6 +1915,8 @@ def main(args=None):
         if not os.path.isdir(options.root):
             usage_error('--root %s: not a directory' % options.root)
         return check_image(options.root, sys.stdout)
+    import signal
+    signal.signal(signal.SIGTERM, raise_terminated)
     log = Log(options.verbose)
     run = Options(wireserver=options.wireserver, imds=options.imds, timeout=options.timeout,
                   set_hostname=not options.no_hostname,
@@ -1878,6 +1929,9 @@ def main(args=None):
         return 1
     except KeyboardInterrupt:
         log.error('interrupted')
+        return 1
+    except Terminated:
+        log.error('stopped by SIGTERM')
         return 1
     except Exception as exc:    # a bug: say it in one line, the traceback only with -v
         if options.verbose:

@@ -427,7 +427,8 @@ class FakeAzure(object):
                  container_id=DEFAULT_CONTAINER_ID, instance_id=None,
                  admin_username="azureuser", public_keys=None, imds_api_versions=None,
                  wire_faults=None, imds_faults=None, goalstate_faults=None,
-                 health_faults=None, goal_state_body=None, no_role_instance_for=0,
+                 health_faults=None, goal_state_body=None, imds_body=None,
+                 no_role_instance_for=0,
                  bump_incarnation_after=None, wireserver_up_after=0.0, imds_down=False,
                  vm_id=DEFAULT_VM_ID, record_file=None, verbose=False):
         self.computer_name = computer_name
@@ -439,6 +440,7 @@ class FakeAzure(object):
         self.admin_username = admin_username
         self.imds_api_versions = list(imds_api_versions) if imds_api_versions else None
         self.goal_state_body = goal_state_body
+        self.imds_body = imds_body
         self.no_role_instance_for = no_role_instance_for
         self.bump_incarnation_after = bump_incarnation_after
         self.wireserver_up_after = wireserver_up_after
@@ -745,6 +747,8 @@ class FakeAzure(object):
         return self._imds_leaf(parts[2:], query.get("format", ["json"])[0], error)
 
     def _imds_leaf(self, keys, fmt, error):
+        if self.imds_body is not None and not keys:
+            return Reply(200, self.imds_body, "application/json; charset=utf-8")
         node = self._imds_doc
         for key in keys:
             if isinstance(node, dict) and key in node:
@@ -999,6 +1003,8 @@ def add_emulator_options(parser):
                     help="accept only these IMDS api-versions (others get 400)")
     vm.add_argument("--goal-state-file", metavar="FILE",
                     help="serve this file verbatim as the goal state")
+    vm.add_argument("--imds-file", metavar="FILE",
+                    help="serve this file verbatim as the instance document")
 
     faults = parser.add_argument_group(
         "faults",
@@ -1029,11 +1035,13 @@ def add_emulator_options(parser):
 
 
 def emulator_kwargs(args):
-    goal_state_body = None
-    if args.goal_state_file:
-        with open(args.goal_state_file, "rb") as f:
-            goal_state_body = f.read().decode("utf-8", "replace")
-    return dict(
+    bodies = {}
+    for name, path in (("goal_state_body", args.goal_state_file),
+                       ("imds_body", args.imds_file)):
+        if path:
+            with open(path, "rb") as f:
+                bodies[name] = f.read().decode("utf-8", "replace")
+    return dict(bodies,
         host=args.host, wireserver_port=args.wireserver_port, imds_port=args.imds_port,
         computer_name=args.computer_name, vm_name=args.vm_name,
         os_profile=not args.no_os_profile, incarnation=args.incarnation,
@@ -1041,7 +1049,7 @@ def emulator_kwargs(args):
         admin_username=args.admin_username, public_keys=args.public_key,
         imds_api_versions=args.imds_api_versions, wire_faults=args.wire_faults,
         imds_faults=args.imds_faults, goalstate_faults=args.goalstate_faults,
-        health_faults=args.health_faults, goal_state_body=goal_state_body,
+        health_faults=args.health_faults,
         no_role_instance_for=args.no_role_instance_for,
         bump_incarnation_after=args.bump_incarnation_after,
         wireserver_up_after=args.wireserver_up_after, imds_down=args.imds_down,

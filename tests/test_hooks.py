@@ -161,6 +161,18 @@ class Hooks(unittest.TestCase):
         self.assertIn('missing', report['description'])
         self.assertNotIn('\x1b', report['description'])
 
+    def test_a_nul_in_an_imds_fact_is_reported_not_a_crash(self):
+        # subprocess refuses an environment with a NUL: ValueError, once an "internal error"
+        self.recorder('10-first')
+        with FakeAzure(computer_name='web-7', admin_username='alice\x00evil') as az:
+            run = self.provision(az, '--timeout', '30')
+            self.assertEqual(run.code, 1, run)
+            report, = az.health_reports
+        self.assertEqual((report['state'], report['substatus']), ('NotReady', 'ProvisioningFailed'))
+        self.assertIn('step=hooks', report['description'])
+        self.assertIn('ValueError', report['description'])
+        self.assertNotIn('internal error', run.stderr)
+
     def test_dry_run_lists_hooks_and_runs_none(self):
         self.recorder('10-first')
         self.recorder('20-second')

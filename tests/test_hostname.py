@@ -63,7 +63,34 @@ DEBIAN_HOSTS = ('127.0.0.1\tlocalhost\n127.0.1.1\told-name.example.com\told-name
                 '10.0.0.5 old-names other old-name-2  # old-name\n')
 
 
+RHEL_HOSTS = ('127.0.0.1   localhost localhost.localdomain localhost4 localhost4.localdomain4\n'
+              '::1         localhost localhost.localdomain localhost6 localhost6.localdomain6\n')
+
+
 class EtcHosts(unittest.TestCase):
+    def test_rhel_template_name_is_not_replaced(self):
+        # RHEL, Alma and Rocky images are named localhost.localdomain: renaming it would
+        # make the VM's own name resolve to ::1
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        with open(os.path.join(tmp, 'hosts'), 'w') as f:
+            f.write(RHEL_HOSTS)
+        for old in ('localhost.localdomain', 'localhost', 'localhost4', 'LOCALHOST.localdomain',
+                    'localhost6.localdomain6'):
+            with self.subTest(old=old):
+                self.assertFalse(ap.update_etc_hosts(old, 'web-7', tmp))
+        with open(os.path.join(tmp, 'hosts')) as f:
+            self.assertEqual(f.read(), RHEL_HOSTS)
+
+    def test_loopback_lines_are_never_renamed(self):
+        text = ('127.0.0.1 localhost old-name\n::1 localhost old-name\n'
+                '0:0:0:0:0:0:0:1 old-name\n127.000.000.001 old-name\n127.0.1.1 old-name\n'
+                '10.0.0.4 old-name.internal\n')
+        self.assertEqual(ap.rename_in_hosts(text, 'old-name', 'web-7'), text.replace(
+            '127.0.1.1 old-name', '127.0.1.1 web-7').replace('10.0.0.4 old-name.', '10.0.0.4 web-7.'))
+        self.assertEqual(ap.rename_in_hosts(RHEL_HOSTS, 'localhost', 'web-7'), RHEL_HOSTS)
+
+
     def test_only_the_old_name_changes(self):
         changed = ap.rename_in_hosts(DEBIAN_HOSTS, 'old-name', 'web-7')
         self.assertEqual(changed, DEBIAN_HOSTS.replace(
@@ -126,6 +153,76 @@ class AtomicWrite(unittest.TestCase):
         with open(self.path, 'rb') as f:
             self.assertEqual(f.read(), b'web-7\n')
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o644)
+
+    def test_the_mode_asked_for_is_enforced_on_an_existing_file(self):
+        for asked, before in [(0o600, 0o666), (0o440, 0o644), (0o644, 0o600)]:
+            with self.subTest(asked=oct(asked), before=oct(before)):
+                with open(self.path, 'w') as f:
+                    f.write('old\n')
+                os.chmod(self.path, before)
+                ap.write_file_atomically(self.path, b'new\n', mode=asked)
+                self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), asked)
+        os.chmod(self.path, 0o640)      # not asked: kept
+        ap.write_file_atomically(self.path, b'again\n')
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o640)
+
+    def test_selinux_label_of_the_old_file_is_given_to_the_new_one(self):
+        tools = os.path.join(self.tmp, 'bin')
+        os.mkdir(tools)
+        log = os.path.join(self.tmp, 'chcon.log')
+        with open(os.path.join(tools, 'chcon'), 'w') as f:
+            f.write('#!/bin/sh\necho "$@" >> %s\n' % log)
+        os.chmod(os.path.join(tools, 'chcon'), 0o755)
+        selinuxfs = os.path.join(self.tmp, 'selinux')
+        os.mkdir(selinuxfs)
+        target = os.path.join(self.tmp, 'etc-hosts')
+        with open(target, 'w') as f:
+            f.write('old\n')
+        old_fs, old_path = ap.SELINUX_FS, os.environ['PATH']
+        self.addCleanup(setattr, ap, 'SELINUX_FS', old_fs)
+        self.addCleanup(os.environ.__setitem__, 'PATH', old_path)
+        os.environ['PATH'] = tools + os.pathsep + old_path
+        ap.SELINUX_FS = os.path.join(self.tmp, 'no-selinux')
+        ap.write_file_atomically(target, b'one\n')
+        self.assertFalse(os.path.exists(log), 'chcon run without SELinux')
+        ap.SELINUX_FS = selinuxfs
+        ap.write_file_atomically(target, b'two\n')
+        with open(log) as f:
+            argv = f.read().split()
+        self.assertEqual(argv[0], '--reference=' + target)
+        self.assertRegex(argv[1], r'/\.etc-hosts\.\d+\.tmp$')
+        ap.write_file_atomically(os.path.join(self.tmp, 'new-file'), b'x\n')
+        with open(log) as f:
+            self.assertEqual(len(f.read().splitlines()), 1, 'a new file has no old label')
+
+    def test_sigterm_during_a_write_leaves_no_temporary_file(self):
+        code = ('import signal, sys; sys.path.insert(0, %r); import azure_provisioning as ap; '
+                'signal.signal(signal.SIGTERM, ap.raise_terminated); '
+                'print("writing", flush=True); '
+                'ap.write_file_atomically(%r, b"new", check=["sh", "-c", "sleep 30", "sh"])' % (
+                    os.path.dirname(SCRIPT), self.path))
+        with open(self.path, 'w') as f:
+            f.write('old\n')
+        import subprocess
+        import sys
+        child = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, universal_newlines=True)
+        self.addCleanup(child.communicate)
+        self.addCleanup(child.kill)
+        self.assertEqual(child.stdout.readline(), 'writing\n')
+        for _ in range(100):    # the temporary file exists while the check runs
+            if len(os.listdir(self.tmp)) == 2:
+                break
+            import time
+            time.sleep(0.05)
+        self.assertEqual(len(os.listdir(self.tmp)), 2, os.listdir(self.tmp))
+        child.terminate()
+        _, err = child.communicate(timeout=20)
+        self.assertNotEqual(child.returncode, 0)
+        self.assertIn('Terminated', err)
+        self.assertEqual(os.listdir(self.tmp), ['hostname'])
+        with open(self.path) as f:
+            self.assertEqual(f.read(), 'old\n')
 
     def test_failed_write_leaves_the_old_file_and_no_temp(self):
         with open(self.path, 'w') as f:

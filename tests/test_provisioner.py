@@ -328,6 +328,43 @@ class BadGoalStates(unittest.TestCase):
     def test_wrong_root(self):
         self.check('<Goalstate><Incarnation>1</Incarnation></Goalstate>', r'not <GoalState>')
 
+    def test_unknown_encoding(self):
+        # expat raised LookupError, which ended the run as an "internal error"
+        self.check('<?xml version="1.0" encoding="utf-Z"?><GoalState/>',
+                   r'goal state: unreadable XML \(LookupError: unknown encoding: utf-Z\)')
+
+
+class BadInstanceDocuments(unittest.TestCase):
+    """Whatever IMDS answers, the failure is reported, with the reason, in seconds."""
+
+    def check(self, body, *reason_parts):
+        with FakeAzure(imds_body=body) as az:
+            run = run_provisioner(az, '--no-hostname', '--timeout', '30')
+            self.assertEqual(run.code, 1, run)
+            self.assertNotIn('Traceback', run.stderr)
+            self.assertNotIn('internal error', run.stderr)
+            self.assertLess(run.seconds, 10, run)
+            failed, = az.health_reports
+        self.assertEqual((failed['state'], failed['substatus'], failed['status']),
+                         ('NotReady', 'ProvisioningFailed', 200))
+        self.assertIn('step=imds', failed['description'])
+        for part in reason_parts:
+            self.assertIn(part, failed['description'])
+        self.assertEqual(len([l for l in run.stderr.splitlines() if ' error: ' in l]), 1, run)
+
+    def test_deeply_nested(self):
+        # json raised RecursionError: "internal error", nothing reported
+        self.check('[' * 100000, 'IMDS: instance document is not valid (RecursionError')
+
+    def test_truncated(self):
+        # json's C scanner without json.decoder loaded raised SystemError on 3.11
+        self.check('{"compute": {"name": "web', 'IMDS: instance document is not valid (')
+
+    def test_not_an_object(self):
+        for body in ('[]', '"compute"', '{"compute": []}', 'null'):
+            with self.subTest(body=body):
+                self.check(body, 'no "compute" object) (3 times)')
+
 
 class Deadline(unittest.TestCase):
     def test_wireserver_never_up(self):
