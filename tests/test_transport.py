@@ -371,5 +371,94 @@ class Exchange(unittest.TestCase):
             ap.http_exchange(sock.getsockname(), 'GET', '/', {}, ap.Deadline(5), QuietLog())
 
 
+class EverythingWaitsOnTheDeadline(unittest.TestCase):
+    """No command the script runs may outlive the shared deadline."""
+
+    def setUp(self):
+        import os
+        import shutil
+        import tempfile
+        self.tmp = tempfile.mkdtemp(prefix='azp-bounded-')
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.bin = os.path.join(self.tmp, 'bin')
+        os.mkdir(self.bin)
+        old_path = os.environ['PATH']
+        self.addCleanup(os.environ.__setitem__, 'PATH', old_path)
+        os.environ['PATH'] = self.bin + os.pathsep + old_path
+
+    def stand_in(self, name, script='sleep 600'):
+        import os
+        path = os.path.join(self.bin, name)
+        with open(path, 'w') as f:
+            f.write('#!/bin/sh\n%s\n' % script)
+        os.chmod(path, 0o755)
+        return path
+
+    def assert_bounded(self, call, seconds=1.0):
+        started = time.monotonic()
+        with self.assertRaisesRegex(ap.ProvisioningError, 'timed out|no time left'):
+            call(ap.Deadline(seconds))
+        self.assertLess(time.monotonic() - started, seconds + 1.0)
+
+    def test_run_tool_never_outlives_the_deadline(self):
+        self.assert_bounded(lambda d: ap.run_tool(['sleep', '5'], d, 'x'), 0.3)
+        self.assert_bounded(lambda d: ap.run_tool(['true'], d, 'x'), 0.0)
+
+    def test_a_check_like_visudo(self):
+        import os
+        self.assert_bounded(lambda d: ap.write_file_atomically(
+            os.path.join(self.tmp, 'rule'), b'x', check=['sh', '-c', 'sleep 600', 'sh'],
+            deadline=d))
+        self.assertEqual(sorted(os.listdir(self.tmp)), ['bin'])
+
+    def test_restorecon(self):
+        import collections
+        import os
+        self.stand_in('restorecon')
+        old_fs = ap.SELINUX_FS
+        self.addCleanup(setattr, ap, 'SELINUX_FS', old_fs)
+        ap.SELINUX_FS = self.tmp       # "SELinux is enabled"
+        home = os.path.join(self.tmp, 'home')
+        os.mkdir(home)
+        account = collections.namedtuple('Account', 'pw_uid pw_gid pw_dir')(
+            os.getuid(), os.getgid(), home)
+        key = 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBn0rqjmEIvRQGfFGxDBRjRAFBkUcUwLDwn0W3bnuzJ0 a'
+        self.assert_bounded(lambda d: ap.install_keys(
+            'alice', [key], os.path.join(home, '.ssh', 'authorized_keys'), account, d,
+            QuietLog(), None))
+
+    def test_sshd_reload(self):
+        self.stand_in('systemctl')
+        old = ap.system_systemd
+        self.addCleanup(setattr, ap, 'system_systemd', old)
+        ap.system_systemd = lambda: True
+        log = QuietLog()
+        started = time.monotonic()
+        ap.reload_sshd(ap.Deadline(1.0), log)       # a warning, within the deadline
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertRegex(log.lines[-1], r'^warning: sshd not reloaded.*timed out')
+
+    def test_a_killed_hook_that_does_not_go_away(self):
+        # SIGKILL cannot end a process in uninterruptible sleep: stand in for that with a
+        # kill that does nothing; the run goes on after HOOK_KILL_GRACE
+        import os
+        pid_file = os.path.join(self.tmp, 'hook.pid')
+        hook = self.stand_in('hook', 'echo $$ > %s; echo "stuck" >&2; exec sleep 30' % pid_file)
+        old_kill, old_grace = os.killpg, ap.HOOK_KILL_GRACE
+        self.addCleanup(setattr, os, 'killpg', old_kill)
+        self.addCleanup(setattr, ap, 'HOOK_KILL_GRACE', old_grace)
+        os.killpg = lambda pid, signal: None
+        ap.HOOK_KILL_GRACE = 0.5
+        started = time.monotonic()
+        try:
+            with self.assertRaisesRegex(ap.ProvisioningError, r'^hook hook timed out after'):
+                ap.run_hook(hook, dict(os.environ), ap.Deadline(1.0), QuietLog())
+            self.assertLess(time.monotonic() - started, 3.0)
+        finally:
+            os.killpg = old_kill
+            with open(pid_file) as f:
+                os.kill(int(f.read()), 9)
+
+
 if __name__ == '__main__':
     unittest.main()
