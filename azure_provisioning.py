@@ -1387,11 +1387,12 @@ def run_hook(path, env, deadline, log):
     except OSError as exc:
         raise ProvisioningError('hook %s could not start: %s' % (name, describe_error(exc)))
     last_error = ['']
+    finished = threading.Event()
 
     def forward(stream, keep_last):
         for raw in iter(stream.readline, b''):
             line = raw.decode('utf-8', 'replace').rstrip()
-            if line:
+            if line and not finished.is_set():
                 log.info('hook %s: %s' % (name, line))
                 if keep_last:
                     last_error[0] = line
@@ -1406,15 +1407,20 @@ def run_hook(path, env, deadline, log):
     try:
         code = process.wait(timeout=limit)
     except subprocess.TimeoutExpired:
+        code = None
+    except BaseException:           # SIGTERM (Terminated) or Ctrl-C: the hook goes too
+        os.killpg(process.pid, 9)
+        raise
+    if code is None:
         os.killpg(process.pid, 9)   # the whole session: a hook's children go too
         try:
             process.wait(timeout=HOOK_KILL_GRACE)   # not forever: e.g. stuck in D state
         except subprocess.TimeoutExpired:
             log.warning('hook %s: still not gone %d s after SIGKILL' % (name, HOOK_KILL_GRACE))
-        code = None
     drained = time.monotonic() + HOOK_OUTPUT_GRACE
     for reader in readers:
         reader.join(max(0.0, drained - time.monotonic()))
+    finished.set()      # what a left-over child prints from now on is read and dropped
     if code is None:
         raise ProvisioningError('hook %s timed out after %d s: %s'
                                 % (name, limit, last_error[0] or 'no output on stderr'))
