@@ -407,24 +407,51 @@ def describe_error(exc):
 
 
 TOOL_TIMEOUT = 60.0     # seconds for one command, at most: the deadline may cut it shorter
+TOOL_KILL_GRACE = 2.0   # seconds for a killed command's pipes to close
 
 
 def run_tool(argv, deadline, what):
     """Run a command (never through a shell) within the deadline; its stdout, or
-    ProvisioningError naming the command and its last words."""
+    ProvisioningError naming the command and its last words.  It runs in a session of
+    its own, so that at the deadline all of it goes: a child it left behind holding
+    our pipes must not keep us waiting."""
     import subprocess
     limit = min(TOOL_TIMEOUT, deadline.remaining())
     if limit <= 0:
         raise ProvisioningError('%s: no time left to run %s' % (what, argv[0]))
     try:
-        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              universal_newlines=True, timeout=limit)
-    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:   # ValueError: a NUL
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, universal_newlines=True,
+                                   start_new_session=True)
+    except (OSError, ValueError) as exc:    # ValueError: a NUL in an argument
         raise ProvisioningError('%s: %s: %s' % (what, argv[0], describe_error(exc)))
-    if done.returncode != 0:
+    try:
+        stdout, stderr = process.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        kill_session(process)
+        raise ProvisioningError('%s: %s: timed out after %.1f s' % (what, argv[0], limit))
+    except BaseException:           # SIGTERM or Ctrl-C: the command goes too
+        kill_session(process)
+        raise
+    if process.returncode != 0:
         raise ProvisioningError('%s: %s failed: %s' % (
-            what, argv[0], one_line(done.stderr, 200) or 'exit status %d' % done.returncode))
-    return done.stdout
+            what, argv[0], one_line(stderr, 200) or 'exit status %d' % process.returncode))
+    return stdout
+
+
+def kill_session(process, grace=TOOL_KILL_GRACE):
+    """SIGKILL to the session a command of ours leads (its children too), then wait
+    for it, `grace` seconds at most: a process stuck in the kernel cannot be waited for."""
+    import subprocess
+    try:
+        os.killpg(process.pid, 9)
+    except OSError:
+        pass    # already gone
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def find_tool(name):
@@ -1408,15 +1435,11 @@ def run_hook(path, env, deadline, log):
         code = process.wait(timeout=limit)
     except subprocess.TimeoutExpired:
         code = None
-    except BaseException:           # SIGTERM (Terminated) or Ctrl-C: the hook goes too
-        os.killpg(process.pid, 9)
-        raise
-    if code is None:
-        os.killpg(process.pid, 9)   # the whole session: a hook's children go too
-        try:
-            process.wait(timeout=HOOK_KILL_GRACE)   # not forever: e.g. stuck in D state
-        except subprocess.TimeoutExpired:
+        if not kill_session(process, HOOK_KILL_GRACE):
             log.warning('hook %s: still not gone %d s after SIGKILL' % (name, HOOK_KILL_GRACE))
+    except BaseException:           # SIGTERM (Terminated) or Ctrl-C: the hook goes too
+        kill_session(process, HOOK_KILL_GRACE)
+        raise
     drained = time.monotonic() + HOOK_OUTPUT_GRACE
     for reader in readers:
         reader.join(max(0.0, drained - time.monotonic()))

@@ -41,7 +41,10 @@ def run_suite(python, modules):
                               universal_newlines=True, timeout=TIMEOUT)
         output, code = done.stdout, done.returncode
     except subprocess.TimeoutExpired as exc:
-        output, code = (exc.output or '') + '\n(timed out after %d s)' % TIMEOUT, 1
+        partial = exc.output or ''
+        if isinstance(partial, bytes):     # what was read before the timeout, undecoded
+            partial = partial.decode('utf-8', 'replace')
+        output, code = partial + '\n(timed out after %d s)' % TIMEOUT, 1
     ran = re.search(r'^Ran (\d+) tests?', output, re.M)
     skipped = re.search(r'skipped=(\d+)', output)
     return code, int(ran.group(1)) if ran else 0, int(skipped.group(1)) if skipped else 0, \

@@ -207,7 +207,7 @@ class AtomicWrite(unittest.TestCase):
         import sys
         child = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, universal_newlines=True)
-        self.addCleanup(child.communicate)
+        self.addCleanup(child.wait)
         self.addCleanup(child.kill)
         self.assertEqual(child.stdout.readline(), 'writing\n')
         for _ in range(100):    # the temporary file exists while the check runs

@@ -93,12 +93,16 @@ def health_fields(xml):
 
 
 class HealthReport(unittest.TestCase):
-    goal_state = ap.GoalState('1', 'c6d5526c-5ac2-4200-b6e2-56f2b70c5ab2',
+    # not '1': the article's sample hard-codes 1, so 1 would not show a report that ignores
+    # the goal state's incarnation
+    goal_state = ap.GoalState('17', 'c6d5526c-5ac2-4200-b6e2-56f2b70c5ab2',
                               'b61f93d0-e1ed-40b2-b067-22c243233448.MachineRole_IN_0')
 
     def test_ready_matches_what_walinuxagent_sends(self):
         ours = health_fields(ap.build_health_report(self.goal_state))
         theirs = health_fields(sample('walinuxagent__wire-health_ready-rendered.xml'))
+        self.assertEqual(ours.pop('incarnation'), '17')
+        self.assertEqual(theirs.pop('incarnation'), '1')
         self.assertEqual(ours, theirs)
         self.assertEqual(ours['state'], 'Ready')
 
@@ -112,12 +116,31 @@ class HealthReport(unittest.TestCase):
                          ('NotReady', 'ProvisioningFailed', 'x'))
 
     def test_every_field_is_escaped(self):
-        nasty = ap.GoalState('1', 'c<&>"', "i'</InstanceId>")
+        nasty = ap.GoalState('23', 'c<&>"', "i'</InstanceId>")
         description = 'reason=<b>&amp; "quoted" ]]> </Description>'
         fields = health_fields(ap.build_health_report(nasty, 'NotReady', 'ProvisioningFailed',
                                                       description))
-        self.assertEqual((fields['container_id'], fields['instance_id'],
-                          fields['description']), ('c<&>"', "i'</InstanceId>", description))
+        self.assertEqual((fields['incarnation'], fields['container_id'], fields['instance_id'],
+                          fields['description']), ('23', 'c<&>"', "i'</InstanceId>", description))
+
+    def test_text_xml_forbids_is_cleaned(self):
+        # C0 controls (a hook's colours, a NUL), U+FFFE/U+FFFF and lone surrogates would
+        # make the report invalid XML: the WireServer answers 400 and the VM times out
+        description = ('\x1b[31mERROR\x1b[0m: disk \x00\x07\x08\x0b\x0c\x1f missing '
+                       '\ufffe \uffff \ud800 \udfff tab\tend \U0001F600')
+        xml = ap.build_health_report(ap.GoalState('5', 'c\x01', 'i\udc80'), 'NotReady',
+                                     'ProvisioningFailed', description)
+        fields = health_fields(xml.encode('utf-8'))
+        self.assertEqual(fields['description'],
+                         'ERROR: disk \ufffd\ufffd\ufffd\ufffd\ufffd\ufffd missing '
+                         '\ufffd \ufffd \ufffd \ufffd tab\tend \U0001F600')
+        self.assertEqual((fields['container_id'], fields['instance_id']), ('c\ufffd', 'i\ufffd'))
+        # and the pipe-separated report (KVP's too) carries the same clean text
+        text = ap.report_description('error', {'AZURE_VM_ID': 'v\x00m'}, 'hooks', description)
+        self.assertIsNone(ap.NOT_XML_TEXT.search(text))
+        self.assertIn('reason=ERROR: disk', text)
+        self.assertIn('vm_id=v\ufffdm', text)
+        ap.kvp_record('PROVISIONING_REPORT', text)     # encodes: no lone surrogate left
 
 
 class FailureDescription(unittest.TestCase):
