@@ -9,6 +9,8 @@ from tests.fake_azure import FakeAzure
 from tests.support import DATA
 from tests.test_transport import QuietLog, RawServer
 
+VM_ID = '02aab8a4-74ef-476e-8182-f6d2ba4166a6'      # azure-docs' sample instance document
+
 
 def fetch(az, seconds=10):
     return ap.fetch_instance_metadata(ap.parse_address(az.imds_addr), ap.Deadline(seconds),
@@ -87,10 +89,14 @@ class BadDocuments(unittest.TestCase):
     def test_published_sample_is_accepted(self):
         with open(os.path.join(DATA, 'azure-docs__imds-full-instance-response-linux.json'),
                   'rb') as f:
-            server = self.serve(f.read())
+            raw = f.read()
+        server = self.serve(raw)
         document = ap.fetch_instance_metadata(server.address, ap.Deadline(10), QuietLog())
         self.assertEqual(ap.desired_hostname(document), 'examplevmname')
-        self.assertIsInstance(json.dumps(document), str)
+        # the whole document, value for value, not only the fields the steps read
+        self.assertEqual(document, json.loads(raw.decode('utf-8')))
+        self.assertEqual(ap.compute_field(document, 'vmId'), VM_ID)
+        self.assertEqual(ap.compute_field(document, 'osProfile', 'adminUsername'), 'admin')
 
 
 if __name__ == '__main__':

@@ -3,12 +3,15 @@ whether it sends a hostname at all, and the commands run (recorded by stand-in
 networkctl / nmcli / dhclient / ip on PATH, in a constructed /proc, /sys, /run)."""
 
 import io
+import json
 import os
 import shutil
+import sys
 import tempfile
 import unittest
 
 import azure_provisioning as ap
+from tests.support import REPO, SCRIPT, PrivateHost, require_root, run_command, skip
 from tests.test_transport import QuietLog
 
 ROUTES = ('Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n'
@@ -175,6 +178,167 @@ class Dhclient(FakeSystem):
 
     def test_no_client_at_all(self):
         self.assertIn('no known DHCP client manages eth0', self.publish())
+
+
+# --------------------------------------------------------------------------
+# The hostname step as a systemd VM runs it: the script as a process, in its own
+# PID, UTS, mount and network namespaces (so it shares PID 1's UTS namespace and
+# /run/systemd/system exists: hostnamectl and publishing are used, as in
+# production), with a private /etc, a veth "eth0" with a default route inside the
+# private network namespace, networkd's link state in a private /run, and
+# stand-in hostnamectl / networkctl / ip / nmcli / dhclient / systemctl first on
+# PATH that record what they are asked.  The emulator runs inside the namespace
+# too: it is the only thing the script can reach there.
+# --------------------------------------------------------------------------
+
+STAND_IN = '''#!/bin/sh
+echo "$(basename "$0") $*" >> "%(log)s"
+case "$(basename "$0") $*" in
+  "ip -4 -o addr show dev eth0")
+    echo "2: eth0    inet 10.0.0.4/24 brd 10.0.0.255 scope global eth0";;
+  networkctl*) echo "networkctl saw hostname $(%(hostname)s)" >> "%(log)s";;
+esac
+'''
+
+# honours --transient / --static / --pretty like systemd's; none of them means all
+STAND_IN_HOSTNAMECTL = '''#!/bin/sh
+echo "hostnamectl $*" >> "%(log)s"
+case "$1" in set-hostname|hostname) shift;; *) exit 0;; esac
+transient= static= pretty= name=
+for arg in "$@"; do
+  case "$arg" in
+    --transient) transient=1;; --static) static=1;; --pretty) pretty=1;;
+    -*) echo "hostnamectl: unknown option $arg" >&2; exit 1;;
+    *) name=$arg;;
+  esac
+done
+[ -n "$name" ] || { echo "hostnamectl: no name given" >&2; exit 1; }
+[ -n "$transient$static$pretty" ] || { transient=1; static=1; pretty=1; }
+if [ -n "$static" ]; then
+  printf '%%s\\n' "$name" > /etc/hostname && echo "static=$name" >> "%(log)s"
+fi
+if [ -n "$transient" ]; then %(hostname)s "$name" && echo "transient=$name" >> "%(log)s"; fi
+if [ -n "$pretty" ]; then echo "pretty=$name" >> "%(log)s"; fi
+exit 0
+'''
+
+NAMESPACE_SETUP = r"""set -e
+ip=$1; shift
+$ip link set lo up
+$ip link add eth0 type veth peer name eth0-peer
+$ip link set eth0-peer up
+$ip link set eth0 up
+$ip addr add 10.0.0.4/24 dev eth0
+$ip route add default via 10.0.0.1 dev eth0
+mount -t sysfs sysfs /sys
+mount -t tmpfs tmpfs /run
+mkdir -p /run/systemd/system /run/systemd/netif/links
+index=$(cat /sys/class/net/eth0/ifindex)
+printf 'ADMIN_STATE=configured\nOPER_STATE=routable\nNETWORK_FILE=%s\n' \
+    /etc/systemd/network/20-wired.network > /run/systemd/netif/links/$index
+exec "$@"
+"""
+
+DRIVER = r"""
+import json, os, subprocess, sys
+config = json.loads(sys.argv[1])
+sys.path.insert(0, config['repo'])
+from tests.fake_azure import FakeAzure
+with FakeAzure(computer_name=config['computer_name']) as az:
+    done = subprocess.run([sys.executable, '-I', '-S', config['script'], '--wireserver',
+                           az.wireserver_addr, '--imds', az.imds_addr] + config['args'],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=60,
+                          env=dict(os.environ, PATH=config['path']))
+    result = dict(code=done.returncode, stdout=done.stdout, stderr=done.stderr,
+                  health_reports=az.health_reports, ready_accepted=az.ready_accepted())
+print('@@result=' + json.dumps(result))
+"""
+
+NETWORK_FILE = '[Match]\nName=eth0\n\n[Network]\nDHCP=ipv4\n'
+
+
+class SystemdHost(unittest.TestCase):
+    probed = None
+
+    def setUp(self):
+        require_root(self)
+        self.real = dict((tool, shutil.which(tool)) for tool in ('ip', 'hostname'))
+        if None in self.real.values():
+            skip(self, 'needs ip and hostname here: %r' % self.real)
+        if SystemdHost.probed is None:
+            probe = run_command(['unshare', '--net', '--pid', '--fork', '--mount-proc', 'sh',
+                                 '-c', '"$1" link add probe0 type veth peer name probe1', 'sh',
+                                 self.real['ip']], timeout=20)
+            SystemdHost.probed = probe.code == 0 or probe.stderr.strip() or 'failed'
+        if SystemdHost.probed is not True:
+            skip(self, 'no network namespace with a veth pair here: %s' % SystemdHost.probed)
+        self.host = PrivateHost('image-template')
+        self.addCleanup(self.host.cleanup)
+        os.makedirs(os.path.join(self.host.etc, 'systemd', 'network'), exist_ok=True)
+        self.host.write('systemd/network/20-wired.network', NETWORK_FILE)
+        self.bin = os.path.join(self.host.dir, 'fakebin')
+        os.mkdir(self.bin)
+        self.log_file = os.path.join(self.host.dir, 'commands.log')
+        values = {'log': self.log_file, 'hostname': self.real['hostname']}
+        for tool in ('networkctl', 'ip', 'nmcli', 'dhclient', 'systemctl', 'hostnamectl'):
+            path = os.path.join(self.bin, tool)
+            with open(path, 'w') as f:
+                f.write((STAND_IN_HOSTNAMECTL if tool == 'hostnamectl' else STAND_IN) % values)
+            os.chmod(path, 0o755)
+
+    def provision(self, *args):
+        config = {'repo': REPO, 'script': SCRIPT, 'computer_name': 'web-7',
+                  'args': ['--timeout', '30'] + list(args),
+                  'path': self.bin + os.pathsep + os.environ.get('PATH', '/usr/bin:/bin')}
+        run = self.host.run(['unshare', '--net', '--pid', '--fork', '--mount-proc', 'sh', '-c',
+                             NAMESPACE_SETUP, 'sh', self.real['ip'], sys.executable, '-c', DRIVER,
+                             json.dumps(config)])
+        lines = [l for l in run.stdout.splitlines() if l.startswith('@@result=')]
+        self.assertEqual(len(lines), 1, run)
+        result = json.loads(lines[0][len('@@result='):])
+        self.assertNotIn('Traceback', result['stderr'], result['stderr'])
+        self.assertEqual(result['code'], 0, result['stderr'])
+        self.assertTrue(result['ready_accepted'], result['health_reports'])
+        self.assertEqual(run.hostname_after, 'web-7', result['stderr'])
+        self.assertNotIn("not the system's UTS namespace", result['stderr'])
+        return result['stderr']
+
+    def commands(self):
+        if not os.path.exists(self.log_file):
+            return []
+        with open(self.log_file) as f:
+            return f.read().splitlines()
+
+    def test_hostnamectl_sets_the_static_name_too(self):
+        stderr = self.provision()
+        hostnamectl = [c for c in self.commands() if c.startswith('hostnamectl')]
+        self.assertEqual(hostnamectl, ['hostnamectl set-hostname web-7'])
+        self.assertIn('static=web-7', self.commands())      # /etc/hostname: the next boots
+        self.assertIn('transient=web-7', self.commands())   # the live name
+        self.assertEqual(self.host.read('hostname'), 'web-7\n')
+        self.assertIn('127.0.1.1\tweb-7\n', self.host.read('hosts'))
+        self.assertRegex(stderr, r'hostname set to web-7 via hostnamectl, /etc/hosts updated')
+
+    def test_publishing_runs_the_dhcp_client_after_the_rename(self):
+        stderr = self.provision()
+        commands = self.commands()
+        self.assertIn('networkctl reconfigure eth0', commands)
+        self.assertIn('networkctl saw hostname web-7', commands)
+        self.assertEqual([c for c in commands if c.split()[0] in ('nmcli', 'dhclient')], [])
+        self.assertRegex(stderr, r'hostname web-7 sent to DHCP by systemd-networkd on eth0 '
+                                 r'\(networkctl reconfigure eth0\); address 10\.0\.0\.4')
+        self.assertNotIn('warning', stderr)
+
+    def test_no_publish_hostname_renames_but_runs_no_dhcp_client(self):
+        stderr = self.provision('--no-publish-hostname')
+        commands = self.commands()
+        self.assertIn('hostnamectl set-hostname web-7', commands)
+        self.assertEqual([c for c in commands if not c.startswith(('hostnamectl', 'static=',
+                                                                    'transient=', 'pretty='))],
+                         [])
+        self.assertNotIn('sent to DHCP', stderr)
+        self.assertEqual(self.host.read('hostname'), 'web-7\n')
 
 
 if __name__ == '__main__':

@@ -74,6 +74,11 @@ class Validation(unittest.TestCase):
 
 SSHD_CONFIG = 'Include /etc/ssh/sshd_config.d/*.conf\n\nKbdInteractiveAuthentication no\n'
 
+# A real SHA-512 crypt hash (openssl passwd -6 -salt Qx7bL2mN 'correct horse battery staple'):
+# an account that was made with a password, unlike the one useradd makes ('!').
+PASSWORD_HASH = ('$6$Qx7bL2mN$Iw5CTyRQ6oDFaq.T0mJqyeSPT3c41VBdrN85uFtd4NYz5Fjuj.nonVzTHqoRFTl'
+                 'bKbtFnAszvnXW5I.RYfcVN/')
+
 
 class ProvisionUser(unittest.TestCase):
     """Runs the script with --provision-user in a private host and looks at the files."""
@@ -98,6 +103,29 @@ class ProvisionUser(unittest.TestCase):
             if fields[0] == name:
                 return fields
         return None
+
+    def shadow_field(self, name):
+        for line in self.host.read('shadow').splitlines():
+            fields = line.split(':')
+            if fields[0] == name:
+                return fields[1]
+        return None
+
+    def precreate(self, name='alice', uid=1500, password=PASSWORD_HASH):
+        """An account that exists before the first boot (made in the image, or by a
+        hook of an earlier attempt), with a usable password.  Written straight into
+        the private /etc: no useradd, so nothing outside it is touched."""
+        for file, line in [('passwd', '%s:x:%d:%d::/home/%s:/bin/sh' % (name, uid, uid, name)),
+                           ('group', '%s:x:%d:' % (name, uid)),
+                           ('shadow', '%s:%s:19000:0:99999:7:::' % (name, password)),
+                           ('gshadow', '%s:!::' % name)]:
+            if os.path.exists(os.path.join(self.host.etc, file)):
+                text = self.host.read(file)
+                self.host.write(file, text + ('' if text.endswith('\n') else '\n') + line + '\n')
+        home = os.path.join(self.host.home, name)
+        os.mkdir(home, 0o755)
+        os.chown(home, uid, uid)
+        return home
 
     def assert_failed(self, az, run, text):
         self.assertEqual(run.code, 1, run)
@@ -190,6 +218,50 @@ class ProvisionUser(unittest.TestCase):
         with FakeAzure(computer_name='web-7', admin_username='daemon') as az:
             run = self.provision(az)
             self.assert_failed(az, run, 'daemon exists as a system account')
+
+    def test_existing_user_with_a_password_ends_locked(self):
+        home = self.precreate()
+        self.assertEqual(self.shadow_field('alice'), PASSWORD_HASH)
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 0, run)
+            self.assertTrue(az.ready_accepted())
+        locked = self.shadow_field('alice')
+        self.assertTrue(locked.startswith('!'), locked)     # what usermod -L / passwd -l do
+        self.assertEqual(self.passwd_entry('alice')[2], '1500')     # the same account
+        with open(os.path.join(home, '.ssh', 'authorized_keys')) as f:
+            self.assertEqual(f.read(), key() + '\n')
+
+    def test_keys_are_not_written_through_a_symlinked_ssh_directory(self):
+        home = self.precreate()
+        elsewhere = os.path.join(self.host.root_home, '.ssh')      # /root/.ssh inside
+        os.mkdir(elsewhere, 0o700)
+        os.symlink('/root/.ssh', os.path.join(home, '.ssh'))
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assert_failed(az, run, '/home/alice/.ssh is a symbolic link; refusing')
+        self.assertEqual(os.listdir(elsewhere), [])
+        self.assertEqual(stat.S_IMODE(os.stat(elsewhere).st_mode), 0o700)
+        self.assertEqual(os.stat(elsewhere).st_uid, 0)
+
+    def test_keys_are_not_written_through_a_symlinked_keys_file(self):
+        home = self.precreate()
+        target = os.path.join(self.host.root_home, 'keys')
+        with open(target, 'w') as f:
+            f.write('root only\n')
+        os.chmod(target, 0o600)
+        os.mkdir(os.path.join(home, '.ssh'), 0o700)
+        os.chown(os.path.join(home, '.ssh'), 1500, 1500)
+        link = os.path.join(home, '.ssh', 'authorized_keys')
+        os.symlink('/root/keys', link)
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assert_failed(az, run, 'authorized_keys is a symbolic link; refusing')
+        self.assertTrue(os.path.islink(link))
+        with open(target) as f:
+            self.assertEqual(f.read(), 'root only\n')
+        self.assertEqual((os.stat(target).st_uid, stat.S_IMODE(os.stat(target).st_mode)),
+                         (0, 0o600))
 
     def test_dry_run_says_what_it_would_do(self):
         with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:

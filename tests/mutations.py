@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""A small mutation check: deliberate bugs in azure_provisioning.py, one at a time,
+and the test modules that must notice each of them.
+
+    python3 tests/mutations.py              # every mutation (as root: the suites need it)
+    python3 tests/mutations.py --list       # ids and descriptions
+    python3 tests/mutations.py --only ID    # one (repeatable)
+    python3 tests/mutations.py --jobs 2     # mutants side by side
+
+The repository (tracked and untracked, not ignored, files of the working tree) is
+copied once to a snapshot; for each mutation the snapshot is copied to a temporary
+directory, the source snippet is replaced there (it must occur exactly once:
+azure_provisioning.py changes, so the snippets are small; tests/test_mutants.py
+checks them on every unittest run), and the mutation's modules run there.  A mutant is caught when a test that passes on the
+unmutated copy (the baseline, run first) fails or errors; tests that already fail
+on the baseline count for nothing.  Prints caught/missed per mutation and
+"N of M mutations caught"; exits 1 when any is missed, 2 when a snippet is stale.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = 'azure_provisioning.py'
+RUN_TIMEOUT = 900       # seconds for one mutant's modules
+
+
+class Mutation(object):
+    def __init__(self, id, description, source, replacement, modules):
+        self.id = id
+        self.description = description
+        self.source = source
+        self.replacement = replacement
+        self.modules = modules
+
+
+M = Mutation
+MUTATIONS = [
+    # -- the bugs the suite was blind to (the issue) --------------------------------
+    M('ready-4xx-is-success', 'a 4xx answer to the Ready POST taken as success',
+      'if 200 <= response.status < 300:', 'if 200 <= response.status < 500:',
+      ['tests.test_ready_post']),
+    M('no-publish-hostname-ignored', '--no-publish-hostname ignored',
+      'publish_hostname=not options.no_publish_hostname,', 'publish_hostname=True,',
+      ['tests.test_publish', 'tests.test_cli']),
+    M('keys-through-symlink', 'the refusal to write keys through a symbolic link removed',
+      'if os.path.islink(link):', 'if False:',
+      ['tests.test_user']),
+    M('catch-all-narrowed', 'the catch-all that turns a crash into a failure report narrowed',
+      'except Exception as exc:    # whatever the type',
+      'except (ProvisioningError, OSError) as exc:    # whatever the type',
+      ['tests.test_ready_post']),
+    M('default-timeout-changed', 'the default --timeout changed (the unit passes none)',
+      'DEFAULT_TIMEOUT = 1200', 'DEFAULT_TIMEOUT = 600',
+      ['tests.test_cli']),
+    M('lock-password-noop', 'lock_password does nothing',
+      "run_tool([find_tool('usermod') or 'usermod', '-L', name], deadline, 'user')", 'pass',
+      ['tests.test_user']),
+    M('hostnamectl-transient-only', 'hostnamectl sets only the transient name',
+      "['hostnamectl', 'set-hostname', name]",
+      "['hostnamectl', 'set-hostname', '--transient', name]",
+      ['tests.test_publish']),
+    # -- core behaviour ---------------------------------------------------------------
+    M('ready-never-posted', 'the goal state is fetched but Ready is never posted',
+      "send_health(options, deadline.without_reserve(), log, out, 'Ready')",
+      'fetch_goal_state(options.wireserver, deadline, log)',
+      ['tests.test_provisioner', 'tests.test_ready_post']),
+    M('incarnation-hard-coded', "the health report says incarnation 1 whatever the goal state",
+      ') % (xml_escape(goal_state.incarnation),', ") % (xml_escape('1'),",
+      ['tests.test_provisioner', 'tests.test_wireserver', 'tests.test_ready_post']),
+    M('metadata-header-dropped', 'the IMDS request without "Metadata: true"',
+      "IMDS_HEADERS = {'Metadata': 'true'}", 'IMDS_HEADERS = {}',
+      ['tests.test_imds', 'tests.test_provisioner']),
+    M('hostname-not-validated', 'the name from IMDS is set without validation',
+      'name = validate_hostname(desired_hostname(metadata))',
+      'name = desired_hostname(metadata)',
+      ['tests.test_provisioner', 'tests.test_hostname']),
+    M('etc-hosts-not-updated', '/etc/hosts keeps the old name',
+      'hosts = update_etc_hosts(current, name,',
+      'hosts = False and update_etc_hosts(current, name,',
+      ['tests.test_provisioner', 'tests.test_hostname']),
+    M('hook-failure-ignored', 'a hook exiting non-zero does not stop provisioning',
+      'if code != 0:', 'if False:',
+      ['tests.test_hooks']),
+    M('retries-removed', 'the first passing error is final (no retry)',
+      'time.sleep(delay)', 'raise ProvisioningError(problem)',
+      ['tests.test_transport', 'tests.test_provisioner']),
+    M('kvp-not-written', 'no KVP report',
+      'write_kvp(KVP_REPORT_KEY, description, pool)', 'pass',
+      ['tests.test_kvp']),
+]
+del M
+
+
+def read_target(root=REPO):
+    with open(os.path.join(root, TARGET), encoding='utf-8') as f:
+        return f.read()
+
+
+def stale(mutation, text):
+    """None when the snippet occurs exactly once in text, else why not."""
+    count = text.count(mutation.source)
+    if count == 1:
+        return None
+    return ('mutation %s is stale: its source snippet %r occurs %d times in %s (must be '
+            'exactly once); update it in tests/mutations.py'
+            % (mutation.id, mutation.source, count, TARGET))
+
+
+def mutate(text, mutation):
+    problem = stale(mutation, text)
+    if problem:
+        raise ValueError(problem)
+    return text.replace(mutation.source, mutation.replacement)
+
+
+def repo_files():
+    out = subprocess.check_output(['git', 'ls-files', '-z', '--cached', '--others',
+                                   '--exclude-standard'], cwd=REPO)
+    return sorted(set(p for p in out.decode('utf-8', 'surrogateescape').split('\0') if p))
+
+
+def copy_repo(destination):
+    for path in repo_files():
+        source = os.path.join(REPO, path)
+        if not os.path.lexists(source) or '__pycache__' in path.split('/'):
+            continue    # deleted in the working tree
+        target = os.path.join(destination, path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+# Runs inside the copy: the modules' tests with a result that records each test's
+# outcome (a failing subTest fails its test), written as JSON to argv[1].
+CHILD = r'''
+import json, sys, unittest
+out, names = sys.argv[1], sys.argv[2:]
+outcomes = {}
+class Result(unittest.TextTestResult):
+    def _set(self, test, outcome):
+        key = test.id()
+        if outcomes.get(key) not in ('FAIL', 'ERROR'):
+            outcomes[key] = outcome
+    def addSuccess(self, test):
+        super().addSuccess(test); self._set(test, 'ok')
+    def addFailure(self, test, err):
+        super().addFailure(test, err); self._set(test, 'FAIL')
+    def addError(self, test, err):
+        super().addError(test, err)
+        self._set(test, 'ERROR')   # also setUpClass/module errors (their own ids)
+    def addSkip(self, test, reason):
+        super().addSkip(test, reason); self._set(test, 'skip')
+    def addExpectedFailure(self, test, err):
+        super().addExpectedFailure(test, err); self._set(test, 'ok')
+    def addUnexpectedSuccess(self, test):
+        super().addUnexpectedSuccess(test); self._set(test, 'FAIL')
+    def addSubTest(self, test, subtest, err):
+        super().addSubTest(test, subtest, err)
+        if err is not None:
+            outcomes[test.id()] = 'ERROR' if not issubclass(err[0], test.failureException) \
+                else 'FAIL'
+suite = unittest.defaultTestLoader.loadTestsFromNames(names)
+unittest.TextTestRunner(resultclass=Result, verbosity=0).run(suite)
+with open(out, 'w') as f:
+    json.dump(outcomes, f)
+'''
+
+
+def run_modules(root, modules, timeout=RUN_TIMEOUT):
+    """({test id: 'ok'|'FAIL'|'ERROR'|'skip'}, None) or (None, why not)."""
+    result = os.path.join(root, '.mutation-outcomes.json')
+    started = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, '-c', CHILD, result] + list(modules), cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, 'timed out after %d s' % timeout
+    try:
+        with open(result) as f:
+            return json.load(f), None
+    except (OSError, ValueError):
+        tail = done.stdout.decode('utf-8', 'replace').strip().splitlines()[-5:]
+        return None, 'no outcomes after %.0f s (exit %d): %s' % (
+            time.monotonic() - started, done.returncode, ' / '.join(tail))
+
+
+def run_copy(snapshot, mutation, modules):
+    """Copy the snapshot, apply the mutation (None: the baseline), run the modules."""
+    scratch = tempfile.mkdtemp(prefix='azp-mutant-')
+    try:
+        shutil.rmtree(scratch)
+        shutil.copytree(snapshot, scratch, symlinks=True)
+        if mutation is not None:
+            path = os.path.join(scratch, TARGET)
+            with open(path, encoding='utf-8') as f:
+                text = f.read()
+            with open(path, 'w', encoding='utf-8') as f:
+                f.write(mutate(text, mutation))
+        return run_modules(scratch, modules)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def judge(mutation, baseline, outcomes, problem):
+    """(caught?, what caught it)."""
+    if outcomes is None:
+        return True, ['(%s)' % problem]     # a mutant that hangs the suite is noticed too
+    # a test new to the run (e.g. a module that no longer imports) counts too
+    catchers = sorted(t for t, o in outcomes.items()
+                      if o in ('FAIL', 'ERROR') and baseline.get(t, 'ok') == 'ok')
+    return bool(catchers), catchers
+
+
+def short(test_id):
+    return test_id[len('tests.'):] if test_id.startswith('tests.') else test_id
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--list', action='store_true', help='list the mutations and exit')
+    parser.add_argument('--only', action='append', metavar='ID', help='run only this one')
+    parser.add_argument('--jobs', '-j', type=int, default=1, metavar='N',
+                        help='mutants run side by side (default 1)')
+    args = parser.parse_args(argv)
+
+    chosen = MUTATIONS
+    if args.only:
+        known = dict((m.id, m) for m in MUTATIONS)
+        unknown = [i for i in args.only if i not in known]
+        if unknown:
+            parser.error('unknown mutation(s): %s (see --list)' % ', '.join(unknown))
+        chosen = [known[i] for i in args.only]
+    if args.list:
+        for m in chosen:
+            print('%-28s %s  [%s]' % (m.id, m.description, ', '.join(short(x) for x in m.modules)))
+        return 0
+
+    # one snapshot of the working tree for the baseline and every mutant: the file
+    # may change while the campaign runs
+    snapshot = tempfile.mkdtemp(prefix='azp-mutation-snapshot-')
+    try:
+        copy_repo(snapshot)
+        return campaign(args, chosen, snapshot)
+    finally:
+        shutil.rmtree(snapshot, ignore_errors=True)
+
+
+def campaign(args, chosen, snapshot):
+    text = read_target(snapshot)
+    problems = [p for p in (stale(m, text) for m in chosen) if p]
+    if problems:
+        for problem in problems:
+            print('STALE: ' + problem, file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        print('warning: not root: the namespace tests skip, so some mutants go unseen',
+              file=sys.stderr)
+
+    modules = sorted(set(x for m in chosen for x in m.modules))
+    print('baseline: %s ...' % ' '.join(short(x) for x in modules), flush=True)
+    started = time.monotonic()
+    baseline, problem = run_copy(snapshot, None, modules)
+    if baseline is None:
+        print('baseline run failed: %s' % problem, file=sys.stderr)
+        return 2
+    broken = sorted(t for t, o in baseline.items() if o in ('FAIL', 'ERROR'))
+    print('baseline: %d tests, %d failing already (ignored), %d skipped (%.0f s)'
+          % (len(baseline), len(broken), sum(o == 'skip' for o in baseline.values()),
+             time.monotonic() - started))
+    for test in broken:
+        print('  already failing: %s' % short(test))
+
+    def one(mutation):
+        t = time.monotonic()
+        outcomes, why = run_copy(snapshot, mutation, mutation.modules)
+        caught, catchers = judge(mutation, baseline, outcomes, why)
+        return mutation, caught, catchers, time.monotonic() - t
+
+    results = []
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for mutation, caught, catchers, seconds in pool.map(one, chosen):
+            results.append((mutation, caught))
+            print('%-6s %-28s %s (%.0f s)' % ('caught' if caught else 'MISSED', mutation.id,
+                                              mutation.description, seconds), flush=True)
+            for test in catchers[:8]:
+                print('         by %s' % short(test))
+            if len(catchers) > 8:
+                print('         and %d more' % (len(catchers) - 8))
+    caught = sum(1 for _, c in results if c)
+    print('%d of %d mutations caught' % (caught, len(results)))
+    missed = [m.id for m, c in results if not c]
+    if missed:
+        print('missed: %s' % ', '.join(missed))
+    return 1 if missed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
