@@ -26,6 +26,7 @@ import re
 import socket
 import sys
 import time
+from collections import namedtuple
 
 __all__ = ['ProvisioningError', 'main', 'provision']
 
@@ -39,9 +40,6 @@ DOCUMENTATION_URL = 'https://aka.ms/linuxprovisioningerror'
 MAX_DESCRIPTION = 512           # cloud-init's cut; the WireServer 500s on long ones
 HOST_NAME_MAX = 64              # Linux; hostnamectl refuses longer names
 
-DIGITS = '0123456789'
-LOWER = 'abcdefghijklmnopqrstuvwxyz'
-LETTERS_DIGITS = LOWER + LOWER.upper() + DIGITS
 
 
 class ProvisioningError(Exception):
@@ -93,12 +91,6 @@ class Log(object):
 
 def elapsed_ms(started):
     return '%d ms' % round((time.monotonic() - started) * 1000)
-
-
-def made_of(text, allowed):
-    """True when text is not empty and every character of it is in allowed
-    (the character-class checks, without the regex engine)."""
-    return bool(text) and all(c in allowed for c in text)
 
 
 # --------------------------------------------------------------------------
@@ -201,7 +193,7 @@ def with_retries(what, attempt, deadline, log):
 def parse_address(text, default_port=80):
     """'IP' or 'IP:PORT' or '[IPv6]' or '[IPv6]:PORT' -> (host, port).  Only IP
     addresses: a name would be a DNS lookup, retried until the deadline."""
-    match = re.match(r'^(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+))(?::([0-9]{1,5}))?$', text.strip())
+    match = re.fullmatch(r'(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+))(?::([0-9]{1,5}))?', text.strip())
     if not match:
         raise ValueError('expected IP, IP:PORT or [IPv6]:PORT, got %r' % text)
     ipv6, ipv4, port = match.groups()
@@ -314,14 +306,14 @@ class Reader(object):
         return data
 
 
-STATUS_LINE = re.compile(r'^HTTP/1\.[01] ([0-9]{3})(?: (.*))?$')
-CHUNK_SIZE = re.compile(rb'^([0-9A-Fa-f]{1,8})[ \t]*(?:;.*)?$')
+STATUS_LINE = re.compile(r'HTTP/1\.[01] ([0-9]{3})(?: (.*))?', re.S)
+CHUNK_SIZE = re.compile(rb'([0-9A-Fa-f]{1,8})[ \t]*(?:;.*)?', re.S)
 
 
 def read_head(reader):
     """(status, reason, headers) of one answer head."""
     status_line = reader.line().decode('latin-1')
-    match = STATUS_LINE.match(status_line)
+    match = STATUS_LINE.fullmatch(status_line)
     if not match:
         raise NotHttp('not an HTTP answer: %r' % status_line[:40])
     headers = read_fields(reader)
@@ -374,7 +366,7 @@ def read_chunked(reader):
     """A chunked body (RFC 9112 7.1): size line, data, CRLF, ..., 0, trailers, CRLF."""
     parts, total = [], 0
     while True:
-        match = CHUNK_SIZE.match(reader.line())
+        match = CHUNK_SIZE.fullmatch(reader.line())
         if not match:
             raise NotHttp('bad chunk size line')
         size = int(match.group(1), 16)
@@ -610,11 +602,12 @@ HEALTH_HEADERS = dict(WIRESERVER_HEADERS, **{'Content-Type': 'text/xml;charset=u
 STALE_INCARNATIONS_ALLOWED = 5
 
 
-def report_health(wireserver, deadline, log, state='Ready', substatus=None, description=None):
-    """POST a health report for a freshly fetched goal state; on 410 Gone the
+def report_health(wireserver, deadline, log, state='Ready', substatus=None, description=None,
+                  goal_state=None):
+    """POST a health report for the goal state (fetched unless given); on 410 Gone the
     incarnation moved on, so fetch the goal state again and re-post."""
     for _ in range(STALE_INCARNATIONS_ALLOWED):
-        goal_state = fetch_goal_state(wireserver, deadline, log)
+        goal_state = goal_state or fetch_goal_state(wireserver, deadline, log)
         body = build_health_report(goal_state, state, substatus, description).encode('utf-8')
 
         def attempt():
@@ -630,6 +623,7 @@ def report_health(wireserver, deadline, log, state='Ready', substatus=None, desc
                                        one_line(response.text(), 200)))
         log.info('health report: incarnation %s is stale (410 Gone); fetching the goal state again'
                  % goal_state.incarnation)
+        goal_state = None
     raise ProvisioningError('health report: incarnation kept changing (%d times 410 Gone)'
                             % STALE_INCARNATIONS_ALLOWED)
 
@@ -683,14 +677,17 @@ def write_kvp(key, value, pool=KVP_POOL, booted=None):
         os.close(fd)     # closing releases the lock
 
 
-def report_to_kvp(description, log, dry_run=False, out=None, pool=KVP_POOL):
+def report_to_kvp(run, description):
     """The WireServer report again, into KVP when this is a Hyper-V guest; never fails."""
+    pool = run.root.path(KVP_POOL)
     if not os.path.isdir(os.path.dirname(pool)):
-        log.debug('KVP: %s does not exist; no KVP report' % os.path.dirname(pool))
+        run.log.debug('KVP: %s does not exist; no KVP report' % os.path.dirname(pool))
         return
-    if dry_run:
-        out.write('would append to %s: %s=%s\n' % (pool, KVP_REPORT_KEY, description))
-        return
+    run.carry_out(Action('append to %s: %s=%s' % (pool, KVP_REPORT_KEY, description),
+                         lambda: append_kvp_report(pool, description, run.log)))
+
+
+def append_kvp_report(pool, description, log):
     try:
         write_kvp(KVP_REPORT_KEY, description, pool)
         log.debug('KVP: %s written to %s' % (KVP_REPORT_KEY, pool))
@@ -787,6 +784,9 @@ def desired_hostname(metadata):
             or compute_field(metadata, 'name'))
 
 
+HOSTNAME_LABEL = re.compile(r'[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?')
+
+
 def validate_hostname(name):
     if not name:
         raise ProvisioningError('IMDS has neither osProfile.computerName nor name')
@@ -795,8 +795,7 @@ def validate_hostname(name):
         raise ProvisioningError('invalid hostname %r: %d characters, Linux allows %d'
                                 % (shown, len(name), HOST_NAME_MAX))
     for label in name.split('.'):
-        if not (made_of(label, LETTERS_DIGITS + '-') and len(label) <= 63
-                and label[0] != '-' and label[-1] != '-'):
+        if not HOSTNAME_LABEL.fullmatch(label):
             raise ProvisioningError(
                 'invalid hostname %r: labels must be letters, digits and inner hyphens'
                 % shown)
@@ -823,23 +822,52 @@ def hostnamectl_usable():
     return system_systemd() and find_tool('hostnamectl') is not None
 
 
-def set_hostname(name, deadline, log, etc='/etc'):
+def hostname_step(run):
+    """Set the name IMDS gives (when it differs), then announce it to DHCP."""
+    t = time.monotonic()
+    name = validate_hostname(desired_hostname(run.metadata))
+    current = socket.gethostname()
+    if name == current:
+        run.log.info('hostname: already %s, nothing to change (%s)' % (name, elapsed_ms(t)))
+        return
+    run.carry_out(Action('set hostname: %s (now %s)' % (name, current),
+                         lambda: rename_host(run, current, name, t)))
+    if not run.options.publish_hostname:
+        return
+    if not in_system_uts_namespace():
+        # a name set in a private namespace is not the one DHCP should send
+        run.log.info('hostname: not published to DHCP (not the system\'s UTS namespace)')
+        return
+    warning = publish_hostname(run, name)
+    if warning:
+        run.log.warning(warning)
+        run.warnings.append(warning)
+
+
+def rename_host(run, old, new, started):
+    method = set_hostname(run, new)
+    hosts = update_etc_hosts(run, old, new)
+    run.log.info('hostname set to %s via %s%s (%s)'
+                 % (new, method, ', /etc/hosts updated' if hosts else '', elapsed_ms(started)))
+
+
+def set_hostname(run, name):
     """Set the live and persistent hostname; returns how it was done."""
     if hostnamectl_usable():
         try:
-            run_tool(['hostnamectl', 'set-hostname', name], deadline, 'hostname')
+            run_tool(['hostnamectl', 'set-hostname', name], run.deadline, 'hostname')
             if socket.gethostname() == name:
                 return 'hostnamectl'
             why = 'the hostname is still %s' % socket.gethostname()
         except ProvisioningError as exc:
             why = str(exc)
-        log.info('hostname: hostnamectl failed (%s); using sethostname' % why)
+        run.log.info('hostname: hostnamectl failed (%s); using sethostname' % why)
     try:
         socket.sethostname(name)
     except OSError as exc:
         raise ProvisioningError('cannot set hostname %s: %s' % (name, describe_error(exc)))
-    write_file_atomically(os.path.join(etc, 'hostname'), (name + '\n').encode(),
-                          deadline=deadline)
+    write_file_atomically(run.root.path('/etc/hostname'), (name + '\n').encode(),
+                          deadline=run.deadline)
     return 'sethostname'
 
 
@@ -882,10 +910,10 @@ def rename_in_hosts(text, old, new):
     return ''.join(out)
 
 
-def update_etc_hosts(old, new, etc='/etc', deadline=None):
+def update_etc_hosts(run, old, new):
     """True when /etc/hosts carried the old name and was rewritten.  A localhost*
     name (RHEL's template is localhost.localdomain) is never the name to replace."""
-    path = os.path.join(etc, 'hosts')
+    path = run.root.path('/etc/hosts')
     if not old or old.lower().startswith('localhost'):
         return False
     data = read_bytes(path)
@@ -895,7 +923,8 @@ def update_etc_hosts(old, new, etc='/etc', deadline=None):
     changed = rename_in_hosts(text, old, new)
     if changed == text:
         return False
-    write_file_atomically(path, changed.encode('utf-8', 'surrogateescape'), deadline=deadline)
+    write_file_atomically(path, changed.encode('utf-8', 'surrogateescape'),
+                          deadline=run.deadline)
     return True
 
 
@@ -953,11 +982,19 @@ def write_file_atomically(path, data, mode=None, owner=None, check=None, deadlin
 
 
 def read_bytes(path):
+    """A file's bytes; None when the path names no file (missing, or a path no file
+    can have: too long, a loop, a NUL in it, as read from an image's config files).
+    Other errors (permissions, I/O) are raised."""
+    import errno
     try:
         with open(path, 'rb') as f:
             return f.read()
-    except (FileNotFoundError, NotADirectoryError):
+    except ValueError:      # a NUL in the path
         return None
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP):
+            return None
+        raise
 
 
 def read_text(path):
@@ -965,8 +1002,27 @@ def read_text(path):
     return data.decode('utf-8', 'replace') if data is not None else None
 
 
+class Root(object):
+    """The filesystem every step reads and writes: '/' on a VM; a mounted image with
+    --check --root; a temporary tree in the tests.  Paths are given as on the VM."""
+
+    def __init__(self, top='/'):
+        self.top = top
+
+    def path(self, *parts):
+        return os.path.join(self.top, *[part.lstrip('/') for part in parts])
+
+    def __repr__(self):
+        return 'Root(%r)' % self.top
+
+
+# A step's plan is a list of actions: what it would do, in words, and the doing.
+# Run.carry_out performs them, or with --dry-run prints them.
+Action = namedtuple('Action', 'says do')
+
+
 def glob_names(directory, pattern):
-    import re
+    """Names in `directory` matching the regular expression (none when unreadable)."""
     try:
         return [n for n in os.listdir(directory) if re.match(pattern, n)]
     except OSError:
@@ -984,17 +1040,20 @@ def glob_names(directory, pattern):
 PUBLISH_TIMEOUT = 30.0      # seconds for the DHCP client to get its lease back
 
 
-def interface_index(interface, root='/'):
-    return (read_text(os.path.join(root, 'sys/class/net', interface, 'ifindex')) or '').strip()
+DhcpPlan = namedtuple('DhcpPlan', 'client commands why_not')
 
 
-def primary_interface(root='/'):
+def interface_index(interface, root):
+    return (read_text(root.path('/sys/class/net', interface, 'ifindex')) or '').strip()
+
+
+def primary_interface(root):
     """The interface of the IPv4 default route with the lowest metric; without a
     default route, the one networkd holds a DHCP lease for, else the first routed
     interface (a single-NIC VM on a network that hands out no router)."""
     routes = []
     try:
-        with open(os.path.join(root, 'proc/net/route')) as f:
+        with open(root.path('/proc/net/route')) as f:
             for line in f.readlines()[1:]:
                 fields = line.split()
                 if len(fields) > 6:
@@ -1005,9 +1064,8 @@ def primary_interface(root='/'):
                       if destination == '00000000' and flags & 1)
     if defaults:
         return defaults[0][1]
-    leases = os.path.join(root, 'run/systemd/netif/leases')
-    for index in sorted(glob_names(leases, r'^\d+$')):
-        for name in glob_names(os.path.join(root, 'sys/class/net'), r'.'):
+    for index in sorted(glob_names(root.path('/run/systemd/netif/leases'), r'^\d+$')):
+        for name in glob_names(root.path('/sys/class/net'), r'.'):
             if interface_index(name, root) == index:
                 return name
     routed = [name for name, _, flags, _ in routes if name != 'lo' and flags & 1]
@@ -1028,32 +1086,32 @@ def ini_values(text, sections, key):
     return values
 
 
-def networkd_plan(interface, name, root='/'):
+def networkd_plan(interface, name, root):
     """networkd keeps the name it had when it configured the link (systemd #23244):
     `renew` re-sends the old one, `reconfigure` starts the DHCP client again."""
     index = interface_index(interface, root)
-    state = index and read_text(os.path.join(root, 'run/systemd/netif/links', index))
+    state = index and read_text(root.path('/run/systemd/netif/links', index))
     if not state or 'NETWORK_FILE=' not in state:
         return None
     fields = dict(line.partition('=')[::2] for line in state.splitlines() if '=' in line)
     files = [fields.get('NETWORK_FILE', '')] + fields.get('NETWORK_FILE_DROPINS', '') \
         .strip('"').split()
-    text = '\n'.join(read_text(os.path.join(root, p.lstrip('/'))) or '' for p in files if p)
+    text = '\n'.join(read_text(root.path(p)) or '' for p in files if p)
     sections = ('DHCPv4', 'DHCP')
     send = ini_values(text, sections, 'SendHostname')
     if send and send[-1].lower() in ('no', 'false', '0', 'off'):
-        return ('systemd-networkd', None, '%s sets SendHostname=%s' % (files[0], send[-1]))
+        return DhcpPlan('systemd-networkd', None, '%s sets SendHostname=%s' % (files[0], send[-1]))
     fixed = ini_values(text, sections, 'Hostname')
     if fixed:
-        return ('systemd-networkd', None, '%s sends the fixed name Hostname=%s'
-                % (files[0], fixed[-1]))
-    return ('systemd-networkd', [['networkctl', 'reconfigure', interface]], None)
+        return DhcpPlan('systemd-networkd', None, '%s sends the fixed name Hostname=%s'
+                        % (files[0], fixed[-1]))
+    return DhcpPlan('systemd-networkd', [['networkctl', 'reconfigure', interface]], None)
 
 
-def networkmanager_plan(interface, name, deadline, root='/'):
+def networkmanager_plan(interface, name, deadline, root):
     """`nmcli device modify` re-applies the active profile with a new dhcp-hostname:
     NetworkManager restarts only the DHCP client, with no restart of the daemon."""
-    if not os.path.isdir(os.path.join(root, 'run/NetworkManager')) or not find_tool('nmcli'):
+    if not os.path.isdir(root.path('/run/NetworkManager')) or not find_tool('nmcli'):
         return None
     try:
         connection = run_tool(['nmcli', '-g', 'GENERAL.CONNECTION', 'device', 'show',
@@ -1065,38 +1123,36 @@ def networkmanager_plan(interface, name, deadline, root='/'):
     send = run_tool(['nmcli', '-g', 'ipv4.dhcp-send-hostname', 'connection', 'show',
                      connection], deadline, 'nmcli').strip()
     if send == 'no':
-        return ('NetworkManager', None, 'connection %s has ipv4.dhcp-send-hostname no'
-                % connection)
-    return ('NetworkManager', [['nmcli', 'device', 'modify', interface,
-                                'ipv4.dhcp-hostname', name]], None)
+        return DhcpPlan('NetworkManager', None, 'connection %s has ipv4.dhcp-send-hostname no'
+                        % connection)
+    return DhcpPlan('NetworkManager', [['nmcli', 'device', 'modify', interface,
+                                        'ipv4.dhcp-hostname', name]], None)
 
 
-def dhclient_plan(interface, name, root='/'):
+def dhclient_plan(interface, name, root):
     """ISC dhclient evaluates `send host-name = gethostname();` per packet, but only a
     new client sends a fresh request: stop it keeping its lease (-x), start it again
     with the same arguments; it asks for the same address (INIT-REBOOT)."""
-    import re
-    proc = os.path.join(root, 'proc')
-    for pid in (p for p in os.listdir(proc) if p.isdigit()):
-        data = read_bytes(os.path.join(proc, pid, 'cmdline')) or b''
+    for pid in glob_names(root.path('/proc'), r'^\d+$'):
+        data = read_bytes(root.path('/proc', pid, 'cmdline')) or b''
         argv = [a.decode('utf-8', 'replace') for a in data.split(b'\0') if a]
         if not argv or os.path.basename(argv[0]) != 'dhclient' or interface not in argv[1:]:
             continue
         config = argv[argv.index('-cf') + 1] if '-cf' in argv[:-1] else '/etc/dhcp/dhclient.conf'
-        text = read_text(os.path.join(root, config.lstrip('/'))) or ''
+        text = read_text(root.path(config)) or ''
         sends = re.findall(r'^\s*send\s+host-name\s+(.*?);', text, re.M)
         if not sends:
-            return ('dhclient', None, '%s has no "send host-name"' % config)
+            return DhcpPlan('dhclient', None, '%s has no "send host-name"' % config)
         if 'gethostname()' not in sends[-1]:
-            return ('dhclient', None, '%s sends the fixed name %s' % (config, sends[-1]))
+            return DhcpPlan('dhclient', None, '%s sends the fixed name %s' % (config, sends[-1]))
         arguments = [a for a in argv[1:] if a not in ('-x', '-r')]
-        return ('dhclient', [['dhclient', '-x'] + arguments, ['dhclient'] + arguments], None)
+        return DhcpPlan('dhclient', [['dhclient', '-x'] + arguments, ['dhclient'] + arguments],
+                        None)
     return None
 
 
 def interface_address(interface, deadline, log):
     """The interface's first IPv4 address, waiting for one until the deadline."""
-    import re
 
     def attempt():
         out = run_tool(['ip', '-4', '-o', 'addr', 'show', 'dev', interface], deadline, 'ip')
@@ -1107,38 +1163,39 @@ def interface_address(interface, deadline, log):
     return with_retries('publish hostname', attempt, deadline, log)
 
 
-def publish_hostname(name, deadline, log, dry_run=False, out=None, root='/'):
+def publish_hostname(run, name):
     """Make the DHCP client send `name`; returns a warning or None.  Never raises:
     a name missing from DNS is worth a warning, not a failed VM."""
-    t = time.monotonic()
-    interface = primary_interface(root)
+    interface = primary_interface(run.root)
     if interface is None:
         return 'no routed interface; hostname not published to DHCP'
     try:
-        plan = (networkd_plan(interface, name, root)
-                or networkmanager_plan(interface, name, deadline, root)
-                or dhclient_plan(interface, name, root))
+        plan = (networkd_plan(interface, name, run.root)
+                or networkmanager_plan(interface, name, run.deadline, run.root)
+                or dhclient_plan(interface, name, run.root))
         if plan is None:
             return 'no known DHCP client manages %s; hostname not published' % interface
-        client, commands, why_not = plan
-        if why_not:
-            return '%s on %s will not send the new name: %s' % (client, interface, why_not)
-        if dry_run:
-            for command in commands:
-                out.write('would run: %s\n' % ' '.join(command))
-            return None
-        limited = Deadline(min(PUBLISH_TIMEOUT, deadline.remaining()))
-        before = interface_address(interface, limited, log)
-        for command in commands:
-            run_tool(command, limited, 'publish hostname')
-        # networkd lets the lease go for a moment before it asks again: expected
-        after = interface_address(interface, limited, log.quieter())
+        if plan.why_not:
+            return '%s on %s will not send the new name: %s' % (plan.client, interface,
+                                                                plan.why_not)
+        run.carry_out(Action('run: %s' % ' && '.join(' '.join(c) for c in plan.commands),
+                             lambda: send_to_dhcp(run, interface, plan, name)))
     except ProvisioningError as exc:
         return 'hostname not published: %s' % exc
-    log.info('hostname %s sent to DHCP by %s on %s (%s); address %s%s (%s)'
-             % (name, client, interface, ' && '.join(' '.join(c) for c in commands), after,
-                '' if after == before else ', was %s' % before, elapsed_ms(t)))
     return None
+
+
+def send_to_dhcp(run, interface, plan, name):
+    t = time.monotonic()
+    limited = Deadline(min(PUBLISH_TIMEOUT, run.deadline.remaining()))
+    before = interface_address(interface, limited, run.log)
+    for command in plan.commands:
+        run_tool(command, limited, 'publish hostname')
+    # networkd lets the lease go for a moment before it asks again: expected
+    after = interface_address(interface, limited, run.log.quieter())
+    run.log.info('hostname %s sent to DHCP by %s on %s (%s); address %s%s (%s)'
+                 % (name, plan.client, interface, ' && '.join(' '.join(c) for c in plan.commands),
+                    after, '' if after == before else ', was %s' % before, elapsed_ms(t)))
 
 
 # --------------------------------------------------------------------------
@@ -1152,9 +1209,11 @@ SUDOERS_DROP_IN = '/etc/sudoers.d/azure-provisioning'   # no dot: sudo skips nam
 SSHD_DROP_IN = '/etc/ssh/sshd_config.d/50-azure-provisioning.conf'
 
 
+USER_NAME = re.compile(r'[a-z_][a-z0-9_-]{0,31}')     # what useradd takes everywhere
+
+
 def validate_user_name(name):
-    if not (made_of(name, LOWER + DIGITS + '_-') and len(name) <= 32     # portable
-            and name[0] not in DIGITS + '-'):                                # useradd names
+    if not USER_NAME.fullmatch(name):
         raise ProvisioningError('invalid admin user name %r: use 1-32 of a-z, 0-9, _ and -, '
                                 'starting with a letter or _' % one_line(name or '', 40))
     return name
@@ -1183,8 +1242,12 @@ def validate_public_key(text):
     return line
 
 
+UserRequest = namedtuple('UserRequest', 'name keys key_paths disable_passwords')
+
+
 def user_from_metadata(metadata):
-    """(user name, [key lines], [IMDS paths], disable password auth) from IMDS."""
+    """The admin user IMDS asks for: UserRequest(name, [key lines], [IMDS key paths],
+    disable password logins)."""
     name = validate_user_name(compute_field(metadata, 'osProfile', 'adminUsername'))
     keys, paths = [], []
     entries = metadata.get('compute', {}).get('publicKeys') or []
@@ -1199,7 +1262,7 @@ def user_from_metadata(metadata):
             keys.append(key)
         paths.append(entry.get('path') if isinstance(entry.get('path'), str) else '')
     disable = compute_field(metadata, 'osProfile', 'disablePasswordAuthentication') == 'true'
-    return name, keys, paths, disable
+    return UserRequest(name, keys, paths, disable)
 
 
 def authorized_keys_path(home, imds_paths, log):
@@ -1214,11 +1277,11 @@ def authorized_keys_path(home, imds_paths, log):
     return default
 
 
-def provision_user(metadata, deadline, log, dry_run, out):
-    """Create the admin user, give it sudo, install its keys; changes only what differs."""
+def user_plan(run, request):
+    """What makes the admin user as IMDS asks (account, locked password, sudo, keys,
+    sshd), leaving out what is so already.  Users are the system's (pwd, useradd)."""
     import pwd
-    name, keys, paths, disable_passwords = user_from_metadata(metadata)
-    say = (lambda message: out.write('would ' + message + '\n')) if dry_run else None
+    name = request.name
     try:
         account = pwd.getpwnam(name)
     except KeyError:
@@ -1226,75 +1289,91 @@ def provision_user(metadata, deadline, log, dry_run, out):
     if account is not None and account.pw_uid < 1000:
         raise ProvisioningError('admin user %s exists as a system account (uid %d); refused'
                                 % (name, account.pw_uid))
-    shell = '/bin/bash' if os.access('/bin/bash', os.X_OK) else '/bin/sh'
+    plan = []
     if account is None:
-        if say:
-            say('create user %s (useradd -m -s %s), password locked' % (name, shell))
-            home = os.path.join('/home', name)
-        else:
-            run_tool([find_tool('useradd') or 'useradd', '-m', '-s', shell, name], deadline,
-                     'user')
-            account = pwd.getpwnam(name)
-            log.info('user: created %s (uid %d, shell %s)' % (name, account.pw_uid, shell))
-    if account is not None:
-        home = account.pw_dir
-        if not dry_run:
-            lock_password(name, deadline)
-    grant_sudo(name, deadline, log, say)
-    install_keys(name, keys, authorized_keys_path(home, paths, log), account, deadline, log,
-                 say)
-    if disable_passwords:
-        disable_password_logins(deadline, log, say)
+        shell = '/bin/bash' if os.access('/bin/bash', os.X_OK) else '/bin/sh'
+        home = os.path.join('/home', name)
+        plan.append(Action('create user %s (useradd -m -s %s), password locked' % (name, shell),
+                           lambda: create_user(run, name, shell)))
     else:
-        log.info('user: disablePasswordAuthentication is not "true"; sshd left alone')
-    return name
+        home = account.pw_dir
+        if not password_locked(run, name):
+            plan.append(Action('lock the password of %s (usermod -L)' % name,
+                               lambda: lock_password(run, name)))
+    plan += sudo_plan(run, name)
+    plan += keys_plan(run, name, request.keys,
+                      authorized_keys_path(home, request.key_paths, run.log))
+    if request.disable_passwords:
+        plan += sshd_plan(run)
+    else:
+        run.log.info('user: disablePasswordAuthentication is not "true"; sshd left alone')
+    return plan
 
 
-def lock_password(name, deadline):
-    """IMDS carries no password: make sure none works (useradd leaves '!' already)."""
-    try:
-        with open('/etc/shadow') as f:
-            for line in f:
-                fields = line.split(':')
-                if fields[0] == name and fields[1:2] and fields[1][:1] in ('!', '*'):
-                    return
-    except OSError:
-        pass
-    run_tool([find_tool('usermod') or 'usermod', '-L', name], deadline, 'user')
+def create_user(run, name, shell):
+    import pwd
+    run_tool([find_tool('useradd') or 'useradd', '-m', '-s', shell, name], run.deadline, 'user')
+    account = pwd.getpwnam(name)
+    run.log.info('user: created %s (uid %d, shell %s)' % (name, account.pw_uid, shell))
+    if not password_locked(run, name):
+        lock_password(run, name)
 
 
-def grant_sudo(name, deadline, log, say):
-    if not os.path.isdir(os.path.dirname(SUDOERS_DROP_IN)):
-        log.info('user: /etc/sudoers.d does not exist (sudo not installed); no sudo rule')
-        return
+def password_locked(run, name):
+    """IMDS carries no password: none may work ('!' or '*' in /etc/shadow)."""
+    for line in (read_text(run.root.path('/etc/shadow')) or '').splitlines():
+        fields = line.split(':')
+        if fields[0] == name:
+            return fields[1:2] != [] and fields[1][:1] in ('!', '*')
+    return False
+
+
+def lock_password(run, name):
+    run_tool([find_tool('usermod') or 'usermod', '-L', name], run.deadline, 'user')
+
+
+def sudo_plan(run, name):
+    path = run.root.path(SUDOERS_DROP_IN)
+    if not os.path.isdir(os.path.dirname(path)):
+        run.log.info('user: /etc/sudoers.d does not exist (sudo not installed); no sudo rule')
+        return []
     rule = ('# written by azure-provisioning: the admin user from IMDS, whose password\n'
             '# is locked (IMDS carries none)\n%s ALL=(ALL) NOPASSWD:ALL\n' % name).encode()
-    if read_bytes(SUDOERS_DROP_IN) == rule:
-        return
-    if say:
-        return say('write %s granting %s sudo' % (SUDOERS_DROP_IN, name))
-    visudo = find_tool('visudo')
-    check = [visudo, '-cf'] if visudo else None
-    write_file_atomically(SUDOERS_DROP_IN, rule, mode=0o440, check=check, deadline=deadline)
-    log.info('user: sudo rule %s written%s' % (SUDOERS_DROP_IN,
-                                               ' (visudo -cf ok)' if visudo else ''))
+    if read_bytes(path) == rule:
+        return []
+
+    def write_rule():
+        visudo = find_tool('visudo')
+        write_file_atomically(path, rule, mode=0o440, check=[visudo, '-cf'] if visudo else None,
+                              deadline=run.deadline)
+        run.log.info('user: sudo rule %s written%s'
+                     % (SUDOERS_DROP_IN, ' (visudo -cf ok)' if visudo else ''))
+    return [Action('write %s granting %s sudo' % (SUDOERS_DROP_IN, name), write_rule)]
 
 
-def install_keys(name, keys, path, account, deadline, log, say):
+def keys_plan(run, name, keys, path):
     if not keys:
-        log.info('user: IMDS has no public keys for %s' % name)
-        return
-    present = read_bytes(path)
+        run.log.info('user: IMDS has no public keys for %s' % name)
+        return []
+    present = read_bytes(run.root.path(path))
     lines = present.decode('utf-8', 'replace').splitlines() if present else []
     known = set(' '.join(line.split()[:2]) for line in lines)
     new = [key for key in keys if ' '.join(key.split()[:2]) not in known]
     if not new:
-        log.info('user: %d key(s) already in %s' % (len(keys), path))
-        return
-    if say:
-        return say('add %d key(s) to %s (0600, owner %s)' % (len(new), path, name))
+        run.log.info('user: %d key(s) already in %s' % (len(keys), path))
+        return []
+    text = ''.join(line + '\n' for line in lines + new).encode('utf-8')
+    return [Action('add %d key(s) to %s (0600, owner %s)' % (len(new), path, name),
+                   lambda: install_keys(run, name, path, text, len(new)))]
+
+
+def install_keys(run, name, path, text, added):
+    """Write authorized_keys (0600) and the directories to it (0700), all owned by the
+    user, never through a symbolic link."""
+    import pwd
+    account = pwd.getpwnam(name)
+    path = run.root.path(path)
     directory = os.path.dirname(path)
-    home = account.pw_dir
     for link in (directory, path):
         if os.path.islink(link):
             raise ProvisioningError('%s is a symbolic link; refusing to write keys through it'
@@ -1307,39 +1386,37 @@ def install_keys(name, keys, path, account, deadline, log, say):
     for missing in reversed(made):
         os.mkdir(missing, 0o700)
         os.chown(missing, account.pw_uid, account.pw_gid)
-    if directory == os.path.join(home, '.ssh'):
+    if directory == run.root.path(account.pw_dir, '.ssh'):
         os.chmod(directory, 0o700)
-    text = ''.join(line + '\n' for line in lines + new)
-    write_file_atomically(path, text.encode('utf-8'), mode=0o600,
-                          owner=(account.pw_uid, account.pw_gid), deadline=deadline)
+    write_file_atomically(path, text, mode=0o600, owner=(account.pw_uid, account.pw_gid),
+                          deadline=run.deadline)
     restorecon = find_tool('restorecon')
     if restorecon and os.path.isdir(SELINUX_FS):
         # ssh_home_t, or sshd may not read the keys
-        run_tool([restorecon, '-R', directory], deadline, 'user')
-    log.info('user: %d key(s) added to %s' % (len(new), path))
+        run_tool([restorecon, '-R', directory], run.deadline, 'user')
+    run.log.info('user: %d key(s) added to %s' % (added, path))
 
 
-def disable_password_logins(deadline, log, say):
-    config = read_bytes('/etc/ssh/sshd_config')
+def sshd_plan(run):
+    config = read_text(run.root.path('/etc/ssh/sshd_config'))
     if config is None:
-        log.info('user: no /etc/ssh/sshd_config; PasswordAuthentication left alone')
-        return
-    import re
-    includes = re.search(r'^\s*Include\s+/etc/ssh/sshd_config\.d/\*\.conf\s*$',
-                         config.decode('utf-8', 'replace'), re.M | re.I)
-    if not includes:
-        log.info('user: sshd_config does not include sshd_config.d/*.conf; '
-                 'PasswordAuthentication left alone')
-        return
+        run.log.info('user: no /etc/ssh/sshd_config; PasswordAuthentication left alone')
+        return []
+    if not re.search(r'^\s*Include\s+/etc/ssh/sshd_config\.d/\*\.conf\s*$', config, re.M | re.I):
+        run.log.info('user: sshd_config does not include sshd_config.d/*.conf; '
+                     'PasswordAuthentication left alone')
+        return []
     setting = b'# written by azure-provisioning (disablePasswordAuthentication)\n' \
               b'PasswordAuthentication no\n'
-    if read_bytes(SSHD_DROP_IN) == setting:
-        return
-    if say:
-        return say('write %s: PasswordAuthentication no' % SSHD_DROP_IN)
-    write_file_atomically(SSHD_DROP_IN, setting, deadline=deadline)
-    log.info('user: PasswordAuthentication no (%s)' % SSHD_DROP_IN)
-    reload_sshd(deadline, log)
+    path = run.root.path(SSHD_DROP_IN)
+    if read_bytes(path) == setting:
+        return []
+
+    def write_setting():
+        write_file_atomically(path, setting, deadline=run.deadline)
+        run.log.info('user: PasswordAuthentication no (%s)' % SSHD_DROP_IN)
+        reload_sshd(run.deadline, run.log)
+    return [Action('write %s: PasswordAuthentication no' % SSHD_DROP_IN, write_setting)]
 
 
 def reload_sshd(deadline, log):
@@ -1364,6 +1441,9 @@ HOOK_KILL_GRACE = 5         # seconds to wait for a killed hook to be gone
 HOOK_OUTPUT_GRACE = 0.5     # seconds to read what a finished hook still had in the pipe
 
 
+RUN_PARTS_NAME = re.compile(r'[A-Za-z0-9_-]+')
+
+
 def list_hooks(directory, log):
     try:
         names = sorted(os.listdir(directory))
@@ -1373,7 +1453,7 @@ def list_hooks(directory, log):
     for name in names:
         path = os.path.join(directory, name)
         # run-parts names: *.dpkg-old, *~ and *.rpmnew are skipped
-        if not made_of(name, LETTERS_DIGITS + '_-') or not os.path.isfile(path):
+        if not RUN_PARTS_NAME.fullmatch(name) or not os.path.isfile(path):
             log.debug('hooks: skipping %s (not a run-parts name or not a file)' % name)
         elif not os.access(path, os.X_OK):
             log.info('hooks: skipping %s: not executable' % name)
@@ -1382,7 +1462,7 @@ def list_hooks(directory, log):
     return hooks
 
 
-def run_hooks(hooks, facts, metadata, deadline, log):
+def run_hooks(run, hooks):
     """Run each hook with the VM facts in its environment and the time left as its
     limit; the first failure stops provisioning with the hook's last stderr line."""
     import json
@@ -1391,11 +1471,11 @@ def run_hooks(hooks, facts, metadata, deadline, log):
     scratch = tempfile.mkdtemp(prefix='azure-provisioning-')
     try:
         imds_copy = os.path.join(scratch, 'imds.json')
-        write_file_atomically(imds_copy, json.dumps(metadata, indent=2).encode('utf-8'),
-                              mode=0o600, deadline=deadline)
-        env = dict(os.environ, AZURE_IMDS_JSON=imds_copy, **facts)
+        write_file_atomically(imds_copy, json.dumps(run.metadata, indent=2).encode('utf-8'),
+                              mode=0o600, deadline=run.deadline)
+        env = dict(os.environ, AZURE_IMDS_JSON=imds_copy, **run.facts)
         for hook in hooks:
-            run_hook(hook, env, deadline, log)
+            run_hook(hook, env, run.deadline, run.log)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -1454,120 +1534,127 @@ def run_hook(path, env, deadline, log):
 
 
 # --------------------------------------------------------------------------
-# Provisioning steps
+# Provisioning: one run context, a table of steps, one executor
 # --------------------------------------------------------------------------
 
 class Options(object):
-    """What a run needs; main() fills it from the command line."""
+    """What a run is asked to do; main() fills it from the command line."""
 
     def __init__(self, wireserver=(DEFAULT_WIRESERVER, 80), imds=(DEFAULT_IMDS, 80),
                  timeout=DEFAULT_TIMEOUT, set_hostname=True, publish_hostname=True,
-                 provision_user=False,
-                 hooks_dir=HOOKS_DIR, kvp_pool=KVP_POOL, dry_run=False, etc='/etc'):
+                 provision_user=False, dry_run=False, root='/'):
         self.wireserver = wireserver
         self.imds = imds
         self.timeout = timeout
         self.set_hostname = set_hostname
         self.publish_hostname = publish_hostname
         self.provision_user = provision_user
-        self.hooks_dir = hooks_dir
-        self.kvp_pool = kvp_pool
         self.dry_run = dry_run
-        self.etc = etc
+        self.root = root
+
+
+class Run(object):
+    """One provisioning run: the options, the shared deadline, the log and output,
+    the filesystem root, and what the steps learn on the way (the IMDS document,
+    the facts hooks and reports get, warnings)."""
+
+    def __init__(self, options, log, out):
+        self.options = options
+        self.log = log
+        self.out = out
+        self.root = Root(options.root)
+        # time kept back so that a failure can still be told to Azure before the deadline
+        self.deadline = Deadline(options.timeout, reserve=min(60.0, options.timeout / 4.0))
+        self.started = time.monotonic()
+        self.metadata = None
+        self.facts = {}
+        self.warnings = []
+
+    def carry_out(self, *actions):
+        """The one place --dry-run is decided: print what each action would do, or do
+        it.  Returns what the actions returned (None for each, in a dry run)."""
+        if self.options.dry_run:
+            for action in actions:
+                self.out.write('would %s\n' % action.says)
+            return [None] * len(actions)
+        return [action.do() for action in actions]
+
+
+def step_imds(run):
+    t = time.monotonic()
+    run.metadata = fetch_instance_metadata(run.options.imds, run.deadline, run.log)
+    run.facts['AZURE_VM_ID'] = compute_field(run.metadata, 'vmId')
+    run.log.info('IMDS: vm %s, computerName %s (%s)' % (
+        run.facts['AZURE_VM_ID'] or '?', desired_hostname(run.metadata) or '-', elapsed_ms(t)))
+
+
+def step_hostname(run):
+    if run.options.set_hostname:
+        hostname_step(run)
+    else:
+        run.log.info('hostname: left alone (--no-hostname)')
+    run.facts['AZURE_HOSTNAME'] = socket.gethostname()
+
+
+def step_user(run):
+    if not run.options.provision_user:
+        run.facts['AZURE_ADMIN_USERNAME'] = compute_field(run.metadata, 'osProfile',
+                                                          'adminUsername')
+        return
+    t = time.monotonic()
+    request = user_from_metadata(run.metadata)
+    run.carry_out(*user_plan(run, request))
+    run.facts['AZURE_ADMIN_USERNAME'] = request.name
+    run.log.info('user: %s ready (%s)' % (request.name, elapsed_ms(t)))
+
+
+def step_hooks(run):
+    hooks = list_hooks(run.root.path(HOOKS_DIR), run.log)
+    if hooks:
+        run.carry_out(Action('run hooks: %s' % ' '.join(hooks), lambda: run_hooks(run, hooks)))
+
+
+# In order; the first that fails is named in the report (step=...), and no later one runs.
+STEPS = (('imds', step_imds), ('hostname', step_hostname), ('user', step_user),
+         ('hooks', step_hooks))
 
 
 def provision(options, log, out=None):
-    """Run every step; returns the exit code (0 or 1)."""
-    out = out or sys.stdout
-    started = time.monotonic()
-    # keep time back so that a failure can still be told to Azure before the deadline
-    deadline = Deadline(options.timeout, reserve=min(60.0, options.timeout / 4.0))
-    facts, warnings = {}, []
-    step = 'imds'
-    try:
-        t = time.monotonic()
-        metadata = fetch_instance_metadata(options.imds, deadline, log)
-        facts['AZURE_VM_ID'] = compute_field(metadata, 'vmId')
-        log.info('IMDS: vm %s, computerName %s (%s)' % (
-            facts['AZURE_VM_ID'] or '?', desired_hostname(metadata) or '-', elapsed_ms(t)))
-        step = 'hostname'
-        if options.set_hostname:
-            hostname_step(metadata, options, deadline, log, out, warnings)
-        else:
-            log.info('hostname: left alone (--no-hostname)')
-        facts['AZURE_HOSTNAME'] = socket.gethostname()
-        step = 'user'
-        if options.provision_user:
-            t = time.monotonic()
-            facts['AZURE_ADMIN_USERNAME'] = provision_user(metadata, deadline, log,
-                                                           options.dry_run, out)
-            log.info('user: %s ready (%s)' % (facts['AZURE_ADMIN_USERNAME'], elapsed_ms(t)))
-        else:
-            facts['AZURE_ADMIN_USERNAME'] = compute_field(metadata, 'osProfile', 'adminUsername')
-        step = 'hooks'
-        hooks = list_hooks(options.hooks_dir, log)
-        if hooks and options.dry_run:
-            out.write('would run hooks: %s\n' % ' '.join(hooks))
-        elif hooks:
-            run_hooks(hooks, facts, metadata, deadline, log)
-    except Exception as exc:    # whatever the type: Azure must hear why, not time out
-        return report_failure(failure_reason(exc, step), facts, step, options, deadline,
-                              log, out)
-
+    """Run every step, then report Ready; returns the exit code (0 or 1)."""
+    run = Run(options, log, out or sys.stdout)
+    for step, do in STEPS:
+        try:
+            do(run)
+        except Exception as exc:    # whatever the type: Azure must hear why, not time out
+            return report_failure(run, step, failure_reason(exc, step))
     t = time.monotonic()
     try:
-        goal_state = send_health(options, deadline.without_reserve(), log, out, 'Ready')
+        goal_state = send_health(run, 'Ready')
     except Exception as exc:
         reason = 'could not report Ready: %s' % failure_reason(exc, 'ready')
-        log.error(reason)
-        report_to_kvp(report_description('error', facts, 'ready', reason), log,
-                      options.dry_run, out, options.kvp_pool)
+        run.log.error(reason)
+        report_to_kvp(run, report_description('error', run.facts, 'ready', reason))
         return 1
-    report_to_kvp(report_description('success', facts, warnings=warnings), log,
-                  options.dry_run, out, options.kvp_pool)
+    report_to_kvp(run, report_description('success', run.facts, warnings=run.warnings))
     if options.dry_run:
-        log.info('dry run: nothing changed, nothing posted (%s)' % elapsed_ms(started))
+        log.info('dry run: nothing changed, nothing posted (%s)' % elapsed_ms(run.started))
     else:
         log.info('Ready accepted for incarnation %s (%s; %s since start)'
-                 % (goal_state.incarnation, elapsed_ms(t), elapsed_ms(started)))
+                 % (goal_state.incarnation, elapsed_ms(t), elapsed_ms(run.started)))
     return 0
 
 
-def send_health(options, deadline, log, out, state, substatus=None, description=None):
-    """report_health(), or with --dry-run print the report it would post."""
-    if not options.dry_run:
-        return report_health(options.wireserver, deadline, log, state, substatus, description)
-    goal_state = fetch_goal_state(options.wireserver, deadline, log)
-    out.write('would POST to http://%s:%d/machine?comp=health:\n' % options.wireserver
-              + build_health_report(goal_state, state, substatus, description))
-    return goal_state
-
-
-def hostname_step(metadata, options, deadline, log, out, warnings):
-    """Set the name IMDS gives (when it differs), then announce it to DHCP."""
-    t = time.monotonic()
-    name = validate_hostname(desired_hostname(metadata))
-    current = socket.gethostname()
-    if name == current:
-        log.info('hostname: already %s, nothing to change (%s)' % (name, elapsed_ms(t)))
-        return
-    if options.dry_run:
-        out.write('would set hostname: %s (now %s)\n' % (name, current))
-    else:
-        method = set_hostname(name, deadline, log, options.etc)
-        hosts = update_etc_hosts(current, name, options.etc, deadline)
-        log.info('hostname set to %s via %s%s (%s)'
-                 % (name, method, ', /etc/hosts updated' if hosts else '', elapsed_ms(t)))
-    if not options.publish_hostname:
-        return
-    if not in_system_uts_namespace():
-        # a name set in a private namespace is not the one DHCP should send
-        log.info('hostname: not published to DHCP (not the system\'s UTS namespace)')
-        return
-    warning = publish_hostname(name, deadline, log, options.dry_run, out)
-    if warning:
-        log.warning(warning)
-        warnings.append(warning)
+def send_health(run, state, substatus=None, description=None):
+    """Post a health report for the current goal state (printed in a dry run)."""
+    deadline = run.deadline.without_reserve()
+    goal_state = fetch_goal_state(run.options.wireserver, deadline, run.log)
+    report = build_health_report(goal_state, state, substatus, description)
+    posted, = run.carry_out(Action(
+        'POST to http://%s/machine?comp=health:\n%s' % (host_header(run.options.wireserver),
+                                                        report.rstrip('\n')),
+        lambda: report_health(run.options.wireserver, deadline, run.log, state, substatus,
+                              description, goal_state)))
+    return posted or goal_state
 
 
 def failure_reason(exc, step):
@@ -1581,21 +1668,21 @@ def failure_reason(exc, step):
                                       one_line(str(exc), 200) or 'no message')
 
 
-def report_failure(reason, facts, step, options, deadline, log, out):
-    log.error(reason)
-    description = report_description('error', facts, step, reason)
+def report_failure(run, step, reason):
+    run.log.error(reason)
+    description = report_description('error', run.facts, step, reason)
     # KVP first: it needs no network, so the host learns the reason even when the
     # WireServer is what failed
-    report_to_kvp(description, log, options.dry_run, out, options.kvp_pool)
+    report_to_kvp(run, description)
     try:
-        goal_state = send_health(options, deadline.without_reserve(), log, out,
-                                 'NotReady', 'ProvisioningFailed', description)
+        goal_state = send_health(run, 'NotReady', 'ProvisioningFailed', description)
     except Exception as exc:
-        log.error('could not report the failure to Azure: %s' % failure_reason(exc, 'report'))
+        run.log.error('could not report the failure to Azure: %s'
+                      % failure_reason(exc, 'report'))
         return 1
-    if not options.dry_run:
-        log.info('reported ProvisioningFailed for incarnation %s; the unit stays enabled'
-                 % goal_state.incarnation)
+    if not run.options.dry_run:
+        run.log.info('reported ProvisioningFailed for incarnation %s; the unit stays enabled'
+                     % goal_state.incarnation)
     return 1
 
 
@@ -1621,11 +1708,12 @@ class Check(object):
         self.root = root
         self.results = []
         self._enabled = None
-        self.root_flag = '' if root == '/' else ' --root %s' % root
-        self.systemctl = 'systemctl' + ('' if root == '/' else ' --root=%s' % root)
+        top = root.top
+        self.root_flag = '' if top == '/' else ' --root %s' % top
+        self.systemctl = 'systemctl' + ('' if top == '/' else ' --root=%s' % top)
 
     def path(self, *parts):
-        return os.path.join(self.root, *[p.lstrip('/') for p in parts])
+        return self.root.path(*parts)
 
     def exists(self, *parts):
         return os.path.lexists(self.path(*parts))
@@ -1814,7 +1902,7 @@ def check_hostname(c):
 
 def check_image(root, out):
     """Print one line per check; returns 1 when anything blocks, else 0."""
-    c = Check(root)
+    c = Check(Root(root))
     python = check_unit(c)
     if python:
         check_python(c, python)

@@ -68,6 +68,17 @@ over the second serial port; it powers the VM off.  Pass/fail is decided from wh
 the host saw (emulator record, facts, console, packet capture); QEMU's exit status
 says nothing.  Each boot has a hard time limit and QEMU is stopped by its PID.
 
+Hangs in early boot (issue 11): under TCG a guest now and then stops in early kernel
+boot and never goes on.  Until userspace starts (systemd's first line on the serial
+console), a boot whose console gets no new byte for EARLY_BOOT_QUIET s is stopped at
+once and that boot is run again ONCE from scratch (its own run directory, a fresh
+copy of its disk, a fresh emulator); its result line then begins "retried after a
+hang in early boot at N s" (N: the last kernel timestamp on the console, else the s
+after QEMU start when it went quiet), and the hung attempt's logs stay in
+boot-NAME-hung-1/ (with --keep).  A second hang fails that boot ("hung in early boot
+twice").  After userspace only the time limit applies.  tests/boot_hangs.py measures
+the hang rate per QEMU configuration.
+
 Needs root (mmdebstrap, image files owned by root), qemu-system-x86, mmdebstrap,
 netcat-openbsd and e2fsprogs (installed with apt-get when missing), and Debian's
 package mirror for the first build.  Anything missing is a failure with a clear
@@ -138,6 +149,16 @@ SUDOERS_FILE = '/etc/sudoers.d/azure-provisioning'
 SSHD_DROP_IN = '/etc/ssh/sshd_config.d/50-azure-provisioning.conf'
 
 BOOT_TIME_LIMIT = 150.0             # s per boot (a TCG boot takes ~20 s)
+# Issue 11: under TCG a guest now and then hangs in early kernel boot (the console stops,
+# CI once at 0.89 s after "IP idents hash table entries") and would sit there until the
+# time limit.  Before userspace starts (USERSPACE_MARKERS on the console) a boot that
+# adds no console byte for EARLY_BOOT_QUIET s is stopped and booted again once, from
+# scratch.  Measured with tests/boot_hangs.py (2 cores, TCG, another job on one core):
+# the longest console silence before userspace in a good boot was 4.0-4.4 s (median)
+# and 7.2 s at most in 232 boots, mostly the stretch from QEMU start to the kernel's
+# first line (~4 s); 20 s is about 3 times the worst seen.
+EARLY_BOOT_QUIET = 20.0             # s without a new console byte before userspace = hang
+USERSPACE_MARKERS = (b'systemd[1]', b'Welcome to')    # the real root's systemd runs
 POWEROFF_GRACE = 30.0               # s from the facts to QEMU's exit before we stop it
 RUN_BUDGET = 510.0                  # s: no boot starts after this (CI aim: < 10 min)
 
@@ -663,7 +684,12 @@ class VmRun(object):
         self.wall_started = None    # time.time() when QEMU was started
         self.first_request_after = None   # s from QEMU start to the unit's first request
         self.duration = None        # s QEMU ran
-        self.outcome = None         # 'powered off', 'timeout', 'no poweroff', 'qemu exit N'
+        self.outcome = None         # 'powered off', 'timeout', 'no poweroff', 'qemu exit N',
+                                    # 'hang in early boot ...'
+        self.early_hang = None      # early_boot_hang()'s dict: this attempt hung, was stopped
+        self.hung_before = []       # VmRuns of this boot's earlier attempts that hung
+        self.userspace_after = None     # s from QEMU start to USERSPACE_MARKERS on the console
+        self.longest_early_quiet = 0.0  # s: the longest console silence before that
         self.facts = None
         self.console = ''
         self.qemu_log = ''
@@ -681,6 +707,12 @@ def load_fake_azure(repo):
 
 
 def qemu_command(files, disk, accel, wport, iport, rundir):
+    # Issue 11 (a hang in early kernel boot under TCG): tests/boot_hangs.py found no
+    # configuration that does better than this one: 0 hangs in 50 boots (to the
+    # kernel's "Run /init") each with -accel tcg (multi-threaded) -smp 2, tcg,thread=
+    # single, -smp 1 and clocksource=acpi_pm (the guest picks hpet itself: the TSC is
+    # "unsynchronized" with 2 vCPUs), medians 7.0-7.5 s; so it stays, and boot_vm /
+    # run_boot stop and retry a boot that hangs before userspace instead.
     fwd = ('guestfwd=tcp:%s:80-cmd:nc 127.0.0.1 %d,guestfwd=tcp:%s:80-cmd:nc 127.0.0.1 %d'
            % (WIRESERVER_IP, wport, IMDS_IP, iport))
     netdev = 'user,id=n0,restrict=on,%s,%s' % (
@@ -698,8 +730,47 @@ def qemu_command(files, disk, accel, wport, iport, rundir):
             '-serial', 'file:' + os.path.join(rundir, 'facts.log')]
 
 
-def boot_vm(files, disk, accel, az, rundir, time_limit):
-    """Boot once; returns a VmRun.  Never waits longer than time_limit (+ a few s)."""
+KERNEL_TIME = re.compile(rb'\[\s*(\d+\.\d+)\]')
+
+
+def early_boot_hang(console, quiet_since, now, limit=EARLY_BOOT_QUIET):
+    """Issue 11: has the guest hung before userspace?  Pure: console is the console's
+    bytes so far, quiet_since the time (s after QEMU start) when they last grew (0 when
+    there are none yet), now the time it is (same clock).  None when userspace has
+    started (a USERSPACE_MARKERS line is there: no judgement after that) or the console
+    has been quiet for less than limit s; else a dict: 'kernel_time' (the last kernel
+    timestamp on the console, s, or None), 'quiet_since', 'quiet_for' and 'last_line'."""
+    if any(marker in console for marker in USERSPACE_MARKERS):
+        return None
+    if now - quiet_since < limit:
+        return None
+    times = KERNEL_TIME.findall(console)
+    lines = [l for l in console.replace(b'\r', b'').split(b'\n') if l.strip()]
+    return {'kernel_time': float(times[-1]) if times else None,
+            'quiet_since': quiet_since, 'quiet_for': now - quiet_since,
+            'last_line': lines[-1].decode('utf-8', 'replace').strip() if lines else ''}
+
+
+def hang_point(hang):
+    """Where an early_boot_hang() stopped: '0.89 s' on the guest kernel's clock, or the
+    s after QEMU start when the console has no kernel timestamp."""
+    if hang['kernel_time'] is not None:
+        return '%.2f s' % hang['kernel_time']
+    return '%.1f s after QEMU start' % hang['quiet_since']
+
+
+def describe_hang(hang):
+    if not hang['last_line']:
+        return 'no console output at all for %.0f s after QEMU start' % hang['quiet_for']
+    return ('console silent for %.0f s from %.1f s after QEMU start, the last line at %s: %s'
+            % (hang['quiet_for'], hang['quiet_since'], hang_point(hang),
+               hang['last_line'][:120]))
+
+
+def boot_vm(files, disk, accel, az, rundir, time_limit, hang_after=EARLY_BOOT_QUIET):
+    """Boot once; returns a VmRun.  Never waits longer than time_limit (+ a few s).
+    Before userspace, a console silent for hang_after s (see early_boot_hang) stops
+    the VM at once: vm.early_hang says where."""
     vm = VmRun()
     wport = int(az.wireserver_addr.rsplit(':', 1)[1])
     iport = int(az.imds_addr.rsplit(':', 1)[1])
@@ -707,6 +778,8 @@ def boot_vm(files, disk, accel, az, rundir, time_limit):
     with open(os.path.join(rundir, 'qemu.cmd'), 'w') as f:
         f.write(' '.join("'%s'" % a if ' ' in a else a for a in cmd) + '\n')
     facts_path = os.path.join(rundir, 'facts.log')
+    console_path = os.path.join(rundir, 'console.log')
+    console, grew_at, userspace = b'', 0.0, not hang_after
     qemu_log = open(os.path.join(rundir, 'qemu.log'), 'wb')
     started = time.monotonic()
     wall_started = vm.wall_started = time.time()
@@ -726,6 +799,24 @@ def boot_vm(files, disk, accel, az, rundir, time_limit):
                 if rc == 124:
                     vm.outcome = 'stopped by timeout(1)'
                 break
+            if not userspace:
+                try:
+                    grown = os.path.getsize(console_path) != len(console)
+                except OSError:
+                    grown = False
+                if grown:
+                    vm.longest_early_quiet = max(vm.longest_early_quiet,
+                                                 now - started - grew_at)
+                    console, grew_at = read_bytes(console_path), now - started
+                    userspace = any(m in console for m in USERSPACE_MARKERS)
+                    if userspace:
+                        vm.userspace_after = grew_at
+                hang = None if userspace else early_boot_hang(console, grew_at, now - started,
+                                                              hang_after)
+                if hang:
+                    vm.early_hang = hang
+                    vm.outcome = 'hang in early boot at %s: stopped' % hang_point(hang)
+                    break
             if facts_at is None and b'AZP-FACTS-END' in read_bytes(facts_path):
                 facts_at = now
             if facts_at is not None and now - facts_at > POWEROFF_GRACE:
@@ -750,7 +841,7 @@ def boot_vm(files, disk, accel, az, rundir, time_limit):
     unit_times = [r['time'] - wall_started for r in az.requests
                   if r['headers'].get('user-agent') != PROBE_AGENT]
     vm.first_request_after = min(unit_times) if unit_times else None
-    vm.console = read_bytes(os.path.join(rundir, 'console.log')).decode('utf-8', 'replace')
+    vm.console = read_bytes(console_path).decode('utf-8', 'replace')
     vm.qemu_log = read_bytes(os.path.join(rundir, 'qemu.log')).decode('utf-8', 'replace')
     vm.facts = parse_facts(read_bytes(facts_path))
     vm.packets = read_pcap(os.path.join(rundir, 'net.pcap'))
@@ -1485,33 +1576,63 @@ def describe_requests(ctx):
 
 
 def run_boot(boot, images, disks, history, FakeAzure, accel, workdir):
+    """Run one boot and its checks; returns (Checks, the VmRun judged).
+    Every attempt gets what a boot always gets: its own run directory, a fresh copy of
+    its disk (the built image's, or the disk that boot.disk_from left: that one is
+    never booted in place, so it stays as that boot left it) and a fresh emulator.
+    Issue 11: an attempt stopped by a hang in early boot (boot_vm, early_boot_hang) is
+    kept in boot-NAME-hung-1/ (without its disk) and the boot runs again ONCE; the
+    VmRun judged lists it in hung_before.  A second hang fails the boot."""
     rundir = os.path.join(workdir, 'boot-' + boot.name)
-    os.makedirs(rundir)
     if boot.disk_from:
         if boot.disk_from not in disks:
             raise TestFailure('boot %r did not leave a disk' % boot.disk_from)
-        disk = disks[boot.disk_from]
+        source = disks[boot.disk_from]
     else:
-        disk = os.path.join(rundir, 'disk.ext4')
-        copy_disk(images[boot.image]['disk'], disk)
-    disks[boot.name] = disk
+        source = images[boot.image]['disk']
     emulator = boot.emulator_kwargs(history, images[boot.image])
     if emulator.get('wireserver_up_after'):
         say('  the WireServer refuses connections for the first %.1f s'
             % emulator['wireserver_up_after'])
-    emulator_started = time.time()
-    with FakeAzure(**emulator) as az:
-        vm = boot_vm(images[boot.image], disk, accel, az, rundir, boot.time_limit)
-        ctx = Context(boot, az, vm, emulator, emulator_started)
+    hung = []
+    for attempt in (1, 2):
+        if hung:                    # keep the hung attempt's logs, not its 2 GB disk
+            kept = '%s-hung-%d' % (rundir, len(hung))
+            os.rename(rundir, kept)
+            if os.path.exists(os.path.join(kept, 'disk.ext4')):
+                os.unlink(os.path.join(kept, 'disk.ext4'))
+        os.makedirs(rundir)
+        disk = os.path.join(rundir, 'disk.ext4')
+        copy_disk(source, disk)
+        emulator_started = time.time()
+        with FakeAzure(**emulator) as az:
+            vm = boot_vm(images[boot.image], disk, accel, az, rundir, boot.time_limit)
+            ctx = Context(boot, az, vm, emulator, emulator_started)
+        vm.hung_before = list(hung)
+        if vm.early_hang is None:
+            break
+        hung.append(vm)
+        say('  HANG in early boot (attempt %d): %s; stopped after %.1f s'
+            % (attempt, describe_hang(vm.early_hang), vm.duration))
+        if attempt == 1:
+            say('  booting again once, with a fresh copy of the disk and a fresh emulator')
+    disks[boot.name] = disk
     history.append(vm)
-    say('  QEMU start -> Ready accepted: %s; VM ran %.1f s (%s)'
+    say('  QEMU start -> Ready accepted: %s; VM ran %.1f s (%s); userspace after %s, '
+        'the console silent %.1f s at most before it'
         % ('%.1f s' % vm.ready_after if vm.ready_after is not None else 'never',
-           vm.duration, vm.outcome))
+           vm.duration, vm.outcome,
+           '%.1f s' % vm.userspace_after if vm.userspace_after is not None else '-',
+           vm.longest_early_quiet))
     c = Checks()
-    try:
-        boot.check(ctx, c)
-    except Exception as exc:        # a broken check must fail, not crash the run
-        c.expect(False, 'checks ran', '%s: %s' % (exc.__class__.__name__, exc))
+    if vm.early_hang is not None:   # twice: no point in checking what never booted
+        c.expect(False, 'the guest reached userspace (retried once after a hang in early '
+                 'boot)', 'hung again at %s' % hang_point(vm.early_hang))
+    else:
+        try:
+            boot.check(ctx, c)
+        except Exception as exc:    # a broken check must fail, not crash the run
+            c.expect(False, 'checks ran', '%s: %s' % (exc.__class__.__name__, exc))
     if c.failures:
         say('  emulator saw %d requests:' % len(ctx.requests))
         describe_requests(ctx)
@@ -1524,6 +1645,16 @@ def run_boot(boot, images, disks, history, FakeAzure, accel, workdir):
         if vm.qemu_log.strip():
             say('  qemu said: ' + vm.qemu_log.strip()[-500:])
     return c, vm
+
+
+def retry_note(vm):
+    """The start of a boot's summary line: never a silent retry (issue 11)."""
+    if not vm.hung_before:
+        return ''
+    first = hang_point(vm.hung_before[0].early_hang)
+    if vm.early_hang is not None:
+        return 'hung in early boot twice, at %s and at %s; ' % (first, hang_point(vm.early_hang))
+    return 'retried after a hang in early boot at %s; ' % first
 
 
 def main(argv=None):
@@ -1594,7 +1725,7 @@ def main(argv=None):
                 results.append((boot.name, False, str(exc).splitlines()[0]))
                 continue
             ready_times.append((boot.name, vm))
-            summary = '%d checks, %d failed; Ready after %s; VM %.1f s' % (
+            summary = retry_note(vm) + '%d checks, %d failed; Ready after %s; VM %.1f s' % (
                 c.count, len(c.failures),
                 '%.1f s' % vm.ready_after if vm.ready_after is not None else '-', vm.duration)
             results.append((boot.name, not c.failures, summary))
@@ -1617,7 +1748,8 @@ def main(argv=None):
     say('QEMU start -> Ready accepted: %s' % ', '.join(
         '%s %s' % (n, '%.1f s' % t if t is not None else '-') for n, t in ready))
     say('VMs ran %.1f s in total; total run time %.1f s'
-        % (sum(vm.duration or 0 for _, vm in ready_times), time.monotonic() - started))
+        % (sum((vm.duration or 0) + sum(h.duration or 0 for h in vm.hung_before)
+               for _, vm in ready_times), time.monotonic() - started))
     passed = sum(1 for _, p, _ in results if p)
     failed = len(results) - passed
     say('%d passed, %d failed' % (passed, failed))

@@ -34,6 +34,7 @@ class Run(object):
 # On an Azure or Hyper-V machine the host READS this pool: no test may add to it.
 HYPERV_DIR = '/var/lib/hyperv'
 UNSHARE = shutil.which('unshare') or '/usr/bin/unshare'
+MOUNT = shutil.which('mount') or '/bin/mount'
 
 
 def shielded(command):
@@ -49,8 +50,8 @@ def shielded(command):
                                  'root or as a user who cannot write it' % HYPERV_DIR)
         return list(command)
     # absolute paths: some tests run commands with a PATH of their own
-    return [UNSHARE, '--mount', '/bin/sh', '-c',
-            'mount -t tmpfs azp-test-kvp "$0" && exec "$@"', HYPERV_DIR] + list(command)
+    return [UNSHARE, '--mount', '/bin/sh', '-c', '"$0" -t tmpfs azp-test-kvp "$1" && shift '
+            '&& exec "$@"', MOUNT, HYPERV_DIR] + list(command)
 
 
 def run_command(command, env=None, timeout=PROCESS_TIMEOUT):

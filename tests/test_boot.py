@@ -109,5 +109,60 @@ class BootTest(unittest.TestCase):
         self.assertRegex(out, r'(?m)^\d+ passed, 0 failed$')
 
 
+class EarlyBootHang(unittest.TestCase):
+    """A guest that stops making progress before userspace (seen once in CI: the
+    console stopped at 0.89 s) is stopped early and booted again once, said plainly."""
+
+    KERNEL = (b'[    0.000000] Linux version 6.1.0-57-amd64\r\n'
+              b'[    0.890000] IP idents hash table entries: 16384 (order: 5)\r\n')
+
+    def setUp(self):
+        sys.path.insert(0, os.path.dirname(HERE))
+        self.addCleanup(sys.path.remove, os.path.dirname(HERE))
+        from tests import boot_test
+        self.bt = boot_test
+
+    def test_a_quiet_console_before_userspace_is_a_hang(self):
+        hang = self.bt.early_boot_hang(self.KERNEL, quiet_since=4.0, now=24.0, limit=20.0)
+        self.assertEqual(hang['kernel_time'], 0.89)
+        self.assertEqual(hang['last_line'],
+                         '[    0.890000] IP idents hash table entries: 16384 (order: 5)')
+        self.assertEqual(self.bt.hang_point(hang), '0.89 s')
+
+    def test_a_shorter_silence_is_not(self):
+        self.assertIsNone(self.bt.early_boot_hang(self.KERNEL, 4.0, 23.9, limit=20.0))
+
+    def test_no_judgement_once_userspace_started(self):
+        for marker in (b'[    6.35] systemd[1]: Inserted module autofs4\r\n',
+                       b'Welcome to \x1b[1mDebian GNU/Linux 12 (bookworm)\x1b[0m!\r\n'):
+            with self.subTest(marker=marker):
+                self.assertIsNone(self.bt.early_boot_hang(self.KERNEL + marker, 4.0, 500.0,
+                                                          limit=20.0))
+
+    def test_no_output_at_all(self):
+        hang = self.bt.early_boot_hang(b'', 0.0, 20.0, limit=20.0)
+        self.assertIsNone(hang['kernel_time'])
+        self.assertEqual(hang['last_line'], '')
+        self.assertEqual(self.bt.hang_point(hang), '0.0 s after QEMU start')
+
+    def test_the_default_limit_clears_a_normal_boot(self):
+        # the longest silence before userspace in 200 good boots was 7.2 s
+        self.assertGreaterEqual(self.bt.EARLY_BOOT_QUIET, 15.0)
+        self.assertIsNone(self.bt.early_boot_hang(b'', 0.0, 7.2))
+
+    def test_a_retry_is_never_silent_and_a_second_hang_fails(self):
+        hung = self.bt.VmRun()
+        hung.early_hang = self.bt.early_boot_hang(self.KERNEL, 4.0, 24.0, limit=20.0)
+        retried = self.bt.VmRun()
+        retried.hung_before = [hung]
+        self.assertTrue(self.bt.retry_note(retried).startswith(
+            'retried after a hang in early boot at 0.89 s'), self.bt.retry_note(retried))
+        twice = self.bt.VmRun()
+        twice.hung_before = [hung]
+        twice.early_hang = self.bt.early_boot_hang(b'', 0.0, 20.0, limit=20.0)
+        self.assertTrue(self.bt.retry_note(twice).startswith('hung in early boot twice'))
+        self.assertEqual(self.bt.retry_note(self.bt.VmRun()), '')
+
+
 if __name__ == '__main__':
     unittest.main()

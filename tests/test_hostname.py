@@ -11,6 +11,19 @@ import azure_provisioning as ap
 from tests.support import DATA, SCRIPT, is_root, run_command, skip
 
 
+def run_in(tmp):
+    """A run context whose filesystem root is tmp: /etc/hosts is tmp/etc/hosts."""
+    return ap.Run(ap.Options(root=tmp), ap.Log(), None)
+
+
+def temporary_root(test):
+    """(root, its etc directory), removed after the test."""
+    root = tempfile.mkdtemp(prefix='azp-root-')
+    test.addCleanup(shutil.rmtree, root)
+    os.mkdir(os.path.join(root, 'etc'))
+    return root, os.path.join(root, 'etc')
+
+
 def metadata(name):
     with open(os.path.join(DATA, name), encoding='utf-8') as f:
         return json.load(f)
@@ -71,15 +84,14 @@ class EtcHosts(unittest.TestCase):
     def test_rhel_template_name_is_not_replaced(self):
         # RHEL, Alma and Rocky images are named localhost.localdomain: renaming it would
         # make the VM's own name resolve to ::1
-        tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, tmp)
-        with open(os.path.join(tmp, 'hosts'), 'w') as f:
+        tmp, etc = temporary_root(self)
+        with open(os.path.join(etc, 'hosts'), 'w') as f:
             f.write(RHEL_HOSTS)
         for old in ('localhost.localdomain', 'localhost', 'localhost4', 'LOCALHOST.localdomain',
                     'localhost6.localdomain6'):
             with self.subTest(old=old):
-                self.assertFalse(ap.update_etc_hosts(old, 'web-7', tmp))
-        with open(os.path.join(tmp, 'hosts')) as f:
+                self.assertFalse(ap.update_etc_hosts(run_in(tmp), old, 'web-7'))
+        with open(os.path.join(etc, 'hosts')) as f:
             self.assertEqual(f.read(), RHEL_HOSTS)
 
     def test_loopback_lines_are_never_renamed(self):
@@ -118,28 +130,26 @@ class EtcHosts(unittest.TestCase):
         self.assertEqual(ap.rename_in_hosts('a b\n', 'a', 'z'), 'a b\n')
 
     def test_file_rewritten_atomically_with_mode_kept(self):
-        tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, tmp)
-        path = os.path.join(tmp, 'hosts')
+        tmp, etc = temporary_root(self)
+        path = os.path.join(etc, 'hosts')
         with open(path, 'w') as f:
             f.write(DEBIAN_HOSTS)
         os.chmod(path, 0o640)
         before = os.stat(path).st_ino
-        self.assertTrue(ap.update_etc_hosts('old-name', 'web-7', tmp))
+        self.assertTrue(ap.update_etc_hosts(run_in(tmp), 'old-name', 'web-7'))
         with open(path) as f:
             self.assertIn('127.0.1.1\tweb-7.example.com\tweb-7\n', f.read())
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o640)
         self.assertNotEqual(os.stat(path).st_ino, before, 'not replaced by rename')
-        self.assertEqual(os.listdir(tmp), ['hosts'])
+        self.assertEqual(os.listdir(etc), ['hosts'])
         # nothing carries the name any more: not rewritten again
-        self.assertFalse(ap.update_etc_hosts('old-name', 'web-7', tmp))
-        self.assertFalse(ap.update_etc_hosts('localhost', 'web-7', tmp))
+        self.assertFalse(ap.update_etc_hosts(run_in(tmp), 'old-name', 'web-7'))
+        self.assertFalse(ap.update_etc_hosts(run_in(tmp), 'localhost', 'web-7'))
 
     def test_missing_hosts_file_is_not_created(self):
-        tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, tmp)
-        self.assertFalse(ap.update_etc_hosts('a', 'b', tmp))
-        self.assertEqual(os.listdir(tmp), [])
+        tmp, etc = temporary_root(self)
+        self.assertFalse(ap.update_etc_hosts(run_in(tmp), 'a', 'b'))
+        self.assertEqual(os.listdir(etc), [])
 
 
 class AtomicWrite(unittest.TestCase):

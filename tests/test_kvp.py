@@ -28,10 +28,17 @@ def records(path):
 
 
 class PoolDir(unittest.TestCase):
+    """A temporary root with the Hyper-V pool directory: self.pool is its pool file."""
+
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix='azp-kvp-')
         self.addCleanup(shutil.rmtree, self.dir)
-        self.pool = os.path.join(self.dir, '.kvp_pool_1')
+        os.makedirs(os.path.join(self.dir, 'var/lib/hyperv'))
+        self.pool = os.path.join(self.dir, 'var/lib/hyperv/.kvp_pool_1')
+
+    def run_context(self, root=None, dry_run=False):
+        self.out = io.StringIO()
+        return ap.Run(ap.Options(root=root or self.dir, dry_run=dry_run), QuietLog(), self.out)
 
 
 class Pool(PoolDir):
@@ -75,18 +82,19 @@ class Pool(PoolDir):
                              list(range(200)))
 
     def test_report_never_fails_and_skips_non_hyperv(self):
-        log = QuietLog()
-        ap.report_to_kvp('x', log, pool=os.path.join(self.dir, 'missing', '.kvp_pool_1'))
-        self.assertFalse(os.path.exists(os.path.join(self.dir, 'missing')))
-        os.mkdir(os.path.join(self.dir, 'pool-is-a-dir'))
-        ap.report_to_kvp('x', log, pool=os.path.join(self.dir, 'pool-is-a-dir'))
-        self.assertRegex(log.lines[-1], r'^warning: KVP report not written: ')
+        not_hyperv = os.path.join(self.dir, 'not-hyperv')
+        os.mkdir(not_hyperv)
+        ap.report_to_kvp(self.run_context(not_hyperv), 'x')
+        self.assertEqual(os.listdir(not_hyperv), [])
+        os.mkdir(self.pool)         # the pool is a directory: a warning, not an exception
+        run = self.run_context()
+        ap.report_to_kvp(run, 'x')
+        self.assertRegex(run.log.lines[-1], r'^warning: KVP report not written: ')
 
     def test_dry_run_prints_the_record(self):
-        out = io.StringIO()
-        ap.report_to_kvp('result=success', QuietLog(), True, out, self.pool)
-        self.assertEqual(out.getvalue(), 'would append to %s: PROVISIONING_REPORT=result=success\n'
-                         % self.pool)
+        ap.report_to_kvp(self.run_context(dry_run=True), 'result=success')
+        self.assertEqual(self.out.getvalue(),
+                         'would append to %s: PROVISIONING_REPORT=result=success\n' % self.pool)
         self.assertFalse(os.path.exists(self.pool))
 
 
@@ -95,8 +103,7 @@ class RunLeavesAReport(PoolDir):
         with FakeAzure(**emulator) as az:
             options = ap.Options(wireserver=ap.parse_address(az.wireserver_addr),
                                  imds=ap.parse_address(az.imds_addr), timeout=4,
-                                 set_hostname=False, kvp_pool=self.pool,
-                                 hooks_dir=os.path.join(self.dir, 'no-hooks'))
+                                 set_hostname=False, root=self.dir)
             code = ap.provision(options, QuietLog(), io.StringIO())
             return code, list(az.health_reports)
 

@@ -73,25 +73,25 @@ class FakeSystem(unittest.TestCase):
     def publish(self, dry_run=False):
         self.out = io.StringIO()
         self.log = QuietLog()
-        return ap.publish_hostname('web-7', ap.Deadline(10), self.log, dry_run, self.out,
-                                   root=self.root)
+        run = ap.Run(ap.Options(root=self.root, dry_run=dry_run, timeout=40), self.log, self.out)
+        return ap.publish_hostname(run, 'web-7')
 
 
 class PrimaryInterface(FakeSystem):
     def test_default_route_with_the_lowest_metric(self):
-        self.assertEqual(ap.primary_interface(self.root), 'eth0')
+        self.assertEqual(ap.primary_interface(ap.Root(self.root)), 'eth0')
 
     def test_without_a_default_route_the_networkd_lease_then_any_routed_interface(self):
         header, eth1_default, eth0_net, _ = ROUTES.splitlines(True)
         self.write('proc/net/route', header + eth0_net.replace('eth0', 'ens2'))
-        self.assertEqual(ap.primary_interface(self.root), 'ens2')    # routed, no lease
+        self.assertEqual(ap.primary_interface(ap.Root(self.root)), 'ens2')    # routed, no lease
         self.write('sys/class/net/ens3/ifindex', '3\n')
         self.write('run/systemd/netif/leases/3', 'ADDRESS=10.0.0.9\n')
-        self.assertEqual(ap.primary_interface(self.root), 'ens3')    # networkd's lease
+        self.assertEqual(ap.primary_interface(ap.Root(self.root)), 'ens3')    # networkd's lease
 
     def test_no_route_at_all(self):
         self.write('proc/net/route', ROUTES.splitlines(True)[0])
-        self.assertIsNone(ap.primary_interface(self.root))
+        self.assertIsNone(ap.primary_interface(ap.Root(self.root)))
         self.assertIn('no routed interface', self.publish())
 
 

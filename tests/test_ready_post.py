@@ -103,13 +103,13 @@ class InProcess(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix='azp-ready-')
         self.addCleanup(shutil.rmtree, self.dir)
-        self.pool = os.path.join(self.dir, '.kvp_pool_1')
+        os.makedirs(os.path.join(self.dir, 'var/lib/hyperv'))
+        self.pool = os.path.join(self.dir, 'var/lib/hyperv/.kvp_pool_1')
 
     def provision(self, az, **options):
         options = ap.Options(wireserver=ap.parse_address(az.wireserver_addr),
                              imds=ap.parse_address(az.imds_addr), timeout=20,
-                             set_hostname=False, kvp_pool=self.pool,
-                             hooks_dir=os.path.join(self.dir, 'no-hooks'), **options)
+                             set_hostname=False, root=self.dir, **options)
         self.log = QuietLog()
         return ap.provision(options, self.log, io.StringIO())
 
@@ -170,7 +170,7 @@ class CrashInAStep(InProcess):
 
     def test_crash_in_the_user_step(self):
         exc = RuntimeError('useradd said something odd')
-        with FakeAzure() as az, mock.patch.object(ap, 'provision_user', side_effect=exc):
+        with FakeAzure() as az, mock.patch.object(ap, 'user_plan', side_effect=exc):
             code = self.provision(az, provision_user=True)
             self.check(az, code, 'user', exc)
         self.assertIn('useradd said something odd', az.health_reports[0]['description'])

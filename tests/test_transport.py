@@ -412,7 +412,6 @@ class EverythingWaitsOnTheDeadline(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(self.tmp)), ['bin'])
 
     def test_restorecon(self):
-        import collections
         import os
         self.stand_in('restorecon')
         old_fs = ap.SELINUX_FS
@@ -420,12 +419,15 @@ class EverythingWaitsOnTheDeadline(unittest.TestCase):
         ap.SELINUX_FS = self.tmp       # "SELinux is enabled"
         home = os.path.join(self.tmp, 'home')
         os.mkdir(home)
-        account = collections.namedtuple('Account', 'pw_uid pw_gid pw_dir')(
-            os.getuid(), os.getgid(), home)
-        key = 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBn0rqjmEIvRQGfFGxDBRjRAFBkUcUwLDwn0W3bnuzJ0 a'
-        self.assert_bounded(lambda d: ap.install_keys(
-            'alice', [key], os.path.join(home, '.ssh', 'authorized_keys'), account, d,
-            QuietLog(), None))
+        import pwd
+        me = pwd.getpwuid(os.getuid()).pw_name
+        key = b'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBn0rqjmEIvRQGfFGxDBRjRAFBkUcUwLDwn0W3bnuzJ0 a\n'
+
+        def install(deadline):
+            run = ap.Run(ap.Options(root=home), QuietLog(), None)
+            run.deadline = deadline
+            ap.install_keys(run, me, '/.ssh/authorized_keys', key, 1)
+        self.assert_bounded(install)
 
     def test_sshd_reload(self):
         self.stand_in('systemctl')
