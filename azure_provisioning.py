@@ -17,6 +17,12 @@ instead (also to Hyper-V KVP), so that `az vm create` fails fast with that reaso
 
 Exit codes: 0 provisioned, 1 provisioning failed, 2 usage error.
 Standard library only; Python 3.6 or newer.
+
+The file reads top-down: system helpers (log and deadline, text, files under one
+Root, tools), transport (HTTP/1.1 and the retry policy), WireServer, IMDS, KVP,
+hostname and its DHCP publishing, admin user, hooks, then provision(): a Run
+context walks STEPS; each step decides a plan of Actions and Run.carry_out does
+them, or prints them with --dry-run.  Then --check and the command line.
 """
 
 import itertools
@@ -41,7 +47,6 @@ MAX_DESCRIPTION = 512           # cloud-init's cut; the WireServer 500s on long 
 HOST_NAME_MAX = 64              # Linux; hostnamectl refuses longer names
 
 
-
 class ProvisioningError(Exception):
     """Provisioning cannot go on; the message is one line, fit for Azure and the user."""
 
@@ -56,7 +61,8 @@ def raise_terminated(signum, frame):
 
 
 # --------------------------------------------------------------------------
-# Logging: one line per step on stderr (the unit sends it to journal+console)
+# Logging and time: one line per step on stderr (the unit sends it to
+# journal+console), one deadline that every step shares
 # --------------------------------------------------------------------------
 
 class Log(object):
@@ -93,21 +99,6 @@ def elapsed_ms(started):
     return '%d ms' % round((time.monotonic() - started) * 1000)
 
 
-# --------------------------------------------------------------------------
-# Transport: HTTP/1.1 straight on a socket (never a proxy), one deadline, one
-# retry policy.  Not http.client: its imports (email, ssl) cost more than this
-# whole run does once started (tests/bench.py), for two link-local servers that
-# speak plain HTTP.
-# --------------------------------------------------------------------------
-
-REQUEST_TIMEOUT = 15.0          # per connect and per read
-MAX_RESPONSE_BYTES = 1 << 20    # goal state and IMDS documents are a few KiB
-BACKOFF_FIRST = 0.05            # seconds
-BACKOFF_CAP = 0.3               # short: Ready must go out soon after the WireServer is up
-STILL_WAITING_EVERY = 30.0      # seconds between "still retrying" lines
-MALFORMED_ANSWERS_ALLOWED = 3   # a truncated answer may pass; a broken server won't
-
-
 class Deadline(object):
     """A point in time every step shares; `reserve` keeps time back for a failure report."""
 
@@ -122,6 +113,226 @@ class Deadline(object):
         whole = Deadline(0)
         whole.end = self.end
         return whole
+
+
+# --------------------------------------------------------------------------
+# Text: one line for logs and reports, and only what XML 1.0 allows
+# --------------------------------------------------------------------------
+
+def one_line(text, limit):
+    text = ' '.join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+# Terminal escape sequences (colours, cursor moves) and every character XML 1.0
+# forbids (C0 controls but tab/LF/CR, U+FFFE/U+FFFF, lone surrogates): a report that
+# carried one would be refused with 400 and the VM would time out instead of failing.
+TERMINAL_ESCAPE = re.compile(r'\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\\\)?|.?)')
+NOT_XML_TEXT = re.compile('[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]')
+
+
+def clean_text(text):
+    """Text fit for XML 1.0 and KVP: escape sequences dropped, forbidden characters
+    replaced by U+FFFD."""
+    return NOT_XML_TEXT.sub('\ufffd', TERMINAL_ESCAPE.sub('', text))
+
+
+def xml_escape(text):
+    return (clean_text(text).replace('&', '&amp;').replace('<', '&lt;')
+            .replace('>', '&gt;'))
+
+
+# --------------------------------------------------------------------------
+# Files: one root for every path, atomic writes
+# --------------------------------------------------------------------------
+
+SELINUX_FS = '/sys/fs/selinux'     # mounted when SELinux is enabled
+
+
+def write_file_atomically(path, data, mode=None, owner=None, check=None, deadline=None):
+    """Write via a temporary file and rename: a crash or SIGTERM leaves the old file
+    or the new one, never half of one nor the temporary file.  The mode and owner
+    asked for are enforced (an existing 0666 authorized_keys becomes 0600); not
+    given, an existing file's are kept (new files: 0644, ours).  `check` is a
+    command run on the temporary file first (e.g. visudo -cf); on SELinux the new
+    file gets the old one's label.  Commands are bounded by `deadline`."""
+    deadline = deadline or Deadline(TOOL_TIMEOUT)
+    directory = os.path.dirname(path) or '.'
+    try:
+        st = os.stat(path)
+        existing = True
+        mode = st.st_mode & 0o7777 if mode is None else mode
+        owner = owner or (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        existing = False
+        mode = 0o644 if mode is None else mode
+    tmp = os.path.join(directory, '.%s.%d.tmp' % (os.path.basename(path), os.getpid()))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if owner is not None:
+            try:
+                os.chown(tmp, *owner)
+            except PermissionError:
+                pass    # not root (tests): the file stays ours
+        os.chmod(tmp, mode)
+        if check:
+            run_tool(check + [tmp], deadline, 'checking %s' % path)
+        if existing and os.path.isdir(SELINUX_FS):
+            # a renamed-in file keeps the label of where it was made, not the old file's
+            run_tool([find_tool('chcon') or 'chcon', '--reference=' + path, tmp], deadline,
+                     'SELinux label for %s' % path)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_bytes(path):
+    """A file's bytes; None when the path names no file (missing, or a path no file
+    can have: too long, a loop, a NUL in it, as read from an image's config files).
+    Other errors (permissions, I/O) are raised."""
+    import errno
+    try:
+        with open(path, 'rb') as f:
+            return f.read()
+    except ValueError:      # a NUL in the path
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP):
+            return None
+        raise
+
+
+def read_text(path):
+    data = read_bytes(path)
+    return data.decode('utf-8', 'replace') if data is not None else None
+
+
+class Root(object):
+    """The filesystem every step reads and writes: '/' on a VM; a mounted image with
+    --check --root; a temporary tree in the tests.  Paths are given as on the VM."""
+
+    def __init__(self, top='/'):
+        self.top = top
+
+    def path(self, *parts):
+        return os.path.join(self.top, *[part.lstrip('/') for part in parts])
+
+    def __repr__(self):
+        return 'Root(%r)' % self.top
+
+
+# A step's plan is a list of actions: what it would do, in words, and the doing.
+# Run.carry_out performs them, or with --dry-run prints them.
+Action = namedtuple('Action', 'says do')
+
+
+def glob_names(directory, pattern):
+    """Names in `directory` matching the regular expression (none when unreadable)."""
+    try:
+        return [n for n in os.listdir(directory) if re.match(pattern, n)]
+    except OSError:
+        return []
+
+
+# --------------------------------------------------------------------------
+# Running tools: bounded by the deadline, never through a shell
+# --------------------------------------------------------------------------
+
+def describe_error(exc):
+    if isinstance(exc, socket.timeout):
+        return 'timed out'
+    if isinstance(exc, OSError) and exc.strerror:
+        if exc.filename:
+            return '%s: %s' % (exc.filename, exc.strerror)
+        return exc.strerror
+    return str(exc) or exc.__class__.__name__
+
+
+TOOL_TIMEOUT = 60.0     # seconds for one command, at most: the deadline may cut it shorter
+TOOL_KILL_GRACE = 2.0   # seconds for a killed command's pipes to close
+
+
+def run_tool(argv, deadline, what):
+    """Run a command (never through a shell) within the deadline; its stdout, or
+    ProvisioningError naming the command and its last words.  It runs in a session of
+    its own, so that at the deadline all of it goes: a child it left behind holding
+    our pipes must not keep us waiting."""
+    import subprocess
+    limit = min(TOOL_TIMEOUT, deadline.remaining())
+    if limit <= 0:
+        raise ProvisioningError('%s: no time left to run %s' % (what, argv[0]))
+    try:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, universal_newlines=True,
+                                   start_new_session=True)
+    except (OSError, ValueError) as exc:    # ValueError: a NUL in an argument
+        raise ProvisioningError('%s: %s: %s' % (what, argv[0], describe_error(exc)))
+    try:
+        stdout, stderr = process.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        kill_session(process)
+        raise ProvisioningError('%s: %s: timed out after %.1f s' % (what, argv[0], limit))
+    except BaseException:           # SIGTERM or Ctrl-C: the command goes too
+        kill_session(process)
+        raise
+    if process.returncode != 0:
+        raise ProvisioningError('%s: %s failed: %s' % (
+            what, argv[0], one_line(stderr, 200) or 'exit status %d' % process.returncode))
+    return stdout
+
+
+def kill_session(process, grace=TOOL_KILL_GRACE):
+    """SIGKILL to the session a command of ours leads (its children too), then wait
+    for it, `grace` seconds at most: a process stuck in the kernel cannot be waited for."""
+    import subprocess
+    try:
+        os.killpg(process.pid, 9)
+    except OSError:
+        pass    # already gone
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def find_tool(name):
+    """A command's path: PATH first, then the sbin directories PATH may lack."""
+    directories = os.environ.get('PATH', '').split(os.pathsep) + ['/usr/sbin', '/sbin',
+                                                                   '/usr/bin', '/bin']
+    for directory in directories:
+        path = os.path.join(directory, name)
+        if directory and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+# --------------------------------------------------------------------------
+# Transport: HTTP/1.1 straight on a socket (never a proxy), one deadline, one
+# retry policy.  Not http.client: its imports (email, ssl) cost more than this
+# whole run does once started (tests/bench.py), for two link-local servers that
+# speak plain HTTP.
+# --------------------------------------------------------------------------
+
+REQUEST_TIMEOUT = 15.0          # per connect and per read
+MAX_RESPONSE_BYTES = 1 << 20    # goal state and IMDS documents are a few KiB
+BACKOFF_FIRST = 0.05            # seconds
+BACKOFF_CAP = 0.3               # short: Ready must go out soon after the WireServer is up
+STILL_WAITING_EVERY = 30.0      # seconds between "still retrying" lines
+MALFORMED_ANSWERS_ALLOWED = 3   # a truncated answer may pass; a broken server won't
 
 
 class TryAgain(Exception):
@@ -388,75 +599,6 @@ def retry_after_seconds(value):
     return None
 
 
-def describe_error(exc):
-    if isinstance(exc, socket.timeout):
-        return 'timed out'
-    if isinstance(exc, OSError) and exc.strerror:
-        if exc.filename:
-            return '%s: %s' % (exc.filename, exc.strerror)
-        return exc.strerror
-    return str(exc) or exc.__class__.__name__
-
-
-TOOL_TIMEOUT = 60.0     # seconds for one command, at most: the deadline may cut it shorter
-TOOL_KILL_GRACE = 2.0   # seconds for a killed command's pipes to close
-
-
-def run_tool(argv, deadline, what):
-    """Run a command (never through a shell) within the deadline; its stdout, or
-    ProvisioningError naming the command and its last words.  It runs in a session of
-    its own, so that at the deadline all of it goes: a child it left behind holding
-    our pipes must not keep us waiting."""
-    import subprocess
-    limit = min(TOOL_TIMEOUT, deadline.remaining())
-    if limit <= 0:
-        raise ProvisioningError('%s: no time left to run %s' % (what, argv[0]))
-    try:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, universal_newlines=True,
-                                   start_new_session=True)
-    except (OSError, ValueError) as exc:    # ValueError: a NUL in an argument
-        raise ProvisioningError('%s: %s: %s' % (what, argv[0], describe_error(exc)))
-    try:
-        stdout, stderr = process.communicate(timeout=limit)
-    except subprocess.TimeoutExpired:
-        kill_session(process)
-        raise ProvisioningError('%s: %s: timed out after %.1f s' % (what, argv[0], limit))
-    except BaseException:           # SIGTERM or Ctrl-C: the command goes too
-        kill_session(process)
-        raise
-    if process.returncode != 0:
-        raise ProvisioningError('%s: %s failed: %s' % (
-            what, argv[0], one_line(stderr, 200) or 'exit status %d' % process.returncode))
-    return stdout
-
-
-def kill_session(process, grace=TOOL_KILL_GRACE):
-    """SIGKILL to the session a command of ours leads (its children too), then wait
-    for it, `grace` seconds at most: a process stuck in the kernel cannot be waited for."""
-    import subprocess
-    try:
-        os.killpg(process.pid, 9)
-    except OSError:
-        pass    # already gone
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        return False
-    return True
-
-
-def find_tool(name):
-    """A command's path: PATH first, then the sbin directories PATH may lack."""
-    directories = os.environ.get('PATH', '').split(os.pathsep) + ['/usr/sbin', '/sbin',
-                                                                   '/usr/bin', '/bin']
-    for directory in directories:
-        path = os.path.join(directory, name)
-        if directory and os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    return None
-
-
 # --------------------------------------------------------------------------
 # WireServer: goal state and health report
 # --------------------------------------------------------------------------
@@ -553,24 +695,6 @@ def fetch_goal_state(wireserver, deadline, log):
     return with_retries('goal state', attempt, deadline, log)
 
 
-# Terminal escape sequences (colours, cursor moves) and every character XML 1.0
-# forbids (C0 controls but tab/LF/CR, U+FFFE/U+FFFF, lone surrogates): a report that
-# carried one would be refused with 400 and the VM would time out instead of failing.
-TERMINAL_ESCAPE = re.compile(r'\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\\\)?|.?)')
-NOT_XML_TEXT = re.compile('[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]')
-
-
-def clean_text(text):
-    """Text fit for XML 1.0 and KVP: escape sequences dropped, forbidden characters
-    replaced by U+FFFD."""
-    return NOT_XML_TEXT.sub('\ufffd', TERMINAL_ESCAPE.sub('', text))
-
-
-def xml_escape(text):
-    return (clean_text(text).replace('&', '&amp;').replace('<', '&lt;')
-            .replace('>', '&gt;'))
-
-
 def build_health_report(goal_state, state='Ready', substatus=None, description=None):
     details = ''
     if substatus:
@@ -628,9 +752,65 @@ def report_health(wireserver, deadline, log, state='Ready', substatus=None, desc
                             % STALE_INCARNATIONS_ALLOWED)
 
 
-def one_line(text, limit):
-    text = ' '.join(text.split())
-    return text if len(text) <= limit else text[:limit - 3] + '...'
+# --------------------------------------------------------------------------
+# IMDS: the instance document
+# --------------------------------------------------------------------------
+
+IMDS_API_VERSION = '2021-02-01'
+IMDS_FALLBACK_API_VERSION = '2019-06-01'  # what cloud-init falls back to on 400
+IMDS_HEADERS = {'Metadata': 'true'}
+IMDS_RETRY_STATUSES = (404, 410)          # IMDS warming up; 5xx and 429 retry anyway
+
+
+def fetch_instance_metadata(imds, deadline, log):
+    """GET the instance document; dict with at least a 'compute' object."""
+    versions = [IMDS_API_VERSION, IMDS_FALLBACK_API_VERSION]
+
+    def attempt():
+        path = '/metadata/instance?api-version=' + versions[0]
+        response = http_exchange(imds, 'GET', path, IMDS_HEADERS, deadline, log,
+                                 retry_statuses=IMDS_RETRY_STATUSES)
+        if response.status == 400 and len(versions) > 1:
+            log.info('IMDS: api-version %s refused (HTTP 400); trying %s'
+                     % (versions.pop(0), versions[0]))
+            raise TryAgain('api-version refused', retry_after=0)
+        if response.status != 200:
+            raise ProvisioningError('IMDS answered HTTP %d %s: %s'
+                                    % (response.status, response.reason,
+                                       one_line(response.text(), 200)))
+        try:
+            return parse_instance_document(response.text())
+        except ValueError as exc:
+            raise Malformed('instance document is not valid (%s)' % exc)
+
+    return with_retries('IMDS', attempt, deadline, log)
+
+
+def parse_json(text):
+    """json.loads, with every way it can fail as ValueError: deeply nested input
+    raises RecursionError, and some Python versions have raised other types."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError('%s: %s' % (exc.__class__.__name__, one_line(str(exc), 80)))
+
+
+def parse_instance_document(text):
+    """IMDS's JSON -> dict with a 'compute' object; ValueError otherwise."""
+    document = parse_json(text)
+    if not isinstance(document, dict) or not isinstance(document.get('compute'), dict):
+        raise ValueError('no "compute" object')
+    return document
+
+
+def compute_field(metadata, *path):
+    """A string from metadata['compute'][...], '' when absent."""
+    node = metadata.get('compute', {})
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node.strip() if isinstance(node, str) else ''
 
 
 # --------------------------------------------------------------------------
@@ -711,67 +891,6 @@ def report_description(result, facts, step=None, reason=None, warnings=()):
     tail = '|'.join(tail)
     reason = one_line(clean(reason or ''), max(3, MAX_DESCRIPTION - len(head) - len(tail)))
     return (head + reason + tail)[:MAX_DESCRIPTION]
-
-
-# --------------------------------------------------------------------------
-# IMDS: the instance document
-# --------------------------------------------------------------------------
-
-IMDS_API_VERSION = '2021-02-01'
-IMDS_FALLBACK_API_VERSION = '2019-06-01'  # what cloud-init falls back to on 400
-IMDS_HEADERS = {'Metadata': 'true'}
-IMDS_RETRY_STATUSES = (404, 410)          # IMDS warming up; 5xx and 429 retry anyway
-
-
-def fetch_instance_metadata(imds, deadline, log):
-    """GET the instance document; dict with at least a 'compute' object."""
-    versions = [IMDS_API_VERSION, IMDS_FALLBACK_API_VERSION]
-
-    def attempt():
-        path = '/metadata/instance?api-version=' + versions[0]
-        response = http_exchange(imds, 'GET', path, IMDS_HEADERS, deadline, log,
-                                 retry_statuses=IMDS_RETRY_STATUSES)
-        if response.status == 400 and len(versions) > 1:
-            log.info('IMDS: api-version %s refused (HTTP 400); trying %s'
-                     % (versions.pop(0), versions[0]))
-            raise TryAgain('api-version refused', retry_after=0)
-        if response.status != 200:
-            raise ProvisioningError('IMDS answered HTTP %d %s: %s'
-                                    % (response.status, response.reason,
-                                       one_line(response.text(), 200)))
-        try:
-            return parse_instance_document(response.text())
-        except ValueError as exc:
-            raise Malformed('instance document is not valid (%s)' % exc)
-
-    return with_retries('IMDS', attempt, deadline, log)
-
-
-def parse_json(text):
-    """json.loads, with every way it can fail as ValueError: deeply nested input
-    raises RecursionError, and some Python versions have raised other types."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        raise
-    except Exception as exc:
-        raise ValueError('%s: %s' % (exc.__class__.__name__, one_line(str(exc), 80)))
-
-
-def parse_instance_document(text):
-    """IMDS's JSON -> dict with a 'compute' object; ValueError otherwise."""
-    document = parse_json(text)
-    if not isinstance(document, dict) or not isinstance(document.get('compute'), dict):
-        raise ValueError('no "compute" object')
-    return document
-
-
-def compute_field(metadata, *path):
-    """A string from metadata['compute'][...], '' when absent."""
-    node = metadata.get('compute', {})
-    for key in path:
-        node = node.get(key) if isinstance(node, dict) else None
-    return node.strip() if isinstance(node, str) else ''
 
 
 # --------------------------------------------------------------------------
@@ -926,107 +1045,6 @@ def update_etc_hosts(run, old, new):
     write_file_atomically(path, changed.encode('utf-8', 'surrogateescape'),
                           deadline=run.deadline)
     return True
-
-
-SELINUX_FS = '/sys/fs/selinux'     # mounted when SELinux is enabled
-
-
-def write_file_atomically(path, data, mode=None, owner=None, check=None, deadline=None):
-    """Write via a temporary file and rename: a crash or SIGTERM leaves the old file
-    or the new one, never half of one nor the temporary file.  The mode and owner
-    asked for are enforced (an existing 0666 authorized_keys becomes 0600); not
-    given, an existing file's are kept (new files: 0644, ours).  `check` is a
-    command run on the temporary file first (e.g. visudo -cf); on SELinux the new
-    file gets the old one's label.  Commands are bounded by `deadline`."""
-    deadline = deadline or Deadline(TOOL_TIMEOUT)
-    directory = os.path.dirname(path) or '.'
-    try:
-        st = os.stat(path)
-        existing = True
-        mode = st.st_mode & 0o7777 if mode is None else mode
-        owner = owner or (st.st_uid, st.st_gid)
-    except FileNotFoundError:
-        existing = False
-        mode = 0o644 if mode is None else mode
-    tmp = os.path.join(directory, '.%s.%d.tmp' % (os.path.basename(path), os.getpid()))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if owner is not None:
-            try:
-                os.chown(tmp, *owner)
-            except PermissionError:
-                pass    # not root (tests): the file stays ours
-        os.chmod(tmp, mode)
-        if check:
-            run_tool(check + [tmp], deadline, 'checking %s' % path)
-        if existing and os.path.isdir(SELINUX_FS):
-            # a renamed-in file keeps the label of where it was made, not the old file's
-            run_tool([find_tool('chcon') or 'chcon', '--reference=' + path, tmp], deadline,
-                     'SELinux label for %s' % path)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def read_bytes(path):
-    """A file's bytes; None when the path names no file (missing, or a path no file
-    can have: too long, a loop, a NUL in it, as read from an image's config files).
-    Other errors (permissions, I/O) are raised."""
-    import errno
-    try:
-        with open(path, 'rb') as f:
-            return f.read()
-    except ValueError:      # a NUL in the path
-        return None
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP):
-            return None
-        raise
-
-
-def read_text(path):
-    data = read_bytes(path)
-    return data.decode('utf-8', 'replace') if data is not None else None
-
-
-class Root(object):
-    """The filesystem every step reads and writes: '/' on a VM; a mounted image with
-    --check --root; a temporary tree in the tests.  Paths are given as on the VM."""
-
-    def __init__(self, top='/'):
-        self.top = top
-
-    def path(self, *parts):
-        return os.path.join(self.top, *[part.lstrip('/') for part in parts])
-
-    def __repr__(self):
-        return 'Root(%r)' % self.top
-
-
-# A step's plan is a list of actions: what it would do, in words, and the doing.
-# Run.carry_out performs them, or with --dry-run prints them.
-Action = namedtuple('Action', 'says do')
-
-
-def glob_names(directory, pattern):
-    """Names in `directory` matching the regular expression (none when unreadable)."""
-    try:
-        return [n for n in os.listdir(directory) if re.match(pattern, n)]
-    except OSError:
-        return []
 
 
 # --------------------------------------------------------------------------
