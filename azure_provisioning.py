@@ -618,6 +618,9 @@ CONTAINER_ID = 'GoalState/Container/ContainerId'
 INSTANCE_ID = 'GoalState/Container/RoleInstanceList/RoleInstance/InstanceId'
 
 
+XML_DEPTH_MAX = 32      # a goal state nests 6 deep
+
+
 def xml_texts(text, paths):
     """(root tag, {path: text of the first element at that path}) for slash paths
     like 'GoalState/Incarnation'.  Plain expat, not ElementTree (a megabyte and
@@ -633,6 +636,8 @@ def xml_texts(text, paths):
     def start(name, _attributes):
         root[:] = root or [name]
         stack.append(name)
+        if len(stack) > XML_DEPTH_MAX:      # each level costs the whole path: refuse early
+            raise ValueError('elements nested deeper than %d' % XML_DEPTH_MAX)
         path = '/'.join(stack)
         if path in paths and path not in found:
             texts[path] = []
@@ -1158,7 +1163,8 @@ def dhclient_plan(interface, name, root):
             continue
         config = argv[argv.index('-cf') + 1] if '-cf' in argv[:-1] else '/etc/dhcp/dhclient.conf'
         text = read_text(root.path(config)) or ''
-        sends = re.findall(r'^\s*send\s+host-name\s+(.*?);', text, re.M)
+        # [ \t], not \s: \s* spans lines, and a long run of them takes quadratic time
+        sends = re.findall(r'^[ \t]*send[ \t]+host-name[ \t]+([^;\n]*);', text, re.M)
         if not sends:
             return DhcpPlan('dhclient', None, '%s has no "send host-name"' % config)
         if 'gethostname()' not in sends[-1]:

@@ -179,6 +179,18 @@ class Dhclient(FakeSystem):
     def test_no_client_at_all(self):
         self.assertIn('no known DHCP client manages eth0', self.publish())
 
+    def test_a_config_of_blank_lines_is_read_in_linear_time(self):
+        # found by tests/fuzz.py: `^\s*send` spanned lines, quadratic in their number
+        import time
+        self.process(self.ARGV)
+        self.write('etc/dhcp/dhclient.conf', 'option x = \n' + '\n' * 60000
+                   + 'send host-name = gethostname();\n')
+        started = time.monotonic()
+        plan = ap.dhclient_plan('eth0', 'web-7', ap.Root(self.root))
+        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertEqual(plan.client, 'dhclient')
+        self.assertIsNone(plan.why_not)
+
 
 # --------------------------------------------------------------------------
 # The hostname step as a systemd VM runs it: the script as a process, in its own

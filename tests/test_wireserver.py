@@ -92,6 +92,22 @@ def health_fields(xml):
     }
 
 
+    def test_deep_nesting_is_refused_at_once(self):
+        # found by tests/fuzz.py: every element cost the whole path, quadratic in depth
+        import time
+        started = time.monotonic()
+        with self.assertRaisesRegex(ValueError, 'nested deeper than'):
+            ap.parse_goal_state('<GoalState>' + '<a>' * 100000 + '</a>' * 100000
+                                + '</GoalState>')
+        self.assertLess(time.monotonic() - started, 0.5)
+        for name in ('walinuxagent__goal_state.xml', 'azure-init__goalstate-GOALSTATE_STR.xml'):
+            self.assertIsNotNone(ap.parse_goal_state(sample(name).decode('utf-8')))
+
+    def test_unknown_encoding_is_a_value_error(self):
+        with self.assertRaisesRegex(ValueError, 'LookupError'):
+            ap.parse_goal_state('<?xml version="1.0" encoding="utf-Z"?><GoalState/>')
+
+
 class HealthReport(unittest.TestCase):
     # not '1': the article's sample hard-codes 1, so 1 would not show a report that ignores
     # the goal state's incarnation
