@@ -200,9 +200,9 @@ def write_file_atomically(path, data, mode=None, owner=None, check=None, deadlin
 
 
 def read_bytes(path):
-    """A file's bytes; None when the path names no file (missing, or a path no file
-    can have: too long, a loop, a NUL in it, as read from an image's config files).
-    Other errors (permissions, I/O) are raised."""
+    """A file's bytes; None when the path names no file (missing, a directory, or a
+    path no file can have: too long, a loop, a NUL in it, as read from an image's
+    config files).  Other errors (permissions, I/O) are raised."""
     import errno
     try:
         with open(path, 'rb') as f:
@@ -210,7 +210,8 @@ def read_bytes(path):
     except ValueError:      # a NUL in the path
         return None
     except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP):
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG,
+                         errno.ELOOP):
             return None
         raise
 

@@ -234,6 +234,20 @@ class AtomicWrite(unittest.TestCase):
         with open(self.path) as f:
             self.assertEqual(f.read(), 'old\n')
 
+    def test_read_bytes_of_a_path_that_names_no_file_is_none(self):
+        # paths come from an image's config files (NETWORK_FILE=, dhclient -cf): found by
+        # tests/fuzz.py as OSError and ValueError escaping the DHCP step
+        loop = os.path.join(self.tmp, 'loop')
+        os.symlink(loop, loop)
+        for path in (os.path.join(self.tmp, 'missing'), self.tmp, self.tmp + '/',
+                     self.path + '/x', os.path.join(self.tmp, 'x' * 5000), loop,
+                     os.path.join(self.tmp, 'nul\0byte')):
+            with self.subTest(path=path[:60]):
+                self.assertIsNone(ap.read_bytes(path))
+        with open(self.path, 'wb') as f:
+            f.write(b'web-7\n')
+        self.assertEqual(ap.read_bytes(self.path), b'web-7\n')
+
     def test_failed_write_leaves_the_old_file_and_no_temp(self):
         with open(self.path, 'w') as f:
             f.write('old\n')
