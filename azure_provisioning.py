@@ -167,8 +167,10 @@ def write_file_atomically(path, data, mode=None, owner=None, check=None, deadlin
         existing = False
         mode = 0o644 if mode is None else mode
     tmp = os.path.join(directory, '.%s.%d.tmp' % (os.path.basename(path), os.getpid()))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        # opened inside the try: a SIGTERM handled right after open() returns (before
+        # `fd` is even set) must still remove the file
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()
