@@ -1961,9 +1961,9 @@ def positive_seconds(text):
     return value
 
 
-# One table for both parsers below: (flag, destination, metavar or None for a
-# switch, converter, default, help).
-OPTIONS = [
+# One table for both parsers below; metavar None: a switch.
+Option = namedtuple('Option', 'flag dest metavar convert default help')
+OPTIONS = [Option(*fields) for fields in (
     ('--wireserver', 'wireserver', 'ADDR', parse_address, (DEFAULT_WIRESERVER, 80),
      'WireServer IP or IP:PORT (default %s)' % DEFAULT_WIRESERVER),
     ('--imds', 'imds', 'ADDR', parse_address, (DEFAULT_IMDS, 80),
@@ -1984,7 +1984,7 @@ OPTIONS = [
      'fetch everything, print the hostname and the health report it would send; change '
      'nothing, post nothing'),
     ('--verbose', 'verbose', None, None, False, 'log every HTTP exchange'),
-]
+)]
 SHORT_FLAGS = {'-v': '--verbose'}
 
 
@@ -1995,24 +1995,24 @@ class Namespace(object):
 def parse_args(args):
     """The unit's plain command lines are parsed here; --help, --version and every
     mistake go to argparse, which says it well but costs milliseconds to import."""
-    table = dict((option[0], option) for option in OPTIONS)
+    table = dict((option.flag, option) for option in OPTIONS)
     options = Namespace()
-    for flag, dest, metavar, convert, default, _ in OPTIONS:
-        setattr(options, dest, default)
+    for option in OPTIONS:
+        setattr(options, option.dest, option.default)
     pending = list(args)
     while pending:
         flag, equals, value = SHORT_FLAGS.get(pending[0], pending[0]).partition('=')
         option = table.get(flag)
-        if option is None or (equals and not option[2]) or (option[2] and not equals
-                                                              and len(pending) < 2):
+        if option is None or (equals and not option.metavar) or (
+                option.metavar and not equals and len(pending) < 2):
             return build_parser().parse_args(args)
         pending.pop(0)
-        if not option[2]:
-            setattr(options, option[1], True)
+        if not option.metavar:
+            setattr(options, option.dest, True)
             continue
         text = value if equals else pending.pop(0)
         try:
-            setattr(options, option[1], option[3](text))
+            setattr(options, option.dest, option.convert(text))
         except ValueError:
             return build_parser().parse_args(args)
     return options
@@ -2036,13 +2036,15 @@ def build_parser():
                     'WireServer (or ProvisioningFailed with the reason).',
         epilog='Exit status: 0 provisioned, 1 provisioning failed (reported to Azure '
                'when possible), 2 usage error.')
-    for flag, dest, metavar, convert, default, help_text in OPTIONS:
-        flags = [short for short, long_flag in SHORT_FLAGS.items() if long_flag == flag]
-        if metavar:
-            parser.add_argument(*flags + [flag], dest=dest, metavar=metavar,
-                                type=checked(convert), default=default, help=help_text)
+    for option in OPTIONS:
+        flags = [short for short, flag in SHORT_FLAGS.items() if flag == option.flag]
+        flags.append(option.flag)
+        if option.metavar:
+            parser.add_argument(*flags, dest=option.dest, metavar=option.metavar,
+                                type=checked(option.convert), default=option.default,
+                                help=option.help)
         else:
-            parser.add_argument(*flags + [flag], dest=dest, action='store_true', help=help_text)
+            parser.add_argument(*flags, dest=option.dest, action='store_true', help=option.help)
     parser.add_argument('--version', action='version', version='%(prog)s ' + VERSION)
     return parser
 
