@@ -5,7 +5,9 @@
 # mounted image tree (--root DIR). POSIX sh; run with --help for the options.
 #
 # What it installs (paths inside the target):
-#   /usr/local/sbin/azure-provisioning                     0755 (azure_provisioning.py)
+#   /usr/local/lib/azure-provisioning/azure_provisioning.py 0644, byte-compiled
+#                                                               with the image's Python
+#   /usr/local/sbin/azure-provisioning                     0755 (a launcher of it)
 #   /etc/systemd/system/azure-provisioning.service         0644 (interpreter written in)
 #   /etc/systemd/system/multi-user.target.wants/azure-provisioning.service (symlink)
 #   /usr/local/share/doc/azure-provisioning/README.md, LICENSE, install-manifest  0644
@@ -19,6 +21,10 @@ umask 022
 PROG=install.sh
 UNIT=azure-provisioning.service
 SCRIPT_PATH=/usr/local/sbin/azure-provisioning
+# The module lives beside its bytecode, compiled here once instead of at every
+# boot (compiling the whole file is most of the start-up time).
+MODULE_DIR=/usr/local/lib/azure-provisioning
+MODULE_PATH=$MODULE_DIR/azure_provisioning.py
 UNIT_DIR=/etc/systemd/system
 UNIT_PATH=$UNIT_DIR/$UNIT
 WANTS_DIR=$UNIT_DIR/multi-user.target.wants
@@ -80,7 +86,9 @@ OPTIONS:
     -h, --help       Print this help and exit
 
 INSTALLED FILES (inside DIR with --root):
-    $SCRIPT_PATH   (0755, from azure_provisioning.py)
+    $MODULE_PATH   (0644, and its
+        bytecode in __pycache__, compiled with the target's Python when it can run)
+    $SCRIPT_PATH   (0755, a launcher of it)
     $UNIT_PATH   (0644)
     $WANTS_DIR/$UNIT
     $DOC_DIR/   (README.md, LICENSE,
@@ -177,13 +185,18 @@ install_file() {
     chmod "$_mode" "$_tmp" || die "cannot chmod $_mode $_tmp"
     if [ -f "$_d" ] && [ ! -L "$_d" ] && command -v cmp >/dev/null 2>&1 &&
         cmp -s "$_tmp" "$_d"; then
+        # kept, mode set: its mtime, and so the bytecode compiled from it, stays valid
+        rm -f "$_tmp"
+        chmod "$_mode" "$_d" || die "cannot chmod $_mode $(where "$_dest")"
         _what="unchanged"
-    elif [ -e "$_d" ] || [ -L "$_d" ]; then
-        _what="updated"
     else
-        _what="installed"
+        if [ -e "$_d" ] || [ -L "$_d" ]; then
+            _what="updated"
+        else
+            _what="installed"
+        fi
+        mv -f "$_tmp" "$_d" || die "cannot rename $_tmp to $_d"
     fi
-    mv -f "$_tmp" "$_d" || die "cannot rename $_tmp to $_d"
     COPY_TMP=""
     say "$_what $(where "$_dest") (mode $_mode)"
 }
@@ -263,6 +276,7 @@ sys.stdout.write("ok\n")'
 check_python() {
     _py=$1 _src=$SRC_DIR/azure_provisioning.py
     _ran=no _why="" _mods=$(module_names "$PY_MODULE_FILES")
+    PY_RUN=""
     if [ -z "$ROOT" ]; then
         if _out=$("$_py" -E -S -B -c "$PROBE" "$_mods" <"$_src" 2>&1); then _rc=0; else _rc=$?; fi
         _ran=yes
@@ -300,6 +314,7 @@ check_python() {
                 *) die "checking $(where "$_py") failed (exit status $_rc): $_out" ;;
             esac
             PY_HOW="Python $_ver with $(and_list "$_mods"), azure_provisioning.py compiles (checked $_how)"
+            PY_RUN=$_how
             return 0
         fi
     fi
@@ -576,7 +591,9 @@ do_install() {
 
     SYSTEMCTL_PATH=$_systemctl
 
-    install_file "$_src" "$SCRIPT_PATH" 0755
+    install_file "$_src" "$MODULE_PATH" 0644
+    compile_module
+    install_file /dev/null "$SCRIPT_PATH" 0755 launcher_text
     install_file "$SRC_DIR/$UNIT" "$UNIT_PATH" 0644 unit_text
     say "unit runs: ExecStart=$PY -I -S $SCRIPT_PATH$SCRIPT_ARGS"
     for _doc in README.md LICENSE; do
@@ -593,6 +610,43 @@ do_install() {
     else
         say "done: $UNIT runs at the next boot (it does not start now)"
     fi
+}
+
+# Byte-compile the installed module with the target's own interpreter (through
+# chroot with --root), so that no boot compiles it. When that interpreter cannot
+# be run here, the module is compiled when it first runs: slower, still correct.
+compile_module() {
+    if [ -z "$PY_RUN" ]; then
+        say "not compiled: $(where "$PY") cannot be run here; $MODULE_PATH is compiled when it first runs"
+        return 0
+    fi
+    # checked-hash bytecode (3.7+): an edit of the module, even one within the same
+    # second and of the same size, is seen at the next start; 3.6 has mtime and size
+    _compile='import py_compile, sys
+mode = getattr(py_compile, "PycInvalidationMode", None)
+how = {"invalidation_mode": mode.CHECKED_HASH} if mode else {}
+sys.stdout.write(py_compile.compile(sys.argv[1], doraise=True, **how) + "\n")'
+    if [ -z "$ROOT" ]; then
+        _out=$("$PY" -I -S -c "$_compile" "$MODULE_PATH" 2>&1) && _rc=0 || _rc=$?
+    else
+        _out=$(chroot "$ROOT" "$PY" -I -S -c "$_compile" "$MODULE_PATH" 2>&1) && _rc=0 || _rc=$?
+    fi
+    [ "$_rc" -eq 0 ] ||
+        die "byte-compiling $(where "$MODULE_PATH") with $PY failed (exit status $_rc): $(printf '%s' "$_out" | tr '\n' ' ' | cut -c1-300)"
+    say "compiled $(where "$MODULE_PATH") with $PY: $(where "$(printf '%s\n' "$_out" | tail -n 1)")"
+}
+
+# The launcher ($1 is unused): the target's interpreter, the module's directory.
+launcher_text() {
+    cat <<EOF
+#!$PY -IS
+# azure-provisioning launcher, written by $PROG: runs the module installed (and
+# byte-compiled) in $MODULE_DIR. The unit runs it as $PY -I -S $SCRIPT_PATH.
+import sys
+sys.path.insert(0, '$MODULE_DIR')
+from azure_provisioning import main
+sys.exit(main())
+EOF
 }
 
 # The unit ($1) with the target's interpreter and systemctl written in.
@@ -614,6 +668,13 @@ do_uninstall() {
     disable_unit
     remove_file "$UNIT_PATH"
     remove_file "$SCRIPT_PATH"
+    remove_file "$MODULE_PATH"
+    for _c in "$(target "$MODULE_DIR")"/__pycache__/azure_provisioning.*.pyc; do
+        [ -e "$_c" ] || continue
+        rm -f "$_c" || die "cannot remove $_c"
+        say "removed $(where "${_c#"$ROOT"}")"
+    done
+    rmdir "$(target "$MODULE_DIR")/__pycache__" 2>/dev/null || true
     remove_file "$DOC_DIR/README.md"
     remove_file "$DOC_DIR/LICENSE"
     remove_file "$MANIFEST"

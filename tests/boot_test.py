@@ -89,6 +89,7 @@ when every boot passed.
 import argparse
 import base64
 import fcntl
+import glob
 import hashlib
 import importlib.util
 import json
@@ -499,12 +500,19 @@ def install_checker(tree, config):
 def installed_unit_problems(tree, repo):
     """What install.sh left in the tree, compared with the repo's files."""
     problems = []
-    script = os.path.join(tree, 'usr/local/sbin/azure-provisioning')
-    if read_bytes(script) != read_bytes(os.path.join(repo, 'azure_provisioning.py')):
-        problems.append('/usr/local/sbin/azure-provisioning differs from azure_provisioning.py')
-    elif os.stat(script).st_mode & 0o777 != 0o755:
+    module = os.path.join(tree, 'usr/local/lib/azure-provisioning/azure_provisioning.py')
+    launcher = os.path.join(tree, 'usr/local/sbin/azure-provisioning')
+    if read_bytes(module) != read_bytes(os.path.join(repo, 'azure_provisioning.py')):
+        problems.append('/usr/local/lib/azure-provisioning/azure_provisioning.py differs from '
+                        'azure_provisioning.py')
+    elif not glob.glob(os.path.join(os.path.dirname(module), '__pycache__',
+                                    'azure_provisioning.cpython-*.pyc')):
+        problems.append('the module was not byte-compiled at install time')
+    if b'from azure_provisioning import main' not in read_bytes(launcher):
+        problems.append('/usr/local/sbin/azure-provisioning is not the launcher')
+    elif os.stat(launcher).st_mode & 0o777 != 0o755:
         problems.append('/usr/local/sbin/azure-provisioning mode %o, not 755'
-                        % (os.stat(script).st_mode & 0o777))
+                        % (os.stat(launcher).st_mode & 0o777))
     unit = os.path.join(tree, 'etc/systemd/system', UNIT)
     if not os.path.isfile(unit):
         problems.append('/etc/systemd/system/%s missing' % UNIT)

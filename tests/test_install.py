@@ -23,7 +23,9 @@ INSTALL_SH = os.path.join(REPO, 'install.sh')
 UNIT_NAME = 'azure-provisioning.service'
 UNIT_PATH = '/etc/systemd/system/' + UNIT_NAME
 WANTS_LINK = '/etc/systemd/system/multi-user.target.wants/' + UNIT_NAME
-SCRIPT_PATH = '/usr/local/sbin/azure-provisioning'
+SCRIPT_PATH = '/usr/local/sbin/azure-provisioning'        # the launcher the unit runs
+MODULE_DIR = '/usr/local/lib/azure-provisioning'
+MODULE_PATH = MODULE_DIR + '/azure_provisioning.py'
 DOC_DIR = '/usr/local/share/doc/azure-provisioning'
 TIMEOUT = 60            # seconds for one install.sh run
 NOBODY = 65534          # uid and gid of nobody/nogroup (nobody on RHEL)
@@ -240,6 +242,18 @@ class InstallTestCase(unittest.TestCase):
             self.assertIn(phrase, result.stderr, str(result))
         self.assertTrue(result.stderr.startswith('install.sh: error: '), str(result))
 
+    def expected_launcher(self, python='/usr/bin/python3'):
+        return ('#!%s -IS\n'
+                '# azure-provisioning launcher, written by install.sh: runs the module '
+                'installed (and\n# byte-compiled) in %s. The unit runs it as %s -I -S %s.\n'
+                'import sys\nsys.path.insert(0, %r)\nfrom azure_provisioning import main\n'
+                'sys.exit(main())\n' % (python, MODULE_DIR, python, SCRIPT_PATH, MODULE_DIR))
+
+    def compiled(self, root):
+        """The bytecode files of the installed module."""
+        cache = root + MODULE_DIR + '/__pycache__'
+        return sorted(os.listdir(cache)) if os.path.isdir(cache) else []
+
     def expected_unit(self, python='/usr/bin/python3', systemctl='/bin/systemctl'):
         text = read(os.path.join(self.src, UNIT_NAME))
         text = text.replace('\nExecStart=/usr/bin/python3 -I -S ', '\nExecStart=%s -I -S ' % python)
@@ -247,10 +261,14 @@ class InstallTestCase(unittest.TestCase):
 
     def assertInstalled(self, root, python='/usr/bin/python3', systemctl='/bin/systemctl'):
         script = root + SCRIPT_PATH
+        module = root + MODULE_PATH
         unit = root + UNIT_PATH
         self.assertEqual(stat.S_IMODE(os.lstat(script).st_mode), 0o755)
         self.assertTrue(stat.S_ISREG(os.lstat(script).st_mode))
-        self.assertEqual(read(script), read(os.path.join(self.src, 'azure_provisioning.py')))
+        self.assertEqual(read(script), self.expected_launcher(python))
+        self.assertEqual(stat.S_IMODE(os.lstat(module).st_mode), 0o644)
+        self.assertTrue(stat.S_ISREG(os.lstat(module).st_mode))
+        self.assertEqual(read(module), read(os.path.join(self.src, 'azure_provisioning.py')))
         self.assertEqual(stat.S_IMODE(os.lstat(unit).st_mode), 0o644)
         self.assertTrue(stat.S_ISREG(os.lstat(unit).st_mode))
         text = read(unit)
@@ -353,6 +371,8 @@ class TestInstallIntoRoot(InstallTestCase):
         out = r.stdout
         for phrase in ('target: the image tree at %s' % root,
                        'installed %s (in %s) (mode 0755)' % (SCRIPT_PATH, root),
+                       'installed %s (in %s) (mode 0644)' % (MODULE_PATH, root),
+                       'not compiled: /usr/bin/python3 (in %s) cannot be run here' % root,
                        'installed %s (in %s) (mode 0644)' % (UNIT_PATH, root),
                        'ExecStart=/usr/bin/python3 -I -S %s' % SCRIPT_PATH,
                        'enabled %s: %s -> %s' % (UNIT_NAME, WANTS_LINK, UNIT_PATH),
@@ -364,7 +384,7 @@ class TestInstallIntoRoot(InstallTestCase):
             self.assertTrue(line.startswith('install.sh: '), line)
         manifest = read(root + DOC_DIR + '/install-manifest')
         self.assertEqual([l for l in manifest.splitlines() if not l.startswith('#')],
-                         ['dir /usr/local/share/doc', 'dir ' + DOC_DIR])
+                         ['dir ' + MODULE_DIR, 'dir /usr/local/share/doc', 'dir ' + DOC_DIR])
         installed = snapshot(root)
 
         # a second run changes nothing and says so
@@ -372,6 +392,7 @@ class TestInstallIntoRoot(InstallTestCase):
         self.assertOK(r2)
         self.assertEqual(snapshot(root), installed, tree_diff(installed, snapshot(root)))
         self.assertIn('unchanged %s' % SCRIPT_PATH, r2.stdout)
+        self.assertIn('unchanged %s' % MODULE_PATH, r2.stdout)
         self.assertIn('unchanged %s' % UNIT_PATH, r2.stdout)
         self.assertNotIn('installed ', r2.stdout)
 
@@ -380,13 +401,15 @@ class TestInstallIntoRoot(InstallTestCase):
             f.write('\n# upgraded\n')
         r3 = self.install('--root', root)
         self.assertOK(r3)
-        self.assertIn('updated %s' % SCRIPT_PATH, r3.stdout)
-        self.assertTrue(read(root + SCRIPT_PATH).endswith('# upgraded\n'))
+        self.assertIn('updated %s' % MODULE_PATH, r3.stdout)
+        self.assertIn('unchanged %s' % SCRIPT_PATH, r3.stdout)
+        self.assertTrue(read(root + MODULE_PATH).endswith('# upgraded\n'))
         self.assertInstalled(root)
 
         r4 = self.install('--root', root, '--uninstall')
         self.assertOK(r4)
         for phrase in ('disabled ' + UNIT_NAME, 'removed ' + UNIT_PATH, 'removed ' + SCRIPT_PATH,
+                       'removed ' + MODULE_PATH, 'removed directory ' + MODULE_DIR,
                        'removed directory ' + DOC_DIR):
             self.assertIn(phrase, r4.stdout)
         after = snapshot(root)
@@ -434,7 +457,7 @@ class TestInstallIntoRoot(InstallTestCase):
         self.assertOK(self.install('--root', root))
         manifest = read(root + DOC_DIR + '/install-manifest')
         self.assertEqual([l for l in manifest.splitlines() if not l.startswith('#')],
-                         ['dir ' + DOC_DIR])
+                         ['dir ' + MODULE_DIR, 'dir ' + DOC_DIR])
         self.assertOK(self.install('--root', root, '--uninstall'))
         self.assertEqual(snapshot(root), before, tree_diff(before, snapshot(root)))
 
@@ -797,6 +820,29 @@ class TestAsRoot(InstallTestCase):
         self.assertNotEqual(r.code, 99, 'the private mounts failed:\n%s' % r)
         return r, local, etc
 
+    def installed_version(self, local):
+        """What the installed launcher says with --version, run as the unit runs it,
+        in a namespace where `local` is /usr/local."""
+        r = run(['unshare', '--mount', '--propagation', 'private', 'sh', '-c',
+                 'mount --bind "$1" /usr/local && exec /usr/bin/python3 -I -S "$2" --version',
+                 'sh', local, SCRIPT_PATH])
+        self.assertEqual(r.code, 0, r)
+        return r.stdout.strip()
+
+    def test_the_launcher_runs_the_module_with_fresh_stale_or_no_bytecode(self):
+        r, local, etc = self.namespace_run()
+        self.assertOK(r)
+        module = local + '/lib/azure-provisioning/azure_provisioning.py'
+        cache = local + '/lib/azure-provisioning/__pycache__'
+        self.assertRegex(self.installed_version(local), r'^azure-provisioning \d+\.\d+\.\d+$')
+        # stale: the module changed after it was compiled (an upgrade by hand)
+        text = read(module)
+        write(module, re.sub(r"\nVERSION = '[^']*'", "\nVERSION = '9.8.7'", text))
+        self.assertEqual(self.installed_version(local), 'azure-provisioning 9.8.7')
+        # missing: only slower
+        shutil.rmtree(cache)
+        self.assertEqual(self.installed_version(local), 'azure-provisioning 9.8.7')
+
     def test_install_on_this_machine_in_a_namespace(self):
         r, local, etc = self.namespace_run()
         if r.code != 0 and 'unshare' in r.stderr and 'Operation not permitted' in r.stderr:
@@ -805,8 +851,15 @@ class TestAsRoot(InstallTestCase):
         self.assertIn('python: /usr/bin/python3: Python', r.stdout)
         self.assertIn('checked by running it)', r.stdout)
         self.assertEqual(stat.S_IMODE(os.stat(local + '/sbin/azure-provisioning').st_mode), 0o755)
-        self.assertEqual(read(local + '/sbin/azure-provisioning'),
+        self.assertEqual(read(local + '/sbin/azure-provisioning'), self.expected_launcher())
+        self.assertEqual(read(local + '/lib/azure-provisioning/azure_provisioning.py'),
                          read(os.path.join(self.src, 'azure_provisioning.py')))
+        # compiled by the interpreter the unit runs, where the launcher imports it from
+        version = run(['/usr/bin/python3', '-c', 'import sys; print(sys.implementation.cache_tag)'])
+        self.assertEqual(os.listdir(local + '/lib/azure-provisioning/__pycache__'),
+                         ['azure_provisioning.%s.pyc' % version.stdout.strip()])
+        self.assertIn('compiled /usr/local/lib/azure-provisioning/azure_provisioning.py with '
+                      '/usr/bin/python3', r.stdout)
         self.assertEqual(read(etc + '/' + UNIT_NAME), self.expected_unit())
         link = etc + '/multi-user.target.wants/' + UNIT_NAME
         self.assertEqual(os.readlink(link), UNIT_PATH)
@@ -815,6 +868,7 @@ class TestAsRoot(InstallTestCase):
         self.assertOK(r)
         self.assertFalse(os.path.lexists(link))
         self.assertFalse(os.path.lexists(local + '/sbin/azure-provisioning'))
+        self.assertFalse(os.path.lexists(local + '/lib/azure-provisioning'))
         self.assertFalse(os.path.lexists(local + '/share/doc/azure-provisioning'))
 
     def test_python_without_full_stdlib_on_this_machine(self):
