@@ -72,8 +72,10 @@ class Log(object):
         self.quiet = quiet
 
     def write(self, message):
-        # clean: a hook's colours or a NUL from IMDS must not reach the console raw
-        self.stream.write('%s: %s\n' % (AGENT_NAME, clean_text(message)))
+        # one line each, no raw controls: a hook's colours, a CR or a newline from IMDS
+        # must neither reach the console nor forge a line of ours
+        self.stream.write('%s: %s\n' % (AGENT_NAME,
+                                         LOG_CONTROL.sub('\ufffd', clean_text(message))))
         self.stream.flush()
 
     def info(self, message):
@@ -131,6 +133,9 @@ TERMINAL_ESCAPE = re.compile(r'\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|
 NOT_XML_TEXT = re.compile('[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]')
 
 
+LOG_CONTROL = re.compile('[\x00-\x08\x0a-\x1f\x7f-\x9f]')
+
+
 def clean_text(text):
     """Text fit for XML 1.0 and KVP: escape sequences dropped, forbidden characters
     replaced by U+FFFD."""
@@ -147,6 +152,7 @@ def xml_escape(text):
 # --------------------------------------------------------------------------
 
 SELINUX_FS = '/sys/fs/selinux'     # mounted when SELinux is enabled
+SELINUX_XATTR = 'security.selinux'
 
 
 def write_file_atomically(path, data, mode=None, owner=None, check=None, deadline=None):
@@ -154,8 +160,8 @@ def write_file_atomically(path, data, mode=None, owner=None, check=None, deadlin
     or the new one, never half of one nor the temporary file.  The mode and owner
     asked for are enforced (an existing 0666 authorized_keys becomes 0600); not
     given, an existing file's are kept (new files: 0644, ours).  `check` is a
-    command run on the temporary file first (e.g. visudo -cf); on SELinux the new
-    file gets the old one's label.  Commands are bounded by `deadline`."""
+    command run on the temporary file first (e.g. visudo -cf), bounded by `deadline`;
+    on SELinux the new file gets the old one's label."""
     deadline = deadline or Deadline(TOOL_TIMEOUT)
     directory = os.path.dirname(path) or '.'
     try:
@@ -169,7 +175,12 @@ def write_file_atomically(path, data, mode=None, owner=None, check=None, deadlin
     tmp = os.path.join(directory, '.%s.%d.tmp' % (os.path.basename(path), os.getpid()))
     try:
         # opened inside the try: a SIGTERM handled right after open() returns (before
-        # `fd` is even set) must still remove the file
+        # `fd` is even set) must still remove the file.  A file of that name is a
+        # left-over of an earlier boot whose process had our PID (a power cut).
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
@@ -184,9 +195,7 @@ def write_file_atomically(path, data, mode=None, owner=None, check=None, deadlin
         if check:
             run_tool(check + [tmp], deadline, 'checking %s' % path)
         if existing and os.path.isdir(SELINUX_FS):
-            # a renamed-in file keeps the label of where it was made, not the old file's
-            run_tool([find_tool('chcon') or 'chcon', '--reference=' + path, tmp], deadline,
-                     'SELinux label for %s' % path)
+            copy_selinux_label(path, tmp)
         os.rename(tmp, path)
     except BaseException:
         try:
@@ -199,6 +208,20 @@ def write_file_atomically(path, data, mode=None, owner=None, check=None, deadlin
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def copy_selinux_label(source, target):
+    """The old file's SELinux context onto its replacement: a renamed-in file keeps
+    the label of where it was made (net_conf_t on /etc/hosts would become etc_t).
+    Nothing to copy when the old file has none (no policy loaded)."""
+    import errno
+    try:
+        label = os.getxattr(source, SELINUX_XATTR)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return
+        raise
+    os.setxattr(target, SELINUX_XATTR, label)
 
 
 def read_bytes(path):
@@ -285,11 +308,12 @@ def run_tool(argv, deadline, what):
         raise ProvisioningError('%s: %s: %s' % (what, argv[0], describe_error(exc)))
     try:
         stdout, stderr = process.communicate(timeout=limit)
-    except subprocess.TimeoutExpired:
+    except BaseException as exc:    # the time limit, or SIGTERM: the command goes too
         kill_session(process)
-        raise ProvisioningError('%s: %s: timed out after %.1f s' % (what, argv[0], limit))
-    except BaseException:           # SIGTERM or Ctrl-C: the command goes too
-        kill_session(process)
+        process.stdout.close()
+        process.stderr.close()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise ProvisioningError('%s: %s: timed out after %.1f s' % (what, argv[0], limit))
         raise
     if process.returncode != 0:
         raise ProvisioningError('%s: %s failed: %s' % (
@@ -520,7 +544,8 @@ class Reader(object):
         return data
 
 
-STATUS_LINE = re.compile(r'HTTP/1\.[01] ([0-9]{3})(?: (.*))?', re.S)
+DECIMAL = re.compile(r'[0-9]{1,12}')    # str.isdigit() also takes '²' and '٣'
+STATUS_LINE = re.compile(r'HTTP/1\.[01] ([1-5][0-9]{2})(?: (.*))?', re.S)
 CHUNK_SIZE = re.compile(rb'([0-9A-Fa-f]{1,8})[ \t]*(?:;.*)?', re.S)
 
 
@@ -564,7 +589,7 @@ def read_response(connection, deadline, method='GET'):
     elif 'chunked' in headers.get('transfer-encoding', '').lower():
         body = read_chunked(reader)
     elif length is not None:
-        if not length.isdigit() or len(length) > 12:
+        if not DECIMAL.fullmatch(length):
             raise NotHttp('bad Content-Length %r' % length[:40])
         if int(length) > MAX_RESPONSE_BYTES:
             raise NotHttp('response larger than %d bytes' % MAX_RESPONSE_BYTES)
@@ -597,7 +622,7 @@ def read_chunked(reader):
 
 def retry_after_seconds(value):
     """Retry-After in seconds (the HTTP-date form is rare here; backoff covers it)."""
-    if value and value.strip().isdigit():
+    if value and DECIMAL.fullmatch(value.strip()):
         return float(value.strip())
     return None
 
@@ -676,7 +701,7 @@ def parse_goal_state(text):
     if root != 'GoalState':
         raise ValueError('root element is <%s>, not <GoalState>' % root)
     incarnation = found.get(INCARNATION, '').strip()
-    if not incarnation.isdigit():
+    if not DECIMAL.fullmatch(incarnation):
         raise ValueError('Incarnation %r is not a number' % incarnation)
     container_id = found.get(CONTAINER_ID, '').strip()
     instance_id = found.get(INSTANCE_ID, '').strip()
@@ -1167,7 +1192,7 @@ def dhclient_plan(interface, name, root):
         config = argv[argv.index('-cf') + 1] if '-cf' in argv[:-1] else '/etc/dhcp/dhclient.conf'
         text = read_text(root.path(config)) or ''
         # [ \t], not \s: \s* spans lines, and a long run of them takes quadratic time
-        sends = re.findall(r'^[ \t]*send[ \t]+host-name[ \t]+([^;\n]*);', text, re.M)
+        sends = re.findall(r'^[ \t]*send[ \t]+host-name[ \t]+(\S[^;\n]*);', text, re.M)
         if not sends:
             return DhcpPlan('dhclient', None, '%s has no "send host-name"' % config)
         if 'gethostname()' not in sends[-1]:
@@ -1328,8 +1353,7 @@ def user_plan(run, request):
             plan.append(Action('lock the password of %s (usermod -L)' % name,
                                lambda: lock_password(run, name)))
     plan += sudo_plan(run, name)
-    plan += keys_plan(run, name, request.keys,
-                      authorized_keys_path(home, request.key_paths, run.log))
+    plan += keys_plan(run, request, home, account is None)
     if request.disable_passwords:
         plan += sshd_plan(run)
     else:
@@ -1378,20 +1402,43 @@ def sudo_plan(run, name):
     return [Action('write %s granting %s sudo' % (SUDOERS_DROP_IN, name), write_rule)]
 
 
-def keys_plan(run, name, keys, path):
+def keys_plan(run, request, home, new_account):
+    """The keys IMDS gives that authorized_keys lacks.  For an account useradd has yet
+    to make, what it holds (its home, /etc/skel's keys) is read after useradd ran."""
+    name, keys = request.name, request.keys
     if not keys:
         run.log.info('user: IMDS has no public keys for %s' % name)
         return []
+    if new_account:
+        path = authorized_keys_path(home, request.key_paths, Log(quiet=True))
+        return [Action('add %d key(s) to %s (0600, owner %s)' % (len(keys), path, name),
+                       lambda: add_keys(run, request))]
+    addition = keys_to_add(run, request, home)
+    if addition is None:
+        return []
+    path, text, added = addition
+    return [Action('add %d key(s) to %s (0600, owner %s)' % (added, path, name),
+                   lambda: install_keys(run, name, path, text, added))]
+
+
+def keys_to_add(run, request, home):
+    """(path, the whole new text, how many keys are new), None when none is."""
+    path = authorized_keys_path(home, request.key_paths, run.log)
     present = read_bytes(run.root.path(path))
     lines = present.decode('utf-8', 'replace').splitlines() if present else []
     known = set(' '.join(line.split()[:2]) for line in lines)
-    new = [key for key in keys if ' '.join(key.split()[:2]) not in known]
+    new = [key for key in request.keys if ' '.join(key.split()[:2]) not in known]
     if not new:
-        run.log.info('user: %d key(s) already in %s' % (len(keys), path))
-        return []
-    text = ''.join(line + '\n' for line in lines + new).encode('utf-8')
-    return [Action('add %d key(s) to %s (0600, owner %s)' % (len(new), path, name),
-                   lambda: install_keys(run, name, path, text, len(new)))]
+        run.log.info('user: %d key(s) already in %s' % (len(request.keys), path))
+        return None
+    return path, ''.join(line + '\n' for line in lines + new).encode('utf-8'), len(new)
+
+
+def add_keys(run, request):
+    import pwd
+    addition = keys_to_add(run, request, pwd.getpwnam(request.name).pw_dir)
+    if addition is not None:
+        install_keys(run, request.name, *addition)
 
 
 def install_keys(run, name, path, text, added):
@@ -1466,6 +1513,7 @@ def reload_sshd(deadline, log):
 HOOKS_DIR = '/etc/azure-provisioning/ready.d'
 HOOK_KILL_GRACE = 5         # seconds to wait for a killed hook to be gone
 HOOK_OUTPUT_GRACE = 0.5     # seconds to read what a finished hook still had in the pipe
+HOOK_LINE_MAX = 8192        # bytes of one line of a hook's output
 
 
 RUN_PARTS_NAME = re.compile(r'[A-Za-z0-9_-]+')
@@ -1518,13 +1566,14 @@ def run_hook(path, env, deadline, log):
         process = subprocess.Popen([path], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, env=env, cwd='/',
                                    start_new_session=True)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:    # ValueError: a NUL in an IMDS fact
         raise ProvisioningError('hook %s could not start: %s' % (name, describe_error(exc)))
     last_error = ['']
     finished = threading.Event()
 
     def forward(stream, keep_last):
-        for raw in iter(stream.readline, b''):
+        # bounded lines: a child writing without newlines must not fill our memory
+        for raw in iter(lambda: stream.readline(HOOK_LINE_MAX), b''):
             line = raw.decode('utf-8', 'replace').rstrip()
             if line and not finished.is_set():
                 log.info('hook %s: %s' % (name, line))
@@ -1547,10 +1596,12 @@ def run_hook(path, env, deadline, log):
     except BaseException:           # SIGTERM (Terminated) or Ctrl-C: the hook goes too
         kill_session(process, HOOK_KILL_GRACE)
         raise
+    said_by_then = last_error[0]    # later lines may be a left-over child's
     drained = time.monotonic() + HOOK_OUTPUT_GRACE
     for reader in readers:
         reader.join(max(0.0, drained - time.monotonic()))
     finished.set()      # what a left-over child prints from now on is read and dropped
+    last_error[0] = said_by_then or last_error[0]
     if code is None:
         raise ProvisioningError('hook %s timed out after %d s: %s'
                                 % (name, limit, last_error[0] or 'no output on stderr'))

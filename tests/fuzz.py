@@ -1144,7 +1144,7 @@ def report_failures(all_stats, options, out):
         for key, (count, first, where, message) in sorted(s.failures.items(),
                                                           key=lambda item: -item[1][0]):
             out.write('  %6d x %s\n' % (count, key))
-            out.write('           first: case %d: %s\n' % (first, message[:200]))
+            out.write('           first: case %d: %s\n' % (first, ascii(message[:200])[1:-1]))
             out.write('           replay: python3 tests/fuzz.py --seed %d --only %s --replay %d%s\n'
                       % (options.seed, s.name, first,
                          '' if options.script == SCRIPT else ' --script %s' % options.script))

@@ -177,33 +177,44 @@ class AtomicWrite(unittest.TestCase):
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o640)
 
     def test_selinux_label_of_the_old_file_is_given_to_the_new_one(self):
-        tools = os.path.join(self.tmp, 'bin')
-        os.mkdir(tools)
-        log = os.path.join(self.tmp, 'chcon.log')
-        with open(os.path.join(tools, 'chcon'), 'w') as f:
-            f.write('#!/bin/sh\necho "$@" >> %s\n' % log)
-        os.chmod(os.path.join(tools, 'chcon'), 0o755)
-        selinuxfs = os.path.join(self.tmp, 'selinux')
-        os.mkdir(selinuxfs)
+        # the same code with a user.* attribute: security.selinux needs SELinux itself
         target = os.path.join(self.tmp, 'etc-hosts')
         with open(target, 'w') as f:
             f.write('old\n')
-        old_fs, old_path = ap.SELINUX_FS, os.environ['PATH']
-        self.addCleanup(setattr, ap, 'SELINUX_FS', old_fs)
-        self.addCleanup(os.environ.__setitem__, 'PATH', old_path)
-        os.environ['PATH'] = tools + os.pathsep + old_path
-        ap.SELINUX_FS = os.path.join(self.tmp, 'no-selinux')
+        os.setxattr(target, 'user.azp-label', b'system_u:object_r:net_conf_t:s0\0')
+        for name, value in (('SELINUX_XATTR', 'user.azp-label'),
+                            ('SELINUX_FS', os.path.join(self.tmp, 'no-selinux'))):
+            self.addCleanup(setattr, ap, name, getattr(ap, name))
+            setattr(ap, name, value)
         ap.write_file_atomically(target, b'one\n')
-        self.assertFalse(os.path.exists(log), 'chcon run without SELinux')
-        ap.SELINUX_FS = selinuxfs
+        with self.assertRaises(OSError):        # SELinux off: not copied
+            os.getxattr(target, 'user.azp-label')
+        os.setxattr(target, 'user.azp-label', b'system_u:object_r:net_conf_t:s0\0')
+        ap.SELINUX_FS = self.tmp                # SELinux on
         ap.write_file_atomically(target, b'two\n')
-        with open(log) as f:
-            argv = f.read().split()
-        self.assertEqual(argv[0], '--reference=' + target)
-        self.assertRegex(argv[1], r'/\.etc-hosts\.\d+\.tmp$')
-        ap.write_file_atomically(os.path.join(self.tmp, 'new-file'), b'x\n')
-        with open(log) as f:
-            self.assertEqual(len(f.read().splitlines()), 1, 'a new file has no old label')
+        self.assertEqual(os.getxattr(target, 'user.azp-label'),
+                         b'system_u:object_r:net_conf_t:s0\0')
+        with open(target) as f:
+            self.assertEqual(f.read(), 'two\n')
+        # an old file without a label (no policy loaded): nothing to copy, no failure
+        bare = os.path.join(self.tmp, 'bare')
+        with open(bare, 'w') as f:
+            f.write('x\n')
+        ap.write_file_atomically(bare, b'y\n')
+        with self.assertRaises(OSError):
+            os.getxattr(bare, 'user.azp-label')
+
+    def test_a_stale_temporary_file_of_the_same_pid_is_replaced(self):
+        # a power cut left .NAME.PID.tmp; early-boot PIDs repeat, so ours may match
+        with open(self.path, 'w') as f:
+            f.write('old\n')
+        stale = os.path.join(self.tmp, '.hostname.%d.tmp' % os.getpid())
+        with open(stale, 'w') as f:
+            f.write('half')
+        ap.write_file_atomically(self.path, b'new\n')
+        with open(self.path) as f:
+            self.assertEqual(f.read(), 'new\n')
+        self.assertEqual(os.listdir(self.tmp), ['hostname'])
 
     def test_sigterm_during_a_write_leaves_no_temporary_file(self):
         code = ('import signal, sys; sys.path.insert(0, %r); import azure_provisioning as ap; '

@@ -79,6 +79,17 @@ class Logging(unittest.TestCase):
         self.assertEqual(self.lines(True, True), self.lines(True, False))
 
 
+class LogLines(unittest.TestCase):
+    def test_one_line_each_without_raw_controls(self):
+        # an IMDS value or a hook line must not forge a line of ours or drive the terminal
+        import io
+        stream = io.StringIO()
+        ap.Log(stream=stream).info('vm abc\nazure-provisioning: Ready accepted\r\x1b[2J'
+                                   '\x9b2J\x00\tend')
+        self.assertEqual(stream.getvalue(), 'azure-provisioning: vm abc\ufffdazure-provisioning: '
+                         'Ready accepted\ufffd\ufffd2J\ufffd\tend\n')
+
+
 class Addresses(unittest.TestCase):
     def test_forms(self):
         self.assertEqual(ap.parse_address('168.63.129.16'), ('168.63.129.16', 80))
@@ -332,6 +343,17 @@ class Exchange(unittest.TestCase):
                     self.exchange(('HTTP/1.1 %d X\r\nContent-Length: 0\r\n\r\n' % status)
                                   .encode(), **kwargs)
 
+    def test_only_ascii_digits_are_numbers(self):
+        # str.isdigit() is true for '²': float('²') then raised ValueError, and the run
+        # failed at once instead of retrying
+        self.assertIsNone(ap.retry_after_seconds('\xb2'))
+        self.assertIsNone(ap.retry_after_seconds('\u0663'))
+        self.assertEqual(ap.retry_after_seconds(' 7 '), 7.0)
+        with self.assertRaises(ap.TryAgain):
+            self.exchange(b'HTTP/1.1 503 Busy\r\nRetry-After: \xb2\r\nContent-Length: 0\r\n\r\n')
+        with self.assertRaisesRegex(ap.Malformed, 'Content-Length'):
+            self.exchange(b'HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nab')
+
     def test_retry_after_is_read(self):
         with self.assertRaises(ap.TryAgain) as caught:
             self.exchange(b'HTTP/1.1 429 Too Many\r\nRetry-After: 3\r\nContent-Length: 0\r\n\r\n')
@@ -439,6 +461,22 @@ class EverythingWaitsOnTheDeadline(unittest.TestCase):
         ap.reload_sshd(ap.Deadline(1.0), log)       # a warning, within the deadline
         self.assertLess(time.monotonic() - started, 2.0)
         self.assertRegex(log.lines[-1], r'^warning: sshd not reloaded.*timed out')
+
+    def test_hook_output_without_newlines_is_read_in_bounded_lines(self):
+        # 40 MB on stderr with no newline: read whole, it cost 40 MB and more of memory
+        import os
+        import subprocess
+        import sys
+        hook = self.stand_in('hook', "head -c 40000000 /dev/zero | tr '\\0' x >&2; exit 3")
+        code = ('import io, resource, sys; sys.path.insert(0, %r); import azure_provisioning as ap\n'
+                'try:\n    ap.run_hook(%r, {}, ap.Deadline(60), ap.Log(stream=open("/dev/null", "w")))\n'
+                'except ap.ProvisioningError as exc:\n    print(str(exc)[:60])\n'
+                'print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)'
+                % (os.path.dirname(ap.__file__), hook))
+        out = subprocess.run([sys.executable, '-c', code], stdout=subprocess.PIPE,
+                             universal_newlines=True, timeout=60).stdout.splitlines()
+        self.assertTrue(out[0].startswith('hook hook failed with exit status 3: xxx'), out)
+        self.assertLess(int(out[1]), 35000, 'peak RSS %s kB' % out[1])
 
     def test_a_killed_hook_that_does_not_go_away(self):
         # SIGKILL cannot end a process in uninterruptible sleep: stand in for that with a

@@ -171,6 +171,21 @@ class ProvisionUser(unittest.TestCase):
                          'PasswordAuthentication no')
         self.assertEqual(self.host.read('ssh/sshd_config'), SSHD_CONFIG)
 
+    def test_a_new_users_home_and_skeleton_keys_are_useradds(self):
+        # useradd decides the home (HOME= in /etc/default/useradd) and copies /etc/skel:
+        # the keys go where the account really lives, next to the skeleton's
+        self.host.write('default/useradd', 'HOME=/root\nSHELL=/bin/sh\n')
+        os.makedirs(os.path.join(self.host.etc, 'skel', '.ssh'))
+        self.host.write('skel/.ssh/authorized_keys', key(comment='breakglass', filler=b'\x05') + '\n')
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 0, run)
+        self.assertEqual(self.passwd_entry('alice')[5], '/root/alice')
+        with open(os.path.join(self.host.root_home, 'alice', '.ssh', 'authorized_keys')) as f:
+            self.assertEqual(f.read(), key(comment='breakglass', filler=b'\x05') + '\n' + key() + '\n')
+        self.assertFalse(os.path.exists(os.path.join(self.host.home, 'alice')))
+        self.assertIn('user: 1 key(s) added to /root/alice/.ssh/authorized_keys', run.stderr)
+
     def test_second_run_changes_nothing_and_keeps_other_keys(self):
         with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
             self.assertEqual(self.provision(az).code, 0)

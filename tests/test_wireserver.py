@@ -79,6 +79,13 @@ class GoalStateParsing(unittest.TestCase):
         for name in ('walinuxagent__goal_state.xml', 'walinuxagent__GoalState-incarnation-3.xml'):
             self.assertIsNotNone(ap.parse_goal_state(sample(name)))
 
+    def test_incarnation_of_other_digits_is_refused(self):
+        for incarnation in ('\xb2', '\u0663', '-1', '1.0', ''):
+            with self.subTest(incarnation=incarnation):
+                with self.assertRaisesRegex(ValueError, 'Incarnation'):
+                    ap.parse_goal_state('<GoalState><Incarnation>%s</Incarnation></GoalState>'
+                                        % incarnation)
+
     def test_unknown_encoding_is_a_value_error(self):
         with self.assertRaisesRegex(ValueError, 'LookupError'):
             ap.parse_goal_state('<?xml version="1.0" encoding="utf-Z"?><GoalState/>')
