@@ -1770,6 +1770,8 @@ def report_failure(run, step, reason):
 # --------------------------------------------------------------------------
 
 UNIT_NAME = 'azure-provisioning.service'
+MODULE_DIR = '/usr/local/lib/azure-provisioning'            # install.sh's layout
+LAUNCHER_MARK = 'from azure_provisioning import main'
 UNIT_DIRS = ('etc/systemd/system', 'usr/lib/systemd/system', 'lib/systemd/system')
 AGENT_BINARIES = {'walinuxagent': ('usr/sbin/waagent', 'usr/bin/waagent'),
                   'cloud-init': ('usr/bin/cloud-init',)}
@@ -1847,7 +1849,23 @@ def check_unit(c):
                   'sh install.sh%s --python PATH' % c.root_flag)
             return None
     c.say('ok', 'ExecStart: %s %s' % (python, ' '.join(args)))
+    if LAUNCHER_MARK in (read_text(c.path(c.resolve(script))) or ''):
+        check_module(c)
     return python
+
+
+def check_module(c):
+    """install.sh's launcher needs the module beside its bytecode."""
+    if not os.path.isfile(c.path(MODULE_DIR, 'azure_provisioning.py')):
+        c.say('FAIL', 'the launcher\'s module %s/azure_provisioning.py does not exist'
+              % MODULE_DIR, 'sh install.sh%s' % c.root_flag)
+    elif glob_names(c.path(MODULE_DIR, '__pycache__'), r'azure_provisioning\..*\.pyc$'):
+        c.say('ok', 'module %s/azure_provisioning.py, byte-compiled' % MODULE_DIR)
+    else:
+        c.say('warn', 'module %s/azure_provisioning.py is not byte-compiled: every boot '
+                      'compiles it (slower start, still correct)' % MODULE_DIR,
+              'sh install.sh%s (run as root, so that it can run the image\'s python3)'
+              % c.root_flag)
 
 
 def check_python(c, python):

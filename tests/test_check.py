@@ -26,6 +26,9 @@ def good_image(root):
     write(os.path.join(root, 'usr/bin/hostnamectl'), '#!/bin/sh\n', 0o755)
     result = run_install(['sh', INSTALL_SH, '--root', root])
     assert result.code == 0, result
+    # the image's python3 here is files only: install.sh could not compile with it
+    write(os.path.join(root, 'usr/local/lib/azure-provisioning/__pycache__/'
+                             'azure_provisioning.cpython-311.pyc'), '')
     return root
 
 
@@ -65,6 +68,7 @@ class Check(unittest.TestCase):
             'ok    unit installed: /etc/systemd/system/azure-provisioning.service\n'
             'ok    unit enabled\n'
             'ok    ExecStart: /usr/bin/python3 -I -S /usr/local/sbin/azure-provisioning\n'
+            'ok    module /usr/local/lib/azure-provisioning/azure_provisioning.py, byte-compiled\n'
             'ok    /usr/bin/python3 is Python 3.11 with json, xml.parsers.expat, base64, '
             'shutil\n'
             'ok    walinuxagent not installed\n'
@@ -74,6 +78,17 @@ class Check(unittest.TestCase):
             'ok    hostnamectl present\n'
             'info  /etc/hosts line "127.0.1.1 image-template" will get the new name at first boot\n'
             'image ready: 0 blocking, 0 warnings (%s)\n' % self.good))
+
+    def test_the_launchers_module_missing_or_not_compiled(self):
+        root = self.copy()
+        shutil.rmtree(os.path.join(root, 'usr/local/lib/azure-provisioning/__pycache__'))
+        run = self.check(root)
+        self.assertEqual(run.code, 0, run)
+        self.assertIn('warn  module /usr/local/lib/azure-provisioning/azure_provisioning.py is '
+                      'not byte-compiled: every boot compiles it', run.stdout)
+        os.unlink(os.path.join(root, 'usr/local/lib/azure-provisioning/azure_provisioning.py'))
+        self.assert_blocked(root, "FAIL  the launcher's module /usr/local/lib/azure-provisioning/"
+                                  'azure_provisioning.py does not exist')
 
     def test_unit_not_installed(self):
         root = self.copy()
