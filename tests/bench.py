@@ -11,9 +11,11 @@ leaves the machine.  Each round starts these fresh processes, in rotating order:
   (b) python3 -I tests/seed_sample.py W                          (the article's sample)
   (c) python3 -I -c pass                                         (the interpreter alone)
 
-As root, (a) really sets the hostname: it runs inside `unshare --uts --mount` with a
-private copy of /etc bind-mounted over /etc (the host's hostname and /etc stay as they
-are).  (b) and (c) get the very same wrapper; for information (d) times the wrapper alone
+As root, (a) is what the unit really runs: the real install.sh installs into a private
+/usr/local (module byte-compiled with --python, launcher at /usr/local/sbin), and (a) is
+`python3 -I -S /usr/local/sbin/azure-provisioning ...`, the unit's ExecStart=, inside
+`unshare --uts --mount` with that /usr/local and a private copy of /etc bind-mounted (the
+host's hostname, /etc and /usr/local stay as they are); it really sets the hostname.  (b) and (c) get the very same wrapper; for information (d) times the wrapper alone
 (`true`) and (e) is (a) with --no-hostname in the wrapper, so the wrapper's and the hostname
 step's costs are shown.  Not root: (a) runs with --no-hostname and nothing is wrapped.
 The ratios and targets always compare (a), (b), (c) run the same way.
@@ -215,13 +217,19 @@ class Launcher(object):
 # The namespace wrapper (root only)
 # --------------------------------------------------------------------------
 
+INSTALL_SH = os.path.join(REPO, 'install.sh')
+INSTALLED = '/usr/local/sbin/azure-provisioning'    # the unit's ExecStart= script
+
+
 class Namespace(object):
-    """`unshare --uts --mount` + a private copy of /etc bind-mounted over /etc.
+    """`unshare --uts --mount` + a private copy of /etc bind-mounted over /etc and a
+    private /usr/local over /usr/local, into which the real install.sh installed (and
+    byte-compiled) the provisioner: (a) runs the unit's very ExecStart= command.
     The copy is made once; hostname/hosts in it are restored before every run."""
 
     RESET = ('hostname', 'hosts')
 
-    def __init__(self, workdir, timeout):
+    def __init__(self, workdir, timeout, python):
         self.etc = os.path.join(workdir, 'etc')
         copy = subprocess.Popen(['cp', '-a', '/etc', self.etc], stdin=subprocess.DEVNULL)
         try:
@@ -239,8 +247,22 @@ class Namespace(object):
                     self.original[name] = f.read()
             except FileNotFoundError:
                 self.original[name] = None
-        self.prefix = ['unshare', '--uts', '--mount', '--propagation', 'private',
-                       'sh', '-c', 'mount --bind "$0" /etc && exec "$@"', self.etc]
+        self.local = os.path.join(workdir, 'local')
+        for sub in ('bin', 'sbin', 'lib', 'share'):
+            os.makedirs(os.path.join(self.local, sub))
+        self.prefix = ['unshare', '--uts', '--mount', '--propagation', 'private', 'sh', '-c',
+                       'mount --bind "$0" /etc && mount --bind "$1" /usr/local && shift && '
+                       'exec "$@"', self.etc, self.local]
+        if os.path.isdir('/run/systemd/system'):
+            # install.sh would ask this machine's systemd to reload and enable
+            raise RunFailed('systemd runs here: the benchmark installs only where it does not')
+        install = run_timed(self.wrap(['sh', INSTALL_SH, '--python', python]), timeout)
+        if install.status != 0 or not os.path.isfile(os.path.join(self.local,
+                                                                  'sbin/azure-provisioning')):
+            raise RunFailed('install.sh into the private /usr/local failed\n'
+                            + install.describe())
+        self.compiled = sorted(os.listdir(os.path.join(self.local,
+                                                       'lib/azure-provisioning/__pycache__')))
 
     def wrap(self, argv):
         return self.prefix + list(argv)
@@ -349,11 +371,17 @@ def accepted_ready_count(az):
                if report.get('state') == 'Ready' and 200 <= int(report.get('status') or 0) < 300)
 
 
+def our_command(args, ns, az):
+    """(a): in the namespace, the unit's ExecStart= as installed; else the script."""
+    if isinstance(ns, Namespace):
+        return [args.python] + UNIT_FLAGS + [INSTALLED, '--wireserver', az.wireserver_addr,
+                                             '--imds', az.imds_addr]
+    return [args.python] + UNIT_FLAGS + [SCRIPT, '--wireserver', az.wireserver_addr,
+                                         '--imds', az.imds_addr, '--no-hostname']
+
+
 def timed_rounds(args, az, ns, computer_name):
-    ours = [args.python] + UNIT_FLAGS + [SCRIPT, '--wireserver', az.wireserver_addr,
-                                         '--imds', az.imds_addr]
-    if not isinstance(ns, Namespace):
-        ours.append('--no-hostname')
+    ours = our_command(args, ns, az)
     commands = [
         ('a', ns.wrap(ours)),
         ('b', ns.wrap([args.python, '-I', SEED, az.wireserver_addr])),
@@ -398,10 +426,7 @@ def ready_latency(args, ns, computer_name):
         ns.reset()
         with FakeAzure(computer_name=computer_name, incarnation=1,
                       wireserver_up_after=args.up_after) as az:
-            ours = [args.python] + UNIT_FLAGS + [SCRIPT, '--wireserver', az.wireserver_addr,
-                    '--imds', az.imds_addr]
-            if not isinstance(ns, Namespace):
-                ours.append('--no-hostname')
+            ours = our_command(args, ns, az)
             result = run_timed(ns.wrap(ours), args.timeout + args.up_after)
             if result.status != 0 or not az.ready_accepted():
                 raise RunFailed('Ready-latency run failed\n' + result.describe())
@@ -559,7 +584,7 @@ def main(argv=None):
         ns = NoWrapper()
         why_not = None
         if root:
-            ns = Namespace(workdir, args.timeout)
+            ns = Namespace(workdir, args.timeout, args.python)
             probe = run_timed(ns.wrap(['true']), args.timeout)
             if probe.status != 0:
                 why_not = 'unshare/mount failed: %s' % (probe.stderr.strip() or probe.status)
@@ -572,11 +597,14 @@ def main(argv=None):
                       '(.pth files in its site-packages); that cost is in (a), (b) and (c) '
                       'alike\n' % (site_us / 1000.0))
         if root:
-            out.write('mode: root: (a) runs in `unshare --uts --mount` with a private copy of '
-                      '/etc bind-mounted over /etc and really sets the hostname %r (host: %r); '
-                      '(b) and (c) run in the same wrapper; (d) is the wrapper alone, (e) is (a) with '
-                      '--no-hostname in it (both for information)\n'
-                      % (computer_name, current))
+            out.write('mode: root: (a) is the unit\'s ExecStart= %s -I -S %s as install.sh '
+                      'installed it into a private /usr/local (module byte-compiled: %s), run in '
+                      '`unshare --uts --mount` with a private copy of /etc bind-mounted over '
+                      '/etc; it really sets the hostname %r (host: %r); (b) and (c) run in the '
+                      'same wrapper; (d) is the wrapper alone, (e) is (a) with --no-hostname in '
+                      'it (both for information)\n'
+                      % (args.python, INSTALLED, ', '.join(ns.compiled) or 'no', computer_name,
+                         current))
         else:
             out.write('mode: %s: (a) runs with --no-hostname (no namespace, no wrapper)\n'
                       % (why_not or ('--no-namespace given' if os.geteuid() == 0
@@ -607,7 +635,7 @@ def main(argv=None):
         return 1
 
     labels = {
-        'a': '(a) azure_provisioning.py',
+        'a': '(a) ours (ExecStart=)',
         'b': '(b) article sample',
         'c': '(c) python3 -I -c pass',
         'd': '(d) wrapper alone (true)',
