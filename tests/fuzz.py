@@ -534,7 +534,11 @@ def mutate_json_values(rng, data, rounds, notes=None, paths=FAVOURED_PATHS):
             node = node[step]
         node[path[-1]] = SENTINEL
         ascii_only = rng.random() < 0.5
-        text = json.dumps(document, ensure_ascii=ascii_only, indent=rng.choice([None, 2]))
+        indent = rng.choice([None, 2])
+        try:
+            text = json.dumps(document, ensure_ascii=ascii_only, indent=indent)
+        except RecursionError:  # loads took it, dumps may not (3.12): keep it as it is
+            return data
         text = text.replace(json.dumps(SENTINEL, ensure_ascii=ascii_only), raw, 1)
         data = text.encode('utf-8', 'surrogatepass')
     return data
