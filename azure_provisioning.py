@@ -1049,6 +1049,9 @@ def rename_in_hosts(text, old, new):
     out = []
     for line in text.splitlines(True):
         content, hash_, comment = line.partition('#')
+        if old not in content:      # most lines: nothing to rename, nothing to split
+            out.append(line)
+            continue
         fields = split_keeping_spaces(content)
         words = [i for i, field in enumerate(fields) if not field.isspace()]
         if words and is_loopback_address(fields[words[0]]):

@@ -785,6 +785,8 @@ def call_hosts(case):
     check(len(before) == len(after), 'number of lines changed',
           '%d -> %d' % (len(before), len(after)))
     for line, result in zip(before, after):
+        if result == line and old not in line:
+            continue            # nothing to check: the common case, kept cheap
         words = line.partition('#')[0].split()
         if words and words[0] in ('127.0.0.1', '::1') and result != line:
             raise Violation('%s line changed (old name %r)' % (words[0], old),
