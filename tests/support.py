@@ -56,12 +56,14 @@ def shielded(command):
 
 def run_command(command, env=None, timeout=PROCESS_TIMEOUT):
     started = time.monotonic()
+    # a session of its own: at the time limit all of it goes (a namespace wrapper's
+    # children too, which would otherwise keep our pipes open)
     process = subprocess.Popen(shielded(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               universal_newlines=True, env=env)
+                               universal_newlines=True, env=env, start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, 9)
         stdout, stderr = process.communicate()
         raise AssertionError('%s did not finish in %d s\n%s\n%s'
                              % (command, timeout, stdout, stderr))
