@@ -1839,7 +1839,6 @@ def check_unit(c):
                       'from a provisioned VM never provisions again)',
               '%s enable %s' % (c.systemctl, UNIT_NAME))
     text = read_text(c.path(unit, UNIT_NAME)) or ''
-    import re
     match = re.search(r'^ExecStart=[-@:+!]*(\S+)(.*)$', text, re.M)
     if not match:
         c.say('FAIL', 'the unit has no ExecStart=', 'sh install.sh%s' % c.root_flag)
@@ -1874,7 +1873,6 @@ def check_module(c):
 def check_python(c, python):
     """Version and modules from the image's files: running a binary of another
     root is not always possible (another architecture, no chroot)."""
-    import re
     real = c.resolve(python)
     version = re.search(r'python(\d)\.(\d+)$', real)
     if version is None:     # e.g. /usr/libexec/platform-python -> python3.6
@@ -1920,7 +1918,6 @@ def check_agents(c):
 
 def dhcp_configurations(c):
     """Where the image asks for DHCP: (kind, file) pairs."""
-    import re
     found = []
     enabled = c.enabled_units()
     networkd = 'systemd-networkd.service' in enabled
