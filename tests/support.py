@@ -83,6 +83,15 @@ def run_provisioner(az, *args, **kwargs):
     return run_command(command + list(args), env=env, **kwargs)
 
 
+def root_with_kvp_pool(test, prefix):
+    """(a temporary root holding var/lib/hyperv/, its pool file's path), removed after
+    the test: runs with Options(root=...) report there, never to the machine's pool."""
+    root = tempfile.mkdtemp(prefix=prefix)
+    test.addCleanup(shutil.rmtree, root)
+    os.makedirs(os.path.join(root, 'var/lib/hyperv'))
+    return root, os.path.join(root, 'var/lib/hyperv/.kvp_pool_1')
+
+
 def is_root():
     return os.geteuid() == 0
 

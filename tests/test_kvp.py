@@ -3,16 +3,14 @@ truncation, and the report a real run leaves (success and failure)."""
 
 import io
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 
 import azure_provisioning as ap
 from tests.fake_azure import FakeAzure
-from tests.support import REPO
+from tests.support import REPO, root_with_kvp_pool
 from tests.test_transport import QuietLog
 
 
@@ -31,10 +29,7 @@ class PoolDir(unittest.TestCase):
     """A temporary root with the Hyper-V pool directory: self.pool is its pool file."""
 
     def setUp(self):
-        self.dir = tempfile.mkdtemp(prefix='azp-kvp-')
-        self.addCleanup(shutil.rmtree, self.dir)
-        os.makedirs(os.path.join(self.dir, 'var/lib/hyperv'))
-        self.pool = os.path.join(self.dir, 'var/lib/hyperv/.kvp_pool_1')
+        self.dir, self.pool = root_with_kvp_pool(self, 'azp-kvp-')
 
     def run_context(self, root=None, dry_run=False):
         self.out = io.StringIO()

@@ -6,14 +6,12 @@ ProvisioningFailed."""
 
 import io
 import os
-import shutil
-import tempfile
 import unittest
 from unittest import mock
 
 import azure_provisioning as ap
 from tests.fake_azure import FakeAzure
-from tests.support import run_provisioner
+from tests.support import root_with_kvp_pool, run_provisioner
 from tests.test_transport import QuietLog
 
 
@@ -101,10 +99,7 @@ class RefusedReady(unittest.TestCase):
 
 class InProcess(unittest.TestCase):
     def setUp(self):
-        self.dir = tempfile.mkdtemp(prefix='azp-ready-')
-        self.addCleanup(shutil.rmtree, self.dir)
-        os.makedirs(os.path.join(self.dir, 'var/lib/hyperv'))
-        self.pool = os.path.join(self.dir, 'var/lib/hyperv/.kvp_pool_1')
+        self.dir, self.pool = root_with_kvp_pool(self, 'azp-ready-')
 
     def provision(self, az, **options):
         options = ap.Options(wireserver=ap.parse_address(az.wireserver_addr),
