@@ -1599,12 +1599,10 @@ def run_hook(path, env, deadline, log):
     except BaseException:           # SIGTERM (Terminated) or Ctrl-C: the hook goes too
         kill_session(process, HOOK_KILL_GRACE)
         raise
-    said_by_then = last_error[0]    # later lines may be a left-over child's
     drained = time.monotonic() + HOOK_OUTPUT_GRACE
     for reader in readers:
         reader.join(max(0.0, drained - time.monotonic()))
     finished.set()      # what a left-over child prints from now on is read and dropped
-    last_error[0] = said_by_then or last_error[0]
     if code is None:
         raise ProvisioningError('hook %s timed out after %d s: %s'
                                 % (name, limit, last_error[0] or 'no output on stderr'))
