@@ -4,12 +4,15 @@
 Runs once at first boot of a VM made from a generalized image that has neither
 walinuxagent nor cloud-init.  In order:
 
-  1. reads the instance metadata (IMDS),
+  1. reads the instance metadata (IMDS), and the provisioning media when Azure
+     attached one (ovf-env.xml: the admin password and the custom data),
   2. sets the hostname the user asked for (compute.osProfile.computerName) and
      makes the DHCP client announce it (that is how Azure DNS learns it),
-  3. with --provision-user, creates the admin user with its SSH keys,
-  4. runs the image's own hooks in /etc/azure-provisioning/ready.d/,
-  5. tells the WireServer "Ready" for the current goal-state incarnation,
+  3. with --provision-user, creates the admin user with its SSH keys (and the
+     password, when the media has one),
+  4. keeps the custom data and IMDS user data in /var/lib/azure-provisioning/,
+  5. runs the image's own hooks in /etc/azure-provisioning/ready.d/,
+  6. tells the WireServer "Ready" for the current goal-state incarnation,
 
 and when a step fails it reports NotReady/ProvisioningFailed with a short reason
 instead (also to Hyper-V KVP), so that `az vm create` fails fast with that reason.
@@ -19,20 +22,26 @@ Exit codes: 0 provisioned, 1 provisioning failed, 2 usage error.
 Standard library only; Python 3.6 or newer.
 
 The file reads top-down: system helpers (log and deadline, text, files under one
-Root, tools), transport (HTTP/1.1 and the retry policy), WireServer, IMDS, KVP,
-hostname and its DHCP publishing, admin user, hooks, then provision(): a Run
-context walks STEPS; each step decides a plan of Actions and Run.carry_out does
+Root, tools), transport (HTTP/1.1 and the retry policy), WireServer, IMDS, the
+provisioning media, KVP, hostname and its DHCP publishing, admin user, hooks (and
+the data kept for them), then provision(): a Run context walks STEPS; each step decides a plan of Actions and Run.carry_out does
 them, or prints them with --dry-run.  Then --check and the command line.
 """
 
 import itertools
-import json
 import os
 import re
 import socket
 import sys
 import time
 from collections import namedtuple
+
+try:
+    import json
+    import xml.parsers.expat as expat
+except ImportError as exc:      # Debian's python3-minimal has neither
+    sys.exit('azure-provisioning: this Python (%d.%d) has no %s module: install the full '
+             'python3 package, not python3-minimal' % (sys.version_info[:2] + (exc.name,)))
 
 __all__ = ['ProvisioningError', 'main', 'provision']
 
@@ -291,7 +300,7 @@ TOOL_TIMEOUT = 60.0     # seconds for one command, at most: the deadline may cut
 TOOL_KILL_GRACE = 2.0   # seconds for a killed command's pipes to close
 
 
-def run_tool(argv, deadline, what):
+def run_tool(argv, deadline, what, stdin=None):
     """Run a command (never through a shell) within the deadline; its stdout, or
     ProvisioningError naming the command and its last words.  It runs in a session of
     its own, so that at the deadline all of it goes: a child it left behind holding
@@ -301,13 +310,14 @@ def run_tool(argv, deadline, what):
     if limit <= 0:
         raise ProvisioningError('%s: no time left to run %s' % (what, argv[0]))
     try:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL if stdin is None
+                                   else subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, universal_newlines=True,
                                    start_new_session=True)
     except (OSError, ValueError) as exc:    # ValueError: a NUL in an argument
         raise ProvisioningError('%s: %s: %s' % (what, argv[0], describe_error(exc)))
     try:
-        stdout, stderr = process.communicate(timeout=limit)
+        stdout, stderr = process.communicate(stdin, timeout=limit)
     except BaseException as exc:    # the time limit, or SIGTERM: the command goes too
         kill_session(process)
         process.stdout.close()
@@ -650,30 +660,31 @@ XML_DEPTH_MAX = 32      # a goal state nests 6 deep
 
 
 def xml_texts(text, paths):
-    """(root tag, {path: text of the first element at that path}) for slash paths
-    like 'GoalState/Incarnation'.  Plain expat, not ElementTree (a megabyte and
-    two milliseconds less at start-up); a DOCTYPE or entity declaration is refused,
-    since expat would expand entities (there is no defusedxml in the stdlib)."""
-    from xml.parsers import expat
+    """(root tag, [(path, text), ...]) for every element at one of the slash paths
+    (like 'GoalState/Incarnation'), in the order the elements end.  Names are local:
+    a namespace prefix (wa:, ns1:) is dropped.  Plain expat, not ElementTree (a
+    megabyte and two milliseconds less at start-up); a DOCTYPE or entity declaration
+    is refused, since expat would expand entities (there is no defusedxml)."""
 
     def refuse(*_):
         raise ValueError('document declares a DOCTYPE or entities; refused')
 
-    stack, root, found, texts = [], [], {}, {}
+    stack, root, found, texts = [], [], [], {}
 
     def start(name, _attributes):
+        name = name.rpartition(':')[2]
         root[:] = root or [name]
         stack.append(name)
         if len(stack) > XML_DEPTH_MAX:      # each level costs the whole path: refuse early
             raise ValueError('elements nested deeper than %d' % XML_DEPTH_MAX)
         path = '/'.join(stack)
-        if path in paths and path not in found:
+        if path in paths:
             texts[path] = []
 
     def end(_name):
         path = '/'.join(stack)
         if path in texts:
-            found[path] = ''.join(texts.pop(path))
+            found.append((path, ''.join(texts.pop(path))))
         stack.pop()
 
     def data(chunk):
@@ -694,10 +705,19 @@ def xml_texts(text, paths):
     return (root[0] if root else None), found
 
 
+def first_texts(elements):
+    """{path: text of the first element at that path}."""
+    found = {}
+    for path, text in elements:
+        found.setdefault(path, text)
+    return found
+
+
 def parse_goal_state(text):
     """Goal-state XML -> GoalState.  ValueError when malformed; None when the
     container has no role instance yet (the host is still preparing the VM)."""
-    root, found = xml_texts(text, (INCARNATION, CONTAINER_ID, INSTANCE_ID))
+    root, elements = xml_texts(text, (INCARNATION, CONTAINER_ID, INSTANCE_ID))
+    found = first_texts(elements)
     if root != 'GoalState':
         raise ValueError('root element is <%s>, not <GoalState>' % root)
     incarnation = found.get(INCARNATION, '').strip()
@@ -844,6 +864,189 @@ def compute_field(metadata, *path):
     for key in path:
         node = node.get(key) if isinstance(node, dict) else None
     return node.strip() if isinstance(node, str) else ''
+
+
+# --------------------------------------------------------------------------
+# Provisioning media: the disc Azure attaches at first boot.  Its ovf-env.xml is
+# the only source of the admin password and the custom data (IMDS has neither).
+# --------------------------------------------------------------------------
+
+OVF_ENV = 'ovf-env.xml'
+OVF_ENV_MAX = 1 << 20       # bytes; custom data is at most 64 KiB of base64
+MEDIA_DEVICE_NAME = re.compile(r'(sr\d+|cdrom\d*|hd[c-z])$')    # as waagent looks
+MEDIA_FILESYSTEMS = ('udf', 'iso9660')
+MEDIA_MOUNT_DIR = '/run'    # a tmpfs: nothing of the media outlives the boot
+_LINUX_SET = 'Environment/ProvisioningSection/LinuxProvisioningConfigurationSet/'
+_PUBLIC_KEY = _LINUX_SET + 'SSH/PublicKeys/PublicKey'
+OVF_FIELDS = {
+    'hostname': _LINUX_SET + 'HostName',
+    'username': _LINUX_SET + 'UserName',
+    'password': _LINUX_SET + 'UserPassword',
+    'disable_password_auth': _LINUX_SET + 'DisableSshPasswordAuthentication',
+    'custom_data': _LINUX_SET + 'CustomData',
+    'provision_agent': 'Environment/PlatformSettingsSection/PlatformSettings/ProvisionGuestAgent',
+}
+
+# What ovf-env.xml asks for.  password is None when there is none; repr() never
+# shows it (it would otherwise reach a traceback or a debugging print).
+OvfEnv = namedtuple('OvfEnv', 'device hostname username password disable_password_auth '
+                              'public_keys custom_data provision_agent')
+OvfEnv.__repr__ = lambda self: 'OvfEnv(%s)' % describe_media(self)
+
+
+def parse_ovf_env(data, device=''):
+    """ovf-env.xml's bytes -> OvfEnv; ValueError naming what is wrong (never a value)."""
+    if len(data) > OVF_ENV_MAX:
+        raise ValueError('%s is %d bytes, more than %d' % (OVF_ENV, len(data), OVF_ENV_MAX))
+    paths = set(OVF_FIELDS.values()) | {_PUBLIC_KEY + '/Path', _PUBLIC_KEY + '/Value',
+                                         _PUBLIC_KEY}
+    root, elements = xml_texts(data.decode('utf-8', 'surrogateescape'), paths)
+    if root != 'Environment':
+        raise ValueError('root element is <%s>, not <Environment>' % root)
+    found = first_texts(elements)
+    fields = dict((name, found.get(path)) for name, path in OVF_FIELDS.items())
+    for name in ('hostname', 'username', 'disable_password_auth', 'provision_agent'):
+        fields[name] = (fields[name] or '').strip()
+    if not fields['password']:
+        fields['password'] = None       # <UserPassword></UserPassword>: none given
+    custom = fields['custom_data']
+    if custom is not None and custom.strip():
+        try:
+            import base64
+            import binascii
+            custom = base64.b64decode(''.join(custom.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError('CustomData is not valid base64')
+    else:
+        custom = None
+    keys, key = [], {}
+    for path, text in elements:
+        if path == _PUBLIC_KEY:
+            keys.append((key.get('Path', '').strip(), key.get('Value', '').strip()))
+            key = {}
+        elif path.startswith(_PUBLIC_KEY + '/'):
+            key[path.rpartition('/')[2]] = text
+    fields['public_keys'] = keys
+    fields['custom_data'] = custom
+    return OvfEnv(device=device, **fields)
+
+
+def describe_media(media):
+    """What the media asks for, fit for a log line: the password only as (set)."""
+    return ', '.join([
+        'host %s' % (media.hostname or '-'), 'user %s' % (media.username or '-'),
+        'password %s' % ('(set)' if media.password else '(none)'),
+        'DisableSshPasswordAuthentication %s' % (media.disable_password_auth or '-'),
+        '%d public key(s)' % len(media.public_keys),
+        'custom data %s' % ('%d bytes' % len(media.custom_data)
+                            if media.custom_data is not None else '(none)')])
+
+
+def media_devices(run):
+    """Where the media may be, in the order to try: /dev/sr0, the other CD-ROM
+    devices, then whatever blkid knows as UDF or ISO 9660 (as cloud-init looks)."""
+    dev = run.root.path('/dev')
+    names = sorted(glob_names(dev, MEDIA_DEVICE_NAME.pattern),
+                   key=lambda n: (n != 'sr0', not n.startswith('sr'), n))
+    found = [os.path.join(dev, n) for n in names]
+    blkid = find_tool('blkid')
+    if blkid and run.root.top == '/':       # blkid knows only this machine's devices
+        for kind in MEDIA_FILESYSTEMS:
+            try:
+                listed = run_tool([blkid, '-o', 'device', '-t', 'TYPE=' + kind],
+                                  run.deadline, 'media')
+            except ProvisioningError:
+                continue                    # exit status 2: no such device
+            found += [line.strip() for line in listed.splitlines() if line.strip()]
+    unique = []
+    for device in found:
+        if os.path.realpath(device) not in [os.path.realpath(d) for d in unique]:
+            unique.append(device)
+    return unique
+
+
+def read_media(run, device):
+    """ovf-env.xml's bytes from the media in `device` (None when the media has no
+    such file), mounted read-only on a private directory and always unmounted."""
+    import tempfile
+    mountpoint = tempfile.mkdtemp(prefix='azure-provisioning-media.',
+                                  dir=run.root.path(MEDIA_MOUNT_DIR))
+    try:
+        try:
+            run_tool([find_tool('mount') or 'mount', '-o', 'ro', '-t',
+                      ','.join(MEDIA_FILESYSTEMS), device, mountpoint], run.deadline, 'media')
+        except ProvisioningError as exc:
+            raise ProvisioningError('%s%s' % (exc, udf_missing_hint(run)))
+        try:
+            path = os.path.join(mountpoint, OVF_ENV)
+            if os.path.isfile(path) and os.path.getsize(path) > OVF_ENV_MAX:
+                raise ProvisioningError('media: %s on %s is larger than %d bytes'
+                                        % (OVF_ENV, device, OVF_ENV_MAX))
+            return read_bytes(path)
+        finally:
+            unmount(run, mountpoint)
+    finally:
+        try:
+            os.rmdir(mountpoint)
+        except OSError as exc:
+            run.log.warning('media: %s left behind: %s' % (mountpoint, describe_error(exc)))
+
+
+def unmount(run, mountpoint):
+    """umount, also after the deadline (a mount must not outlive us); lazily when busy."""
+    umount = find_tool('umount') or 'umount'
+    grace = Deadline(TOOL_TIMEOUT)
+    try:
+        run_tool([umount, mountpoint], grace, 'media')
+    except ProvisioningError as exc:
+        run.log.warning('media: %s; detaching it lazily' % exc)
+        run_tool([umount, '-l', mountpoint], grace, 'media')
+
+
+def udf_missing_hint(run):
+    """' (this kernel cannot mount UDF: ...)' when that is so, else ''."""
+    if 'udf' in (read_text('/proc/filesystems') or ''):
+        return ''
+    release = os.uname().release
+    modules = run.root.path('/lib/modules', release)
+    if any(os.path.exists(os.path.join(modules, 'kernel/fs/udf', n))
+           for n in ('udf.ko', 'udf.ko.xz', 'udf.ko.zst', 'udf.ko.gz')):
+        return ''
+    return (' (kernel %s cannot mount UDF, the format Azure uses: no udf module in '
+            '/lib/modules/%s; install it, e.g. linux-modules-extra)' % (release, release))
+
+
+def find_media(run):
+    """The first media holding ovf-env.xml, parsed: OvfEnv, or None.  Problems are
+    warnings here; whether the media was needed is for the caller to say."""
+    choice = run.options.media
+    if choice == 'none':
+        run.log.info('media: not looked for (--media none)')
+        return None
+    devices = [choice] if choice else media_devices(run)
+    if not devices:
+        run.log.info('media: no provisioning media found (IMDS alone)')
+        return None
+    problems = []
+    for device in devices:
+        try:
+            data = read_media(run, device)
+        except ProvisioningError as exc:
+            problems.append(str(exc))
+            continue
+        if data is None:
+            problems.append('media: %s has no %s' % (device, OVF_ENV))
+            continue
+        try:
+            media = parse_ovf_env(data, device)
+        except ValueError as exc:
+            raise ProvisioningError('media: %s on %s: %s' % (OVF_ENV, device, exc))
+        run.log.info('media: %s: %s read (%s)' % (device, OVF_ENV, describe_media(media)))
+        return media
+    for problem in problems:
+        run.log.warning(problem)
+    run.media_problem = problems[-1]
+    return None
 
 
 # --------------------------------------------------------------------------
@@ -1297,12 +1500,16 @@ def validate_public_key(text):
     return line
 
 
-UserRequest = namedtuple('UserRequest', 'name keys key_paths disable_passwords')
+# password_logins: 'no' or 'yes' for sshd, None to leave sshd alone.  password: from
+# the provisioning media, None when there is none; repr() never shows it.
+UserRequest = namedtuple('UserRequest', 'name keys key_paths password_logins password')
+UserRequest.__repr__ = lambda self: 'UserRequest(%s, %d key(s), password %s)' % (
+    self.name, len(self.keys), '(set)' if self.password else '(none)')
 
 
 def user_from_metadata(metadata):
-    """The admin user IMDS asks for: UserRequest(name, [key lines], [IMDS key paths],
-    disable password logins)."""
+    """The admin user IMDS asks for: its name, key lines and their IMDS paths; password
+    logins off when IMDS says disablePasswordAuthentication (it has no password)."""
     name = validate_user_name(compute_field(metadata, 'osProfile', 'adminUsername'))
     keys, paths = [], []
     entries = metadata.get('compute', {}).get('publicKeys') or []
@@ -1317,7 +1524,17 @@ def user_from_metadata(metadata):
             keys.append(key)
         paths.append(entry.get('path') if isinstance(entry.get('path'), str) else '')
     disable = compute_field(metadata, 'osProfile', 'disablePasswordAuthentication') == 'true'
-    return UserRequest(name, keys, paths, disable)
+    return UserRequest(name, keys, paths, 'no' if disable else None, None)
+
+
+def user_with_media(request, media):
+    """The media adds the password, and its DisableSshPasswordAuthentication decides
+    sshd's PasswordAuthentication (IMDS still names the user and gives the keys)."""
+    if media is None:
+        return request
+    logins = {'true': 'no', 'false': 'yes'}.get(media.disable_password_auth.lower(),
+                                                request.password_logins)
+    return request._replace(password=media.password, password_logins=logins)
 
 
 def authorized_keys_path(home, imds_paths, log):
@@ -1352,13 +1569,17 @@ def user_plan(run, request):
                            lambda: create_user(run, name, shell)))
     else:
         home = account.pw_dir
-        if not password_locked(run, name):
+        if not request.password and not password_locked(run, name):
             plan.append(Action('lock the password of %s (usermod -L)' % name,
                                lambda: lock_password(run, name)))
-    plan += sudo_plan(run, name)
+    if request.password:
+        plan.append(Action('set the password of %s from the provisioning media: (set), '
+                           'with chpasswd' % name,
+                           lambda: set_password(run, name, request.password)))
+    plan += sudo_plan(run, name, request.password is not None)
     plan += keys_plan(run, request, home, account is None)
-    if request.disable_passwords:
-        plan += sshd_plan(run)
+    if request.password_logins:
+        plan += sshd_plan(run, request.password_logins)
     else:
         run.log.info('user: disablePasswordAuthentication is not "true"; sshd left alone')
     return plan
@@ -1386,13 +1607,34 @@ def lock_password(run, name):
     run_tool([find_tool('usermod') or 'usermod', '-L', name], run.deadline, 'user')
 
 
-def sudo_plan(run, name):
+def set_password(run, name, password):
+    """chpasswd, the password on its stdin only: never in argv (ps shows it), a log
+    line, a temporary file or an error message.  It replaces a locked hash, so the
+    account is unlocked by it."""
+    if any(c in password for c in '\n\r\0'):
+        raise ProvisioningError('user: the password on the provisioning media holds a line '
+                                'break or NUL; chpasswd cannot take it')
+    try:
+        run_tool([find_tool('chpasswd') or 'chpasswd'], run.deadline, 'user',
+                 stdin='%s:%s\n' % (name, password))
+    except ProvisioningError as exc:
+        raise ProvisioningError(str(exc).replace(password, '(password)'))
+    run.log.info('user: password of %s set (chpasswd)' % name)
+
+
+def sudo_plan(run, name, has_password):
+    """sudo asks for the password when the user has one (as waagent does), not when
+    the account's password is locked."""
     path = run.root.path(SUDOERS_DROP_IN)
     if not os.path.isdir(os.path.dirname(path)):
         run.log.info('user: /etc/sudoers.d does not exist (sudo not installed); no sudo rule')
         return []
-    rule = ('# written by azure-provisioning: the admin user from IMDS, whose password\n'
-            '# is locked (IMDS carries none)\n%s ALL=(ALL) NOPASSWD:ALL\n' % name).encode()
+    if has_password:
+        rule = ('# written by azure-provisioning: the admin user, with the password from\n'
+                '# the provisioning media\n%s ALL=(ALL) ALL\n' % name).encode()
+    else:
+        rule = ('# written by azure-provisioning: the admin user from IMDS, whose password\n'
+                '# is locked (IMDS carries none)\n%s ALL=(ALL) NOPASSWD:ALL\n' % name).encode()
     if read_bytes(path) == rule:
         return []
 
@@ -1474,7 +1716,7 @@ def install_keys(run, name, path, text, added):
     run.log.info('user: %d key(s) added to %s' % (added, path))
 
 
-def sshd_plan(run):
+def sshd_plan(run, logins):
     config = read_text(run.root.path('/etc/ssh/sshd_config'))
     if config is None:
         run.log.info('user: no /etc/ssh/sshd_config; PasswordAuthentication left alone')
@@ -1483,17 +1725,18 @@ def sshd_plan(run):
         run.log.info('user: sshd_config does not include sshd_config.d/*.conf; '
                      'PasswordAuthentication left alone')
         return []
-    setting = b'# written by azure-provisioning (disablePasswordAuthentication)\n' \
-              b'PasswordAuthentication no\n'
+    setting = ('# written by azure-provisioning (DisableSshPasswordAuthentication)\n'
+               'PasswordAuthentication %s\n' % logins).encode()
     path = run.root.path(SSHD_DROP_IN)
     if read_bytes(path) == setting:
         return []
 
     def write_setting():
         write_file_atomically(path, setting, deadline=run.deadline)
-        run.log.info('user: PasswordAuthentication no (%s)' % SSHD_DROP_IN)
+        run.log.info('user: PasswordAuthentication %s (%s)' % (logins, SSHD_DROP_IN))
         reload_sshd(run.deadline, run.log)
-    return [Action('write %s: PasswordAuthentication no' % SSHD_DROP_IN, write_setting)]
+    return [Action('write %s: PasswordAuthentication %s' % (SSHD_DROP_IN, logins),
+                   write_setting)]
 
 
 def reload_sshd(deadline, log):
@@ -1505,7 +1748,7 @@ def reload_sshd(deadline, log):
         run_tool(['systemctl', 'try-reload-or-restart', 'ssh.service', 'sshd.service'],
                  deadline, 'user')
     except ProvisioningError as exc:
-        log.warning('sshd not reloaded, PasswordAuthentication no applies from its next '
+        log.warning('sshd not reloaded, the PasswordAuthentication setting applies from its next '
                     'start: %s' % exc)
 
 
@@ -1513,6 +1756,7 @@ def reload_sshd(deadline, log):
 # ready.d hooks: the image's own steps that must succeed before Ready
 # --------------------------------------------------------------------------
 
+DATA_DIR = '/var/lib/azure-provisioning'     # custom-data and user-data, for the hooks
 HOOKS_DIR = '/etc/azure-provisioning/ready.d'
 HOOK_KILL_GRACE = 5         # seconds to wait for a killed hook to be gone
 HOOK_OUTPUT_GRACE = 0.5     # seconds to read what a finished hook still had in the pipe
@@ -1520,6 +1764,46 @@ HOOK_LINE_MAX = 8192        # bytes of one line of a hook's output
 
 
 RUN_PARTS_NAME = re.compile(r'[A-Za-z0-9_-]+')
+
+
+def imds_user_data(metadata):
+    """IMDS compute.userData decoded (api-version 2021-01-01 on); None when empty."""
+    text = compute_field(metadata, 'userData')
+    if not text:
+        return None
+    import base64
+    import binascii
+    try:
+        return base64.b64decode(''.join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ProvisioningError('IMDS compute.userData is not valid base64')
+
+
+def data_plan(run):
+    """Custom data (media) and user data (IMDS), kept for the image's hooks in
+    DATA_DIR.  Never run by us: what they mean (a cloud-config, a script, a blob) is
+    the image's business, and a hook can run them knowingly."""
+    plan = []
+    for name, variable, data in (
+            ('custom-data', 'AZURE_CUSTOM_DATA', run.media and run.media.custom_data),
+            ('user-data', 'AZURE_USER_DATA', imds_user_data(run.metadata))):
+        if data is None:
+            continue
+        path = run.root.path(DATA_DIR, name)
+        run.facts[variable] = path
+        plan.append(Action('write %s (%d bytes, 0600; %s for the hooks)'
+                           % (path, len(data), variable),
+                           lambda path=path, data=data: keep_data(run, path, data)))
+    return plan
+
+
+def keep_data(run, path, data):
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        os.makedirs(directory, 0o700)
+    os.chmod(directory, 0o700)      # the data may hold secrets: root's alone
+    write_file_atomically(path, data, mode=0o600, deadline=run.deadline)
+    run.log.info('data: %s written (%d bytes)' % (path, len(data)))
 
 
 def list_hooks(directory, log):
@@ -1543,7 +1827,6 @@ def list_hooks(directory, log):
 def run_hooks(run, hooks):
     """Run each hook with the VM facts in its environment and the time left as its
     limit; the first failure stops provisioning with the hook's last stderr line."""
-    import json
     import shutil
     import tempfile
     scratch = tempfile.mkdtemp(prefix='azure-provisioning-')
@@ -1551,7 +1834,9 @@ def run_hooks(run, hooks):
         imds_copy = os.path.join(scratch, 'imds.json')
         write_file_atomically(imds_copy, json.dumps(run.metadata, indent=2).encode('utf-8'),
                               mode=0o600, deadline=run.deadline)
-        env = dict(os.environ, AZURE_IMDS_JSON=imds_copy, **run.facts)
+        env = dict((k, v) for k, v in os.environ.items()
+                   if k not in ('AZURE_CUSTOM_DATA', 'AZURE_USER_DATA'))
+        env.update(AZURE_IMDS_JSON=imds_copy, **run.facts)
         for hook in hooks:
             run_hook(hook, env, run.deadline, run.log)
     finally:
@@ -1621,7 +1906,7 @@ class Options(object):
 
     def __init__(self, wireserver=(DEFAULT_WIRESERVER, 80), imds=(DEFAULT_IMDS, 80),
                  timeout=DEFAULT_TIMEOUT, set_hostname=True, publish_hostname=True,
-                 provision_user=False, dry_run=False, root='/'):
+                 provision_user=False, dry_run=False, root='/', media=None):
         self.wireserver = wireserver
         self.imds = imds
         self.timeout = timeout
@@ -1630,6 +1915,7 @@ class Options(object):
         self.provision_user = provision_user
         self.dry_run = dry_run
         self.root = root
+        self.media = media      # a device or image file to read, 'none', or None: search
 
 
 class Run(object):
@@ -1646,6 +1932,8 @@ class Run(object):
         self.deadline = Deadline(options.timeout, reserve=min(60.0, options.timeout / 4.0))
         self.started = time.monotonic()
         self.metadata = None
+        self.media = None           # OvfEnv, when the provisioning media was read
+        self.media_problem = None   # why it could not be, when it was there
         self.facts = {}
         self.warnings = []
 
@@ -1667,6 +1955,28 @@ def step_imds(run):
         run.facts['AZURE_VM_ID'] or '?', desired_hostname(run.metadata) or '-', elapsed_ms(t)))
 
 
+def step_media(run):
+    run.media = find_media(run)
+    media, wants_user = run.media, run.options.provision_user
+    imds_user = compute_field(run.metadata, 'osProfile', 'adminUsername')
+    if media is None:
+        # IMDS says the VM was created with a password: without it, nobody can log in
+        if wants_user and compute_field(run.metadata, 'osProfile',
+                                        'disablePasswordAuthentication') == 'false':
+            raise ProvisioningError(
+                'the VM was created with a password (IMDS disablePasswordAuthentication is '
+                'false), but %s' % (run.media_problem or 'no provisioning media was found'))
+        return
+    if wants_user and media.username and imds_user and media.username != imds_user:
+        raise ProvisioningError('the provisioning media names the admin user %s, IMDS %s'
+                                % (media.username, imds_user))
+    if media.password and not wants_user:
+        warning = ('the provisioning media holds a password for %s; not set: this image '
+                   'does not manage users (no --provision-user)' % (media.username or '?'))
+        run.log.warning(warning)
+        run.warnings.append(warning)
+
+
 def step_hostname(run):
     if run.options.set_hostname:
         hostname_step(run)
@@ -1681,10 +1991,14 @@ def step_user(run):
                                                           'adminUsername')
         return
     t = time.monotonic()
-    request = user_from_metadata(run.metadata)
+    request = user_with_media(user_from_metadata(run.metadata), run.media)
     run.carry_out(*user_plan(run, request))
     run.facts['AZURE_ADMIN_USERNAME'] = request.name
     run.log.info('user: %s ready (%s)' % (request.name, elapsed_ms(t)))
+
+
+def step_data(run):
+    run.carry_out(*data_plan(run))
 
 
 def step_hooks(run):
@@ -1694,8 +2008,8 @@ def step_hooks(run):
 
 
 # In order; the first that fails is named in the report (step=...), and no later one runs.
-STEPS = (('imds', step_imds), ('hostname', step_hostname), ('user', step_user),
-         ('hooks', step_hooks))
+STEPS = (('imds', step_imds), ('media', step_media), ('hostname', step_hostname),
+         ('user', step_user), ('data', step_data), ('hooks', step_hooks))
 
 
 def provision(options, log, out=None):
@@ -1774,14 +2088,20 @@ UNIT_NAME = 'azure-provisioning.service'
 MODULE_DIR = '/usr/local/lib/azure-provisioning'            # install.sh's layout
 LAUNCHER_MARK = 'from azure_provisioning import main'
 UNIT_DIRS = ('etc/systemd/system', 'usr/lib/systemd/system', 'lib/systemd/system')
-AGENT_BINARIES = {'walinuxagent': ('usr/sbin/waagent', 'usr/bin/waagent'),
-                  'cloud-init': ('usr/bin/cloud-init',)}
-AGENT_UNITS = {'walinuxagent': ('walinuxagent.service', 'waagent.service'),
-               'cloud-init': ('cloud-init-local.service', 'cloud-init.service',
-                              'cloud-config.service', 'cloud-final.service')}
-REMOVE_AGENT = ('apt-get purge walinuxagent cloud-init  (or: dnf remove WALinuxAgent '
-                'cloud-init; zypper remove python3-azure-agent cloud-init)')
+# What each agent leaves in an image, and the package that brings it.
+Agent = namedtuple('Agent', 'name binaries units deb rpm suse')
+AGENTS = (
+    Agent('walinuxagent', ('usr/sbin/waagent', 'usr/bin/waagent'),
+          ('walinuxagent.service', 'waagent.service'), 'walinuxagent', 'WALinuxAgent',
+          'python3-azure-agent'),
+    Agent('cloud-init', ('usr/bin/cloud-init', 'usr/local/bin/cloud-init'),
+          ('cloud-init-local.service', 'cloud-init.service', 'cloud-init-main.service',
+           'cloud-init-network.service', 'cloud-config.service', 'cloud-final.service',
+           'cloud-init.target'), 'cloud-init', 'cloud-init', 'cloud-init'),
+)
+CLOUD_INIT_DISABLED = 'etc/cloud/cloud-init.disabled'   # cloud-init's own off switch
 NEEDED_MODULES = ('json', 'xml.parsers.expat', 'base64', 'shutil')  # not in python3-minimal
+FULL_PYTHON = 'install the full python3 package, not python3-minimal'
 
 
 class Check(object):
@@ -1792,6 +2112,7 @@ class Check(object):
         top = root.top
         self.root_flag = '' if top == '/' else ' --root %s' % top
         self.systemctl = 'systemctl' + ('' if top == '/' else ' --root=%s' % top)
+        self.chroot = '' if top == '/' else 'chroot %s ' % top
 
     def path(self, *parts):
         return self.root.path(*parts)
@@ -1868,50 +2189,134 @@ def check_module(c):
               % c.root_flag)
 
 
+def and_list(words):
+    """'a', 'a and b', 'a, b and c'."""
+    words = list(words)
+    return ' and '.join([', '.join(words[:-1])] + words[-1:]) if len(words) > 1 else ''.join(words)
+
+
 def check_python(c, python):
-    """Version and modules from the image's files: running a binary of another
-    root is not always possible (another architecture, no chroot)."""
+    """Can `python` run the unit?  Asked of the interpreter itself when it is the one
+    running this check (install.sh runs the check so, through chroot for an image);
+    otherwise judged from the image's files: a binary of another root cannot always
+    be run here (another architecture, no chroot, not root)."""
     real = c.resolve(python)
-    version = re.search(r'python(\d)\.(\d+)$', real)
-    if version is None:     # e.g. /usr/libexec/platform-python -> python3.6
-        found = sorted(glob_names(c.path('usr/lib'), r'^python3\.\d+$'))
-        version = re.search(r'(\d)\.(\d+)$', found[-1]) if found else None
+    if c.root.top == '/' and os.path.realpath(real) == os.path.realpath(sys.executable):
+        missing = []
+        for name in NEEDED_MODULES:
+            try:
+                __import__(name)
+            except ImportError as exc:
+                missing.append('%s (%s)' % (name, exc))
+        version = 'Python %d.%d' % sys.version_info[:2]
+        if missing:
+            c.say('FAIL', 'python: %s (%s) has no %s' % (python, version, and_list(missing)),
+                  FULL_PYTHON)
+        else:
+            c.say('ok', 'python: %s is %s with %s (checked by running it)'
+                  % (python, version, and_list(NEEDED_MODULES)))
+        return
+    version, libraries, how = python_from_files(c, real)
     if version is None:
-        c.say('warn', 'cannot tell the version of %s (%s)' % (python, real))
+        c.say('FAIL', 'python: %s: %s' % (python, how),
+              'sh install.sh%s --python /usr/bin/python3.X (the versioned name)' % c.root_flag)
         return
-    major_minor = (int(version.group(1)), int(version.group(2)))
-    name = 'python%d.%d' % major_minor
-    if major_minor < (3, 6):
-        c.say('FAIL', '%s is Python %d.%d; 3.6 or newer is needed' % ((python,) + major_minor),
-              'install python3 and run install.sh%s again' % c.root_flag)
+    if version < (3, 6):
+        c.say('FAIL', 'python: %s is Python %d.%d (%s); 3.6 or newer is needed'
+              % ((python,) + version + (how,)), 'sh install.sh%s --python PATH' % c.root_flag)
         return
-    missing = [m for m in NEEDED_MODULES
-               if not any(os.path.exists(c.path(lib, name, m.replace('.', '/') + suffix))
-                          for lib in ('usr/lib', 'usr/lib64')
-                          for suffix in ('.py', '/__init__.py'))]
+    if not libraries:
+        c.say('FAIL', 'python: %s: no standard library at %s/lib/python%d.%d or lib64'
+              % ((python, os.path.dirname(os.path.dirname(real)).rstrip('/')) + version),
+              FULL_PYTHON)
+        return
+    found, missing = [], []
+    for name in NEEDED_MODULES:
+        where = next((lib for lib in libraries if module_in_library(c, lib, name)), None)
+        if where is None:
+            missing.append(name)
+        elif where not in found:
+            found.append(where)
     if missing:
-        c.say('FAIL', '%s lacks %s (python3-minimal is not enough)'
-              % (python, ', '.join(missing)),
-              'apt-get install python3  (or: dnf install python3)')
+        c.say('FAIL', 'python: %s (Python %d.%d) has no %s: not in %s'
+              % ((python,) + version + (and_list(missing), and_list(libraries))), FULL_PYTHON)
+    elif not os.access(c.path(real), os.X_OK):
+        c.say('FAIL', 'python: %s is not executable' % real)
     else:
-        c.say('ok', '%s is Python %d.%d with %s'
-              % ((python,) + major_minor + (', '.join(NEEDED_MODULES),)))
+        c.say('ok', 'python: %s is Python %d.%d (%s) with %s in %s (judged from the files)'
+              % ((python,) + version + (how, and_list(NEEDED_MODULES), and_list(found))))
+
+
+def python_from_files(c, real):
+    """(version, its standard library directories that exist, how that was found)
+    of the interpreter at `real`, or (None, [], why not)."""
+    prefix = os.path.dirname(os.path.dirname(real))        # /usr/bin/python3.11 -> /usr
+    match = re.search(r'python(\d+)\.(\d+)[a-z]*$', real)
+    if match:
+        version = (int(match.group(1)), int(match.group(2)))
+        libraries = [os.path.join(prefix, lib, 'python%d.%d' % version)
+                     for lib in ('lib', 'lib64')]
+        libraries = [lib for lib in libraries if os.path.isdir(c.path(lib))]
+        return version, libraries, 'from the file name %s' % real
+    # not named pythonX.Y (/usr/libexec/platform-python): one standard library only
+    libraries = [os.path.join(prefix, lib, name) for lib in ('lib', 'lib64')
+                 for name in sorted(glob_names(c.path(prefix, lib), r'python\d+\.\d+$'))
+                 if os.path.isfile(c.path(prefix, lib, name, 'os.py'))]
+    if len(libraries) != 1:
+        return None, [], ('cannot tell which Python it is: not named pythonX.Y, and %d '
+                          'standard libraries under %s/lib*' % (len(libraries), prefix.rstrip('/')))
+    version = tuple(int(n) for n in re.search(r'(\d+)\.(\d+)$', libraries[0]).groups())
+    return version, libraries, 'from its standard library %s' % libraries[0]
+
+
+def module_in_library(c, library, name):
+    """Whether module `name` is in `library`: as source, as a sourceless .pyc, or
+    compiled in __pycache__ (a package as its __init__)."""
+    parts = name.split('.')
+    for stem in (parts, parts + ['__init__']):
+        directory = c.path(library, *stem[:-1])
+        if (os.path.isfile(os.path.join(directory, stem[-1] + '.py'))
+                or os.path.isfile(os.path.join(directory, stem[-1] + '.pyc'))
+                or glob_names(os.path.join(directory, '__pycache__'),
+                              re.escape(stem[-1]) + r'\..*\.pyc$')):
+            return True
+    return False
 
 
 def check_agents(c):
     enabled = c.enabled_units()
-    for agent in ('walinuxagent', 'cloud-init'):
-        found = [b for b in AGENT_BINARIES[agent] if c.exists(b)]
-        found += [u + ' enabled' for u in AGENT_UNITS[agent] if u in enabled]
-        if found:
-            c.say('FAIL', '%s is present (%s): it would report to Azure too'
-                  % (agent, ', '.join('/' + f if '/' in f else f for f in found)), REMOVE_AGENT)
+    for agent in AGENTS:
+        found = ['/' + b for b in agent.binaries if c.exists(b)]
+        found += [u for u in agent.units if any(c.exists(d, u) for d in UNIT_DIRS)]
+        running = [u for u in agent.units if u in enabled]
+        if not found and not running:
+            c.say('ok', '%s not installed' % agent.name)
+        elif agent.name == 'cloud-init' and c.exists(CLOUD_INIT_DISABLED):
+            c.say('ok', 'cloud-init is installed but /%s keeps it from running'
+                  % CLOUD_INIT_DISABLED)
         else:
-            c.say('ok', '%s not installed' % agent)
+            c.say('FAIL', '%s is installed (%s)%s: it answers Azure too, and two agents '
+                          'racing at first boot is not supported'
+                  % (agent.name, ', '.join(found) or 'units only',
+                     ', enabled: ' + ', '.join(running) if running else ''),
+                  '; '.join(['%s disable %s' % (c.systemctl, u) for u in running]
+                            + [remove_package(c, agent)]))
     leftovers = [p for p in ('var/lib/waagent', 'etc/waagent.conf') if c.exists(p)]
     if leftovers:
         c.say('warn', 'waagent leftovers: %s' % ', '.join('/' + p for p in leftovers),
               'rm -rf %s' % ' '.join(c.path(p) for p in leftovers))
+
+
+def remove_package(c, agent):
+    """The command that removes the agent's package with the image's own tool."""
+    for tool, command, package in (('usr/bin/apt-get', 'apt-get purge -y', agent.deb),
+                                   ('usr/bin/dnf', 'dnf remove -y', agent.rpm),
+                                   ('usr/bin/yum', 'yum remove -y', agent.rpm),
+                                   ('usr/bin/zypper', 'zypper remove -y', agent.suse)):
+        if c.exists(tool):
+            return '%s%s %s' % (c.chroot, command, package)
+    return ('remove the package that owns it (%srpm -qf PATH or %sdpkg -S PATH tells which)'
+            % (c.chroot, c.chroot))
 
 
 def dhcp_configurations(c):
@@ -2047,6 +2452,9 @@ OPTIONS = [Option(*fields) for fields in (
      'check the image before generalizing it (unit enabled, no other agent, DHCP '
      'configured, ...); read-only and offline'),
     ('--root', 'root', 'DIR', str, '/', 'with --check: the mounted image tree (default /)'),
+    ('--media', 'media', 'DEVICE', str, None,
+     'read the provisioning media (ovf-env.xml) from DEVICE, a device or an image file, '
+     'instead of looking for it; "none": do not look'),
     ('--dry-run', 'dry_run', None, None, False,
      'fetch everything, print the hostname and the health report it would send; change '
      'nothing, post nothing'),
@@ -2134,7 +2542,8 @@ def main(args=None):
     run = Options(wireserver=options.wireserver, imds=options.imds, timeout=options.timeout,
                   set_hostname=not options.no_hostname,
                   publish_hostname=not options.no_publish_hostname,
-                  provision_user=options.provision_user, dry_run=options.dry_run)
+                  provision_user=options.provision_user, dry_run=options.dry_run,
+                  media=options.media)
     try:
         return provision(run, log)
     except ProvisioningError as exc:

@@ -33,10 +33,6 @@ DOC_DIR=/usr/local/share/doc/azure-provisioning
 # again (when empty) and leaves the tree as it found it.
 MANIFEST=$DOC_DIR/install-manifest
 DEFAULT_PYTHONS="/usr/bin/python3 /usr/libexec/platform-python"
-# The modules azure_provisioning.py needs (its NEEDED_MODULES) that Debian's
-# python3-minimal lacks (base64 is in it), as files of the standard library:
-# the probe imports them, check_python_files looks for them.
-PY_MODULE_FILES="json/__init__.py xml/parsers/expat.py shutil.py"
 
 # ---------------------------------------------------------------- messages
 
@@ -78,8 +74,7 @@ OPTIONS:
                      inside the target (default: the first of
                      /usr/bin/python3 and /usr/libexec/platform-python that
                      exists). Must be Python >= 3.6 with the full standard
-                     library: json, xml.parsers.expat and shutil (the
-                     python3-minimal package lacks them)
+                     library (the python3-minimal package lacks some of it)
     --provision-user Also create the admin user from IMDS with its SSH keys and
                      sudo (adds --provision-user to ExecStart=)
     --uninstall      Disable the unit and remove every file listed below
@@ -94,8 +89,10 @@ INSTALLED FILES (inside DIR with --root):
     $DOC_DIR/   (README.md, LICENSE,
         install-manifest: the directories $PROG created, for --uninstall)
 
-Running it again upgrades in place. It warns when walinuxagent or cloud-init
-is installed in the target: they would report to Azure as well.
+Running it again upgrades in place. Last, it runs the installed
+azure-provisioning --check with the target's Python and prints its report
+(other agents, network, hostname): it fails when that Python cannot run the
+unit, and warns when the image is not yet ready to capture.
 
 EXAMPLES:
     sudo sh $PROG                          install on this machine
@@ -229,165 +226,9 @@ resolve_in_target() {
 
 # ---------------------------------------------------------------- python
 
-# The words of $1 as "a", "a and b", "a, b and c".
-and_list() {
-    _j="" _last=""
-    for _w in $1; do
-        [ -z "$_last" ] || _j="${_j:+$_j, }$_last"
-        _last=$_w
-    done
-    printf '%s%s%s' "$_j" "${_j:+ and }" "$_last"
-}
-
-# The module names of the files in $1 (json/__init__.py -> json), one a line.
-module_names() {
-    for _m in $1; do
-        printf '%s\n' "$_m"
-    done | sed -e 's|/__init__\.py$||' -e 's|\.py$||' -e 's|/|.|g'
-}
-
-# Run by the candidate interpreter (with -E -S -B: no environment, no site,
-# no .pyc written into the target). Written so that Python 2 can run it too
-# and say what it is. Its argument: the modules to import, separated by
-# blanks (it prints "missing MODULE: why" for each that fails). Reads
-# azure_provisioning.py on stdin and compiles it.
-PROBE='import sys
-sys.stdout.write("python %d.%d\n" % tuple(sys.version_info[:2]))
-sys.stdout.flush()
-if sys.version_info < (3, 6):
-    sys.exit(4)
-missing = 0
-for name in sys.argv[1].split():
-    try:
-        __import__(name)
-    except Exception as e:
-        sys.stdout.write("missing %s: %s\n" % (name, " ".join(str(e).split())))
-        missing += 1
-if missing:
-    sys.exit(3)
-try:
-    compile(sys.stdin.buffer.read(), "azure_provisioning.py", "exec")
-except SyntaxError as e:
-    sys.stdout.write("%s\n" % (e,))
-    sys.exit(5)
-sys.stdout.write("ok\n")'
-
-# Sets PY_HOW; dies when the interpreter is unusable.
-check_python() {
-    _py=$1 _src=$SRC_DIR/azure_provisioning.py
-    _ran=no _why="" _mods=$(module_names "$PY_MODULE_FILES")
-    PY_RUN=""
-    if [ -z "$ROOT" ]; then
-        if _out=$("$_py" -E -S -B -c "$PROBE" "$_mods" <"$_src" 2>&1); then _rc=0; else _rc=$?; fi
-        _ran=yes
-        _how="by running it"
-    elif [ "$(id -u)" != 0 ]; then
-        _why="not root, so it cannot be run with chroot"
-    elif ! command -v chroot >/dev/null 2>&1; then
-        _why="no chroot command"
-    else
-        if _out=$(chroot "$ROOT" "$_py" -E -S -B -c "$PROBE" "$_mods" <"$_src" 2>&1); then _rc=0; else _rc=$?; fi
-        _ran=yes
-        _how="by running it with chroot $ROOT"
-    fi
-    if [ "$_ran" = yes ]; then
-        _first=$(printf '%s\n' "$_out" | sed -n 1p)
-        _ver=$(printf '%s\n' "$_first" | sed -n 's/^python \([0-9][0-9]*\.[0-9][0-9]*\)$/\1/p')
-        if [ -z "$_ver" ]; then
-            _one=$(printf '%s' "$_out" | tr '\n' ' ' | cut -c1-300)
-            if [ -z "$ROOT" ]; then
-                die "cannot run $_py (exit status $_rc): $_one"
-            fi
-            _why="running it with chroot failed (exit status $_rc: $_one)"
-        else
-            _rest=$(printf '%s\n' "$_out" | sed 1d | tr '\n' ' ' | sed 's/ *$//')
-            case $_rc in
-                0) ;;
-                4) die "$(where "$_py") is Python $_ver; azure-provisioning needs Python 3.6 or newer (pass --python PATH)" ;;
-                3)
-                    _names=$(and_list "$(printf '%s\n' "$_out" | sed -n 's/^missing \([^ :]*\): .*$/\1/p')")
-                    _whys=$(printf '%s\n' "$_out" | sed -n 's/^missing //p' | sed '$!s/$/;/' | tr '\n' ' ' | sed 's/ *$//')
-                    [ -n "$_names" ] || die "checking $(where "$_py") failed (exit status 3): $_rest"
-                    die "$(where "$_py") (Python $_ver) has no $_names ($_whys): install the full python3 package, not python3-minimal, or pass --python PATH"
-                    ;;
-                5) die "azure_provisioning.py does not compile with $(where "$_py") (Python $_ver): $_rest" ;;
-                *) die "checking $(where "$_py") failed (exit status $_rc): $_out" ;;
-            esac
-            PY_HOW="Python $_ver with $(and_list "$_mods"), azure_provisioning.py compiles (checked $_how)"
-            PY_RUN=$_how
-            return 0
-        fi
-    fi
-    check_python_files "$_py" "$_why"
-}
-
-# With --root when the interpreter cannot be run: judge by the files.
-check_python_files() {
-    _py=$1 _why=$2
-    _real=$(resolve_in_target "$_py") || die "$(where "$_py"): too many levels of symbolic links"
-    _name=$(basename "$_real")
-    _prefix=$(dirname "$(dirname "$_real")")
-    [ "$_prefix" = / ] && _prefix=""
-    _ver=$(printf '%s\n' "$_name" | sed -n 's/^.*python\([0-9][0-9]*\.[0-9][0-9]*\)[a-z]*$/\1/p')
-    _libs=""
-    if [ -n "$_ver" ]; then
-        _from="from the file name $_real"
-        for _l in "$_prefix/lib/python$_ver" "$_prefix/lib64/python$_ver"; do
-            [ -d "$(target "$_l")" ] && _libs="$_libs $_l"
-        done
-        [ -n "$_libs" ] || die "$(where "$_real"): no standard library at $_prefix/lib/python$_ver or $_prefix/lib64/python$_ver (checked the files because $_why)"
-    else
-        # Not named pythonX.Y: accept it only if one standard library is there.
-        _count=0
-        for _l in "$(target "$_prefix")"/lib/python[0-9]*.[0-9]* "$(target "$_prefix")"/lib64/python[0-9]*.[0-9]*; do
-            [ -f "$_l/os.py" ] || continue
-            _count=$((_count + 1))
-            _libs=${_l#"$ROOT"}
-        done
-        [ "$_count" -eq 1 ] ||
-            die "cannot tell which Python $(where "$_real") is: it is not named pythonX.Y and $_count standard libraries were found under $(where "$_prefix/lib*") (checked the files because $_why); pass --python with the versioned name, e.g. /usr/bin/python3.11"
-        _ver=$(printf '%s\n' "$_libs" | sed -n 's/^.*python\([0-9][0-9]*\.[0-9][0-9]*\)$/\1/p')
-        _from="from its standard library $_libs"
-    fi
-    _major=${_ver%%.*} _minor=${_ver#*.}
-    if [ "$_major" -lt 3 ] || { [ "$_major" -eq 3 ] && [ "$_minor" -lt 6 ]; }; then
-        die "$(where "$_py") is Python $_ver ($_from); azure-provisioning needs Python 3.6 or newer (pass --python PATH)"
-    fi
-    # Each module as a .py file, a .pyc beside it (a sourceless install) or in
-    # __pycache__; the globs expand inside the target, not on this machine.
-    _have="" _dirs="" _missing="" _absent=""
-    for _m in $PY_MODULE_FILES; do
-        _name=$(module_names "$_m")
-        _stem=${_m%.py}
-        case $_m in
-            */*) _pyc=${_stem%/*}/__pycache__/${_stem##*/} ;;
-            *) _pyc=__pycache__/$_stem ;;
-        esac
-        _hit=""
-        for _l in $_libs; do
-            for _f in "$(target "$_l")/$_m" "$(target "$_l")/${_m}c" "$(target "$_l")/$_pyc".*.pyc; do
-                if [ -f "$_f" ]; then
-                    _hit=$_l
-                    break 2
-                fi
-            done
-        done
-        if [ -n "$_hit" ]; then
-            _have="$_have $_name"
-            case " $_dirs " in *" $_hit "*) ;; *) _dirs="$_dirs $_hit" ;; esac
-        else
-            _missing="$_missing $_name"
-            for _l in $_libs; do
-                _absent="${_absent:+$_absent, }$_l/$_m"
-            done
-        fi
-    done
-    [ -z "$_missing" ] ||
-        die "$(where "$_py") (Python $_ver) has no $(and_list "$_missing"): no $_absent in $ROOT; install the full python3 package, not python3-minimal, or pass --python PATH (checked the files because $_why)"
-    [ -x "$(target "$_real")" ] || die "$(where "$_real") is not executable"
-    PY_HOW="Python $_ver ($_from), $(and_list "$_have") present in $(and_list "$_dirs") (checked the files because $_why; azure_provisioning.py not compiled with it)"
-}
-
+# Sets PY (the interpreter the unit runs) and RUN_PY (how to run it from here:
+# "direct", "chroot", or "" when it cannot be run here). Whether it can run the
+# provisioner is for the provisioner's own --check to say, after installing.
 choose_python() {
     if [ -n "$PYTHON" ]; then
         # Written into ExecStart=: keep to characters that need no quoting
@@ -410,92 +251,58 @@ choose_python() {
         done
         [ -n "$PY" ] || die "no Python found: neither $(where /usr/bin/python3) nor $(where /usr/libexec/platform-python) exists; install python3 (the full package, not python3-minimal) or pass --python PATH"
     fi
-    check_python "$PY"
-    say "python: $PY: $PY_HOW"
+    # Can it run here as the unit runs it (Python 2 knows no -I)? Else the check
+    # judges it by its files.
+    if [ -n "$ROOT" ] && [ "$(id -u)" != 0 ]; then
+        RUN_PY="" NO_RUN_WHY="not root, so it cannot be run with chroot"
+    elif [ -n "$ROOT" ] && ! command -v chroot >/dev/null 2>&1; then
+        RUN_PY="" NO_RUN_WHY="no chroot command here"
+    else
+        RUN_PY=direct
+        [ -z "$ROOT" ] || RUN_PY=chroot
+        if ! _out=$(target_python -I -S -c 'import sys; sys.exit(sys.version_info < (3, 6))' 2>&1); then
+            RUN_PY="" NO_RUN_WHY="it is older than Python 3.6 or does not run here${_out:+: $(printf '%s' "$_out" | tr '\n' ' ' | cut -c1-200)}"
+        fi
+    fi
 }
 
-# ---------------------------------------------------------------- other agents
+# Run the target's interpreter with the arguments given.
+target_python() {
+    if [ "$RUN_PY" = chroot ]; then
+        chroot "$ROOT" "$PY" "$@"
+    else
+        "$PY" "$@"
+    fi
+}
 
-# Print the loud warning when walinuxagent or cloud-init would run too.
-check_other_agents() {
-    if [ -n "$ROOT" ]; then
-        _chroot="chroot $(shell_quote "$ROOT") "
-        _sysctl="systemctl --root=$(shell_quote "$ROOT")"
+# ---------------------------------------------------------------- checking
+
+# Ask the installed provisioner whether the image is ready (its --check knows the
+# interpreter, the modules it needs and the other agents): with the target's own
+# interpreter when it runs here, else with this machine's python3, which then
+# judges the target's interpreter by its files. Dies when the unit cannot run.
+check_target() {
+    if [ -n "$RUN_PY" ]; then
+        _how="$PY"
+        if _out=$(target_python -I -S "$SCRIPT_PATH" --check 2>&1); then _rc=0; else _rc=$?; fi
+    elif _host=$(command -v python3 2>/dev/null); then
+        _how="this machine's $_host, judging $PY by its files ($NO_RUN_WHY)"
+        if _out=$("$_host" -I -S "$ROOT$MODULE_PATH" --check --root "${ROOT:-/}" 2>&1); then _rc=0; else _rc=$?; fi
     else
-        _chroot=""
-        _sysctl="systemctl"
+        warn "not checked: $PY cannot be run here ($NO_RUN_WHY) and this machine has no python3; run 'azure-provisioning --check' in the image"
+        return 0
     fi
-    if [ -x "$(target /usr/bin/apt-get)" ]; then
-        _pm=apt
-    elif [ -x "$(target /usr/bin/dnf)" ]; then
-        _pm=dnf
-    elif [ -x "$(target /usr/bin/yum)" ]; then
-        _pm=yum
-    else
-        _pm=""
+    if ! printf '%s\n' "$_out" | grep -q '^image \(NOT \)\{0,1\}ready: '; then
+        die "installed, but $(where "$PY") cannot run it (exit status $_rc): $(printf '%s' "$_out" | tail -n 1 | cut -c1-300); azure-provisioning needs Python 3.6 or newer with the full standard library: fix that or pass --python PATH, then run $PROG again (or --uninstall)"
     fi
-    _lines=""
-    for _agent in walinuxagent cloud-init; do
-        if [ "$_agent" = walinuxagent ]; then
-            _bins="/usr/sbin/waagent /usr/bin/waagent"
-            _units="walinuxagent.service waagent.service"
-            _apt=walinuxagent _rpm=WALinuxAgent
-        else
-            _bins="/usr/bin/cloud-init /usr/local/bin/cloud-init"
-            _units="cloud-init-local.service cloud-init.service cloud-init-main.service cloud-init-network.service cloud-config.service cloud-final.service cloud-init.target"
-            _apt=cloud-init _rpm=cloud-init
-        fi
-        _seen="" _enabled=""
-        for _b in $_bins; do
-            [ -e "$(target "$_b")" ] && _seen="$_seen $_b"
-        done
-        for _u in $_units; do
-            for _d in /etc/systemd/system /usr/lib/systemd/system /lib/systemd/system; do
-                if [ -f "$(target "$_d/$_u")" ]; then
-                    _seen="$_seen $_d/$_u"
-                    break
-                fi
-            done
-            for _w in "$(target /etc/systemd/system)"/*.wants/"$_u"; do
-                if [ -L "$_w" ] || [ -e "$_w" ]; then
-                    case " $_enabled " in *" $_u "*) ;; *) _enabled="$_enabled $_u" ;; esac
-                fi
-            done
-        done
-        [ -n "$_seen$_enabled" ] || continue
-        if [ "$_agent" = cloud-init ] && [ -e "$(target /etc/cloud/cloud-init.disabled)" ]; then
-            say "note: cloud-init is installed but $(where /etc/cloud/cloud-init.disabled) keeps it from running"
-            continue
-        fi
-        _lines="$_lines
-$_agent is installed in the target:${_seen:- (units only)}
-${_enabled:+  and enabled:$_enabled
-}It also answers Azure (reports Ready, sets the hostname, may rewrite
-network and SSH settings): two agents racing at first boot is not supported.
-Remove it before you capture the image:"
-        for _u in $_enabled; do
-            _lines="$_lines
-    $_sysctl disable $_u"
-        done
-        case $_pm in
-            apt) _lines="$_lines
-    ${_chroot}apt-get purge -y $_apt" ;;
-            dnf | yum) _lines="$_lines
-    ${_chroot}$_pm remove -y $_rpm" ;;
-            *) _lines="$_lines
-    (remove the package that owns it: ${_chroot}rpm -qf PATH or ${_chroot}dpkg -S PATH tells which)" ;;
-        esac
-        _lines="$_lines
-"
-    done
-    [ -n "$_lines" ] || return 0
-    {
-        echo "$PROG: WARNING: ********************************************************************"
-        printf '%s\n' "$_lines" | sed '1d' | while IFS= read -r _l; do
-            printf '%s: WARNING: %s\n' "$PROG" "$_l"
-        done
-        echo "$PROG: WARNING: ********************************************************************"
-    } >&2
+    say "checked the image with $_how (azure-provisioning --check):"
+    printf '%s\n' "$_out" | sed "s/^/$PROG: check: /"
+    _python=$(printf '%s\n' "$_out" | sed -n 's/^FAIL  python: //p')
+    if [ -n "$_python" ]; then
+        _fix=$(printf '%s\n' "$_out" | sed -n '/^FAIL  python: /{n;s/^      fix: //p;}')
+        die "installed, but the unit cannot run: $_python${_fix:+ (fix: $_fix)}; then run $PROG again (or --uninstall)"
+    fi
+    [ "$_rc" -eq 0 ] || warn "installed, but the image is not ready to capture: fix the FAIL lines above"
 }
 
 # ---------------------------------------------------------------- systemd
@@ -576,7 +383,6 @@ do_install() {
         die "$SRC_DIR/$UNIT has no 'ExecStart=/usr/bin/python3 -I -S /usr/local/sbin/azure-provisioning' line to write the interpreter into"
 
     choose_python
-    check_other_agents
 
     # systemctl for ExecStartPost=: where the target has it (/bin/systemctl
     # on Debian 10 without merged /usr, both on merged systems).
@@ -605,6 +411,7 @@ do_install() {
     done
     enable_unit
     install_file /dev/null "$MANIFEST" 0644 manifest_text
+    check_target
     if [ -n "$ROOT" ]; then
         say "done: the image at $ROOT provisions itself on its next first boot"
     else
@@ -616,8 +423,8 @@ do_install() {
 # chroot with --root), so that no boot compiles it. When that interpreter cannot
 # be run here, the module is compiled when it first runs: slower, still correct.
 compile_module() {
-    if [ -z "$PY_RUN" ]; then
-        say "not compiled: $(where "$PY") cannot be run here; $MODULE_PATH is compiled when it first runs"
+    if [ -z "$RUN_PY" ]; then
+        say "not compiled: $(where "$PY") cannot be run here ($NO_RUN_WHY); $MODULE_PATH is compiled when it first runs"
         return 0
     fi
     # checked-hash bytecode (3.7+): an edit of the module, even one within the same
@@ -625,12 +432,11 @@ compile_module() {
     _compile='import py_compile, sys
 mode = getattr(py_compile, "PycInvalidationMode", None)
 how = {"invalidation_mode": mode.CHECKED_HASH} if mode else {}
-sys.stdout.write(py_compile.compile(sys.argv[1], doraise=True, **how) + "\n")'
-    if [ -z "$ROOT" ]; then
-        _out=$("$PY" -I -S -c "$_compile" "$MODULE_PATH" 2>&1) && _rc=0 || _rc=$?
-    else
-        _out=$(chroot "$ROOT" "$PY" -I -S -c "$_compile" "$MODULE_PATH" 2>&1) && _rc=0 || _rc=$?
-    fi
+try:
+    sys.stdout.write(py_compile.compile(sys.argv[1], doraise=True, **how) + "\n")
+except py_compile.PyCompileError as e:
+    sys.exit(" ".join(e.msg.split()))'
+    _out=$(target_python -I -S -c "$_compile" "$MODULE_PATH" 2>&1) && _rc=0 || _rc=$?
     [ "$_rc" -eq 0 ] ||
         die "byte-compiling $(where "$MODULE_PATH") with $PY failed (exit status $_rc): $(printf '%s' "$_out" | tr '\n' ' ' | cut -c1-300)"
     say "compiled $(where "$MODULE_PATH") with $PY: $(where "$(printf '%s\n' "$_out" | tail -n 1)")"

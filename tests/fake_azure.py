@@ -20,6 +20,12 @@ Command line (python3 tests/fake_azure.py --help):
     serve   run the emulator until SIGTERM/SIGINT
     run     run a command against the emulator, then summarise what it saw
     demo    run the repo's azure_provisioning.py against it in a private namespace
+    media   write provisioning media: a UDF/ISO 9660 disc holding ovf-env.xml
+
+Provisioning media (the disc Azure attaches at first boot; needs genisoimage):
+
+    from tests.fake_azure import make_ovf_env, build_media
+    build_media("media.iso", make_ovf_env("web-7", "alice", public_keys=[key]))
 
 Standard library only; Python 3.6 .. 3.13.  It never talks to anything but the
 addresses it is told to listen on.
@@ -28,6 +34,7 @@ addresses it is told to listen on.
 import argparse
 import base64
 import collections
+import hashlib
 import json
 import os
 import re
@@ -183,6 +190,32 @@ def make_instance_document(vm_name, computer_name, vm_id, admin_username,
     return doc
 
 
+# compute.userData exists from this api-version on (PROTOCOL.md, "IMDS user data").
+USER_DATA_API_VERSION = "2021-01-01"
+
+
+def has_user_data(api_version):
+    """Whether documents of this api-version ("2021-02-01") carry compute.userData."""
+    date = re.match(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}", api_version)
+    return bool(date) and date.group(0) >= USER_DATA_API_VERSION
+
+
+def with_user_data(doc, user_data):
+    """A copy of the instance document with compute.userData: base64 of the bytes
+    user_data, or "" (what IMDS answers when there is none).  It goes where real
+    documents have it, just before "version" (after tags/tagsList)."""
+    value = base64.b64encode(bytes(user_data)).decode("ascii") if user_data else ""
+    doc = json.loads(json.dumps(doc), object_pairs_hook=collections.OrderedDict)
+    compute = collections.OrderedDict()
+    for key, item in doc["compute"].items():
+        if key == "version":
+            compute["userData"] = value
+        compute[key] = item
+    compute.setdefault("userData", value)   # a sample without "version": at the end
+    doc["compute"] = compute
+    return doc
+
+
 def make_public_keys(public_keys, admin_username):
     path = "/home/%s/.ssh/authorized_keys" % admin_username
     if public_keys is None:
@@ -230,6 +263,169 @@ def parse_health_report(raw):
         "container_id": text("Container/ContainerId"),
         "instance_id": text(role + "InstanceId"),
     }
+
+
+# ---------------------------------------------------------------------------
+# Provisioning media (ovf-env.xml on a UDF/ISO 9660 disc)
+# ---------------------------------------------------------------------------
+
+OVF_ENV_NAME = "ovf-env.xml"
+# Shaped like the RDFE build labels Azure's front end reports (e.g. in its Server
+# header, "rd_rdfe_stable.141015-1306"); agents find the disc by device name and
+# filesystem type, never by its label.
+MEDIA_VOLUME_ID = "rd_rdfe_stable.141015-1306"
+MEDIA_TOOL = "genisoimage"      # Debian package and program of the same name
+
+# The shape of WALinuxAgent's tests/data/ovf-env.xml (a real document), indented
+# with spaces only.  {fields} are filled with XML-escaped text.
+OVF_ENV_TEMPLATE = """\
+<?xml version="1.0" encoding="utf-8"?>
+<Environment xmlns="http://schemas.dmtf.org/ovf/environment/1" \
+xmlns:oe="http://schemas.dmtf.org/ovf/environment/1" \
+xmlns:wa="http://schemas.microsoft.com/windowsazure" \
+xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+    <wa:ProvisioningSection>
+      <wa:Version>1.0</wa:Version>
+      <LinuxProvisioningConfigurationSet xmlns="http://schemas.microsoft.com/windowsazure" \
+xmlns:i="http://www.w3.org/2001/XMLSchema-instance">
+        <ConfigurationSetType>LinuxProvisioningConfiguration</ConfigurationSetType>
+        <HostName>{hostname}</HostName>
+        <UserName>{username}</UserName>
+{password}\
+        <DisableSshPasswordAuthentication>{disable_password}</DisableSshPasswordAuthentication>
+{ssh}\
+{custom_data}\
+      </LinuxProvisioningConfigurationSet>
+    </wa:ProvisioningSection>
+    <wa:PlatformSettingsSection>
+      <wa:Version>1.0</wa:Version>
+      <wa:PlatformSettings>
+        <wa:KmsServerHostname>kms.core.windows.net</wa:KmsServerHostname>
+        <wa:ProvisionGuestAgent>{provision_guest_agent}</wa:ProvisionGuestAgent>
+        <wa:GuestAgentPackageName xsi:nil="true"/>
+        <wa:RetainWindowsPEPassInUnattend>true</wa:RetainWindowsPEPassInUnattend>
+        <wa:RetainOfflineServicingPassInUnattend>true</wa:RetainOfflineServicingPassInUnattend>
+        <wa:PreprovisionedVm>false</wa:PreprovisionedVm>
+      </wa:PlatformSettings>
+    </wa:PlatformSettingsSection>
+</Environment>
+"""
+
+OVF_PUBLIC_KEY_TEMPLATE = """\
+            <PublicKey>
+              <Fingerprint>{fingerprint}</Fingerprint>
+              <Path>{path}</Path>
+              <Value>{value}</Value>
+            </PublicKey>
+"""
+
+# Characters XML 1.0 cannot carry at all, even as character references.
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+class MissingTool(OSError):
+    """A program the media builder needs is not installed."""
+
+
+def ovf_text(value, what):
+    """value as XML element text that parses back to exactly value: & < > escaped,
+    and CR as a reference (parsers turn a literal CR or CRLF into LF)."""
+    if not isinstance(value, str):
+        raise TypeError("%s must be a str, not %s" % (what, type(value).__name__))
+    bad = _XML_FORBIDDEN.search(value)
+    if bad:
+        raise ValueError("%s holds %r, which XML 1.0 cannot represent"
+                         % (what, bad.group(0)))
+    return xml_escape(value).replace("\r", "&#13;")
+
+
+def ovf_fingerprint(key_data):
+    """Upper-case hex SHA-1, the shape of the Fingerprint Azure writes (a
+    certificate thumbprint): here the SHA-1 of the key's base64 blob."""
+    words = key_data.split()
+    blob = words[1] if len(words) > 1 else key_data
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest().upper()
+
+
+def make_ovf_env(hostname, username, password=None, disable_ssh_password_auth=True,
+                 public_keys=(), custom_data=None, provision_guest_agent=False):
+    """The ovf-env.xml text Azure puts on the provisioning disc.
+
+    password None leaves UserPassword out (an SSH-key-only VM); custom_data
+    (bytes, None leaves CustomData out) is base64-encoded; each public key
+    (the key line as text) gets a Fingerprint and the Path
+    /home/USERNAME/.ssh/authorized_keys.  Every value is XML-escaped; a value
+    XML cannot carry (a NUL, say) raises ValueError."""
+    fields = {
+        "hostname": ovf_text(hostname, "hostname"),
+        "username": ovf_text(username, "username"),
+        "disable_password": "true" if disable_ssh_password_auth else "false",
+        "provision_guest_agent": "true" if provision_guest_agent else "false",
+        "password": "", "ssh": "", "custom_data": "",
+    }
+    if password is not None:
+        fields["password"] = ("        <UserPassword>%s</UserPassword>\n"
+                              % ovf_text(password, "password"))
+    if isinstance(public_keys, str):
+        public_keys = [public_keys]     # one key, not its characters
+    keys = "".join(OVF_PUBLIC_KEY_TEMPLATE.format(
+        fingerprint=ovf_fingerprint(key),
+        path=ovf_text("/home/%s/.ssh/authorized_keys" % username, "username"),
+        value=ovf_text(key, "public key")) for key in public_keys)
+    if keys:
+        fields["ssh"] = ("        <SSH>\n          <PublicKeys>\n%s          </PublicKeys>\n"
+                         "        </SSH>\n" % keys)
+    if custom_data is not None:
+        if not isinstance(custom_data, (bytes, bytearray)):
+            raise TypeError("custom_data must be bytes, not %s" % type(custom_data).__name__)
+        fields["custom_data"] = ("        <CustomData>%s</CustomData>\n"
+                                 % base64.b64encode(bytes(custom_data)).decode("ascii"))
+    return OVF_ENV_TEMPLATE.format(**fields)
+
+
+def _write_private(path, data):
+    """Write data to path, a new file readable by its owner only (the media
+    carries the password and custom data)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def build_media(out_path, ovf_env_text, volume_id=MEDIA_VOLUME_ID):
+    """Write to out_path a disc image holding ovf_env_text as /ovf-env.xml: UDF
+    (what Azure attaches) bridged with ISO 9660 + Rock Ridge + Joliet, so that
+    `mount -t udf` and `mount -t iso9660` both read it.  Needs genisoimage
+    (raises MissingTool naming the Debian package when it is absent)."""
+    tool = shutil.which(MEDIA_TOOL)
+    if tool is None:
+        raise MissingTool("%s not found: install the Debian package %s "
+                          "(apt-get install %s) to build provisioning media"
+                          % (MEDIA_TOOL, MEDIA_TOOL, MEDIA_TOOL))
+    data = ovf_env_text.encode("utf-8") if isinstance(ovf_env_text, str) else ovf_env_text
+    scratch = tempfile.mkdtemp(prefix="fake-azure-media-")
+    try:
+        root = os.path.join(scratch, "root")
+        os.mkdir(root)
+        _write_private(os.path.join(root, OVF_ENV_NAME), data)
+        image = os.path.join(scratch, "media.iso")
+        process = subprocess.Popen(
+            [tool, "-quiet", "-udf", "-R", "-J", "-V", volume_id, "-o", image, root],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            universal_newlines=True)
+        try:
+            output = process.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise RuntimeError("%s did not finish in 60 s" % MEDIA_TOOL)
+        if process.returncode != 0:
+            raise RuntimeError("%s failed (exit %d): %s"
+                               % (MEDIA_TOOL, process.returncode, output.strip()))
+        with open(image, "rb") as f:
+            _write_private(out_path, f.read())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out_path
 
 
 # ---------------------------------------------------------------------------
@@ -430,7 +626,9 @@ class FakeAzure(object):
                  health_faults=None, goal_state_body=None, imds_body=None,
                  no_role_instance_for=0,
                  bump_incarnation_after=None, wireserver_up_after=0.0, imds_down=False,
-                 vm_id=DEFAULT_VM_ID, record_file=None, verbose=False):
+                 vm_id=DEFAULT_VM_ID, record_file=None, verbose=False, user_data=None):
+        if user_data is not None and not isinstance(user_data, (bytes, bytearray)):
+            raise TypeError("user_data must be bytes, not %s" % type(user_data).__name__)
         self.computer_name = computer_name
         self.vm_name = vm_name if vm_name is not None else computer_name
         self.vm_id = vm_id
@@ -467,6 +665,9 @@ class FakeAzure(object):
         self._imds_doc = make_instance_document(
             self.vm_name, computer_name, vm_id, admin_username,
             make_public_keys(public_keys, admin_username), os_profile)
+        # api-versions from 2021-01-01 on get compute.userData; older ones do not
+        self.user_data = user_data
+        self._imds_doc_user_data = with_user_data(self._imds_doc, user_data)
         self._imds_sample_versions = json.loads(_read_data(IMDS_ERROR_SAMPLE))["newest-versions"]
 
         self._servers = []
@@ -602,7 +803,7 @@ class FakeAzure(object):
                 return self._fault_reply(kind, fault[1], fault[2]), applied
         if kind == "imds":
             return self._imds_answer(method, path, headers), applied
-        return self._wire_answer(endpoint, method, headers, raw), applied
+        return self._wire_answer(endpoint, method, headers, raw, path), applied
 
     def _endpoint(self, kind, path):
         if kind == "imds":
@@ -613,6 +814,8 @@ class FakeAzure(object):
             return comp
         if url.path == "/" and comp == "versions":
             return "versions"
+        if url.path.startswith("/machine/") and comp in ("config", "certificates"):
+            return comp     # the documents the goal state's <Configuration> links to
         return None
 
     def _take_faults(self, kind, endpoint):
@@ -643,8 +846,9 @@ class FakeAzure(object):
 
     # -- WireServer --------------------------------------------------------
 
-    def _wire_answer(self, endpoint, method, headers, raw):
-        wanted = {"versions": "GET", "goalstate": "GET", "health": "POST"}.get(endpoint)
+    def _wire_answer(self, endpoint, method, headers, raw, path=""):
+        wanted = {"versions": "GET", "goalstate": "GET", "health": "POST", "config": "GET",
+                  "certificates": "GET"}.get(endpoint)
         if wanted is None:
             return Reply(404, "Not found\n")
         if method != wanted:
@@ -658,7 +862,65 @@ class FakeAzure(object):
             return Reply(400, "Unsupported x-ms-version %r\n" % version)
         if endpoint == "goalstate":
             return Reply(200, self._serve_goal_state(), "text/xml; charset=utf-8")
+        if endpoint in ("config", "certificates"):
+            return self._config_answer(endpoint, path, headers)
         return self._health_answer(headers, raw)
+
+    # What the goal state's URLs lead to.  waagent fetches all but FullConfig before
+    # it reports (WireProtocol.detect -> GoalState.fetch_full_goal_state) and fails
+    # on a 404.  Shapes of WALinuxAgent's tests/data/wire/hosting_env.xml and
+    # shared_config.xml, cut to what agents read; no extensions and no certificates
+    # (a CertificateFile without <Data>) for this VM.
+    CONFIG_DOCUMENTS = {
+        "hostingEnvironmentConfig":
+            '<HostingEnvironmentConfig version="1.0.0.0" goalStateIncarnation="{incarnation}">\n'
+            '  <Deployment name="{deployment}" incarnation="0" />\n'
+            '  <Incarnation number="1" instance="{role_instance}" />\n'
+            '  <Role name="{role}" />\n'
+            '</HostingEnvironmentConfig>',
+        "sharedConfig":
+            '<SharedConfig version="1.0.0.0" goalStateIncarnation="{incarnation}">\n'
+            '  <Deployment name="{deployment}" incarnation="0" />\n'
+            '  <Incarnation number="1" instance="{role_instance}" />\n'
+            '  <Role name="{role}" settleTimeSeconds="0" />\n'
+            '</SharedConfig>',
+        "extensionsConfig":
+            '<?xml version="1.0" encoding="utf-8"?>\n'
+            '<Extensions version="1.0.0.0" goalStateIncarnation="{incarnation}">\n'
+            '  <GuestAgentExtension xmlns:i="http://www.w3.org/2001/XMLSchema-instance">\n'
+            '    <GAFamilies />\n'
+            '  </GuestAgentExtension>\n'
+            '  <Plugins />\n'
+            '  <PluginSettings />\n'
+            '</Extensions>',
+        "certificates":
+            '<?xml version="1.0" encoding="utf-8"?>\n'
+            '<CertificateFile>\n'
+            '  <Version>2012-11-30</Version>\n'
+            '  <Incarnation>{incarnation}</Incarnation>\n'
+            '  <Format>Pkcs7BlobWithPfxContents</Format>\n'
+            '</CertificateFile>',
+    }
+
+    def _config_answer(self, endpoint, path, headers):
+        url = urlsplit(path)
+        with self._lock:
+            here = "/machine/%s/%s" % (quote(self.container_id, safe=""),
+                                       _azure_url_quote(self.instance_id))
+            incarnation = self._incarnation
+        if url.path != here:
+            return Reply(404, "Not found\n")
+        name = parse_qs(url.query).get("type", [""])[0] if endpoint == "config" else endpoint
+        if name not in self.CONFIG_DOCUMENTS:
+            return Reply(404, "Not found\n")
+        if endpoint == "certificates" and not headers.get("x-ms-guest-agent-public-x509-cert"):
+            # they are encrypted to this certificate (the agents send it)
+            return Reply(400, "Missing x-ms-guest-agent-public-x509-cert header\n")
+        role_instance = xml_escape(self.instance_id.split(".", 1)[-1], {'"': "&quot;"})
+        return Reply(200, self.CONFIG_DOCUMENTS[name].format(
+            incarnation=incarnation, role=role_instance, role_instance=role_instance,
+            deployment=xml_escape(self.container_id, {'"': "&quot;"})),
+            "text/xml; charset=utf-8")
 
     def _render_goal_state(self, with_role_instances):
         text = self._goal_state_template.format(
@@ -744,12 +1006,13 @@ class FakeAzure(object):
             return error(400, "Bad request. api-version is invalid or was not specified in "
                          "the request. For more information refer to aka.ms/azureimds",
                          sorted(self.imds_api_versions, reverse=True))
-        return self._imds_leaf(parts[2:], query.get("format", ["json"])[0], error)
+        return self._imds_leaf(parts[2:], query.get("format", ["json"])[0], error,
+                               has_user_data(api_version))
 
-    def _imds_leaf(self, keys, fmt, error):
+    def _imds_leaf(self, keys, fmt, error, user_data=True):
         if self.imds_body is not None and not keys:
             return Reply(200, self.imds_body, "application/json; charset=utf-8")
-        node = self._imds_doc
+        node = self._imds_doc_user_data if user_data else self._imds_doc
         for key in keys:
             if isinstance(node, dict) and key in node:
                 node = node[key]
@@ -1007,6 +1270,8 @@ def add_emulator_options(parser):
                     help="serve this file verbatim as the goal state")
     vm.add_argument("--imds-file", metavar="FILE",
                     help="serve this file verbatim as the instance document")
+    vm.add_argument("--user-data", metavar="FILE",
+                    help="compute.userData: this file's bytes, base64 (default: \"\")")
 
     faults = parser.add_argument_group(
         "faults",
@@ -1043,6 +1308,9 @@ def emulator_kwargs(args):
         if path:
             with open(path, "rb") as f:
                 bodies[name] = f.read().decode("utf-8", "replace")
+    if args.user_data:
+        with open(args.user_data, "rb") as f:
+            bodies["user_data"] = f.read()
     return dict(bodies,
         host=args.host, wireserver_port=args.wireserver_port, imds_port=args.imds_port,
         computer_name=args.computer_name, vm_name=args.vm_name,
@@ -1114,7 +1382,75 @@ def build_parser():
                       help="kill it after this long (default: %(default)s)")
     demo.add_argument("--no-namespace", action="store_true",
                       help="do not try a namespace: run with --no-hostname")
+
+    media = commands.add_parser(
+        "media", help="write provisioning media (ovf-env.xml on a disc image)",
+        # no abbreviations: "--password X" must not become "--password-file X"
+        allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write the disc Azure attaches at a VM's first boot: ovf-env.xml at\n"
+                    "its root, UDF bridged with ISO 9660 (needs genisoimage). The\n"
+                    "password is read from a file or stdin, never from the command line.\n"
+                    "The output file is created readable by its owner only.",
+        epilog="example:\n"
+               "  printf %s 'S3cret!' | fake_azure.py media --out media.iso \\\n"
+               "      --user alice --password-file - --disable-ssh-password-auth false")
+    media.add_argument("--out", required=True, metavar="FILE",
+                       help="the disc image to write (the XML with --ovf-only)")
+    media.add_argument("--hostname", default="web-7", metavar="NAME",
+                       help="HostName (default: %(default)s)")
+    media.add_argument("--user", default="azureuser", metavar="USER",
+                       help="UserName (default: %(default)s)")
+    media.add_argument("--password-file", metavar="FILE",
+                       help="UserPassword: FILE's content less a final newline; "
+                            "- reads stdin (default: no UserPassword)")
+    media.add_argument("--password", nargs="?", action=_RefusePassword, help=argparse.SUPPRESS)
+    media.add_argument("--disable-ssh-password-auth", type=_bool_arg, default=True,
+                       metavar="true|false", help="DisableSshPasswordAuthentication "
+                                                  "(default: true)")
+    media.add_argument("--public-key", action="append", default=[], metavar="KEYDATA",
+                       help="an SSH public key line (repeatable; default: none)")
+    media.add_argument("--custom-data", metavar="FILE",
+                       help="CustomData: this file's bytes, base64 (default: none)")
+    media.add_argument("--provision-guest-agent", action="store_true",
+                       help="ProvisionGuestAgent true (default: false)")
+    media.add_argument("--ovf-only", action="store_true",
+                       help="write ovf-env.xml itself instead of a disc image")
     return parser
+
+
+class _RefusePassword(argparse.Action):
+    """--password VALUE: refused, without repeating VALUE."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("--password is not accepted (a command line is visible to every "
+                     "user): use --password-file FILE, or --password-file - for stdin")
+
+
+def _bool_arg(text):
+    value = text.strip().lower()
+    if value not in ("true", "false"):
+        raise argparse.ArgumentTypeError("expected true or false, not %r" % text)
+    return value == "true"
+
+
+def read_password(source, stdin=None):
+    """The password in file source ("-": stdin): its whole content less one final
+    line end (so `echo pw > file` works; inner newlines are kept)."""
+    if source == "-":
+        stream = stdin if stdin is not None else sys.stdin.buffer
+        data = stream.read()
+    else:
+        with open(source, "rb") as f:
+            data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("the password in %s is not UTF-8"
+                         % ("stdin" if source == "-" else source))
+    for end in ("\r\n", "\n"):
+        if text.endswith(end):
+            return text[:-len(end)]
+    return text
 
 
 def cmd_serve(args):
@@ -1153,6 +1489,31 @@ def cmd_run(args):
     return code
 
 
+def cmd_media(args):
+    password = None
+    if args.password_file is not None:
+        password = read_password(args.password_file)
+    custom_data = None
+    if args.custom_data is not None:
+        with open(args.custom_data, "rb") as f:
+            custom_data = f.read()
+    text = make_ovf_env(args.hostname, args.user, password=password,
+                        disable_ssh_password_auth=args.disable_ssh_password_auth,
+                        public_keys=args.public_key, custom_data=custom_data,
+                        provision_guest_agent=args.provision_guest_agent)
+    if args.ovf_only:
+        _write_private(args.out, text.encode("utf-8"))
+        sys.stdout.write("wrote %s (%s)\n" % (args.out, OVF_ENV_NAME))
+        return 0
+    try:
+        build_media(args.out, text)
+    except RuntimeError as e:       # genisoimage failed
+        sys.stderr.write("fake_azure: %s\n" % e)
+        return 1
+    sys.stdout.write("wrote %s (UDF + ISO 9660 disc holding /%s)\n" % (args.out, OVF_ENV_NAME))
+    return 0
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1164,6 +1525,8 @@ def main(argv=None):
             return cmd_serve(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "media":
+            return cmd_media(args)
         return run_demo(args.script, args.timeout, sys.stdout,
                         use_namespace=not args.no_namespace)
     except (OSError, ValueError) as e:

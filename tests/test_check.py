@@ -69,8 +69,9 @@ class Check(unittest.TestCase):
             'ok    unit enabled\n'
             'ok    ExecStart: /usr/bin/python3 -I -S /usr/local/sbin/azure-provisioning\n'
             'ok    module /usr/local/lib/azure-provisioning/azure_provisioning.py, byte-compiled\n'
-            'ok    /usr/bin/python3 is Python 3.11 with json, xml.parsers.expat, base64, '
-            'shutil\n'
+            'ok    python: /usr/bin/python3 is Python 3.11 (from the file name '
+            '/usr/bin/python3.11) with json, xml.parsers.expat, base64 and shutil in '
+            '/usr/lib/python3.11 (judged from the files)\n'
             'ok    walinuxagent not installed\n'
             'ok    cloud-init not installed\n'
             'ok    DHCP: systemd-networkd (/etc/systemd/network/20-dhcp.network)\n'
@@ -111,27 +112,126 @@ class Check(unittest.TestCase):
         root = self.copy()
         for package in ('json', 'xml'):
             shutil.rmtree(os.path.join(root, 'usr/lib/python3.11', package))
-        self.assert_blocked(root, 'FAIL  /usr/bin/python3 lacks json, xml.parsers.expat '
-                                  '(python3-minimal is not enough)\n      fix: apt-get install python3')
+        self.assert_blocked(root, 'FAIL  python: /usr/bin/python3 (Python 3.11) has no json and '
+                                  'xml.parsers.expat: not in /usr/lib/python3.11\n      fix: '
+                                  'install the full python3 package, not python3-minimal\n')
+
+    def test_only_the_missing_module_is_named(self):
+        root = self.copy()
+        os.remove(os.path.join(root, 'usr/lib/python3.11/shutil.py'))
+        run = self.assert_blocked(root, 'FAIL  python: /usr/bin/python3 (Python 3.11) has no '
+                                        'shutil: not in /usr/lib/python3.11\n')
+        self.assertNotIn('json', run.stdout.split('FAIL')[1].split('\n')[0])
+
+    def test_compiled_modules_count(self):
+        # a sourceless .pyc beside the missing .py, or one only in __pycache__
+        root = self.copy()
+        stdlib = os.path.join(root, 'usr/lib/python3.11')
+        os.rename(stdlib + '/json/__init__.py', stdlib + '/json/__init__.pyc')
+        os.remove(stdlib + '/xml/parsers/expat.py')
+        write(stdlib + '/xml/parsers/__pycache__/expat.cpython-311.pyc', '')
+        os.remove(stdlib + '/shutil.py')
+        write(stdlib + '/__pycache__/shutil.cpython-311.pyc', '')
+        self.assertEqual(self.check(root).code, 0)
+        # a pyc of another module does not count
+        os.rename(stdlib + '/xml/parsers/__pycache__/expat.cpython-311.pyc',
+                  stdlib + '/xml/parsers/__pycache__/expatbuilder.cpython-311.pyc')
+        self.assert_blocked(root, 'has no xml.parsers.expat: not in /usr/lib/python3.11\n')
+
+    def test_modules_split_between_lib_and_lib64(self):
+        root = self.copy()
+        stdlib = os.path.join(root, 'usr/lib/python3.11')
+        os.makedirs(os.path.join(root, 'usr/lib64/python3.11'))
+        os.rename(stdlib + '/json', os.path.join(root, 'usr/lib64/python3.11/json'))
+        run = self.check(root)
+        self.assertEqual(run.code, 0, run)
+        self.assertIn('shutil in /usr/lib64/python3.11 and /usr/lib/python3.11 (judged from the '
+                      'files)', run.stdout)
 
     def test_python_too_old(self):
         root = self.copy()
         os.rename(os.path.join(root, 'usr/bin/python3.11'), os.path.join(root, 'usr/bin/python3.5'))
         os.unlink(os.path.join(root, 'usr/bin/python3'))
         os.symlink('python3.5', os.path.join(root, 'usr/bin/python3'))
-        self.assert_blocked(root, 'FAIL  /usr/bin/python3 is Python 3.5; 3.6 or newer is needed')
+        self.assert_blocked(root, 'FAIL  python: /usr/bin/python3 is Python 3.5 (from the file '
+                                  'name /usr/bin/python3.5); 3.6 or newer is needed\n'
+                                  '      fix: sh install.sh --root %s --python PATH\n' % root)
+
+    def test_unversioned_name_needs_one_standard_library(self):
+        # /usr/libexec/platform-python on RHEL 8 is not named pythonX.Y
+        root = self.copy()
+        os.unlink(os.path.join(root, 'usr/bin/python3'))
+        shutil.copy2(os.path.join(root, 'usr/bin/python3.11'), os.path.join(root, 'usr/bin/python3'))
+        write(os.path.join(root, 'usr/lib/python3.11/os.py'), '')
+        run = self.check(root)
+        self.assertEqual(run.code, 0, run)
+        self.assertIn('Python 3.11 (from its standard library /usr/lib/python3.11)', run.stdout)
+        write(os.path.join(root, 'usr/lib/python3.12/os.py'), '')
+        self.assert_blocked(root, 'FAIL  python: /usr/bin/python3: cannot tell which Python it '
+                                  'is: not named pythonX.Y, and 2 standard libraries under /usr/lib*')
 
     def test_walinuxagent_installed(self):
         root = self.copy()
         write(os.path.join(root, 'usr/sbin/waagent'), '#!/bin/sh\n', 0o755)
-        self.assert_blocked(root, 'FAIL  walinuxagent is present (/usr/sbin/waagent): it would '
-                                  'report to Azure too\n      fix: apt-get purge walinuxagent')
+        self.assert_blocked(root, 'FAIL  walinuxagent is installed (/usr/sbin/waagent): it '
+                                  'answers Azure too, and two agents racing at first boot is not '
+                                  'supported\n      fix: remove the package that owns it (chroot '
+                                  '%s rpm -qf PATH or chroot %s dpkg -S PATH tells which)\n'
+                                  % (root, root))
+
+    def test_agents_enabled_get_their_own_fix_commands(self):
+        root = self.copy()
+        write(os.path.join(root, 'usr/bin/apt-get'), '', 0o755)
+        write(os.path.join(root, 'usr/sbin/waagent'), '', 0o755)
+        write(os.path.join(root, 'usr/lib/systemd/system/walinuxagent.service'), '[Service]\n')
+        symlink('/lib/systemd/system/walinuxagent.service',
+                os.path.join(root, WANTS % ('multi-user', 'walinuxagent.service')))
+        write(os.path.join(root, 'usr/local/bin/cloud-init'), '', 0o755)
+        for unit in ('cloud-init-main.service', 'cloud-init-network.service', 'cloud-init.target'):
+            write(os.path.join(root, 'usr/lib/systemd/system', unit), '[Unit]\n')
+        symlink('/lib/systemd/system/cloud-init-main.service',
+                os.path.join(root, WANTS % ('cloud-init', 'cloud-init-main.service')))
+        symlink('/lib/systemd/system/cloud-init.target',
+                os.path.join(root, WANTS % ('multi-user', 'cloud-init.target')))
+        sysctl = 'systemctl --root=%s' % root
+        self.assert_blocked(
+            root,
+            'FAIL  walinuxagent is installed (/usr/sbin/waagent, walinuxagent.service), enabled: '
+            'walinuxagent.service: it answers Azure too',
+            '      fix: %s disable walinuxagent.service; chroot %s apt-get purge -y walinuxagent\n'
+            % (sysctl, root),
+            'FAIL  cloud-init is installed (/usr/local/bin/cloud-init, cloud-init-main.service, '
+            'cloud-init-network.service, cloud-init.target), enabled: cloud-init-main.service, '
+            'cloud-init.target: it answers',
+            '      fix: %s disable cloud-init-main.service; %s disable cloud-init.target; '
+            'chroot %s apt-get purge -y cloud-init\n' % (sysctl, sysctl, root))
+
+    def test_dnf_and_zypper_commands(self):
+        root = self.copy()
+        write(os.path.join(root, 'usr/sbin/waagent'), '', 0o755)
+        write(os.path.join(root, 'usr/bin/dnf'), '', 0o755)
+        self.assert_blocked(root, 'fix: chroot %s dnf remove -y WALinuxAgent\n' % root)
+        os.remove(os.path.join(root, 'usr/bin/dnf'))
+        write(os.path.join(root, 'usr/bin/zypper'), '', 0o755)
+        self.assert_blocked(root, 'fix: chroot %s zypper remove -y python3-azure-agent\n' % root)
 
     def test_cloud_init_enabled(self):
         root = self.copy()
         symlink('/lib/systemd/system/cloud-init.service',
                 os.path.join(root, WANTS % ('multi-user', 'cloud-init.service')))
-        self.assert_blocked(root, 'FAIL  cloud-init is present (cloud-init.service enabled)')
+        self.assert_blocked(root, 'FAIL  cloud-init is installed (units only), enabled: '
+                                  'cloud-init.service')
+
+    def test_cloud_init_disabled_by_its_marker(self):
+        root = self.copy()
+        write(os.path.join(root, 'usr/bin/cloud-init'), '', 0o755)
+        symlink('/lib/systemd/system/cloud-init.service',
+                os.path.join(root, WANTS % ('multi-user', 'cloud-init.service')))
+        write(os.path.join(root, 'etc/cloud/cloud-init.disabled'), '')
+        run = self.check(root)
+        self.assertEqual(run.code, 0, run)
+        self.assertIn('ok    cloud-init is installed but /etc/cloud/cloud-init.disabled keeps it '
+                      'from running\n', run.stdout)
 
     def test_waagent_leftovers_only_warn(self):
         root = self.copy()

@@ -15,10 +15,12 @@ import azure_provisioning as ap
 DEFAULTS = {'wireserver': ('168.63.129.16', 80), 'imds': ('169.254.169.254', 80),
             'timeout': 1200, 'no_hostname': False, 'no_publish_hostname': False,
             'provision_user': False, 'check': False, 'root': '/', 'dry_run': False,
-            'verbose': False}
+            'verbose': False, 'media': None}
 
 VALID = [
     ([], {}),
+    (['--media', '/dev/sr1'], {'media': '/dev/sr1'}),
+    (['--media=none'], {'media': 'none'}),
     (['--wireserver', '127.0.0.1:8080', '--imds=127.0.0.1:8081'],
      {'wireserver': ('127.0.0.1', 8080), 'imds': ('127.0.0.1', 8081)}),
     (['-v', '--timeout', '30', '--no-hostname', '--dry-run'],

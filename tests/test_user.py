@@ -51,7 +51,7 @@ class Validation(unittest.TestCase):
                                 'publicKeys': [{'keyData': key() + '\r\n', 'path': '/p'},
                                                {'keyData': key(), 'path': '/q'}]}}
         self.assertEqual(ap.user_from_metadata(metadata),
-                         ('alice', [key()], ['/p', '/q'], True))
+                         ('alice', [key()], ['/p', '/q'], 'no', None))
         metadata['compute']['publicKeys'] = 'x'
         with self.assertRaises(ap.ProvisioningError):
             ap.user_from_metadata(metadata)
