@@ -976,6 +976,8 @@ def read_media(run, device):
             run_tool([find_tool('mount') or 'mount', '-o', 'ro', '-t',
                       ','.join(MEDIA_FILESYSTEMS), device, mountpoint], run.deadline, 'media')
         except ProvisioningError as exc:
+            if os.path.ismount(mountpoint):     # timed out after the kernel mounted it
+                unmount(run, mountpoint)
             raise ProvisioningError('%s%s' % (exc, udf_missing_hint(run)))
         try:
             path = os.path.join(mountpoint, OVF_ENV)

@@ -24,8 +24,9 @@ audit hook (sys.addaudithook: it sees every connect, sendto, name lookup, proces
 start and file write the interpreter makes, also from C) refuses any connection or
 datagram to an address outside 127.0.0.0/8 and ::1, any host-name lookup, any
 program but openssl, uname and lsb_release (waagent's transport certificate and
-its look at the system) and any write outside the driver's work directory.  Every wait is bounded: the agents' retry sleeps and
-counts are cut, and an alarm ends the driver after DRIVER_TIMEOUT seconds.
+its look at the system) and any write outside the driver's work directory.
+Every wait is bounded: the agents' retry sleeps and counts are cut, and an alarm
+ends the driver after DRIVER_TIMEOUT seconds.
 
 Standard library only (the driver runs with -S: no site-packages but the tree).
 """

@@ -95,9 +95,11 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
+import string
 import struct
 import subprocess
 import sys
@@ -148,6 +150,18 @@ ADMIN_USER = 'alice'                # osProfile.adminUsername in the --provision
 LOGIN_KEY = GUEST_LIB + '/login_key'    # private key of the checker's ssh login as ADMIN_USER
 SUDOERS_FILE = '/etc/sudoers.d/azure-provisioning'
 SSHD_DROP_IN = '/etc/ssh/sshd_config.d/50-azure-provisioning.conf'
+# Issue 13: the provisioning media (ovf-env.xml on a UDF disc) and the data files.
+MEDIA_TOOL = 'genisoimage'          # tests/fake_azure.py's build_media needs it
+MEDIA_DEVICE = '/dev/sr0'           # what the IDE cdrom below is in the guest
+DATA_DIR = '/var/lib/azure-provisioning'
+CUSTOM_DATA_FILE = DATA_DIR + '/custom-data'
+USER_DATA_FILE = DATA_DIR + '/user-data'
+READY_HOOK = '/etc/azure-provisioning/ready.d/50-azp-boot-test'    # a run-parts name
+HOOK_RECORD = '/var/lib/azp-boot-test/ready-hook.txt'   # what tests/boot/azp-ready-hook saw
+MEDIA_CHECK = GUEST_LIB + '/azp-media-check'    # tests/boot/azp-media-check in the guest
+MEDIA_SECRET = GUEST_LIB + '/media-password'    # the media's password, root only; the
+MEDIA_ASKPASS = GUEST_LIB + '/media-askpass'    # checker deletes both when done
+PASSWORD_SPECIALS = '<&\'"$;:>`\\!%#'          # shell and XML metacharacters
 
 BOOT_TIME_LIMIT = 150.0             # s per boot (a TCG boot takes ~20 s)
 # Issue 11: under TCG a guest now and then hangs in early kernel boot (the console stops,
@@ -219,10 +233,14 @@ class GuestImage(object):
     login_key: make an SSH key pair with the image's own ssh-keygen, the private half
     at LOGIN_KEY in the image (for the checker's ssh login), the public half in the
     built image's 'login_key' (for the emulator's compute.publicKeys).
-    broken_check: also run --check on a deliberately broken copy of the tree."""
+    broken_check: also run --check on a deliberately broken copy of the tree.
+    media: make this run's provisioning-media secrets (make_media_secrets: a password,
+    custom data, IMDS user data), put the password into the image for the guest-side
+    checks (MEDIA_SECRET, with tests/boot/azp-media-check and an askpass helper), and
+    keep them in the built image's 'media' for the boot that attaches the disc."""
 
     def __init__(self, name, recipe='networkd', install_args=(), tweaks=(),
-                 checker_config=None, login_key=False, broken_check=False):
+                 checker_config=None, login_key=False, broken_check=False, media=False):
         self.name = name
         self.recipe = RECIPES[recipe]
         self.install_args = list(install_args)
@@ -230,6 +248,7 @@ class GuestImage(object):
         self.checker_config = checker_config or {}
         self.login_key = login_key
         self.broken_check = broken_check
+        self.media = media
 
 
 SSH_OPTIONS = ('-o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null '
@@ -264,6 +283,36 @@ USER_CHECKER = {
     }}
 
 
+# Issue 13: what the guest reports in the media boot (besides USER_CHECKER's kind of
+# facts).  The commands run in name order: media_zz_leaks after everything that uses the
+# password, media_zzz_forget last of the media ones.
+MEDIA_CHECKER = {
+    'files': [DATA_DIR, CUSTOM_DATA_FILE, USER_DATA_FILE, HOOK_RECORD, SUDOERS_FILE,
+              SSHD_DROP_IN, '/home/' + ADMIN_USER],
+    'commands': {
+        'media_data_sha256': ['sha256sum', CUSTOM_DATA_FILE, USER_DATA_FILE],
+        'media_devices': ['sh', '-c', 'ls -l /dev/sr* /dev/cdrom* 2>&1; blkid %s; '
+                          'grep -E "^(udf|isofs|sr_mod|cdrom) " /proc/modules' % MEDIA_DEVICE],
+        'media_mounts': ['sh', '-c', 'grep -E " (udf|iso9660) |^/dev/sr" /proc/mounts; true'],
+        'media_password': [MEDIA_CHECK, 'password', ADMIN_USER],
+        'media_ssh_password': [MEDIA_CHECK, 'ssh', ADMIN_USER],
+        'media_zz_leaks': [MEDIA_CHECK, 'leaks'],
+        'media_zzz_forget': [MEDIA_CHECK, 'forget'],
+        'user_passwd': ['getent', 'passwd', ADMIN_USER],
+        'user_status': ['passwd', '-S', ADMIN_USER],
+        'sudoers_valid': ['visudo', '-cf', SUDOERS_FILE],
+        'sshd_config': ['sshd', '-T'],
+    }}
+
+
+def install_ready_hook(tree):
+    """install the ready.d hook that records AZURE_CUSTOM_DATA/AZURE_USER_DATA"""
+    path = os.path.join(tree, READY_HOOK.lstrip('/'))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    shutil.copyfile(os.path.join(BOOT_DIR, 'azp-ready-hook'), path)
+    os.chmod(path, 0o755)
+
+
 IMAGES = {
     'default': GuestImage('default', broken_check=True),
     'no-dbus': GuestImage('no-dbus', tweaks=[mask_units('dbus.service', 'dbus.socket')]),
@@ -271,17 +320,25 @@ IMAGES = {
     'networkmanager': GuestImage('networkmanager', recipe='networkmanager',
                                  install_args=['--provision-user'],
                                  checker_config=USER_CHECKER, login_key=True),
+    # Issue 13: the same base (sudo, sshd), --provision-user, a ready.d hook that records
+    # the data files it is handed; the boot attaches the provisioning media
+    'media': GuestImage('media', recipe='networkmanager', install_args=['--provision-user'],
+                        tweaks=[install_ready_hook], checker_config=MEDIA_CHECKER,
+                        media=True),
 }
 
 
 class Boot(object):
     """One boot of a VM.  emulator: FakeAzure keywords, or a function (VmRuns of the
     boots before it, the built image's dict) returning them.  disk_from: boot the disk
-    another boot left behind (that boot runs first).  check(ctx, c) judges the boot."""
+    another boot left behind (that boot runs first).  check(ctx, c) judges the boot.
+    media: attach provisioning media built from the image's media secrets as an IDE
+    cdrom (/dev/sr0 in the guest); skipped, not failed, without genisoimage."""
 
     def __init__(self, name, check, image='default', emulator=None, disk_from=None,
-                 time_limit=BOOT_TIME_LIMIT, optional=False):
+                 time_limit=BOOT_TIME_LIMIT, optional=False, media=False):
         self.name = name
+        self.media = media
         self.optional = optional        # run only when named with --only
         self.check = check
         self.image = image
@@ -306,6 +363,11 @@ def say(text=''):
 
 class TestFailure(Exception):
     """The test could not be carried out (host setup, image build): fails every boot."""
+
+
+class BootSkipped(Exception):
+    """A boot that cannot be run here for a stated reason (no genisoimage for the
+    media): reported as SKIP, never as a pass."""
 
 
 def run(cmd, what, timeout, log=None, cwd=None, env=None):
@@ -545,6 +607,10 @@ def build_image(image, workdir, cache_dir, repo, log):
     for tweak in image.tweaks:
         tweak(tree)
     login_key = make_login_key(tree) if image.login_key else None
+    media = None
+    if image.media:
+        media = make_media_secrets(load_fake_module(repo))
+        install_media_secret(tree, media)
     preflight = preflight_checks(image, tree, repo, out)
     kernel, initrd = find_boot_files(tree)
     for src in (kernel, initrd):
@@ -558,7 +624,7 @@ def build_image(image, workdir, cache_dir, repo, log):
            ''.join('; ' + (t.__doc__ or t.__name__) for t in image.tweaks)))
     return {'disk': disk, 'kernel': os.path.join(out, os.path.basename(kernel)),
             'initrd': os.path.join(out, os.path.basename(initrd)),
-            'login_key': login_key, 'preflight': preflight}
+            'login_key': login_key, 'preflight': preflight, 'media': media}
 
 
 def make_login_key(tree):
@@ -573,6 +639,73 @@ def make_login_key(tree):
          '-f', LOGIN_KEY], 'ssh-keygen in the image', 60)
     with open(key + '.pub') as f:
         return f.read().strip()
+
+
+# Issue 13: the provisioning media's secrets ---------------------------------
+
+CUSTOM_DATA_SCRIPT = (b'#!/bin/sh\n# azp-boot-test custom data: a script, then binary bytes\n'
+                      b'echo "custom data <&\'\\"$;:> ran" >&2\nexit 0\n')
+
+
+def make_password(rng):
+    """20 characters: every PASSWORD_SPECIALS character inside, letters and digits
+    around them (no blank at either end: nothing to be stripped)."""
+    alnum = string.ascii_letters + string.digits
+    middle = list(PASSWORD_SPECIALS) + [rng.choice(alnum) for _ in range(3)]
+    rng.shuffle(middle)
+    return ''.join([rng.choice(alnum) for _ in range(2)] + middle
+                   + [rng.choice(alnum) for _ in range(2)])
+
+
+def make_media_secrets(fake):
+    """This run's media content (fake: tests/fake_azure.py as a module): a fresh random
+    password with shell/XML metacharacters, custom data (a small script, every byte
+    value, random bytes), IMDS user data (CR LF, NUL, random bytes), the ovf-env.xml
+    text for the disc (user ADMIN_USER, DisableSshPasswordAuthentication false) and the
+    IMDS document that matches it (adminUsername ADMIN_USER, disablePasswordAuthentication
+    "false", compute.userData).  The password is never printed."""
+    rng = secrets.SystemRandom()
+    password = make_password(rng)
+    custom_data = CUSTOM_DATA_SCRIPT + bytes(range(256)) + os.urandom(16)
+    user_data = (b'#cloud-config\n# azp-boot-test IMDS user data\r\n' + os.urandom(24)
+                 + b'\x00\xff end\n')
+    keys = fake.make_public_keys(None, ADMIN_USER)
+    doc = fake.with_user_data(fake.make_instance_document(
+        VM_NAME, COMPUTER_NAME, fake.DEFAULT_VM_ID, ADMIN_USER, keys, True), user_data)
+    doc['compute']['osProfile']['disablePasswordAuthentication'] = 'false'
+    ovf_env = fake.make_ovf_env(COMPUTER_NAME, ADMIN_USER, password=password,
+                                disable_ssh_password_auth=False,
+                                public_keys=[keys[0]['keyData'].strip()],
+                                custom_data=custom_data)
+    return {'password': password, 'escaped': fake.ovf_text(password, 'password'),
+            'custom_data': custom_data, 'user_data': user_data, 'public_keys': keys,
+            'imds_body': json.dumps(doc, separators=(',', ':')), 'ovf_env': ovf_env}
+
+
+def secret_forms(media):
+    """The password as typed and as the media's XML carries it (bytes)."""
+    forms = [media['password'].encode('utf-8'), media['escaped'].encode('utf-8')]
+    return [f for i, f in enumerate(forms) if f not in forms[:i]]
+
+
+def install_media_secret(tree, media):
+    """The guest-side media checks: MEDIA_SECRET (root only: the password, then its
+    XML-escaped form, one a line: grep -F -f patterns), MEDIA_ASKPASS for ssh, and
+    tests/boot/azp-media-check.  The checker deletes the first two when done."""
+    lib = os.path.join(tree, GUEST_LIB.lstrip('/'))
+    os.makedirs(lib, exist_ok=True)
+    fd = os.open(os.path.join(tree, MEDIA_SECRET.lstrip('/')),
+                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, 'wb') as f:
+        f.write(b''.join(form + b'\n' for form in secret_forms(media)))
+    fd = os.open(os.path.join(tree, MEDIA_ASKPASS.lstrip('/')),
+                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
+    with os.fdopen(fd, 'w') as f:
+        f.write('#!/bin/sh\n# SSH_ASKPASS of azp-media-check: the password, line 1\n'
+                'exec head -n 1 %s\n' % MEDIA_SECRET)
+    shutil.copyfile(os.path.join(BOOT_DIR, 'azp-media-check'),
+                    os.path.join(tree, MEDIA_CHECK.lstrip('/')))
+    os.chmod(os.path.join(tree, MEDIA_CHECK.lstrip('/')), 0o755)
 
 
 # ---------------------------------------------------------------------------
@@ -704,17 +837,22 @@ class VmRun(object):
         self.packets = []
 
 
-def load_fake_azure(repo):
+def load_fake_module(repo):
+    """tests/fake_azure.py of repo as a module (FakeAzure, make_ovf_env, build_media...)."""
     path = os.path.join(repo, 'tests', 'fake_azure.py')
     if not os.path.isfile(path):
         raise TestFailure('%s not found' % path)
     spec = importlib.util.spec_from_file_location('azp_boot_fake_azure', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.FakeAzure
+    return module
 
 
-def qemu_command(files, disk, accel, wport, iport, rundir):
+def load_fake_azure(repo):
+    return load_fake_module(repo).FakeAzure
+
+
+def qemu_command(files, disk, accel, wport, iport, rundir, media=None):
     # Issue 11 (a hang in early kernel boot under TCG): tests/boot_hangs.py found no
     # configuration that does better than this one: 0 hangs in 50 boots (to the
     # kernel's "Run /init") each with -accel tcg (multi-threaded) -smp 2, tcg,thread=
@@ -735,7 +873,11 @@ def qemu_command(files, disk, accel, wport, iport, rundir):
             '-object', 'filter-dump,id=d0,netdev=n0,file=' + os.path.join(rundir, 'net.pcap'),
             '-device', 'virtio-rng-pci',
             '-serial', 'file:' + os.path.join(rundir, 'console.log'),
-            '-serial', 'file:' + os.path.join(rundir, 'facts.log')]
+            '-serial', 'file:' + os.path.join(rundir, 'facts.log')] + (
+        # issue 13: the provisioning media the way Azure attaches it, a read-only cdrom
+        # on the board's IDE controller: /dev/sr0 in the guest (ata_piix, sr_mod)
+        ['-drive', 'file=%s,format=raw,if=ide,index=1,media=cdrom,readonly=on' % media]
+        if media else [])
 
 
 KERNEL_TIME = re.compile(rb'\[\s*(\d+\.\d+)\]')
@@ -775,14 +917,15 @@ def describe_hang(hang):
                hang['last_line'][:120]))
 
 
-def boot_vm(files, disk, accel, az, rundir, time_limit, hang_after=EARLY_BOOT_QUIET):
+def boot_vm(files, disk, accel, az, rundir, time_limit, hang_after=EARLY_BOOT_QUIET,
+            media=None):
     """Boot once; returns a VmRun.  Never waits longer than time_limit (+ a few s).
     Before userspace, a console silent for hang_after s (see early_boot_hang) stops
-    the VM at once: vm.early_hang says where."""
+    the VM at once: vm.early_hang says where.  media: a disc image to attach as cdrom."""
     vm = VmRun()
     wport = int(az.wireserver_addr.rsplit(':', 1)[1])
     iport = int(az.imds_addr.rsplit(':', 1)[1])
-    cmd = qemu_command(files, disk, accel, wport, iport, rundir)
+    cmd = qemu_command(files, disk, accel, wport, iport, rundir, media)
     with open(os.path.join(rundir, 'qemu.cmd'), 'w') as f:
         f.write(' '.join("'%s'" % a if ' ' in a else a for a in cmd) + '\n')
     facts_path = os.path.join(rundir, 'facts.log')
@@ -1022,6 +1165,9 @@ class Context(object):
         self.unit_requests = [r for r in self.requests
                               if r['headers'].get('user-agent') != PROBE_AGENT]
         self.reports = az.health_reports
+        self.rundir = None              # run_boot sets these
+        self.media = None               # the image's media secrets (media boots)
+        self.media_path = None          # the disc attached (media boots)
 
     def unit(self, name=UNIT):
         return self.facts.get('units', {}).get(name, {})
@@ -1583,14 +1729,16 @@ def describe_requests(ctx):
                                            == PROBE_AGENT else ''))
 
 
-def run_boot(boot, images, disks, history, FakeAzure, accel, workdir):
+def run_boot(boot, images, disks, history, fake, accel, workdir):
     """Run one boot and its checks; returns (Checks, the VmRun judged).
     Every attempt gets what a boot always gets: its own run directory, a fresh copy of
     its disk (the built image's, or the disk that boot.disk_from left: that one is
     never booted in place, so it stays as that boot left it) and a fresh emulator.
     Issue 11: an attempt stopped by a hang in early boot (boot_vm, early_boot_hang) is
     kept in boot-NAME-hung-1/ (without its disk) and the boot runs again ONCE; the
-    VmRun judged lists it in hung_before.  A second hang fails the boot."""
+    VmRun judged lists it in hung_before.  A second hang fails the boot.
+    fake: tests/fake_azure.py as a module.  A media boot gets its disc built afresh in
+    the run directory (BootSkipped when genisoimage is missing)."""
     rundir = os.path.join(workdir, 'boot-' + boot.name)
     if boot.disk_from:
         if boot.disk_from not in disks:
@@ -1612,10 +1760,13 @@ def run_boot(boot, images, disks, history, FakeAzure, accel, workdir):
         os.makedirs(rundir)
         disk = os.path.join(rundir, 'disk.ext4')
         copy_disk(source, disk)
+        media = build_boot_media(fake, images[boot.image], rundir) if boot.media else None
         emulator_started = time.time()
-        with FakeAzure(**emulator) as az:
-            vm = boot_vm(images[boot.image], disk, accel, az, rundir, boot.time_limit)
+        with fake.FakeAzure(**emulator) as az:
+            vm = boot_vm(images[boot.image], disk, accel, az, rundir, boot.time_limit,
+                         media=media)
             ctx = Context(boot, az, vm, emulator, emulator_started)
+            ctx.rundir, ctx.media, ctx.media_path = rundir, images[boot.image]['media'], media
         vm.hung_before = list(hung)
         if vm.early_hang is None:
             break
@@ -1646,13 +1797,37 @@ def run_boot(boot, images, disks, history, FakeAzure, accel, workdir):
         describe_requests(ctx)
         say('  step lines on the console:')
         for line in ctx.step_lines()[:30]:
-            say('      ' + line)
+            say('      ' + masked(ctx, line))
         say('  console tail (%s):' % os.path.join(rundir, 'console.log'))
         for line in vm.console.replace('\r', '').splitlines()[-25:]:
-            say('      | ' + line)
+            say('      | ' + masked(ctx, line))
         if vm.qemu_log.strip():
             say('  qemu said: ' + vm.qemu_log.strip()[-500:])
     return c, vm
+
+
+def build_boot_media(fake, image, rundir):
+    """Issue 13: the provisioning disc (ovf-env.xml on UDF/ISO 9660) of image's media
+    secrets, written into rundir; BootSkipped without genisoimage."""
+    if not image.get('media'):
+        raise TestFailure('the image has no media secrets for a media boot')
+    path = os.path.join(rundir, 'media.iso')
+    try:
+        fake.build_media(path, image['media']['ovf_env'])
+    except fake.MissingTool as exc:
+        raise BootSkipped(str(exc))
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise TestFailure('building the provisioning media failed: %s' % exc)
+    say('  provisioning media: %s (%d bytes, UDF/ISO 9660) as an IDE cdrom'
+        % (path, os.path.getsize(path)))
+    return path
+
+
+def masked(ctx, text):
+    """text with the media password (both forms) replaced: never printed by us."""
+    for form in secret_forms(ctx.media) if getattr(ctx, 'media', None) else []:
+        text = text.replace(form.decode('utf-8'), '<the password>')
+    return text
 
 
 def retry_note(vm):
@@ -1694,7 +1869,8 @@ def main(argv=None):
     started = time.monotonic()
     workdir = tempfile.mkdtemp(prefix='azp-boot-test-')
     say('boot test: %s; work directory %s' % (', '.join(b.name for b in boots), workdir))
-    results = []                    # (name, passed, summary)
+    results = []                    # (name, passed (None: skipped), summary)
+    skipped = {}                    # boot name -> why it cannot run here
     ready_times = []                # (boot name, VmRun)
     try:
         try:
@@ -1703,9 +1879,14 @@ def main(argv=None):
             ensure_host_tools()
             accel, why = choose_accelerator()
             say('accelerator: %s (%s)' % (accel, why))
-            FakeAzure = load_fake_azure(repo)
+            fake = load_fake_module(repo)
+            if not shutil.which(fake.MEDIA_TOOL):
+                for b in [b for b in boots if b.media]:
+                    skipped[b.name] = ('%s not found (Debian package %s): no provisioning '
+                                       'media can be built' % (fake.MEDIA_TOOL, fake.MEDIA_TOOL))
+                    say('SKIP boot %s: %s' % (b.name, skipped[b.name]))
             images = {}
-            for name in sorted(set(b.image for b in boots)):
+            for name in sorted(set(b.image for b in boots if b.name not in skipped)):
                 images[name] = build_image(IMAGES[name], workdir, args.cache_dir, repo,
                                            os.path.join(workdir, 'mmdebstrap.log'))
         except TestFailure as exc:
@@ -1720,6 +1901,10 @@ def main(argv=None):
         for index, boot in enumerate(boots):
             say('')
             say('== boot %s' % boot.name)
+            if boot.name in skipped:
+                say('  SKIP %s' % skipped[boot.name])
+                results.append((boot.name, None, 'skipped: ' + skipped[boot.name]))
+                continue
             if time.monotonic() - started > RUN_BUDGET:
                 say('  FAIL not run: time budget of %d s used up' % RUN_BUDGET)
                 results.append((boot.name, False, 'not run: time budget'))
@@ -1727,7 +1912,11 @@ def main(argv=None):
             if boot.disk_from and not dict((n, p) for n, p, _ in results).get(boot.disk_from):
                 say('  note: boot %s failed; this boot still uses its disk' % boot.disk_from)
             try:
-                c, vm = run_boot(boot, images, disks, history, FakeAzure, accel, workdir)
+                c, vm = run_boot(boot, images, disks, history, fake, accel, workdir)
+            except BootSkipped as exc:
+                say('  SKIP %s' % exc)
+                results.append((boot.name, None, 'skipped: %s' % exc))
+                continue
             except TestFailure as exc:
                 say('  FAIL %s' % exc)
                 results.append((boot.name, False, str(exc).splitlines()[0]))
@@ -1751,7 +1940,8 @@ def main(argv=None):
     say('')
     say('boot test summary:')
     for name, passed, summary in results:
-        say('  %-14s %s  %s' % (name, 'PASS' if passed else 'FAIL', summary))
+        say('  %-14s %s  %s' % (name, {True: 'PASS', False: 'FAIL', None: 'SKIP'}[passed],
+                                summary))
     ready = [(vm_name, vm.ready_after) for vm_name, vm in ready_times]
     say('QEMU start -> Ready accepted: %s' % ', '.join(
         '%s %s' % (n, '%.1f s' % t if t is not None else '-') for n, t in ready))
@@ -1759,8 +1949,9 @@ def main(argv=None):
         % (sum((vm.duration or 0) + sum(h.duration or 0 for h in vm.hung_before)
                for _, vm in ready_times), time.monotonic() - started))
     passed = sum(1 for _, p, _ in results if p)
-    failed = len(results) - passed
-    say('%d passed, %d failed' % (passed, failed))
+    failed = sum(1 for _, p, _ in results if p is False)
+    skips = len(results) - passed - failed     # not passed, not failed: said so
+    say('%d passed, %d failed%s' % (passed, failed, ', %d skipped' % skips if skips else ''))
     return 0 if failed == 0 and passed > 0 else 1
 
 

@@ -1,0 +1,493 @@
+"""The provisioning media: ovf-env.xml parsed from the real samples and hostile
+variants; the search order and the mount/unmount sequence with stand-in mount and
+umount commands (the mount step is the seam: this machine's kernel mounts neither
+UDF nor ISO 9660, the boot test mounts the real disc in a guest); the password
+set with chpasswd in a private host and found nowhere else; custom data and user
+data kept for the hooks."""
+
+import base64
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import unittest
+import unittest.mock
+
+import azure_provisioning as ap
+from tests.fake_azure import DEFAULT_VM_ID, FakeAzure, make_instance_document, make_ovf_env
+from tests.support import SCRIPT, PrivateHost, require_root, root_with_kvp_pool, skip
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
+PASSWORD = 'S3cret<&\'"$;:pw %s' % 'x'      # XML and shell specials, a space
+SSHD_CONFIG = 'Include /etc/ssh/sshd_config.d/*.conf\nPort 22\n'
+
+
+def sample(name):
+    with open(os.path.join(DATA, name), 'rb') as f:
+        return f.read()
+
+
+class QuietLog(ap.Log):
+    def __init__(self):
+        ap.Log.__init__(self)
+        self.lines = []
+
+    def write(self, message):
+        self.lines.append(message)
+
+
+class ParseSamples(unittest.TestCase):
+
+    def test_walinuxagent_sample_with_valid_custom_data(self):
+        data = sample('walinuxagent__ovf-env.xml').replace(
+            b'<CustomData>CustomData</CustomData>',
+            b'<CustomData>' + base64.b64encode(b'#!/bin/sh\necho hi\n\x00\xff') + b'</CustomData>')
+        media = ap.parse_ovf_env(data, '/dev/sr0')
+        self.assertEqual((media.device, media.hostname, media.username, media.password,
+                          media.disable_password_auth, media.provision_agent),
+                         ('/dev/sr0', 'HostName', 'UserName', 'UserPassword', 'false', 'false'))
+        self.assertEqual(media.public_keys, [('$HOME/UserName/.ssh/authorized_keys',
+                                              'ssh-rsa AAAANOTAREALKEY== foo@bar.local')])
+        self.assertEqual(media.custom_data, b'#!/bin/sh\necho hi\n\x00\xff')
+
+    def test_the_placeholder_custom_data_is_not_base64(self):
+        # the sample's literal "CustomData" (10 characters): a reported failure
+        with self.assertRaisesRegex(ValueError, r'^CustomData is not valid base64$'):
+            ap.parse_ovf_env(sample('walinuxagent__ovf-env.xml'))
+
+    def test_every_sample(self):
+        expected = {
+            'walinuxagent__ovf-env-2.xml': ('HostName', 'UserName', 'true'),
+            'walinuxagent__ovf-env-3.xml': ('HostName', 'UserName', ''),
+            'walinuxagent__ovf-env-4.xml': ('HostName', 'UserName', 'bad data'),
+            'azure-init__media-test_get_ovf_env_none_missing.xml': ('myhostname', 'myusername',
+                                                                     'true'),
+            'cloud-init__test_azure-construct_ovf_env-defaults.xml': ('test-host', 'test-user',
+                                                                      'false'),
+        }
+        for name, (host, user, agent) in expected.items():
+            with self.subTest(name=name):
+                data = sample(name).replace(b'<CustomData>CustomData</CustomData>', b'')
+                media = ap.parse_ovf_env(data)
+                self.assertEqual((media.hostname, media.username, media.provision_agent),
+                                 (host, user, agent))
+        # <UserPassword></UserPassword> is no password
+        media = ap.parse_ovf_env(sample('azure-init__media-test_get_ovf_env_none_missing.xml'))
+        self.assertIsNone(media.password)
+        self.assertEqual(media.disable_password_auth, 'false')
+        # ns0:/ns1: prefixes: found by local name; no SSH section, no custom data
+        media = ap.parse_ovf_env(sample('cloud-init__test_azure-construct_ovf_env-defaults.xml'))
+        self.assertEqual((media.password, media.public_keys, media.custom_data), (None, [], None))
+
+    def test_what_the_emulator_writes(self):
+        text = make_ovf_env('web-7', 'alice', password=PASSWORD, disable_ssh_password_auth=False,
+                            public_keys=['ssh-ed25519 AAAAC3Nza alice@x', 'ssh-rsa AAAAB3 b@y'],
+                            custom_data=b'\x00\x01 custom')
+        media = ap.parse_ovf_env(text.encode('utf-8'))
+        self.assertEqual((media.hostname, media.username, media.password,
+                          media.disable_password_auth, media.custom_data),
+                         ('web-7', 'alice', PASSWORD, 'false', b'\x00\x01 custom'))
+        self.assertEqual([v for _, v in media.public_keys],
+                         ['ssh-ed25519 AAAAC3Nza alice@x', 'ssh-rsa AAAAB3 b@y'])
+        self.assertEqual({p for p, _ in media.public_keys}, {'/home/alice/.ssh/authorized_keys'})
+
+    def test_the_password_is_never_shown(self):
+        media = ap.parse_ovf_env(make_ovf_env('h', 'alice', password=PASSWORD).encode())
+        for text in (repr(media), str(media), ap.describe_media(media), '%r' % (media,)):
+            self.assertNotIn(PASSWORD, text)
+            self.assertNotIn('S3cret', text)
+        self.assertIn('password (set)', ap.describe_media(media))
+        request = ap.user_with_media(ap.UserRequest('alice', [], [], None, None), media)
+        self.assertEqual(request.password, PASSWORD)
+        self.assertNotIn('S3cret', repr(request))
+
+
+class HostileDocuments(unittest.TestCase):
+    GOOD = make_ovf_env('h', 'alice').encode()
+
+    def test_refused(self):
+        cases = {
+            'document declares a DOCTYPE': b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "b">]>'
+                                           b'<Environment>&a;</Environment>',
+            'not <Environment>': b'<GoalState/>',
+            'not well-formed': self.GOOD[:-20],
+            'nested deeper than': b'<Environment>' + b'<a>' * 40 + b'</a>' * 40 + b'</Environment>',
+            'more than 1048576': b'<Environment>' + b' ' * (1 << 20) + b'</Environment>',
+            'CustomData is not valid base64': self.GOOD.replace(
+                b'</UserName>', b'</UserName><CustomData>%%%not base64</CustomData>'),
+        }
+        for why, data in cases.items():
+            with self.subTest(why=why):
+                with self.assertRaises(ValueError) as caught:
+                    ap.parse_ovf_env(data)
+                self.assertIn(why, str(caught.exception))
+
+    def test_missing_sections_are_empty_not_errors(self):
+        media = ap.parse_ovf_env(b'<Environment/>')
+        self.assertEqual((media.hostname, media.username, media.password, media.public_keys,
+                          media.custom_data, media.disable_password_auth), ('', '', None, [], None, ''))
+
+    def test_custom_data_with_line_breaks_and_a_huge_field(self):
+        blob = os.urandom(48 * 1024)
+        wrapped = base64.encodebytes(blob)          # 76-column lines, as some tools write
+        data = self.GOOD.replace(b'</UserName>', b'</UserName><CustomData>' + wrapped +
+                                 b'</CustomData>')
+        self.assertEqual(ap.parse_ovf_env(data).custom_data, blob)
+
+    def test_public_keys_stay_paired(self):
+        data = self.GOOD.replace(b'</UserName>', b'</UserName><SSH><PublicKeys>'
+                                 b'<PublicKey><Value>k1</Value></PublicKey>'
+                                 b'<PublicKey><Path>/p2</Path><Value>k2</Value></PublicKey>'
+                                 b'</PublicKeys></SSH>')
+        self.assertEqual(ap.parse_ovf_env(data).public_keys, [('', 'k1'), ('/p2', 'k2')])
+
+
+STAND_IN_MOUNT = '''#!/bin/sh
+# stand-in: "mounts" a directory by copying its ovf-env.xml, and logs its argv; any
+# other mount (the private host's bind mounts) is the real one's
+case "$*" in *azure-provisioning-media.*) ;; *) exec %s "$@" ;; esac
+echo "mount $*" >> "$AZP_TOOL_LOG"
+for last; do :; done
+device=$5
+[ "$1 $2 $3 $4" = "-o ro -t udf,iso9660" ] || { echo "bad options: $*" >&2; exit 32; }
+[ -d "$device" ] || { echo "mount: $device: unknown filesystem type" >&2; exit 32; }
+cp "$device"/* "$last"/ 2>/dev/null
+exit 0
+''' % (shutil.which('mount') or '/bin/mount')
+STAND_IN_UMOUNT = '''#!/bin/sh
+case "$*" in *azure-provisioning-media.*) ;; *) exec %s "$@" ;; esac
+echo "umount $*" >> "$AZP_TOOL_LOG"
+for last; do :; done
+rm -f "$last"/*
+''' % (shutil.which('umount') or '/bin/umount')
+
+
+class MediaSearch(unittest.TestCase):
+    """find_media on a temporary root with stand-in mount/umount on PATH."""
+
+    def setUp(self):
+        self.root, _ = root_with_kvp_pool(self, 'azp-media-')
+        os.makedirs(os.path.join(self.root, 'run'))
+        os.makedirs(os.path.join(self.root, 'dev'))
+        self.tools = tempfile.mkdtemp(prefix='azp-media-tools-')
+        self.addCleanup(shutil.rmtree, self.tools)
+        for name, text in (('mount', STAND_IN_MOUNT), ('umount', STAND_IN_UMOUNT)):
+            with open(os.path.join(self.tools, name), 'w') as f:
+                f.write(text)
+            os.chmod(os.path.join(self.tools, name), 0o755)
+        self.log_file = os.path.join(self.tools, 'log')
+        env = {'PATH': self.tools + os.pathsep + os.environ.get('PATH', ''),
+               'AZP_TOOL_LOG': self.log_file, 'AZP_MOUNTED': os.path.join(self.tools, 'mounted')}
+        old = dict((k, os.environ.get(k)) for k in env)
+        os.environ.update(env)
+        self.addCleanup(lambda: [os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+                                 for k, v in old.items()])
+
+    def device(self, name, ovf=None):
+        """A stand-in device: a directory under root/dev, holding ovf-env.xml or not."""
+        path = os.path.join(self.root, 'dev', name)
+        os.mkdir(path)
+        if ovf is not None:
+            with open(os.path.join(path, 'ovf-env.xml'), 'wb') as f:
+                f.write(ovf)
+        return path
+
+    def run_context(self, media=None, timeout=30):
+        log = QuietLog()
+        run = ap.Run(ap.Options(root=self.root, media=media, timeout=timeout), log, sys.stdout)
+        return run, log
+
+    def tool_log(self):
+        try:
+            with open(self.log_file) as f:
+                return f.read().splitlines()
+        except IOError:
+            return []
+
+    def test_order_sr0_first_then_other_cdroms(self):
+        for name in ('hdc', 'cdrom1', 'sr1', 'sr0', 'sda', 'hda', 'ttyS0'):
+            open(os.path.join(self.root, 'dev', name), 'w').close()
+        run, _ = self.run_context()
+        self.assertEqual([os.path.basename(d) for d in ap.media_devices(run)],
+                         ['sr0', 'sr1', 'cdrom1', 'hdc'])
+
+    def test_mounted_read_only_privately_read_and_unmounted(self):
+        ovf = make_ovf_env('web-7', 'alice', custom_data=b'data').encode()
+        self.device('sr1')                      # no ovf-env.xml: the next one is tried
+        self.device('sr0', b'<Environment><bad')   # is tried first... and is broken
+        run, log = self.run_context()
+        with self.assertRaisesRegex(ap.ProvisioningError, r'ovf-env.xml on .*/dev/sr0: not '
+                                                          r'well-formed'):
+            ap.find_media(run)
+        with open(os.path.join(self.root, 'dev', 'sr0', 'ovf-env.xml'), 'wb') as f:
+            f.write(ovf)
+        media = ap.find_media(run)
+        self.assertEqual((media.username, media.custom_data), ('alice', b'data'))
+        lines = self.tool_log()
+        # each mount: read-only, udf or iso9660, on a fresh directory under the root's /run,
+        # and followed by its umount
+        self.assertEqual(len(lines), 4, lines)
+        for mount, umount in (lines[0:2], lines[2:4]):
+            words = mount.split()
+            self.assertEqual(words[:6], ['mount', '-o', 'ro', '-t', 'udf,iso9660',
+                                         os.path.join(self.root, 'dev', 'sr0')])
+            self.assertTrue(words[6].startswith(os.path.join(self.root, 'run',
+                                                             'azure-provisioning-media.')))
+            self.assertEqual(umount, 'umount ' + words[6])
+        self.assertEqual(os.listdir(os.path.join(self.root, 'run')), [], 'mountpoint left')
+        self.assertIn('media: %s/dev/sr0: ovf-env.xml read (host web-7, user alice, password '
+                      '(none), DisableSshPasswordAuthentication true, 0 public key(s), custom '
+                      'data 4 bytes)' % self.root, log.lines)
+
+    def test_a_media_without_ovf_env_and_a_failing_mount_are_warnings(self):
+        self.device('sr0')
+        open(os.path.join(self.root, 'dev', 'sr1'), 'w').close()   # not mountable
+        run, log = self.run_context()
+        self.assertIsNone(ap.find_media(run))
+        self.assertIn('warning: media: %s/dev/sr0 has no ovf-env.xml' % self.root, log.lines)
+        self.assertTrue([l for l in log.lines if 'unknown filesystem type' in l], log.lines)
+        self.assertIn('unknown filesystem type', run.media_problem)
+        self.assertEqual(os.listdir(os.path.join(self.root, 'run')), [])
+
+    def test_no_media_and_none(self):
+        run, log = self.run_context()
+        self.assertIsNone(ap.find_media(run))
+        self.assertIn('media: no provisioning media found (IMDS alone)', log.lines)
+        self.device('sr0', make_ovf_env('h', 'u').encode())
+        run, log = self.run_context(media='none')
+        self.assertIsNone(ap.find_media(run))
+        self.assertEqual(self.tool_log(), [])
+
+    def test_media_option_names_the_device(self):
+        path = self.device('elsewhere', make_ovf_env('h', 'bob').encode())
+        self.device('sr0', make_ovf_env('h', 'not-this-one').encode())
+        run, _ = self.run_context(media=path)
+        self.assertEqual(ap.find_media(run).username, 'bob')
+
+    def test_umount_runs_even_when_the_deadline_has_passed(self):
+        self.device('sr0', make_ovf_env('h', 'u').encode())
+        run, _ = self.run_context()
+        real = ap.read_bytes
+
+        def slow_read(path):
+            run.deadline.end = 0            # the deadline passes while the media is mounted
+            return real(path)
+        with unittest.mock.patch.object(ap, 'read_bytes', slow_read):
+            ap.find_media(run)
+        self.assertEqual([l.split()[0] for l in self.tool_log()], ['mount', 'umount'])
+
+
+class UdfHint(unittest.TestCase):
+    def test_names_the_missing_module(self):
+        root = tempfile.mkdtemp(prefix='azp-udf-')
+        self.addCleanup(shutil.rmtree, root)
+        run = ap.Run(ap.Options(root=root), QuietLog(), sys.stdout)
+        hint = ap.udf_missing_hint(run)
+        with open('/proc/filesystems') as f:
+            if 'udf' in f.read():
+                self.assertEqual(hint, '')
+                return
+        self.assertIn('cannot mount UDF', hint)
+        self.assertIn('/lib/modules/%s' % os.uname().release, hint)
+        module = os.path.join(root, 'lib/modules', os.uname().release, 'kernel/fs/udf')
+        os.makedirs(module)
+        open(os.path.join(module, 'udf.ko.xz'), 'w').close()
+        self.assertEqual(ap.udf_missing_hint(run), '')
+
+
+class KeptData(unittest.TestCase):
+
+    def test_custom_and_user_data_files(self):
+        root, _ = root_with_kvp_pool(self, 'azp-data-')
+        run = ap.Run(ap.Options(root=root), QuietLog(), sys.stdout)
+        run.metadata = {'compute': {'userData': base64.b64encode(b'user\x00data').decode()}}
+        run.media = ap.parse_ovf_env(make_ovf_env('h', 'u', custom_data=b'#!/bin/sh\n').encode())
+        os.makedirs(os.path.join(root, 'var/lib/azure-provisioning'), 0o755)
+        ap.step_data(run)
+        directory = os.path.join(root, 'var/lib/azure-provisioning')
+        self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o700)
+        for name, data in (('custom-data', b'#!/bin/sh\n'), ('user-data', b'user\x00data')):
+            path = os.path.join(directory, name)
+            with open(path, 'rb') as f:
+                self.assertEqual(f.read(), data)
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(run.facts['AZURE_CUSTOM_DATA'], os.path.join(directory, 'custom-data'))
+        self.assertEqual(run.facts['AZURE_USER_DATA'], os.path.join(directory, 'user-data'))
+
+    def test_none_means_no_file_and_no_variable(self):
+        root, _ = root_with_kvp_pool(self, 'azp-data-')
+        run = ap.Run(ap.Options(root=root), QuietLog(), sys.stdout)
+        run.metadata = {'compute': {'userData': ''}}
+        ap.step_data(run)
+        self.assertFalse(os.path.exists(os.path.join(root, 'var/lib/azure-provisioning')))
+        self.assertNotIn('AZURE_CUSTOM_DATA', run.facts)
+        self.assertNotIn('AZURE_USER_DATA', run.facts)
+
+    def test_bad_user_data_names_the_field(self):
+        with self.assertRaisesRegex(ap.ProvisioningError, r'^IMDS compute.userData is not '
+                                                          r'valid base64$'):
+            ap.imds_user_data({'compute': {'userData': 'not*base64'}})
+
+
+def verify_password(shadow_hash, password):
+    """Whether `password` matches the crypt(3) hash, by perl (no crypt module in 3.13)."""
+    perl = shutil.which('perl')
+    if not perl:
+        return None
+    check = subprocess.run([perl, '-e', 'my $p = <STDIN>; chomp $p; '
+                            'print crypt($p, $ARGV[0]) eq $ARGV[0] ? "yes" : "no"', shadow_hash],
+                           input=password + '\n', stdout=subprocess.PIPE, universal_newlines=True)
+    return check.stdout == 'yes'
+
+
+class PasswordFromMedia(unittest.TestCase):
+    """The whole run, as root in a private host: useradd and chpasswd are the real
+    ones (on the private /etc), mount/umount and a logging chpasswd wrapper are on
+    PATH; the password is then looked for in every output."""
+
+    def setUp(self):
+        require_root(self)
+        for tool in ('useradd', 'chpasswd', 'usermod'):
+            if not ap.find_tool(tool):
+                skip(self, 'no %s here (apt-get install passwd)' % tool)
+        self.host = PrivateHost('web-7')
+        self.addCleanup(self.host.cleanup)
+        os.makedirs(os.path.join(self.host.etc, 'ssh', 'sshd_config.d'), exist_ok=True)
+        self.host.write('ssh/sshd_config', SSHD_CONFIG)
+        self.tools = tempfile.mkdtemp(prefix='azp-media-tools-')
+        self.addCleanup(shutil.rmtree, self.tools)
+        self.log_file = os.path.join(self.tools, 'argv.log')
+        stand_ins = {'mount': STAND_IN_MOUNT, 'umount': STAND_IN_UMOUNT}
+        for name in ('chpasswd', 'useradd', 'usermod', 'visudo'):
+            real = ap.find_tool(name)
+            if real:
+                stand_ins[name] = ('#!/bin/sh\necho "%s $*" >> "$AZP_TOOL_LOG"\nexec %s "$@"\n'
+                                   % (name, real))
+        for name, text in stand_ins.items():
+            with open(os.path.join(self.tools, name), 'w') as f:
+                f.write(text)
+            os.chmod(os.path.join(self.tools, name), 0o755)
+        self.media = os.path.join(self.tools, 'sr0')
+        os.mkdir(self.media)
+
+    def provision(self, az, ovf, *extra):
+        if ovf is not None:
+            with open(os.path.join(self.media, 'ovf-env.xml'), 'w') as f:
+                f.write(ovf)
+        env = dict(os.environ, PATH=self.tools + os.pathsep + os.environ['PATH'],
+                   AZP_TOOL_LOG=self.log_file, AZP_MOUNTED=os.path.join(self.tools, 'mounted'))
+        argv = [sys.executable, '-I', SCRIPT, '--wireserver', az.wireserver_addr,
+                '--imds', az.imds_addr, '--timeout', '30', '--media', self.media] + list(extra)
+        run = self.host.run(argv, env=env)
+        self.assertNotIn('Traceback', run.stderr)
+        return run
+
+    def shadow_hash(self, name):
+        for line in self.host.read('shadow').splitlines():
+            if line.split(':')[0] == name:
+                return line.split(':')[1]
+        return None
+
+    def assert_nowhere(self, az, run, *more):
+        with open(self.log_file) as f:
+            argv_log = f.read()
+        self.assertIn('chpasswd', argv_log)
+        outputs = [run.stdout, run.stderr, argv_log] + [repr(r) for r in az.health_reports]
+        outputs += list(more)
+        for text in outputs:
+            self.assertNotIn(PASSWORD, text)
+            self.assertNotIn('S3cret', text)
+
+    def test_password_set_unlocked_and_shown_nowhere(self):
+        ovf = make_ovf_env('web-7', 'alice', password=PASSWORD, disable_ssh_password_auth=False)
+        with FakeAzure(computer_name='web-7', admin_username='alice',
+                       public_keys=[]) as az:
+            run = self.provision(az, ovf, '--provision-user')
+            self.assertEqual(run.code, 0, run)
+            self.assertTrue(az.ready_accepted())
+        shadow = self.shadow_hash('alice')
+        self.assertFalse(shadow.startswith('!'), 'account still locked')
+        verified = verify_password(shadow, PASSWORD)
+        if verified is None:
+            skip(self, 'no perl to verify the crypt(3) hash with')
+        self.assertTrue(verified, 'the password does not verify against /etc/shadow')
+        self.assertEqual(self.host.read('ssh/sshd_config.d/50-azure-provisioning.conf')
+                         .splitlines()[-1], 'PasswordAuthentication yes')
+        sudoers = os.path.join(self.host.etc, 'sudoers.d', 'azure-provisioning')
+        if os.path.isdir(os.path.dirname(sudoers)):
+            with open(sudoers) as f:
+                self.assertIn('alice ALL=(ALL) ALL\n', f.read())
+        self.assertIn('media: %s: ovf-env.xml read (host web-7, user alice, password (set)'
+                      % self.media, run.stderr)
+        self.assert_nowhere(az, run)
+
+    def test_dry_run_shows_the_password_as_set_only(self):
+        ovf = make_ovf_env('web-7', 'alice', password=PASSWORD, disable_ssh_password_auth=False)
+        with FakeAzure(computer_name='web-7', admin_username='alice') as az:
+            run = self.provision(az, ovf, '--provision-user', '--dry-run')
+            self.assertEqual(run.code, 0, run)
+        self.assertIn('would set the password of alice from the provisioning media: (set), '
+                      'with chpasswd', run.stdout)
+        self.assertIn('PasswordAuthentication yes', run.stdout)
+        self.assertIsNone(self.shadow_hash('alice'))
+        self.assertNotIn(PASSWORD, run.stdout + run.stderr)
+
+    def test_without_provision_user_a_warning_and_ready(self):
+        ovf = make_ovf_env('web-7', 'alice', password=PASSWORD)
+        pool_dir = os.path.join(self.host.dir, 'kvp')
+        with FakeAzure(computer_name='web-7', admin_username='alice') as az:
+            run = self.provision(az, ovf)
+            self.assertEqual(run.code, 0, run)
+            self.assertTrue(az.ready_accepted())
+        self.assertIn('warning: the provisioning media holds a password for alice; not set: '
+                      'this image does not manage users (no --provision-user)', run.stderr)
+        self.assertIsNone(self.shadow_hash('alice'))
+        self.assertFalse(os.path.exists(pool_dir))
+        self.assertNotIn(PASSWORD, run.stdout + run.stderr)
+
+    def test_different_user_names_are_a_reported_failure(self):
+        ovf = make_ovf_env('web-7', 'mallory', password=PASSWORD)
+        with FakeAzure(computer_name='web-7', admin_username='alice') as az:
+            run = self.provision(az, ovf, '--provision-user')
+            self.assertEqual(run.code, 1, run)
+            report, = az.health_reports
+        self.assertEqual(report['substatus'], 'ProvisioningFailed')
+        self.assertIn('the provisioning media names the admin user mallory, IMDS alice',
+                      report['description'])
+        self.assertIn('step=media', report['description'])
+        self.assertIsNone(self.shadow_hash('alice'))
+        self.assertIsNone(self.shadow_hash('mallory'))
+
+    def test_a_password_vm_without_readable_media_fails(self):
+        document = make_instance_document('web-7', 'web-7', DEFAULT_VM_ID, 'alice', [], True)
+        document['compute']['osProfile']['disablePasswordAuthentication'] = 'false'
+        with FakeAzure(computer_name='web-7', admin_username='alice',
+                       imds_body=json.dumps(document)) as az:
+            run = self.provision(az, None, '--provision-user')   # a disc without ovf-env.xml
+            self.assertEqual(run.code, 1, run)
+            report, = az.health_reports
+        self.assertIn('the VM was created with a password (IMDS disablePasswordAuthentication '
+                      'is false), but media: %s has no ovf-env.xml' % self.media,
+                      report['description'])
+        self.assertIn('step=media', report['description'])
+
+    def test_chpasswd_failure_does_not_show_the_password(self):
+        # a chpasswd that echoes its input in the error, as a hostile or broken one might
+        with open(os.path.join(self.tools, 'chpasswd'), 'w') as f:
+            f.write('#!/bin/sh\necho "chpasswd $*" >> "$AZP_TOOL_LOG"\nread line\n'
+                    'echo "chpasswd: cannot set: $line" >&2\nexit 1\n')
+        ovf = make_ovf_env('web-7', 'alice', password=PASSWORD)
+        with FakeAzure(computer_name='web-7', admin_username='alice') as az:
+            run = self.provision(az, ovf, '--provision-user')
+            self.assertEqual(run.code, 1, run)
+            report, = az.health_reports
+        self.assertIn('chpasswd failed: chpasswd: cannot set: alice:(password)',
+                      report['description'])
+        self.assert_nowhere(az, run)
+
+
+if __name__ == '__main__':
+    unittest.main()
