@@ -2115,6 +2115,7 @@ class Check(object):
         self.root_flag = '' if top == '/' else ' --root %s' % top
         self.systemctl = 'systemctl' + ('' if top == '/' else ' --root=%s' % top)
         self.chroot = '' if top == '/' else 'chroot %s ' % top
+        self.unit_args = []     # the unit's ExecStart= arguments, once read
 
     def path(self, *parts):
         return self.root.path(*parts)
@@ -2165,6 +2166,7 @@ def check_unit(c):
         c.say('FAIL', 'the unit has no ExecStart=', 'sh install.sh%s' % c.root_flag)
         return None
     python, args = match.group(1), match.group(2).split()
+    c.unit_args = args
     script = next((a for a in args if a.startswith('/')), None)
     for what, path in (('interpreter', python), ('script', script)):
         if path is None or not os.path.exists(c.path(c.resolve(path))):
@@ -2321,6 +2323,37 @@ def remove_package(c, agent):
             % (c.chroot, c.chroot))
 
 
+def check_media(c):
+    """Can the image read the provisioning media (the password, the custom data)?
+    Azure formats it UDF: without the udf module, only key-only VMs without custom
+    data provision."""
+    kernels = sorted(set(k for d in ('lib/modules', 'usr/lib/modules')
+                         for k in glob_names(c.path(d), r'\d')))
+    if not kernels:
+        c.say('warn', 'media: no kernel in /lib/modules: cannot tell whether the kernel '
+                      'mounts UDF (the provisioning media: passwords, custom data)')
+    for kernel in kernels:
+        base = next(c.path(d, kernel) for d in ('lib/modules', 'usr/lib/modules')
+                    if os.path.isdir(c.path(d, kernel)))
+        built_in = 'kernel/fs/udf/udf.ko' in (read_text(os.path.join(base, 'modules.builtin'))
+                                              or '')
+        if built_in or glob_names(os.path.join(base, 'kernel/fs/udf'), r'udf\.ko'):
+            c.say('ok', 'media: kernel %s mounts UDF' % kernel)
+        else:
+            c.say('warn', 'media: kernel %s has no udf module: VMs created with a password or '
+                          'custom data fail to provision' % kernel,
+                  'install the kernel\'s extra modules (e.g. linux-modules-extra-%s)' % kernel)
+    if not any(c.exists(d, 'mount') for d in ('usr/bin', 'bin')):
+        c.say('warn', 'media: no mount command: the provisioning media cannot be read',
+              'install util-linux (or: mount)')
+    if not any(c.exists(d, 'chpasswd') for d in ('usr/sbin', 'sbin')):
+        if '--provision-user' in c.unit_args:
+            c.say('FAIL', 'media: no chpasswd: the password on the media cannot be set',
+                  'install passwd (or: shadow-utils)')
+        else:
+            c.say('info', 'media: no chpasswd (needed only with --provision-user)')
+
+
 def dhcp_configurations(c):
     """Where the image asks for DHCP: (kind, file) pairs."""
     found = []
@@ -2408,6 +2441,7 @@ def check_image(root, out):
     if python:
         check_python(c, python)
     check_agents(c)
+    check_media(c)
     check_network(c)
     check_hostname(c)
     for status, text, fix in c.results:

@@ -51,6 +51,28 @@ Boots (each one a test; the names work with --only):
                 visudo, the sshd drop-in read by `sshd -T`; an ssh login to
                 127.0.0.1 as alice with the served key (made by the image's ssh-keygen)
                 runs `sudo -n`; the running sshd offers no password login.
+  media         (issue 13) provisioning media attached the way Azure does (ovf-env.xml
+                on a UDF/ISO 9660 disc made by tests/fake_azure.py's build_media, an
+                IDE cdrom: /dev/sr0): UserName = the emulator's adminUsername, a fresh
+                random 20-character password full of shell/XML metacharacters,
+                DisableSshPasswordAuthentication false, CustomData (a script, every
+                byte value, random bytes); the emulator serves compute.userData.  The
+                `networkmanager` base, `install.sh --provision-user`, and a ready.d
+                hook (tests/boot/azp-ready-hook) recording what it is handed.  From
+                inside the guest (tests/boot/azp-media-check): the password verifies
+                against /etc/shadow (perl crypt(), password on stdin) and a wrong one
+                does not, the account is unlocked, sudoers says ALL=(ALL) ALL,
+                the sshd drop-in says PasswordAuthentication yes (sshd -T too), an ssh
+                login with the password works and sudo -S with it gives uid 0;
+                custom-data and user-data hold the exact bytes, 0600 in a 0700
+                directory, root's; the hook got both paths and complete files; the
+                disc is unmounted; the password (as typed or XML-escaped) is in no
+                journal field, nor under /var/lib/azure-provisioning, /run, /tmp,
+                /etc, /var, /root, /home (grep -F -f from a file deleted afterwards),
+                nor on the serial console, the facts port, the emulator's requests
+                or the packet capture.  `first` checks that without a disc the log
+                says no media was found.  Without genisoimage this boot is SKIPPED
+                (said in the summary, never counted as passed).
 The image has dbus, as Azure's images do, so `first` goes through hostnamectl and
 systemd-hostnamed; `no-dbus` covers minimal images without it.
 
@@ -82,8 +104,9 @@ the hang rate per QEMU configuration.
 Needs root (mmdebstrap, image files owned by root), qemu-system-x86, mmdebstrap,
 netcat-openbsd and e2fsprogs (installed with apt-get when missing), and Debian's
 package mirror for the first build.  Anything missing is a failure with a clear
-message, never a skip.  Ends with one line `N passed, M failed`; exit status 0 only
-when every boot passed.
+message, never a skip -- except genisoimage, which only the `media` boot needs: that
+boot is then skipped with the reason.  Ends with one line `N passed, M failed` (plus
+`, K skipped` when a boot was skipped); exit status 0 only when no boot failed.
 """
 
 import argparse
@@ -1322,6 +1345,8 @@ def check_provisioned(ctx, c):
 def check_first(ctx, c):
     check_provisioned(ctx, c)
     check_publish(ctx, c, 'systemd-networkd')
+    # issue 13: no disc attached: the media step looked and said so, and went on
+    check_console(ctx, c, [(r'\bmedia: no\b', 'no provisioning media found (none attached)')])
 
 
 def check_networkmanager(ctx, c):
@@ -1547,6 +1572,203 @@ def check_user(ctx, c):
     check_console(ctx, c, [(r'user: %s ready' % ADMIN_USER, 'the user line')])
 
 
+# Issue 13 ------------------------------------------------------------------
+
+def media_emulator(history, image):
+    """The IMDS side of the media boot: adminUsername ADMIN_USER (the media's UserName),
+    disablePasswordAuthentication "false" (as for a VM made with a password) and
+    compute.userData, served as the whole instance document."""
+    media = image.get('media')
+    if not media:
+        raise TestFailure('the image has no media secrets for the media boot')
+    return dict(EMULATOR, admin_username=ADMIN_USER, public_keys=media['public_keys'],
+                user_data=media['user_data'], imds_body=media['imds_body'])
+
+
+def file_info(ctx, path):
+    return (ctx.facts.get('files') or {}).get(path) or {}
+
+
+def mode_owner(info):
+    return 'mode %s uid %s gid %s' % (info.get('mode'), info.get('uid'), info.get('gid'))
+
+
+def hook_record(text):
+    """tests/boot/azp-ready-hook's record: {VAR: {'path', 'sha256', 'stat'} or None}."""
+    seen = {}
+    for line in (text or '').splitlines():
+        m = re.match(r'(AZURE_\w+) unset$', line)
+        if m:
+            seen[m.group(1)] = None
+            continue
+        m = re.match(r'(AZURE_\w+)=(.*)$', line)
+        if m:
+            seen[m.group(1)] = {'path': m.group(2)}
+            continue
+        m = re.match(r'(AZURE_\w+) (sha256|stat) (.*)$', line)
+        if m and seen.get(m.group(1)) is not None:
+            seen[m.group(1)][m.group(2)] = m.group(3).strip()
+    return seen
+
+
+def check_media_data(ctx, c):
+    """custom-data and user-data: exact bytes, modes 0600 in a 0700 directory, root's;
+    the ready.d hook was handed both paths (and saw the complete files)."""
+    media = ctx.media
+    directory = file_info(ctx, DATA_DIR)
+    c.expect(directory.get('mode') == '700' and directory.get('uid') == 0
+             and directory.get('gid') == 0 and 'entries' in directory,
+             '%s is a directory, mode 0700, owner root' % DATA_DIR,
+             '%s; entries %s' % (mode_owner(directory), directory.get('entries')))
+    sums = {}
+    for line in command(ctx, 'media_data_sha256')[1].splitlines():
+        words = line.split()
+        if len(words) == 2:
+            sums[words[1]] = words[0]
+    for path, data, what in ((CUSTOM_DATA_FILE, media['custom_data'], 'the media\'s CustomData'),
+                             (USER_DATA_FILE, media['user_data'], 'IMDS compute.userData')):
+        info = file_info(ctx, path)
+        want = hashlib.sha256(data).hexdigest()
+        c.expect(sums.get(path) == want,
+                 '%s holds exactly %s, decoded (%d bytes, sha256 %s...)'
+                 % (path, what, len(data), want[:12]),
+                 'sha256 in the guest: %s' % (sums.get(path) or
+                                              command(ctx, 'media_data_sha256')[1][-200:]))
+        c.expect(info.get('mode') == '600' and info.get('uid') == 0 and info.get('gid') == 0
+                 and 'link' not in info,
+                 '%s mode 0600, owner root' % path, mode_owner(info))
+    record = file_info(ctx, HOOK_RECORD)
+    seen = hook_record(record.get('content'))
+    for var, path, data in (('AZURE_CUSTOM_DATA', CUSTOM_DATA_FILE, media['custom_data']),
+                            ('AZURE_USER_DATA', USER_DATA_FILE, media['user_data'])):
+        got = seen.get(var) or {}
+        c.expect(got.get('path') == path
+                 and got.get('sha256') == hashlib.sha256(data).hexdigest()
+                 and got.get('stat') == '600 0 0 %d' % len(data),
+                 'the ready.d hook got %s=%s, the complete file (sha256, 0600 root, %d bytes)'
+                 % (var, path, len(data)),
+                 repr(record.get('content'))[:300] if record.get('exists') else
+                 '%s not written: did the hook run?' % HOOK_RECORD)
+
+
+def check_media_user(ctx, c):
+    """The media's password: set (verifies against /etc/shadow), account usable, sudo
+    with the password, sshd allows passwords (drop-in, sshd -T, a real ssh login)."""
+    rc, out = command(ctx, 'user_passwd')
+    c.expect(rc == 0 and out.startswith(ADMIN_USER + ':'),
+             'user %s exists (IMDS adminUsername = the media\'s UserName)' % ADMIN_USER,
+             out.strip() or 'getent exit %s' % rc)
+    rc, out = command(ctx, 'media_password')
+    right = re.search(r'(?m)^right password: (.*)$', out)
+    wrong = re.search(r'(?m)^wrong password: (.*)$', out)
+    c.expect(bool(right) and right.group(1).startswith('match'),
+             "the media's password verifies against %s's /etc/shadow hash (perl crypt(), "
+             "the password on stdin)" % ADMIN_USER, right.group(1) if right else out[-300:])
+    c.expect(bool(wrong) and wrong.group(1).startswith('no match'),
+             'and a wrong one does not (the check can fail)',
+             wrong.group(1) if wrong else out[-300:])
+    rc, out = command(ctx, 'user_status')
+    c.expect(rc == 0 and out.split()[1:2] == ['P'],
+             "%s's account is unlocked with a usable password (passwd -S: P)" % ADMIN_USER,
+             out.strip())
+    sudoers = file_info(ctx, SUDOERS_FILE)
+    rule = '%s ALL=(ALL) ALL' % ADMIN_USER
+    lines = [l.strip() for l in (sudoers.get('content') or '').splitlines()]
+    c.expect(sudoers.get('mode') == '440' and sudoers.get('uid') == 0 and rule in lines
+             and not [l for l in lines if 'NOPASSWD' in l],
+             '%s mode 0440, owner root, "%s" (a password: no NOPASSWD)' % (SUDOERS_FILE, rule),
+             '%s content %r' % (mode_owner(sudoers), sudoers.get('content')))
+    rc, out = command(ctx, 'sudoers_valid')
+    c.expect(rc == 0, 'visudo -cf accepts it', out.strip())
+    drop_in = file_info(ctx, SSHD_DROP_IN)
+    rc, out = command(ctx, 'sshd_config')
+    c.expect(bool(re.search(r'(?m)^\s*PasswordAuthentication\s+yes\s*$',
+                            drop_in.get('content') or ''))
+             and not re.search(r'(?mi)^\s*PasswordAuthentication\s+no\b',
+                               drop_in.get('content') or '')
+             and 'passwordauthentication yes' in out.splitlines(),
+             '%s says PasswordAuthentication yes (DisableSshPasswordAuthentication false), '
+             'and sshd -T reads it' % SSHD_DROP_IN,
+             'drop-in %r; sshd -T: %s' % (drop_in.get('content'), ', '.join(
+                 l for l in out.splitlines() if l.startswith('passwordauth')) or out[-200:]))
+    rc, out = command(ctx, 'media_ssh_password')
+    c.expect(rc == 0 and 'user=%s home=/home/%s' % (ADMIN_USER, ADMIN_USER) in out,
+             'ssh %s@127.0.0.1 with the password (no key) logs in' % ADMIN_USER,
+             masked(ctx, ' | '.join(out.strip().splitlines()))[-300:])
+    c.expect('sudo -n=refused' in out and 'sudo -S=0' in out,
+             'there, sudo -n is refused and sudo -S with the password gives uid 0',
+             masked(ctx, ' | '.join(l for l in out.splitlines() if l.startswith('sudo'))))
+
+
+def check_media_secrecy(ctx, c):
+    """The password is nowhere it should not be: guest (journal, data directory, /run,
+    /tmp, more broadly /etc /var /root /home) and host (serial console, the facts
+    port, what the emulator received, the packet capture)."""
+    forms = secret_forms(ctx.media)
+    c.expect(bool(ctx.media_path) and forms[-1] in read_bytes(ctx.media_path),
+             'the attached disc carries the password (XML-escaped) in ovf-env.xml '
+             '(so it had something to leak)')
+    rc, out = command(ctx, 'media_zz_leaks')
+    say('    info: guest leak scan: %s' % ' | '.join(out.strip().splitlines()))
+    control = re.search(r'control: grep finds (\d+) of (\d+)', out)
+    c.expect(bool(control) and control.group(1) == control.group(2) != '0',
+             'guest scan control: grep -F -f finds the password in its own file',
+             control.group(0) if control else out[-200:])
+    for place in ('journal', DATA_DIR, '/run', '/tmp', 'elsewhere'):
+        m = re.search(r'(?m)^%s: (\d+) (entries|files)(.*)$' % re.escape(place), out)
+        c.expect(bool(m) and m.group(1) == '0',
+                 'the password is not in %s' % {
+                     'journal': 'the journal (all fields of all entries)',
+                     'elsewhere': '/etc, /var, /root or /home'}.get(place, place),
+                 m.group(0) if m else out[-300:])
+    export = re.search(r'(?m)^journal export: (\S+) matching lines', out)
+    c.expect(bool(export) and export.group(1) == '0',
+             'journalctl -o export | grep -F -f: no line', export.group(0) if export else '')
+    rc, out = command(ctx, 'media_zzz_forget')
+    c.expect(rc == 0 and out.strip() == 'removed',
+             'the guest deleted its copy of the password afterwards', out.strip())
+    console = read_bytes(os.path.join(ctx.rundir, 'console.log'))
+    c.expect(bool(console) and not [f for f in forms if f in console],
+             'the password is not on the serial console (%d bytes)' % len(console))
+    places = {'the facts port': read_bytes(os.path.join(ctx.rundir, 'facts.log')),
+              'the QEMU log': read_bytes(os.path.join(ctx.rundir, 'qemu.log')),
+              'the packet capture': read_bytes(os.path.join(ctx.rundir, 'net.pcap'))}
+    sent = []
+    for r in ctx.requests:
+        sent += [r.get('path') or '', r.get('body') or ''] + list(r['headers'].values())
+    places['the requests the emulator received'] = '\n'.join(sent).encode('utf-8', 'replace')
+    places['the health reports'] = '\n'.join(str(r.get('description') or '')
+                                             for r in ctx.reports).encode('utf-8', 'replace')
+    leaked = [name for name, data in sorted(places.items()) if [f for f in forms if f in data]]
+    c.expect(not leaked, 'nor in the facts port, the QEMU log, the emulator\'s requests or '
+             'health reports, the packet capture', 'found in: %s' % ', '.join(leaked))
+
+
+def check_media(ctx, c):
+    """Issue 13: provisioning from the media (ovf-env.xml on a UDF cdrom) and IMDS."""
+    check_provisioned(ctx, c)
+    media = ctx.media
+    devices = command(ctx, 'media_devices')[1]
+    say('    info: in the guest: %s' % ' | '.join(devices.strip().splitlines()))
+    line = next((l for l in ctx.step_lines()
+                 if 'media: %s' % MEDIA_DEVICE in l and 'password (set)' in l), None)
+    c.expect(bool(line), 'serial console: the media was read from %s, with a password'
+             % MEDIA_DEVICE, masked(ctx, line) if line else 'media lines: %s' % masked(
+                 ctx, '; '.join(l for l in ctx.step_lines() if 'media' in l))[:400])
+    size = re.search(r'custom data (\d+) bytes', line or '')
+    if size:
+        c.expect(int(size.group(1)) == len(media['custom_data']),
+                 'the media line counts the custom data: %d bytes' % len(media['custom_data']),
+                 size.group(0))
+    mounts = command(ctx, 'media_mounts')[1].strip()
+    c.expect(not mounts, 'the media is unmounted afterwards (no udf/iso9660/sr mount)',
+             mounts)
+    check_media_data(ctx, c)
+    check_media_user(ctx, c)
+    check_media_secrecy(ctx, c)
+    check_console(ctx, c, [(r'user: %s ready' % ADMIN_USER, 'the user line')])
+
+
 def check_second(ctx, c):
     check_common(ctx, c)
     c.expect(ctx.facts.get('boot_number') == 2, 'the same disk booted a second time',
@@ -1684,6 +1906,7 @@ BOOTS = [
     Boot('no-dbus', check_no_dbus, image='no-dbus', emulator=EMULATOR),
     Boot('networkmanager', check_networkmanager, image='networkmanager',
          emulator=user_emulator),
+    Boot('media', check_media, image='media', emulator=media_emulator, media=True),
 ]
 
 

@@ -97,7 +97,7 @@ def is_root():
 
 
 class PrivateHost(object):
-    """A private copy of /etc, empty private /home and /root, and a private
+    """A private copy of /etc, empty private /home, /root and /var/lib, and a private
     hostname, for root tests.
 
     `run(argv)` runs argv inside `unshare --uts --mount` after bind-mounting the
@@ -136,7 +136,10 @@ class PrivateHost(object):
             return f.read()
 
     def run(self, argv, timeout=PROCESS_TIMEOUT, env=None):
+        # /var/lib: an empty tmpfs (the script keeps custom and user data there; the
+        # machine's own, and its KVP pool, stay out of reach)
         wrapper = ('set -e; mount --bind "$1" /etc; mount --bind "$2" /home; '
+                   'mount -t tmpfs azp-test-var-lib /var/lib; '
                    'if [ -n "$5" ]; then mount --bind "$5" "$3${5#/root}"; fi; '
                    'mount --rbind "$3" /root; hostname "$4"; shift 5; '
                    'set +e; "$@"; code=$?; echo "%s$(hostname)"; exit $code' % self.MARK)

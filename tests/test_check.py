@@ -12,6 +12,7 @@ from tests.test_install import make_image, run as run_install, symlink, write
 
 INSTALL_SH = os.path.join(os.path.dirname(SCRIPT), 'install.sh')
 WANTS = 'etc/systemd/system/%s.target.wants/%s'
+KERNEL = '6.1.0-27-cloud-amd64'
 
 
 def good_image(root):
@@ -24,6 +25,9 @@ def good_image(root):
                          ('network-online', 'systemd-networkd-wait-online.service')):
         symlink('/lib/systemd/system/' + unit, os.path.join(root, WANTS % (target, unit)))
     write(os.path.join(root, 'usr/bin/hostnamectl'), '#!/bin/sh\n', 0o755)
+    write(os.path.join(root, 'usr/bin/mount'), '', 0o755)
+    write(os.path.join(root, 'usr/sbin/chpasswd'), '', 0o755)
+    write(os.path.join(root, 'usr/lib/modules', KERNEL, 'kernel/fs/udf/udf.ko.xz'), '')
     result = run_install(['sh', INSTALL_SH, '--root', root])
     assert result.code == 0, result
     # the image's python3 here is files only: install.sh could not compile with it
@@ -74,11 +78,12 @@ class Check(unittest.TestCase):
             '/usr/lib/python3.11 (judged from the files)\n'
             'ok    walinuxagent not installed\n'
             'ok    cloud-init not installed\n'
+            'ok    media: kernel %s mounts UDF\n'
             'ok    DHCP: systemd-networkd (/etc/systemd/network/20-dhcp.network)\n'
             'ok    network-online.target waits for systemd-networkd-wait-online.service\n'
             'ok    hostnamectl present\n'
             'info  /etc/hosts line "127.0.1.1 image-template" will get the new name at first boot\n'
-            'image ready: 0 blocking, 0 warnings (%s)\n' % self.good))
+            'image ready: 0 blocking, 0 warnings (%s)\n' % (KERNEL, self.good)))
 
     def test_the_launchers_module_missing_or_not_compiled(self):
         root = self.copy()
@@ -243,6 +248,36 @@ class Check(unittest.TestCase):
                       '      fix: rm -rf %s/var/lib/waagent %s/etc/waagent.conf' % (root, root),
                       run.stdout)
         self.assertIn('image ready: 0 blocking, 1 warnings', run.stdout)
+
+    def test_media_readiness(self):
+        root = self.copy()
+        modules = os.path.join(root, 'usr/lib/modules')
+        shutil.rmtree(os.path.join(modules, KERNEL, 'kernel/fs/udf'))
+        write(os.path.join(modules, '6.12.0-1-amd64/modules.builtin'),
+              'kernel/fs/ext4/ext4.ko\nkernel/fs/udf/udf.ko\n')
+        os.remove(os.path.join(root, 'usr/bin/mount'))
+        run = self.check(root)
+        self.assertEqual(run.code, 0, run)
+        self.assertIn('warn  media: kernel %s has no udf module: VMs created with a password or '
+                      'custom data fail to provision\n      fix: install the kernel\'s extra '
+                      'modules (e.g. linux-modules-extra-%s)\n' % (KERNEL, KERNEL), run.stdout)
+        self.assertIn('ok    media: kernel 6.12.0-1-amd64 mounts UDF\n', run.stdout)
+        self.assertIn('warn  media: no mount command', run.stdout)
+        shutil.rmtree(modules)
+        self.assertIn('warn  media: no kernel in /lib/modules', self.check(root).stdout)
+
+    def test_chpasswd_is_needed_with_provision_user(self):
+        root = self.copy()
+        os.remove(os.path.join(root, 'usr/sbin/chpasswd'))
+        self.assertIn('info  media: no chpasswd (needed only with --provision-user)\n',
+                      self.check(root).stdout)
+        unit = os.path.join(root, 'etc/systemd/system/azure-provisioning.service')
+        with open(unit) as f:
+            text = f.read()
+        write(unit, text.replace('/usr/local/sbin/azure-provisioning\n',
+                                 '/usr/local/sbin/azure-provisioning --provision-user\n'))
+        self.assert_blocked(root, 'FAIL  media: no chpasswd: the password on the media cannot '
+                                  'be set\n      fix: install passwd (or: shadow-utils)\n')
 
     def test_no_dhcp_configuration(self):
         root = self.copy()

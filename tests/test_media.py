@@ -378,7 +378,7 @@ class PasswordFromMedia(unittest.TestCase):
             with open(os.path.join(self.media, 'ovf-env.xml'), 'w') as f:
                 f.write(ovf)
         env = dict(os.environ, PATH=self.tools + os.pathsep + os.environ['PATH'],
-                   AZP_TOOL_LOG=self.log_file, AZP_MOUNTED=os.path.join(self.tools, 'mounted'))
+                   AZP_TOOL_LOG=self.log_file, AZURE_CUSTOM_DATA='/from/the/caller', AZP_MOUNTED=os.path.join(self.tools, 'mounted'))
         argv = [sys.executable, '-I', SCRIPT, '--wireserver', az.wireserver_addr,
                 '--imds', az.imds_addr, '--timeout', '30', '--media', self.media] + list(extra)
         run = self.host.run(argv, env=env)
@@ -473,6 +473,41 @@ class PasswordFromMedia(unittest.TestCase):
                       'is false), but media: %s has no ovf-env.xml' % self.media,
                       report['description'])
         self.assertIn('step=media', report['description'])
+
+    def test_hooks_get_the_custom_and_user_data_files(self):
+        hooks = os.path.join(self.host.etc, 'azure-provisioning', 'ready.d')
+        os.makedirs(hooks)
+        seen = os.path.join(self.host.dir, 'seen')
+        with open(os.path.join(hooks, '10-data'), 'w') as f:
+            f.write('#!/bin/sh\nset -e\n{ echo "custom=$AZURE_CUSTOM_DATA user=$AZURE_USER_DATA"\n'
+                    '  stat -c "%%a %%U %%n" /var/lib/azure-provisioning '
+                    '"$AZURE_CUSTOM_DATA" "$AZURE_USER_DATA"\n'
+                    '  cat "$AZURE_CUSTOM_DATA"; cat "$AZURE_USER_DATA"; } > %s\n' % seen)
+        os.chmod(os.path.join(hooks, '10-data'), 0o755)
+        ovf = make_ovf_env('web-7', 'alice', custom_data=b'#!/bin/sh\necho custom\n')
+        with FakeAzure(computer_name='web-7', admin_username='alice',
+                       user_data=b'user data\n') as az:
+            run = self.provision(az, ovf)
+            self.assertEqual(run.code, 0, run)
+        with open(seen) as f:
+            self.assertEqual(f.read(), 'custom=/var/lib/azure-provisioning/custom-data '
+                                       'user=/var/lib/azure-provisioning/user-data\n'
+                                       '700 root /var/lib/azure-provisioning\n'
+                                       '600 root /var/lib/azure-provisioning/custom-data\n'
+                                       '600 root /var/lib/azure-provisioning/user-data\n'
+                                       '#!/bin/sh\necho custom\nuser data\n')
+        # the data are kept, never run
+        self.assertNotIn('custom', run.stdout)
+        # none: the variables are unset, even when the caller's environment had them
+        os.remove(os.path.join(self.media, 'ovf-env.xml'))
+        with open(os.path.join(hooks, '10-data'), 'w') as f:
+            f.write('#!/bin/sh\necho "custom=${AZURE_CUSTOM_DATA-unset} '
+                    'user=${AZURE_USER_DATA-unset}" > %s\n' % seen)
+        with FakeAzure(computer_name='web-7', admin_username='alice') as az:
+            run = self.provision(az, make_ovf_env('web-7', 'alice'))
+            self.assertEqual(run.code, 0, run)
+        with open(seen) as f:
+            self.assertEqual(f.read(), 'custom=unset user=unset\n')
 
     def test_chpasswd_failure_does_not_show_the_password(self):
         # a chpasswd that echoes its input in the error, as a hostile or broken one might
