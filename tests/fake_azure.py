@@ -146,9 +146,9 @@ def make_goal_state_template():
     """The real WALinuxAgent sample turned into a %-free template with fields
     {incarnation} {container_id} {instance_id} {instance_url} {base_url}.
 
-    The URL elements get the newline/indent padding seen in real documents
-    (cloud-init keeps it in its test template), so a client that does not trim
-    element text notices."""
+    The URL elements stay unpadded, as in every captured goal state: waagent takes
+    their text verbatim (padding there made it fail with "URL can't contain control
+    characters"; only cloud-init's hand-wrapped test template is padded)."""
     text = _read_data(GOAL_STATE_SAMPLE)
     text = text.replace("{", "{{").replace("}", "}}")
     text = _replace_once(text, "<Incarnation>3</Incarnation>",
@@ -161,9 +161,6 @@ def make_goal_state_template():
                          "{instance_id}</InstanceId>")
     text = _replace_once(text, "00abac64%2Df426%2D4653%2Dbaa6%2D0ed70cdcca87.%5Fkvm03",
                          "{instance_url}")
-    for tag in ("HostingEnvironmentConfig", "ExtensionsConfig"):
-        text = re.sub(r"<%s>(.*?)</%s>" % (tag, tag),
-                      r"<%s>\n            \1\n          </%s>" % (tag, tag), text)
     return text
 
 
@@ -875,13 +872,13 @@ class FakeAzure(object):
         "hostingEnvironmentConfig":
             '<HostingEnvironmentConfig version="1.0.0.0" goalStateIncarnation="{incarnation}">\n'
             '  <Deployment name="{deployment}" incarnation="0" />\n'
-            '  <Incarnation number="1" instance="{role_instance}" />\n'
+            '  <Incarnation number="1" instance="{role}" />\n'
             '  <Role name="{role}" />\n'
             '</HostingEnvironmentConfig>',
         "sharedConfig":
             '<SharedConfig version="1.0.0.0" goalStateIncarnation="{incarnation}">\n'
             '  <Deployment name="{deployment}" incarnation="0" />\n'
-            '  <Incarnation number="1" instance="{role_instance}" />\n'
+            '  <Incarnation number="1" instance="{role}" />\n'
             '  <Role name="{role}" settleTimeSeconds="0" />\n'
             '</SharedConfig>',
         "extensionsConfig":
@@ -916,9 +913,10 @@ class FakeAzure(object):
         if endpoint == "certificates" and not headers.get("x-ms-guest-agent-public-x509-cert"):
             # they are encrypted to this certificate (the agents send it)
             return Reply(400, "Missing x-ms-guest-agent-public-x509-cert header\n")
-        role_instance = xml_escape(self.instance_id.split(".", 1)[-1], {'"': "&quot;"})
+        # the role instance's name: what follows the first dot of its id
+        role = self.instance_id.split(".", 1)[-1]
         return Reply(200, self.CONFIG_DOCUMENTS[name].format(
-            incarnation=incarnation, role=role_instance, role_instance=role_instance,
+            incarnation=incarnation, role=xml_escape(role, {'"': "&quot;"}),
             deployment=xml_escape(self.container_id, {'"': "&quot;"})),
             "text/xml; charset=utf-8")
 

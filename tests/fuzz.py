@@ -724,6 +724,21 @@ def call_goal_state(case):
                   'GoalState.%s empty or not a str' % field)
 
 
+def call_ovf_env(case):
+    media = ap.parse_ovf_env(case.data, '/dev/sr0')
+    check(isinstance(media, ap.OvfEnv), 'returned a %s, not an OvfEnv' % type(media).__name__)
+    for field in ('hostname', 'username', 'disable_password_auth', 'provision_agent'):
+        check(isinstance(getattr(media, field), str), 'OvfEnv.%s is not a str' % field)
+    check(media.password is None or (isinstance(media.password, str) and media.password),
+          'OvfEnv.password is neither None nor a non-empty str')
+    check(media.custom_data is None or isinstance(media.custom_data, bytes),
+          'OvfEnv.custom_data is neither None nor bytes')
+    check(all(isinstance(p, str) and isinstance(v, str) for p, v in media.public_keys),
+          'a public key is not a (str, str) pair')
+    if media.password:
+        check(media.password not in repr(media), 'repr(OvfEnv) shows the password')
+
+
 def parse_instance_document(text):
     """ap.parse_instance_document when the script has one; else what today's
     fetch_instance_metadata does: parse_json, then a dict with a "compute" object
@@ -759,13 +774,13 @@ def call_imds_fields(case):
         check(valid == name and len(name) <= 64 and re.match(r'^[A-Za-z0-9.-]+\Z', name),
               'validate_hostname passed a bad name', repr(name[:80]))
     elif call == 'user':
-        name, keys, paths, disable = ap.user_from_metadata(document)
+        name, keys, paths, logins, password = ap.user_from_metadata(document)
         check(isinstance(name, str) and re.match(r'^[a-z_][a-z0-9_-]{0,31}\Z', name),
               'user_from_metadata passed a bad user name', repr(name[:40]))
         check(all(isinstance(k, str) and '\n' not in k and '\r' not in k for k in keys),
               'user_from_metadata returned a key that is not one line')
-        check(all(isinstance(p, str) for p in paths) and isinstance(disable, bool),
-              'user_from_metadata returned paths/flag of the wrong type')
+        check(all(isinstance(p, str) for p in paths) and logins in ('no', None)
+              and password is None, 'user_from_metadata returned paths/flags of the wrong type')
     else:
         value = ap.compute_field(document, 'vmId')
         check(isinstance(value, str), 'compute_field returned a %s' % type(value).__name__)
@@ -895,6 +910,25 @@ def goal_state_seeds():
     return data_files('.xml')
 
 
+def ovf_env_seeds():
+    """The samples, and one with every field the provisioner reads (a password with
+    XML's specials, two keys, custom data)."""
+    full = (b'<?xml version="1.0" encoding="utf-8"?>\n<ns0:Environment xmlns:ns0="x" '
+            b'xmlns:ns1="y"><ns1:ProvisioningSection><ns1:LinuxProvisioningConfigurationSet>'
+            b'<ns1:HostName>web-7</ns1:HostName><ns1:UserName>alice</ns1:UserName>'
+            b'<ns1:UserPassword>p&lt;&amp;&gt;"w</ns1:UserPassword>'
+            b'<ns1:DisableSshPasswordAuthentication>false</ns1:DisableSshPasswordAuthentication>'
+            b'<ns1:SSH><ns1:PublicKeys><ns1:PublicKey><ns1:Path>/home/alice/.ssh/authorized_keys'
+            b'</ns1:Path><ns1:Value>ssh-ed25519 AAAAC3Nza a@b</ns1:Value></ns1:PublicKey>'
+            b'<ns1:PublicKey><ns1:Value>ssh-rsa AAAAB3 c@d</ns1:Value></ns1:PublicKey>'
+            b'</ns1:PublicKeys></ns1:SSH><ns1:CustomData>AGN1c3RvbQ==</ns1:CustomData>'
+            b'</ns1:LinuxProvisioningConfigurationSet></ns1:ProvisioningSection>'
+            b'<ns1:PlatformSettingsSection><ns1:PlatformSettings><ns1:ProvisionGuestAgent>false'
+            b'</ns1:ProvisionGuestAgent></ns1:PlatformSettings></ns1:PlatformSettingsSection>'
+            b'</ns0:Environment>\n')
+    return [seed for seed in data_files('.xml') if b'Environment' in seed] + [full]
+
+
 def ini_seeds():
     return NETWORK_FILES
 
@@ -916,6 +950,7 @@ TARGETS = [
     Target('dhclient',    dhclient_seeds,   dhclient_case,   call_dhclient,    []),
     Target('networkd',    networkd_seeds,   networkd_case,   call_networkd,    []),
     Target('ssh-key',     ssh_key_seeds,    ssh_key_case,    call_ssh_key,     ['ap.ProvisioningError']),
+    Target('ovf-env',     ovf_env_seeds,    goal_state_case, call_ovf_env,     ['ValueError']),
 ]
 BY_NAME = dict((t.name, t) for t in TARGETS)
 

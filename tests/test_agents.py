@@ -13,12 +13,14 @@ had (no Debian tools, no network, no package lists).  The first run downloads
 about 2 MB into the cache (tests/agents.py cache_dir()); later runs reuse it.
 """
 
+import http.client
 import io
 import os
 import re
 import shutil
 import tempfile
 import unittest
+from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
 
 import azure_provisioning as ap
@@ -119,13 +121,8 @@ class Agents(unittest.TestCase):
         return result, az
 
     def run_scenario(self, agent, scenario, az):
-        if agent == 'waagent' and unpadded(az.goal_state_document()) != az.goal_state_document():
-            # KNOWN EMULATOR DEFECT (reported, see test_waagent_takes_urls_verbatim):
-            # the emulator pads the text of HostingEnvironmentConfig and
-            # ExtensionsConfig with newlines; waagent fetches URL text verbatim and
-            # fails.  Until the emulator is fixed, waagent gets its document without
-            # that padding (nothing else changed).
-            az.goal_state_body = unpadded(az.goal_state_document())
+        # the emulator serves its URLs unpadded, as Azure does (test_waagent_takes_urls_verbatim)
+        self.assertEqual(unpadded(az.goal_state_document()), az.goal_state_document())
         return self.drive(agent, scenario, az, DESCRIPTION if scenario == 'failure' else None)
 
     def ours(self, state, substatus=None, description=None, goal_state_body=None):
@@ -243,7 +240,7 @@ class Waagent(Agents):
         self.check_report(result, az, 'NotReady', 'Provisioning', 'Starting')
 
     def test_waagent_takes_urls_verbatim(self):
-        # Evidence for the emulator defect worked around in scenario(): waagent (on
+        # Why the emulator serves its URLs unpadded (it padded them once): waagent (on
         # most Azure Linux VMs, and it does not trim) cannot fetch a URL element
         # padded with newlines, so real goal states have none; every real capture in
         # shared/samples (afterburn's "lars-test-1", WALinuxAgent's) has none either.
@@ -360,6 +357,52 @@ class Guard(Agents):
         self.assertTrue(result['ok'], run)
         self.assertEqual(set(result['attempts'].values()), {'refused'}, result['attempts'])
         self.assertEqual(os.listdir(outside), [])
+
+
+class LinkedDocuments(unittest.TestCase):
+    """The emulator serves what its goal state links to (found missing by waagent,
+    which fetches them before it reports); no agent needed."""
+
+    def get(self, az, url, headers):
+        split = urlsplit(url.strip())
+        self.assertEqual(split.netloc, az.wireserver_addr)
+        connection = http.client.HTTPConnection(split.hostname, split.port, timeout=10)
+        try:
+            connection.request('GET', split.path + '?' + split.query, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def test_each_link_is_served(self):
+        headers = {'x-ms-version': '2012-11-30', 'x-ms-agent-name': 'WALinuxAgent'}
+        cert = dict(headers, **{'x-ms-cipher-name': 'DES_EDE3_CBC',
+                                'x-ms-guest-agent-public-x509-cert': 'MIIB'})
+        with FakeAzure(computer_name='web-7', incarnation=4) as az:
+            configuration = ElementTree.fromstring(az.goal_state_document()).find(
+                'Container/RoleInstanceList/RoleInstance/Configuration')
+            roots = {}
+            for element in configuration:
+                if element.tag in ('ConfigName', 'FullConfig'):
+                    continue        # a name; a document no agent fetches (404)
+                status, body = self.get(az, element.text, cert)
+                self.assertEqual(status, 200, element.tag)
+                roots[element.tag] = ElementTree.fromstring(body)
+                self.assertEqual(roots[element.tag].get('goalStateIncarnation',
+                                                        roots[element.tag].findtext('Incarnation')),
+                                 '4', element.tag)
+            self.assertEqual(sorted(roots), ['Certificates', 'ExtensionsConfig',
+                                             'HostingEnvironmentConfig', 'SharedConfig'])
+            # what waagent reads of them
+            self.assertEqual(roots['HostingEnvironmentConfig'].find('Incarnation').get('instance'),
+                             '_web-7')
+            self.assertIsNone(roots['Certificates'].find('Data'))     # no certificates
+            # certificates go to whoever sent a transport certificate, and only there
+            self.assertEqual(self.get(az, configuration.findtext('Certificates'), headers)[0], 400)
+            # another machine's documents are not served
+            other = configuration.findtext('SharedConfig').replace(
+                quote(az.container_id, safe=''), 'not-this-container')
+            self.assertEqual(self.get(az, other, headers)[0], 404)
 
 
 class Dependencies(Agents):

@@ -116,9 +116,9 @@ class GoalState(unittest.TestCase):
         self.assertEqual(root.findtext("Container/RoleInstanceList/RoleInstance/InstanceId"),
                          "i-456._web-7")
         self.assertFalse(body.endswith("\n"), "the real sample has no final newline")
-        # URL elements padded with newline + indent, as in real documents
+        # URL elements unpadded, as in captured documents (waagent takes them verbatim)
         url = root.findtext(".//HostingEnvironmentConfig")
-        self.assertNotEqual(url, url.strip())
+        self.assertEqual(url, url.strip())
         self.assertIn("incarnation=5", url)
         # no URL may point at the real WireServer
         self.assertNotIn("168.63.129.16", body)
