@@ -98,6 +98,12 @@ class Log(object):
     def warning(self, message):
         self.write('warning: ' + message)
 
+    def block(self, lines):
+        """Lines without our prefix, for whoever parses the console (fingerprints)."""
+        for line in lines:
+            self.stream.write(LOG_CONTROL.sub('\ufffd', clean_text(line)) + '\n')
+        self.stream.flush()
+
     def error(self, message):
         self.write('error: ' + message)
 
@@ -1590,6 +1596,7 @@ def user_plan(run, request):
 def create_user(run, name, shell):
     import pwd
     run_tool([find_tool('useradd') or 'useradd', '-m', '-s', shell, name], run.deadline, 'user')
+    run.user_created = name
     account = pwd.getpwnam(name)
     run.log.info('user: created %s (uid %d, shell %s)' % (name, account.pw_uid, shell))
     if not password_locked(run, name):
@@ -1755,10 +1762,133 @@ def reload_sshd(deadline, log):
 
 
 # --------------------------------------------------------------------------
+# Per-VM identity: what the VMs of one image must not share (SSH host keys), and
+# the record of this VM's provisioning that tells a later run which VM it is on
+# --------------------------------------------------------------------------
+
+DATA_DIR = '/var/lib/azure-provisioning'     # the record, custom-data and user-data
+STATE_FILE = DATA_DIR + '/state.json'
+SSH_HOST_KEY = re.compile(r'ssh_host_.*key(\.pub)?$')
+FINGERPRINTS = ('-----BEGIN SSH HOST KEY FINGERPRINTS-----',    # as cloud-init prints them
+                '-----END SSH HOST KEY FINGERPRINTS-----')
+
+
+def read_state(root):
+    """The record of the last run on this disk (a dict), or None: missing or unreadable
+    (a broken record must not stop provisioning; it only costs the host keys)."""
+    text = read_text(root.path(STATE_FILE))
+    try:
+        state = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def ensure_private_directory(path):
+    """DATA_DIR: root's alone (custom data and the record may hold secrets)."""
+    if not os.path.isdir(path):
+        os.makedirs(path, 0o700)
+    os.chmod(path, 0o700)
+
+
+def write_state(run, result, step=None, reason=None):
+    """Record this run (not in a dry run): which VM, what was done and how long it took."""
+    if run.options.dry_run:
+        return
+    previous = read_state(run.root) or {}
+    state = {'result': result, 'vm_id': run.facts.get('AZURE_VM_ID', ''),
+             'incarnation': run.incarnation, 'hostname': run.facts.get('AZURE_HOSTNAME'),
+             'admin_user': run.facts.get('AZURE_ADMIN_USERNAME') or None,
+             'ssh_host_keys': run.host_keys,
+             'steps': [{'step': name, 'seconds': round(seconds, 3)} for name, seconds in run.steps],
+             'timestamp': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+             'agent': '%s/%s' % (AGENT_NAME, VERSION)}
+    # which admin user we made (--deprovision --user removes it), kept across runs
+    made = previous.get('admin_user_created') if previous.get('vm_id') == state['vm_id'] else None
+    state['admin_user_created'] = run.user_created or made
+    if result != 'provisioned':
+        state.update(step=step, reason=reason)
+    try:
+        ensure_private_directory(run.root.path(DATA_DIR))
+        write_file_atomically(run.root.path(STATE_FILE),
+                              (json.dumps(state, indent=2, sort_keys=True) + '\n').encode(),
+                              mode=0o600, deadline=Deadline(TOOL_TIMEOUT))
+    except OSError as exc:     # the report is what matters; the record is for later
+        run.log.warning('could not write %s: %s' % (STATE_FILE, describe_error(exc)))
+
+
+def host_key_names(root):
+    return sorted(glob_names(root.path('/etc/ssh'), SSH_HOST_KEY.pattern))
+
+
+def host_keys_plan(run):
+    """New SSH host keys when this VM is not the one that made the keys it has: at
+    the first boot of an image, and of an image captured again from a provisioned VM.
+    Tied to the vmId (cloud-init #3910: regenerating on a mere guess surprised users)."""
+    if run.options.keep_host_keys:
+        run.host_keys = 'kept (--keep-ssh-host-keys)'
+        return []
+    if not any(os.path.exists(run.root.path(d, 'sshd')) for d in ('/usr/sbin', '/sbin')):
+        run.host_keys = 'none (no sshd)'
+        run.log.info('ssh host keys: no sshd in this image; nothing to do')
+        return []
+    vm_id = run.facts.get('AZURE_VM_ID', '')
+    recorded = (read_state(run.root) or {}).get('vm_id')
+    if recorded and recorded == vm_id:
+        run.host_keys = 'kept (made for this VM)'
+        run.log.info('ssh host keys: kept (made at this VM\'s first boot)')
+        return []
+    why = ('the disk was provisioned as VM %s before' % recorded if recorded
+           else 'first boot of this image')
+    old = host_key_names(run.root)
+    return [Action('replace the SSH host keys (%s): remove %d file(s) in /etc/ssh, '
+                   'ssh-keygen -A, print the fingerprints, restart sshd' % (why, len(old)),
+                   lambda: replace_host_keys(run, old))]
+
+
+def replace_host_keys(run, old):
+    for name in old:
+        os.remove(run.root.path('/etc/ssh', name))
+    keygen = find_tool('ssh-keygen') or 'ssh-keygen'
+    run_tool([keygen, '-A'] + ([] if run.root.top == '/' else ['-f', run.root.top]),
+             run.deadline, 'ssh host keys')
+    public = [n for n in host_key_names(run.root) if n.endswith('.pub')]
+    if not public:
+        raise ProvisioningError('ssh host keys: ssh-keygen -A made none')
+    fingerprints = [run_tool([keygen, '-l', '-f', run.root.path('/etc/ssh', n)], run.deadline,
+                             'ssh host keys').strip() for n in public]
+    # unprefixed, for people and tools that read the serial console (boot diagnostics)
+    run.log.block([FINGERPRINTS[0]] + fingerprints + [FINGERPRINTS[1]])
+    run.host_keys = 'replaced'
+    run.log.info('ssh host keys: %d new (%s)' % (len(public), ', '.join(
+        n[len('ssh_host_'):-len('_key.pub')] for n in public)))
+    restart_sshd(run)
+
+
+def restart_sshd(run):
+    """sshd must serve the new keys: a running one re-reads them on reload; one that
+    failed to start for lack of keys (Debian's does) is started.  Only the system's
+    sshd, never from a test namespace."""
+    if not system_systemd():
+        return
+    shown = run_tool(['systemctl', 'show', '-p', 'Id', '-p', 'ActiveState', 'ssh.service',
+                      'sshd.service'], run.deadline, 'ssh host keys')
+    units = {}
+    for block in shown.strip().split('\n\n'):
+        fields = dict(line.split('=', 1) for line in block.splitlines() if '=' in line)
+        units[fields.get('Id')] = fields.get('ActiveState')
+    for unit, state in sorted(units.items()):
+        if not unit or state == 'inactive':     # not started (yet): it reads them when it does
+            continue
+        verb = 'reload-or-restart' if state == 'active' else 'restart'
+        run_tool(['systemctl', verb, unit], run.deadline, 'ssh host keys')
+        run.log.info('ssh host keys: %s %s' % (verb, unit))
+
+
+# --------------------------------------------------------------------------
 # ready.d hooks: the image's own steps that must succeed before Ready
 # --------------------------------------------------------------------------
 
-DATA_DIR = '/var/lib/azure-provisioning'     # custom-data and user-data, for the hooks
 HOOKS_DIR = '/etc/azure-provisioning/ready.d'
 HOOK_KILL_GRACE = 5         # seconds to wait for a killed hook to be gone
 HOOK_OUTPUT_GRACE = 0.5     # seconds to read what a finished hook still had in the pipe
@@ -1800,10 +1930,7 @@ def data_plan(run):
 
 
 def keep_data(run, path, data):
-    directory = os.path.dirname(path)
-    if not os.path.isdir(directory):
-        os.makedirs(directory, 0o700)
-    os.chmod(directory, 0o700)      # the data may hold secrets: root's alone
+    ensure_private_directory(os.path.dirname(path))
     write_file_atomically(path, data, mode=0o600, deadline=run.deadline)
     run.log.info('data: %s written (%d bytes)' % (path, len(data)))
 
@@ -1908,7 +2035,8 @@ class Options(object):
 
     def __init__(self, wireserver=(DEFAULT_WIRESERVER, 80), imds=(DEFAULT_IMDS, 80),
                  timeout=DEFAULT_TIMEOUT, set_hostname=True, publish_hostname=True,
-                 provision_user=False, dry_run=False, root='/', media=None):
+                 provision_user=False, dry_run=False, root='/', media=None,
+                 keep_host_keys=False, remove_user=False):
         self.wireserver = wireserver
         self.imds = imds
         self.timeout = timeout
@@ -1918,6 +2046,8 @@ class Options(object):
         self.dry_run = dry_run
         self.root = root
         self.media = media      # a device or image file to read, 'none', or None: search
+        self.keep_host_keys = keep_host_keys
+        self.remove_user = remove_user      # --deprovision --user
 
 
 class Run(object):
@@ -1936,17 +2066,27 @@ class Run(object):
         self.metadata = None
         self.media = None           # OvfEnv, when the provisioning media was read
         self.media_problem = None   # why it could not be, when it was there
+        self.user_created = None    # the admin user this run made
+        self.host_keys = None       # what became of the SSH host keys, for the record
+        self.incarnation = None     # of the goal state the last report went to
+        self.steps = []             # (step, seconds) in order
         self.facts = {}
         self.warnings = []
 
-    def carry_out(self, *actions):
+    def carry_out(self, *actions, **how):
         """The one place --dry-run is decided: print what each action would do, or do
-        it.  Returns what the actions returned (None for each, in a dry run)."""
+        it (saying so first with announce=True).  Returns what the actions returned
+        (None for each, in a dry run)."""
         if self.options.dry_run:
             for action in actions:
                 self.out.write('would %s\n' % action.says)
             return [None] * len(actions)
-        return [action.do() for action in actions]
+        done = []
+        for action in actions:
+            if how.get('announce'):
+                self.out.write('%s\n' % action.says)
+            done.append(action.do())
+        return done
 
 
 def step_imds(run):
@@ -1999,6 +2139,10 @@ def step_user(run):
     run.log.info('user: %s ready (%s)' % (request.name, elapsed_ms(t)))
 
 
+def step_identity(run):
+    run.carry_out(*host_keys_plan(run))
+
+
 def step_data(run):
     run.carry_out(*data_plan(run))
 
@@ -2011,17 +2155,21 @@ def step_hooks(run):
 
 # In order; the first that fails is named in the report (step=...), and no later one runs.
 STEPS = (('imds', step_imds), ('media', step_media), ('hostname', step_hostname),
-         ('user', step_user), ('data', step_data), ('hooks', step_hooks))
+         ('user', step_user), ('identity', step_identity), ('data', step_data),
+         ('hooks', step_hooks))
 
 
 def provision(options, log, out=None):
     """Run every step, then report Ready; returns the exit code (0 or 1)."""
     run = Run(options, log, out or sys.stdout)
     for step, do in STEPS:
+        t = time.monotonic()
         try:
             do(run)
         except Exception as exc:    # whatever the type: Azure must hear why, not time out
+            run.steps.append((step, time.monotonic() - t))
             return report_failure(run, step, failure_reason(exc, step))
+        run.steps.append((step, time.monotonic() - t))
     t = time.monotonic()
     try:
         goal_state = send_health(run, 'Ready')
@@ -2029,7 +2177,11 @@ def provision(options, log, out=None):
         reason = 'could not report Ready: %s' % failure_reason(exc, 'ready')
         run.log.error(reason)
         report_to_kvp(run, report_description('error', run.facts, 'ready', reason))
+        write_state(run, 'failed', 'ready', reason)
         return 1
+    run.steps.append(('ready', time.monotonic() - t))
+    run.incarnation = goal_state.incarnation
+    write_state(run, 'provisioned')     # only now: Ready was accepted (waagent #1511)
     report_to_kvp(run, report_description('success', run.facts, warnings=run.warnings))
     if options.dry_run:
         log.info('dry run: nothing changed, nothing posted (%s)' % elapsed_ms(run.started))
@@ -2071,10 +2223,13 @@ def report_failure(run, step, reason):
     report_to_kvp(run, description)
     try:
         goal_state = send_health(run, 'NotReady', 'ProvisioningFailed', description)
+        run.incarnation = goal_state.incarnation
     except Exception as exc:
         run.log.error('could not report the failure to Azure: %s'
                       % failure_reason(exc, 'report'))
+        write_state(run, 'failed', step, reason)
         return 1
+    write_state(run, 'failed', step, reason)
     if not run.options.dry_run:
         run.log.info('reported ProvisioningFailed for incarnation %s; the unit stays enabled'
                      % goal_state.incarnation)
@@ -2082,14 +2237,205 @@ def report_failure(run, step, reason):
 
 
 # --------------------------------------------------------------------------
+# --deprovision: make a provisioned VM an image again (before az vm deallocate)
+# --------------------------------------------------------------------------
+
+DHCP_LEASES = (('/var/lib/dhcp', r'dhclient.*\.leases?$'),            # Debian's dhclient
+               ('/var/lib/dhclient', r'.*\.leases?$'),                # RHEL's dhclient
+               ('/var/lib/NetworkManager', r'.*\.lease$'),
+               ('/var/lib/systemd/network', r'.*\.lease$'),
+               ('/var/lib/dhcpcd', r'.*\.lease6?$'))
+MACHINE_ID = '/etc/machine-id'
+DBUS_MACHINE_ID = '/var/lib/dbus/machine-id'
+UNIT_NAME = 'azure-provisioning.service'
+UNIT_DIRS = ('etc/systemd/system', 'usr/lib/systemd/system', 'lib/systemd/system')
+WANTS_LINK = '/etc/systemd/system/multi-user.target.wants/' + UNIT_NAME
+
+
+def deprovision_plan(run, remove_user):
+    """Everything that makes this disk one VM rather than an image, to undo: what
+    `waagent -deprovision+user` and `cloud-init clean --machine-id` do for theirs."""
+    root = run.root
+    plan = []
+
+    def removal(path, why):
+        plan.append(Action('remove %s (%s)' % (path, why),
+                           lambda: os.remove(root.path(path))))
+    for name in host_key_names(root):
+        removal('/etc/ssh/' + name, 'SSH host key: every VM makes its own')
+    if (read_bytes(root.path(MACHINE_ID)) or b'').strip():
+        # empty, not absent: systemd then makes a new one at first boot
+        plan.append(Action('empty %s (systemd makes a new one at first boot)' % MACHINE_ID,
+                           lambda: write_file_atomically(root.path(MACHINE_ID), b'')))
+    dbus = root.path(DBUS_MACHINE_ID)
+    if os.path.isfile(dbus) and not os.path.islink(dbus):
+        removal(DBUS_MACHINE_ID, 'a copy of the machine id')
+    for directory, pattern in DHCP_LEASES:
+        for name in sorted(glob_names(root.path(directory), pattern)):
+            removal('%s/%s' % (directory, name), 'DHCP lease')
+    for name in sorted(glob_names(root.path(os.path.dirname(KVP_POOL)), r'\.kvp_pool_\d+$')):
+        removal('%s/%s' % (os.path.dirname(KVP_POOL), name), 'Hyper-V KVP pool')
+    state = read_state(root) or {}
+    for name in ('custom-data', 'user-data', 'state.json'):
+        if os.path.lexists(root.path(DATA_DIR, name)):
+            removal('%s/%s' % (DATA_DIR, name), 'this VM\'s provisioning record and data'
+                    if name == 'state.json' else 'this VM\'s %s' % name)
+    unit = next(('/%s/%s' % (d, UNIT_NAME) for d in UNIT_DIRS if os.path.exists(
+        root.path(d, UNIT_NAME))), None)
+    if unit and not os.path.lexists(root.path(WANTS_LINK)):
+        plan.append(Action('enable %s (%s -> %s): the next VM provisions itself'
+                           % (UNIT_NAME, WANTS_LINK, unit), lambda: enable_unit(root, unit)))
+    if remove_user:
+        plan += user_removal_plan(run, state)
+    return plan
+
+
+def enable_unit(root, unit):
+    link = root.path(WANTS_LINK)
+    if not os.path.isdir(os.path.dirname(link)):
+        os.makedirs(os.path.dirname(link))
+    os.symlink(unit, link)
+
+
+def user_removal_plan(run, state):
+    """The admin user --provision-user made (the record says which), with its home,
+    and its sudo rule: what waagent's -deprovision+user does."""
+    name = state.get('admin_user_created')
+    if not name:
+        run.log.info('deprovision: no admin user made by azure-provisioning on record; '
+                     'no user removed')
+        return []
+    if not USER_NAME.fullmatch(name):
+        raise ProvisioningError('the record names the admin user %r, not a user name' % name)
+    plan = []
+    if name in [line.split(':')[0] for line in
+                (read_text(run.root.path('/etc/passwd')) or '').splitlines()]:
+        argv = [find_tool('userdel') or 'userdel', '-r', name]
+        if run.root.top != '/':
+            argv[1:1] = ['--root', run.root.top]
+        plan.append(Action('remove the admin user %s and its home (userdel -r)' % name,
+                           lambda: run_tool(argv, run.deadline, 'deprovision')))
+    if os.path.lexists(run.root.path(SUDOERS_DROP_IN)):
+        plan.append(Action('remove %s (its sudo rule)' % SUDOERS_DROP_IN,
+                           lambda: os.remove(run.root.path(SUDOERS_DROP_IN))))
+    return plan
+
+
+def running_on_a_vm():
+    """A hypervisor under us: --deprovision without --root wipes this machine's
+    identity, which only makes sense on a VM about to be captured."""
+    detect = find_tool('systemd-detect-virt')
+    if detect:
+        import subprocess
+        return subprocess.call([detect, '--vm', '--quiet']) == 0
+    return ' hypervisor' in (read_text('/proc/cpuinfo') or '')
+
+
+def deprovision(options, log, out):
+    """--deprovision: returns the exit code."""
+    if options.root == '/' and not options.dry_run:
+        if os.geteuid() != 0:
+            log.error('--deprovision changes this machine: run it as root (or --root DIR '
+                      'for a mounted image, or --dry-run to see what it would do)')
+            return 1
+        if not running_on_a_vm():
+            log.error('--deprovision: this machine is no VM (no hypervisor found); refused, '
+                      'as it would remove its SSH host keys and machine id (--root DIR for '
+                      'an image)')
+            return 1
+    run = Run(options, log, out)
+    try:
+        plan = deprovision_plan(run, options.remove_user)
+        run.carry_out(*plan, announce=True)
+    except (ProvisioningError, OSError) as exc:
+        log.error('deprovision: %s' % (exc if isinstance(exc, ProvisioningError)
+                                       else describe_error(exc)))
+        return 1
+    if not plan:
+        out.write('nothing to remove: this is an image already\n')
+    elif not options.dry_run:
+        out.write('deprovisioned: capture the image now (az vm deallocate, az vm generalize); '
+                  'booting this disk again provisions it again\n')
+    return 0
+
+
+# --------------------------------------------------------------------------
+# --status: what the record says about this VM, offline and read-only
+# --------------------------------------------------------------------------
+
+def dmi_vm_id(root):
+    """This VM's vmId without the network: SMBIOS product_uuid (root-only), whose
+    first three fields are byte-swapped on Gen1 VMs (BIOS, no /sys/firmware/efi), as
+    cloud-init and azure-init read it.  None when unreadable."""
+    try:
+        text = (read_text(root.path('/sys/class/dmi/id/product_uuid')) or '').strip().lower()
+    except OSError:
+        return None
+    fields = text.split('-')
+    if len(fields) != 5 or not re.fullmatch(r'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-'
+                                            r'[0-9a-f]{12}', text):
+        return None
+    if not os.path.isdir(root.path('/sys/firmware/efi')):
+        swap = lambda hex_: ''.join(reversed([hex_[i:i + 2] for i in range(0, len(hex_), 2)]))
+        fields[:3] = [swap(f) for f in fields[:3]]
+    return '-'.join(fields)
+
+
+def status(options, out):
+    """--status: 0 when this VM was provisioned, else 1."""
+    root = Root(options.root)
+    state = read_state(root)
+    if options.json:
+        if state is None:
+            out.write('null\n')
+            return 1
+        out.write(json.dumps(state, indent=2, sort_keys=True) + '\n')
+        return 0 if state.get('result') == 'provisioned' else 1
+    if state is None:
+        out.write('not provisioned: no record (%s)\n' % STATE_FILE)
+        code = 1
+    else:
+        show = lambda key: clean_text(str(state.get(key) if state.get(key) is not None
+                                          else '-'))
+        code = 0 if state.get('result') == 'provisioned' else 1
+        out.write('%s: VM %s, incarnation %s, %s, by %s\n' % (
+            'provisioned' if code == 0 else 'FAILED', show('vm_id'), show('incarnation'),
+            show('timestamp'), show('agent')))
+        if code:
+            out.write('failed step: %s: %s\n' % (show('step'), show('reason')))
+        out.write('hostname: %s; admin user: %s%s; SSH host keys: %s\n' % (
+            show('hostname'), show('admin_user'),
+            ' (made by us)' if state.get('admin_user_created') else '', show('ssh_host_keys')))
+        steps = [s for s in state.get('steps') or [] if isinstance(s, dict)]
+        out.write('steps: %s\n' % (', '.join('%s %d ms' % (clean_text(str(s.get('step'))),
+                                                          round(float(s.get('seconds') or 0)
+                                                                * 1000))
+                                             for s in steps) or '-'))
+    enabled = os.path.lexists(root.path(WANTS_LINK))
+    out.write('unit: %s\n' % ('enabled (provisions at the next boot)' if enabled else
+                              'disabled (it disabled itself after Ready)'))
+    current = dmi_vm_id(root)
+    if current is None:
+        out.write('this VM: unknown (%s unreadable: run as root)\n'
+                  % '/sys/class/dmi/id/product_uuid')
+    elif state is None:
+        out.write('this VM: %s\n' % current)
+    elif current == str(state.get('vm_id', '')).lower():
+        out.write('this VM: %s: the record is this VM\'s\n' % current)
+    else:
+        out.write('this VM: %s: the record is of another VM (this disk was captured from '
+                  'it without --deprovision): this VM is not provisioned\n' % current)
+        code = 1
+    return code
+
+
+# --------------------------------------------------------------------------
 # Image preflight (--check): the mistakes that otherwise show up 20-40 minutes
 # later as OSProvisioningTimedOut.  Read-only and offline.
 # --------------------------------------------------------------------------
 
-UNIT_NAME = 'azure-provisioning.service'
 MODULE_DIR = '/usr/local/lib/azure-provisioning'            # install.sh's layout
 LAUNCHER_MARK = 'from azure_provisioning import main'
-UNIT_DIRS = ('etc/systemd/system', 'usr/lib/systemd/system', 'lib/systemd/system')
 # What each agent leaves in an image, and the package that brings it.
 Agent = namedtuple('Agent', 'name binaries units deb rpm suse')
 AGENTS = (
@@ -2416,6 +2762,31 @@ def check_network(c):
               'NetworkManager-wait-online.service)' % c.systemctl)
 
 
+def check_identity(c):
+    """What every VM of the image would share."""
+    if (read_bytes(c.path(MACHINE_ID)) or b'').strip():
+        c.say('FAIL', '%s is not empty: every VM would share this machine id' % MACHINE_ID,
+              'azure-provisioning --deprovision%s' % c.root_flag)
+    if c.exists(STATE_FILE):
+        c.say('FAIL', '%s exists: the image was captured from a provisioned VM without '
+                      'deprovisioning' % STATE_FILE,
+              'azure-provisioning --deprovision%s' % c.root_flag)
+    keys = host_key_names(c.root)
+    if keys:
+        c.say('info', '%d SSH host key file(s) in /etc/ssh: replaced at each VM\'s first boot'
+              % len(keys))
+    cmdlines = [read_text(c.path(p)) or '' for p in ('/etc/default/grub', '/etc/kernel/cmdline',
+                                                     '/boot/grub/grub.cfg', '/boot/grub2/grub.cfg')]
+    cmdlines += [read_text(c.path('/boot/loader/entries', n)) or ''
+                 for n in glob_names(c.path('/boot/loader/entries'), r'.*\.conf$')]
+    if c.root.top == '/':
+        cmdlines.append(read_text('/proc/cmdline') or '')
+    if not any(re.search(r'\bconsole=ttyS0\b', text) for text in cmdlines):
+        c.say('warn', 'no console=ttyS0 on the kernel command line: Azure boot diagnostics '
+                      '(the serial console) will not show the boot or our report',
+              'add console=ttyS0 to GRUB_CMDLINE_LINUX in /etc/default/grub, then update-grub')
+
+
 def check_hostname(c):
     if any(c.exists(d, 'hostnamectl') for d in ('usr/bin', 'bin')):
         c.say('ok', 'hostnamectl present')
@@ -2443,6 +2814,7 @@ def check_image(root, out):
     check_agents(c)
     check_media(c)
     check_network(c)
+    check_identity(c)
     check_hostname(c)
     for status, text, fix in c.results:
         out.write('%-5s %s\n' % (status, text))
@@ -2484,10 +2856,22 @@ OPTIONS = [Option(*fields) for fields in (
      'do not make the DHCP client send the new hostname (which is how Azure DNS learns it)'),
     ('--provision-user', 'provision_user', None, None, False,
      'create the admin user from IMDS, give it sudo and install its SSH keys'),
+    ('--keep-ssh-host-keys', 'keep_host_keys', None, None, False,
+     'keep the SSH host keys the image has (default: new ones when this VM did not make '
+     'them: its first boot, an image captured again)'),
     ('--check', 'check', None, None, False,
      'check the image before generalizing it (unit enabled, no other agent, DHCP '
      'configured, ...); read-only and offline'),
-    ('--root', 'root', 'DIR', str, '/', 'with --check: the mounted image tree (default /)'),
+    ('--deprovision', 'deprovision', None, None, False,
+     'make this VM an image again before capturing it: remove the SSH host keys, the '
+     'machine id, DHCP leases, the KVP pool and our record; enable the unit again'),
+    ('--user', 'remove_user', None, None, False,
+     'with --deprovision: also remove the admin user --provision-user made'),
+    ('--status', 'status', None, None, False,
+     'say whether and how this VM was provisioned (read-only, offline); exit 1 if not'),
+    ('--json', 'json', None, None, False, 'with --status: print the record itself'),
+    ('--root', 'root', 'DIR', str, '/',
+     'with --check, --deprovision or --status: the mounted image tree (default /)'),
     ('--media', 'media', 'DEVICE', str, None,
      'read the provisioning media (ovf-env.xml) from DEVICE, a device or an image file, '
      'instead of looking for it; "none": do not look'),
@@ -2566,12 +2950,22 @@ def usage_error(message):
 
 def main(args=None):
     options = parse_args(sys.argv[1:] if args is None else args)
-    if options.root != '/' and not options.check:
-        usage_error('--root goes with --check')
+    modes = [flag for flag, on in (('--check', options.check), ('--deprovision',
+             options.deprovision), ('--status', options.status)) if on]
+    if len(modes) > 1:
+        usage_error('%s and %s do not go together' % tuple(modes[:2]))
+    if options.root != '/' and not modes:
+        usage_error('--root goes with --check, --deprovision or --status')
+    if options.remove_user and not options.deprovision:
+        usage_error('--user goes with --deprovision')
+    if options.json and not options.status:
+        usage_error('--json goes with --status')
+    if options.root != '/' and not os.path.isdir(options.root):
+        usage_error('--root %s: not a directory' % options.root)
     if options.check:
-        if not os.path.isdir(options.root):
-            usage_error('--root %s: not a directory' % options.root)
         return check_image(options.root, sys.stdout)
+    if options.status:
+        return status(options, sys.stdout)
     import signal
     signal.signal(signal.SIGTERM, raise_terminated)
     log = Log(options.verbose)
@@ -2579,8 +2973,11 @@ def main(args=None):
                   set_hostname=not options.no_hostname,
                   publish_hostname=not options.no_publish_hostname,
                   provision_user=options.provision_user, dry_run=options.dry_run,
-                  media=options.media)
+                  root=options.root, media=options.media,
+                  keep_host_keys=options.keep_host_keys, remove_user=options.remove_user)
     try:
+        if options.deprovision:
+            return deprovision(run, log, sys.stdout)
         return provision(run, log)
     except ProvisioningError as exc:
         log.error(str(exc))

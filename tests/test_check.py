@@ -26,6 +26,8 @@ def good_image(root):
         symlink('/lib/systemd/system/' + unit, os.path.join(root, WANTS % (target, unit)))
     write(os.path.join(root, 'usr/bin/hostnamectl'), '#!/bin/sh\n', 0o755)
     write(os.path.join(root, 'usr/bin/mount'), '', 0o755)
+    write(os.path.join(root, 'etc/default/grub'),
+          'GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200n8 earlyprintk=ttyS0"\n')
     write(os.path.join(root, 'usr/sbin/chpasswd'), '', 0o755)
     write(os.path.join(root, 'usr/lib/modules', KERNEL, 'kernel/fs/udf/udf.ko.xz'), '')
     result = run_install(['sh', INSTALL_SH, '--root', root])
@@ -278,6 +280,46 @@ class Check(unittest.TestCase):
                                  '/usr/local/sbin/azure-provisioning --provision-user\n'))
         self.assert_blocked(root, 'FAIL  media: no chpasswd: the password on the media cannot '
                                   'be set\n      fix: install passwd (or: shadow-utils)\n')
+
+    def test_a_provisioned_tree_not_deprovisioned(self):
+        root = self.copy()
+        write(os.path.join(root, 'etc/machine-id'), '0123456789abcdef0123456789abcdef\n')
+        write(os.path.join(root, 'var/lib/azure-provisioning/state.json'), '{}')
+        for name in ('ssh_host_ed25519_key', 'ssh_host_ed25519_key.pub'):
+            write(os.path.join(root, 'etc/ssh', name), 'k')
+        self.assert_blocked(
+            root,
+            'FAIL  /etc/machine-id is not empty: every VM would share this machine id\n'
+            '      fix: azure-provisioning --deprovision --root %s\n' % root,
+            'FAIL  /var/lib/azure-provisioning/state.json exists: the image was captured from '
+            'a provisioned VM without deprovisioning\n'
+            '      fix: azure-provisioning --deprovision --root %s\n' % root,
+            "info  2 SSH host key file(s) in /etc/ssh: replaced at each VM's first boot\n",
+            'image NOT ready: 2 blocking')
+        # what --deprovision leaves passes again
+        run = run_command([sys.executable, '-I', SCRIPT, '--deprovision', '--root', root])
+        self.assertEqual(run.code, 0, run)
+        run = self.check(root)
+        self.assertEqual(run.code, 0, run)
+        self.assertNotIn('machine-id', run.stdout)
+        self.assertNotIn('SSH host key', run.stdout)
+
+    def test_an_empty_machine_id_is_right(self):
+        root = self.copy()
+        write(os.path.join(root, 'etc/machine-id'), '')
+        self.assertEqual(self.check(root).code, 0)
+
+    def test_no_serial_console_warns(self):
+        root = self.copy()
+        write(os.path.join(root, 'etc/default/grub'), 'GRUB_CMDLINE_LINUX="quiet"\n')
+        run = self.check(root)
+        self.assertEqual(run.code, 0, run)
+        self.assertIn('warn  no console=ttyS0 on the kernel command line: Azure boot '
+                      'diagnostics (the serial console) will not show the boot or our report\n'
+                      '      fix: add console=ttyS0 to GRUB_CMDLINE_LINUX', run.stdout)
+        write(os.path.join(root, 'boot/loader/entries/debian.conf'),
+              'options root=/dev/sda1 console=ttyS0,115200\n')
+        self.assertNotIn('console=ttyS0 on', self.check(root).stdout)
 
     def test_no_dhcp_configuration(self):
         root = self.copy()

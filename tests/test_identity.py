@@ -1,0 +1,424 @@
+"""Per-VM identity on temporary roots: SSH host keys replaced only when the vmId
+changes (the fingerprints printed are the keys on disk), the record written after
+Ready and after a failure, --deprovision removing exactly what it lists (a full
+listing before and after), --status and its vmId from DMI."""
+
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import azure_provisioning as ap
+from tests.fake_azure import FakeAzure
+from tests.support import SCRIPT, is_root, root_with_kvp_pool, run_command, skip
+
+VM_A = '11111111-2222-3333-4444-555555555555'
+VM_B = '66666666-7777-8888-9999-000000000000'
+
+
+def write(path, data=b'', mode=0o644):
+    if not os.path.isdir(os.path.dirname(path)):
+        os.makedirs(os.path.dirname(path))
+    with open(path, 'wb') as f:
+        f.write(data)
+    os.chmod(path, mode)
+
+
+def listing(root):
+    """path -> (kind, mode, bytes or link target) of everything under root."""
+    found = {}
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                found[path[len(root):]] = ('link', os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                found[path[len(root):]] = ('dir', stat.S_IMODE(st.st_mode))
+            else:
+                with open(path, 'rb') as f:
+                    found[path[len(root):]] = ('file', stat.S_IMODE(st.st_mode), f.read())
+    return found
+
+
+class Capture(ap.Log):
+    def __init__(self):
+        ap.Log.__init__(self, stream=io.StringIO())
+
+    @property
+    def text(self):
+        return self.stream.getvalue()
+
+
+class HostKeys(unittest.TestCase):
+
+    def setUp(self):
+        if not shutil.which('ssh-keygen'):
+            skip(self, 'no ssh-keygen (apt-get install openssh-client)')
+        self.root = tempfile.mkdtemp(prefix='azp-keys-')
+        self.addCleanup(shutil.rmtree, self.root)
+        write(os.path.join(self.root, 'usr/sbin/sshd'), b'', 0o755)
+        os.makedirs(os.path.join(self.root, 'etc/ssh'))
+        # the template's keys, as a captured image has them
+        subprocess.check_call(['ssh-keygen', '-q', '-A', '-f', self.root])
+        self.template = self.keys()
+
+    def keys(self):
+        ssh = os.path.join(self.root, 'etc/ssh')
+        return dict((n, open(os.path.join(ssh, n), 'rb').read())
+                    for n in os.listdir(ssh) if n.startswith('ssh_host_'))
+
+    def boot(self, vm_id, **options):
+        """One provisioning of the identity step as VM vm_id, then its record."""
+        log = Capture()
+        run = ap.Run(ap.Options(root=self.root, **options), log, io.StringIO())
+        run.facts['AZURE_VM_ID'] = vm_id
+        ap.step_identity(run)
+        ap.write_state(run, 'provisioned')
+        return run, log
+
+    def test_replaced_at_first_boot_kept_after_then_replaced_for_another_vm(self):
+        run, log = self.boot(VM_A)
+        first = self.keys()
+        self.assertEqual(run.host_keys, 'replaced')
+        self.assertEqual(sorted(first), sorted(self.template))
+        for name in first:
+            self.assertNotEqual(first[name], self.template[name], name)
+        private = [n for n in first if not n.endswith('.pub')]
+        for name in private:
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.root, 'etc/ssh', name))
+                                          .st_mode), 0o600)
+        # the printed fingerprints are those of the keys on disk
+        lines = log.text.splitlines()
+        begin = lines.index('-----BEGIN SSH HOST KEY FINGERPRINTS-----')
+        end = lines.index('-----END SSH HOST KEY FINGERPRINTS-----')
+        printed = sorted(lines[begin + 1:end])
+        on_disk = sorted(subprocess.check_output(
+            ['ssh-keygen', '-l', '-f', os.path.join(self.root, 'etc/ssh', n)],
+            universal_newlines=True).strip() for n in first if n.endswith('.pub'))
+        self.assertEqual(printed, on_disk)
+        self.assertEqual(len(printed), len(private))
+
+        # the same VM again (a reboot before the unit disabled itself): kept
+        run, log = self.boot(VM_A)
+        self.assertEqual(self.keys(), first)
+        self.assertEqual(run.host_keys, 'kept (made for this VM)')
+        self.assertNotIn('FINGERPRINTS', log.text)
+
+        # the disk captured again without --deprovision, booted as another VM: replaced
+        run, log = self.boot(VM_B)
+        second = self.keys()
+        for name in second:
+            self.assertNotEqual(second[name], first[name], name)
+        self.assertEqual(run.host_keys, 'replaced')
+
+    def test_keep_option_and_no_sshd(self):
+        run, _ = self.boot(VM_A, keep_host_keys=True)
+        self.assertEqual(self.keys(), self.template)
+        self.assertEqual(run.host_keys, 'kept (--keep-ssh-host-keys)')
+        os.remove(os.path.join(self.root, 'usr/sbin/sshd'))
+        run, _ = self.boot(VM_B)
+        self.assertEqual(self.keys(), self.template)
+        self.assertEqual(run.host_keys, 'none (no sshd)')
+
+    def test_dry_run_says_and_keeps(self):
+        out = io.StringIO()
+        run = ap.Run(ap.Options(root=self.root, dry_run=True), Capture(), out)
+        run.facts['AZURE_VM_ID'] = VM_A
+        ap.step_identity(run)
+        self.assertEqual(self.keys(), self.template)
+        self.assertIn('would replace the SSH host keys (first boot of this image): remove %d '
+                      'file(s) in /etc/ssh, ssh-keygen -A' % len(self.template), out.getvalue())
+
+    def test_a_broken_record_costs_only_the_keys(self):
+        write(os.path.join(self.root, 'var/lib/azure-provisioning/state.json'), b'{"vm_id": ')
+        run, _ = self.boot(VM_A)
+        self.assertEqual(run.host_keys, 'replaced')
+
+    def test_keygen_failure_is_a_provisioning_failure(self):
+        tools = tempfile.mkdtemp(prefix='azp-keygen-')
+        self.addCleanup(shutil.rmtree, tools)
+        write(os.path.join(tools, 'ssh-keygen'), b'#!/bin/sh\necho "no entropy" >&2\nexit 1\n',
+              0o755)
+        path = os.environ['PATH']
+        os.environ['PATH'] = tools + os.pathsep + path
+        self.addCleanup(os.environ.__setitem__, 'PATH', path)
+        run = ap.Run(ap.Options(root=self.root), Capture(), io.StringIO())
+        run.facts['AZURE_VM_ID'] = VM_A
+        with self.assertRaises(ap.ProvisioningError) as caught:
+            ap.step_identity(run)
+        self.assertEqual(str(caught.exception), 'ssh host keys: %s/ssh-keygen failed: no entropy'
+                         % tools)
+
+
+class Record(unittest.TestCase):
+    """provision() in this process on a temporary root against the emulator: no
+    hostname change, no sshd, no media, the KVP pool under the root."""
+
+    def provision(self, az, root):
+        options = ap.Options(wireserver=ap.parse_address(az.wireserver_addr),
+                             imds=ap.parse_address(az.imds_addr), timeout=20,
+                             set_hostname=False, publish_hostname=False, root=root,
+                             media='none')
+        return ap.provision(options, Capture(), io.StringIO())
+
+    def test_written_after_ready_and_after_a_failure(self):
+        root, _ = root_with_kvp_pool(self, 'azp-record-')
+        with FakeAzure(computer_name='web-7', vm_id=VM_A, incarnation=4) as az:
+            self.assertEqual(self.provision(az, root), 0)
+        path = os.path.join(root, 'var/lib/azure-provisioning/state.json')
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode), 0o700)
+        with open(path) as f:
+            state = json.load(f)
+        self.assertEqual((state['result'], state['vm_id'], state['incarnation'],
+                          state['agent']), ('provisioned', VM_A, '4',
+                                            'azure-provisioning/%s' % ap.VERSION))
+        self.assertEqual([s['step'] for s in state['steps']],
+                         ['imds', 'media', 'hostname', 'user', 'identity', 'data', 'hooks',
+                          'ready'])
+        self.assertTrue(all(s['seconds'] >= 0 for s in state['steps']))
+        self.assertNotIn('reason', state)
+        # a failure: recorded with its step and reason
+        hooks = os.path.join(root, 'etc/azure-provisioning/ready.d')
+        write(os.path.join(hooks, '10-fail'), b'#!/bin/sh\necho broken >&2\nexit 3\n', 0o755)
+        with FakeAzure(computer_name='web-7', vm_id=VM_A) as az:
+            self.assertEqual(self.provision(az, root), 1)
+        with open(path) as f:
+            state = json.load(f)
+        self.assertEqual((state['result'], state['step'], state['reason']),
+                         ('failed', 'hooks', 'hook 10-fail failed with exit status 3: broken'))
+        self.assertEqual(state['steps'][-1]['step'], 'hooks')
+
+    def test_not_written_in_a_dry_run(self):
+        root, _ = root_with_kvp_pool(self, 'azp-record-')
+        with FakeAzure(computer_name='web-7') as az:
+            options = ap.Options(wireserver=ap.parse_address(az.wireserver_addr),
+                             imds=ap.parse_address(az.imds_addr), timeout=20,
+                                 set_hostname=False, publish_hostname=False, root=root,
+                                 media='none', dry_run=True)
+            self.assertEqual(ap.provision(options, Capture(), io.StringIO()), 0)
+        self.assertFalse(os.path.exists(os.path.join(root, 'var/lib/azure-provisioning')))
+
+
+def provisioned_tree(root):
+    """What a provisioned VM's disk holds, and things that must survive."""
+    files = {
+        'etc/ssh/ssh_host_ed25519_key': b'key', 'etc/ssh/ssh_host_ed25519_key.pub': b'pub',
+        'etc/ssh/ssh_host_rsa_key': b'key', 'etc/ssh/ssh_host_rsa_key.pub': b'pub',
+        'etc/ssh/sshd_config': b'Include /etc/ssh/sshd_config.d/*.conf\n',
+        'etc/ssh/ssh_config': b'Host *\n', 'etc/ssh/moduli': b'moduli',
+        'etc/machine-id': b'0123456789abcdef0123456789abcdef\n',
+        'var/lib/dbus/machine-id': b'0123456789abcdef0123456789abcdef\n',
+        'var/lib/dhcp/dhclient.eth0.leases': b'lease {}\n',
+        'var/lib/dhcp/dhclient6.eth0.leases': b'lease6 {}\n',
+        'var/lib/dhcp/keep-me.conf': b'x',
+        'var/lib/dhclient/dhclient--eth0.lease': b'lease {}\n',
+        'var/lib/NetworkManager/internal-0a1b-eth0.lease': b'ADDRESS=10.0.0.4\n',
+        'var/lib/NetworkManager/NetworkManager.state': b'[main]\n',
+        'var/lib/systemd/network/eth0.lease': b'x',
+        'var/lib/hyperv/.kvp_pool_1': b'\0' * 2560, 'var/lib/hyperv/.kvp_pool_0': b'\0',
+        'var/lib/azure-provisioning/state.json': json.dumps(
+            {'result': 'provisioned', 'vm_id': VM_A, 'admin_user_created': 'alice'}).encode(),
+        'var/lib/azure-provisioning/custom-data': b'#!/bin/sh\n',
+        'var/lib/azure-provisioning/user-data': b'data',
+        'etc/systemd/system/azure-provisioning.service': b'[Service]\n',
+        'etc/sudoers.d/azure-provisioning': b'alice ALL=(ALL) ALL\n',
+        'etc/sudoers.d/README': b'keep',
+        'etc/passwd': b'root:x:0:0:root:/root:/bin/sh\nalice:x:1500:1500::/home/alice:/bin/sh\n',
+        'etc/shadow': b'root:*:19000:0:99999:7:::\nalice:!:19000:0:99999:7:::\n',
+        'etc/group': b'root:x:0:\nalice:x:1500:\n', 'etc/gshadow': b'root:*::\nalice:!::\n',
+        'home/alice/.ssh/authorized_keys': b'ssh-ed25519 AAAA alice\n',
+        'home/bob/notes': b'bob stays',
+    }
+    for name, data in files.items():
+        write(os.path.join(root, name), data)
+    return root
+
+
+class Deprovision(unittest.TestCase):
+    REMOVED = ['/etc/ssh/ssh_host_ed25519_key', '/etc/ssh/ssh_host_ed25519_key.pub',
+               '/etc/ssh/ssh_host_rsa_key', '/etc/ssh/ssh_host_rsa_key.pub',
+               '/var/lib/dbus/machine-id', '/var/lib/dhcp/dhclient.eth0.leases',
+               '/var/lib/dhcp/dhclient6.eth0.leases', '/var/lib/dhclient/dhclient--eth0.lease',
+               '/var/lib/NetworkManager/internal-0a1b-eth0.lease',
+               '/var/lib/systemd/network/eth0.lease', '/var/lib/hyperv/.kvp_pool_0',
+               '/var/lib/hyperv/.kvp_pool_1', '/var/lib/azure-provisioning/custom-data',
+               '/var/lib/azure-provisioning/user-data', '/var/lib/azure-provisioning/state.json']
+
+    def setUp(self):
+        self.root = provisioned_tree(tempfile.mkdtemp(prefix='azp-deprov-'))
+        self.addCleanup(shutil.rmtree, self.root)
+
+    def deprovision(self, *args):
+        return run_command([sys.executable, '-I', SCRIPT, '--deprovision', '--root', self.root]
+                           + list(args))
+
+    def test_removes_exactly_what_it_lists(self):
+        before = listing(self.root)
+        run = self.deprovision()
+        self.assertEqual(run.code, 0, run)
+        after = listing(self.root)
+        gone = sorted(set(before) - set(after))
+        self.assertEqual(gone, sorted(self.REMOVED))
+        changed = sorted(p for p in set(before) & set(after) if before[p] != after[p])
+        self.assertEqual(changed, ['/etc/machine-id'])
+        self.assertEqual(after['/etc/machine-id'], ('file', 0o644, b''))
+        added = sorted(set(after) - set(before))
+        self.assertEqual(added, ['/etc/systemd/system/multi-user.target.wants',
+                                 '/etc/systemd/system/multi-user.target.wants/'
+                                 'azure-provisioning.service'])
+        self.assertEqual(after[added[1]],
+                         ('link', '/etc/systemd/system/azure-provisioning.service'))
+        # each removal listed, one line each
+        for path in self.REMOVED:
+            self.assertIn('remove %s (' % path, run.stdout)
+        self.assertIn('empty /etc/machine-id', run.stdout)
+        self.assertIn('enable azure-provisioning.service', run.stdout)
+        self.assertEqual(run.stderr, '')
+        # again: nothing left to do
+        run = self.deprovision()
+        self.assertEqual((run.code, run.stdout), (0, 'nothing to remove: this is an image '
+                                                      'already\n'))
+
+    def test_dry_run_changes_nothing(self):
+        before = listing(self.root)
+        run = self.deprovision('--dry-run', '--user')
+        self.assertEqual(run.code, 0, run)
+        self.assertEqual(listing(self.root), before)
+        for path in self.REMOVED:
+            self.assertIn('would remove %s (' % path, run.stdout)
+        self.assertIn('would remove the admin user alice and its home (userdel -r)', run.stdout)
+
+    def test_user_removes_the_admin_user_the_record_names(self):
+        if not is_root():
+            skip(self, 'userdel --root needs root')
+        if not shutil.which('userdel'):
+            skip(self, 'no userdel (apt-get install passwd)')
+        os.chown(os.path.join(self.root, 'home/alice'), 1500, 1500)
+        before = listing(self.root)
+        run = self.deprovision('--user')
+        self.assertEqual(run.code, 0, run)
+        after = listing(self.root)
+        self.assertNotIn('alice', after['/etc/passwd'][2].decode())
+        self.assertNotIn('alice', after['/etc/shadow'][2].decode())
+        self.assertFalse(os.path.exists(os.path.join(self.root, 'home/alice')))
+        self.assertNotIn('/etc/sudoers.d/azure-provisioning', after)
+        self.assertEqual(after['/home/bob/notes'], before['/home/bob/notes'])
+        self.assertEqual(after['/etc/sudoers.d/README'], before['/etc/sudoers.d/README'])
+
+    def test_without_a_record_no_user_is_removed(self):
+        os.remove(os.path.join(self.root, 'var/lib/azure-provisioning/state.json'))
+        run = self.deprovision('--user')
+        self.assertEqual(run.code, 0, run)
+        self.assertIn('alice', listing(self.root)['/etc/passwd'][2].decode())
+        self.assertIn('no admin user made by azure-provisioning on record', run.stderr)
+
+    def test_refusals(self):
+        if is_root():
+            setpriv = shutil.which('setpriv')
+            if not setpriv:
+                skip(self, 'root and no setpriv to become nobody')
+            prefix = [setpriv, '--reuid=65534', '--regid=65534', '--clear-groups']
+        else:
+            prefix = []
+        run = run_command(prefix + [sys.executable, '-I', SCRIPT, '--deprovision'])
+        self.assertEqual(run.code, 1, run)
+        self.assertIn('--deprovision changes this machine: run it as root', run.stderr)
+        for args, message in ((['--user'], '--user goes with --deprovision'),
+                              (['--deprovision', '--status'], 'do not go together'),
+                              (['--deprovision', '--root', '/nonexistent'], 'not a directory')):
+            run = run_command([sys.executable, '-I', SCRIPT] + args)
+            self.assertEqual(run.code, 2, run)
+            self.assertIn(message, run.stderr)
+
+
+class Status(unittest.TestCase):
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix='azp-status-')
+        self.addCleanup(shutil.rmtree, self.root)
+
+    def status(self, *args):
+        return run_command([sys.executable, '-I', SCRIPT, '--status', '--root', self.root]
+                           + list(args))
+
+    def record(self, **fields):
+        state = {'result': 'provisioned', 'vm_id': VM_A, 'incarnation': '2',
+                 'timestamp': '2026-11-30T10:00:00Z', 'agent': 'azure-provisioning/0.1.0',
+                 'hostname': 'web-7', 'admin_user': 'alice', 'admin_user_created': 'alice',
+                 'ssh_host_keys': 'replaced',
+                 'steps': [{'step': 'imds', 'seconds': 0.012}, {'step': 'ready', 'seconds': 0.2}]}
+        state.update(fields)
+        write(os.path.join(self.root, 'var/lib/azure-provisioning/state.json'),
+              json.dumps(state).encode())
+        return state
+
+    def dmi(self, uuid, efi):
+        write(os.path.join(self.root, 'sys/class/dmi/id/product_uuid'), uuid.encode() + b'\n')
+        if efi:
+            os.makedirs(os.path.join(self.root, 'sys/firmware/efi'))
+
+    def test_not_provisioned(self):
+        run = self.status()
+        self.assertEqual(run.code, 1, run)
+        self.assertEqual(run.stdout, 'not provisioned: no record '
+                                     '(/var/lib/azure-provisioning/state.json)\n'
+                                     'unit: disabled (it disabled itself after Ready)\n'
+                                     'this VM: unknown (/sys/class/dmi/id/product_uuid '
+                                     'unreadable: run as root)\n')
+        self.assertEqual(self.status('--json').stdout, 'null\n')
+
+    def test_provisioned_on_this_gen2_vm(self):
+        state = self.record()
+        self.dmi(VM_A.upper(), efi=True)
+        run = self.status()
+        self.assertEqual(run.code, 0, run)
+        self.assertEqual(run.stdout, (
+            'provisioned: VM %s, incarnation 2, 2026-11-30T10:00:00Z, by '
+            'azure-provisioning/0.1.0\n'
+            'hostname: web-7; admin user: alice (made by us); SSH host keys: replaced\n'
+            'steps: imds 12 ms, ready 200 ms\n'
+            'unit: disabled (it disabled itself after Ready)\n'
+            'this VM: %s: the record is this VM\'s\n' % (VM_A, VM_A)))
+        run = self.status('--json')
+        self.assertEqual((run.code, json.loads(run.stdout)), (0, state))
+
+    def test_gen1_uuid_is_byte_swapped(self):
+        self.record(vm_id='04030201-0605-0807-090a-0b0c0d0e0f10')
+        self.dmi('01020304-0506-0708-090A-0B0C0D0E0F10', efi=False)
+        run = self.status()
+        self.assertEqual(run.code, 0, run)
+        self.assertIn("this VM: 04030201-0605-0807-090a-0b0c0d0e0f10: the record is this VM's",
+                      run.stdout)
+
+    def test_captured_without_deprovision_and_failed(self):
+        self.record()
+        self.dmi(VM_B, efi=True)
+        run = self.status()
+        self.assertEqual(run.code, 1, run)
+        self.assertIn('the record is of another VM', run.stdout)
+        self.record(result='failed', step='hooks', reason='hook 10-x failed with exit status 1: '
+                                                          'oops\x1b[31m')
+        run = self.status()
+        self.assertEqual(run.code, 1, run)
+        self.assertIn('FAILED: VM %s' % VM_A, run.stdout)
+        self.assertIn('failed step: hooks: hook 10-x failed with exit status 1: oops\n',
+                      run.stdout)
+        self.assertEqual(self.status('--json').code, 1)
+
+    def test_unit_enabled_is_shown(self):
+        self.record()
+        os.makedirs(os.path.join(self.root, 'etc/systemd/system/multi-user.target.wants'))
+        os.symlink('/etc/systemd/system/azure-provisioning.service', os.path.join(
+            self.root, 'etc/systemd/system/multi-user.target.wants/azure-provisioning.service'))
+        self.assertIn('unit: enabled (provisions at the next boot)\n', self.status().stdout)
+
+
+if __name__ == '__main__':
+    unittest.main()
