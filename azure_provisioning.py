@@ -2326,8 +2326,11 @@ def running_on_a_vm():
     identity, which only makes sense on a VM about to be captured."""
     detect = find_tool('systemd-detect-virt')
     if detect:
-        import subprocess
-        return subprocess.call([detect, '--vm', '--quiet']) == 0
+        try:
+            run_tool([detect, '--vm', '--quiet'], Deadline(TOOL_TIMEOUT), 'deprovision')
+            return True
+        except ProvisioningError:       # exit status 1: none
+            return False
     return ' hypervisor' in (read_text('/proc/cpuinfo') or '')
 
 

@@ -30,7 +30,6 @@ How it is validated, and why:
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import unittest
@@ -102,10 +101,9 @@ def offline_prefix():
         return []
     for prefix in ([unshare, '--net'], [unshare, '--user', '--map-root-user', '--net']):
         try:
-            if subprocess.call(prefix + ['true'], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, timeout=10) == 0:
+            if run_command(prefix + ['true'], timeout=10).code == 0:
                 return prefix
-        except (OSError, subprocess.TimeoutExpired):
+        except (OSError, AssertionError):
             pass
     return []
 
@@ -157,7 +155,8 @@ class PackerExample(unittest.TestCase):
         self.assertGreater(check, deprovision, '--check must come after --deprovision')
         self.assertRegex(last, r'skip_clean\s*=\s*true')
         for kind, body in steps:
-            self.assertRegex(body, r"execute_command\s*=\s*[\w.]+" if kind == 'shell' else r'')
+            if kind == 'shell':
+                self.assertRegex(body, r'\n *execute_command\s*=')
         # sh -e: a failing --check fails the build (`sh FILE` ignores the shebang's -e)
         self.assertRegex(hcl, r"sudo -E sh -e\w* '\{\{ \.Path \}\}'")
 
@@ -171,7 +170,6 @@ class PackerExample(unittest.TestCase):
         text = self.hcl
         if version < (1, 7):
             text = without_required_plugins(text)
-            self.assertEqual(len(text.splitlines()), len(self.hcl.splitlines()) - 6)
             mode = ('full validate, required_plugins removed (Packer %d.%d.%d predates it '
                     'and builds azure-arm in)' % version)
         else:
@@ -179,27 +177,27 @@ class PackerExample(unittest.TestCase):
         template = os.path.join(work, 'image.pkr.hcl')
         with open(template, 'w') as f:
             f.write(text)
-        command = offline_prefix() + [packer, 'validate', '-var', 'repo=' + REPO]
+        prefix = offline_prefix()
+        arguments = ['-var', 'repo=' + REPO]
         for name, value in sorted(VARIABLES.items()):
-            command += ['-var', '%s=%s' % (name, value)]
+            arguments += ['-var', '%s=%s' % (name, value)]
         env = packer_env(work)
         old_cwd = os.getcwd()
         os.chdir(work)      # packer may leave a packer_cache/ in its working directory
         try:
-            run = run_command(command + [template], env=env, timeout=PACKER_TIMEOUT)
-            output = run.stdout + run.stderr
+            run = run_command(prefix + [packer, 'validate'] + arguments + [template],
+                              env=env, timeout=PACKER_TIMEOUT)
             if (run.code != 0 and version >= (1, 7)
                     and re.search(r'packer init|[Mm]issing plugin|[Uu]nknown (source|builder)',
-                                  output)):
+                                  run.stdout + run.stderr)):
                 mode = 'syntax-only (the azure plugin is not installed: packer init is online)'
-                run = run_command(command[:-len(VARIABLES) * 2 - 2] + ['-syntax-only']
-                                  + command[-len(VARIABLES) * 2 - 2:] + [template],
-                                  env=env, timeout=PACKER_TIMEOUT)
+                run = run_command(prefix + [packer, 'validate', '-syntax-only'] + arguments
+                                  + [template], env=env, timeout=PACKER_TIMEOUT)
         finally:
             os.chdir(old_cwd)
-        sys.stderr.write('\npacker %d.%d.%d: %s%s: exit %d\n'
-                         % (version + (mode, ', network namespace' if command[0] != packer
-                                       else '', run.code)))
+        sys.stderr.write('\npacker %d.%d.%d: %s, %s: exit %d\n'
+                         % (version + (mode, 'in a network namespace of its own' if prefix
+                                       else 'no network namespace to be had', run.code)))
         self.assertEqual(run.code, 0, 'packer validate failed on the README example:\n%r' % run)
 
 
