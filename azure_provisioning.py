@@ -2703,6 +2703,11 @@ def check_media(c):
             c.say('info', 'media: no chpasswd (needed only with --provision-user)')
 
 
+# A configuration matching one NIC's MAC address (cloud-init's netplan file left
+# behind does): a VM made from the image has another MAC and gets no address.
+MAC_BOUND = ' (bound to the template\'s MAC address)'
+
+
 def dhcp_configurations(c):
     """Where the image asks for DHCP: (kind, file) pairs."""
     found = []
@@ -2719,8 +2724,10 @@ def dhcp_configurations(c):
                 continue    # systemd's 80-container-*.network: never in a VM
             dhcp = ini_values(text, ('Network',), 'DHCP')
             if dhcp and dhcp[-1].lower() in ('yes', 'true', 'ipv4', 'both', '1'):
-                found.append(('systemd-networkd%s' % ('' if networkd else ' (NOT enabled)'),
-                              '/%s/%s' % (directory, name)))
+                found.append(('systemd-networkd%s%s' % (
+                    '' if networkd else ' (NOT enabled)',
+                    MAC_BOUND if ini_values(text, ('Match',), 'MACAddress') else ''),
+                    '/%s/%s' % (directory, name)))
     if 'NetworkManager.service' in enabled:
         found.append(('NetworkManager', 'NetworkManager.service enabled (DHCP by default)'))
     for path in ['etc/network/interfaces'] + ['etc/network/interfaces.d/' + n for n in
@@ -2729,12 +2736,15 @@ def dhcp_configurations(c):
         if re.search(r'^\s*iface\s+\S+\s+inet\s+dhcp', read_text(c.path(path)) or '', re.M):
             found.append(('ifupdown', '/' + path))
     for name in sorted(glob_names(c.path('etc/netplan'), r'.*\.yaml$')):
-        if re.search(r'dhcp4:\s*(true|yes)', read_text(c.path('etc/netplan', name)) or ''):
-            found.append(('netplan', '/etc/netplan/' + name))
+        text = read_text(c.path('etc/netplan', name)) or ''
+        if re.search(r'dhcp4:\s*(true|yes)', text):
+            found.append(('netplan' + (MAC_BOUND if re.search(r'^\s*macaddress:', text, re.M)
+                                       else ''), '/etc/netplan/' + name))
     for name in sorted(glob_names(c.path('etc/sysconfig/network-scripts'), r'^ifcfg-')):
         text = read_text(c.path('etc/sysconfig/network-scripts', name)) or ''
         if re.search(r'^\s*BOOTPROTO=["\']?dhcp', text, re.M):
-            found.append(('ifcfg', '/etc/sysconfig/network-scripts/' + name))
+            found.append(('ifcfg' + (MAC_BOUND if re.search(r'^\s*HWADDR=\S', text, re.M)
+                                     else ''), '/etc/sysconfig/network-scripts/' + name))
     if 'dhcpcd.service' in enabled:
         found.append(('dhcpcd', 'dhcpcd.service enabled'))
     return found
@@ -2743,12 +2753,15 @@ def dhcp_configurations(c):
 def check_network(c):
     found = dhcp_configurations(c)
     for kind, where in found:
-        if 'NOT enabled' in kind:
+        if MAC_BOUND in kind:
+            c.say('warn', 'DHCP: %s (%s): it does not apply on a VM made from this image'
+                  % (kind, where), 'match by name instead (e.g. en* eth*), or remove it')
+        elif 'NOT enabled' in kind:
             c.say('warn', 'DHCP: %s (%s)' % (kind, where),
                   '%s enable systemd-networkd.service' % c.systemctl)
         else:
             c.say('ok', 'DHCP: %s (%s)' % (kind, where))
-    if not [kind for kind, _ in found if 'NOT enabled' not in kind]:
+    if not [kind for kind, _ in found if 'NOT enabled' not in kind and MAC_BOUND not in kind]:
         c.say('FAIL', 'no DHCP configuration found: the VM gets no address, so it can reach '
                       'neither IMDS nor the WireServer',
               'e.g. /etc/systemd/network/20-dhcp.network with [Match] Name=en* eth* and '

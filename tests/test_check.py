@@ -353,6 +353,23 @@ class Check(unittest.TestCase):
         self.assertIn('ok    DHCP: NetworkManager (NetworkManager.service enabled', run.stdout)
         self.assertIn('ok    DHCP: ifupdown (/etc/network/interfaces)', run.stdout)
 
+    def test_a_configuration_bound_to_the_templates_mac_does_not_count(self):
+        # cloud-init's netplan file, left behind when cloud-init is purged
+        root = self.copy()
+        os.unlink(os.path.join(root, 'etc/systemd/network/20-dhcp.network'))
+        write(os.path.join(root, 'etc/netplan/50-cloud-init.yaml'),
+              'network:\n  ethernets:\n    eth0:\n      dhcp4: true\n      match:\n'
+              '        driver: hv_netvsc\n        macaddress: 00:0d:3a:12:34:56\n'
+              '      set-name: eth0\n  version: 2\n')
+        self.assert_blocked(root, "warn  DHCP: netplan (bound to the template's MAC address) "
+                                  '(/etc/netplan/50-cloud-init.yaml): it does not apply on a VM '
+                                  'made from this image\n',
+                            'FAIL  no DHCP configuration found')
+        write(os.path.join(root, 'etc/systemd/network/20-dhcp.network'),
+              '[Match]\nMACAddress=00:0d:3a:12:34:56\n\n[Network]\nDHCP=yes\n')
+        self.assert_blocked(root, "warn  DHCP: systemd-networkd (bound to the template's MAC "
+                                  'address) (/etc/systemd/network/20-dhcp.network)')
+
     def test_no_wait_online_warns(self):
         root = self.copy()
         os.unlink(os.path.join(root, WANTS % ('network-online',

@@ -70,7 +70,7 @@ class HostKeys(unittest.TestCase):
 
     def keys(self):
         ssh = os.path.join(self.root, 'etc/ssh')
-        return dict((n, open(os.path.join(ssh, n), 'rb').read())
+        return dict((n, ap.read_bytes(os.path.join(ssh, n)))
                     for n in os.listdir(ssh) if n.startswith('ssh_host_'))
 
     def boot(self, vm_id, **options):
