@@ -1847,16 +1847,33 @@ def host_keys_plan(run):
 
 
 def replace_host_keys(run, old):
-    for name in old:
-        os.remove(run.root.path('/etc/ssh', name))
+    """New keys are made aside, then renamed over the old ones: at no moment is
+    /etc/ssh without keys, since an sshd that re-executes itself then (a reload of an
+    earlier step lands asynchronously) exits for good ("no hostkeys available")."""
+    import shutil
+    import tempfile
     keygen = find_tool('ssh-keygen') or 'ssh-keygen'
-    run_tool([keygen, '-A'] + ([] if run.root.top == '/' else ['-f', run.root.top]),
-             run.deadline, 'ssh host keys')
-    public = [n for n in host_key_names(run.root) if n.endswith('.pub')]
-    if not public:
-        raise ProvisioningError('ssh host keys: ssh-keygen -A made none')
-    fingerprints = [run_tool([keygen, '-l', '-f', run.root.path('/etc/ssh', n)], run.deadline,
-                             'ssh host keys').strip() for n in public]
+    ssh = run.root.path('/etc/ssh')
+    aside = tempfile.mkdtemp(prefix='.azure-provisioning-keys.', dir=os.path.dirname(ssh))
+    try:
+        os.makedirs(os.path.join(aside, 'etc/ssh'))
+        run_tool([keygen, '-A', '-f', aside], run.deadline, 'ssh host keys')
+        made = host_key_names(Root(aside))
+        public = [n for n in made if n.endswith('.pub')]
+        if not public:
+            raise ProvisioningError('ssh host keys: ssh-keygen -A made none')
+        fingerprints = [run_tool([keygen, '-l', '-f', os.path.join(aside, 'etc/ssh', n)],
+                                 run.deadline, 'ssh host keys').strip() for n in public]
+        for name in sorted(made, key=lambda n: n.endswith('.pub')):     # private ones first
+            os.replace(os.path.join(aside, 'etc/ssh', name), os.path.join(ssh, name))
+        for name in set(old) - set(made):   # a type ssh-keygen -A no longer makes (dsa)
+            os.remove(os.path.join(ssh, name))
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+    restorecon = find_tool('restorecon')
+    if restorecon and os.path.isdir(SELINUX_FS):    # sshd_key_t, not the etc_t of the aside
+        run_tool([restorecon] + [os.path.join(ssh, n) for n in made], run.deadline,
+                 'ssh host keys')
     # unprefixed, for people and tools that read the serial console (boot diagnostics)
     run.log.block([FINGERPRINTS[0]] + fingerprints + [FINGERPRINTS[1]])
     run.host_keys = 'replaced'
@@ -1881,6 +1898,8 @@ def restart_sshd(run):
         if not unit or state == 'inactive':     # not started (yet): it reads them when it does
             continue
         verb = 'reload-or-restart' if state == 'active' else 'restart'
+        if verb == 'restart':   # it may have hit its start limit while it had no keys
+            run_tool(['systemctl', 'reset-failed', unit], run.deadline, 'ssh host keys')
         run_tool(['systemctl', verb, unit], run.deadline, 'ssh host keys')
         run.log.info('ssh host keys: %s %s' % (verb, unit))
 

@@ -117,6 +117,26 @@ class HostKeys(unittest.TestCase):
             self.assertNotEqual(second[name], first[name], name)
         self.assertEqual(run.host_keys, 'replaced')
 
+    def test_etc_ssh_is_never_without_keys(self):
+        # an sshd re-executing itself (an earlier reload lands late) exits for good
+        # when it finds no key: the new ones are made aside, then renamed over
+        tools = tempfile.mkdtemp(prefix='azp-keygen-')
+        self.addCleanup(shutil.rmtree, tools)
+        seen = os.path.join(tools, 'seen')
+        write(os.path.join(tools, 'ssh-keygen'),
+              ('#!/bin/sh\nls %s/etc/ssh | grep -c "^ssh_host_.*_key$" >> %s\nexec %s "$@"\n'
+               % (self.root, seen, shutil.which('ssh-keygen'))).encode(), 0o755)
+        path = os.environ['PATH']
+        os.environ['PATH'] = tools + os.pathsep + path
+        self.addCleanup(os.environ.__setitem__, 'PATH', path)
+        self.boot(VM_A)
+        with open(seen) as f:
+            counts = [int(n) for n in f.read().split()]
+        self.assertTrue(counts and min(counts) >= 1, counts)
+        self.assertEqual(sorted(self.keys()), sorted(self.template))
+        self.assertEqual([n for n in os.listdir(os.path.join(self.root, 'etc'))
+                          if n.startswith('.')], [], 'the aside directory was left')
+
     def test_keep_option_and_no_sshd(self):
         run, _ = self.boot(VM_A, keep_host_keys=True)
         self.assertEqual(self.keys(), self.template)
