@@ -10,22 +10,28 @@ walinuxagent nor cloud-init.  In order:
      makes the DHCP client announce it (that is how Azure DNS learns it),
   3. with --provision-user, creates the admin user with its SSH keys (and the
      password, when the media has one),
-  4. keeps the custom data and IMDS user data in /var/lib/azure-provisioning/,
-  5. runs the image's own hooks in /etc/azure-provisioning/ready.d/,
-  6. tells the WireServer "Ready" for the current goal-state incarnation,
+  4. gives this VM SSH host keys of its own (new ones when the image's were made
+     for another VM, or for none),
+  5. keeps the custom data and IMDS user data in /var/lib/azure-provisioning/,
+  6. runs the image's own hooks in /etc/azure-provisioning/ready.d/,
+  7. tells the WireServer "Ready" for the current goal-state incarnation, and
+     records the run in /var/lib/azure-provisioning/state.json,
 
 and when a step fails it reports NotReady/ProvisioningFailed with a short reason
 instead (also to Hyper-V KVP), so that `az vm create` fails fast with that reason.
-`--check` looks at an image before it is captured.
+`--check` looks at an image before it is captured, `--deprovision` makes a VM an
+image again, `--status` says what the record says.
 
 Exit codes: 0 provisioned, 1 provisioning failed, 2 usage error.
 Standard library only; Python 3.6 or newer.
 
 The file reads top-down: system helpers (log and deadline, text, files under one
 Root, tools), transport (HTTP/1.1 and the retry policy), WireServer, IMDS, the
-provisioning media, KVP, hostname and its DHCP publishing, admin user, hooks (and
-the data kept for them), then provision(): a Run context walks STEPS; each step decides a plan of Actions and Run.carry_out does
-them, or prints them with --dry-run.  Then --check and the command line.
+provisioning media, KVP, hostname and its DHCP publishing, admin user, per-VM
+identity, hooks (and the data kept for them), then provision(): a Run context
+walks STEPS; each step decides a plan of Actions and Run.carry_out does them, or
+prints them with --dry-run.  Then --deprovision, --status, --check and the
+command line.
 """
 
 import itertools
@@ -83,8 +89,7 @@ class Log(object):
     def write(self, message):
         # one line each, no raw controls: a hook's colours, a CR or a newline from IMDS
         # must neither reach the console nor forge a line of ours
-        self.stream.write('%s: %s\n' % (AGENT_NAME,
-                                         LOG_CONTROL.sub('\ufffd', clean_text(message))))
+        self.stream.write('%s: %s\n' % (AGENT_NAME, printable(message)))
         self.stream.flush()
 
     def info(self, message):
@@ -101,7 +106,7 @@ class Log(object):
     def block(self, lines):
         """Lines without our prefix, for whoever parses the console (fingerprints)."""
         for line in lines:
-            self.stream.write(LOG_CONTROL.sub('\ufffd', clean_text(line)) + '\n')
+            self.stream.write(printable(line) + '\n')
         self.stream.flush()
 
     def error(self, message):
@@ -148,13 +153,34 @@ TERMINAL_ESCAPE = re.compile(r'\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|
 NOT_XML_TEXT = re.compile('[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]')
 
 
-LOG_CONTROL = re.compile('[\x00-\x08\x0a-\x1f\x7f-\x9f]')
+# what must not reach a terminal: controls (C0 but tab, C1) and bidi overrides, which
+# could forge or hide a line of ours
+LOG_CONTROL = re.compile('[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]')
 
 
 def clean_text(text):
     """Text fit for XML 1.0 and KVP: escape sequences dropped, forbidden characters
     replaced by U+FFFD."""
     return NOT_XML_TEXT.sub('\ufffd', TERMINAL_ESCAPE.sub('', text))
+
+
+def printable(text):
+    """One line fit for a terminal or the console, whatever the text came from."""
+    return LOG_CONTROL.sub('\ufffd', clean_text(text))
+
+
+def decode_base64(text, field):
+    """Strict base64 (line breaks allowed); ValueError naming the field, never the value."""
+    import base64
+    import binascii
+    try:
+        return base64.b64decode(''.join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError('%s is not valid base64' % field)
+
+
+def utc_timestamp():
+    return time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
 
 
 def xml_escape(text):
@@ -306,7 +332,7 @@ TOOL_TIMEOUT = 60.0     # seconds for one command, at most: the deadline may cut
 TOOL_KILL_GRACE = 2.0   # seconds for a killed command's pipes to close
 
 
-def run_tool(argv, deadline, what, stdin=None):
+def run_tool(argv, deadline, what, stdin=None, secret=None):
     """Run a command (never through a shell) within the deadline; its stdout, or
     ProvisioningError naming the command and its last words.  It runs in a session of
     its own, so that at the deadline all of it goes: a child it left behind holding
@@ -316,10 +342,11 @@ def run_tool(argv, deadline, what, stdin=None):
     if limit <= 0:
         raise ProvisioningError('%s: no time left to run %s' % (what, argv[0]))
     try:
+        # UTF-8 whatever the locale (Python 3.6 under LANG=C would take ASCII)
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL if stdin is None
                                    else subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, universal_newlines=True,
-                                   start_new_session=True)
+                                   stderr=subprocess.PIPE, encoding='utf-8',
+                                   errors='replace', start_new_session=True)
     except (OSError, ValueError) as exc:    # ValueError: a NUL in an argument
         raise ProvisioningError('%s: %s: %s' % (what, argv[0], describe_error(exc)))
     try:
@@ -332,6 +359,8 @@ def run_tool(argv, deadline, what, stdin=None):
             raise ProvisioningError('%s: %s: timed out after %.1f s' % (what, argv[0], limit))
         raise
     if process.returncode != 0:
+        if secret:      # a tool may echo its input: no trace of it, before the text is cut
+            stderr = stderr.replace(secret, '(secret)')
         raise ProvisioningError('%s: %s failed: %s' % (
             what, argv[0], one_line(stderr, 200) or 'exit status %d' % process.returncode))
     return stdout
@@ -361,6 +390,13 @@ def find_tool(name):
         if directory and os.path.isfile(path) and os.access(path, os.X_OK):
             return path
     return None
+
+
+def restore_labels(run, paths, what):
+    """The SELinux policy's labels for files we made, where SELinux is on."""
+    restorecon = find_tool('restorecon')
+    if restorecon and os.path.isdir(SELINUX_FS):
+        run_tool([restorecon, '-R'] + list(paths), run.deadline, what)
 
 
 # --------------------------------------------------------------------------
@@ -916,15 +952,7 @@ def parse_ovf_env(data, device=''):
     if not fields['password']:
         fields['password'] = None       # <UserPassword></UserPassword>: none given
     custom = fields['custom_data']
-    if custom is not None and custom.strip():
-        try:
-            import base64
-            import binascii
-            custom = base64.b64decode(''.join(custom.split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError('CustomData is not valid base64')
-    else:
-        custom = None
+    custom = decode_base64(custom, 'CustomData') if custom and custom.strip() else None
     keys, key = [], {}
     for path, text in elements:
         if path == _PUBLIC_KEY:
@@ -948,24 +976,37 @@ def describe_media(media):
                             if media.custom_data is not None else '(none)')])
 
 
-def media_devices(run):
-    """Where the media may be, in the order to try: /dev/sr0, the other CD-ROM
-    devices, then whatever blkid knows as UDF or ISO 9660 (as cloud-init looks)."""
+def cdrom_devices(run):
+    """/dev/sr0, then the other CD-ROM devices (as waagent looks)."""
     dev = run.root.path('/dev')
     names = sorted(glob_names(dev, MEDIA_DEVICE_NAME.pattern),
                    key=lambda n: (n != 'sr0', not n.startswith('sr'), n))
-    found = [os.path.join(dev, n) for n in names]
+    return unique_devices([os.path.join(dev, n) for n in names])
+
+
+def blkid_devices(run):
+    """Block devices blkid knows as UDF or ISO 9660 (as cloud-init looks): the last
+    resort, one blkid run.  Only on this machine: blkid knows no other root's devices."""
     blkid = find_tool('blkid')
-    if blkid and run.root.top == '/':       # blkid knows only this machine's devices
-        for kind in MEDIA_FILESYSTEMS:
-            try:
-                listed = run_tool([blkid, '-o', 'device', '-t', 'TYPE=' + kind],
-                                  run.deadline, 'media')
-            except ProvisioningError:
-                continue                    # exit status 2: no such device
-            found += [line.strip() for line in listed.splitlines() if line.strip()]
+    if not blkid or run.root.top != '/':
+        return []
+    try:
+        listed = run_tool([blkid, '-o', 'export', '-s', 'TYPE'], run.deadline, 'media')
+    except ProvisioningError:       # exit status 2: nothing to list
+        return []
+    found, device = [], None
+    for line in listed.splitlines():
+        key, _, value = line.partition('=')
+        if key == 'DEVNAME':
+            device = value
+        elif key == 'TYPE' and value in MEDIA_FILESYSTEMS and device:
+            found.append(device)
+    return unique_devices(found)
+
+
+def unique_devices(devices):
     unique = []
-    for device in found:
+    for device in devices:
         if os.path.realpath(device) not in [os.path.realpath(d) for d in unique]:
             unique.append(device)
     return unique
@@ -973,18 +1014,24 @@ def media_devices(run):
 
 def read_media(run, device):
     """ovf-env.xml's bytes from the media in `device` (None when the media has no
-    such file), mounted read-only on a private directory and always unmounted."""
+    such file), mounted read-only and always unmounted, also on SIGTERM.  The
+    mountpoint is inside a directory of its own (0700): the disc's root may let
+    anyone in, and ovf-env.xml holds the password in plain text."""
     import tempfile
-    mountpoint = tempfile.mkdtemp(prefix='azure-provisioning-media.',
-                                  dir=run.root.path(MEDIA_MOUNT_DIR))
+    private = tempfile.mkdtemp(prefix='azure-provisioning-media.',
+                               dir=run.root.path(MEDIA_MOUNT_DIR))
+    mountpoint = os.path.join(private, 'media')
+    os.mkdir(mountpoint, 0o700)
     try:
         try:
             run_tool([find_tool('mount') or 'mount', '-o', 'ro', '-t',
                       ','.join(MEDIA_FILESYSTEMS), device, mountpoint], run.deadline, 'media')
-        except ProvisioningError as exc:
+        except BaseException as exc:
             if os.path.ismount(mountpoint):     # timed out after the kernel mounted it
                 unmount(run, mountpoint)
-            raise ProvisioningError('%s%s' % (exc, udf_missing_hint(run)))
+            if isinstance(exc, ProvisioningError):
+                raise ProvisioningError('%s%s' % (exc, udf_missing_hint(run)))
+            raise
         try:
             path = os.path.join(mountpoint, OVF_ENV)
             if os.path.isfile(path) and os.path.getsize(path) > OVF_ENV_MAX:
@@ -994,10 +1041,11 @@ def read_media(run, device):
         finally:
             unmount(run, mountpoint)
     finally:
-        try:
-            os.rmdir(mountpoint)
-        except OSError as exc:
-            run.log.warning('media: %s left behind: %s' % (mountpoint, describe_error(exc)))
+        for directory in (mountpoint, private):
+            try:
+                os.rmdir(directory)
+            except OSError as exc:
+                run.log.warning('media: %s left behind: %s' % (directory, describe_error(exc)))
 
 
 def unmount(run, mountpoint):
@@ -1011,14 +1059,19 @@ def unmount(run, mountpoint):
         run_tool([umount, '-l', mountpoint], grace, 'media')
 
 
+def kernel_has_udf(modules):
+    """Whether the kernel whose modules are in `modules` mounts UDF: built in, or a
+    udf.ko (compressed or not)."""
+    return ('kernel/fs/udf/udf.ko' in (read_text(os.path.join(modules, 'modules.builtin'))
+                                       or '')
+            or bool(glob_names(os.path.join(modules, 'kernel/fs/udf'), r'udf\.ko')))
+
+
 def udf_missing_hint(run):
     """' (this kernel cannot mount UDF: ...)' when that is so, else ''."""
-    if 'udf' in (read_text('/proc/filesystems') or ''):
-        return ''
     release = os.uname().release
-    modules = run.root.path('/lib/modules', release)
-    if any(os.path.exists(os.path.join(modules, 'kernel/fs/udf', n))
-           for n in ('udf.ko', 'udf.ko.xz', 'udf.ko.zst', 'udf.ko.gz')):
+    if ('udf' in (read_text('/proc/filesystems') or '')
+            or kernel_has_udf(run.root.path('/lib/modules', release))):
         return ''
     return (' (kernel %s cannot mount UDF, the format Azure uses: no udf module in '
             '/lib/modules/%s; install it, e.g. linux-modules-extra)' % (release, release))
@@ -1031,11 +1084,30 @@ def find_media(run):
     if choice == 'none':
         run.log.info('media: not looked for (--media none)')
         return None
-    devices = [choice] if choice else media_devices(run)
-    if not devices:
+    problems = []
+    if choice:
+        media = read_first_media(run, [choice], problems)
+    else:
+        cdroms = cdrom_devices(run)
+        media = read_first_media(run, cdroms, problems)
+        if media is None:       # the last resort, one blkid run
+            tried = [os.path.realpath(d) for d in cdroms]
+            media = read_first_media(run, [d for d in blkid_devices(run)
+                                           if os.path.realpath(d) not in tried], problems)
+    if media is not None:
+        return media
+    if not problems:
         run.log.info('media: no provisioning media found (IMDS alone)')
         return None
-    problems = []
+    for problem in problems:
+        run.log.warning(problem)
+    run.media_problem = problems[-1]
+    return None
+
+
+def read_first_media(run, devices, problems):
+    """The first of `devices` whose media holds ovf-env.xml, parsed; what went wrong
+    with the others is added to `problems`."""
     for device in devices:
         try:
             data = read_media(run, device)
@@ -1051,9 +1123,6 @@ def find_media(run):
             raise ProvisioningError('media: %s on %s: %s' % (OVF_ENV, device, exc))
         run.log.info('media: %s: %s read (%s)' % (device, OVF_ENV, describe_media(media)))
         return media
-    for problem in problems:
-        run.log.warning(problem)
-    run.media_problem = problems[-1]
     return None
 
 
@@ -1129,7 +1198,7 @@ def report_description(result, facts, step=None, reason=None, warnings=()):
         tail.append('step=' + step)
     tail += ['warning=' + clean(w) for w in warnings]
     tail += ['vm_id=' + clean(facts.get('AZURE_VM_ID') or 'unknown'),
-             'timestamp=' + time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())]
+             'timestamp=' + utc_timestamp()]
     if result == 'error':
         tail.append('documentation_url=' + DOCUMENTATION_URL)
     tail = '|'.join(tail)
@@ -1623,11 +1692,8 @@ def set_password(run, name, password):
     if any(c in password for c in '\n\r\0'):
         raise ProvisioningError('user: the password on the provisioning media holds a line '
                                 'break or NUL; chpasswd cannot take it')
-    try:
-        run_tool([find_tool('chpasswd') or 'chpasswd'], run.deadline, 'user',
-                 stdin='%s:%s\n' % (name, password))
-    except ProvisioningError as exc:
-        raise ProvisioningError(str(exc).replace(password, '(password)'))
+    run_tool([find_tool('chpasswd') or 'chpasswd'], run.deadline, 'user',
+             stdin='%s:%s\n' % (name, password), secret=password)
     run.log.info('user: password of %s set (chpasswd)' % name)
 
 
@@ -1718,10 +1784,7 @@ def install_keys(run, name, path, text, added):
         os.chmod(directory, 0o700)
     write_file_atomically(path, text, mode=0o600, owner=(account.pw_uid, account.pw_gid),
                           deadline=run.deadline)
-    restorecon = find_tool('restorecon')
-    if restorecon and os.path.isdir(SELINUX_FS):
-        # ssh_home_t, or sshd may not read the keys
-        run_tool([restorecon, '-R', directory], run.deadline, 'user')
+    restore_labels(run, [directory], 'user')      # ssh_home_t, or sshd may not read them
     run.log.info('user: %d key(s) added to %s' % (added, path))
 
 
@@ -1743,22 +1806,37 @@ def sshd_plan(run, logins):
     def write_setting():
         write_file_atomically(path, setting, deadline=run.deadline)
         run.log.info('user: PasswordAuthentication %s (%s)' % (logins, SSHD_DROP_IN))
-        reload_sshd(run.deadline, run.log)
+        restart_sshd(run, required=False)
     return [Action('write %s: PasswordAuthentication %s' % (SSHD_DROP_IN, logins),
                    write_setting)]
 
 
-def reload_sshd(deadline, log):
-    """sshd reads its configuration when it starts, and it may be running already.
-    Only the system's sshd, never from a test namespace."""
+def restart_sshd(run, required=True):
+    """sshd must serve what we changed (keys, PasswordAuthentication): a running one
+    re-reads it on reload; one that failed to start for lack of keys (Debian's does)
+    is started.  Only the system's sshd, never from a test namespace.  Not required
+    (a setting): a failure is a warning; the setting applies from its next start."""
     if not system_systemd():
         return
     try:
-        run_tool(['systemctl', 'try-reload-or-restart', 'ssh.service', 'sshd.service'],
-                 deadline, 'user')
+        shown = run_tool(['systemctl', 'show', '-p', 'Id', '-p', 'ActiveState', 'ssh.service',
+                          'sshd.service'], run.deadline, 'sshd')
+        units = {}
+        for block in shown.strip().split('\n\n'):
+            fields = dict(line.split('=', 1) for line in block.splitlines() if '=' in line)
+            units[fields.get('Id')] = fields.get('ActiveState')
+        for unit, state in sorted(units.items()):
+            if not unit or state == 'inactive':     # not started (yet): it reads them then
+                continue
+            verb = 'reload-or-restart' if state == 'active' else 'restart'
+            if verb == 'restart':   # it may have hit its start limit while it had no keys
+                run_tool(['systemctl', 'reset-failed', unit], run.deadline, 'sshd')
+            run_tool(['systemctl', verb, unit], run.deadline, 'sshd')
+            run.log.info('sshd: %s %s' % (verb, unit))
     except ProvisioningError as exc:
-        log.warning('sshd not reloaded, the PasswordAuthentication setting applies from its next '
-                    'start: %s' % exc)
+        if required:
+            raise
+        run.log.warning('sshd not reloaded, the setting applies from its next start: %s' % exc)
 
 
 # --------------------------------------------------------------------------
@@ -1773,22 +1851,33 @@ FINGERPRINTS = ('-----BEGIN SSH HOST KEY FINGERPRINTS-----',    # as cloud-init 
                 '-----END SSH HOST KEY FINGERPRINTS-----')
 
 
+STATE_MAX = 1 << 20         # bytes: ours are a few hundred
+
+
 def read_state(root):
-    """The record of the last run on this disk (a dict), or None: missing or unreadable
-    (a broken record must not stop provisioning; it only costs the host keys)."""
-    text = read_text(root.path(STATE_FILE))
+    """The record of the last run on this disk (a dict), or None: missing, unreadable
+    or broken (a broken record must not stop provisioning; it costs the host keys)."""
     try:
-        state = json.loads(text) if text else None
-    except ValueError:
+        data = read_bytes(root.path(STATE_FILE))
+        state = parse_json(data.decode('utf-8')) if data and len(data) <= STATE_MAX else None
+    except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) else None
 
 
-def ensure_private_directory(path):
-    """DATA_DIR: root's alone (custom data and the record may hold secrets)."""
-    if not os.path.isdir(path):
-        os.makedirs(path, 0o700)
-    os.chmod(path, 0o700)
+def write_private(run, path, data):
+    """A file of DATA_DIR: ours alone (custom data and the record may hold secrets),
+    whoever owned the directory or the file before, never through a symbolic link."""
+    directory = os.path.dirname(path)
+    if os.path.islink(directory):
+        raise ProvisioningError('%s is a symbolic link; refusing to write through it'
+                                % directory)
+    if not os.path.isdir(directory):
+        os.makedirs(directory, 0o700)
+    os.chown(directory, os.geteuid(), os.getegid())
+    os.chmod(directory, 0o700)
+    write_file_atomically(path, data, mode=0o600, owner=(os.geteuid(), os.getegid()),
+                          deadline=run.deadline.without_reserve())
 
 
 def write_state(run, result, step=None, reason=None):
@@ -1801,7 +1890,7 @@ def write_state(run, result, step=None, reason=None):
              'admin_user': run.facts.get('AZURE_ADMIN_USERNAME') or None,
              'ssh_host_keys': run.host_keys,
              'steps': [{'step': name, 'seconds': round(seconds, 3)} for name, seconds in run.steps],
-             'timestamp': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+             'timestamp': utc_timestamp(),
              'agent': '%s/%s' % (AGENT_NAME, VERSION)}
     # which admin user we made (--deprovision --user removes it), kept across runs
     made = previous.get('admin_user_created') if previous.get('vm_id') == state['vm_id'] else None
@@ -1809,12 +1898,11 @@ def write_state(run, result, step=None, reason=None):
     if result != 'provisioned':
         state.update(step=step, reason=reason)
     try:
-        ensure_private_directory(run.root.path(DATA_DIR))
-        write_file_atomically(run.root.path(STATE_FILE),
-                              (json.dumps(state, indent=2, sort_keys=True) + '\n').encode(),
-                              mode=0o600, deadline=Deadline(TOOL_TIMEOUT))
-    except OSError as exc:     # the report is what matters; the record is for later
-        run.log.warning('could not write %s: %s' % (STATE_FILE, describe_error(exc)))
+        write_private(run, run.root.path(STATE_FILE),
+                      (json.dumps(state, indent=2, sort_keys=True) + '\n').encode())
+    except (OSError, ProvisioningError) as exc:    # the report is what matters
+        run.log.warning('could not write %s: %s' % (STATE_FILE, exc if isinstance(
+            exc, ProvisioningError) else describe_error(exc)))
 
 
 def host_key_names(root):
@@ -1858,6 +1946,12 @@ def replace_host_keys(run, old):
     try:
         os.makedirs(os.path.join(aside, 'etc/ssh'))
         run_tool([keygen, '-A', '-f', aside], run.deadline, 'ssh host keys')
+        if not host_key_names(Root(aside)):     # OpenSSH before 7.8: -A ignores -f
+            for kind in sorted(set(re.findall(r'ssh_host_(\w+)_key', ' '.join(old)))
+                               or ('rsa', 'ecdsa', 'ed25519')):
+                run_tool([keygen, '-q', '-t', kind, '-N', '', '-f',
+                          os.path.join(aside, 'etc/ssh', 'ssh_host_%s_key' % kind)],
+                         run.deadline, 'ssh host keys')
         made = host_key_names(Root(aside))
         public = [n for n in made if n.endswith('.pub')]
         if not public:
@@ -1870,38 +1964,14 @@ def replace_host_keys(run, old):
             os.remove(os.path.join(ssh, name))
     finally:
         shutil.rmtree(aside, ignore_errors=True)
-    restorecon = find_tool('restorecon')
-    if restorecon and os.path.isdir(SELINUX_FS):    # sshd_key_t, not the etc_t of the aside
-        run_tool([restorecon] + [os.path.join(ssh, n) for n in made], run.deadline,
-                 'ssh host keys')
+    # sshd_key_t, not the etc_t of the directory they were made in
+    restore_labels(run, [os.path.join(ssh, n) for n in made], 'ssh host keys')
     # unprefixed, for people and tools that read the serial console (boot diagnostics)
     run.log.block([FINGERPRINTS[0]] + fingerprints + [FINGERPRINTS[1]])
     run.host_keys = 'replaced'
     run.log.info('ssh host keys: %d new (%s)' % (len(public), ', '.join(
         n[len('ssh_host_'):-len('_key.pub')] for n in public)))
     restart_sshd(run)
-
-
-def restart_sshd(run):
-    """sshd must serve the new keys: a running one re-reads them on reload; one that
-    failed to start for lack of keys (Debian's does) is started.  Only the system's
-    sshd, never from a test namespace."""
-    if not system_systemd():
-        return
-    shown = run_tool(['systemctl', 'show', '-p', 'Id', '-p', 'ActiveState', 'ssh.service',
-                      'sshd.service'], run.deadline, 'ssh host keys')
-    units = {}
-    for block in shown.strip().split('\n\n'):
-        fields = dict(line.split('=', 1) for line in block.splitlines() if '=' in line)
-        units[fields.get('Id')] = fields.get('ActiveState')
-    for unit, state in sorted(units.items()):
-        if not unit or state == 'inactive':     # not started (yet): it reads them when it does
-            continue
-        verb = 'reload-or-restart' if state == 'active' else 'restart'
-        if verb == 'restart':   # it may have hit its start limit while it had no keys
-            run_tool(['systemctl', 'reset-failed', unit], run.deadline, 'ssh host keys')
-        run_tool(['systemctl', verb, unit], run.deadline, 'ssh host keys')
-        run.log.info('ssh host keys: %s %s' % (verb, unit))
 
 
 # --------------------------------------------------------------------------
@@ -1920,14 +1990,10 @@ RUN_PARTS_NAME = re.compile(r'[A-Za-z0-9_-]+')
 def imds_user_data(metadata):
     """IMDS compute.userData decoded (api-version 2021-01-01 on); None when empty."""
     text = compute_field(metadata, 'userData')
-    if not text:
-        return None
-    import base64
-    import binascii
     try:
-        return base64.b64decode(''.join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise ProvisioningError('IMDS compute.userData is not valid base64')
+        return decode_base64(text, 'IMDS compute.userData') if text else None
+    except ValueError as exc:
+        raise ProvisioningError(str(exc))
 
 
 def data_plan(run):
@@ -1949,8 +2015,7 @@ def data_plan(run):
 
 
 def keep_data(run, path, data):
-    ensure_private_directory(os.path.dirname(path))
-    write_file_atomically(path, data, mode=0o600, deadline=run.deadline)
+    write_private(run, path, data)
     run.log.info('data: %s written (%d bytes)' % (path, len(data)))
 
 
@@ -1977,7 +2042,10 @@ def run_hooks(run, hooks):
     limit; the first failure stops provisioning with the hook's last stderr line."""
     import shutil
     import tempfile
-    scratch = tempfile.mkdtemp(prefix='azure-provisioning-')
+    # /run: a tmpfs, so even a SIGKILL leaves no copy of the metadata behind a reboot
+    run_dir = run.root.path('/run')
+    scratch = tempfile.mkdtemp(prefix='azure-provisioning-hooks.',
+                               dir=run_dir if os.path.isdir(run_dir) else None)
     try:
         imds_copy = os.path.join(scratch, 'imds.json')
         write_file_atomically(imds_copy, json.dumps(run.metadata, indent=2).encode('utf-8'),
@@ -2278,6 +2346,14 @@ def deprovision_plan(run, remove_user):
     plan = []
 
     def removal(path, why):
+        # a symbolic link on the way (an image's absolute /etc/ssh -> /etc/ssh) must not
+        # lead us to this machine's files: the directory must resolve inside the root
+        top = os.path.realpath(root.top)
+        where = os.path.realpath(os.path.dirname(root.path(path)))
+        if top != '/' and not (where + '/').startswith(top.rstrip('/') + '/'):
+            run.log.warning('deprovision: %s left alone: its directory leads out of %s '
+                            '(to %s)' % (path, root.top, where))
+            return
         plan.append(Action('remove %s (%s)' % (path, why),
                            lambda: os.remove(root.path(path))))
     for name in host_key_names(root):
@@ -2324,11 +2400,18 @@ def user_removal_plan(run, state):
         run.log.info('deprovision: no admin user made by azure-provisioning on record; '
                      'no user removed')
         return []
-    if not USER_NAME.fullmatch(name):
-        raise ProvisioningError('the record names the admin user %r, not a user name' % name)
+    if not isinstance(name, str) or not USER_NAME.fullmatch(name):
+        raise ProvisioningError('the record names the admin user %s, not a user name'
+                                % printable(repr(name))[:80])
+    accounts = dict((fields[0], fields[2]) for fields in (
+        line.split(':') for line in (read_text(run.root.path('/etc/passwd')) or '').splitlines())
+        if len(fields) > 2)
+    uid = accounts.get(name)
+    if uid is not None and not (uid.isdigit() and int(uid) >= 1000):
+        raise ProvisioningError('the record names %s, a system account (uid %s); refused'
+                                % (name, printable(uid)[:20]))
     plan = []
-    if name in [line.split(':')[0] for line in
-                (read_text(run.root.path('/etc/passwd')) or '').splitlines()]:
+    if uid is not None:
         argv = [find_tool('userdel') or 'userdel', '-r', name]
         if run.root.top != '/':
             argv[1:1] = ['--root', run.root.top]
@@ -2385,18 +2468,20 @@ def deprovision(options, log, out):
 # --status: what the record says about this VM, offline and read-only
 # --------------------------------------------------------------------------
 
+DMI_UUID = '/sys/class/dmi/id/product_uuid'
+
+
 def dmi_vm_id(root):
     """This VM's vmId without the network: SMBIOS product_uuid (root-only), whose
     first three fields are byte-swapped on Gen1 VMs (BIOS, no /sys/firmware/efi), as
     cloud-init and azure-init read it.  None when unreadable."""
     try:
-        text = (read_text(root.path('/sys/class/dmi/id/product_uuid')) or '').strip().lower()
+        text = (read_text(root.path(DMI_UUID)) or '').strip().lower()
     except OSError:
         return None
-    fields = text.split('-')
-    if len(fields) != 5 or not re.fullmatch(r'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-'
-                                            r'[0-9a-f]{12}', text):
+    if not re.fullmatch(r'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', text):
         return None
+    fields = text.split('-')
     if not os.path.isdir(root.path('/sys/firmware/efi')):
         swap = lambda hex_: ''.join(reversed([hex_[i:i + 2] for i in range(0, len(hex_), 2)]))
         fields[:3] = [swap(f) for f in fields[:3]]
@@ -2406,49 +2491,63 @@ def dmi_vm_id(root):
 def status(options, out):
     """--status: 0 when this VM was provisioned, else 1."""
     root = Root(options.root)
+    try:
+        read_bytes(root.path(STATE_FILE))
+    except OSError as exc:      # 0600 in a 0700 directory: root's alone
+        raise ProvisioningError('cannot read %s: %s (run as root)'
+                                % (STATE_FILE, exc.strerror or exc.__class__.__name__))
     state = read_state(root)
     if options.json:
-        if state is None:
-            out.write('null\n')
-            return 1
         out.write(json.dumps(state, indent=2, sort_keys=True) + '\n')
-        return 0 if state.get('result') == 'provisioned' else 1
-    if state is None:
-        out.write('not provisioned: no record (%s)\n' % STATE_FILE)
-        code = 1
-    else:
-        show = lambda key: clean_text(str(state.get(key) if state.get(key) is not None
-                                          else '-'))
-        code = 0 if state.get('result') == 'provisioned' else 1
-        out.write('%s: VM %s, incarnation %s, %s, by %s\n' % (
-            'provisioned' if code == 0 else 'FAILED', show('vm_id'), show('incarnation'),
-            show('timestamp'), show('agent')))
-        if code:
-            out.write('failed step: %s: %s\n' % (show('step'), show('reason')))
-        out.write('hostname: %s; admin user: %s%s; SSH host keys: %s\n' % (
-            show('hostname'), show('admin_user'),
-            ' (made by us)' if state.get('admin_user_created') else '', show('ssh_host_keys')))
-        steps = [s for s in state.get('steps') or [] if isinstance(s, dict)]
-        out.write('steps: %s\n' % (', '.join('%s %d ms' % (clean_text(str(s.get('step'))),
-                                                          round(float(s.get('seconds') or 0)
-                                                                * 1000))
-                                             for s in steps) or '-'))
-    enabled = os.path.lexists(root.path(WANTS_LINK))
-    out.write('unit: %s\n' % ('enabled (provisions at the next boot)' if enabled else
-                              'disabled (it disabled itself after Ready)'))
+        return 0 if state and state.get('result') == 'provisioned' else 1
+    code = 0 if state and state.get('result') == 'provisioned' else 1
+    for line in status_lines(root, state):
+        out.write(printable(line) + '\n')
     current = dmi_vm_id(root)
+    recorded = str((state or {}).get('vm_id', '')).lower()
     if current is None:
-        out.write('this VM: unknown (%s unreadable: run as root)\n'
-                  % '/sys/class/dmi/id/product_uuid')
+        out.write('this VM: unknown (%s unreadable: run as root)\n' % DMI_UUID)
     elif state is None:
         out.write('this VM: %s\n' % current)
-    elif current == str(state.get('vm_id', '')).lower():
+    elif current == recorded:
         out.write('this VM: %s: the record is this VM\'s\n' % current)
     else:
         out.write('this VM: %s: the record is of another VM (this disk was captured from '
                   'it without --deprovision): this VM is not provisioned\n' % current)
         code = 1
     return code
+
+
+def status_lines(root, state):
+    """The record in words; whatever its fields hold (it is a file anyone with root
+    may have edited), one line each."""
+    unit = ('unit: enabled (provisions at the next boot)' if os.path.lexists(
+        root.path(WANTS_LINK)) else 'unit: disabled (it disabled itself after Ready)')
+    if state is None:
+        return ['not provisioned: no record (%s)' % STATE_FILE, unit]
+
+    def show(key):
+        value = state.get(key)
+        return one_line(str(value), 200) if value is not None else '-'
+
+    def milliseconds(seconds):
+        if isinstance(seconds, (int, float)) and 0 <= seconds < 1e6:
+            return '%d ms' % round(seconds * 1000)
+        return '?'
+    failed = state.get('result') != 'provisioned'
+    lines = ['%s: VM %s, incarnation %s, %s, by %s' % (
+        'FAILED' if failed else 'provisioned', show('vm_id'), show('incarnation'),
+        show('timestamp'), show('agent'))]
+    if failed:
+        lines.append('failed step: %s: %s' % (show('step'), show('reason')))
+    lines.append('hostname: %s; admin user: %s%s; SSH host keys: %s' % (
+        show('hostname'), show('admin_user'),
+        ' (made by us)' if state.get('admin_user_created') else '', show('ssh_host_keys')))
+    steps = state.get('steps') if isinstance(state.get('steps'), list) else []
+    lines.append('steps: %s' % (', '.join(
+        '%s %s' % (one_line(str(step.get('step')), 40), milliseconds(step.get('seconds')))
+        for step in steps if isinstance(step, dict)) or '-'))
+    return lines + [unit]
 
 
 # --------------------------------------------------------------------------
@@ -2475,11 +2574,16 @@ FULL_PYTHON = 'install the full python3 package, not python3-minimal'
 
 
 class Check(object):
-    def __init__(self, root):
+    """The checks' shared view of the image, and their results.  `shown` is where the
+    image is for the person reading the fixes: install.sh runs the check inside the
+    image (chroot, so root is /) and passes the image's real place with --shown-root."""
+
+    def __init__(self, root, shown=None):
         self.root = root
         self.results = []
         self._enabled = None
-        top = root.top
+        top = shell_word(shown or root.top)
+        self.shown = shown or root.top
         self.root_flag = '' if top == '/' else ' --root %s' % top
         self.systemctl = 'systemctl' + ('' if top == '/' else ' --root=%s' % top)
         self.chroot = '' if top == '/' else 'chroot %s ' % top
@@ -2489,7 +2593,10 @@ class Check(object):
         return self.root.path(*parts)
 
     def exists(self, *parts):
-        return os.path.lexists(self.path(*parts))
+        try:
+            return os.path.lexists(self.path(*parts))
+        except ValueError:      # a NUL in a path read from the image (Python < 3.8)
+            return False
 
     def say(self, status, text, fix=None):
         self.results.append((status, text, fix))
@@ -2532,6 +2639,9 @@ def check_unit(c):
     match = re.search(r'^ExecStart=[-@:+!]*(\S+)(.*)$', text, re.M)
     if not match:
         c.say('FAIL', 'the unit has no ExecStart=', 'sh install.sh%s' % c.root_flag)
+        return None
+    if '\x00' in match.group(0):
+        c.say('FAIL', 'the unit\'s ExecStart= holds a NUL byte', 'sh install.sh%s' % c.root_flag)
         return None
     python, args = match.group(1), match.group(2).split()
     c.unit_args = args
@@ -2840,9 +2950,16 @@ def check_hostname(c):
                   % ' '.join(fields))
 
 
-def check_image(root, out):
+def shell_word(text):
+    """`text` as one word of a shell command line that a fix suggests."""
+    if re.fullmatch(r'[\w./+:=@%-]+', text):
+        return text
+    return "'%s'" % text.replace("'", "'\\''")
+
+
+def check_image(root, out, shown=None):
     """Print one line per check; returns 1 when anything blocks, else 0."""
-    c = Check(Root(root))
+    c = Check(Root(root), shown)
     python = check_unit(c)
     if python:
         check_python(c, python)
@@ -2851,14 +2968,15 @@ def check_image(root, out):
     check_network(c)
     check_identity(c)
     check_hostname(c)
-    for status, text, fix in c.results:
-        out.write('%-5s %s\n' % (status, text))
+    for status, text, fix in c.results:     # texts quote the image's files: printable
+        out.write('%-5s %s\n' % (status, printable(text)))
         if fix and status in ('FAIL', 'warn'):
-            out.write('      fix: %s\n' % fix)
+            out.write('      fix: %s\n' % printable(fix))
     failed = sum(1 for r in c.results if r[0] == 'FAIL')
     warned = sum(1 for r in c.results if r[0] == 'warn')
     out.write('%s: %d blocking, %d warnings (%s)\n'
-              % ('image NOT ready' if failed else 'image ready', failed, warned, root))
+              % ('image NOT ready' if failed else 'image ready', failed, warned,
+                 printable(c.shown)))
     return 1 if failed else 0
 
 
@@ -2907,6 +3025,7 @@ OPTIONS = [Option(*fields) for fields in (
     ('--json', 'json', None, None, False, 'with --status: print the record itself'),
     ('--root', 'root', 'DIR', str, '/',
      'with --check, --deprovision or --status: the mounted image tree (default /)'),
+    ('--shown-root', 'shown_root', 'DIR', str, None, None),  # install.sh: see check_image
     ('--media', 'media', 'DEVICE', str, None,
      'read the provisioning media (ovf-env.xml) from DEVICE, a device or an image file, '
      'instead of looking for it; "none": do not look'),
@@ -2972,35 +3091,54 @@ def build_parser():
         if option.metavar:
             parser.add_argument(*flags, dest=option.dest, metavar=option.metavar,
                                 type=checked(option.convert), default=option.default,
-                                help=option.help)
+                                help=option.help or argparse.SUPPRESS)
         else:
             parser.add_argument(*flags, dest=option.dest, action='store_true', help=option.help)
     parser.add_argument('--version', action='version', version='%(prog)s ' + VERSION)
+    parser.error = usage_error
     return parser
 
 
 def usage_error(message):
-    build_parser().error(message)
+    """One line and exit 2, as for every other mistake (argparse would add its usage)."""
+    sys.stderr.write('azure-provisioning: error: %s (see --help)\n' % printable(message))
+    sys.exit(2)
+
+
+# What only a provisioning run uses, and the modes that do something else.
+PROVISIONING_ONLY = ('wireserver', 'imds', 'timeout', 'no_hostname', 'no_publish_hostname',
+                     'provision_user', 'media', 'keep_host_keys', 'verbose')
+MODES = (('--check', 'check'), ('--deprovision', 'deprovision'), ('--status', 'status'))
+
+
+def check_usage(options):
+    modes = [flag for flag, dest in MODES if getattr(options, dest)]
+    if len(modes) > 1:
+        usage_error('%s and %s do not go together' % tuple(modes[:2]))
+    mode = modes[0] if modes else None
+    defaults = dict((option.dest, option.default) for option in OPTIONS)
+    if mode:
+        wrong = [option.flag for option in OPTIONS if option.dest in PROVISIONING_ONLY
+                 and getattr(options, option.dest) != defaults[option.dest]]
+        if options.dry_run and mode != '--deprovision':
+            wrong.append('--dry-run')
+        if wrong:
+            usage_error('%s does not go with %s' % (wrong[0], mode))
+    elif options.root != '/':
+        usage_error('--root goes with --check, --deprovision or --status')
+    if options.remove_user and mode != '--deprovision':
+        usage_error('--user goes with --deprovision')
+    if options.json and mode != '--status':
+        usage_error('--json goes with --status')
+    if options.shown_root and mode != '--check':
+        usage_error('--shown-root goes with --check')
+    if options.root != '/' and not os.path.isdir(options.root):
+        usage_error('--root %s: not a directory' % options.root)
 
 
 def main(args=None):
     options = parse_args(sys.argv[1:] if args is None else args)
-    modes = [flag for flag, on in (('--check', options.check), ('--deprovision',
-             options.deprovision), ('--status', options.status)) if on]
-    if len(modes) > 1:
-        usage_error('%s and %s do not go together' % tuple(modes[:2]))
-    if options.root != '/' and not modes:
-        usage_error('--root goes with --check, --deprovision or --status')
-    if options.remove_user and not options.deprovision:
-        usage_error('--user goes with --deprovision')
-    if options.json and not options.status:
-        usage_error('--json goes with --status')
-    if options.root != '/' and not os.path.isdir(options.root):
-        usage_error('--root %s: not a directory' % options.root)
-    if options.check:
-        return check_image(options.root, sys.stdout)
-    if options.status:
-        return status(options, sys.stdout)
+    check_usage(options)
     import signal
     signal.signal(signal.SIGTERM, raise_terminated)
     log = Log(options.verbose)
@@ -3011,6 +3149,10 @@ def main(args=None):
                   root=options.root, media=options.media,
                   keep_host_keys=options.keep_host_keys, remove_user=options.remove_user)
     try:
+        if options.check:
+            return check_image(options.root, sys.stdout, options.shown_root)
+        if options.status:
+            return status(options, sys.stdout)
         if options.deprovision:
             return deprovision(run, log, sys.stdout)
         return provision(run, log)

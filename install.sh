@@ -284,7 +284,10 @@ target_python() {
 check_target() {
     if [ -n "$RUN_PY" ]; then
         _how="$PY"
-        if _out=$(target_python -I -S "$SCRIPT_PATH" --check 2>&1); then _rc=0; else _rc=$?; fi
+        # inside the image (chroot), its fixes must still name the image's place here
+        set -- --check
+        [ "$RUN_PY" != chroot ] || set -- --check --shown-root "$ROOT"
+        if _out=$(target_python -I -S "$SCRIPT_PATH" "$@" 2>&1); then _rc=0; else _rc=$?; fi
     elif _host=$(command -v python3 2>/dev/null); then
         _how="this machine's $_host, judging $PY by its files ($NO_RUN_WHY)"
         if _out=$("$_host" -I -S "$ROOT$MODULE_PATH" --check --root "${ROOT:-/}" 2>&1); then _rc=0; else _rc=$?; fi

@@ -2,11 +2,21 @@
 """Real-boot test: a Debian VM under QEMU runs the installed azure-provisioning unit.
 
     python3 tests/boot_test.py [--keep] [--cache-dir DIR] [--only NAME[,NAME]] [--list]
-                               [--repo DIR]
+                               [--suite SUITE[,SUITE]]... [--repo DIR]
 
-Builds a Debian bookworm root filesystem from Debian's packages (mmdebstrap minbase,
-systemd-networkd with DHCP, a kernel; cached in --cache-dir while its recipe is
-unchanged), installs OUR files into a fresh copy with the real `install.sh --root`
+Issue 15, the boot matrix: every scenario below runs on the Debian suites chosen with
+--suite (repeatable or a comma list; default all of bullseye, bookworm, trixie, which
+CI runs), each suite's boots after one another; what runs where is each Boot's
+`suites` (see BOOTS: first, second, failure and media everywhere; slow-network and
+no-dbus only on bookworm, as they test the provisioner's own retry and fallback;
+networkmanager, capture-a and capture-b on trixie).  The end prints a table suite x
+scenario (result, QEMU start -> Ready accepted, checks passed/run) and writes it as
+markdown to WORKDIR/summary.md (kept, alone, without --keep; its path is printed).
+
+Builds a Debian root filesystem per suite and network stack from Debian's packages
+(mmdebstrap minbase with SUITE, SUITE-updates and SUITE-security, systemd-networkd
+with DHCP, a kernel; cached in --cache-dir while its recipe is unchanged, up to
+BASE_BUILDS_AT_ONCE built at a time), installs OUR files into a fresh copy with the real `install.sh --root`
 (the unit stays exactly as a user gets it) plus a test-only checker unit from
 tests/boot/, and boots it under QEMU.  The guest's network is slirp with
 `restrict=on`, moved to 168.0.0.0/7 so that 168.63.129.16:80 and 169.254.169.254:80
@@ -19,7 +29,11 @@ Tests (one result line each):
                 each tree, inside it (chroot, the image's own python3) and from this
                 machine (--root): exit 0, "image ready", the same checklist both ways;
                 on a broken hard-linked copy of the default tree (enable symlink
-                removed, a fake /usr/sbin/waagent): exit 1 naming both, with fixes.
+                removed, a fake /usr/sbin/waagent, a machine id, a state.json):
+                exit 1 naming all four, with fixes.  Issue 14: every image is a
+                generalized one: empty /etc/machine-id, no state.json, and its kernel
+                command line (/etc/kernel/cmdline, which QEMU boots with) has
+                console=ttyS0: --check has no finding about them.
 Boots (each one a test; the names work with --only):
   first         fresh disk: Ready accepted for the current incarnation, IMDS asked with
                 Metadata: true, hostname and /etc/hostname = computerName (not the
@@ -73,6 +87,28 @@ Boots (each one a test; the names work with --only):
                 or the packet capture.  `first` checks that without a disc the log
                 says no media was found.  Without genisoimage this boot is SKIPPED
                 (said in the summary, never counted as passed).
+  capture-a     (issue 14) VM A (vmId A, computerName A, QEMU -uuid = vmId A in Gen1
+                byte order) boots an image with sshd and the host keys its package
+                made at build time, --provision-user: Ready, hostname A, NEW host keys
+                (none of the image's), the console's fingerprint block = ssh-keygen -l
+                of the keys on disk = what ssh-keyscan gets from the running sshd,
+                state.json (vmId A, admin user made by us, 0600) and --status exit 0
+                "the record is this VM's"; then the checker runs `azure-provisioning
+                --deprovision --user` in the guest: exit 0, no host keys, empty
+                machine-id, alice gone, --status exit 1; after poweroff the disk (the
+                captured image) is read with debugfs: no keys, empty machine-id, no
+                alice/home/sudoers drop-in, no record or data, the unit enabled again.
+  capture-b     a copy of that disk as VM B (vmId B, computerName B, -uuid B): Ready,
+                hostname B, host keys new again (none of A's nor the image's), the
+                console block = the keys on disk = the keys served: an image whose
+                sshd had no host keys ends with ssh.service active on the new keys;
+                a machine-id of its own (not A's), --status exit 0 for B, state.json
+                of B, alice made again with her sudoers drop-in.
+Every boot boots with -uuid (its vmId, Gen1 byte order), and first, second and failure
+check state.json and --status (second: still this VM's record; failure: "failed",
+exit 1).  Option 12 on the wire: first (issue 6), second (the new name from the start),
+failure (only the image name), slow-network (the new name last).
+
 The image has dbus, as Azure's images do, so `first` goes through hostnamectl and
 systemd-hostnamed; `no-dbus` covers minimal images without it.
 
@@ -101,8 +137,11 @@ boot-NAME-hung-1/ (with --keep).  A second hang fails that boot ("hung in early 
 twice").  After userspace only the time limit applies.  tests/boot_hangs.py measures
 the hang rate per QEMU configuration.
 
+Time: each boot has its time limit; no boot starts once the boots have used
+BOOT_BUDGET s x the number planned.
+
 Needs root (mmdebstrap, image files owned by root), qemu-system-x86, mmdebstrap,
-netcat-openbsd and e2fsprogs (installed with apt-get when missing), and Debian's
+netcat-openbsd and e2fsprogs (debugfs; installed with apt-get when missing), and Debian's
 package mirror for the first build.  Anything missing is a failure with a clear
 message, never a skip -- except genisoimage, which only the `media` boot needs: that
 boot is then skipped with the reason.  Ends with one line `N passed, M failed` (plus
@@ -137,7 +176,15 @@ DEFAULT_REPO = os.path.dirname(HERE)
 # What is built and booted
 # ---------------------------------------------------------------------------
 
-SUITE = 'bookworm'
+SUITE = 'bookworm'                  # the default suite of the names kept from before the matrix
+# Issue 15: the boot matrix.  Each suite's bases come from SUITE, SUITE-updates and
+# SUITE-security (mmdebstrap's default mirrors for a stable release).  They differ in
+# what the provisioner meets: bullseye python 3.9 / systemd 247 / NetworkManager 1.30,
+# bookworm 3.11 / 252 / 1.42, trixie 3.13 / 257 / 1.52.
+SUITES = ('bullseye', 'bookworm', 'trixie')
+# The image's kernel command line, as a real image carries it (/etc/kernel/cmdline,
+# which --check reads), and what QEMU boots with (-append): one source for both.
+KERNEL_CMDLINE = 'root=/dev/vda rw console=ttyS0 panic=-1 systemd.show_status=1'
 BASE_PACKAGES = ['systemd', 'systemd-sysv', 'udev', 'dbus', 'python3', 'iproute2',
                  'linux-image-amd64']
 # Not needed in a QEMU guest; leaving them out makes the tree ~40% smaller.
@@ -149,13 +196,21 @@ DPKG_EXCLUDES = ['/usr/share/man/*', '/usr/share/doc/*', '/usr/share/locale/*',
               'net/bluetooth', 'drivers/isdn')]
 RECIPE_VERSION = 1          # bump to force a rebuild of every cached base
 HOST_PACKAGES = {'qemu-system-x86_64': 'qemu-system-x86', 'mmdebstrap': 'mmdebstrap',
-                 'nc': 'netcat-openbsd', 'mke2fs': 'e2fsprogs', 'timeout': 'coreutils'}
+                 'nc': 'netcat-openbsd', 'mke2fs': 'e2fsprogs', 'debugfs': 'e2fsprogs',
+                 'timeout': 'coreutils'}
 HOST_PACKAGES_WITH_RECOMMENDS = ['mmdebstrap']   # its recommends (distro-info, gpg) help it
 
 IMAGE_HOSTNAME = 'azp-image'        # what rootfs-hook.sh names the image
 COMPUTER_NAME = 'vm-boot-7'         # osProfile.computerName served by the emulator
 VM_NAME = 'azp-vmss_3'              # compute.name, scale-set style: not a valid hostname
 BAD_COMPUTER_NAME = 'bad_name!'
+VM_ID = '7c1e4b52-93d0-4f6a-b1c2-5a3d9e8f0a11'      # the vmId the emulator serves
+# Issue 14, capture-again: VM A provisions, is deprovisioned and captured; VM B boots
+# the copy.  Their vmIds, computer names (QEMU gets each vmId as its SMBIOS UUID).
+VM_ID_A = 'a1b2c3d4-0a0b-4c0d-8e0f-102132435465'
+VM_ID_B = 'b6c7d8e9-1f2e-4d3c-9b4a-566778899aab'
+COMPUTER_NAME_A = 'vm-capture-a'
+COMPUTER_NAME_B = 'vm-capture-b'
 INCARNATION = 3                     # not 1: a hard-coded incarnation must fail
 SLOW_WIRESERVER_UP = 40.0           # s after QEMU start, unless an earlier boot of this run
 SLOW_MARGIN = 12.0                  # showed the unit's first request sooner: then that + this
@@ -169,6 +224,7 @@ PROBE_AGENT = 'azp-boot-check'      # User-Agent of the checker's own IMDS probe
 UNIT = 'azure-provisioning.service'
 CHECKER_UNIT = 'azp-boot-check.service'
 GUEST_LIB = '/usr/local/lib/azp-boot-test'
+CHECKER_STATE = '/var/lib/azp-boot-test'    # the checker's boot counter and facts copies
 ADMIN_USER = 'alice'                # osProfile.adminUsername in the --provision-user boot
 LOGIN_KEY = GUEST_LIB + '/login_key'    # private key of the checker's ssh login as ADMIN_USER
 SUDOERS_FILE = '/etc/sudoers.d/azure-provisioning'
@@ -198,24 +254,33 @@ BOOT_TIME_LIMIT = 150.0             # s per boot (a TCG boot takes ~20 s)
 EARLY_BOOT_QUIET = 20.0             # s without a new console byte before userspace = hang
 USERSPACE_MARKERS = (b'systemd[1]', b'Welcome to')    # the real root's systemd runs
 POWEROFF_GRACE = 30.0               # s from the facts to QEMU's exit before we stop it
-RUN_BUDGET = 510.0                  # s: no boot starts after this (CI aim: < 10 min)
+RUN_BUDGET = 510.0                  # s: before the matrix, the run's budget (now BOOT_BUDGET)
 
 
 class BaseRecipe(object):
-    """A cached base root filesystem: packages + rootfs-hook.sh with a network stack."""
+    """A cached base root filesystem: packages + rootfs-hook.sh with a network stack,
+    of one Debian suite.  name: the network kind ('networkd', 'networkmanager');
+    cache_name: what its cache directory is called (SUITE-name)."""
 
-    def __init__(self, name, packages, network='networkd', lease_pattern=r'DHCPv4 address'):
+    def __init__(self, name, packages, network='networkd', lease_pattern=r'DHCPv4 address',
+                 suite=SUITE):
         self.name = name
         self.packages = list(packages)
         self.network = network
         self.lease_pattern = lease_pattern   # journal line of the DHCP lease
+        self.suite = suite
+        self.cache_name = '%s-%s' % (suite, name)
+
+    def for_suite(self, suite):
+        """The same recipe on another suite."""
+        return BaseRecipe(self.name, self.packages, self.network, self.lease_pattern, suite)
 
     def mmdebstrap_args(self, hook):
         args = ['mmdebstrap', '--variant=minbase', '--include=' + ','.join(self.packages)]
         args += ['--dpkgopt=path-exclude=' + p for p in DPKG_EXCLUDES]
         args += ['--essential-hook=sh %s essential "$1" %s' % (shlex.quote(hook), self.network),
                  '--customize-hook=sh %s customize "$1" %s' % (shlex.quote(hook), self.network)]
-        return args + [SUITE]
+        return args + [self.suite]
 
     def key(self):
         with open(os.path.join(BOOT_DIR, 'rootfs-hook.sh'), 'rb') as f:
@@ -225,15 +290,25 @@ class BaseRecipe(object):
         return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 
-RECIPES = {
-    'networkd': BaseRecipe('networkd', BASE_PACKAGES),
-    # NetworkManager instead of systemd-networkd (issue 6), sudo and sshd (issue 5).
-    'networkmanager': BaseRecipe('networkmanager',
-                                 BASE_PACKAGES + ['network-manager', 'sudo', 'openssh-server'],
-                                 network='networkmanager',
-                                 lease_pattern=r'dhcp4 \(.*\).*(state changed bound|'
-                                               r'new lease|address )'),
-}
+_NETWORKD = BaseRecipe('networkd', BASE_PACKAGES)
+# NetworkManager instead of systemd-networkd (issue 6), sudo and sshd (issue 5).
+_NETWORKMANAGER = BaseRecipe('networkmanager',
+                             BASE_PACKAGES + ['network-manager', 'sudo', 'openssh-server'],
+                             network='networkmanager',
+                             lease_pattern=r'dhcp4 \(.*\).*(state changed bound|'
+                                           r'new lease|address )')
+# RECIPES['networkd'] and ['networkmanager'] are SUITE's (bookworm); every suite's are
+# RECIPES['SUITE-networkd'] etc. (recipe_for).
+RECIPES = {'networkd': _NETWORKD, 'networkmanager': _NETWORKMANAGER}
+for _suite in SUITES:
+    for _recipe in (_NETWORKD, _NETWORKMANAGER):
+        RECIPES['%s-%s' % (_suite, _recipe.name)] = (
+            _recipe if _suite == SUITE else _recipe.for_suite(_suite))
+
+
+def recipe_for(name, suite=None):
+    """The base recipe `name` ('networkd', 'networkmanager') of suite (default SUITE)."""
+    return RECIPES['%s-%s' % (suite or SUITE, name)]
 
 
 def mask_units(*units):
@@ -306,6 +381,48 @@ USER_CHECKER = {
     }}
 
 
+# Issue 14: what every boot reports: the record and --status (exit 0 provisioned).
+LAUNCHER = '/usr/local/sbin/azure-provisioning'
+STATE_FILE = DATA_DIR + '/state.json'
+BASE_CHECKER = {
+    'files': [STATE_FILE],
+    'commands': {'status': [LAUNCHER, '--status']}}
+# ... and in an image with sshd: the host keys on disk (ssh-keygen -l of each .pub) and
+# the ones the running sshd serves (ssh-keyscan), once ssh.service is active (bounded).
+SSH_WAIT = ('i=0; while [ $i -lt 60 ] && ! systemctl -q is-active ssh.service; do '
+            'i=$((i+1)); sleep 0.5; done; ')
+SSH_CHECKER = {
+    'commands': {
+        'host_keys_disk': ['sh', '-c', 'for k in /etc/ssh/ssh_host_*_key.pub; do '
+                           'ssh-keygen -l -f "$k"; done'],
+        'host_keys_served': ['sh', '-c', SSH_WAIT + 'echo "ssh.service $(systemctl '
+                             'is-active ssh.service) after $((i/2)) s"; ssh-keyscan -T 10 '
+                             '127.0.0.1 2>/dev/null > /run/azp-keyscan; ssh-keygen -l -f '
+                             '/run/azp-keyscan; rm -f /run/azp-keyscan'],
+    }}
+# Issue 14, capture-again: after Ready (and the facts above), VM A makes itself an image
+# again (--deprovision --user), and the checker says what is left; the VM powers off
+# and its disk is the captured image that VM B boots.
+CAPTURE_CHECKER = {
+    'files': [SUDOERS_FILE],
+    'commands': {
+        'user_passwd': ['getent', 'passwd', ADMIN_USER],
+        # the captured disk keeps this config: VM B (boot 2 of the disk) must not
+        # deprovision itself
+        'zz_deprovision': ['sh', '-c', 'if [ "$(cat %s/boots)" = 1 ]; then exec %s '
+                           '--deprovision --user; fi; echo "boot $(cat %s/boots) of this '
+                           'disk: not deprovisioned"' % (CHECKER_STATE, LAUNCHER,
+                                                         CHECKER_STATE)],
+        'zzz_after_keys': ['sh', '-c', 'ls /etc/ssh | grep "^ssh_host_" ; true'],
+        'zzz_after_machine_id': ['sh', '-c', 'wc -c < /etc/machine-id'],
+        'zzz_after_user': ['getent', 'passwd', ADMIN_USER],
+        'zzz_after_files': ['sh', '-c', 'ls -A %s; ls %s; readlink /%s; true'
+                            % (DATA_DIR, SUDOERS_FILE, 'etc/systemd/system/multi-user.'
+                               'target.wants/' + UNIT)],
+        'zzzz_status_after': [LAUNCHER, '--status'],
+    }}
+
+
 # Issue 13: what the guest reports in the media boot (besides USER_CHECKER's kind of
 # facts).  The commands run in name order: media_zz_leaks after everything that uses the
 # password, media_zzz_forget last of the media ones.
@@ -348,6 +465,10 @@ IMAGES = {
     'media': GuestImage('media', recipe='networkmanager', install_args=['--provision-user'],
                         tweaks=[install_ready_hook], checker_config=MEDIA_CHECKER,
                         media=True),
+    # Issue 14: the image of capture-a: sshd (with the host keys its package made at
+    # build time, as every Debian image has) and --provision-user
+    'capture': GuestImage('capture', recipe='networkmanager', install_args=['--provision-user'],
+                          checker_config=CAPTURE_CHECKER),
 }
 
 
@@ -359,8 +480,9 @@ class Boot(object):
     cdrom (/dev/sr0 in the guest); skipped, not failed, without genisoimage."""
 
     def __init__(self, name, check, image='default', emulator=None, disk_from=None,
-                 time_limit=BOOT_TIME_LIMIT, optional=False, media=False):
+                 time_limit=BOOT_TIME_LIMIT, optional=False, media=False, suites=None):
         self.name = name
+        self.suites = tuple(suites or SUITES)   # issue 15: the suites it runs on
         self.media = media
         self.optional = optional        # run only when named with --only
         self.check = check
@@ -529,28 +651,65 @@ def choose_accelerator():
 # ---------------------------------------------------------------------------
 
 def base_rootfs(recipe, cache_dir, log):
-    """The cached base tree for recipe (built when missing).  Returns (tree, how)."""
+    """The cached base tree for recipe (built when missing).  Returns (tree, how).
+    One lock per recipe (suite + network): the bases of several recipes can be built
+    at the same time (build_bases), by this run or by another user of the cache."""
     os.makedirs(cache_dir, exist_ok=True)
     key = recipe.key()
-    final = os.path.join(cache_dir, 'base-%s-%s' % (recipe.name, key))
-    with open(os.path.join(cache_dir, '.lock'), 'w') as lock:
+    final = os.path.join(cache_dir, 'base-%s-%s' % (recipe.cache_name, key))
+    with open(os.path.join(cache_dir, '.lock-' + recipe.cache_name), 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        before = os.path.join(cache_dir, 'base-%s-%s' % (recipe.name, key))
+        if recipe.suite == SUITE and os.path.isfile(os.path.join(before, 'complete')) \
+                and not os.path.exists(final):
+            os.rename(before, final)    # the same recipe, named before the matrix
         if os.path.isfile(os.path.join(final, 'complete')):
             return os.path.join(final, 'rootfs'), 'cached (%s)' % final
-        for old in os.listdir(cache_dir):       # other keys of this recipe, half builds
-            if old.startswith('base-%s-' % recipe.name) or old.startswith('.build-'):
+        # this recipe's other keys and half builds; before the matrix, bookworm's
+        # bases were called base-NAME-KEY
+        stale = re.compile(r'(base-(%s)-[0-9a-f]{16}|\.build-%s-.*)$' % (
+            '|'.join(re.escape(n) for n in [recipe.cache_name] + (
+                [recipe.name] if recipe.suite == SUITE else [])),
+            re.escape(recipe.cache_name)))
+        for old in os.listdir(cache_dir):
+            if stale.match(old):
                 shutil.rmtree(os.path.join(cache_dir, old), ignore_errors=True)
-        building = tempfile.mkdtemp(prefix='.build-', dir=cache_dir)
+        building = tempfile.mkdtemp(prefix='.build-%s-' % recipe.cache_name, dir=cache_dir)
         hook = os.path.join(BOOT_DIR, 'rootfs-hook.sh')
         cmd = recipe.mmdebstrap_args(hook) + [os.path.join(building, 'rootfs')]
-        say('building base root filesystem %r with mmdebstrap (log: %s)' % (recipe.name, log))
-        _, took = run(cmd, 'mmdebstrap (%s)' % recipe.name, 900, log=log)
+        say('building base root filesystem %r with mmdebstrap (log: %s)'
+            % (recipe.cache_name, log))
+        _, took = run(cmd, 'mmdebstrap (%s)' % recipe.cache_name, 900, log=log)
         with open(os.path.join(building, 'recipe.json'), 'w') as f:
             json.dump({'cmd': cmd, 'key': key}, f, indent=1)
         with open(os.path.join(building, 'complete'), 'w') as f:
             f.write('%s\n' % time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
         os.rename(building, final)
         return os.path.join(final, 'rootfs'), 'built in %.0f s (%s)' % (took, final)
+
+
+BASE_BUILDS_AT_ONCE = 3     # mmdebstrap runs at a time: downloads overlap with dpkg work
+
+
+def build_bases(recipes, cache_dir, workdir):
+    """Build (or find cached) the bases of recipes, several at a time, each with its
+    own log.  Returns {cache_name: (tree, how)}; raises TestFailure naming every base
+    that failed."""
+    import concurrent.futures
+    recipes = dict((r.cache_name, r) for r in recipes)
+    done, failed = {}, []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=BASE_BUILDS_AT_ONCE) as pool:
+        jobs = dict((pool.submit(base_rootfs, r, cache_dir,
+                                 os.path.join(workdir, 'mmdebstrap-%s.log' % name)), name)
+                    for name, r in sorted(recipes.items()))
+        for job in concurrent.futures.as_completed(jobs):
+            try:
+                done[jobs[job]] = job.result()
+            except TestFailure as exc:
+                failed.append('%s: %s' % (jobs[job], exc))
+    if failed:
+        raise TestFailure('; '.join(failed))
+    return done
 
 
 def find_boot_files(tree):
@@ -565,13 +724,24 @@ def find_boot_files(tree):
     return os.path.join(boot, kernels[0]), initrd
 
 
+def checker_config_for(tree, config):
+    """config plus what every boot reports (BASE_CHECKER: the record, --status) and,
+    in an image with sshd, SSH_CHECKER (host keys on disk and served)."""
+    merged = {'files': list(BASE_CHECKER['files']), 'commands': dict(BASE_CHECKER['commands'])}
+    extra = [SSH_CHECKER] if os.path.exists(os.path.join(tree, 'usr/sbin/sshd')) else []
+    for part in extra + [config]:
+        merged['files'] += [f for f in part.get('files', []) if f not in merged['files']]
+        merged['commands'].update(part.get('commands', {}))
+    return merged
+
+
 def install_checker(tree, config):
     lib = os.path.join(tree, GUEST_LIB.lstrip('/'))
     os.makedirs(lib, exist_ok=True)
     shutil.copyfile(os.path.join(BOOT_DIR, 'azp-boot-check'), os.path.join(lib, 'azp-boot-check'))
     os.chmod(os.path.join(lib, 'azp-boot-check'), 0o755)
     with open(os.path.join(lib, 'config.json'), 'w') as f:
-        json.dump(config, f, indent=1)
+        json.dump(checker_config_for(tree, config), f, indent=1)
     units = os.path.join(tree, 'etc/systemd/system')
     shutil.copyfile(os.path.join(BOOT_DIR, CHECKER_UNIT), os.path.join(units, CHECKER_UNIT))
     os.chmod(os.path.join(units, CHECKER_UNIT), 0o644)
@@ -609,11 +779,14 @@ def installed_unit_problems(tree, repo):
     return problems
 
 
-def build_image(image, workdir, cache_dir, repo, log):
-    """Make the pristine disk image of `image`.  Returns dict(disk, kernel, initrd, notes)."""
-    base, how = base_rootfs(image.recipe, cache_dir, log)
-    say('base root filesystem: %s' % how)
-    out = os.path.join(workdir, 'image-' + image.name)
+def build_image(image, workdir, cache_dir, repo, log, suite=None):
+    """Make the pristine disk image of `image` (on suite: default the recipe's own,
+    SUITE).  Returns dict(disk, kernel, initrd, login_key, preflight, media, suite,
+    cmdline, host_keys: the fingerprints of the SSH host keys the image ships)."""
+    recipe = recipe_for(image.recipe.name, suite) if suite else image.recipe
+    base, how = base_rootfs(recipe, cache_dir, log)
+    say('base root filesystem %s: %s' % (recipe.cache_name, how))
+    out = os.path.join(workdir, 'image-%s%s' % (suite + '-' if suite else '', image.name))
     tree = os.path.join(out, 'rootfs')
     os.makedirs(out)
     started = time.monotonic()
@@ -627,6 +800,11 @@ def build_image(image, workdir, cache_dir, repo, log):
     if problems:
         raise TestFailure('install.sh --root: ' + '; '.join(problems))
     install_checker(tree, image.checker_config)
+    # The kernel command line the image declares (where a real image's boot loader
+    # config says it; --check reads it) is the one QEMU boots with (qemu_command).
+    os.makedirs(os.path.join(tree, 'etc/kernel'), exist_ok=True)
+    with open(os.path.join(tree, 'etc/kernel/cmdline'), 'w') as f:
+        f.write(KERNEL_CMDLINE + '\n')
     for tweak in image.tweaks:
         tweak(tree)
     login_key = make_login_key(tree) if image.login_key else None
@@ -635,6 +813,7 @@ def build_image(image, workdir, cache_dir, repo, log):
         media = make_media_secrets(load_fake_module(repo))
         install_media_secret(tree, media)
     preflight = preflight_checks(image, tree, repo, out)
+    host_keys = image_host_keys(tree)
     kernel, initrd = find_boot_files(tree)
     for src in (kernel, initrd):
         shutil.copyfile(src, os.path.join(out, os.path.basename(src)))
@@ -647,7 +826,34 @@ def build_image(image, workdir, cache_dir, repo, log):
            ''.join('; ' + (t.__doc__ or t.__name__) for t in image.tweaks)))
     return {'disk': disk, 'kernel': os.path.join(out, os.path.basename(kernel)),
             'initrd': os.path.join(out, os.path.basename(initrd)),
-            'login_key': login_key, 'preflight': preflight, 'media': media}
+            'login_key': login_key, 'preflight': preflight, 'media': media,
+            'suite': recipe.suite, 'cmdline': KERNEL_CMDLINE, 'host_keys': host_keys,
+            'name': image.name}
+
+
+def image_host_keys(tree):
+    """Fingerprints (`ssh-keygen -l` lines) of the SSH host keys in the tree, made by
+    the image's own ssh-keygen ([] without keys or without ssh-keygen)."""
+    pubs = sorted(glob.glob(os.path.join(tree, 'etc/ssh/ssh_host_*_key.pub')))
+    if not pubs or not os.path.exists(os.path.join(tree, 'usr/bin/ssh-keygen')):
+        return []
+    out, _ = run(['chroot', tree, 'sh', '-c', 'for k in /etc/ssh/ssh_host_*_key.pub; do '
+                  'ssh-keygen -l -f "$k"; done'], 'ssh-keygen -l in the image', 60)
+    return fingerprint_set(out)
+
+
+FINGERPRINT = re.compile(r'\b(\d+) (SHA256:[A-Za-z0-9+/=]+) .*\((\w+)\)\s*$')
+
+
+def fingerprint_set(text):
+    """The `BITS SHA256:... (TYPE)` of each ssh-keygen -l line in text, sorted (the
+    comment in between names the host or file: not part of the key)."""
+    found = set()
+    for line in (text or '').splitlines():
+        m = FINGERPRINT.search(line.strip())
+        if m:
+            found.add('%s %s (%s)' % m.groups())
+    return sorted(found)
 
 
 def make_login_key(tree):
@@ -795,6 +1001,15 @@ def preflight_checks(image, tree, repo, workdir):
                         and not flagged(output, 'FAIL')[0],
                         'image %s: --check %s exits 0, "image ready"' % (image.name, where),
                         'exit %s; %s' % (status, last), output))
+        # issue 14: the image is a generalized one (empty machine-id, no record) whose
+        # kernel command line has the serial console (/etc/kernel/cmdline here)
+        identity = [l for l in output.splitlines() if re.match(r'(FAIL|warn)\s', l)
+                    and re.search(r'machine.id|state\.json|console=ttyS0', l)]
+        results.append((not identity,
+                        'image %s: --check %s: no identity or console finding' % (image.name,
+                                                                                 where),
+                        '; '.join(identity) or 'machine-id empty, no record, console=ttyS0',
+                        None))
     same = checklist(runs['chroot'][1]) == checklist(runs['root'][1])
     results.append((same, 'image %s: the same checklist inside and with --root' % image.name,
                     '' if same else 'differs: %s' % sorted(set(checklist(runs['chroot'][1]))
@@ -811,22 +1026,36 @@ def preflight_checks(image, tree, repo, workdir):
                      0o755)
         os.write(fd, b'#!/bin/sh\n# fake walinuxagent for the --check test\nexit 0\n')
         os.close(fd)
+        # issue 14: captured without --deprovision: a machine id and our record (new
+        # files: the copy's machine-id is a hard link to the tree's)
+        os.unlink(os.path.join(broken, 'etc/machine-id'))
+        with open(os.path.join(broken, 'etc/machine-id'), 'w') as f:
+            f.write('0123456789abcdef0123456789abcdef\n')
+        os.makedirs(os.path.join(broken, DATA_DIR.lstrip('/')), exist_ok=True)
+        with open(os.path.join(broken, DATA_DIR.lstrip('/'), 'state.json'), 'w') as f:
+            f.write('{"result": "provisioned", "vm_id": "%s"}\n' % VM_ID_A)
         runs = check_runs(broken, repo)
     finally:
         shutil.rmtree(broken, ignore_errors=True)
     if not os.path.lexists(os.path.join(tree, ENABLE_LINK)) or \
-            os.path.lexists(os.path.join(tree, FAKE_WAAGENT)):
+            os.path.lexists(os.path.join(tree, FAKE_WAAGENT)) or \
+            read_bytes(os.path.join(tree, 'etc/machine-id')).strip() or \
+            os.path.lexists(os.path.join(tree, DATA_DIR.lstrip('/'), 'state.json')):
         raise TestFailure('breaking the copy of %s changed the tree itself' % tree)
     for how, (status, output) in sorted(runs.items()):
         where = 'inside (chroot)' if how == 'chroot' else 'with --root'
         last = (output.strip().splitlines() or [''])[-1]
-        unit, unit_fix = flagged(output, 'FAIL', 'unit not enabled')
-        agent, agent_fix = flagged(output, 'FAIL', 'walinuxagent', '/' + FAKE_WAAGENT)
-        results.append((status == 1 and last.startswith('image NOT ready: 2 blocking')
-                        and bool(unit and unit_fix and agent and agent_fix),
-                        'broken copy of %s (unit not enabled, a /%s): --check %s exits 1 '
-                        'naming both, each with a fix' % (image.name, FAKE_WAAGENT, where),
-                        'exit %s; %s | %s | %s' % (status, unit, agent, last), output))
+        found = [flagged(output, 'FAIL', 'unit not enabled'),
+                 flagged(output, 'FAIL', 'walinuxagent', '/' + FAKE_WAAGENT),
+                 flagged(output, 'FAIL', '/etc/machine-id'),
+                 flagged(output, 'FAIL', 'state.json')]
+        results.append((status == 1 and last.startswith('image NOT ready: 4 blocking')
+                        and all(line and fix for line, fix in found),
+                        'broken copy of %s (unit not enabled, a /%s, a machine id, a '
+                        'state.json): --check %s exits 1 naming all four, each with a fix'
+                        % (image.name, FAKE_WAAGENT, where),
+                        'exit %s; %s | %s' % (status, ' | '.join(str(l) for l, _ in found),
+                                              last), output))
     return results
 
 
@@ -878,7 +1107,17 @@ def load_fake_azure(repo):
     return load_fake_module(repo).FakeAzure
 
 
-def qemu_command(files, disk, accel, wport, iport, rundir, media=None):
+def gen1_uuid(vm_id):
+    """The SMBIOS UUID of a Gen1 (BIOS) Azure VM whose vmId is vm_id: the first three
+    fields byte-swapped.  QEMU boots the kernel without EFI, so the guest is Gen1-like
+    and the provisioner swaps them back (--status)."""
+    fields = vm_id.lower().split('-')
+    fields[:3] = [''.join(reversed([f[i:i + 2] for i in range(0, len(f), 2)]))
+                  for f in fields[:3]]
+    return '-'.join(fields)
+
+
+def qemu_command(files, disk, accel, wport, iport, rundir, media=None, uuid=None):
     # Issue 11 (a hang in early kernel boot under TCG): tests/boot_hangs.py found no
     # configuration that does better than this one: 0 hangs in 50 boots (to the
     # kernel's "Run /init") each with -accel tcg (multi-threaded) -smp 2, tcg,thread=
@@ -892,7 +1131,7 @@ def qemu_command(files, disk, accel, wport, iport, rundir, media=None):
     return ['qemu-system-x86_64', '-name', 'azp-boot-test', '-nodefaults', '-no-user-config',
             '-display', 'none', '-no-reboot', '-accel', accel, '-m', '1024', '-smp', '2',
             '-kernel', files['kernel'], '-initrd', files['initrd'],
-            '-append', 'root=/dev/vda rw console=ttyS0 panic=-1 systemd.show_status=1',
+            '-append', files.get('cmdline') or KERNEL_CMDLINE,
             '-drive', 'file=%s,format=raw,if=virtio,cache=unsafe' % disk,
             '-netdev', netdev,
             '-device', 'virtio-net-pci,netdev=n0,mac=' + GUEST_MAC,
@@ -903,7 +1142,9 @@ def qemu_command(files, disk, accel, wport, iport, rundir, media=None):
         # issue 13: the provisioning media the way Azure attaches it, a read-only cdrom
         # on the board's IDE controller: /dev/sr0 in the guest (ata_piix, sr_mod)
         ['-drive', 'file=%s,format=raw,if=ide,index=1,media=cdrom,readonly=on' % media]
-        if media else [])
+        if media else []) + (
+        # issue 14: every Azure VM has an SMBIOS product UUID (its vmId, Gen1 byte order)
+        ['-uuid', uuid] if uuid else [])
 
 
 KERNEL_TIME = re.compile(rb'\[\s*(\d+\.\d+)\]')
@@ -944,14 +1185,14 @@ def describe_hang(hang):
 
 
 def boot_vm(files, disk, accel, az, rundir, time_limit, hang_after=EARLY_BOOT_QUIET,
-            media=None):
+            media=None, uuid=None):
     """Boot once; returns a VmRun.  Never waits longer than time_limit (+ a few s).
     Before userspace, a console silent for hang_after s (see early_boot_hang) stops
     the VM at once: vm.early_hang says where.  media: a disc image to attach as cdrom."""
     vm = VmRun()
     wport = int(az.wireserver_addr.rsplit(':', 1)[1])
     iport = int(az.imds_addr.rsplit(':', 1)[1])
-    cmd = qemu_command(files, disk, accel, wport, iport, rundir, media)
+    cmd = qemu_command(files, disk, accel, wport, iport, rundir, media, uuid)
     with open(os.path.join(rundir, 'qemu.cmd'), 'w') as f:
         f.write(' '.join("'%s'" % a if ' ' in a else a for a in cmd) + '\n')
     facts_path = os.path.join(rundir, 'facts.log')
@@ -1194,6 +1435,10 @@ class Context(object):
         self.rundir = None              # run_boot sets these
         self.media = None               # the image's media secrets (media boots)
         self.media_path = None          # the disc attached (media boots)
+        self.image = None               # the built image's dict
+        self.disk = None                # the disk booted (what the VM left on it)
+        self.suite = None
+        self.history = []               # VmRuns of this run so far (.name, .suite, .facts)
 
     def unit(self, name=UNIT):
         return self.facts.get('units', {}).get(name, {})
@@ -1294,7 +1539,7 @@ def check_ran_after_network(ctx, c):
              'the unit started after network-online.target was reached',
              'network-online.target at %.3f s, unit started at %.3f s (monotonic)'
              % (online / 1e6, unit_start / 1e6))
-    recipe = IMAGES[ctx.boot.image].recipe
+    recipe = recipe_for(IMAGES[ctx.boot.image].recipe.name, ctx.suite)
     leases = [e['monotonic'] for e in ctx.facts.get('network_journal', [])
               if re.search(recipe.lease_pattern, e.get('message') or '')]
     c.expect(bool(leases) and min(leases) < unit_start,
@@ -1336,7 +1581,13 @@ def check_provisioned(ctx, c):
     check_imds_requests(ctx, c)
     check_hostname(ctx, c, COMPUTER_NAME)
     hostnamed = ctx.mono('systemd-hostnamed.service', 'ActiveEnterTimestampMonotonic')
-    c.expect(hostnamed > 0, 'systemd-hostnamed was used (hostnamectl path, dbus present)')
+    # it exits when idle (and may be unloaded) before the checker asks: its journal too
+    started = [e for e in ctx.facts.get('hostnamed_journal', [])
+               if re.search(r'^Start(ed|ing)\b', e.get('message') or '')]
+    c.expect(hostnamed > 0 or bool(started),
+             'systemd-hostnamed was used (hostnamectl path, dbus present)',
+             'active at %.3f s' % (hostnamed / 1e6) if hostnamed else
+             '%d start lines in its journal' % len(started))
     check_ran_after_network(ctx, c)
     check_unit_succeeded_and_disabled(ctx, c)
     check_unit_file_unmodified(ctx, c)
@@ -1348,6 +1599,7 @@ def check_provisioned(ctx, c):
 def check_first(ctx, c):
     check_provisioned(ctx, c)
     check_publish(ctx, c, 'systemd-networkd')
+    check_record(ctx, c, VM_ID)       # issue 14
     # issue 13: no disc attached: the media step looked and said so, and went on
     check_console(ctx, c, [(r'\bmedia: no\b', 'no provisioning media found (none attached)')])
 
@@ -1821,6 +2073,7 @@ def check_second(ctx, c):
     c.expect(ctx.is_enabled() == 'disabled', 'the unit is still disabled', ctx.is_enabled())
     c.expect(ctx.facts.get('hostname') == COMPUTER_NAME,
              'the hostname survived the reboot', repr(ctx.facts.get('hostname')))
+    check_record(ctx, c, VM_ID)       # issue 14: the same VM (SMBIOS UUID) as the record
     names = [m['hostname'] for m in dhcp_messages(ctx.vm.packets)
              if m['from_guest'] and m['type'] in ('DISCOVER', 'REQUEST')]
     c.expect(bool(names) and set(names) == set([COMPUTER_NAME]),
@@ -1859,6 +2112,12 @@ def check_failure(ctx, c):
              and (ctx.file_text('/etc/hostname') or '').strip() == IMAGE_HOSTNAME,
              'the hostname was left alone', repr(ctx.facts.get('hostname')))
     check_console(ctx, c, [(r'(?i)error|fail', 'an error line')])
+    check_record(ctx, c, VM_ID, result='failed')      # issue 14
+    names = [m['hostname'] for m in dhcp_messages(ctx.vm.packets)
+             if m['from_guest'] and m['type'] in ('DISCOVER', 'REQUEST')]
+    c.expect(bool(names) and set(names) == set([IMAGE_HOSTNAME]),
+             'DHCP option 12 carried only the image name %s (nothing published)'
+             % IMAGE_HOSTNAME, 'option 12: %s' % names)
 
 
 def check_slow(ctx, c):
@@ -1880,6 +2139,11 @@ def check_slow(ctx, c):
              'Ready after %s s' % ('%.1f' % ctx.vm.ready_after if ctx.vm.ready_after else '-'))
     check_hostname(ctx, c, COMPUTER_NAME)
     check_unit_succeeded_and_disabled(ctx, c)
+    asks = [m for m in dhcp_messages(ctx.vm.packets)
+            if m['from_guest'] and m['type'] in ('DISCOVER', 'REQUEST')]
+    c.expect(bool(asks) and asks[-1]['hostname'] == COMPUTER_NAME,
+             'the last name the guest sent to DHCP is %s' % COMPUTER_NAME,
+             'option 12: %s' % [m['hostname'] for m in asks])
 
 
 def check_no_dbus(ctx, c):
@@ -1910,6 +2174,204 @@ def check_no_dbus(ctx, c):
         say('    info: option 12 on the wire: %s' % [m['hostname'] for m in asks])
 
 
+# Issue 14 ------------------------------------------------------------------
+
+FINGERPRINT_BLOCK = re.compile(r'-----BEGIN SSH HOST KEY FINGERPRINTS-----\n(.*?)'
+                               r'-----END SSH HOST KEY FINGERPRINTS-----', re.S)
+
+
+def console_fingerprint_blocks(ctx):
+    """The fingerprint blocks the provisioner printed on the serial console, each as
+    fingerprint_set() of its lines."""
+    return [fingerprint_set(b) for b in
+            FINGERPRINT_BLOCK.findall(ctx.vm.console.replace('\r', ''))]
+
+
+def hashes(fingerprints):
+    return set(f.split()[1] for f in fingerprints)
+
+
+def check_host_keys(ctx, c, others):
+    """SSH host keys: new ones, printed on the console exactly as on disk, served by a
+    running sshd.  others: [(what, fingerprints)] that must share no key with them."""
+    disk = fingerprint_set(command(ctx, 'host_keys_disk')[1])
+    rc, served_out = command(ctx, 'host_keys_served')
+    served = fingerprint_set(served_out)
+    blocks = console_fingerprint_blocks(ctx)
+    c.expect(len(blocks) == 1 and bool(disk) and blocks[0] == disk,
+             'serial console: one fingerprint block, the same keys as /etc/ssh/*.pub on disk',
+             'console %s; disk %s' % (blocks, disk))
+    active = re.search(r'ssh\.service (\S+) after (\d+) s', served_out)
+    c.expect(bool(active) and active.group(1) == 'active' and served == disk,
+             'ssh.service is active and serves the keys on disk (ssh-keyscan 127.0.0.1)',
+             '%s; served %s' % (active.group(0) if active else served_out.strip()[-200:],
+                                served))
+    for what, keys in others:
+        c.expect(bool(disk) and not hashes(disk) & hashes(keys),
+                 'the host keys are not %s' % what,
+                 '%d keys, %d of them %s' % (len(disk), len(hashes(disk) & hashes(keys)), what))
+    say('    info: host keys %s' % ', '.join(disk))
+    return disk
+
+
+def state_record(ctx):
+    try:
+        return json.loads(ctx.file_text(STATE_FILE) or 'null')
+    except ValueError:
+        return None
+
+
+def check_record(ctx, c, vm_id, result='provisioned', user=None):
+    """The record (state.json) and --status on this VM (-uuid = its vmId, Gen1 order)."""
+    state = state_record(ctx) or {}
+    info = file_info(ctx, STATE_FILE)
+    c.expect(state.get('result') == result and state.get('vm_id') == vm_id
+             and info.get('mode') == '600' and info.get('uid') == 0
+             and (user is None or state.get('admin_user_created') == user),
+             '%s: result %s, vmId %s%s, mode 0600 root' % (
+                 STATE_FILE, result, vm_id, ', admin user %s made by us' % user if user else ''),
+             '%s; %s' % (mode_owner(info), dict((k, state.get(k)) for k in (
+                 'result', 'vm_id', 'hostname', 'admin_user_created', 'ssh_host_keys')))
+             if state else 'no record: %s' % info)
+    rc, out = command(ctx, 'status')
+    lines = out.strip().splitlines()
+    if result == 'provisioned':
+        ok = rc == 0 and bool(lines) and lines[0].startswith('provisioned: VM %s' % vm_id) \
+            and "this VM: %s: the record is this VM's" % vm_id in out
+        what = '--status exits 0: provisioned, VM %s, the record is this VM\'s (DMI)' % vm_id
+    else:
+        ok = rc == 1 and bool(lines) and lines[0].startswith('FAILED: VM %s' % vm_id)
+        what = '--status exits 1: FAILED, VM %s' % vm_id
+    c.expect(ok, what, 'exit %s: %s' % (rc, ' | '.join(lines)[:400]))
+
+
+def debugfs(disk, request):
+    """One read-only debugfs request on an ext4 image (no mount): its output."""
+    status, out = run_status(['debugfs', '-R', request, disk])
+    return '\n'.join(l for l in out.splitlines() if not l.startswith('debugfs '))
+
+
+def debugfs_names(disk, directory):
+    """Names in directory of the image (ls -p: /inode/mode/uid/gid/name/size/)."""
+    names = []
+    for line in debugfs(disk, 'ls -p ' + directory).splitlines():
+        fields = line.strip().split('/')
+        if len(fields) >= 7 and fields[5] not in ('.', '..'):
+            names.append(fields[5])
+    return sorted(names)
+
+
+def captured_disk(disk):
+    """What the captured disk holds, read from this machine without booting it."""
+    wants = 'etc/systemd/system/multi-user.target.wants'
+    return {'ssh': [n for n in debugfs_names(disk, '/etc/ssh') if n.startswith('ssh_host_')],
+            'sshd': bool(debugfs_names(disk, '/etc/ssh')),
+            'machine_id': debugfs(disk, 'cat /etc/machine-id'),
+            'users': [l.split(':')[0] for l in debugfs(disk, 'cat /etc/passwd').splitlines()
+                      if ':' in l],
+            'data': debugfs_names(disk, DATA_DIR),
+            'sudoers': debugfs_names(disk, '/etc/sudoers.d'),
+            'wants': debugfs_names(disk, '/' + wants),
+            'home': debugfs_names(disk, '/home')}
+
+
+def capture_emulator(name, vm_id):
+    def emulator(history, image):
+        return dict(EMULATOR, computer_name=name, vm_name=name, vm_id=vm_id,
+                    admin_username=ADMIN_USER, public_keys=[SECOND_KEY])
+    emulator.__doc__ = 'vmId %s, computerName %s, adminUsername %s' % (vm_id, name, ADMIN_USER)
+    return emulator
+
+
+def check_capture_a(ctx, c):
+    """Boot 1 of capture-again: VM A provisions (new host keys: the image's are the
+    ones every VM of it would share), then --deprovision --user makes it an image."""
+    check_common(ctx, c)
+    check_ready(ctx, c)
+    check_hostname(ctx, c, COMPUTER_NAME_A)
+    check_unit_succeeded_and_disabled(ctx, c)
+    image_keys = (ctx.image or {}).get('host_keys') or []
+    c.expect(bool(image_keys), 'the image ships SSH host keys (made when openssh-server '
+             'was installed)', ', '.join(image_keys))
+    check_host_keys(ctx, c, [("the image's", image_keys)])
+    check_record(ctx, c, VM_ID_A, user=ADMIN_USER)
+    rc, out = command(ctx, 'user_passwd')
+    c.expect(rc == 0 and out.startswith(ADMIN_USER + ':'),
+             'VM A: %s was made (--provision-user)' % ADMIN_USER, out.strip())
+    machine_id = (ctx.file_text('/etc/machine-id') or '').strip()
+    c.expect(bool(re.match(r'^[0-9a-f]{32}$', machine_id)), 'VM A has a machine id', machine_id)
+    # --deprovision --user inside the guest, after all of the above was collected
+    rc, out = command(ctx, 'zz_deprovision')
+    for line in out.strip().splitlines():
+        say('    | ' + line)
+    c.expect(rc == 0 and 'deprovisioned' in out,
+             'azure-provisioning --deprovision --user exits 0 in VM A', 'exit %s' % rc)
+    keys = command(ctx, 'zzz_after_keys')[1].split()
+    c.expect(not keys, 'after it: no SSH host key in /etc/ssh', ' '.join(keys))
+    size = command(ctx, 'zzz_after_machine_id')[1].strip()
+    c.expect(size == '0', 'after it: /etc/machine-id is empty', '%s bytes' % size)
+    rc, out = command(ctx, 'zzz_after_user')
+    c.expect(rc == 2 and not out.strip(), 'after it: %s is gone' % ADMIN_USER,
+             'getent exit %s %s' % (rc, out.strip()))
+    rc, out = command(ctx, 'zzzz_status_after')
+    c.expect(rc == 1 and out.startswith('not provisioned'),
+             'after it: --status exits 1, not provisioned', 'exit %s: %s'
+             % (rc, ' | '.join(out.strip().splitlines())[:300]))
+    # the captured disk, read from this machine
+    disk = captured_disk(ctx.disk)
+    say('    info: the captured disk (debugfs): %s' % json.dumps(disk, sort_keys=True)[:600])
+    c.expect(disk['sshd'] and not disk['ssh'], 'captured disk: /etc/ssh without host keys',
+             ' '.join(disk['ssh']))
+    c.expect(disk['machine_id'].strip() == '', 'captured disk: /etc/machine-id empty',
+             repr(disk['machine_id'][:40]))
+    c.expect(ADMIN_USER not in disk['users'] and ADMIN_USER not in disk['home']
+             and 'azure-provisioning' not in disk['sudoers'],
+             'captured disk: no %s in /etc/passwd, no /home/%s, no sudoers drop-in'
+             % (ADMIN_USER, ADMIN_USER), 'home %s sudoers.d %s' % (disk['home'],
+                                                                   disk['sudoers']))
+    c.expect(not set(disk['data']) & set(['state.json', 'custom-data', 'user-data']),
+             'captured disk: no record or data in %s' % DATA_DIR, ' '.join(disk['data']))
+    c.expect(UNIT in disk['wants'], 'captured disk: the unit is enabled again',
+             'multi-user.target.wants: %s' % ' '.join(disk['wants']))
+
+
+def earlier_facts(ctx, name):
+    """The facts of an earlier boot of this suite (a VmRun's)."""
+    for vm in ctx.history:
+        if getattr(vm, 'name', None) == name and getattr(vm, 'suite', None) == ctx.suite:
+            return vm.facts or {}
+    return {}
+
+
+def check_capture_b(ctx, c):
+    """Boot 2 of capture-again: the captured disk as VM B (another vmId, name, UUID)."""
+    check_common(ctx, c)
+    check_ready(ctx, c)
+    check_hostname(ctx, c, COMPUTER_NAME_B)
+    check_unit_succeeded_and_disabled(ctx, c)
+    a = earlier_facts(ctx, 'capture-a')
+    a_keys = fingerprint_set(((a.get('commands') or {}).get('host_keys_disk') or {})
+                             .get('output'))
+    c.expect(bool(a_keys), "VM A's host keys are known (capture-a's facts)")
+    # (b): the image as captured has no host keys: sshd could not start at boot
+    check_host_keys(ctx, c, [("VM A's", a_keys),
+                             ("the image's", (ctx.image or {}).get('host_keys') or [])])
+    a_id = ((a.get('files') or {}).get('/etc/machine-id') or {}).get('content', '').strip()
+    b_id = (ctx.file_text('/etc/machine-id') or '').strip()
+    c.expect(bool(re.match(r'^[0-9a-f]{32}$', b_id)) and b_id != a_id,
+             "VM B has a machine id of its own, not VM A's", 'A %s, B %s' % (a_id, b_id))
+    check_record(ctx, c, VM_ID_B, user=ADMIN_USER)
+    rc, out = command(ctx, 'user_passwd')
+    c.expect(rc == 0 and out.startswith(ADMIN_USER + ':')
+             and file_info(ctx, SUDOERS_FILE).get('exists'),
+             '%s made again by VM B, with its sudoers drop-in' % ADMIN_USER, out.strip())
+    check_console(ctx, c, [(r'user: %s ready' % ADMIN_USER, 'the user line'),
+                           (r'ssh host keys: \d+ new', 'new host keys line')])
+    rc, out = command(ctx, 'zz_deprovision')
+    c.expect('not deprovisioned' in out, 'VM B was not deprovisioned (the checker\'s guard)',
+             out.strip()[-200:])
+
+
 def slow_emulator(history, image):
     """The WireServer comes up SLOW_MARGIN s after the unit's first request was seen in
     the boots before (so it surely refuses the unit's first attempts however fast or
@@ -1919,18 +2381,30 @@ def slow_emulator(history, image):
     return dict(EMULATOR, wireserver_up_after=round(up, 1))
 
 
-EMULATOR = dict(computer_name=COMPUTER_NAME, vm_name=VM_NAME, incarnation=INCARNATION)
+EMULATOR = dict(computer_name=COMPUTER_NAME, vm_name=VM_NAME, incarnation=INCARNATION,
+                vm_id=VM_ID)
 
+# Issue 15: what runs on which suite.  Every suite: first, second, failure, media (the
+# NetworkManager base, --provision-user).  slow-network and no-dbus test the
+# provisioner's own retry and fallback, the same code on every suite: bookworm only.
+# networkmanager (ssh login with a key) and capture-again: trixie, the newest.
+ONE_SUITE = ('bookworm',)
+NEWEST = ('trixie',)
 BOOTS = [
     Boot('first', check_first, emulator=EMULATOR),
     Boot('second', check_second, disk_from='first', emulator=EMULATOR),
     Boot('failure', check_failure, emulator=dict(EMULATOR, computer_name=BAD_COMPUTER_NAME)),
     Boot('slow-network', check_slow, emulator=slow_emulator,
-         time_limit=BOOT_TIME_LIMIT + SLOW_WIRESERVER_UP),
-    Boot('no-dbus', check_no_dbus, image='no-dbus', emulator=EMULATOR),
+         time_limit=BOOT_TIME_LIMIT + SLOW_WIRESERVER_UP, suites=ONE_SUITE),
+    Boot('no-dbus', check_no_dbus, image='no-dbus', emulator=EMULATOR, suites=ONE_SUITE),
     Boot('networkmanager', check_networkmanager, image='networkmanager',
-         emulator=user_emulator),
+         emulator=user_emulator, suites=NEWEST),
     Boot('media', check_media, image='media', emulator=media_emulator, media=True),
+    # issue 14: an image captured again
+    Boot('capture-a', check_capture_a, image='capture',
+         emulator=capture_emulator(COMPUTER_NAME_A, VM_ID_A), suites=NEWEST),
+    Boot('capture-b', check_capture_b, image='capture', disk_from='capture-a',
+         emulator=capture_emulator(COMPUTER_NAME_B, VM_ID_B), suites=NEWEST),
 ]
 
 
@@ -1954,19 +2428,22 @@ def select_boots(only):
     return [b for b in BOOTS if b.name in wanted]
 
 
-def report_preflight(images):
-    """Issue 7: the --check runs made while building the images, as one test."""
+def report_preflight(images, suite=None):
+    """Issue 7: the --check runs made while building the images, as one test.
+    Returns (name, passed, summary, checks passed, checks)."""
     say('')
-    say('== preflight: azure-provisioning --check on the built image trees')
+    say('== preflight%s: azure-provisioning --check on the built image trees'
+        % (' (%s)' % suite if suite else ''))
     c = Checks()
     for name in sorted(images):
         for ok, what, detail, output in images[name]['preflight']:
             c.expect(ok, what, detail)
-            if output and (not ok or 'broken' in what
+            if output and (not ok or ('broken' in what and 'inside' in what)
                            or (name == 'default' and 'inside the image' in what)):
                 for line in output.rstrip().splitlines():
                     say('      | ' + line)
-    return ('preflight', not c.failures, '%d checks, %d failed' % (c.count, len(c.failures)))
+    return ('preflight', not c.failures, '%d checks, %d failed' % (c.count, len(c.failures)),
+            c.count - len(c.failures), c.count)
 
 
 def describe_requests(ctx):
@@ -1976,7 +2453,7 @@ def describe_requests(ctx):
                                            == PROBE_AGENT else ''))
 
 
-def run_boot(boot, images, disks, history, fake, accel, workdir):
+def run_boot(boot, images, disks, history, fake, accel, workdir, suite=None):
     """Run one boot and its checks; returns (Checks, the VmRun judged).
     Every attempt gets what a boot always gets: its own run directory, a fresh copy of
     its disk (the built image's, or the disk that boot.disk_from left: that one is
@@ -1986,14 +2463,18 @@ def run_boot(boot, images, disks, history, fake, accel, workdir):
     VmRun judged lists it in hung_before.  A second hang fails the boot.
     fake: tests/fake_azure.py as a module.  A media boot gets its disc built afresh in
     the run directory (BootSkipped when genisoimage is missing)."""
-    rundir = os.path.join(workdir, 'boot-' + boot.name)
+    # suite (issue 15): images and disks are keyed (suite, name), else by name
+    key = (lambda name: (suite, name)) if suite else (lambda name: name)
+    image = images[key(boot.image)]
+    rundir = os.path.join(workdir, 'boot-%s%s' % (suite + '-' if suite else '', boot.name))
     if boot.disk_from:
-        if boot.disk_from not in disks:
+        if key(boot.disk_from) not in disks:
             raise TestFailure('boot %r did not leave a disk' % boot.disk_from)
-        source = disks[boot.disk_from]
+        source = disks[key(boot.disk_from)]
     else:
-        source = images[boot.image]['disk']
-    emulator = boot.emulator_kwargs(history, images[boot.image])
+        source = image['disk']
+    emulator = boot.emulator_kwargs(history, image)
+    uuid = gen1_uuid(emulator['vm_id']) if emulator.get('vm_id') else None
     if emulator.get('wireserver_up_after'):
         say('  the WireServer refuses connections for the first %.1f s'
             % emulator['wireserver_up_after'])
@@ -2007,14 +2488,16 @@ def run_boot(boot, images, disks, history, fake, accel, workdir):
         os.makedirs(rundir)
         disk = os.path.join(rundir, 'disk.ext4')
         copy_disk(source, disk)
-        media = build_boot_media(fake, images[boot.image], rundir) if boot.media else None
+        media = build_boot_media(fake, image, rundir) if boot.media else None
         emulator_started = time.time()
         with fake.FakeAzure(**emulator) as az:
-            vm = boot_vm(images[boot.image], disk, accel, az, rundir, boot.time_limit,
-                         media=media)
+            vm = boot_vm(image, disk, accel, az, rundir, boot.time_limit, media=media,
+                         uuid=uuid)
             ctx = Context(boot, az, vm, emulator, emulator_started)
-            ctx.rundir, ctx.media, ctx.media_path = rundir, images[boot.image]['media'], media
+            ctx.rundir, ctx.media, ctx.media_path = rundir, image['media'], media
+            ctx.image, ctx.disk, ctx.suite, ctx.history = image, disk, suite, history
         vm.hung_before = list(hung)
+        vm.name, vm.suite = boot.name, suite
         if vm.early_hang is None:
             break
         hung.append(vm)
@@ -2022,7 +2505,7 @@ def run_boot(boot, images, disks, history, fake, accel, workdir):
             % (attempt, describe_hang(vm.early_hang), vm.duration))
         if attempt == 1:
             say('  booting again once, with a fresh copy of the disk and a fresh emulator')
-    disks[boot.name] = disk
+    disks[key(boot.name)] = disk
     history.append(vm)
     say('  QEMU start -> Ready accepted: %s; VM ran %.1f s (%s); userspace after %s, '
         'the console silent %.1f s at most before it'
@@ -2087,27 +2570,84 @@ def retry_note(vm):
     return 'retried after a hang in early boot at %s; ' % first
 
 
+def parse_suites(values):
+    """--suite values (repeatable, comma lists) -> suites in SUITES order."""
+    wanted = []
+    for value in values or []:
+        for name in value.split(','):
+            name = name.strip()
+            if name and name not in SUITES:
+                raise SystemExit('boot_test.py: unknown suite %r (known: %s)'
+                                 % (name, ', '.join(SUITES)))
+            if name and name not in wanted:
+                wanted.append(name)
+    return [s for s in SUITES if s in wanted] if wanted else list(SUITES)
+
+
+def plan_boots(boots, suites, explicit):
+    """[(suite, Boot)] in run order: suite by suite, BOOTS order.  A boot runs on its
+    own suites; named with --only on suites named with --suite, it runs there too."""
+    return [(suite, b) for suite in suites for b in boots
+            if suite in b.suites or explicit]
+
+
+def cell(result):
+    if result is None:
+        return '-'
+    passed, ready, ok, total, summary = result
+    if passed is None:
+        return 'SKIP'
+    if ok is None:
+        return '%s (%s)' % ('PASS' if passed else 'FAIL', summary)
+    return '%s %s, %d/%d' % ('PASS' if passed else 'FAIL',
+                             '%.1f s' % ready if ready is not None else 'no Ready', ok, total)
+
+
+def summary_table(rows, suites, columns, markdown):
+    """rows: {(suite, column): (passed, ready s, checks ok, checks, summary)}."""
+    head = ['suite'] + columns
+    table = [[suite] + [cell(rows.get((suite, col))) for col in columns] for suite in suites]
+    if markdown:
+        lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|']
+        lines += ['| ' + ' | '.join(r) + ' |' for r in table]
+        return '\n'.join(lines) + '\n'
+    widths = [max(len(r[i]) for r in [head] + table) for i in range(len(head))]
+    return '\n'.join('  '.join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
+                     for r in [head] + table)
+
+
+# Time budget: setup has its own limits (mmdebstrap 900 s each, ...); the boots get
+# BOOT_BUDGET s each on average: no boot starts once they have used up
+# BOOT_BUDGET x (boots planned) (a TCG boot here takes 40-70 s, slow-network ~70 s).
+BOOT_BUDGET = 110.0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--keep', action='store_true', help='keep the work directory')
     parser.add_argument('--cache-dir', default=os.environ.get('AZP_BOOT_CACHE') or
                         os.path.join(os.path.expanduser('~'), '.cache', 'azp-boot-test'),
-                        help='where the base root filesystem is cached '
+                        help='where the base root filesystems are cached '
                              '(default $AZP_BOOT_CACHE or ~/.cache/azp-boot-test)')
     parser.add_argument('--only', metavar='NAME[,NAME]',
                         help='run only these boots (and the boots they depend on)')
+    parser.add_argument('--suite', action='append', metavar='SUITE[,SUITE]',
+                        help='Debian suites to boot (repeatable; default all: %s)'
+                             % ', '.join(SUITES))
     parser.add_argument('--list', action='store_true', help='list the boots and exit')
     parser.add_argument('--repo', default=DEFAULT_REPO,
                         help='source tree whose install.sh and tests/fake_azure.py are used '
                              '(default: the one this file is in)')
     args = parser.parse_args(argv)
+    suites = parse_suites(args.suite)
     if args.list:
         for b in BOOTS:
-            say('%-15s image %s%s%s' % (b.name, b.image,
-                                        ', disk of ' + b.disk_from if b.disk_from else '',
-                                        ' (optional: only with --only)' if b.optional else ''))
+            say('%-15s image %s%s; suites %s%s' % (
+                b.name, b.image, ', disk of ' + b.disk_from if b.disk_from else '',
+                ','.join(b.suites), ' (only with --only)' if b.optional else ''))
         return 0
-    boots = select_boots(args.only)
+    selected = select_boots(args.only)
+    plan = plan_boots(selected, suites, bool(args.only and args.suite))
     repo = os.path.abspath(args.repo)
 
     def terminated(signum, frame):
@@ -2115,92 +2655,147 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, terminated)     # so that QEMU is stopped, the work dir removed
     started = time.monotonic()
     workdir = tempfile.mkdtemp(prefix='azp-boot-test-')
-    say('boot test: %s; work directory %s' % (', '.join(b.name for b in boots), workdir))
+    say('boot test: %s; work directory %s' % (', '.join('%s/%s' % (s_, b.name)
+                                                       for s_, b in plan), workdir))
     results = []                    # (name, passed (None: skipped), summary)
+    rows = {}                       # (suite, column) -> cell data of the summary table
     skipped = {}                    # boot name -> why it cannot run here
     ready_times = []                # (boot name, VmRun)
+    boots_started = None
     try:
         try:
             if os.geteuid() != 0:
                 raise TestFailure('must run as root (mmdebstrap, root-owned image files)')
             ensure_host_tools()
             accel, why = choose_accelerator()
+            _ACCEL[:] = [accel]
             say('accelerator: %s (%s)' % (accel, why))
             fake = load_fake_module(repo)
             if not shutil.which(fake.MEDIA_TOOL):
-                for b in [b for b in boots if b.media]:
+                for b in [b for _, b in plan if b.media]:
                     skipped[b.name] = ('%s not found (Debian package %s): no provisioning '
                                        'media can be built' % (fake.MEDIA_TOOL, fake.MEDIA_TOOL))
                     say('SKIP boot %s: %s' % (b.name, skipped[b.name]))
+            wanted = sorted(set((s_, b.image) for s_, b in plan if b.name not in skipped))
+            build_bases([recipe_for(IMAGES[name].recipe.name, s_) for s_, name in wanted],
+                        args.cache_dir, workdir)
+            say('bases ready after %.1f s' % (time.monotonic() - started))
             images = {}
-            for name in sorted(set(b.image for b in boots if b.name not in skipped)):
-                images[name] = build_image(IMAGES[name], workdir, args.cache_dir, repo,
-                                           os.path.join(workdir, 'mmdebstrap.log'))
+            for s_, name in wanted:
+                images[(s_, name)] = build_image(
+                    IMAGES[name], workdir, args.cache_dir, repo,
+                    os.path.join(workdir, 'mmdebstrap.log'), suite=s_)
         except TestFailure as exc:
             say('FAIL: the boot test could not be set up: %s' % exc)
-            for b in boots:
-                results.append((b.name, False, 'not run: setup failed'))
-            boots = []
+            for s_, b in plan:
+                results.append(('%s/%s' % (s_, b.name), False, 'not run: setup failed'))
+            plan = []
         else:
             say('setup done after %.1f s' % (time.monotonic() - started))
-            if images:                  # none when every boot selected is skipped
-                results.append(report_preflight(images))
+            for s_ in suites:       # none when every boot selected is skipped
+                mine = dict((name, images[(s_, name)]) for s2, name in images if s2 == s_)
+                if mine:
+                    name, passed, summary, ok, total = report_preflight(mine, s_)
+                    results.append(('%s/%s' % (s_, name), passed, summary))
+                    rows[(s_, 'preflight')] = (passed, None, ok, total, summary)
         disks, history = {}, []
-        for index, boot in enumerate(boots):
+        boots_started = time.monotonic()
+        for index, (suite, boot) in enumerate(plan):
+            label = '%s/%s' % (suite, boot.name)
             say('')
-            say('== boot %s' % boot.name)
+            say('== boot %s' % label)
             if boot.name in skipped:
                 say('  SKIP %s' % skipped[boot.name])
-                results.append((boot.name, None, 'skipped: ' + skipped[boot.name]))
+                results.append((label, None, 'skipped: ' + skipped[boot.name]))
+                rows[(suite, boot.name)] = (None, None, 0, 0, 'skipped')
                 continue
-            if time.monotonic() - started > RUN_BUDGET:
-                say('  FAIL not run: time budget of %d s used up' % RUN_BUDGET)
-                results.append((boot.name, False, 'not run: time budget'))
+            budget = BOOT_BUDGET * len(plan)
+            if time.monotonic() - boots_started > budget:
+                say('  FAIL not run: the boots\' time budget of %d s (%d x %d s) is used up'
+                    % (budget, len(plan), BOOT_BUDGET))
+                results.append((label, False, 'not run: time budget'))
+                rows[(suite, boot.name)] = (False, None, None, None, 'not run: time budget')
                 continue
-            if boot.disk_from and not dict((n, p) for n, p, _ in results).get(boot.disk_from):
+            if boot.disk_from and not dict((n, p) for n, p, _ in results).get(
+                    '%s/%s' % (suite, boot.disk_from)):
                 say('  note: boot %s failed; this boot still uses its disk' % boot.disk_from)
             try:
-                c, vm = run_boot(boot, images, disks, history, fake, accel, workdir)
+                c, vm = run_boot(boot, images, disks, history, fake, accel, workdir,
+                                 suite=suite)
             except BootSkipped as exc:
                 say('  SKIP %s' % exc)
-                results.append((boot.name, None, 'skipped: %s' % exc))
+                results.append((label, None, 'skipped: %s' % exc))
+                rows[(suite, boot.name)] = (None, None, 0, 0, 'skipped')
                 continue
             except TestFailure as exc:
                 say('  FAIL %s' % exc)
-                results.append((boot.name, False, str(exc).splitlines()[0]))
+                results.append((label, False, str(exc).splitlines()[0]))
+                rows[(suite, boot.name)] = (False, None, None, None, 'error')
                 continue
-            ready_times.append((boot.name, vm))
+            ready_times.append((label, vm))
             summary = retry_note(vm) + '%d checks, %d failed; Ready after %s; VM %.1f s' % (
                 c.count, len(c.failures),
                 '%.1f s' % vm.ready_after if vm.ready_after is not None else '-', vm.duration)
-            results.append((boot.name, not c.failures, summary))
-            if not args.keep:           # 700 MB each: drop disks no later boot needs
-                later = set(b.disk_from for b in boots[index + 1:])
+            results.append((label, not c.failures, summary))
+            rows[(suite, boot.name)] = (not c.failures, vm.ready_after,
+                                        c.count - len(c.failures), c.count, summary)
+            if not args.keep:           # 2 GB sparse each: drop disks no later boot needs
+                later = set((s_, b.disk_from) for s_, b in plan[index + 1:])
                 for name in [n for n in disks if n not in later]:
                     path = disks.pop(name)
                     if path not in disks.values() and os.path.exists(path):
                         os.unlink(path)
     finally:
+        total = time.monotonic() - started
+        columns = ['preflight'] + [b.name for b in BOOTS
+                                   if any(b is b2 for _, b2 in plan)]
+        table_path = os.path.join(workdir, 'summary.md')
+        try:
+            with open(table_path, 'w') as f:
+                f.write('Boot test (tests/boot_test.py), %s, %s: each cell is the result, '
+                        'QEMU start -> Ready accepted, checks passed/run.  Total run time '
+                        '%.0f s.\n\n' % (time.strftime('%Y-%m-%d', time.gmtime()),
+                                          accel_name(), total))
+                f.write(summary_table(rows, suites, columns, markdown=True))
+        except OSError as exc:
+            say('cannot write %s: %s' % (table_path, exc))
         if args.keep:
             say('kept the work directory %s' % workdir)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        else:                       # all but the summary table
+            for name in os.listdir(workdir):
+                if name != 'summary.md':
+                    path = os.path.join(workdir, name)
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        os.unlink(path)
     say('')
     say('boot test summary:')
     for name, passed, summary in results:
-        say('  %-14s %s  %s' % (name, {True: 'PASS', False: 'FAIL', None: 'SKIP'}[passed],
+        say('  %-24s %s  %s' % (name, {True: 'PASS', False: 'FAIL', None: 'SKIP'}[passed],
                                 summary))
+    say('')
+    say('suite x scenario (result, QEMU start -> Ready accepted, checks passed/run):')
+    say(summary_table(rows, suites, columns, markdown=False))
+    say('markdown table: %s' % table_path)
     ready = [(vm_name, vm.ready_after) for vm_name, vm in ready_times]
     say('QEMU start -> Ready accepted: %s' % ', '.join(
         '%s %s' % (n, '%.1f s' % t if t is not None else '-') for n, t in ready))
     say('VMs ran %.1f s in total; total run time %.1f s'
         % (sum((vm.duration or 0) + sum(h.duration or 0 for h in vm.hung_before)
-               for _, vm in ready_times), time.monotonic() - started))
+               for _, vm in ready_times), total))
     passed = sum(1 for _, p, _ in results if p)
     failed = sum(1 for _, p, _ in results if p is False)
     skips = len(results) - passed - failed     # not passed, not failed: said so
     say('%d passed, %d failed%s' % (passed, failed, ', %d skipped' % skips if skips else ''))
     return 0 if failed == 0 and passed > 0 else 1
+
+
+_ACCEL = []
+
+
+def accel_name():
+    return _ACCEL[0] if _ACCEL else 'accelerator not chosen'
 
 
 if __name__ == '__main__':

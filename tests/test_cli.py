@@ -16,7 +16,7 @@ DEFAULTS = {'wireserver': ('168.63.129.16', 80), 'imds': ('169.254.169.254', 80)
             'timeout': 1200, 'no_hostname': False, 'no_publish_hostname': False,
             'provision_user': False, 'check': False, 'root': '/', 'dry_run': False,
             'verbose': False, 'media': None, 'keep_host_keys': False, 'deprovision': False,
-            'remove_user': False, 'status': False, 'json': False}
+            'remove_user': False, 'status': False, 'json': False, 'shown_root': None}
 
 VALID = [
     ([], {}),

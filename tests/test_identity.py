@@ -226,6 +226,20 @@ class Record(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(root, 'var/lib/azure-provisioning')))
 
 
+def as_nobody(test):
+    """argv prefix that runs this interpreter as nobody ([] when not root); skips when
+    nobody cannot run it (a pyenv build under /root)."""
+    if not is_root():
+        return []
+    setpriv = shutil.which('setpriv')
+    if not setpriv:
+        skip(test, 'root and no setpriv to become nobody')
+    prefix = [setpriv, '--reuid=65534', '--regid=65534', '--clear-groups']
+    if run_command(prefix + [sys.executable, '-c', 'pass']).code != 0:
+        skip(test, 'nobody cannot run %s' % sys.executable)
+    return prefix
+
+
 def provisioned_tree(root):
     """What a provisioned VM's disk holds, and things that must survive."""
     files = {
@@ -340,14 +354,7 @@ class Deprovision(unittest.TestCase):
         self.assertIn('no admin user made by azure-provisioning on record', run.stderr)
 
     def test_refusals(self):
-        if is_root():
-            setpriv = shutil.which('setpriv')
-            if not setpriv:
-                skip(self, 'root and no setpriv to become nobody')
-            prefix = [setpriv, '--reuid=65534', '--regid=65534', '--clear-groups']
-        else:
-            prefix = []
-        run = run_command(prefix + [sys.executable, '-I', SCRIPT, '--deprovision'])
+        run = run_command(as_nobody(self) + [sys.executable, '-I', SCRIPT, '--deprovision'])
         self.assertEqual(run.code, 1, run)
         self.assertIn('--deprovision changes this machine: run it as root', run.stderr)
         for args, message in ((['--user'], '--user goes with --deprovision'),
@@ -356,6 +363,85 @@ class Deprovision(unittest.TestCase):
             run = run_command([sys.executable, '-I', SCRIPT] + args)
             self.assertEqual(run.code, 2, run)
             self.assertIn(message, run.stderr)
+
+
+class DeprovisionStaysInTheRoot(unittest.TestCase):
+    """The review's findings: symbolic links out of --root, hostile records."""
+
+    def setUp(self):
+        self.base = tempfile.mkdtemp(prefix='azp-deprov-links-')
+        self.addCleanup(shutil.rmtree, self.base)
+        self.root = os.path.join(self.base, 'image')
+        self.outside = os.path.join(self.base, 'outside')
+        for name in ('ssh/ssh_host_rsa_key', 'dhcp/dhclient.eth0.leases',
+                     'hyperv/.kvp_pool_1', 'data/state.json'):
+            write(os.path.join(self.outside, name), b'outside')
+        os.makedirs(os.path.join(self.root, 'etc'))
+        os.makedirs(os.path.join(self.root, 'var/lib'))
+        # absolute links, as an image holds them: resolved naively they lead to this
+        # machine's (here: the outside directory's) files
+        os.symlink(os.path.join(self.outside, 'ssh'), os.path.join(self.root, 'etc/ssh'))
+        os.symlink(os.path.join(self.outside, 'dhcp'), os.path.join(self.root, 'var/lib/dhcp'))
+        os.symlink(os.path.join(self.outside, 'hyperv'),
+                   os.path.join(self.root, 'var/lib/hyperv'))
+        os.symlink(os.path.join(self.outside, 'data'),
+                   os.path.join(self.root, 'var/lib/azure-provisioning'))
+
+    def test_nothing_outside_is_removed(self):
+        before = listing(self.outside)
+        run = run_command([sys.executable, '-I', SCRIPT, '--deprovision', '--root', self.root])
+        self.assertEqual(run.code, 0, run)
+        self.assertEqual(listing(self.outside), before)
+        self.assertIn('warning: deprovision: /etc/ssh/ssh_host_rsa_key left alone: its '
+                      'directory leads out of %s' % self.root, run.stderr)
+
+    def test_a_hostile_record_is_refused_in_one_line(self):
+        os.remove(os.path.join(self.root, 'var/lib/azure-provisioning'))
+        write(os.path.join(self.root, 'etc/passwd'), b'root:x:0:0::/root:/bin/sh\n'
+                                                     b'bin:x:2:2::/bin:/usr/sbin/nologin\n')
+        for name, message in (('root', 'a system account (uid 0); refused'),
+                              ('bin', 'a system account (uid 2); refused'),
+                              (['x'], "the record names the admin user ['x'], not a user name"),
+                              ('../x', "the record names the admin user '../x', not a user name")):
+            write(os.path.join(self.root, 'var/lib/azure-provisioning/state.json'),
+                  json.dumps({'admin_user_created': name}).encode())
+            run = run_command([sys.executable, '-I', SCRIPT, '--deprovision', '--user',
+                               '--root', self.root, '--dry-run'])
+            self.assertEqual(run.code, 1, run)
+            errors = [l for l in run.stderr.splitlines() if ' error: ' in l]
+            self.assertEqual(len(errors), 1, run)
+            self.assertIn(message, errors[0])
+            self.assertNotIn('Traceback', run.stderr)
+
+
+class PrivateFiles(unittest.TestCase):
+
+    def test_a_previous_owner_and_mode_do_not_stay(self):
+        root, _ = root_with_kvp_pool(self, 'azp-private-')
+        directory = os.path.join(root, 'var/lib/azure-provisioning')
+        write(os.path.join(directory, 'custom-data'), b'old', 0o666)
+        os.chmod(directory, 0o777)
+        if is_root():
+            os.chown(directory, 65534, 65534)
+            os.chown(os.path.join(directory, 'custom-data'), 65534, 65534)
+        run = ap.Run(ap.Options(root=root), Capture(), io.StringIO())
+        ap.keep_data(run, os.path.join(directory, 'custom-data'), b'new')
+        for path, mode in ((directory, 0o700), (os.path.join(directory, 'custom-data'), 0o600)):
+            st = os.stat(path)
+            self.assertEqual((stat.S_IMODE(st.st_mode), st.st_uid), (mode, os.geteuid()), path)
+
+    def test_never_through_a_symlinked_directory(self):
+        root, _ = root_with_kvp_pool(self, 'azp-private-')
+        elsewhere = tempfile.mkdtemp(prefix='azp-elsewhere-')
+        self.addCleanup(shutil.rmtree, elsewhere)
+        os.symlink(elsewhere, os.path.join(root, 'var/lib/azure-provisioning'))
+        run = ap.Run(ap.Options(root=root), Capture(), io.StringIO())
+        with self.assertRaisesRegex(ap.ProvisioningError, 'is a symbolic link; refusing'):
+            ap.keep_data(run, os.path.join(root, 'var/lib/azure-provisioning/custom-data'), b'x')
+        ap.write_state(run, 'provisioned')      # the record: a warning, never a failure
+        self.assertIn('could not write /var/lib/azure-provisioning/state.json',
+                      run.log.text)
+        self.assertEqual(os.listdir(elsewhere), [])
 
 
 class Status(unittest.TestCase):
@@ -431,6 +517,35 @@ class Status(unittest.TestCase):
         self.assertIn('failed step: hooks: hook 10-x failed with exit status 1: oops\n',
                       run.stdout)
         self.assertEqual(self.status('--json').code, 1)
+
+    def test_a_hostile_record_is_shown_in_one_line_per_field(self):
+        for steps in (5, [{'seconds': 'x'}], [{'seconds': 1e400}], [{'seconds': [1]}], [7]):
+            self.record(steps=steps, vm_id='a\rprovisioned: VM fake\nhostname: evil',
+                        reason='r\x9b2J\u202e', result='failed')
+            run = self.status()
+            self.assertEqual(run.code, 1, run)
+            self.assertEqual(run.stderr, '')
+            self.assertNotIn('\r', run.stdout)
+            self.assertNotIn('\x9b', run.stdout)
+            self.assertNotIn('\u202e', run.stdout)
+            self.assertNotIn('\nhostname: evil', run.stdout)
+        write(os.path.join(self.root, 'var/lib/azure-provisioning/state.json'),
+              b'[' * 100000 + b']' * 100000)
+        run = self.status()
+        self.assertEqual((run.code, run.stderr), (1, ''), run)
+        self.assertIn('not provisioned: no record', run.stdout)
+
+    def test_unreadable_record_is_one_line(self):
+        if not is_root():
+            skip(self, 'needs root to make a record only root can read, then become nobody')
+        self.record()
+        os.chmod(os.path.join(self.root, 'var/lib/azure-provisioning'), 0o700)
+        run = run_command(as_nobody(self) + [sys.executable, '-I', SCRIPT, '--status',
+                                             '--root', self.root])
+        self.assertEqual(run.code, 1, run)
+        self.assertEqual(run.stderr, 'azure-provisioning: error: cannot read '
+                                     '/var/lib/azure-provisioning/state.json: Permission denied '
+                                     '(run as root)\n')
 
     def test_unit_enabled_is_shown(self):
         self.record()

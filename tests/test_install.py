@@ -699,6 +699,11 @@ class TestAsRoot(InstallTestCase):
                       r.stdout)
         self.assertIn('check: ok    python: /usr/bin/python3 is Python %s with %s (checked by '
                       'running it)' % (version or '', FULL_MODULES), r.stdout)
+        # run inside the image, the check still writes its fixes for the image out here
+        self.assertIn('fix: e.g. /etc/systemd/network/20-dhcp.network', r.stdout)
+        self.assertIn('then systemctl --root=%s enable systemd-networkd' % root, r.stdout)
+        self.assertRegex(r.stdout, r'check: image NOT ready: \d+ blocking, \d+ warnings \(%s\)'
+                         % re.escape(root))
         self.assertInstalled(root)
         self.assertOK(self.install('--root', root, '--uninstall'))
         self.assertEqual(snapshot(root), before, 'the probe or uninstall left files:\n'

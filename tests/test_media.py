@@ -211,7 +211,7 @@ class MediaSearch(unittest.TestCase):
         for name in ('hdc', 'cdrom1', 'sr1', 'sr0', 'sda', 'hda', 'ttyS0'):
             open(os.path.join(self.root, 'dev', name), 'w').close()
         run, _ = self.run_context()
-        self.assertEqual([os.path.basename(d) for d in ap.media_devices(run)],
+        self.assertEqual([os.path.basename(d) for d in ap.cdrom_devices(run)],
                          ['sr0', 'sr1', 'cdrom1', 'hdc'])
 
     def test_mounted_read_only_privately_read_and_unmounted(self):
@@ -278,6 +278,55 @@ class MediaSearch(unittest.TestCase):
         with unittest.mock.patch.object(ap, 'read_bytes', slow_read):
             ap.find_media(run)
         self.assertEqual([l.split()[0] for l in self.tool_log()], ['mount', 'umount'])
+
+
+class SigtermWhileMounting(unittest.TestCase):
+    def test_the_private_directories_go_and_terminated_goes_on(self):
+        import signal
+        root = tempfile.mkdtemp(prefix='azp-media-term-')
+        self.addCleanup(shutil.rmtree, root)
+        os.makedirs(os.path.join(root, 'run'))
+        tools = tempfile.mkdtemp(prefix='azp-media-tools-')
+        self.addCleanup(shutil.rmtree, tools)
+        with open(os.path.join(tools, 'mount'), 'w') as f:
+            f.write('#!/bin/sh\nkill -TERM %d\nsleep 10\n' % os.getpid())
+        os.chmod(os.path.join(tools, 'mount'), 0o755)
+        path = os.environ['PATH']
+        os.environ['PATH'] = tools + os.pathsep + path
+        self.addCleanup(os.environ.__setitem__, 'PATH', path)
+        old = signal.signal(signal.SIGTERM, ap.raise_terminated)
+        self.addCleanup(signal.signal, signal.SIGTERM, old)
+        run = ap.Run(ap.Options(root=root, media='/dev/fake'), QuietLog(), sys.stdout)
+        with self.assertRaises(ap.Terminated):
+            ap.find_media(run)
+        self.assertEqual(os.listdir(os.path.join(root, 'run')), [])
+
+
+class ToolInput(unittest.TestCase):
+    def test_stdin_is_utf8_whatever_the_locale(self):
+        out = tempfile.mkdtemp(prefix='azp-stdin-')
+        self.addCleanup(shutil.rmtree, out)
+        target = os.path.join(out, 'got')
+        code = ('import sys; sys.path.insert(0, %r); import azure_provisioning as ap; '
+                'ap.run_tool(["sh", "-c", "cat > %s"], ap.Deadline(10), "t", '
+                'stdin="p\\u00e4ss\\u20ac:x")' % (os.path.dirname(SCRIPT), target))
+        env = dict(os.environ, LC_ALL='C', LANG='C')
+        env.pop('PYTHONUTF8', None)
+        env.pop('PYTHONIOENCODING', None)
+        done = subprocess.run([sys.executable, '-c', code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        with open(target, 'rb') as f:
+            self.assertEqual(f.read(), 'p\u00e4ss\u20ac:x'.encode('utf-8'))
+
+    def test_a_secret_echoed_with_odd_spacing_or_at_length_is_not_shown(self):
+        for secret in ('two  spaces pw', 'x' * 260, 'tab\there'):
+            with self.assertRaises(ap.ProvisioningError) as caught:
+                ap.run_tool(['sh', '-c', 'read line; echo "no: $line" >&2; exit 1'],
+                            ap.Deadline(10), 'user', stdin='alice:%s\n' % secret,
+                            secret=secret)
+            self.assertNotIn(secret[:8], str(caught.exception).replace('(secret)', ''))
+            self.assertIn('alice:(secret)', str(caught.exception))
 
 
 class UdfHint(unittest.TestCase):
@@ -519,7 +568,7 @@ class PasswordFromMedia(unittest.TestCase):
             run = self.provision(az, ovf, '--provision-user')
             self.assertEqual(run.code, 1, run)
             report, = az.health_reports
-        self.assertIn('chpasswd failed: chpasswd: cannot set: alice:(password)',
+        self.assertIn('chpasswd failed: chpasswd: cannot set: alice:(secret)',
                       report['description'])
         self.assert_nowhere(az, run)
 

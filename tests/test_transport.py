@@ -457,8 +457,10 @@ class EverythingWaitsOnTheDeadline(unittest.TestCase):
         self.addCleanup(setattr, ap, 'system_systemd', old)
         ap.system_systemd = lambda: True
         log = QuietLog()
+        run = ap.Run(ap.Options(timeout=4.0), log, None)
+        run.deadline = ap.Deadline(1.0)
         started = time.monotonic()
-        ap.reload_sshd(ap.Deadline(1.0), log)       # a warning, within the deadline
+        ap.restart_sshd(run, required=False)        # a warning, within the deadline
         self.assertLess(time.monotonic() - started, 2.0)
         self.assertRegex(log.lines[-1], r'^warning: sshd not reloaded.*timed out')
 
