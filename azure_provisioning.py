@@ -984,24 +984,37 @@ def cdrom_devices(run):
     return unique_devices([os.path.join(dev, n) for n in names])
 
 
-def blkid_devices(run):
-    """Block devices blkid knows as UDF or ISO 9660 (as cloud-init looks): the last
-    resort, one blkid run.  Only on this machine: blkid knows no other root's devices."""
-    blkid = find_tool('blkid')
-    if not blkid or run.root.top != '/':
-        return []
-    try:
-        listed = run_tool([blkid, '-o', 'export', '-s', 'TYPE'], run.deadline, 'media')
-    except ProvisioningError:       # exit status 2: nothing to list
-        return []
-    found, device = [], None
-    for line in listed.splitlines():
-        key, _, value = line.partition('=')
-        if key == 'DEVNAME':
-            device = value
-        elif key == 'TYPE' and value in MEDIA_FILESYSTEMS and device:
+def formatted_devices(run):
+    """Block devices holding a UDF or ISO 9660 file system (as cloud-init looks, with
+    blkid): the last resort.  Their volume recognition area, 32 KiB in, is read
+    here; a blkid process would cost more than the whole probe (0.5 s under TCG)."""
+    found = []
+    for name in sorted(glob_names(run.root.path('/sys/class/block'), r'[\w.-]+$')):
+        device = run.root.path('/dev', name)
+        if filesystem_signature(device) in MEDIA_FILESYSTEMS:
             found.append(device)
-    return unique_devices(found)
+    return found
+
+
+# ISO 9660 and UDF (ECMA-167) both start with 2 KiB descriptors from byte 32768 on,
+# each with a 5-letter identifier at its offset 1: CD001 for ISO 9660, NSR02/NSR03
+# for UDF (a UDF disc made by genisoimage -udf has both: it is udf).
+VOLUME_AREA = 32768
+VOLUME_DESCRIPTORS = 16
+
+
+def filesystem_signature(device):
+    """'udf', 'iso9660' or None, from the volume descriptors of `device`."""
+    try:
+        with open(device, 'rb') as f:
+            f.seek(VOLUME_AREA)
+            area = f.read(2048 * VOLUME_DESCRIPTORS)
+    except (OSError, ValueError):   # no medium, not a device we may read, a NUL
+        return None
+    names = set(area[offset + 1:offset + 6] for offset in range(0, len(area), 2048))
+    if names & {b'NSR02', b'NSR03'}:
+        return 'udf'
+    return 'iso9660' if b'CD001' in names else None
 
 
 def unique_devices(devices):
@@ -1090,9 +1103,9 @@ def find_media(run):
     else:
         cdroms = cdrom_devices(run)
         media = read_first_media(run, cdroms, problems)
-        if media is None:       # the last resort, one blkid run
+        if media is None:       # the last resort: any disc formatted as one
             tried = [os.path.realpath(d) for d in cdroms]
-            media = read_first_media(run, [d for d in blkid_devices(run)
+            media = read_first_media(run, [d for d in formatted_devices(run)
                                            if os.path.realpath(d) not in tried], problems)
     if media is not None:
         return media

@@ -25,7 +25,7 @@ DEFAULT_MODULES = ['tests.test_transport', 'tests.test_wireserver', 'tests.test_
                    'tests.test_hooks', 'tests.test_check',
                    'tests.test_hostname', 'tests.test_fake_azure',
                    'tests.test_provisioner', 'tests.test_ready_post', 'tests.test_fuzz',
-                   'tests.test_media', 'tests.test_fake_azure_media']
+                   'tests.test_media', 'tests.test_fake_azure_media', 'tests.test_identity']
 TIMEOUT = 600   # per version
 
 

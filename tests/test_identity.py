@@ -65,7 +65,7 @@ class HostKeys(unittest.TestCase):
         write(os.path.join(self.root, 'usr/sbin/sshd'), b'', 0o755)
         os.makedirs(os.path.join(self.root, 'etc/ssh'))
         # the template's keys, as a captured image has them
-        subprocess.check_call(['ssh-keygen', '-q', '-A', '-f', self.root])
+        subprocess.check_call(['ssh-keygen', '-q', '-A', '-f', self.root], stdout=subprocess.DEVNULL)
         self.template = self.keys()
 
     def keys(self):

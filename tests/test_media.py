@@ -329,6 +329,66 @@ class ToolInput(unittest.TestCase):
             self.assertIn('alice:(secret)', str(caught.exception))
 
 
+class FormattedDevices(unittest.TestCase):
+    """The last resort: block devices whose volume descriptors say UDF or ISO 9660."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix='azp-media-sig-')
+        self.addCleanup(shutil.rmtree, self.root)
+
+    def device(self, name, data):
+        os.makedirs(os.path.join(self.root, 'sys/class/block', name))
+        write_file(os.path.join(self.root, 'dev', name), data)
+        return os.path.join(self.root, 'dev', name)
+
+    def descriptors(self, *names):
+        area = b''.join(b'\x00' + n + b'\x01' + b'\x00' * 2041 for n in names)
+        return b'\x00' * ap.VOLUME_AREA + area
+
+    def test_signatures(self):
+        self.assertEqual(ap.filesystem_signature(self.device('iso', self.descriptors(
+            b'CD001', b'CD001'))), 'iso9660')
+        self.assertEqual(ap.filesystem_signature(self.device('udf', self.descriptors(
+            b'BEA01', b'NSR03', b'TEA01'))), 'udf')
+        self.assertEqual(ap.filesystem_signature(self.device('bridge', self.descriptors(
+            b'CD001', b'CD001', b'BEA01', b'NSR02', b'TEA01'))), 'udf')
+        self.assertIsNone(ap.filesystem_signature(self.device('ext4', b'\x00' * 70000)))
+        self.assertIsNone(ap.filesystem_signature(self.device('short', b'CD001')))
+        self.assertIsNone(ap.filesystem_signature(os.path.join(self.root, 'dev/absent')))
+        run = ap.Run(ap.Options(root=self.root), QuietLog(), sys.stdout)
+        self.assertEqual([os.path.basename(d) for d in ap.formatted_devices(run)],
+                         ['bridge', 'iso', 'udf'])
+
+    def test_what_genisoimage_makes_is_udf(self):
+        from tests.fake_azure import build_media
+        if not shutil.which('genisoimage'):
+            skip(self, 'no genisoimage (apt-get install genisoimage)')
+        image = os.path.join(self.root, 'media.iso')
+        build_media(image, make_ovf_env('h', 'u'))
+        self.assertEqual(ap.filesystem_signature(image), 'udf')
+
+    def test_tried_only_when_no_cdrom_held_the_media(self):
+        run = ap.Run(ap.Options(root=self.root), QuietLog(), sys.stdout)
+        seen = []
+        with unittest.mock.patch.object(ap, 'formatted_devices',
+                                        lambda run: seen.append('probed') or []):
+            with unittest.mock.patch.object(ap, 'read_first_media',
+                                            lambda run, devices, problems: 'media' if devices else None):
+                with unittest.mock.patch.object(ap, 'cdrom_devices', lambda run: ['/dev/sr0']):
+                    self.assertEqual(ap.find_media(run), 'media')
+                self.assertEqual(seen, [])
+                with unittest.mock.patch.object(ap, 'cdrom_devices', lambda run: []):
+                    self.assertIsNone(ap.find_media(run))
+                self.assertEqual(seen, ['probed'])
+
+
+def write_file(path, data):
+    if not os.path.isdir(os.path.dirname(path)):
+        os.makedirs(os.path.dirname(path))
+    with open(path, 'wb') as f:
+        f.write(data)
+
+
 class UdfHint(unittest.TestCase):
     def test_names_the_missing_module(self):
         root = tempfile.mkdtemp(prefix='azp-udf-')
