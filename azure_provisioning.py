@@ -1867,13 +1867,19 @@ FINGERPRINTS = ('-----BEGIN SSH HOST KEY FINGERPRINTS-----',    # as cloud-init 
 STATE_MAX = 1 << 20         # bytes: ours are a few hundred
 
 
-def read_state(root):
+def read_state(root, strict=False):
     """The record of the last run on this disk (a dict), or None: missing, unreadable
-    or broken (a broken record must not stop provisioning; it costs the host keys)."""
+    or broken (a broken record must not stop provisioning; it costs the host keys).
+    strict: a file that is there but cannot be read (permissions) is an OSError."""
     try:
         data = read_bytes(root.path(STATE_FILE))
+    except OSError:
+        if strict:
+            raise
+        return None
+    try:
         state = parse_json(data.decode('utf-8')) if data and len(data) <= STATE_MAX else None
-    except (OSError, ValueError):
+    except ValueError:
         return None
     return state if isinstance(state, dict) else None
 
@@ -2505,11 +2511,10 @@ def status(options, out):
     """--status: 0 when this VM was provisioned, else 1."""
     root = Root(options.root)
     try:
-        read_bytes(root.path(STATE_FILE))
+        state = read_state(root, strict=True)
     except OSError as exc:      # 0600 in a 0700 directory: root's alone
         raise ProvisioningError('cannot read %s: %s (run as root)'
                                 % (STATE_FILE, exc.strerror or exc.__class__.__name__))
-    state = read_state(root)
     if options.json:
         out.write(json.dumps(state, indent=2, sort_keys=True) + '\n')
         return 0 if state and state.get('result') == 'provisioned' else 1
@@ -2826,9 +2831,7 @@ def check_media(c):
     for kernel in kernels:
         base = next(c.path(d, kernel) for d in ('lib/modules', 'usr/lib/modules')
                     if os.path.isdir(c.path(d, kernel)))
-        built_in = 'kernel/fs/udf/udf.ko' in (read_text(os.path.join(base, 'modules.builtin'))
-                                              or '')
-        if built_in or glob_names(os.path.join(base, 'kernel/fs/udf'), r'udf\.ko'):
+        if kernel_has_udf(base):
             c.say('ok', 'media: kernel %s mounts UDF' % kernel)
         else:
             c.say('warn', 'media: kernel %s has no udf module: VMs created with a password or '
