@@ -63,9 +63,9 @@ MUTATIONS = [
     M('lock-password-noop', 'lock_password does nothing',
       "run_tool([find_tool('usermod') or 'usermod', '-L', name], run.deadline, 'user')", 'pass',
       ['tests.test_user']),
-    M('hostnamectl-transient-only', 'hostnamectl sets only the transient name',
-      "['hostnamectl', 'set-hostname', name]",
-      "['hostnamectl', 'set-hostname', '--transient', name]",
+    M('hostname-not-kept', 'the new name is set live only, not in /etc/hostname',
+      "write_file_atomically(run.root.path('/etc/hostname'), (name + '\\n').encode(),",
+      "write_file_atomically(run.root.path('/etc/hostname.new'), (name + '\\n').encode(),",
       ['tests.test_publish']),
     # -- the provisioning media (#13) ----------------------------------------------------
     M('password-logged', 'the password written into the log line after chpasswd',
