@@ -1376,7 +1376,26 @@ def update_etc_hosts(run, old, new):
 PUBLISH_TIMEOUT = 30.0      # seconds for the DHCP client to get its lease back
 
 
-DhcpPlan = namedtuple('DhcpPlan', 'client commands why_not')
+NM_LEASE_WAIT = 5.0     # seconds for NetworkManager to show a new lease after a reapply
+
+
+class DhcpPlan(object):
+    """How one DHCP client is made to send the new name: `commands`, or `why_not`.
+    Where the client can show its lease, `lease()` returns a token that changes with
+    every new one (its value before is `lease_before`), and `fallback` runs when
+    `commands` brought none."""
+
+    def __init__(self, client, commands, why_not, lease=None, fallback=()):
+        self.client, self.commands, self.why_not = client, commands, why_not
+        self.lease, self.fallback = lease, list(fallback)
+        self.lease_before = lease() if lease else None
+
+    def says(self):
+        text = ' && '.join(' '.join(c) for c in self.commands)
+        if self.fallback:
+            text += '; if no new lease follows: %s' % ' && '.join(' '.join(c)
+                                                                 for c in self.fallback)
+        return text
 
 
 def interface_index(interface, root):
@@ -1444,25 +1463,48 @@ def networkd_plan(interface, name, root):
     return DhcpPlan('systemd-networkd', [['networkctl', 'reconfigure', interface]], None)
 
 
+def nm_device(interface, deadline, fields):
+    """`nmcli -t -f FIELDS device show IF` as {field: value}; DHCP4's options come as
+    DHCP4.OPTION[n] 'name = value' and are keyed 'DHCP4:name'."""
+    shown = run_tool(['nmcli', '-t', '-f', fields, 'device', 'show', interface], deadline,
+                     'nmcli')
+    values = {}
+    for line in shown.splitlines():
+        field, _, value = line.partition(':')
+        if field.startswith('DHCP4.OPTION'):
+            option, _, value = value.partition(' = ')
+            field = 'DHCP4:' + option.strip()
+        values.setdefault(field, value.strip())
+    return values
+
+
 def networkmanager_plan(interface, name, deadline, root):
-    """`nmcli device modify` re-applies the active profile with a new dhcp-hostname:
-    NetworkManager restarts only the DHCP client, with no restart of the daemon."""
+    """`nmcli device modify` re-applies the active profile with a new dhcp-hostname,
+    changing nothing on disk; NetworkManager 1.42 and later then restart the DHCP
+    client.  1.30 (Debian 11) accepts it and asks for nothing: when no new lease shows
+    within NM_LEASE_WAIT, the profile gets the name in memory only (--temporary: a
+    captured image keeps none of this VM) and is activated again."""
     if not os.path.isdir(root.path('/run/NetworkManager')) or not find_tool('nmcli'):
         return None
     try:
-        connection = run_tool(['nmcli', '-g', 'GENERAL.CONNECTION', 'device', 'show',
-                               interface], deadline, 'nmcli').strip()
+        device = nm_device(interface, deadline, 'GENERAL.CONNECTION,GENERAL.CON-UUID,DHCP4')
     except ProvisioningError:
         return None
-    if not connection:
+    uuid = device.get('GENERAL.CON-UUID')
+    if not uuid:
         return None
-    send = run_tool(['nmcli', '-g', 'ipv4.dhcp-send-hostname', 'connection', 'show',
-                     connection], deadline, 'nmcli').strip()
+    send = run_tool(['nmcli', '-g', 'ipv4.dhcp-send-hostname', 'connection', 'show', uuid],
+                    deadline, 'nmcli').strip()
     if send == 'no':
         return DhcpPlan('NetworkManager', None, 'connection %s has ipv4.dhcp-send-hostname no'
-                        % connection)
-    return DhcpPlan('NetworkManager', [['nmcli', 'device', 'modify', interface,
-                                        'ipv4.dhcp-hostname', name]], None)
+                        % device.get('GENERAL.CONNECTION', uuid))
+    reapply = [['nmcli', 'device', 'modify', interface, 'ipv4.dhcp-hostname', name]]
+    if 'DHCP4:expiry' not in device:    # no way to tell a new lease: trust the reapply
+        return DhcpPlan('NetworkManager', reapply, None)
+    return DhcpPlan('NetworkManager', reapply, None,
+                    lease=lambda: nm_device(interface, deadline, 'DHCP4').get('DHCP4:expiry'),
+                    fallback=[['nmcli', 'connection', 'modify', '--temporary', uuid,
+                               'ipv4.dhcp-hostname', name], ['nmcli', 'connection', 'up', uuid]])
 
 
 def dhclient_plan(interface, name, root):
@@ -1531,24 +1573,51 @@ def publish_hostname(run, name):
         if plan.why_not:
             return '%s on %s will not send the new name: %s' % (plan.client, interface,
                                                                 plan.why_not)
-        run.carry_out(Action('run: %s' % ' && '.join(' '.join(c) for c in plan.commands),
-                             lambda: send_to_dhcp(run, interface, plan, name)))
+        return run.carry_out(Action('run: %s' % plan.says(),
+                                    lambda: send_to_dhcp(run, interface, plan, name)))[0]
     except ProvisioningError as exc:
         return 'hostname not published: %s' % exc
-    return None
 
 
 def send_to_dhcp(run, interface, plan, name):
+    """Run the plan; returns a warning when the client shows it asked for no new lease."""
     t = time.monotonic()
     limited = Deadline(min(PUBLISH_TIMEOUT, run.deadline.remaining()))
     before = interface_address(interface, limited, run.log)
+    ran = list(plan.commands)
     for command in plan.commands:
         run_tool(command, limited, 'publish hostname')
+    renewed = new_lease_seen(plan, limited)
+    if not renewed and plan.fallback:
+        run.log.info('hostname: %s on %s took the name but asked for no new lease in %.0f s; '
+                     'activating the connection again' % (plan.client, interface, NM_LEASE_WAIT))
+        ran += plan.fallback
+        for command in plan.fallback:
+            run_tool(command, limited, 'publish hostname')
+        renewed = new_lease_seen(plan, limited)
+    if not renewed:
+        return ('hostname not published: %s on %s asked for no new lease after %s'
+                % (plan.client, interface, ' && '.join(' '.join(c) for c in ran)))
     # networkd lets the lease go for a moment before it asks again: expected
     after = interface_address(interface, limited, run.log.quieter())
     run.log.info('hostname %s sent to DHCP by %s on %s (%s); address %s%s (%s)'
-                 % (name, plan.client, interface, ' && '.join(' '.join(c) for c in plan.commands),
+                 % (name, plan.client, interface, ' && '.join(' '.join(c) for c in ran),
                     after, '' if after == before else ', was %s' % before, elapsed_ms(t)))
+    return None
+
+
+def new_lease_seen(plan, deadline):
+    """True when the client shows a lease other than the one before, within
+    NM_LEASE_WAIT; also True when it cannot show one (nothing to wait for)."""
+    if plan.lease is None:
+        return True
+    end = time.monotonic() + min(NM_LEASE_WAIT, deadline.remaining())
+    while True:
+        if plan.lease() != plan.lease_before:
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.25)
 
 
 # --------------------------------------------------------------------------

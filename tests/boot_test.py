@@ -361,6 +361,9 @@ USER_CHECKER = {
     'commands': {
         'user_passwd': ['getent', 'passwd', ADMIN_USER],
         'user_status': ['passwd', '-S', ADMIN_USER],
+        # the name reached DHCP without being written into a profile on disk
+        'nm_profiles_naming_a_host': ['sh', '-c', 'nmcli --version; grep -rl dhcp-hostname '
+                                      '/etc/NetworkManager/system-connections/ 2>/dev/null; true'],
         'sudoers_valid': ['visudo', '-cf', SUDOERS_FILE],
         'sshd_config': ['sshd', '-T'],
         # sshd may still be starting: wait for it (bounded), then log in with the key
@@ -1623,6 +1626,12 @@ def check_first(ctx, c):
 def check_networkmanager(ctx, c):
     check_provisioned(ctx, c)
     check_publish(ctx, c, 'NetworkManager')
+    shown = command(ctx, 'nm_profiles_naming_a_host')[1].strip().splitlines()
+    c.expect(len(shown) == 1 and shown[0].startswith('nmcli tool, version'),
+             'no NetworkManager profile on disk names a DHCP hostname', ' | '.join(shown))
+    again = [l for l in ctx.step_lines() if 'activating the connection again' in l]
+    say('    info: %s; %s' % (shown[0] if shown else 'nmcli: ?', again[0] if again else
+                             'the reapply alone brought a new lease'))
     check_user(ctx, c)
     check_host_keys(ctx, c, [("the image's", (ctx.image or {}).get('host_keys') or [])])
 
@@ -2410,7 +2419,9 @@ EMULATOR = dict(computer_name=COMPUTER_NAME, vm_name=VM_NAME, incarnation=INCARN
 # Issue 15: what runs on which suite.  Every suite: first, second, failure, media (the
 # NetworkManager base, --provision-user).  slow-network and no-dbus test the
 # provisioner's own retry and fallback, the same code on every suite: bookworm only.
-# networkmanager (ssh login with a key) and capture-again: trixie, the newest.
+# networkmanager (ssh login with a key): bullseye (NetworkManager 1.30 asks for no lease
+# after a reapply: the reactivation path) and trixie (1.52: the reapply path).
+# capture-again: trixie, the newest.
 ONE_SUITE = ('bookworm',)
 NEWEST = ('trixie',)
 BOOTS = [
@@ -2421,7 +2432,7 @@ BOOTS = [
          time_limit=BOOT_TIME_LIMIT + SLOW_WIRESERVER_UP, suites=ONE_SUITE),
     Boot('no-dbus', check_no_dbus, image='no-dbus', emulator=EMULATOR, suites=ONE_SUITE),
     Boot('networkmanager', check_networkmanager, image='networkmanager',
-         emulator=user_emulator, suites=NEWEST),
+         emulator=user_emulator, suites=('bullseye',) + NEWEST),
     Boot('media', check_media, image='media', emulator=media_emulator, media=True),
     # issue 14: an image captured again
     Boot('capture-a', check_capture_a, image='capture',

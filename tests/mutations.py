@@ -67,6 +67,9 @@ MUTATIONS = [
       "write_file_atomically(run.root.path('/etc/hostname'), (name + '\\n').encode(),",
       "write_file_atomically(run.root.path('/etc/hostname.new'), (name + '\\n').encode(),",
       ['tests.test_publish']),
+    M('nm-no-reactivation', 'NetworkManager 1.30: no reactivation when the reapply asked for no lease',
+      'if not renewed and plan.fallback:', 'if False:',
+      ['tests.test_publish']),
     # -- the provisioning media (#13) ----------------------------------------------------
     M('password-logged', 'the password written into the log line after chpasswd',
       "run.log.info('user: password of %s set (chpasswd)' % name)",

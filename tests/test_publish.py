@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import unittest
 
 import azure_provisioning as ap
@@ -22,8 +23,6 @@ ROUTES = ('Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU
 FAKE_TOOL = '''#!/bin/sh
 echo "$(basename "$0") $*" >> "%(log)s"
 case "$(basename "$0") $*" in
-  "nmcli -g GENERAL.CONNECTION device show eth0") echo "Wired connection 1";;
-  "nmcli -g ipv4.dhcp-send-hostname connection show Wired connection 1") echo "%(nm_send)s";;
   networkctl*) exit %(networkctl_exit)s;;
 esac
 '''
@@ -46,9 +45,9 @@ class FakeSystem(unittest.TestCase):
         self.addCleanup(setattr, ap, 'ipv4_address', real_ipv4_address)
         self.tools()
 
-    def tools(self, nm_send='yes', networkctl_exit=0):
-        for tool in ('networkctl', 'nmcli', 'dhclient'):
-            self.write('fakebin/' + tool, FAKE_TOOL % {'log': self.log_file, 'nm_send': nm_send,
+    def tools(self, networkctl_exit=0):
+        for tool in ('networkctl', 'dhclient'):
+            self.write('fakebin/' + tool, FAKE_TOOL % {'log': self.log_file,
                                                        'networkctl_exit': networkctl_exit}, 0o755)
 
     def write(self, relative, text, mode=0o644):
@@ -153,20 +152,100 @@ class Networkd(FakeSystem):
         self.assertEqual(self.commands(), [])
 
 
+# NetworkManager as nmcli shows it: the lease's expiry (an absolute time) moves on with
+# every new lease.  reapply_renews: whether `device modify` restarts the DHCP client
+# (1.42 and 1.52 do; 1.30, Debian 11's, accepts it and sends nothing); up_renews:
+# whether reactivating the connection does.
+FAKE_NMCLI = '''#!/bin/sh
+echo "nmcli $*" >> "%(log)s"
+lease="%(lease)s"
+[ -f "$lease" ] || echo 1796156264 > "$lease"
+renew() { echo $(( $(cat "$lease") + 7 )) > "$lease"; }
+dhcp4() {
+  echo "DHCP4.OPTION[1]:dhcp_lease_time = 86400"
+  [ -z "%(expiry)s" ] || echo "DHCP4.OPTION[2]:expiry = $(cat "$lease")"
+  echo "DHCP4.OPTION[3]:ip_address = 10.0.0.4"
+}
+case "$*" in
+  "-t -f GENERAL.CONNECTION,GENERAL.CON-UUID,DHCP4 device show eth0")
+    echo "GENERAL.CONNECTION:Wired connection 1"
+    echo "GENERAL.CON-UUID:83f2d939-d6b1-3480-8e7b-a83daf64a61a"
+    dhcp4;;
+  "-t -f DHCP4 device show eth0") dhcp4;;
+  "-g ipv4.dhcp-send-hostname connection show 83f2d939-d6b1-3480-8e7b-a83daf64a61a")
+    echo "%(send)s";;
+  "device modify eth0 ipv4.dhcp-hostname web-7") [ -z "%(reapply_renews)s" ] || renew;;
+  "connection modify --temporary 83f2d939-d6b1-3480-8e7b-a83daf64a61a ipv4.dhcp-hostname web-7") ;;
+  "connection up 83f2d939-d6b1-3480-8e7b-a83daf64a61a") [ -z "%(up_renews)s" ] || renew;;
+  *) echo "nmcli stand-in: unexpected $*" >&2; exit 2;;
+esac
+'''
+UUID = '83f2d939-d6b1-3480-8e7b-a83daf64a61a'
+
+
 class NetworkManager(FakeSystem):
     def setUp(self):
         FakeSystem.setUp(self)
         os.makedirs(os.path.join(self.root, 'run/NetworkManager'))
+        self.nmcli()
+        wait = ap.NM_LEASE_WAIT
+        ap.NM_LEASE_WAIT = 1.0
+        self.addCleanup(setattr, ap, 'NM_LEASE_WAIT', wait)
+
+    def nmcli(self, send='yes', expiry=True, reapply_renews=True, up_renews=True):
+        self.write('fakebin/nmcli', FAKE_NMCLI % {
+            'log': self.log_file, 'lease': os.path.join(self.root, 'nm-lease'), 'send': send,
+            'expiry': 'y' if expiry else '', 'reapply_renews': 'y' if reapply_renews else '',
+            'up_renews': 'y' if up_renews else ''}, 0o755)
+
+    def changes(self):
+        return [c for c in self.commands() if ' show ' not in c]
 
     def test_device_modify_sets_the_dhcp_hostname(self):
         self.assertIsNone(self.publish())
-        self.assertEqual(self.commands()[-1], 'nmcli device modify eth0 ipv4.dhcp-hostname web-7')
-        self.assertIn('by NetworkManager on eth0', self.log.lines[-1])
+        self.assertEqual(self.changes(), ['nmcli device modify eth0 ipv4.dhcp-hostname web-7'])
+        self.assertRegex(self.log.lines[-1], r'hostname web-7 sent to DHCP by NetworkManager on '
+                                             r'eth0 \(nmcli device modify eth0 ipv4.dhcp-hostname '
+                                             r'web-7\); address 10\.0\.0\.4')
+
+    def test_a_reapply_that_asks_for_no_lease_is_followed_by_a_reactivation(self):
+        # NetworkManager 1.30: the name is taken, no DHCP request follows.  The profile is
+        # changed in memory only (--temporary): a captured image must not keep this name
+        self.nmcli(reapply_renews=False)
+        started = time.monotonic()
+        self.assertIsNone(self.publish())
+        self.assertEqual(self.changes(), [
+            'nmcli device modify eth0 ipv4.dhcp-hostname web-7',
+            'nmcli connection modify --temporary %s ipv4.dhcp-hostname web-7' % UUID,
+            'nmcli connection up %s' % UUID])
+        self.assertLess(time.monotonic() - started, ap.NM_LEASE_WAIT + 1.5)
+        self.assertIn('no new lease', '\n'.join(self.log.lines))
+        self.assertRegex(self.log.lines[-1], r'hostname web-7 sent to DHCP by NetworkManager on '
+                                             r'eth0 \(.*nmcli connection up %s\)' % UUID)
+
+    def test_no_new_lease_at_all_is_a_warning_not_a_claim(self):
+        self.nmcli(reapply_renews=False, up_renews=False)
+        warning = self.publish()
+        self.assertRegex(warning or '', r'NetworkManager on eth0 asked for no new lease')
+        self.assertNotIn('sent to DHCP', '\n'.join(self.log.lines))
+
+    def test_without_an_expiry_shown_the_reapply_is_trusted(self):
+        self.nmcli(expiry=False, reapply_renews=False)
+        self.assertIsNone(self.publish())
+        self.assertEqual(self.changes(), ['nmcli device modify eth0 ipv4.dhcp-hostname web-7'])
+        self.assertIn('sent to DHCP by NetworkManager', self.log.lines[-1])
 
     def test_send_hostname_off(self):
-        self.tools(nm_send='no')
+        self.nmcli(send='no')
         self.assertIn('ipv4.dhcp-send-hostname no', self.publish())
-        self.assertNotIn('modify', ' '.join(self.commands()))
+        self.assertEqual(self.changes(), [])
+
+    def test_dry_run_says_both_and_changes_nothing(self):
+        self.nmcli(reapply_renews=False)
+        self.assertIsNone(self.publish(dry_run=True))
+        self.assertEqual(self.changes(), [])
+        self.assertIn('nmcli device modify eth0 ipv4.dhcp-hostname web-7', self.out.getvalue())
+        self.assertIn('nmcli connection up %s' % UUID, self.out.getvalue())
 
 
 class Dhclient(FakeSystem):
