@@ -1268,6 +1268,11 @@ def hostname_step(run):
     name = validate_hostname(desired_hostname(run.metadata))
     current = socket.gethostname()
     if name == current:
+        # live already, e.g. a run stopped after sethostname: the file must say it too
+        path = run.root.path('/etc/hostname')
+        if (read_text(path) or '').strip() != name:
+            run.carry_out(Action('write %s: %s' % (path, name), lambda: write_file_atomically(
+                path, (name + '\n').encode(), deadline=run.deadline)))
         run.log.info('hostname: already %s, nothing to change (%s)' % (name, elapsed_ms(t)))
         return
     run.carry_out(Action('set hostname: %s (now %s)' % (name, current),
@@ -1292,16 +1297,21 @@ def rename_host(run, old, new, started):
 
 
 def set_hostname(run, name):
-    """The live name (sethostname(2)) and the one for the next boots (/etc/hostname):
-    the two things systemd-hostnamed does for `hostnamectl set-hostname`.  Asking it
-    over D-Bus would first start it, 0.5-1.5 s of the boot under TCG, and minimal
-    images lack it; it reads the file again when it next starts.  Returns how."""
+    """The name for the next boots (/etc/hostname), then the live one (sethostname(2)):
+    what systemd-hostnamed does for `hostnamectl set-hostname`, without asking it over
+    D-Bus, which would first start it (0.5-1.5 s of the boot under TCG; minimal images
+    lack it).  A running hostnamed or NetworkManager learns no new static name until
+    it reads the file again.  The file first: a failed write leaves the old name live,
+    and the next run tries again.  Returns how."""
+    path = run.root.path('/etc/hostname')
+    new_file = not os.path.lexists(path)
+    write_file_atomically(path, (name + '\n').encode(), deadline=run.deadline)
+    if new_file:
+        restore_labels(run, [path], 'hostname')
     try:
         socket.sethostname(name)
     except OSError as exc:
         raise ProvisioningError('cannot set hostname %s: %s' % (name, describe_error(exc)))
-    write_file_atomically(run.root.path('/etc/hostname'), (name + '\n').encode(),
-                          deadline=run.deadline)
     return 'sethostname'
 
 
@@ -1376,26 +1386,8 @@ def update_etc_hosts(run, old, new):
 PUBLISH_TIMEOUT = 30.0      # seconds for the DHCP client to get its lease back
 
 
-NM_LEASE_WAIT = 5.0     # seconds for NetworkManager to show a new lease after a reapply
+DhcpPlan = namedtuple('DhcpPlan', 'client commands why_not')
 
-
-class DhcpPlan(object):
-    """How one DHCP client is made to send the new name: `commands`, or `why_not`.
-    Where the client can show its lease, `lease()` returns a token that changes with
-    every new one (its value before is `lease_before`), and `fallback` runs when
-    `commands` brought none."""
-
-    def __init__(self, client, commands, why_not, lease=None, fallback=()):
-        self.client, self.commands, self.why_not = client, commands, why_not
-        self.lease, self.fallback = lease, list(fallback)
-        self.lease_before = lease() if lease else None
-
-    def says(self):
-        text = ' && '.join(' '.join(c) for c in self.commands)
-        if self.fallback:
-            text += '; if no new lease follows: %s' % ' && '.join(' '.join(c)
-                                                                 for c in self.fallback)
-        return text
 
 
 def interface_index(interface, root):
@@ -1463,48 +1455,44 @@ def networkd_plan(interface, name, root):
     return DhcpPlan('systemd-networkd', [['networkctl', 'reconfigure', interface]], None)
 
 
-def nm_device(interface, deadline, fields):
-    """`nmcli -t -f FIELDS device show IF` as {field: value}; DHCP4's options come as
-    DHCP4.OPTION[n] 'name = value' and are keyed 'DHCP4:name'."""
-    shown = run_tool(['nmcli', '-t', '-f', fields, 'device', 'show', interface], deadline,
-                     'nmcli')
-    values = {}
-    for line in shown.splitlines():
-        field, _, value = line.partition(':')
-        if field.startswith('DHCP4.OPTION'):
-            option, _, value = value.partition(' = ')
-            field = 'DHCP4:' + option.strip()
-        values.setdefault(field, value.strip())
-    return values
+# Measured: NetworkManager 1.42 and 1.52 restart the DHCP client when a reapply changes
+# ipv4.dhcp-hostname; 1.30 (Debian 11) takes it and sends nothing.
+NM_REAPPLY_SENDS = (1, 42)
+
+
+def nm_version(deadline):
+    """nmcli's (major, minor), or None when it does not say."""
+    match = re.search(r'(\d+)\.(\d+)', run_tool(['nmcli', '--version'], deadline, 'nmcli'))
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def networkmanager_plan(interface, name, deadline, root):
     """`nmcli device modify` re-applies the active profile with a new dhcp-hostname,
-    changing nothing on disk; NetworkManager 1.42 and later then restart the DHCP
-    client.  1.30 (Debian 11) accepts it and asks for nothing: when no new lease shows
-    within NM_LEASE_WAIT, the profile gets the name in memory only (--temporary: a
-    captured image keeps none of this VM) and is activated again."""
+    changing nothing on disk and restarting only the DHCP client.  Before 1.42 a
+    reapply asks for no lease: the connection is activated again (the interface goes
+    down and up) with the name set in memory only (--temporary), and the name is
+    taken out again, so that no profile, saved later or not, keeps this VM's name."""
     if not os.path.isdir(root.path('/run/NetworkManager')) or not find_tool('nmcli'):
         return None
     try:
-        device = nm_device(interface, deadline, 'GENERAL.CONNECTION,GENERAL.CON-UUID,DHCP4')
+        uuid = run_tool(['nmcli', '-g', 'GENERAL.CON-UUID', 'device', 'show', interface],
+                        deadline, 'nmcli').strip()
     except ProvisioningError:
         return None
-    uuid = device.get('GENERAL.CON-UUID')
     if not uuid:
         return None
     send = run_tool(['nmcli', '-g', 'ipv4.dhcp-send-hostname', 'connection', 'show', uuid],
                     deadline, 'nmcli').strip()
     if send == 'no':
         return DhcpPlan('NetworkManager', None, 'connection %s has ipv4.dhcp-send-hostname no'
-                        % device.get('GENERAL.CONNECTION', uuid))
-    reapply = [['nmcli', 'device', 'modify', interface, 'ipv4.dhcp-hostname', name]]
-    if 'DHCP4:expiry' not in device:    # no way to tell a new lease: trust the reapply
-        return DhcpPlan('NetworkManager', reapply, None)
-    return DhcpPlan('NetworkManager', reapply, None,
-                    lease=lambda: nm_device(interface, deadline, 'DHCP4').get('DHCP4:expiry'),
-                    fallback=[['nmcli', 'connection', 'modify', '--temporary', uuid,
-                               'ipv4.dhcp-hostname', name], ['nmcli', 'connection', 'up', uuid]])
+                        % uuid)
+    version = nm_version(deadline)
+    if version is None or version >= NM_REAPPLY_SENDS:
+        return DhcpPlan('NetworkManager', [['nmcli', 'device', 'modify', interface,
+                                            'ipv4.dhcp-hostname', name]], None)
+    in_memory = ['nmcli', 'connection', 'modify', '--temporary', uuid, 'ipv4.dhcp-hostname']
+    return DhcpPlan('NetworkManager %d.%d' % version, [
+        in_memory + [name], ['nmcli', 'connection', 'up', uuid], in_memory + ['']], None)
 
 
 def dhclient_plan(interface, name, root):
@@ -1538,12 +1526,14 @@ def ipv4_address(interface):
     `ip addr` would be a process (tens of ms each under TCG)."""
     import fcntl
     import struct
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            answer = fcntl.ioctl(s.fileno(), SIOCGIFADDR,
-                                 struct.pack('256s', interface.encode()[:15]))
-        except OSError:     # EADDRNOTAVAIL: no address (yet); ENODEV: no such interface
-            return None
+    name = os.fsencode(interface)
+    if not name or len(name) > 15 or b'\0' in name:   # IFNAMSIZ: the kernel would cut it
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            answer = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack('256s', name))
+    except OSError:     # EADDRNOTAVAIL: no address (yet); ENODEV: no such interface
+        return None
     return socket.inet_ntoa(answer[20:24])
 
 
@@ -1573,51 +1563,24 @@ def publish_hostname(run, name):
         if plan.why_not:
             return '%s on %s will not send the new name: %s' % (plan.client, interface,
                                                                 plan.why_not)
-        return run.carry_out(Action('run: %s' % plan.says(),
-                                    lambda: send_to_dhcp(run, interface, plan, name)))[0]
+        run.carry_out(Action('run: %s' % ' && '.join(' '.join(c) for c in plan.commands),
+                             lambda: send_to_dhcp(run, interface, plan, name)))
     except ProvisioningError as exc:
         return 'hostname not published: %s' % exc
-
-
-def send_to_dhcp(run, interface, plan, name):
-    """Run the plan; returns a warning when the client shows it asked for no new lease."""
-    t = time.monotonic()
-    limited = Deadline(min(PUBLISH_TIMEOUT, run.deadline.remaining()))
-    before = interface_address(interface, limited, run.log)
-    ran = list(plan.commands)
-    for command in plan.commands:
-        run_tool(command, limited, 'publish hostname')
-    renewed = new_lease_seen(plan, limited)
-    if not renewed and plan.fallback:
-        run.log.info('hostname: %s on %s took the name but asked for no new lease in %.0f s; '
-                     'activating the connection again' % (plan.client, interface, NM_LEASE_WAIT))
-        ran += plan.fallback
-        for command in plan.fallback:
-            run_tool(command, limited, 'publish hostname')
-        renewed = new_lease_seen(plan, limited)
-    if not renewed:
-        return ('hostname not published: %s on %s asked for no new lease after %s'
-                % (plan.client, interface, ' && '.join(' '.join(c) for c in ran)))
-    # networkd lets the lease go for a moment before it asks again: expected
-    after = interface_address(interface, limited, run.log.quieter())
-    run.log.info('hostname %s sent to DHCP by %s on %s (%s); address %s%s (%s)'
-                 % (name, plan.client, interface, ' && '.join(' '.join(c) for c in ran),
-                    after, '' if after == before else ', was %s' % before, elapsed_ms(t)))
     return None
 
 
-def new_lease_seen(plan, deadline):
-    """True when the client shows a lease other than the one before, within
-    NM_LEASE_WAIT; also True when it cannot show one (nothing to wait for)."""
-    if plan.lease is None:
-        return True
-    end = time.monotonic() + min(NM_LEASE_WAIT, deadline.remaining())
-    while True:
-        if plan.lease() != plan.lease_before:
-            return True
-        if time.monotonic() >= end:
-            return False
-        time.sleep(0.25)
+def send_to_dhcp(run, interface, plan, name):
+    t = time.monotonic()
+    limited = Deadline(min(PUBLISH_TIMEOUT, run.deadline.remaining()))
+    before = interface_address(interface, limited, run.log)
+    for command in plan.commands:
+        run_tool(command, limited, 'publish hostname')
+    # networkd lets the lease go for a moment before it asks again: expected
+    after = interface_address(interface, limited, run.log.quieter())
+    run.log.info('hostname %s sent to DHCP by %s on %s (%s); address %s%s (%s)'
+                 % (name, plan.client, interface, ' && '.join(' '.join(c) for c in plan.commands),
+                    after, '' if after == before else ', was %s' % before, elapsed_ms(t)))
 
 
 # --------------------------------------------------------------------------

@@ -1629,9 +1629,11 @@ def check_networkmanager(ctx, c):
     shown = command(ctx, 'nm_profiles_naming_a_host')[1].strip().splitlines()
     c.expect(len(shown) == 1 and shown[0].startswith('nmcli tool, version'),
              'no NetworkManager profile on disk names a DHCP hostname', ' | '.join(shown))
-    again = [l for l in ctx.step_lines() if 'activating the connection again' in l]
-    say('    info: %s; %s' % (shown[0] if shown else 'nmcli: ?', again[0] if again else
-                             'the reapply alone brought a new lease'))
+    sent = [l for l in ctx.step_lines() if 'sent to DHCP by' in l]
+    say('    info: %s; %s' % (shown[0] if shown else 'nmcli: ?',
+                             'connection activated again' if any('connection up' in l
+                                                                 for l in sent) else
+                             'the reapply alone'))
     check_user(ctx, c)
     check_host_keys(ctx, c, [("the image's", (ctx.image or {}).get('host_keys') or [])])
 
@@ -1729,8 +1731,9 @@ def check_publish(ctx, c, client):
     c.expect(address is not None and address in addresses,
              'the guest still has %s when the checker runs' % address,
              'IPv4 addresses: %s' % ' '.join(addresses))
-    pattern = (r'hostname %s sent to DHCP by %s on (\S+) \((.*)\); address ([\d.]+)'
-               r'(, was ([\d.]+))? \(' % (re.escape(COMPUTER_NAME), re.escape(client)))
+    # NetworkManager before 1.42 is named with its version (its commands differ)
+    pattern = (r'hostname %s sent to DHCP by %s(?: [\d.]+)? on (\S+) \((.*)\); address '
+               r'([\d.]+)(, was ([\d.]+))? \(' % (re.escape(COMPUTER_NAME), re.escape(client)))
     line = next((l for l in ctx.step_lines() if re.search(pattern, l)), None)
     match = re.search(pattern, line or '')
     c.expect(bool(match) and match.group(3) == address and not match.group(4),

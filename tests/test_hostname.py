@@ -278,6 +278,25 @@ class AtomicWrite(unittest.TestCase):
             ap.write_file_atomically(self.path, b'x\n')
 
 
+class AlreadyLive(unittest.TestCase):
+    """The live name is already the one asked for (a run stopped after sethostname):
+    nothing is renamed, but /etc/hostname must say it too, or the next boot loses it."""
+
+    def test_a_stale_etc_hostname_is_written(self):
+        import socket
+        from tests.test_transport import QuietLog
+        root = tempfile.mkdtemp(prefix='azp-root-')
+        self.addCleanup(shutil.rmtree, root)
+        os.makedirs(os.path.join(root, 'etc'))
+        with open(os.path.join(root, 'etc/hostname'), 'w') as f:
+            f.write('image-template\n')
+        run = ap.Run(ap.Options(root=root, timeout=30), QuietLog(), None)
+        run.metadata = {'compute': {'osProfile': {'computerName': socket.gethostname()}}}
+        ap.hostname_step(run)
+        with open(os.path.join(root, 'etc/hostname')) as f:
+            self.assertEqual(f.read(), socket.gethostname() + '\n')
+
+
 class SystemSystemd(unittest.TestCase):
     """With systemd running (faked by a private /run), systemd is asked (systemctl)
     only when the process shares PID 1's UTS namespace."""
