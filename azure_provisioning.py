@@ -1269,10 +1269,9 @@ def hostname_step(run):
     current = socket.gethostname()
     if name == current:
         # live already, e.g. a run stopped after sethostname: the file must say it too
-        path = run.root.path('/etc/hostname')
-        if (read_text(path) or '').strip() != name:
-            run.carry_out(Action('write %s: %s' % (path, name), lambda: write_file_atomically(
-                path, (name + '\n').encode(), deadline=run.deadline)))
+        if (read_text(run.root.path('/etc/hostname')) or '').strip() != name:
+            run.carry_out(Action('write /etc/hostname: %s' % name,
+                                 lambda: write_etc_hostname(run, name)))
         run.log.info('hostname: already %s, nothing to change (%s)' % (name, elapsed_ms(t)))
         return
     run.carry_out(Action('set hostname: %s (now %s)' % (name, current),
@@ -1303,16 +1302,20 @@ def set_hostname(run, name):
     lack it).  A running hostnamed or NetworkManager learns no new static name until
     it reads the file again.  The file first: a failed write leaves the old name live,
     and the next run tries again.  Returns how."""
-    path = run.root.path('/etc/hostname')
-    new_file = not os.path.lexists(path)
-    write_file_atomically(path, (name + '\n').encode(), deadline=run.deadline)
-    if new_file:
-        restore_labels(run, [path], 'hostname')
+    write_etc_hostname(run, name)
     try:
         socket.sethostname(name)
     except OSError as exc:
         raise ProvisioningError('cannot set hostname %s: %s' % (name, describe_error(exc)))
     return 'sethostname'
+
+
+def write_etc_hostname(run, name):
+    path = run.root.path('/etc/hostname')
+    new_file = not os.path.lexists(path)
+    write_file_atomically(path, (name + '\n').encode(), deadline=run.deadline)
+    if new_file:    # made by us, not replaced: the policy's label, not /etc's
+        restore_labels(run, [path], 'hostname')
 
 
 def split_keeping_spaces(text):
@@ -1387,7 +1390,6 @@ PUBLISH_TIMEOUT = 30.0      # seconds for the DHCP client to get its lease back
 
 
 DhcpPlan = namedtuple('DhcpPlan', 'client commands why_not')
-
 
 
 def interface_index(interface, root):

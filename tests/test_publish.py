@@ -8,7 +8,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import unittest
 
 import azure_provisioning as ap
@@ -92,17 +91,17 @@ class IPv4Address(unittest.TestCase):
         self.assertEqual(done.code, 0, done)
         return done.stdout.strip()
 
+    # a 15-byte name (the longest the kernel takes) with an address, its peer without
+    SETUP = ('set -e; ip link add abcdefghijklmno type veth peer name p0\n'
+             'ip addr add 10.9.9.9/24 dev abcdefghijklmno')
+
     def test_an_address_none_and_no_such_interface(self):
-        setup = ('set -e; ip link add abcdefghijklmno type veth peer name p0\n'
-                 'ip addr add 10.9.9.9/24 dev abcdefghijklmno')
-        self.assertEqual(self.addresses(setup, ['abcdefghijklmno', 'p0', 'azp-none0']),
+        self.assertEqual(self.addresses(self.SETUP, ['abcdefghijklmno', 'p0', 'azp-none0']),
                          "['10.9.9.9', None, None]")
 
     def test_names_the_kernel_would_cut_or_cannot_hold(self):
         # the kernel reads 15 bytes and stops at a NUL: these would name abcdefghijklmno
-        setup = ('set -e; ip link add abcdefghijklmno type veth peer name p0\n'
-                 'ip addr add 10.9.9.9/24 dev abcdefghijklmno')
-        self.assertEqual(self.addresses(setup, ['abcdefghijklmnoXYZ', 'abcdefghijklmno\0x', '',
+        self.assertEqual(self.addresses(self.SETUP, ['abcdefghijklmnoXYZ', 'abcdefghijklmno\0x', '',
                                                 'lo\udcff', 'lo\u00e9']),
                          "[None, None, None, None, None]")
 
@@ -277,8 +276,8 @@ class Dhclient(FakeSystem):
 # production), with a private /etc, a veth "eth0" with a default route inside the
 # private network namespace, networkd's link state in a private /run, and
 # stand-in hostnamectl / networkctl / ip / nmcli / dhclient / systemctl first on
-# PATH that record what they are asked (hostnamectl and ip must never be).  The emulator runs inside the namespace
-# too: it is the only thing the script can reach there.
+# PATH that record what they are asked (hostnamectl and ip must never be).  The
+# emulator runs inside the namespace too: it is the only thing the script can reach.
 # --------------------------------------------------------------------------
 
 STAND_IN = '''#!/bin/sh
