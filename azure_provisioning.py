@@ -1268,11 +1268,18 @@ def hostname_step(run):
     name = validate_hostname(desired_hostname(run.metadata))
     current = socket.gethostname()
     if name == current:
-        # live already, e.g. a run stopped after sethostname: the file must say it too
-        if (read_text(run.root.path('/etc/hostname')) or '').strip() != name:
+        # live already (set by hand, or the image's own): the next boots need the file
+        if (read_text(run.root.path('/etc/hostname')) or '').strip() == name:
+            run.log.info('hostname: already %s, nothing to change (%s)' % (name, elapsed_ms(t)))
+            return
+        try:
             run.carry_out(Action('write /etc/hostname: %s' % name,
                                  lambda: write_etc_hostname(run, name)))
-        run.log.info('hostname: already %s, nothing to change (%s)' % (name, elapsed_ms(t)))
+        except (ProvisioningError, OSError) as exc:
+            # the VM has its name now: a failed VM would be the wrong report
+            run.warn('/etc/hostname not written: %s' % describe_error(exc))
+            return
+        run.log.info('hostname: already %s; /etc/hostname written (%s)' % (name, elapsed_ms(t)))
         return
     run.carry_out(Action('set hostname: %s (now %s)' % (name, current),
                          lambda: rename_host(run, current, name, t)))
@@ -1284,8 +1291,7 @@ def hostname_step(run):
         return
     warning = publish_hostname(run, name)
     if warning:
-        run.log.warning(warning)
-        run.warnings.append(warning)
+        run.warn(warning)
 
 
 def rename_host(run, old, new, started):
@@ -1315,7 +1321,10 @@ def write_etc_hostname(run, name):
     new_file = not os.path.lexists(path)
     write_file_atomically(path, (name + '\n').encode(), deadline=run.deadline)
     if new_file:    # made by us, not replaced: the policy's label, not /etc's
-        restore_labels(run, [path], 'hostname')
+        try:
+            restore_labels(run, [path], 'hostname')
+        except ProvisioningError as exc:    # the name is right; only the label is not
+            run.warn(str(exc))
 
 
 def split_keeping_spaces(text):
@@ -1389,7 +1398,11 @@ def update_etc_hosts(run, old, new):
 PUBLISH_TIMEOUT = 30.0      # seconds for the DHCP client to get its lease back
 
 
-DhcpPlan = namedtuple('DhcpPlan', 'client commands why_not')
+UNDO_TIMEOUT = 10.0         # seconds for a plan's undo, even after the commands used theirs
+
+# `undo`: commands run after `commands` whether they worked or not
+DhcpPlan = namedtuple('DhcpPlan', 'client commands why_not undo')
+DhcpPlan.__new__.__defaults__ = ((),)      # Python 3.6 has no namedtuple(defaults=)
 
 
 def interface_index(interface, root):
@@ -1464,7 +1477,10 @@ NM_REAPPLY_SENDS = (1, 42)
 
 def nm_version(deadline):
     """nmcli's (major, minor), or None when it does not say."""
-    match = re.search(r'(\d+)\.(\d+)', run_tool(['nmcli', '--version'], deadline, 'nmcli'))
+    try:
+        match = re.search(r'(\d+)\.(\d+)', run_tool(['nmcli', '--version'], deadline, 'nmcli'))
+    except ProvisioningError:
+        return None
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
@@ -1494,7 +1510,8 @@ def networkmanager_plan(interface, name, deadline, root):
                                             'ipv4.dhcp-hostname', name]], None)
     in_memory = ['nmcli', 'connection', 'modify', '--temporary', uuid, 'ipv4.dhcp-hostname']
     return DhcpPlan('NetworkManager %d.%d' % version, [
-        in_memory + [name], ['nmcli', 'connection', 'up', uuid], in_memory + ['']], None)
+        in_memory + [name], ['nmcli', 'connection', 'up', uuid]], None,
+        undo=[in_memory + ['']])
 
 
 def dhclient_plan(interface, name, root):
@@ -1528,14 +1545,20 @@ def ipv4_address(interface):
     `ip addr` would be a process (tens of ms each under TCG)."""
     import fcntl
     import struct
-    name = os.fsencode(interface)
+    try:
+        name = os.fsencode(interface)
+    except UnicodeError:    # Python 3.6 under LANG=C: not a name an interface can have
+        return None
     if not name or len(name) > 15 or b'\0' in name:   # IFNAMSIZ: the kernel would cut it
         return None
+    import errno
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             answer = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack('256s', name))
-    except OSError:     # EADDRNOTAVAIL: no address (yet); ENODEV: no such interface
-        return None
+    except OSError as exc:
+        if exc.errno == errno.EADDRNOTAVAIL:    # no address (yet): worth waiting for
+            return None
+        raise ProvisioningError('address of %s: %s' % (interface, describe_error(exc)))
     return socket.inet_ntoa(answer[20:24])
 
 
@@ -1565,7 +1588,8 @@ def publish_hostname(run, name):
         if plan.why_not:
             return '%s on %s will not send the new name: %s' % (plan.client, interface,
                                                                 plan.why_not)
-        run.carry_out(Action('run: %s' % ' && '.join(' '.join(c) for c in plan.commands),
+        run.carry_out(Action('run: %s' % ' && '.join(' '.join(c) for c in plan.commands
+                                                      + list(plan.undo)),
                              lambda: send_to_dhcp(run, interface, plan, name)))
     except ProvisioningError as exc:
         return 'hostname not published: %s' % exc
@@ -1576,12 +1600,18 @@ def send_to_dhcp(run, interface, plan, name):
     t = time.monotonic()
     limited = Deadline(min(PUBLISH_TIMEOUT, run.deadline.remaining()))
     before = interface_address(interface, limited, run.log)
-    for command in plan.commands:
-        run_tool(command, limited, 'publish hostname')
+    try:
+        for command in plan.commands:
+            run_tool(command, limited, 'publish hostname')
+    finally:
+        undo_deadline = Deadline(min(UNDO_TIMEOUT, run.deadline.remaining()))
+        for command in plan.undo:
+            run_tool(command, undo_deadline, 'publish hostname (undo)')
     # networkd lets the lease go for a moment before it asks again: expected
     after = interface_address(interface, limited, run.log.quieter())
     run.log.info('hostname %s sent to DHCP by %s on %s (%s); address %s%s (%s)'
-                 % (name, plan.client, interface, ' && '.join(' '.join(c) for c in plan.commands),
+                 % (name, plan.client, interface, ' && '.join(' '.join(c) for c in plan.commands
+                                                             + list(plan.undo)),
                     after, '' if after == before else ', was %s' % before, elapsed_ms(t)))
 
 
@@ -2218,6 +2248,11 @@ class Run(object):
         self.facts = {}
         self.warnings = []
 
+    def warn(self, warning):
+        """Logged now, and in the KVP report at the end."""
+        self.log.warning(warning)
+        self.warnings.append(warning)
+
     def carry_out(self, *actions, **how):
         """The one place --dry-run is decided: print what each action would do, or do
         it (saying so first with announce=True).  Returns what the actions returned
@@ -2260,8 +2295,7 @@ def step_media(run):
     if media.password and not wants_user:
         warning = ('the provisioning media holds a password for %s; not set: this image '
                    'does not manage users (no --provision-user)' % (media.username or '?'))
-        run.log.warning(warning)
-        run.warnings.append(warning)
+        run.warn(warning)
 
 
 def step_hostname(run):

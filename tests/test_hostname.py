@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import stat
 import tempfile
 import unittest
@@ -282,19 +283,49 @@ class AlreadyLive(unittest.TestCase):
     """The live name is already the one asked for (a run stopped after sethostname):
     nothing is renamed, but /etc/hostname must say it too, or the next boot loses it."""
 
-    def test_a_stale_etc_hostname_is_written(self):
-        import socket
+    def setUp(self):
         from tests.test_transport import QuietLog
-        root = tempfile.mkdtemp(prefix='azp-root-')
-        self.addCleanup(shutil.rmtree, root)
-        os.makedirs(os.path.join(root, 'etc'))
-        with open(os.path.join(root, 'etc/hostname'), 'w') as f:
+        self.root = tempfile.mkdtemp(prefix='azp-root-')
+        self.addCleanup(shutil.rmtree, self.root)
+        os.makedirs(os.path.join(self.root, 'etc'))
+        self.path = os.path.join(self.root, 'etc/hostname')
+        self.run_ = ap.Run(ap.Options(root=self.root, timeout=30), QuietLog(), None)
+        self.run_.metadata = {'compute': {'osProfile': {'computerName': socket.gethostname()}}}
+
+    def test_a_stale_etc_hostname_is_written(self):
+        with open(self.path, 'w') as f:
             f.write('image-template\n')
-        run = ap.Run(ap.Options(root=root, timeout=30), QuietLog(), None)
-        run.metadata = {'compute': {'osProfile': {'computerName': socket.gethostname()}}}
-        ap.hostname_step(run)
-        with open(os.path.join(root, 'etc/hostname')) as f:
+        ap.hostname_step(self.run_)
+        with open(self.path) as f:
             self.assertEqual(f.read(), socket.gethostname() + '\n')
+        self.assertRegex(self.run_.log.lines[-1], r'already %s; /etc/hostname written'
+                         % socket.gethostname())
+
+    def test_a_file_that_cannot_be_written_is_a_warning_not_a_failure(self):
+        # the live name is right: the VM is usable, and must not be reported failed
+        os.mkdir(self.path)
+        ap.hostname_step(self.run_)
+        self.assertEqual(len(self.run_.warnings), 1, self.run_.warnings)
+        self.assertRegex(self.run_.warnings[0], r'/etc/hostname not written: ')
+
+    def test_a_new_files_label_that_cannot_be_set_is_a_warning(self):
+        selinux = os.path.join(self.root, 'selinuxfs')
+        os.mkdir(selinux)
+        bin_dir = os.path.join(self.root, 'bin')
+        os.mkdir(bin_dir)
+        with open(os.path.join(bin_dir, 'restorecon'), 'w') as f:
+            f.write('#!/bin/sh\necho "restorecon: no policy" >&2\nexit 1\n')
+        os.chmod(os.path.join(bin_dir, 'restorecon'), 0o755)
+        saved = ap.SELINUX_FS, os.environ['PATH']
+        ap.SELINUX_FS, os.environ['PATH'] = selinux, bin_dir + os.pathsep + saved[1]
+        try:
+            ap.hostname_step(self.run_)
+        finally:
+            ap.SELINUX_FS, os.environ['PATH'] = saved
+        with open(self.path) as f:
+            self.assertEqual(f.read(), socket.gethostname() + '\n')
+        self.assertEqual(len(self.run_.warnings), 1, self.run_.warnings)
+        self.assertRegex(self.run_.warnings[0], r'restorecon failed: restorecon: no policy')
 
 
 class SystemSystemd(unittest.TestCase):

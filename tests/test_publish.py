@@ -82,28 +82,37 @@ class IPv4Address(unittest.TestCase):
     """One ioctl (SIOCGIFADDR) reads what `ip -4 addr` would show; nothing is sent.
     Each case runs in a network namespace of its own with the interfaces it needs."""
 
-    def addresses(self, setup, names):
+    def addresses(self, setup, names, expect_code=0):
         require_root(self)
         code = ('import sys; sys.path.insert(0, %r); import azure_provisioning as ap; '
                 'print([ap.ipv4_address(n) for n in %r])' % (REPO, names))
         done = run_command(['unshare', '--net', 'sh', '-c', setup + '\nexec "$0" -c "$1"',
                             sys.executable, code], timeout=20)
-        self.assertEqual(done.code, 0, done)
-        return done.stdout.strip()
+        self.assertEqual(done.code, expect_code, done)
+        return (done.stdout + done.stderr).strip()
 
     # a 15-byte name (the longest the kernel takes) with an address, its peer without
     SETUP = ('set -e; ip link add abcdefghijklmno type veth peer name p0\n'
              'ip addr add 10.9.9.9/24 dev abcdefghijklmno')
 
     def test_an_address_none_and_no_such_interface(self):
-        self.assertEqual(self.addresses(self.SETUP, ['abcdefghijklmno', 'p0', 'azp-none0']),
-                         "['10.9.9.9', None, None]")
+        self.assertEqual(self.addresses(self.SETUP, ['abcdefghijklmno', 'p0']),
+                         "['10.9.9.9', None]")
+
+    def test_an_interface_that_is_gone_is_an_error_not_a_wait(self):
+        # no address yet is worth waiting for; no interface at all is not (30 s of boot)
+        output = self.addresses('true', ['azp-none0'], expect_code=1)
+        self.assertRegex(output, r'ProvisioningError.*azp-none0')
 
     def test_names_the_kernel_would_cut_or_cannot_hold(self):
         # the kernel reads 15 bytes and stops at a NUL: these would name abcdefghijklmno
-        self.assertEqual(self.addresses(self.SETUP, ['abcdefghijklmnoXYZ', 'abcdefghijklmno\0x', '',
-                                                'lo\udcff', 'lo\u00e9']),
-                         "[None, None, None, None, None]")
+        self.assertEqual(self.addresses(self.SETUP, ['abcdefghijklmnoXYZ', 'abcdefghijklmno\0x',
+                                                     '']),
+                         "[None, None, None]")
+        # names as os.listdir gives undecodable bytes, and non-ASCII: asked, and absent
+        for name in ('lo\udcff', 'lo\u00e9'):
+            self.assertRegex(self.addresses(self.SETUP, [name], expect_code=1),
+                             r'ProvisioningError: address of lo')
 
 
 class PrimaryInterface(FakeSystem):
@@ -165,12 +174,12 @@ class Networkd(FakeSystem):
 FAKE_NMCLI = '''#!/bin/sh
 echo "nmcli $*" >> "%(log)s"
 case "$*" in
-  "--version") echo "%(version)s";;
+  "--version") echo "%(version)s"; exit %(version_exit)s;;
   "-g GENERAL.CON-UUID device show eth0") echo "%(uuid)s";;
   "-g ipv4.dhcp-send-hostname connection show %(uuid)s") echo "%(send)s";;
   "device modify eth0 ipv4.dhcp-hostname web-7") ;;
   "connection modify --temporary %(uuid)s ipv4.dhcp-hostname web-7") ;;
-  "connection up %(uuid)s") ;;
+  "connection up %(uuid)s") exit %(up_exit)s;;
   "connection modify --temporary %(uuid)s ipv4.dhcp-hostname ") ;;
   *) echo "nmcli stand-in: unexpected $*" >&2; exit 2;;
 esac
@@ -184,9 +193,11 @@ class NetworkManager(FakeSystem):
         os.makedirs(os.path.join(self.root, 'run/NetworkManager'))
         self.nmcli()
 
-    def nmcli(self, send='yes', version='nmcli tool, version 1.42.4'):
-        self.write('fakebin/nmcli', FAKE_NMCLI % {'log': self.log_file, 'uuid': UUID,
-                                                  'send': send, 'version': version}, 0o755)
+    def nmcli(self, send='yes', version='nmcli tool, version 1.42.4', version_exit=0,
+              up_exit=0):
+        self.write('fakebin/nmcli', FAKE_NMCLI % {
+            'log': self.log_file, 'uuid': UUID, 'send': send, 'version': version,
+            'version_exit': version_exit, 'up_exit': up_exit}, 0o755)
 
     def changes(self):
         return [c for c in self.commands() if ' show ' not in c and '--version' not in c]
@@ -207,6 +218,19 @@ class NetworkManager(FakeSystem):
             'nmcli connection up %s' % UUID,
             'nmcli connection modify --temporary %s ipv4.dhcp-hostname ' % UUID])
         self.assertIn('sent to DHCP by NetworkManager 1.30 on eth0', self.log.lines[-1])
+
+    def test_the_name_is_taken_out_of_memory_even_when_the_activation_fails(self):
+        self.nmcli(version='nmcli tool, version 1.30.6', up_exit=4)
+        self.assertRegex(self.publish() or '', r'hostname not published: .*nmcli failed')
+        self.assertEqual(self.changes(), [
+            'nmcli connection modify --temporary %s ipv4.dhcp-hostname web-7' % UUID,
+            'nmcli connection up %s' % UUID,
+            'nmcli connection modify --temporary %s ipv4.dhcp-hostname ' % UUID])
+
+    def test_a_failing_version_query_means_the_reapply(self):
+        self.nmcli(version_exit=8)
+        self.assertIsNone(self.publish())
+        self.assertEqual(self.changes(), ['nmcli device modify eth0 ipv4.dhcp-hostname web-7'])
 
     def test_a_version_nmcli_does_not_say_means_the_reapply(self):
         self.nmcli(version='nmcli tool')
