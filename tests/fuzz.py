@@ -853,13 +853,16 @@ scratch = None      # set by main
 def check_plan(plan):
     if plan is None:
         return
-    check(isinstance(plan, tuple) and len(plan) == 3, 'returned %r, not None or a 3-tuple'
+    check(isinstance(plan, tuple) and len(plan) == 4, 'returned %r, not None or a 4-tuple'
           % (plan,))
-    client, commands, why_not = plan
+    client, commands, why_not, undo = plan
+
+    def argvs(value):
+        return isinstance(value, (list, tuple)) and all(
+            isinstance(c, list) and all(isinstance(a, str) for a in c) for c in value)
     check(isinstance(client, str) and (why_not is None or isinstance(why_not, str))
-          and (commands is None or isinstance(commands, list)
-               and all(isinstance(c, list) and all(isinstance(a, str) for a in c)
-                       for c in commands)), 'plan of the wrong shape', repr(plan)[:80])
+          and (commands is None or isinstance(commands, list) and argvs(commands))
+          and argvs(undo), 'plan of the wrong shape', repr(plan)[:80])
 
 
 def root_of(case):
