@@ -189,66 +189,338 @@ def xml_escape(text):
 
 
 # --------------------------------------------------------------------------
-# Files: one root for every path, atomic writes
+# Files: one root for every path, walked without leaving it; reads bounded,
+# writes atomic, every change made through the directory opened at that moment
 # --------------------------------------------------------------------------
 
 SELINUX_FS = '/sys/fs/selinux'     # mounted when SELinux is enabled
 SELINUX_XATTR = 'security.selinux'
+READ_MAX = 16 << 20     # bytes of one file we read: the largest (grub.cfg) are < 1 MiB
+SYMLINKS_MAX = 40       # links followed in one path, as the kernel allows
+# A directory of the walk: opened for lookups only, never through a link (O_NOFOLLOW)
+OPEN_DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A file to read: a FIFO must not block the open, a tty must not become ours
+OPEN_READ = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def not_a_file(errno_):
+    """Errors that say a path names no file: missing, a path no file can have (too
+    long, a loop), a file where a directory is on the way."""
+    import errno
+    return errno_ in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP)
+
+
+def read_opened(opener, shown, limit):
+    """The bytes of the file `opener` opens (a descriptor), or None when there is no
+    such file (or it is a directory).  Anything but a regular file (a FIFO, a device,
+    a socket) is an OSError before a byte is read, and so is more than `limit` bytes:
+    the size is checked first and the reading stops at limit + 1 (a file that grows,
+    /proc's that say 0)."""
+    import errno
+    import stat
+    try:
+        fd = opener()
+    except ValueError:      # a NUL in the path (read from an image's config)
+        return None
+    except OSError as exc:
+        if not_a_file(exc.errno) or exc.errno == errno.EISDIR:
+            return None
+        raise
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, 'not a regular file', shown)
+        chunks, size = [], 0
+        while size <= limit and st.st_size <= limit:
+            chunk = os.read(fd, min(1 << 16, limit + 1 - size))
+            if not chunk:
+                return b''.join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+        raise OSError(errno.EFBIG, 'larger than %d bytes' % limit, shown)
+    finally:
+        os.close(fd)
+
+
+def read_bytes(path, limit=READ_MAX):
+    """A file of this machine (/proc, /sys): its bytes, None when the path names no
+    file; see read_opened.  An image's files are read with Root.read."""
+    return read_opened(lambda: os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
+                                       | os.O_CLOEXEC), path, limit)
+
+
+def read_text(path):
+    data = read_bytes(path)
+    return data.decode('utf-8', 'replace') if data is not None else None
 
 
 def write_file_atomically(path, data, mode=None, owner=None, check=None, deadline=None):
-    """Write via a temporary file and rename: a crash or SIGTERM leaves the old file
-    or the new one, never half of one nor the temporary file.  The mode and owner
-    asked for are enforced (an existing 0666 authorized_keys becomes 0600); not
-    given, an existing file's are kept (new files: 0644, ours).  `check` is a
-    command run on the temporary file first (e.g. visudo -cf), bounded by `deadline`;
-    on SELinux the new file gets the old one's label."""
-    deadline = deadline or Deadline(TOOL_TIMEOUT)
-    directory = os.path.dirname(path) or '.'
+    """A file of this machine written atomically (see Root.write)."""
+    Root('/').write(path, data, mode=mode, owner=owner, check=check, deadline=deadline)
+
+
+class Root(object):
+    """The filesystem every step reads and writes: '/' on a VM; a mounted image with
+    --check, --deprovision, --status --root; a temporary tree in the tests.  Paths are
+    given as on the VM.  Every read and change walks the path from the root itself:
+    each directory is opened from its parent without following a link (O_NOFOLLOW);
+    a link on the way is read and resolved as the image sees it (a relative one from
+    where it is, an absolute one from the root, '..' never above the root), so that no
+    link leads out of the root.  The change acts on the directory opened then
+    (unlinkat, renameat, symlinkat): a directory swapped for a link after a plan was
+    made cannot redirect it."""
+
+    def __init__(self, top='/'):
+        # resolved: '/.', '//' and a link to '/' are this machine, for every guard
+        self.top = os.path.realpath(top)
+
+    def path(self, *parts):
+        """The path from here (for messages, tools, and this machine's files)."""
+        return os.path.join(self.top, *[part.lstrip('/') for part in parts])
+
+    def is_machine(self):
+        return self.top == '/'
+
+    def __repr__(self):
+        return 'Root(%r)' % self.top
+
+    def locate(self, path, follow=True):
+        """(descriptor of the directory that holds `path`'s last component, that
+        component, the path as resolved inside the root); the caller closes the
+        descriptor.  follow: a link as last component is resolved too."""
+        import errno
+        import stat
+        pending = [p for p in path.split('/') if p not in ('', '.')][::-1]   # a stack
+        fds = [os.open(self.top, OPEN_DIRECTORY & ~os.O_NOFOLLOW)]   # self.top is resolved
+        names = []
+        links = 0
+        try:
+            while pending:
+                name = pending.pop()
+                if name == '..':
+                    if names:
+                        os.close(fds.pop())
+                        names.pop()
+                    continue
+                if pending:
+                    try:
+                        fds.append(os.open(name, OPEN_DIRECTORY, dir_fd=fds[-1]))
+                        names.append(name)
+                        continue
+                    except OSError as exc:
+                        # a link, or a file where a directory should be
+                        if exc.errno != errno.ENOTDIR:
+                            raise
+                try:
+                    is_link = stat.S_ISLNK(os.stat(name, dir_fd=fds[-1],
+                                                   follow_symlinks=False).st_mode)
+                except FileNotFoundError:
+                    is_link = False
+                if not is_link and pending:
+                    raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+                if not is_link or not follow and not pending:
+                    return fds.pop(), name, '/' + '/'.join(names + [name])
+                links += 1
+                if links > SYMLINKS_MAX:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+                target = os.readlink(name, dir_fd=fds[-1])
+                if target.startswith('/'):
+                    while names:
+                        os.close(fds.pop())
+                        names.pop()
+                pending += [p for p in target.split('/') if p not in ('', '.')][::-1]
+            return fds.pop(), '.', '/' + '/'.join(names)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def at(self, path, act, follow=True):
+        """act(directory descriptor, name) for `path`, inside the root; an OSError
+        names the path as on the VM."""
+        try:
+            fd, name, _ = self.locate(path, follow)
+            try:
+                return act(fd, name)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.filename == path:
+                raise
+            raise OSError(exc.errno, exc.strerror or str(exc), path)
+
+    def read(self, *parts, **how):
+        """The bytes of a regular file inside the root, None when there is no such
+        file; limit= (default READ_MAX).  See read_opened."""
+        path = '/'.join(parts)
+        limit = how.get('limit', READ_MAX)
+        fds = []
+
+        def opener():
+            fds.append(self.locate(path))
+            fd, name, _ = fds[-1]
+            return os.open(name, OPEN_READ, dir_fd=fd)
+        try:
+            return read_opened(opener, path, limit)
+        finally:
+            for fd, _, _ in fds:
+                os.close(fd)
+
+    def read_text(self, *parts):
+        data = self.read(*parts)
+        return data.decode('utf-8', 'replace') if data is not None else None
+
+    def lstat(self, *parts):
+        """The path's own stat (a link's, not its target's), None when it names nothing."""
+        try:
+            return self.at('/'.join(parts), lambda fd, name: os.stat(
+                name, dir_fd=fd, follow_symlinks=False), follow=False)
+        except ValueError:
+            return None
+        except OSError as exc:
+            if not_a_file(exc.errno):
+                return None
+            raise
+
+    def stat(self, *parts):
+        """The stat of what the path leads to inside the root, None when nothing."""
+        try:
+            return self.at('/'.join(parts), lambda fd, name: os.stat(
+                name, dir_fd=fd, follow_symlinks=False))
+        except ValueError:
+            return None
+        except OSError as exc:
+            if not_a_file(exc.errno):
+                return None
+            raise
+
+    def exists(self, *parts):
+        return self.lstat(*parts) is not None
+
+    def is_file(self, *parts):
+        import stat
+        found = self.stat(*parts)
+        return found is not None and stat.S_ISREG(found.st_mode)
+
+    def is_dir(self, *parts):
+        import stat
+        found = self.stat(*parts)
+        return found is not None and stat.S_ISDIR(found.st_mode)
+
+    def resolve(self, path):
+        """`path` with its links resolved inside the root (as far as it exists)."""
+        try:
+            fd, name, resolved = self.locate(path)
+            os.close(fd)
+            return resolved
+        except (OSError, ValueError):
+            return os.path.normpath('/' + path)
+
+    def names(self, directory, pattern):
+        """Names in `directory` matching the regular expression (none when unreadable)."""
+        def listing(fd, name):
+            opened = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=fd)
+            try:
+                return os.listdir(opened)
+            finally:
+                os.close(opened)
+        try:
+            return [n for n in self.at(directory, listing) if re.match(pattern, n)]
+        except (OSError, ValueError):
+            return []
+
+    def remove(self, path):
+        """Remove the file (or link) `path`, never a directory, in the directory that
+        holds it now."""
+        self.at(path, lambda fd, name: os.unlink(name, dir_fd=fd), follow=False)
+
+    def make_dirs(self, path, mode=0o755):
+        """The directories of `path` that are missing, made (mode before the umask)."""
+        def make(fd, name):
+            try:
+                os.mkdir(name, mode, dir_fd=fd)
+            except FileExistsError:
+                pass
+        parts = [p for p in path.split('/') if p not in ('', '.')]
+        for end in range(1, len(parts) + 1):
+            self.at('/'.join(parts[:end]), make, follow=False)
+
+    def symlink(self, target, path):
+        """A link at `path` (its directories made) pointing to `target`."""
+        self.make_dirs(os.path.dirname(path))
+        self.at(path, lambda fd, name: os.symlink(target, name, dir_fd=fd), follow=False)
+
+    def write(self, path, data, mode=None, owner=None, check=None, deadline=None):
+        """Write via a temporary file and rename: a crash or SIGTERM leaves the old
+        file or the new one, never half of one nor the temporary file.  The mode and
+        owner asked for are enforced (an existing 0666 authorized_keys becomes 0600);
+        not given, an existing file's are kept (new files: 0644, ours).  `check` is a
+        command run on the temporary file first (e.g. visudo -cf), bounded by
+        `deadline`; on SELinux the new file gets the old one's label.  A link at
+        `path` is replaced, not followed."""
+        self.at(path, lambda fd, name: write_at(fd, name, data, mode, owner, check,
+                                                deadline or Deadline(TOOL_TIMEOUT)),
+                follow=False)
+
+
+def write_at(directory, name, data, mode, owner, check, deadline):
+    """Root.write's work, in the directory open as `directory`."""
+    import stat
     try:
-        st = os.stat(path)
-        existing = True
-        mode = st.st_mode & 0o7777 if mode is None else mode
-        owner = owner or (st.st_uid, st.st_gid)
+        st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+        existing = stat.S_ISREG(st.st_mode)
     except FileNotFoundError:
         existing = False
-        mode = 0o644 if mode is None else mode
-    tmp = os.path.join(directory, '.%s.%d.tmp' % (os.path.basename(path), os.getpid()))
+    if existing:
+        mode = st.st_mode & 0o7777 if mode is None else mode
+        owner = owner or (st.st_uid, st.st_gid)
+    elif mode is None:
+        mode = 0o644
+    tmp = '.%s.%d.tmp' % (name, os.getpid())
+    # what a tool (visudo) is given: this very directory, whatever happens to its path
+    tmp_path = '/proc/%d/fd/%d/%s' % (os.getpid(), directory, tmp)
     try:
         # opened inside the try: a SIGTERM handled right after open() returns (before
         # `fd` is even set) must still remove the file.  A file of that name is a
         # left-over of an earlier boot whose process had our PID (a power cut).
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=directory)
         except FileNotFoundError:
             pass
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=directory)
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if owner is not None:
-            try:
-                os.chown(tmp, *owner)
-            except PermissionError:
-                pass    # not root (tests): the file stays ours
-        os.chmod(tmp, mode)
+            if owner is not None:
+                try:
+                    os.fchown(f.fileno(), *owner)
+                except PermissionError:
+                    pass    # not root (tests): the file stays ours
+            os.fchmod(f.fileno(), mode)
         if check:
-            run_tool(check + [tmp], deadline, 'checking %s' % path)
+            run_tool(check + [tmp_path], deadline, 'checking %s' % name)
         if existing and os.path.isdir(SELINUX_FS):
-            copy_selinux_label(path, tmp)
-        os.rename(tmp, path)
+            old = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+            try:
+                copy_selinux_label('/proc/self/fd/%d' % old, tmp_path)
+            finally:
+                os.close(old)
+        os.rename(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
     except BaseException:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=directory)
         except OSError:
             pass
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
+    opened = os.open('.', os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
     try:
-        os.fsync(dir_fd)
+        os.fsync(opened)
     finally:
-        os.close(dir_fd)
+        os.close(opened)
 
 
 def copy_selinux_label(source, target):
@@ -265,49 +537,14 @@ def copy_selinux_label(source, target):
     os.setxattr(target, SELINUX_XATTR, label)
 
 
-def read_bytes(path):
-    """A file's bytes; None when the path names no file (missing, a directory, or a
-    path no file can have: too long, a loop, a NUL in it, as read from an image's
-    config files).  Other errors (permissions, I/O) are raised."""
-    import errno
-    try:
-        with open(path, 'rb') as f:
-            return f.read()
-    except ValueError:      # a NUL in the path
-        return None
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG,
-                         errno.ELOOP):
-            return None
-        raise
-
-
-def read_text(path):
-    data = read_bytes(path)
-    return data.decode('utf-8', 'replace') if data is not None else None
-
-
-class Root(object):
-    """The filesystem every step reads and writes: '/' on a VM; a mounted image with
-    --check --root; a temporary tree in the tests.  Paths are given as on the VM."""
-
-    def __init__(self, top='/'):
-        self.top = top
-
-    def path(self, *parts):
-        return os.path.join(self.top, *[part.lstrip('/') for part in parts])
-
-    def __repr__(self):
-        return 'Root(%r)' % self.top
-
-
 # A step's plan is a list of actions: what it would do, in words, and the doing.
 # Run.carry_out performs them, or with --dry-run prints them.
 Action = namedtuple('Action', 'says do')
 
 
 def glob_names(directory, pattern):
-    """Names in `directory` matching the regular expression (none when unreadable)."""
+    """Names in this machine's `directory` matching the regular expression (none when
+    unreadable); an image's: Root.names."""
     try:
         return [n for n in os.listdir(directory) if re.match(pattern, n)]
     except OSError:
@@ -1037,7 +1274,8 @@ def read_media(run, device):
     os.mkdir(mountpoint, 0o700)
     try:
         try:
-            run_tool([find_tool('mount') or 'mount', '-o', 'ro', '-t',
+            # nodev, nosuid, noexec: the disc is anyone's; what it holds is data only
+            run_tool([find_tool('mount') or 'mount', '-o', 'ro,nodev,nosuid,noexec', '-t',
                       ','.join(MEDIA_FILESYSTEMS), device, mountpoint], run.deadline, 'media')
         except BaseException as exc:
             if os.path.ismount(mountpoint):     # timed out after the kernel mounted it
@@ -1046,11 +1284,9 @@ def read_media(run, device):
                 raise ProvisioningError('%s%s' % (exc, udf_missing_hint(run)))
             raise
         try:
-            path = os.path.join(mountpoint, OVF_ENV)
-            if os.path.isfile(path) and os.path.getsize(path) > OVF_ENV_MAX:
-                raise ProvisioningError('media: %s on %s is larger than %d bytes'
-                                        % (OVF_ENV, device, OVF_ENV_MAX))
-            return read_bytes(path)
+            return Root(mountpoint).read(OVF_ENV, limit=OVF_ENV_MAX)
+        except OSError as exc:      # a FIFO, a device, too large
+            raise ProvisioningError('media: %s on %s: %s' % (OVF_ENV, device, exc.strerror))
         finally:
             unmount(run, mountpoint)
     finally:
@@ -1072,19 +1308,18 @@ def unmount(run, mountpoint):
         run_tool([umount, '-l', mountpoint], grace, 'media')
 
 
-def kernel_has_udf(modules):
+def kernel_has_udf(root, modules):
     """Whether the kernel whose modules are in `modules` mounts UDF: built in, or a
     udf.ko (compressed or not)."""
-    return ('kernel/fs/udf/udf.ko' in (read_text(os.path.join(modules, 'modules.builtin'))
-                                       or '')
-            or bool(glob_names(os.path.join(modules, 'kernel/fs/udf'), r'udf\.ko')))
+    return ('kernel/fs/udf/udf.ko' in (root.read_text(modules, 'modules.builtin') or '')
+            or bool(root.names(modules + '/kernel/fs/udf', r'udf\.ko')))
 
 
 def udf_missing_hint(run):
     """' (this kernel cannot mount UDF: ...)' when that is so, else ''."""
     release = os.uname().release
     if ('udf' in (read_text('/proc/filesystems') or '')
-            or kernel_has_udf(run.root.path('/lib/modules', release))):
+            or kernel_has_udf(run.root, '/lib/modules/' + release)):
         return ''
     return (' (kernel %s cannot mount UDF, the format Azure uses: no udf module in '
             '/lib/modules/%s; install it, e.g. linux-modules-extra)' % (release, release))
@@ -1269,7 +1504,7 @@ def hostname_step(run):
     current = socket.gethostname()
     if name == current:
         # live already (set by hand, or the image's own): the next boots need the file
-        if (read_text(run.root.path('/etc/hostname')) or '').strip() == name:
+        if (run.root.read_text('/etc/hostname') or '').strip() == name:
             run.log.info('hostname: already %s, nothing to change (%s)' % (name, elapsed_ms(t)))
             return
         try:
@@ -1317,12 +1552,11 @@ def set_hostname(run, name):
 
 
 def write_etc_hostname(run, name):
-    path = run.root.path('/etc/hostname')
-    new_file = not os.path.lexists(path)
-    write_file_atomically(path, (name + '\n').encode(), deadline=run.deadline)
+    new_file = not run.root.exists('/etc/hostname')
+    run.root.write('/etc/hostname', (name + '\n').encode(), deadline=run.deadline)
     if new_file:    # made by us, not replaced: the policy's label, not /etc's
         try:
-            restore_labels(run, [path], 'hostname')
+            restore_labels(run, [run.root.path('/etc/hostname')], 'hostname')
         except ProvisioningError as exc:    # the name is right; only the label is not
             run.warn(str(exc))
 
@@ -1372,18 +1606,17 @@ def rename_in_hosts(text, old, new):
 def update_etc_hosts(run, old, new):
     """True when /etc/hosts carried the old name and was rewritten.  A localhost*
     name (RHEL's template is localhost.localdomain) is never the name to replace."""
-    path = run.root.path('/etc/hosts')
     if not old or old.lower().startswith('localhost'):
         return False
-    data = read_bytes(path)
+    data = run.root.read('/etc/hosts')
     if data is None:
         return False
     text = data.decode('utf-8', 'surrogateescape')
     changed = rename_in_hosts(text, old, new)
     if changed == text:
         return False
-    write_file_atomically(path, changed.encode('utf-8', 'surrogateescape'),
-                          deadline=run.deadline)
+    run.root.write('/etc/hosts', changed.encode('utf-8', 'surrogateescape'),
+                   deadline=run.deadline)
     return True
 
 
@@ -1406,7 +1639,7 @@ DhcpPlan.__new__.__defaults__ = ((),)      # Python 3.6 has no namedtuple(defaul
 
 
 def interface_index(interface, root):
-    return (read_text(root.path('/sys/class/net', interface, 'ifindex')) or '').strip()
+    return (root.read_text('/sys/class/net', interface, 'ifindex') or '').strip()
 
 
 def primary_interface(root):
@@ -1426,8 +1659,8 @@ def primary_interface(root):
                       if destination == '00000000' and flags & 1)
     if defaults:
         return defaults[0][1]
-    for index in sorted(glob_names(root.path('/run/systemd/netif/leases'), r'^\d+$')):
-        for name in glob_names(root.path('/sys/class/net'), r'.'):
+    for index in sorted(root.names('/run/systemd/netif/leases', r'^\d+$')):
+        for name in root.names('/sys/class/net', r'.'):
             if interface_index(name, root) == index:
                 return name
     routed = [name for name, _, flags, _ in routes if name != 'lo' and flags & 1]
@@ -1452,13 +1685,13 @@ def networkd_plan(interface, name, root):
     """networkd keeps the name it had when it configured the link (systemd #23244):
     `renew` re-sends the old one, `reconfigure` starts the DHCP client again."""
     index = interface_index(interface, root)
-    state = index and read_text(root.path('/run/systemd/netif/links', index))
+    state = index and root.read_text('/run/systemd/netif/links', index)
     if not state or 'NETWORK_FILE=' not in state:
         return None
     fields = dict(line.partition('=')[::2] for line in state.splitlines() if '=' in line)
     files = [fields.get('NETWORK_FILE', '')] + fields.get('NETWORK_FILE_DROPINS', '') \
         .strip('"').split()
-    text = '\n'.join(read_text(root.path(p)) or '' for p in files if p)
+    text = '\n'.join(root.read_text(p) or '' for p in files if p)
     sections = ('DHCPv4', 'DHCP')
     send = ini_values(text, sections, 'SendHostname')
     if send and send[-1].lower() in ('no', 'false', '0', 'off'):
@@ -1518,13 +1751,13 @@ def dhclient_plan(interface, name, root):
     """ISC dhclient evaluates `send host-name = gethostname();` per packet, but only a
     new client sends a fresh request: stop it keeping its lease (-x), start it again
     with the same arguments; it asks for the same address (INIT-REBOOT)."""
-    for pid in glob_names(root.path('/proc'), r'^\d+$'):
-        data = read_bytes(root.path('/proc', pid, 'cmdline')) or b''
+    for pid in root.names('/proc', r'^\d+$'):
+        data = root.read('/proc', pid, 'cmdline') or b''
         argv = [a.decode('utf-8', 'replace') for a in data.split(b'\0') if a]
         if not argv or os.path.basename(argv[0]) != 'dhclient' or interface not in argv[1:]:
             continue
         config = argv[argv.index('-cf') + 1] if '-cf' in argv[:-1] else '/etc/dhcp/dhclient.conf'
-        text = read_text(root.path(config)) or ''
+        text = root.read_text(config) or ''
         # [ \t], not \s: \s* spans lines, and a long run of them takes quadratic time
         sends = re.findall(r'^[ \t]*send[ \t]+host-name[ \t]+(\S[^;\n]*);', text, re.M)
         if not sends:
@@ -1756,7 +1989,7 @@ def create_user(run, name, shell):
 
 def password_locked(run, name):
     """IMDS carries no password: none may work ('!' or '*' in /etc/shadow)."""
-    for line in (read_text(run.root.path('/etc/shadow')) or '').splitlines():
+    for line in (run.root.read_text('/etc/shadow') or '').splitlines():
         fields = line.split(':')
         if fields[0] == name:
             return fields[1:2] != [] and fields[1][:1] in ('!', '*')
@@ -1782,8 +2015,7 @@ def set_password(run, name, password):
 def sudo_plan(run, name, has_password):
     """sudo asks for the password when the user has one (as waagent does), not when
     the account's password is locked."""
-    path = run.root.path(SUDOERS_DROP_IN)
-    if not os.path.isdir(os.path.dirname(path)):
+    if not run.root.is_dir(os.path.dirname(SUDOERS_DROP_IN)):
         run.log.info('user: /etc/sudoers.d does not exist (sudo not installed); no sudo rule')
         return []
     if has_password:
@@ -1792,13 +2024,13 @@ def sudo_plan(run, name, has_password):
     else:
         rule = ('# written by azure-provisioning: the admin user from IMDS, whose password\n'
                 '# is locked (IMDS carries none)\n%s ALL=(ALL) NOPASSWD:ALL\n' % name).encode()
-    if read_bytes(path) == rule:
+    if run.root.read(SUDOERS_DROP_IN) == rule:
         return []
 
     def write_rule():
         visudo = find_tool('visudo')
-        write_file_atomically(path, rule, mode=0o440, check=[visudo, '-cf'] if visudo else None,
-                              deadline=run.deadline)
+        run.root.write(SUDOERS_DROP_IN, rule, mode=0o440,
+                       check=[visudo, '-cf'] if visudo else None, deadline=run.deadline)
         run.log.info('user: sudo rule %s written%s'
                      % (SUDOERS_DROP_IN, ' (visudo -cf ok)' if visudo else ''))
     return [Action('write %s granting %s sudo' % (SUDOERS_DROP_IN, name), write_rule)]
@@ -1826,7 +2058,7 @@ def keys_plan(run, request, home, new_account):
 def keys_to_add(run, request, home):
     """(path, the whole new text, how many keys are new), None when none is."""
     path = authorized_keys_path(home, request.key_paths, run.log)
-    present = read_bytes(run.root.path(path))
+    present = run.root.read(path)
     lines = present.decode('utf-8', 'replace').splitlines() if present else []
     known = set(' '.join(line.split()[:2]) for line in lines)
     new = [key for key in request.keys if ' '.join(key.split()[:2]) not in known]
@@ -1871,7 +2103,7 @@ def install_keys(run, name, path, text, added):
 
 
 def sshd_plan(run, logins):
-    config = read_text(run.root.path('/etc/ssh/sshd_config'))
+    config = run.root.read_text('/etc/ssh/sshd_config')
     if config is None:
         run.log.info('user: no /etc/ssh/sshd_config; PasswordAuthentication left alone')
         return []
@@ -1881,12 +2113,11 @@ def sshd_plan(run, logins):
         return []
     setting = ('# written by azure-provisioning (DisableSshPasswordAuthentication)\n'
                'PasswordAuthentication %s\n' % logins).encode()
-    path = run.root.path(SSHD_DROP_IN)
-    if read_bytes(path) == setting:
+    if run.root.read(SSHD_DROP_IN) == setting:
         return []
 
     def write_setting():
-        write_file_atomically(path, setting, deadline=run.deadline)
+        run.root.write(SSHD_DROP_IN, setting, deadline=run.deadline)
         run.log.info('user: PasswordAuthentication %s (%s)' % (logins, SSHD_DROP_IN))
         restart_sshd(run, required=False)
     return [Action('write %s: PasswordAuthentication %s' % (SSHD_DROP_IN, logins),
@@ -1941,31 +2172,42 @@ def read_state(root, strict=False):
     or broken (a broken record must not stop provisioning; it costs the host keys).
     strict: a file that is there but cannot be read (permissions) is an OSError."""
     try:
-        data = read_bytes(root.path(STATE_FILE))
-    except OSError:
+        data = root.read(STATE_FILE, limit=STATE_MAX)
+    except OSError:     # a FIFO, a device, larger than STATE_MAX, permissions
         if strict:
             raise
         return None
     try:
-        state = parse_json(data.decode('utf-8')) if data and len(data) <= STATE_MAX else None
+        state = parse_json(data.decode('utf-8')) if data else None
     except ValueError:
         return None
     return state if isinstance(state, dict) else None
 
 
 def write_private(run, path, data):
-    """A file of DATA_DIR: ours alone (custom data and the record may hold secrets),
-    whoever owned the directory or the file before, never through a symbolic link."""
-    directory = os.path.dirname(path)
-    if os.path.islink(directory):
+    """A file of DATA_DIR (`path` as from here): ours alone (custom data and the
+    record may hold secrets), whoever owned the directory or the file before, never
+    through a symbolic link."""
+    import stat
+    inside = '/' + os.path.relpath(path, run.root.top)
+    directory = os.path.dirname(inside)
+    found = run.root.lstat(directory)
+    if found is not None and stat.S_ISLNK(found.st_mode):
         raise ProvisioningError('%s is a symbolic link; refusing to write through it'
-                                % directory)
-    if not os.path.isdir(directory):
-        os.makedirs(directory, 0o700)
-    os.chown(directory, os.geteuid(), os.getegid())
-    os.chmod(directory, 0o700)
-    write_file_atomically(path, data, mode=0o600, owner=(os.geteuid(), os.getegid()),
-                          deadline=run.deadline.without_reserve())
+                                % os.path.dirname(path))
+    run.root.make_dirs(directory, 0o700)
+
+    def make_ours(fd, name):
+        opened = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=fd)
+        try:
+            os.fchown(opened, os.geteuid(), os.getegid())
+            os.fchmod(opened, 0o700)
+        finally:
+            os.close(opened)
+    run.root.at(directory, make_ours, follow=False)
+    run.root.write(inside, data, mode=0o600, owner=(os.geteuid(), os.getegid()),
+                   deadline=run.deadline.without_reserve())
 
 
 def write_state(run, result, step=None, reason=None):
@@ -1994,7 +2236,7 @@ def write_state(run, result, step=None, reason=None):
 
 
 def host_key_names(root):
-    return sorted(glob_names(root.path('/etc/ssh'), SSH_HOST_KEY.pattern))
+    return sorted(root.names('/etc/ssh', SSH_HOST_KEY.pattern))
 
 
 def host_keys_plan(run):
@@ -2433,58 +2675,75 @@ WANTS_LINK = '/etc/systemd/system/multi-user.target.wants/' + UNIT_NAME
 
 def deprovision_plan(run, remove_user):
     """Everything that makes this disk one VM rather than an image, to undo: what
-    `waagent -deprovision+user` and `cloud-init clean --machine-id` do for theirs."""
+    `waagent -deprovision+user` and `cloud-init clean --machine-id` do for theirs.
+    Decided before anything is removed: a target that cannot be removed (a directory
+    where a file should be, a FIFO for the machine id) stops it here, so that what
+    --dry-run lists is what the run does."""
+    import stat
     root = run.root
     plan = []
-
-    def removal(path, why):
-        # a symbolic link on the way (an image's absolute /etc/ssh -> /etc/ssh) must not
-        # lead us to this machine's files: the directory must resolve inside the root
-        top = os.path.realpath(root.top)
-        where = os.path.realpath(os.path.dirname(root.path(path)))
-        if top != '/' and not (where + '/').startswith(top.rstrip('/') + '/'):
-            run.log.warning('deprovision: %s left alone: its directory leads out of %s '
-                            '(to %s)' % (path, root.top, where))
-            return
-        plan.append(Action('remove %s (%s)' % (path, why),
-                           lambda: os.remove(root.path(path))))
+    problems = []
     for name in host_key_names(root):
-        removal('/etc/ssh/' + name, 'SSH host key: every VM makes its own')
-    if (read_bytes(root.path(MACHINE_ID)) or b'').strip():
+        plan += removal(root, '/etc/ssh/' + name, 'SSH host key: every VM makes its own',
+                        problems)
+    try:
+        machine_id = root.read(MACHINE_ID)
+    except OSError as exc:
+        problems.append(describe_error(exc))
+        machine_id = None
+    if (machine_id or b'').strip():
         # empty, not absent: systemd then makes a new one at first boot
         plan.append(Action('empty %s (systemd makes a new one at first boot)' % MACHINE_ID,
-                           lambda: write_file_atomically(root.path(MACHINE_ID), b'')))
-    dbus = root.path(DBUS_MACHINE_ID)
-    if os.path.isfile(dbus) and not os.path.islink(dbus):
-        removal(DBUS_MACHINE_ID, 'a copy of the machine id')
+                           lambda: root.write(MACHINE_ID, b'')))
+    dbus = root.lstat(DBUS_MACHINE_ID)
+    if dbus is not None and stat.S_ISREG(dbus.st_mode):
+        plan += removal(root, DBUS_MACHINE_ID, 'a copy of the machine id', problems)
     for directory, pattern in DHCP_LEASES:
-        for name in sorted(glob_names(root.path(directory), pattern)):
-            removal('%s/%s' % (directory, name), 'DHCP lease')
-    for name in sorted(glob_names(root.path(os.path.dirname(KVP_POOL)), r'\.kvp_pool_\d+$')):
-        removal('%s/%s' % (os.path.dirname(KVP_POOL), name), 'Hyper-V KVP pool')
-    state = read_state(root) or {}
+        for name in sorted(root.names(directory, pattern)):
+            plan += removal(root, '%s/%s' % (directory, name), 'DHCP lease', problems)
+    for name in sorted(root.names(os.path.dirname(KVP_POOL), r'\.kvp_pool_\d+$')):
+        plan += removal(root, '%s/%s' % (os.path.dirname(KVP_POOL), name), 'Hyper-V KVP pool',
+                        problems)
+    try:
+        state = read_state(root, strict=True) or {}
+    except OSError as exc:      # a FIFO, a device, too large: whose user would it name?
+        problems.append(describe_error(exc))
+        state = {}
     for name in ('custom-data', 'user-data', 'state.json'):
-        if os.path.lexists(root.path(DATA_DIR, name)):
-            removal('%s/%s' % (DATA_DIR, name), 'this VM\'s provisioning record and data'
-                    if name == 'state.json' else 'this VM\'s %s' % name)
-    unit = next(('/%s/%s' % (d, UNIT_NAME) for d in UNIT_DIRS if os.path.exists(
-        root.path(d, UNIT_NAME))), None)
-    if unit and not os.path.lexists(root.path(WANTS_LINK)):
+        plan += removal(root, '%s/%s' % (DATA_DIR, name), 'this VM\'s provisioning record and '
+                        'data' if name == 'state.json' else 'this VM\'s %s' % name, problems)
+    unit = next(('/%s/%s' % (d, UNIT_NAME) for d in UNIT_DIRS
+                 if root.stat(d, UNIT_NAME) is not None), None)
+    if unit and not root.exists(WANTS_LINK):
         plan.append(Action('enable %s (%s -> %s): the next VM provisions itself'
-                           % (UNIT_NAME, WANTS_LINK, unit), lambda: enable_unit(root, unit)))
+                           % (UNIT_NAME, WANTS_LINK, unit),
+                           lambda: root.symlink(unit, WANTS_LINK)))
     if remove_user:
-        plan += user_removal_plan(run, state)
+        plan += user_removal_plan(run, state, problems)
+    if problems:
+        raise ProvisioningError('%s; nothing removed' % '; '.join(problems))
     return plan
 
 
-def enable_unit(root, unit):
-    link = root.path(WANTS_LINK)
-    if not os.path.isdir(os.path.dirname(link)):
-        os.makedirs(os.path.dirname(link))
-    os.symlink(unit, link)
+def removal(root, path, why, problems):
+    """[the action that removes the file or link `path`], or [] when there is none.
+    A directory there is added to `problems`.  The action removes what is at `path`
+    then, in the directory it finds then, inside the root (Root.remove)."""
+    import stat
+    try:
+        found = root.lstat(path)
+    except OSError as exc:
+        problems.append(describe_error(exc))
+        return []
+    if found is None:
+        return []
+    if stat.S_ISDIR(found.st_mode):
+        problems.append('%s is a directory, not a file' % path)
+        return []
+    return [Action('remove %s (%s)' % (path, why), lambda: root.remove(path))]
 
 
-def user_removal_plan(run, state):
+def user_removal_plan(run, state, problems):
     """The admin user --provision-user made (the record says which), with its home,
     and its sudo rule: what waagent's -deprovision+user does."""
     name = state.get('admin_user_created')
@@ -2496,7 +2755,7 @@ def user_removal_plan(run, state):
         raise ProvisioningError('the record names the admin user %s, not a user name'
                                 % printable(repr(name))[:80])
     accounts = dict((fields[0], fields[2]) for fields in (
-        line.split(':') for line in (read_text(run.root.path('/etc/passwd')) or '').splitlines())
+        line.split(':') for line in (run.root.read_text('/etc/passwd') or '').splitlines())
         if len(fields) > 2)
     uid = accounts.get(name)
     if uid is not None and not (uid.isdigit() and int(uid) >= 1000):
@@ -2505,14 +2764,11 @@ def user_removal_plan(run, state):
     plan = []
     if uid is not None:
         argv = [find_tool('userdel') or 'userdel', '-r', name]
-        if run.root.top != '/':
+        if not run.root.is_machine():
             argv[1:1] = ['--root', run.root.top]
         plan.append(Action('remove the admin user %s and its home (userdel -r)' % name,
                            lambda: run_tool(argv, run.deadline, 'deprovision')))
-    if os.path.lexists(run.root.path(SUDOERS_DROP_IN)):
-        plan.append(Action('remove %s (its sudo rule)' % SUDOERS_DROP_IN,
-                           lambda: os.remove(run.root.path(SUDOERS_DROP_IN))))
-    return plan
+    return plan + removal(run.root, SUDOERS_DROP_IN, 'its sudo rule', problems)
 
 
 def running_on_a_vm():
@@ -2530,7 +2786,7 @@ def running_on_a_vm():
 
 def deprovision(options, log, out):
     """--deprovision: returns the exit code."""
-    if options.root == '/' and not options.dry_run:
+    if Root(options.root).is_machine() and not options.dry_run:
         if os.geteuid() != 0:
             log.error('--deprovision changes this machine: run it as root (or --root DIR '
                       'for a mounted image, or --dry-run to see what it would do)')
@@ -2568,13 +2824,13 @@ def dmi_vm_id(root):
     first three fields are byte-swapped on Gen1 VMs (BIOS, no /sys/firmware/efi), as
     cloud-init and azure-init read it.  None when unreadable."""
     try:
-        text = (read_text(root.path(DMI_UUID)) or '').strip().lower()
+        text = (root.read_text(DMI_UUID) or '').strip().lower()
     except OSError:
         return None
     if not re.fullmatch(r'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', text):
         return None
     fields = text.split('-')
-    if not os.path.isdir(root.path('/sys/firmware/efi')):
+    if not root.is_dir('/sys/firmware/efi'):
         swap = lambda hex_: ''.join(reversed([hex_[i:i + 2] for i in range(0, len(hex_), 2)]))
         fields[:3] = [swap(f) for f in fields[:3]]
     return '-'.join(fields)
@@ -2585,9 +2841,10 @@ def status(options, out):
     root = Root(options.root)
     try:
         state = read_state(root, strict=True)
-    except OSError as exc:      # 0600 in a 0700 directory: root's alone
-        raise ProvisioningError('cannot read %s: %s (run as root)'
-                                % (STATE_FILE, exc.strerror or exc.__class__.__name__))
+    except OSError as exc:      # 0600 in a 0700 directory: root's alone; a FIFO, too large
+        raise ProvisioningError('cannot read %s: %s%s' % (
+            STATE_FILE, exc.strerror or exc.__class__.__name__,
+            ' (run as root)' if isinstance(exc, PermissionError) else ''))
     if options.json:
         out.write(json.dumps(state, indent=2, sort_keys=True) + '\n')
         return 0 if state and state.get('result') == 'provisioned' else 1
@@ -2612,8 +2869,8 @@ def status(options, out):
 def status_lines(root, state):
     """The record in words; whatever its fields hold (it is a file anyone with root
     may have edited), one line each."""
-    unit = ('unit: enabled (provisions at the next boot)' if os.path.lexists(
-        root.path(WANTS_LINK)) else 'unit: disabled (it disabled itself after Ready)')
+    unit = ('unit: enabled (provisions at the next boot)' if root.exists(WANTS_LINK)
+            else 'unit: disabled (it disabled itself after Ready)')
     if state is None:
         return ['not provisioned: no record (%s)' % STATE_FILE, unit]
 
@@ -2684,10 +2941,17 @@ class Check(object):
         return self.root.path(*parts)
 
     def exists(self, *parts):
+        return self.root.exists(*parts)
+
+    def read(self, *parts):
+        """A file's text, None when there is none; one that cannot be read (a FIFO, a
+        device, too large, permissions) is a row of its own, and None."""
         try:
-            return os.path.lexists(self.path(*parts))
-        except ValueError:      # a NUL in a path read from the image (Python < 3.8)
-            return False
+            return self.root.read_text(*parts)
+        except OSError as exc:
+            self.say('warn', '/%s: %s (not read)' % ('/'.join(parts).lstrip('/'),
+                                                    exc.strerror or exc.__class__.__name__))
+            return None
 
     def say(self, status, text, fix=None):
         self.results.append((status, text, fix))
@@ -2697,21 +2961,14 @@ class Check(object):
         (read once: every check asks)."""
         if self._enabled is None:
             self._enabled = set()
-            base = self.path('etc/systemd/system')
-            for wants in glob_names(base, r'.*\.(wants|requires)$'):
-                self._enabled.update(glob_names(os.path.join(base, wants), r'.'))
+            base = 'etc/systemd/system'
+            for wants in self.root.names(base, r'.*\.(wants|requires)$'):
+                self._enabled.update(self.root.names(base + '/' + wants, r'.'))
         return self._enabled
 
     def resolve(self, path):
-        """`path` inside the image, following symlinks inside the image."""
-        for _ in range(40):
-            full = self.path(path)
-            if not os.path.islink(full):
-                return path
-            target = os.readlink(full)
-            path = target if target.startswith('/') else os.path.join(os.path.dirname(path), target)
-            path = os.path.normpath(path)
-        return path
+        """`path` inside the image, its links resolved inside the image."""
+        return self.root.resolve(path)
 
 
 def check_unit(c):
@@ -2726,7 +2983,7 @@ def check_unit(c):
         c.say('FAIL', 'unit not enabled (it disables itself after a run: an image captured '
                       'from a provisioned VM never provisions again)',
               '%s enable %s' % (c.systemctl, UNIT_NAME))
-    text = read_text(c.path(unit, UNIT_NAME)) or ''
+    text = c.read(unit, UNIT_NAME) or ''
     match = re.search(r'^ExecStart=[-@:+!]*(\S+)(.*)$', text, re.M)
     if not match:
         c.say('FAIL', 'the unit has no ExecStart=', 'sh install.sh%s' % c.root_flag)
@@ -2738,22 +2995,22 @@ def check_unit(c):
     c.unit_args = args
     script = next((a for a in args if a.startswith('/')), None)
     for what, path in (('interpreter', python), ('script', script)):
-        if path is None or not os.path.exists(c.path(c.resolve(path))):
+        if path is None or c.root.stat(path) is None:
             c.say('FAIL', 'ExecStart %s %s does not exist' % (what, path),
                   'sh install.sh%s --python PATH' % c.root_flag)
             return None
     c.say('ok', 'ExecStart: %s %s' % (python, ' '.join(args)))
-    if LAUNCHER_MARK in (read_text(c.path(c.resolve(script))) or ''):
+    if LAUNCHER_MARK in (c.read(script) or ''):
         check_module(c)
     return python
 
 
 def check_module(c):
     """install.sh's launcher needs the module beside its bytecode."""
-    if not os.path.isfile(c.path(MODULE_DIR, 'azure_provisioning.py')):
+    if not c.root.is_file(MODULE_DIR, 'azure_provisioning.py'):
         c.say('FAIL', 'the launcher\'s module %s/azure_provisioning.py does not exist'
               % MODULE_DIR, 'sh install.sh%s' % c.root_flag)
-    elif glob_names(c.path(MODULE_DIR, '__pycache__'), r'azure_provisioning\..*\.pyc$'):
+    elif c.root.names(MODULE_DIR + '/__pycache__', r'azure_provisioning\..*\.pyc$'):
         c.say('ok', 'module %s/azure_provisioning.py, byte-compiled' % MODULE_DIR)
     else:
         c.say('warn', 'module %s/azure_provisioning.py is not byte-compiled: every boot '
@@ -2829,12 +3086,12 @@ def python_from_files(c, real):
         version = (int(match.group(1)), int(match.group(2)))
         libraries = [os.path.join(prefix, lib, 'python%d.%d' % version)
                      for lib in ('lib', 'lib64')]
-        libraries = [lib for lib in libraries if os.path.isdir(c.path(lib))]
+        libraries = [lib for lib in libraries if c.root.is_dir(lib)]
         return version, libraries, 'from the file name %s' % real
     # not named pythonX.Y (/usr/libexec/platform-python): one standard library only
     libraries = [os.path.join(prefix, lib, name) for lib in ('lib', 'lib64')
-                 for name in sorted(glob_names(c.path(prefix, lib), r'python\d+\.\d+$'))
-                 if os.path.isfile(c.path(prefix, lib, name, 'os.py'))]
+                 for name in sorted(c.root.names(prefix + '/' + lib, r'python\d+\.\d+$'))
+                 if c.root.is_file(prefix, lib, name, 'os.py')]
     if len(libraries) != 1:
         return None, [], ('cannot tell which Python it is: not named pythonX.Y, and %d '
                           'standard libraries under %s/lib*' % (len(libraries), prefix.rstrip('/')))
@@ -2847,11 +3104,11 @@ def module_in_library(c, library, name):
     compiled in __pycache__ (a package as its __init__)."""
     parts = name.split('.')
     for stem in (parts, parts + ['__init__']):
-        directory = c.path(library, *stem[:-1])
-        if (os.path.isfile(os.path.join(directory, stem[-1] + '.py'))
-                or os.path.isfile(os.path.join(directory, stem[-1] + '.pyc'))
-                or glob_names(os.path.join(directory, '__pycache__'),
-                              re.escape(stem[-1]) + r'\..*\.pyc$')):
+        directory = '/'.join([library] + stem[:-1])
+        if (c.root.is_file(directory, stem[-1] + '.py')
+                or c.root.is_file(directory, stem[-1] + '.pyc')
+                or c.root.names(directory + '/__pycache__',
+                                re.escape(stem[-1]) + r'\..*\.pyc$')):
             return True
     return False
 
@@ -2897,14 +3154,14 @@ def check_media(c):
     Azure formats it UDF: without the udf module, only key-only VMs without custom
     data provision."""
     kernels = sorted(set(k for d in ('lib/modules', 'usr/lib/modules')
-                         for k in glob_names(c.path(d), r'\d')))
+                         for k in c.root.names(d, r'\d')))
     if not kernels:
         c.say('warn', 'media: no kernel in /lib/modules: cannot tell whether the kernel '
                       'mounts UDF (the provisioning media: passwords, custom data)')
     for kernel in kernels:
-        base = next(c.path(d, kernel) for d in ('lib/modules', 'usr/lib/modules')
-                    if os.path.isdir(c.path(d, kernel)))
-        if kernel_has_udf(base):
+        base = next('/%s/%s' % (d, kernel) for d in ('lib/modules', 'usr/lib/modules')
+                    if c.root.is_dir(d, kernel))
+        if kernel_has_udf(c.root, base):
             c.say('ok', 'media: kernel %s mounts UDF' % kernel)
         else:
             c.say('warn', 'media: kernel %s has no udf module: VMs created with a password or '
@@ -2933,11 +3190,11 @@ def dhcp_configurations(c):
     networkd = 'systemd-networkd.service' in enabled
     seen = set()
     for directory in ('etc/systemd/network', 'usr/lib/systemd/network', 'lib/systemd/network'):
-        if os.path.realpath(c.path(directory)) in seen:
+        if c.root.resolve(directory) in seen:
             continue    # /lib is /usr/lib on merged-/usr systems
-        seen.add(os.path.realpath(c.path(directory)))
-        for name in sorted(glob_names(c.path(directory), r'.*\.network$')):
-            text = read_text(c.path(directory, name)) or ''
+        seen.add(c.root.resolve(directory))
+        for name in sorted(c.root.names(directory, r'.*\.network$')):
+            text = c.read(directory, name) or ''
             if ini_values(text, ('Match',), 'Virtualization') == ['container']:
                 continue    # systemd's 80-container-*.network: never in a VM
             dhcp = ini_values(text, ('Network',), 'DHCP')
@@ -2949,17 +3206,17 @@ def dhcp_configurations(c):
     if 'NetworkManager.service' in enabled:
         found.append(('NetworkManager', 'NetworkManager.service enabled (DHCP by default)'))
     for path in ['etc/network/interfaces'] + ['etc/network/interfaces.d/' + n for n in
-                                             sorted(glob_names(c.path('etc/network/interfaces.d'),
+                                             sorted(c.root.names('etc/network/interfaces.d',
                                                                r'^[\w.-]+$'))]:
-        if re.search(r'^\s*iface\s+\S+\s+inet\s+dhcp', read_text(c.path(path)) or '', re.M):
+        if re.search(r'^\s*iface\s+\S+\s+inet\s+dhcp', c.read(path) or '', re.M):
             found.append(('ifupdown', '/' + path))
-    for name in sorted(glob_names(c.path('etc/netplan'), r'.*\.yaml$')):
-        text = read_text(c.path('etc/netplan', name)) or ''
+    for name in sorted(c.root.names('etc/netplan', r'.*\.yaml$')):
+        text = c.read('etc/netplan', name) or ''
         if re.search(r'dhcp4:\s*(true|yes)', text):
             found.append(('netplan' + (MAC_BOUND if re.search(r'^\s*macaddress:', text, re.M)
                                        else ''), '/etc/netplan/' + name))
-    for name in sorted(glob_names(c.path('etc/sysconfig/network-scripts'), r'^ifcfg-')):
-        text = read_text(c.path('etc/sysconfig/network-scripts', name)) or ''
+    for name in sorted(c.root.names('etc/sysconfig/network-scripts', r'^ifcfg-')):
+        text = c.read('etc/sysconfig/network-scripts', name) or ''
         if re.search(r'^\s*BOOTPROTO=["\']?dhcp', text, re.M):
             found.append(('ifcfg' + (MAC_BOUND if re.search(r'^\s*HWADDR=\S', text, re.M)
                                      else ''), '/etc/sysconfig/network-scripts/' + name))
@@ -2998,7 +3255,7 @@ def check_network(c):
 
 def check_identity(c):
     """What every VM of the image would share."""
-    if (read_bytes(c.path(MACHINE_ID)) or b'').strip():
+    if (c.read(MACHINE_ID) or '').strip():
         c.say('FAIL', '%s is not empty: every VM would share this machine id' % MACHINE_ID,
               'azure-provisioning --deprovision%s' % c.root_flag)
     if c.exists(STATE_FILE):
@@ -3009,10 +3266,10 @@ def check_identity(c):
     if keys:
         c.say('info', '%d SSH host key file(s) in /etc/ssh: replaced at each VM\'s first boot'
               % len(keys))
-    cmdlines = [read_text(c.path(p)) or '' for p in ('/etc/default/grub', '/etc/kernel/cmdline',
+    cmdlines = [c.read(p) or '' for p in ('/etc/default/grub', '/etc/kernel/cmdline',
                                                      '/boot/grub/grub.cfg', '/boot/grub2/grub.cfg')]
-    cmdlines += [read_text(c.path('/boot/loader/entries', n)) or ''
-                 for n in glob_names(c.path('/boot/loader/entries'), r'.*\.conf$')]
+    cmdlines += [c.read('/boot/loader/entries', n) or ''
+                 for n in c.root.names('/boot/loader/entries', r'.*\.conf$')]
     if c.root.top == '/':
         cmdlines.append(read_text('/proc/cmdline') or '')
     if not any(re.search(r'\bconsole=ttyS0\b', text) for text in cmdlines):
@@ -3022,8 +3279,8 @@ def check_identity(c):
 
 
 def check_hostname(c):
-    name = (read_text(c.path('etc/hostname')) or '').strip()
-    for line in (read_text(c.path('etc/hosts')) or '').splitlines():
+    name = (c.read('etc/hostname') or '').strip()
+    for line in (c.read('etc/hosts') or '').splitlines():
         fields = line.split('#', 1)[0].split()
         if fields[:1] == ['127.0.1.1'] and name not in fields[1:]:
             c.say('info', '/etc/hosts has "%s" but /etc/hostname is %r: that line is left as it is'

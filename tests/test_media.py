@@ -5,6 +5,7 @@ UDF nor ISO 9660, the boot test mounts the real disc in a guest); the password
 set with chpasswd in a private host and found nowhere else; custom data and user
 data kept for the hooks."""
 
+import ast
 import base64
 import json
 import os
@@ -13,12 +14,13 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 import unittest.mock
 
 import azure_provisioning as ap
 from tests.fake_azure import DEFAULT_VM_ID, FakeAzure, make_instance_document, make_ovf_env
-from tests.support import SCRIPT, PrivateHost, require_root, root_with_kvp_pool, skip
+from tests.support import SCRIPT, PrivateHost, is_root, require_root, root_with_kvp_pool, skip
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 PASSWORD = 'S3cret<&\'"$;:pw %s' % 'x'      # XML and shell specials, a space
@@ -152,16 +154,17 @@ case "$*" in *azure-provisioning-media.*) ;; *) exec %s "$@" ;; esac
 echo "mount $*" >> "$AZP_TOOL_LOG"
 for last; do :; done
 device=$5
-[ "$1 $2 $3 $4" = "-o ro -t udf,iso9660" ] || { echo "bad options: $*" >&2; exit 32; }
+[ "$1 $2 $3 $4" = "-o ro,nodev,nosuid,noexec -t udf,iso9660" ] ||
+    { echo "bad options: $*" >&2; exit 32; }
 [ -d "$device" ] || { echo "mount: $device: unknown filesystem type" >&2; exit 32; }
-cp "$device"/* "$last"/ 2>/dev/null
+cp -a "$device"/. "$last"/ 2>/dev/null
 exit 0
 ''' % (shutil.which('mount') or '/bin/mount')
 STAND_IN_UMOUNT = '''#!/bin/sh
 case "$*" in *azure-provisioning-media.*) ;; *) exec %s "$@" ;; esac
 echo "umount $*" >> "$AZP_TOOL_LOG"
 for last; do :; done
-rm -f "$last"/*
+find "$last" -mindepth 1 -delete
 ''' % (shutil.which('umount') or '/bin/umount')
 
 
@@ -232,7 +235,8 @@ class MediaSearch(unittest.TestCase):
         self.assertEqual(len(lines), 4, lines)
         for mount, umount in (lines[0:2], lines[2:4]):
             words = mount.split()
-            self.assertEqual(words[:6], ['mount', '-o', 'ro', '-t', 'udf,iso9660',
+            self.assertEqual(words[:6], ['mount', '-o', 'ro,nodev,nosuid,noexec', '-t',
+                                         'udf,iso9660',
                                          os.path.join(self.root, 'dev', 'sr0')])
             self.assertTrue(words[6].startswith(os.path.join(self.root, 'run',
                                                              'azure-provisioning-media.')))
@@ -267,17 +271,74 @@ class MediaSearch(unittest.TestCase):
         run, _ = self.run_context(media=path)
         self.assertEqual(ap.find_media(run).username, 'bob')
 
+    def test_an_ovf_env_that_is_no_regular_file(self):
+        """A FIFO, a device, a link to /dev/zero: refused at once, in one line, memory
+        bounded (the media is anyone's).  In a child: a hang or a read without end
+        there fails the test instead of taking the suite down."""
+        sr0 = self.device('sr0')
+        target = os.path.join(sr0, 'ovf-env.xml')
+        dev_zero = os.path.join(sr0, 'dev/zero')
+        for kind in ('fifo', 'device', 'link'):
+            with self.subTest(kind=kind):
+                for path in (target, dev_zero):
+                    if os.path.lexists(path):
+                        os.remove(path)
+                if kind == 'fifo':
+                    os.mkfifo(target)
+                elif not is_root():
+                    continue    # mknod: root only
+                elif kind == 'device':
+                    os.mknod(target, stat.S_IFCHR | 0o644, os.makedev(1, 5))     # /dev/zero's
+                else:       # the disc's own /dev/zero (nodev keeps it from working, too)
+                    os.symlink('/dev/zero', target)
+                    os.makedirs(os.path.dirname(dev_zero), exist_ok=True)
+                    os.mknod(dev_zero, stat.S_IFCHR | 0o644, os.makedev(1, 5))
+                run, _ = self.run_context(media=sr0)
+                self.assertEqual(in_child(lambda: (ap.find_media(run), run.media_problem)[1]),
+                                 'media: ovf-env.xml on %s: not a regular file' % sr0)
+                self.assertEqual([l.split()[0] for l in self.tool_log()][-2:],
+                                 ['mount', 'umount'])
+
     def test_umount_runs_even_when_the_deadline_has_passed(self):
         self.device('sr0', make_ovf_env('h', 'u').encode())
         run, _ = self.run_context()
-        real = ap.read_bytes
+        real = ap.Root.read
 
-        def slow_read(path):
+        def slow_read(root, *parts, **how):
             run.deadline.end = 0            # the deadline passes while the media is mounted
-            return real(path)
-        with unittest.mock.patch.object(ap, 'read_bytes', slow_read):
+            return real(root, *parts, **how)
+        with unittest.mock.patch.object(ap.Root, 'read', slow_read):
             ap.find_media(run)
         self.assertEqual([l.split()[0] for l in self.tool_log()], ['mount', 'umount'])
+
+
+def in_child(function, seconds=20, memory=512 << 20):
+    """function() run in a forked child with `memory` bytes of address space at most:
+    its result (repr), or the test fails when the child hangs or dies."""
+    import resource
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:    # the child: never back into unittest
+        try:
+            os.close(reader)
+            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+            result = repr(function())
+        except BaseException as exc:
+            result = 'raised %r' % exc
+        os.write(writer, result.encode('utf-8', 'replace'))
+        os._exit(0)
+    os.close(writer)
+    end = time.monotonic() + seconds
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        if time.monotonic() > end:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            os.close(reader)
+            raise AssertionError('still running after %d s' % seconds)
+        time.sleep(0.05)
+    with os.fdopen(reader, 'rb') as f:
+        text = f.read().decode()
+    return text if text.startswith('raised') else ast.literal_eval(text)
 
 
 class SigtermWhileMounting(unittest.TestCase):
