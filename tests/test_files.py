@@ -16,8 +16,10 @@ import unittest
 import unittest.mock
 
 import azure_provisioning as ap
-from tests.support import SCRIPT, is_root, run_command, skip
+from tests.fake_azure import FakeAzure
+from tests.support import SCRIPT, is_root, root_with_kvp_pool, run_command, skip
 from tests.test_identity import Capture, VM_A, listing, provisioned_tree, write
+from tests.test_media import in_child
 
 QUICK = 20          # seconds: a hang is a failure, not a wait
 MEMORY = 512 << 20  # bytes of address space a run may have: a read without limit dies
@@ -220,6 +222,22 @@ class NoHangNoExhaustion(Base):
                 if mode[0] == '--status':
                     self.assertEqual(run.code, 1, run)
                     assert_one_line_error(self, run, 'larger than %d bytes' % ap.STATE_MAX)
+
+    def test_provisioning_with_a_fifo_record_reports_ready(self):
+        # the record is read before the host keys and after Ready: neither may block
+        root, _ = root_with_kvp_pool(self, 'azp-files-record-')
+        fifo(os.path.join(root, 'var/lib/azure-provisioning/state.json'))
+        with FakeAzure(computer_name='web-7', vm_id=VM_A) as az:
+            options = ap.Options(wireserver=ap.parse_address(az.wireserver_addr),
+                                 imds=ap.parse_address(az.imds_addr), timeout=QUICK,
+                                 set_hostname=False, publish_hostname=False, root=root,
+                                 media='none')
+            code = in_child(lambda: ap.provision(options, Capture(), io.StringIO()),
+                            seconds=QUICK + 5)
+            self.assertEqual(code, 0)
+            self.assertTrue(az.ready_accepted())
+        with open(os.path.join(root, 'var/lib/azure-provisioning/state.json')) as f:
+            self.assertEqual(json.load(f)['result'], 'provisioned')
 
     def test_read_state_of_a_fifo_is_none_at_once(self):
         # provisioning (write_state after Ready, host_keys_plan) reads the record so
