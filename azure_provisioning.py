@@ -258,7 +258,8 @@ def read_text(path):
 
 def write_file_atomically(path, data, mode=None, owner=None, check=None, deadline=None):
     """A file of this machine written atomically (see Root.write)."""
-    Root('/').write(path, data, mode=mode, owner=owner, check=check, deadline=deadline)
+    Root('/').write(os.path.abspath(path), data, mode=mode, owner=owner, check=check,
+                    deadline=deadline)
 
 
 class Root(object):
@@ -355,17 +356,15 @@ class Root(object):
         file; limit= (default READ_MAX).  See read_opened."""
         path = '/'.join(parts)
         limit = how.get('limit', READ_MAX)
-        fds = []
-
-        def opener():
-            fds.append(self.locate(path))
-            fd, name, _ = fds[-1]
-            return os.open(name, OPEN_READ, dir_fd=fd)
         try:
-            return read_opened(opener, path, limit)
-        finally:
-            for fd, _, _ in fds:
-                os.close(fd)
+            return self.at(path, lambda fd, name: read_opened(
+                lambda: os.open(name, OPEN_READ, dir_fd=fd), path, limit))
+        except ValueError:      # a NUL in the path (read from an image's config)
+            return None
+        except OSError as exc:
+            if not_a_file(exc.errno):
+                return None
+            raise
 
     def read_text(self, *parts):
         data = self.read(*parts)
@@ -373,21 +372,14 @@ class Root(object):
 
     def lstat(self, *parts):
         """The path's own stat (a link's, not its target's), None when it names nothing."""
-        try:
-            return self.at('/'.join(parts), lambda fd, name: os.stat(
-                name, dir_fd=fd, follow_symlinks=False), follow=False)
-        except ValueError:
-            return None
-        except OSError as exc:
-            if not_a_file(exc.errno):
-                return None
-            raise
+        return self.stat(*parts, follow=False)
 
-    def stat(self, *parts):
-        """The stat of what the path leads to inside the root, None when nothing."""
+    def stat(self, *parts, **how):
+        """The stat of what the path leads to inside the root (follow=False: of the
+        path itself), None when it names nothing."""
         try:
             return self.at('/'.join(parts), lambda fd, name: os.stat(
-                name, dir_fd=fd, follow_symlinks=False))
+                name, dir_fd=fd, follow_symlinks=False), follow=how.get('follow', True))
         except ValueError:
             return None
         except OSError as exc:
