@@ -87,6 +87,18 @@ MUTATIONS = [
       'if False:', ['tests.test_media']),
     M('password-logins-always-no', 'DisableSshPasswordAuthentication false still turns them off',
       "{'true': 'no', 'false': 'yes'}", "{'true': 'no', 'false': 'no'}", ['tests.test_media']),
+    # -- the file-safety layer (issue 20) ----------------------------------------------
+    M('walk-follows-links', 'the walk inside --root follows links as the kernel does',
+      'OPEN_DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC',
+      'OPEN_DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC', ['tests.test_files']),
+    M('fifo-read', 'a FIFO or a device read like a regular file',
+      'if not stat.S_ISREG(st.st_mode):', 'if False:', ['tests.test_files']),
+    M('read-unbounded', 'the size limit checked after the whole read',
+      'chunk = os.read(fd, min(1 << 16, limit + 1 - size))', 'chunk = os.read(fd, 1 << 40)',
+      ['tests.test_files']),
+    M('deprovision-half-way', 'a directory where a file should be found only when removing',
+      "        raise ProvisioningError('%s; nothing removed' % '; '.join(problems))",
+      '        pass', ['tests.test_files']),
     # -- core behaviour ---------------------------------------------------------------
     M('ready-never-posted', 'the goal state is fetched but Ready is never posted',
       "goal_state = send_health(run, 'Ready')",
