@@ -2281,9 +2281,10 @@ def replace_host_keys(run, old):
         fingerprints = [run_tool([keygen, '-l', '-f', os.path.join(aside, 'etc/ssh', n)],
                                  run.deadline, 'ssh host keys').strip() for n in public]
         for name in sorted(made, key=lambda n: n.endswith('.pub')):     # private ones first
-            os.replace(os.path.join(aside, 'etc/ssh', name), os.path.join(ssh, name))
+            run.root.at('/etc/ssh/' + name, lambda fd, key, name=name: os.replace(
+                os.path.join(aside, 'etc/ssh', name), key, dst_dir_fd=fd), follow=False)
         for name in set(old) - set(made):   # a type ssh-keygen -A no longer makes (dsa)
-            os.remove(os.path.join(ssh, name))
+            run.root.remove('/etc/ssh/' + name)
     finally:
         shutil.rmtree(aside, ignore_errors=True)
     # sshd_key_t, not the etc_t of the directory they were made in
