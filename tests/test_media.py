@@ -298,6 +298,8 @@ class MediaSearch(unittest.TestCase):
                                  'media: ovf-env.xml on %s: not a regular file' % sr0)
                 self.assertEqual([l.split()[0] for l in self.tool_log()][-2:],
                                  ['mount', 'umount'])
+        if not is_root():
+            skip(self, 'mknod needs root: only the FIFO was tried, not a device nor a link')
 
     def test_umount_runs_even_when_the_deadline_has_passed(self):
         self.device('sr0', make_ovf_env('h', 'u').encode())
