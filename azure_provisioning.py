@@ -1983,6 +1983,11 @@ def write_state(run, result, step=None, reason=None):
     # which admin user we made (--deprovision --user removes it), kept across runs
     made = previous.get('admin_user_created') if previous.get('vm_id') == state['vm_id'] else None
     state['admin_user_created'] = run.user_created or made
+    # the VM the host keys on disk were made for: this run's when it made them, else
+    # the last record's (a run that failed before the identity step left them as
+    # they were).  The only proof host_keys_plan trusts.
+    made_for = run.host_keys_for or previous.get('ssh_host_keys_for')
+    state['ssh_host_keys_for'] = made_for if isinstance(made_for, str) and made_for else None
     if result != 'provisioned':
         state.update(step=step, reason=reason)
     try:
@@ -2000,7 +2005,10 @@ def host_key_names(root):
 def host_keys_plan(run):
     """New SSH host keys when this VM is not the one that made the keys it has: at
     the first boot of an image, and of an image captured again from a provisioned VM.
-    Tied to the vmId (cloud-init #3910: regenerating on a mere guess surprised users)."""
+    Tied to the vmId (cloud-init #3910: regenerating on a mere guess surprised users),
+    and to the record's ssh_host_keys_for alone: its vm_id is written after a failure
+    too, one that may have come before the keys were replaced.  A record without the
+    field (an older version's) proves nothing: the keys are replaced once more."""
     if run.options.keep_host_keys:
         run.host_keys = 'kept (--keep-ssh-host-keys)'
         return []
@@ -2009,13 +2017,20 @@ def host_keys_plan(run):
         run.log.info('ssh host keys: no sshd in this image; nothing to do')
         return []
     vm_id = run.facts.get('AZURE_VM_ID', '')
-    recorded = (read_state(run.root) or {}).get('vm_id')
-    if recorded and recorded == vm_id:
+    state = read_state(run.root) or {}
+    made_for = state.get('ssh_host_keys_for')
+    if vm_id and made_for == vm_id:
         run.host_keys = 'kept (made for this VM)'
+        run.host_keys_for = vm_id
         run.log.info('ssh host keys: kept (made at this VM\'s first boot)')
         return []
-    why = ('the disk was provisioned as VM %s before' % recorded if recorded
-           else 'first boot of this image')
+    recorded = made_for or state.get('vm_id')
+    if vm_id and recorded == vm_id:
+        why = 'the record does not say they were made for this VM'
+    elif recorded:
+        why = 'the disk was provisioned as VM %s before' % one_line(str(recorded), 60)
+    else:
+        why = 'first boot of this image'
     old = host_key_names(run.root)
     return [Action('replace the SSH host keys (%s): remove %d file(s) in /etc/ssh, '
                    'ssh-keygen -A, print the fingerprints, restart sshd' % (why, len(old)),
@@ -2052,6 +2067,8 @@ def replace_host_keys(run, old):
             os.remove(os.path.join(ssh, name))
     finally:
         shutil.rmtree(aside, ignore_errors=True)
+    # from here on the keys on disk are this VM's, whatever fails next
+    run.host_keys_for = run.facts.get('AZURE_VM_ID') or None
     # sshd_key_t, not the etc_t of the directory they were made in
     restore_labels(run, [os.path.join(ssh, n) for n in made], 'ssh host keys')
     # unprefixed, for people and tools that read the serial console (boot diagnostics)
@@ -2243,6 +2260,7 @@ class Run(object):
         self.media_problem = None   # why it could not be, when it was there
         self.user_created = None    # the admin user this run made
         self.host_keys = None       # what became of the SSH host keys, for the record
+        self.host_keys_for = None   # the vmId, once this run made the keys on disk
         self.incarnation = None     # of the goal state the last report went to
         self.steps = []             # (step, seconds) in order
         self.facts = {}

@@ -1,0 +1,177 @@
+"""What the record, --deprovision, --status and --check may be trusted to say (issue
+20): host keys kept only when the record proves they were made for this VM; the
+record removed last, so that a failed --deprovision --user can be finished; an
+absolute --root for userdel; accounts outside login.defs' UID_MIN..UID_MAX never
+reused nor removed; no output line that can crash on the stream's encoding or carry
+an escape sequence; --check going on past an unreadable file; --status saying what
+it does not know.  Every run is on a temporary root."""
+
+import glob
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+from unittest import mock
+
+import azure_provisioning as ap
+from tests.fake_azure import FakeAzure
+from tests.support import (PROCESS_TIMEOUT, SCRIPT, is_root, root_with_kvp_pool, run_command,
+                           shielded, skip)
+from tests.test_check import good_image
+from tests.test_identity import VM_A, VM_B, Capture, provisioned_tree, write
+
+STATE = 'var/lib/azure-provisioning/state.json'
+NOBODY = ['--reuid=65534', '--regid=65534', '--clear-groups']
+
+
+def read_record(root):
+    with open(os.path.join(root, STATE)) as f:
+        return json.load(f)
+
+
+def script(*args, **how):
+    """The script as a process, as installed (-I) unless `flags` says otherwise; env:
+    variables added; raw: (exit code, stdout bytes, stderr bytes), undecoded."""
+    env = dict(os.environ, **how.get('env', {}))
+    argv = (how.get('prefix', []) + [how.get('python', sys.executable)]
+            + how.get('flags', ['-I']) + [SCRIPT] + list(args))
+    if not how.get('raw'):
+        return run_command(argv, env=env)
+    done = subprocess.run(shielded(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=env, timeout=PROCESS_TIMEOUT)
+    return done.returncode, done.stdout, done.stderr
+
+
+def fake_tool(test, name, body):
+    """A directory holding an executable `name` running the shell `body`, for PATH."""
+    tools = tempfile.mkdtemp(prefix='azp-tools-')
+    test.addCleanup(shutil.rmtree, tools)
+    write(os.path.join(tools, name), ('#!/bin/sh\n' + body).encode(), 0o755)
+    return tools
+
+
+def as_another_user(test):
+    """(argv prefix, python) running as nobody, who can read the script; ([], python)
+    when not root (the files made unreadable are then unreadable to us)."""
+    if not is_root():
+        return [], sys.executable
+    setpriv = shutil.which('setpriv')
+    if not setpriv:
+        skip(test, 'root and no setpriv to become nobody')
+    for python in (sys.executable, '/usr/bin/python3'):     # pyenv's may be under /root
+        if run_command([setpriv] + NOBODY + [python, '-c', 'pass']).code == 0:
+            return [setpriv] + NOBODY, python
+    skip(test, 'nobody can run no python3 here')
+
+
+class HostKeysAfterAFailedFirstBoot(unittest.TestCase):
+    """Defect 1: a first boot that failed before the identity step recorded the vmId;
+    the retry must still replace the template's keys."""
+
+    def setUp(self):
+        if not shutil.which('ssh-keygen'):
+            skip(self, 'no ssh-keygen (apt-get install openssh-client)')
+        self.root, _ = root_with_kvp_pool(self, 'azp-keys-retry-')
+        write(os.path.join(self.root, 'usr/sbin/sshd'), b'', 0o755)
+        os.makedirs(os.path.join(self.root, 'etc/ssh'))
+        subprocess.check_call(['ssh-keygen', '-q', '-A', '-f', self.root],
+                              stdout=subprocess.DEVNULL)
+        self.template = self.keys()
+        # no sshd of this machine is ever asked to reload
+        patch = mock.patch.object(ap, 'system_systemd', return_value=False)
+        patch.start()
+        self.addCleanup(patch.stop)
+
+    def keys(self):
+        ssh = os.path.join(self.root, 'etc/ssh')
+        return dict((n, ap.read_bytes(os.path.join(ssh, n)))
+                    for n in os.listdir(ssh) if n.startswith('ssh_host_'))
+
+    def provision(self, provision_user=False, **fake):
+        with FakeAzure(vm_id=VM_A, **fake) as az:
+            options = ap.Options(wireserver=ap.parse_address(az.wireserver_addr),
+                                 imds=ap.parse_address(az.imds_addr), timeout=20,
+                                 set_hostname=False, publish_hostname=False, root=self.root,
+                                 media='none', provision_user=provision_user)
+            return ap.provision(options, Capture(), io.StringIO())
+
+    def test_the_retry_replaces_the_templates_keys(self):
+        # the user step fails (before any change: the name is refused)
+        self.assertEqual(self.provision(provision_user=True, admin_username='Root;id'), 1)
+        state = read_record(self.root)
+        self.assertEqual((state['result'], state['step'], state['vm_id']),
+                         ('failed', 'user', VM_A))
+        self.assertEqual(self.keys(), self.template)
+        self.assertIsNone(state.get('ssh_host_keys_for'))
+        # the retry, as the same VM
+        self.assertEqual(self.provision(), 0)
+        retried = self.keys()
+        self.assertEqual(sorted(retried), sorted(self.template))
+        for name in retried:
+            self.assertNotEqual(retried[name], self.template[name], name)
+        state = read_record(self.root)
+        self.assertEqual((state['result'], state['ssh_host_keys'], state['ssh_host_keys_for']),
+                         ('provisioned', 'replaced', VM_A))
+        run = script('--status', '--root', self.root)
+        self.assertIn('SSH host keys: replaced', run.stdout)
+        self.assertNotIn('kept', run.stdout)
+        # once made for this VM: kept, and the record still says for which VM
+        self.assertEqual(self.provision(), 0)
+        self.assertEqual(self.keys(), retried)
+        state = read_record(self.root)
+        self.assertEqual((state['ssh_host_keys'], state['ssh_host_keys_for']),
+                         ('kept (made for this VM)', VM_A))
+
+    def test_a_failure_after_the_keys_keeps_what_they_were_made_for(self):
+        hooks = os.path.join(self.root, 'etc/azure-provisioning/ready.d')
+        write(os.path.join(hooks, '10-fail'), b'#!/bin/sh\nexit 3\n', 0o755)
+        self.assertEqual(self.provision(), 1)
+        made = self.keys()
+        self.assertNotEqual(made, self.template)
+        self.assertEqual(read_record(self.root)['ssh_host_keys_for'], VM_A)
+        # then a failure before the identity step: the keys on disk are still VM_A's
+        self.assertEqual(self.provision(provision_user=True, admin_username='Root;id'), 1)
+        self.assertEqual(read_record(self.root)['ssh_host_keys_for'], VM_A)
+        os.remove(os.path.join(hooks, '10-fail'))
+        self.assertEqual(self.provision(), 0)
+        self.assertEqual(self.keys(), made)
+
+    def test_a_record_without_the_field_proves_nothing(self):
+        # written by a version that recorded the vmId after failures too
+        write(os.path.join(self.root, STATE), json.dumps(
+            {'result': 'provisioned', 'vm_id': VM_A,
+             'ssh_host_keys': 'kept (made for this VM)'}).encode())
+        self.assertEqual(self.provision(), 0)
+        for name, data in self.keys().items():
+            self.assertNotEqual(data, self.template[name], name)
+        # nor does a field naming another VM, nor one that is not a string
+        for made_for in (VM_B, ['x'], ''):
+            keys = self.keys()
+            state = read_record(self.root)
+            state['ssh_host_keys_for'] = made_for
+            write(os.path.join(self.root, STATE), json.dumps(state).encode())
+            self.assertEqual(self.provision(), 0)
+            self.assertNotEqual(self.keys(), keys, made_for)
+
+
+LOGIN_DEFS = ('# /etc/login.defs\n#\nMAIL_DIR /var/mail\n#UID_MIN 10\n'
+              'UID_MIN\t\t\t %s\nUID_MAX %s\nSYS_UID_MIN 101\n')
+
+
+def strict_outputs():
+    """(python, flags, environment) under which a stream refuses what it cannot encode,
+    or passes undecodable bytes raw (-I ignores PYTHONIOENCODING; the unit uses -I)."""
+    cases = [(sys.executable, [], {'PYTHONIOENCODING': 'ascii:strict'}),
+             (sys.executable, [], {'PYTHONIOENCODING': 'utf-8:strict'}),
+             (sys.executable, ['-I'], {})]
+    for python in sorted(glob.glob(os.path.expanduser('~/.pyenv/versions/3.6*/bin/python3'))):
+        cases.append((python, ['-I'], {'LC_ALL': 'C', 'LANG': 'C'}))    # ASCII there
+    return cases
+
+
+if __name__ == '__main__':
+    unittest.main()
