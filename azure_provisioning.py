@@ -2481,10 +2481,9 @@ def deprovision_plan(run, remove_user):
     for name in sorted(glob_names(root.path(os.path.dirname(KVP_POOL)), r'\.kvp_pool_\d+$')):
         removal('%s/%s' % (os.path.dirname(KVP_POOL), name), 'Hyper-V KVP pool')
     state = read_state(root) or {}
-    for name in ('custom-data', 'user-data', 'state.json'):
+    for name in ('custom-data', 'user-data'):
         if os.path.lexists(root.path(DATA_DIR, name)):
-            removal('%s/%s' % (DATA_DIR, name), 'this VM\'s provisioning record and data'
-                    if name == 'state.json' else 'this VM\'s %s' % name)
+            removal('%s/%s' % (DATA_DIR, name), 'this VM\'s %s' % name)
     unit = next(('/%s/%s' % (d, UNIT_NAME) for d in UNIT_DIRS if os.path.exists(
         root.path(d, UNIT_NAME))), None)
     if unit and not os.path.lexists(root.path(WANTS_LINK)):
@@ -2492,6 +2491,11 @@ def deprovision_plan(run, remove_user):
                            % (UNIT_NAME, WANTS_LINK, unit), lambda: enable_unit(root, unit)))
     if remove_user:
         plan += user_removal_plan(run, state)
+    # last: an action that fails stops the run before it, and the record left says
+    # which admin user a second run still has to remove (userdel fails while it is
+    # logged in, the usual case over its own SSH session)
+    if os.path.lexists(root.path(STATE_FILE)):
+        removal(STATE_FILE, 'this VM\'s provisioning record')
     return plan
 
 
@@ -3095,6 +3099,19 @@ def positive_seconds(text):
     return value
 
 
+def absolute_directory(text):
+    """A directory argument, absolute from the start: userdel --root refuses a
+    relative one, and every message then names one place."""
+    if not text:
+        raise ValueError('expected a directory, got an empty string')
+    if text.startswith('/'):
+        return text
+    try:
+        return os.path.join(os.getcwd(), text)
+    except OSError:     # the working directory was removed
+        raise ValueError('%r is relative, and the working directory is gone' % text)
+
+
 # One table for both parsers below; metavar None: a switch.
 Option = namedtuple('Option', 'flag dest metavar convert default help')
 OPTIONS = [Option(*fields) for fields in (
@@ -3124,7 +3141,7 @@ OPTIONS = [Option(*fields) for fields in (
     ('--status', 'status', None, None, False,
      'say whether and how this VM was provisioned (read-only, offline); exit 1 if not'),
     ('--json', 'json', None, None, False, 'with --status: print the record itself'),
-    ('--root', 'root', 'DIR', str, '/',
+    ('--root', 'root', 'DIR', absolute_directory, '/',
      'with --check, --deprovision or --status: the mounted image tree (default /)'),
     ('--shown-root', 'shown_root', 'DIR', str, None, None),  # install.sh: see check_image
     ('--media', 'media', 'DEVICE', str, None,

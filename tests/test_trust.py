@@ -158,6 +158,72 @@ class HostKeysAfterAFailedFirstBoot(unittest.TestCase):
             self.assertNotEqual(self.keys(), keys, made_for)
 
 
+class DeprovisionFinishesWhatFailed(unittest.TestCase):
+    """Defect 2 and 11: userdel fails (the admin is logged in) or refuses a relative
+    --root: the record stays, and a second run finishes the job."""
+
+    def setUp(self):
+        self.base = tempfile.mkdtemp(prefix='azp-deprov-order-')
+        self.addCleanup(shutil.rmtree, self.base)
+        self.root = provisioned_tree(os.path.join(self.base, 'image'))
+        self.calls = os.path.join(self.base, 'userdel-calls')
+        self.busy = os.path.join(self.base, 'alice-logged-in')
+        # as userdel does: a relative --root is refused; a logged-in user is kept
+        self.tools = fake_tool(self, 'userdel', (
+            'echo "$@" >> %s\n'
+            'case "$2" in /*) ;; *) echo "userdel: invalid chroot path \'$2\', only absolute '
+            'paths are supported." >&2; exit 3;; esac\n'
+            'if [ -e %s ]; then echo "userdel: user alice is currently used by process 4242" '
+            '>&2; exit 8; fi\n' % (self.calls, self.busy)))
+
+    def deprovision(self, root):
+        # from the directory above the image, so that "image" is a relative --root
+        return run_command(['/bin/sh', '-c', 'cd "$0" && exec "$@"', self.base, sys.executable,
+                            '-I', SCRIPT, '--deprovision', '--user', '--root', root],
+                           env=dict(os.environ, PATH=self.tools + os.pathsep + os.environ['PATH']))
+
+    def userdel_calls(self):
+        with open(self.calls) as f:
+            return f.read().splitlines()
+
+    def test_the_record_stays_until_userdel_succeeds(self):
+        open(self.busy, 'w').close()
+        run = self.deprovision(self.root)
+        self.assertEqual(run.code, 1, run)
+        self.assertIn('currently used by process 4242', run.stderr)
+        self.assertTrue(os.path.exists(os.path.join(self.root, STATE)), run)
+        self.assertNotIn('remove /var/lib/azure-provisioning/state.json', run.stdout)
+        self.assertFalse(os.path.exists(os.path.join(self.root, 'etc/ssh/ssh_host_rsa_key')))
+        # the user logged out: a second run removes it, then the record
+        os.remove(self.busy)
+        run = self.deprovision(self.root)
+        self.assertEqual(run.code, 0, run)
+        self.assertEqual(self.userdel_calls(), ['--root %s -r alice' % self.root] * 2)
+        self.assertFalse(os.path.exists(os.path.join(self.root, STATE)))
+        self.assertFalse(os.path.exists(os.path.join(self.root, 'etc/sudoers.d/azure-provisioning')))
+        self.assertEqual(run.stdout.splitlines()[-2],
+                         'remove /var/lib/azure-provisioning/state.json (this VM\'s '
+                         'provisioning record)')
+        run = self.deprovision(self.root)
+        self.assertEqual((run.code, run.stdout), (0, 'nothing to remove: this is an image '
+                                                      'already\n'), run)
+
+    def test_a_relative_root_reaches_userdel_absolute(self):
+        run = self.deprovision('image')
+        self.assertEqual(run.code, 0, run)
+        self.assertEqual(self.userdel_calls(), ['--root %s -r alice' % self.root])
+        self.assertFalse(os.path.exists(os.path.join(self.root, STATE)))
+
+    def test_the_parsers_make_root_absolute(self):
+        here = os.getcwd()
+        for parse in (ap.parse_args, ap.build_parser().parse_args):
+            for text, absolute in (('img', os.path.join(here, 'img')), ('/mnt/x', '/mnt/x'),
+                                   ('./a/b', os.path.join(here, './a/b'))):
+                with self.subTest(parser=parse.__name__, root=text):
+                    self.assertEqual(parse(['--check', '--root', text]).root, absolute)
+                    self.assertEqual(parse(['--check', '--root=' + text]).root, absolute)
+
+
 LOGIN_DEFS = ('# /etc/login.defs\n#\nMAIL_DIR /var/mail\n#UID_MIN 10\n'
               'UID_MIN\t\t\t %s\nUID_MAX %s\nSYS_UID_MIN 101\n')
 
