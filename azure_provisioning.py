@@ -265,14 +265,14 @@ def copy_selinux_label(source, target):
     os.setxattr(target, SELINUX_XATTR, label)
 
 
-def read_bytes(path):
-    """A file's bytes; None when the path names no file (missing, a directory, or a
-    path no file can have: too long, a loop, a NUL in it, as read from an image's
-    config files).  Other errors (permissions, I/O) are raised."""
+def read_bytes(path, limit=None):
+    """A file's bytes (its first `limit` when given); None when the path names no file
+    (missing, a directory, or a path no file can have: too long, a loop, a NUL in it,
+    as read from an image's config files).  Other errors (permissions, I/O) are raised."""
     import errno
     try:
         with open(path, 'rb') as f:
-            return f.read()
+            return f.read() if limit is None else f.read(limit)
     except ValueError:      # a NUL in the path
         return None
     except OSError as exc:
@@ -1627,6 +1627,11 @@ SSHD_DROP_IN = '/etc/ssh/sshd_config.d/50-azure-provisioning.conf'
 
 
 USER_NAME = re.compile(r'[a-z_][a-z0-9_-]{0,31}')     # what useradd takes everywhere
+LOGIN_DEFS = '/etc/login.defs'
+LOGIN_DEFS_MAX = 1 << 20    # bytes of it read: distributions ship 10-20 KiB
+USER_UIDS = (1000, 60000)   # UID_MIN, UID_MAX where login.defs does not say (useradd's)
+# never an admin user, whatever login.defs says
+NOT_PEOPLE = {0: 'root', 65534: 'nobody (the kernel\'s overflow uid)'}
 
 
 def validate_user_name(name):
@@ -1634,6 +1639,38 @@ def validate_user_name(name):
         raise ProvisioningError('invalid admin user name %r: use 1-32 of a-z, 0-9, _ and -, '
                                 'starting with a letter or _' % one_line(name or '', 40))
     return name
+
+
+def user_uids(root):
+    """(UID_MIN, UID_MAX) of the root's login.defs, the uids useradd gives people;
+    its defaults for a value missing or not a decimal number, and when the two make
+    no range.  A name given twice: the last counts, as for useradd."""
+    try:
+        data = read_bytes(root.path(LOGIN_DEFS), limit=LOGIN_DEFS_MAX) or b''
+    except OSError:
+        data = b''
+    lines = data.decode('utf-8', 'replace').splitlines()
+    if len(data) >= LOGIN_DEFS_MAX:
+        lines = lines[:-1]      # cut there: the last line may be half of one
+    found = dict(zip(('UID_MIN', 'UID_MAX'), USER_UIDS))
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 1 and fields[0] in found and re.fullmatch(r'[0-9]{1,10}', fields[1]):
+            found[fields[0]] = int(fields[1])
+    low, high = found['UID_MIN'], found['UID_MAX']
+    return (low, high) if low <= high else USER_UIDS
+
+
+def not_a_person(uid, root):
+    """Why the account of `uid` can be no admin user (None when it can): a system
+    account, outside the uids useradd gives people (nobody's 65534 is inside
+    Debian's default range of 1000..60000 for useradd, but not for us)."""
+    low, high = user_uids(root)
+    if not low <= uid <= high:
+        return 'user accounts are uids %d..%d (UID_MIN..UID_MAX of %s)' % (low, high, LOGIN_DEFS)
+    if uid in NOT_PEOPLE:
+        return 'uid %d is %s' % (uid, NOT_PEOPLE[uid])
+    return None
 
 
 def validate_public_key(text):
@@ -1717,9 +1754,10 @@ def user_plan(run, request):
         account = pwd.getpwnam(name)
     except KeyError:
         account = None
-    if account is not None and account.pw_uid < 1000:
-        raise ProvisioningError('admin user %s exists as a system account (uid %d); refused'
-                                % (name, account.pw_uid))
+    why = account and not_a_person(account.pw_uid, run.root)
+    if why:
+        raise ProvisioningError('admin user %s exists as a system account (uid %d); refused: %s'
+                                % (name, account.pw_uid, why))
     plan = []
     if account is None:
         shell = '/bin/bash' if os.access('/bin/bash', os.X_OK) else '/bin/sh'
@@ -2521,9 +2559,12 @@ def user_removal_plan(run, state):
         line.split(':') for line in (read_text(run.root.path('/etc/passwd')) or '').splitlines())
         if len(fields) > 2)
     uid = accounts.get(name)
-    if uid is not None and not (uid.isdigit() and int(uid) >= 1000):
-        raise ProvisioningError('the record names %s, a system account (uid %s); refused'
-                                % (name, printable(uid)[:20]))
+    if uid is not None:
+        why = (not_a_person(int(uid), run.root) if re.fullmatch(r'[0-9]{1,10}', uid)
+               else 'not a number')
+        if why:
+            raise ProvisioningError('the record names %s, a system account (uid %s); '
+                                    'refused: %s' % (name, printable(uid)[:20], why))
     plan = []
     if uid is not None:
         argv = [find_tool('userdel') or 'userdel', '-r', name]

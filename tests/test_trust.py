@@ -228,6 +228,74 @@ LOGIN_DEFS = ('# /etc/login.defs\n#\nMAIL_DIR /var/mail\n#UID_MIN 10\n'
               'UID_MIN\t\t\t %s\nUID_MAX %s\nSYS_UID_MIN 101\n')
 
 
+class AccountsOutsideTheUserRange(unittest.TestCase):
+    """Defect 12: nobody (65534), and whatever login.defs puts outside UID_MIN..UID_MAX,
+    is neither removed by --deprovision --user nor made the admin user."""
+
+    def setUp(self):
+        self.root = provisioned_tree(tempfile.mkdtemp(prefix='azp-uid-range-'))
+        self.addCleanup(shutil.rmtree, self.root)
+        with open(os.path.join(self.root, 'etc/passwd'), 'a') as f:
+            f.write('nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n')
+
+    def dry_run(self, name):
+        write(os.path.join(self.root, STATE), json.dumps(
+            {'result': 'provisioned', 'vm_id': VM_A, 'admin_user_created': name}).encode())
+        return script('--deprovision', '--user', '--dry-run', '--root', self.root)
+
+    def test_nobody_is_not_removed(self):
+        run = self.dry_run('nobody')
+        self.assertEqual(run.code, 1, run)
+        self.assertNotIn('would remove the admin user', run.stdout)
+        self.assertEqual(run.stderr, 'azure-provisioning: error: deprovision: the record names '
+                                     'nobody, a system account (uid 65534); refused: user '
+                                     'accounts are uids 1000..60000 (UID_MIN..UID_MAX of '
+                                     '/etc/login.defs)\n')
+
+    def test_the_images_login_defs_decides(self):
+        defs = os.path.join(self.root, 'etc/login.defs')
+        for text, refused in ((LOGIN_DEFS % (2000, 60000), '2000..60000'),
+                              (LOGIN_DEFS % (1000, 1400), '1000..1400'),
+                              (LOGIN_DEFS % (500, 1600), None),
+                              (LOGIN_DEFS % (0, 70000), None),      # root stays refused
+                              ('UID_MIN 0x10\nUID_MAX lots\n\xff\n', None),     # defaults
+                              ('UID_MIN 1600\nUID_MAX 1200\n', None),   # no range: defaults
+                              ('# ' + 'x' * (2 << 20) + '\nUID_MIN 2000\n', None)):
+            with self.subTest(defs=text[:40]):
+                with open(defs, 'w', encoding='utf-8', errors='surrogateescape') as f:
+                    f.write(text)
+                run = self.dry_run('alice')
+                if refused:
+                    self.assertEqual(run.code, 1, run)
+                    self.assertIn('the record names alice, a system account (uid 1500); '
+                                  'refused: user accounts are uids %s' % refused, run.stderr)
+                else:
+                    self.assertEqual(run.code, 0, run)
+                    self.assertIn('would remove the admin user alice', run.stdout)
+        with open(defs, 'w') as f:
+            f.write(LOGIN_DEFS % (0, 70000))
+        for name, why in (('root', 'uid 0 is root'),
+                          ('nobody', 'uid 65534 is nobody (the kernel\'s overflow uid)')):
+            run = self.dry_run(name)
+            self.assertEqual(run.code, 1, run)
+            self.assertIn('the record names %s, a system account (uid %s); refused: %s\n'
+                          % (name, why.split()[1], why), run.stderr)
+
+    def test_provisioning_does_not_make_nobody_the_admin(self):
+        # the plan only (this machine's accounts are read, nothing is done): IMDS
+        # naming an account that exists outside the range is refused
+        run = ap.Run(ap.Options(root=self.root), Capture(), io.StringIO())
+        for name in ('nobody', 'root'):
+            request = ap.UserRequest(name, [], [], None, None)
+            with self.assertRaisesRegex(ap.ProvisioningError,
+                                        'admin user %s exists as a system account' % name):
+                ap.user_plan(run, request)
+        # the run's root's login.defs decides: with UID_MIN 1, daemon (uid 1) would do
+        write(os.path.join(self.root, 'etc/login.defs'), (LOGIN_DEFS % (1, 60000)).encode())
+        plan = ap.user_plan(run, ap.UserRequest('daemon', [], [], None, None))
+        self.assertTrue(plan)
+
+
 def strict_outputs():
     """(python, flags, environment) under which a stream refuses what it cannot encode,
     or passes undecodable bytes raw (-I ignores PYTHONIOENCODING; the unit uses -I)."""
