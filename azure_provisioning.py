@@ -117,6 +117,29 @@ class Log(object):
         return Log(self.verbose, self.stream, quiet=True)
 
 
+class Output(object):
+    """Standard output that no line can break nor forge: each line made printable (a
+    file name from an image may hold escape sequences or bytes no encoding has), and
+    what the stream's encoding cannot carry written as a \\x escape, so that a strict
+    ASCII stdout (Python 3.6 under LANG=C) never ends a run half-way."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = '\n'.join(printable(line) for line in text.split('\n'))
+        encoding = getattr(self.stream, 'encoding', None)
+        if encoding:
+            try:
+                text = text.encode(encoding, 'backslashreplace').decode(encoding)
+            except LookupError:
+                pass
+        self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
 def elapsed_ms(started):
     return '%d ms' % round((time.monotonic() - started) * 1000)
 
@@ -3301,6 +3324,7 @@ def main(args=None):
     import signal
     signal.signal(signal.SIGTERM, raise_terminated)
     log = Log(options.verbose)
+    out = Output(sys.stdout)
     run = Options(wireserver=options.wireserver, imds=options.imds, timeout=options.timeout,
                   set_hostname=not options.no_hostname,
                   publish_hostname=not options.no_publish_hostname,
@@ -3309,12 +3333,12 @@ def main(args=None):
                   keep_host_keys=options.keep_host_keys, remove_user=options.remove_user)
     try:
         if options.check:
-            return check_image(options.root, sys.stdout, options.shown_root)
+            return check_image(options.root, out, options.shown_root)
         if options.status:
-            return status(options, sys.stdout)
+            return status(options, out)
         if options.deprovision:
-            return deprovision(run, log, sys.stdout)
-        return provision(run, log)
+            return deprovision(run, log, out)
+        return provision(run, log, out)
     except ProvisioningError as exc:
         log.error(str(exc))
         return 1

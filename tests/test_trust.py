@@ -307,5 +307,64 @@ def strict_outputs():
     return cases
 
 
+class OutputNeverCrashesNorEscapes(unittest.TestCase):
+    """Defect 13: names from the image under a strict stdout encoding (ASCII, as
+    Python 3.6 under LANG=C), escape sequences in them."""
+
+    def assert_clean(self, stdout):
+        for raw in (b'\x1b', b'\x07', b'\xff', b'\xc2\x9b'):
+            self.assertNotIn(raw, stdout)
+        return stdout.decode('utf-8')
+
+    def test_deprovision_shows_a_non_utf8_lease_name(self):
+        for python, flags, env in strict_outputs():
+            with self.subTest(python=python, flags=flags, env=env):
+                root = provisioned_tree(tempfile.mkdtemp(prefix='azp-names-'))
+                self.addCleanup(shutil.rmtree, root)
+                leases = os.path.join(root, 'var/lib/dhcp').encode()
+                hostile = b'dhclient.\xff\x1b[2J\x1b]0;owned\x07\xc2\x9b1m.leases'
+                with open(os.path.join(leases, hostile), 'wb') as f:
+                    f.write(b'lease {}\n')
+                code, stdout, stderr = script('--deprovision', '--root', root, python=python,
+                                              flags=flags, env=env, raw=True)
+                self.assertEqual(code, 0, stderr)
+                text = self.assert_clean(stdout)
+                self.assertIn('remove /var/lib/dhcp/dhclient.', text)
+                self.assertNotIn(hostile, os.listdir(leases))
+                self.assertTrue(text.endswith('booting this disk again provisions it again\n'),
+                                text)
+
+    def test_status_and_check_show_non_ascii_names(self):
+        base = tempfile.mkdtemp(prefix='azp-names-')
+        self.addCleanup(shutil.rmtree, base)
+        image = good_image(os.path.join(base, 'image'))
+        write(os.path.join(image, 'etc/systemd/network/30-caf\u00e9\x1b[31m.network'),
+              b'[Network]\nDHCP=yes\n')
+        write(os.path.join(image, STATE), json.dumps(
+            {'result': 'provisioned', 'vm_id': VM_A, 'hostname': 'w\u00e9b-7\x1b[2J'}).encode())
+        for python, flags, env in strict_outputs():
+            with self.subTest(python=python, flags=flags, env=env):
+                code, stdout, stderr = script('--check', '--root', image, python=python,
+                                              flags=flags, env=env, raw=True)
+                self.assertEqual((code, stderr), (1, b''))
+                text = self.assert_clean(stdout)
+                self.assertIn('DHCP: systemd-networkd (/etc/systemd/network/30-caf', text)
+                self.assertIn('image NOT ready: 1 blocking', text)
+                code, stdout, stderr = script('--status', '--root', image, python=python,
+                                              flags=flags, env=env, raw=True)
+                self.assertEqual((code, stderr), (0, b''))
+                self.assertIn('hostname: w', self.assert_clean(stdout))
+        code, stdout, _ = script('--status', '--root', image, flags=[],
+                                 env={'PYTHONIOENCODING': 'ascii:strict'}, raw=True)
+        self.assertIn(b'hostname: w\\xe9b-7;', stdout)
+
+    def test_the_writer_itself(self):
+        stream = io.TextIOWrapper(io.BytesIO(), encoding='ascii', errors='strict')
+        out = ap.Output(stream)
+        out.write('a\u00e9\udcff\x1b[31mb\r\n2\tc\x9b\n')
+        stream.flush()
+        self.assertEqual(stream.buffer.getvalue(), b'a\\xe9\\ufffdb\\ufffd\n2\tc\\ufffd\n')
+
+
 if __name__ == '__main__':
     unittest.main()
