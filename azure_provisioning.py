@@ -2765,9 +2765,36 @@ class Check(object):
         self.systemctl = 'systemctl' + ('' if top == '/' else ' --root=%s' % top)
         self.chroot = '' if top == '/' else 'chroot %s ' % top
         self.unit_args = []     # the unit's ExecStart= arguments, once read
+        self.unreadable = set()     # files said to be unreadable, each once
 
     def path(self, *parts):
         return self.root.path(*parts)
+
+    def read(self, *parts):
+        """A file's text, None when there is none.  One that cannot be read (a 0600
+        grub.cfg, as Fedora ships it, for a user who is not root) is a row of its
+        own, and None: what it would have said is not checked."""
+        try:
+            return read_text(self.path(*parts))
+        except OSError as exc:
+            shown = os.path.join('/', *[part.strip('/') for part in parts])
+            if shown not in self.unreadable:
+                self.unreadable.add(shown)
+                self.say('warn', '%s: unreadable (%s): not checked'
+                         % (shown, exc.strerror or exc.__class__.__name__),
+                         'run --check as root')
+            return None
+
+    def run(self, check, *args):
+        """One check; an error reading the image ends that check with a row saying
+        so, never --check itself."""
+        try:
+            return check(self, *args)
+        except OSError as exc:
+            self.say('warn', '%s: %s: not checked' % (check.__name__[len('check_'):],
+                                                     describe_error(exc)),
+                     'run --check as root')
+            return None
 
     def exists(self, *parts):
         try:
@@ -2812,7 +2839,9 @@ def check_unit(c):
         c.say('FAIL', 'unit not enabled (it disables itself after a run: an image captured '
                       'from a provisioned VM never provisions again)',
               '%s enable %s' % (c.systemctl, UNIT_NAME))
-    text = read_text(c.path(unit, UNIT_NAME)) or ''
+    text = c.read(unit, UNIT_NAME)
+    if text is None:
+        return None
     match = re.search(r'^ExecStart=[-@:+!]*(\S+)(.*)$', text, re.M)
     if not match:
         c.say('FAIL', 'the unit has no ExecStart=', 'sh install.sh%s' % c.root_flag)
@@ -2829,7 +2858,7 @@ def check_unit(c):
                   'sh install.sh%s --python PATH' % c.root_flag)
             return None
     c.say('ok', 'ExecStart: %s %s' % (python, ' '.join(args)))
-    if LAUNCHER_MARK in (read_text(c.path(c.resolve(script))) or ''):
+    if LAUNCHER_MARK in (c.read(c.resolve(script)) or ''):
         check_module(c)
     return python
 
@@ -3023,7 +3052,7 @@ def dhcp_configurations(c):
             continue    # /lib is /usr/lib on merged-/usr systems
         seen.add(os.path.realpath(c.path(directory)))
         for name in sorted(glob_names(c.path(directory), r'.*\.network$')):
-            text = read_text(c.path(directory, name)) or ''
+            text = c.read(directory, name) or ''
             if ini_values(text, ('Match',), 'Virtualization') == ['container']:
                 continue    # systemd's 80-container-*.network: never in a VM
             dhcp = ini_values(text, ('Network',), 'DHCP')
@@ -3037,15 +3066,15 @@ def dhcp_configurations(c):
     for path in ['etc/network/interfaces'] + ['etc/network/interfaces.d/' + n for n in
                                              sorted(glob_names(c.path('etc/network/interfaces.d'),
                                                                r'^[\w.-]+$'))]:
-        if re.search(r'^\s*iface\s+\S+\s+inet\s+dhcp', read_text(c.path(path)) or '', re.M):
+        if re.search(r'^\s*iface\s+\S+\s+inet\s+dhcp', c.read(path) or '', re.M):
             found.append(('ifupdown', '/' + path))
     for name in sorted(glob_names(c.path('etc/netplan'), r'.*\.yaml$')):
-        text = read_text(c.path('etc/netplan', name)) or ''
+        text = c.read('etc/netplan', name) or ''
         if re.search(r'dhcp4:\s*(true|yes)', text):
             found.append(('netplan' + (MAC_BOUND if re.search(r'^\s*macaddress:', text, re.M)
                                        else ''), '/etc/netplan/' + name))
     for name in sorted(glob_names(c.path('etc/sysconfig/network-scripts'), r'^ifcfg-')):
-        text = read_text(c.path('etc/sysconfig/network-scripts', name)) or ''
+        text = c.read('etc/sysconfig/network-scripts', name) or ''
         if re.search(r'^\s*BOOTPROTO=["\']?dhcp', text, re.M):
             found.append(('ifcfg' + (MAC_BOUND if re.search(r'^\s*HWADDR=\S', text, re.M)
                                      else ''), '/etc/sysconfig/network-scripts/' + name))
@@ -3084,7 +3113,7 @@ def check_network(c):
 
 def check_identity(c):
     """What every VM of the image would share."""
-    if (read_bytes(c.path(MACHINE_ID)) or b'').strip():
+    if (c.read(MACHINE_ID) or '').strip():
         c.say('FAIL', '%s is not empty: every VM would share this machine id' % MACHINE_ID,
               'azure-provisioning --deprovision%s' % c.root_flag)
     if c.exists(STATE_FILE):
@@ -3095,12 +3124,12 @@ def check_identity(c):
     if keys:
         c.say('info', '%d SSH host key file(s) in /etc/ssh: replaced at each VM\'s first boot'
               % len(keys))
-    cmdlines = [read_text(c.path(p)) or '' for p in ('/etc/default/grub', '/etc/kernel/cmdline',
-                                                     '/boot/grub/grub.cfg', '/boot/grub2/grub.cfg')]
-    cmdlines += [read_text(c.path('/boot/loader/entries', n)) or ''
+    cmdlines = [c.read(p) or '' for p in ('/etc/default/grub', '/etc/kernel/cmdline',
+                                          '/boot/grub/grub.cfg', '/boot/grub2/grub.cfg')]
+    cmdlines += [c.read('/boot/loader/entries', n) or ''
                  for n in glob_names(c.path('/boot/loader/entries'), r'.*\.conf$')]
     if c.root.top == '/':
-        cmdlines.append(read_text('/proc/cmdline') or '')
+        cmdlines.append(c.read('/proc/cmdline') or '')
     if not any(re.search(r'\bconsole=ttyS0\b', text) for text in cmdlines):
         c.say('warn', 'no console=ttyS0 on the kernel command line: Azure boot diagnostics '
                       '(the serial console) will not show the boot or our report',
@@ -3108,8 +3137,8 @@ def check_identity(c):
 
 
 def check_hostname(c):
-    name = (read_text(c.path('etc/hostname')) or '').strip()
-    for line in (read_text(c.path('etc/hosts')) or '').splitlines():
+    name = (c.read('etc/hostname') or '').strip()
+    for line in (c.read('etc/hosts') or '').splitlines():
         fields = line.split('#', 1)[0].split()
         if fields[:1] == ['127.0.1.1'] and name not in fields[1:]:
             c.say('info', '/etc/hosts has "%s" but /etc/hostname is %r: that line is left as it is'
@@ -3129,14 +3158,11 @@ def shell_word(text):
 def check_image(root, out, shown=None):
     """Print one line per check; returns 1 when anything blocks, else 0."""
     c = Check(Root(root), shown)
-    python = check_unit(c)
+    python = c.run(check_unit)
     if python:
-        check_python(c, python)
-    check_agents(c)
-    check_media(c)
-    check_network(c)
-    check_identity(c)
-    check_hostname(c)
+        c.run(check_python, python)
+    for check in (check_agents, check_media, check_network, check_identity, check_hostname):
+        c.run(check)
     for status, text, fix in c.results:     # texts quote the image's files: printable
         out.write('%-5s %s\n' % (status, printable(text)))
         if fix and status in ('FAIL', 'warn'):

@@ -21,7 +21,7 @@ import azure_provisioning as ap
 from tests.fake_azure import FakeAzure
 from tests.support import (PROCESS_TIMEOUT, SCRIPT, is_root, root_with_kvp_pool, run_command,
                            shielded, skip)
-from tests.test_check import good_image
+from tests.test_check import KERNEL, good_image
 from tests.test_identity import VM_A, VM_B, Capture, provisioned_tree, write
 
 STATE = 'var/lib/azure-provisioning/state.json'
@@ -364,6 +364,57 @@ class OutputNeverCrashesNorEscapes(unittest.TestCase):
         out.write('a\u00e9\udcff\x1b[31mb\r\n2\tc\x9b\n')
         stream.flush()
         self.assertEqual(stream.buffer.getvalue(), b'a\\xe9\\ufffdb\\ufffd\n2\tc\\ufffd\n')
+
+
+class CheckUnreadableFiles(unittest.TestCase):
+    """Defect 14: --check as a user who cannot read a file (a 0600 grub.cfg, as Fedora
+    ships it): that file's row says so, and every other row is printed."""
+
+    def setUp(self):
+        self.base = tempfile.mkdtemp(prefix='azp-check-unreadable-')
+        self.addCleanup(shutil.rmtree, self.base)
+        os.chmod(self.base, 0o755)      # for nobody
+        self.image = good_image(os.path.join(self.base, 'image'))
+        self.prefix, self.python = as_another_user(self)
+
+    def check(self):
+        return script('--check', '--root', self.image, prefix=self.prefix, python=self.python)
+
+    def test_an_unreadable_grub_cfg_is_one_row(self):
+        grub = os.path.join(self.image, 'boot/grub2/grub.cfg')
+        write(grub, b'linux /vmlinuz console=ttyS0\n', 0o600 if is_root() else 0)
+        run = self.check()
+        self.assertEqual(run.code, 0, run)
+        self.assertEqual(run.stderr, '')
+        self.assertIn('warn  /boot/grub2/grub.cfg: unreadable (Permission denied): not '
+                      'checked\n      fix: run --check as root\n', run.stdout)
+        self.assertIn('ok    unit enabled\n', run.stdout)
+        self.assertIn('ok    DHCP: systemd-networkd', run.stdout)
+        self.assertTrue(run.stdout.endswith('image ready: 0 blocking, 1 warnings (%s)\n'
+                                            % self.image), run)
+
+    def test_an_unreadable_unit_is_not_a_unit_without_execstart(self):
+        os.chmod(os.path.join(self.image, 'etc/systemd/system/azure-provisioning.service'),
+                 0o600 if is_root() else 0)
+        run = self.check()
+        self.assertEqual(run.stderr, '')
+        self.assertIn('warn  /etc/systemd/system/azure-provisioning.service: unreadable '
+                      '(Permission denied): not checked\n', run.stdout)
+        self.assertNotIn('no ExecStart', run.stdout)
+        self.assertIn('ok    walinuxagent not installed\n', run.stdout)
+        self.assertIn('image ready: 0 blocking', run.stdout)
+
+    def test_any_other_unreadable_file_ends_only_its_own_check(self):
+        builtin = os.path.join(self.image, 'usr/lib/modules', KERNEL, 'modules.builtin')
+        write(builtin, b'kernel/fs/ext4/ext4.ko\n', 0o600 if is_root() else 0)
+        run = self.check()
+        self.assertEqual((run.code, run.stderr), (0, ''), run)
+        # the kernel's directory as found first (lib/modules: usr/lib/modules through the link)
+        self.assertRegex(run.stdout, '\nwarn  media: %s/(usr/)?lib/modules/%s/modules.builtin: '
+                         'Permission denied: not checked\n      fix: run --check as root\n'
+                         % (self.image, KERNEL))
+        self.assertIn('ok    DHCP: systemd-networkd', run.stdout)
+        self.assertIn('ok    cloud-init not installed\n', run.stdout)
 
 
 if __name__ == '__main__':
