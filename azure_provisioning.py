@@ -1997,21 +1997,40 @@ FINGERPRINTS = ('-----BEGIN SSH HOST KEY FINGERPRINTS-----',    # as cloud-init 
 STATE_MAX = 1 << 20         # bytes: ours are a few hundred
 
 
+def parse_state(data):
+    """The record from its bytes (a dict); ValueError saying what they are instead."""
+    if len(data) > STATE_MAX:
+        raise ValueError('larger than %d bytes' % STATE_MAX)
+    try:
+        state = parse_json(data.decode('utf-8'))
+    except UnicodeDecodeError:
+        raise ValueError('not UTF-8')
+    except ValueError:
+        raise ValueError('not JSON')
+    if not isinstance(state, dict):
+        raise ValueError('not a JSON object')
+    return state
+
+
 def read_state(root, strict=False):
     """The record of the last run on this disk (a dict), or None: missing, unreadable
     or broken (a broken record must not stop provisioning; it costs the host keys).
-    strict: a file that is there but cannot be read (permissions) is an OSError."""
+    strict (--status): a file that is there but cannot be read (permissions) is an
+    OSError, one that holds no record a ValueError saying what it holds."""
     try:
         data = read_bytes(root.path(STATE_FILE))
     except OSError:
         if strict:
             raise
         return None
-    try:
-        state = parse_json(data.decode('utf-8')) if data and len(data) <= STATE_MAX else None
-    except ValueError:
+    if data is None:
         return None
-    return state if isinstance(state, dict) else None
+    try:
+        return parse_state(data)
+    except ValueError:
+        if strict:
+            raise
+        return None
 
 
 def write_private(run, path, data):
@@ -2652,11 +2671,9 @@ DMI_UUID = '/sys/class/dmi/id/product_uuid'
 def dmi_vm_id(root):
     """This VM's vmId without the network: SMBIOS product_uuid (root-only), whose
     first three fields are byte-swapped on Gen1 VMs (BIOS, no /sys/firmware/efi), as
-    cloud-init and azure-init read it.  None when unreadable."""
-    try:
-        text = (read_text(root.path(DMI_UUID)) or '').strip().lower()
-    except OSError:
-        return None
+    cloud-init and azure-init read it.  None when there is none; OSError when it
+    cannot be read (by a user who is not root)."""
+    text = (read_text(root.path(DMI_UUID)) or '').strip().lower()
     if not re.fullmatch(r'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', text):
         return None
     fields = text.split('-')
@@ -2669,21 +2686,34 @@ def dmi_vm_id(root):
 def status(options, out):
     """--status: 0 when this VM was provisioned, else 1."""
     root = Root(options.root)
+    corrupt = None
     try:
         state = read_state(root, strict=True)
     except OSError as exc:      # 0600 in a 0700 directory: root's alone
         raise ProvisioningError('cannot read %s: %s (run as root)'
                                 % (STATE_FILE, exc.strerror or exc.__class__.__name__))
+    except ValueError as exc:
+        state, corrupt = None, str(exc)
     if options.json:
+        if corrupt:
+            raise ProvisioningError('the record %s is %s' % (STATE_FILE, corrupt))
         out.write(json.dumps(state, indent=2, sort_keys=True) + '\n')
         return 0 if state and state.get('result') == 'provisioned' else 1
     code = 0 if state and state.get('result') == 'provisioned' else 1
-    for line in status_lines(root, state):
+    for line in status_lines(root, state, corrupt):
         out.write(printable(line) + '\n')
-    current = dmi_vm_id(root)
-    recorded = str((state or {}).get('vm_id', '')).lower()
-    if current is None:
+    try:
+        current = dmi_vm_id(root)
+    except OSError:
         out.write('this VM: unknown (%s unreadable: run as root)\n' % DMI_UUID)
+        return code
+    recorded = str((state or {}).get('vm_id', '')).lower()
+    if current is None and root.top != '/' and not os.path.lexists(root.path(DMI_UUID)):
+        # an image's tree: the DMI of the machine we run on is not its VM's
+        out.write('this VM: not looked up: %s holds no %s (an image, not the running '
+                  'system)\n' % (root.top, DMI_UUID))
+    elif current is None:
+        out.write('this VM: unknown (%s holds no UUID: no DMI here)\n' % DMI_UUID)
     elif state is None:
         out.write('this VM: %s\n' % current)
     elif current == recorded:
@@ -2695,11 +2725,21 @@ def status(options, out):
     return code
 
 
-def status_lines(root, state):
+def status_lines(root, state, corrupt=None):
     """The record in words; whatever its fields hold (it is a file anyone with root
-    may have edited), one line each."""
-    unit = ('unit: enabled (provisions at the next boot)' if os.path.lexists(
-        root.path(WANTS_LINK)) else 'unit: disabled (it disabled itself after Ready)')
+    may have edited), one line each.  corrupt: what the file holds instead of one."""
+    if os.path.lexists(root.path(WANTS_LINK)):
+        unit = 'unit: enabled (provisions at the next boot)'
+    elif state and state.get('result') == 'provisioned':
+        unit = 'unit: disabled (it disabled itself after Ready)'
+    elif state:     # a failed run leaves it enabled, to try again at the next boot
+        unit = ('unit: disabled: the next boot does not try again (it stays enabled after a '
+                'failure: someone disabled it)')
+    else:
+        unit = 'unit: disabled (the next boot does not provision)'
+    if corrupt:
+        return ['record corrupt: %s is %s: whether and how this disk was provisioned is '
+                'unknown' % (STATE_FILE, corrupt), unit]
     if state is None:
         return ['not provisioned: no record (%s)' % STATE_FILE, unit]
 

@@ -417,5 +417,74 @@ class CheckUnreadableFiles(unittest.TestCase):
         self.assertIn('ok    cloud-init not installed\n', run.stdout)
 
 
+class StatusSaysWhatItDoesNotKnow(unittest.TestCase):
+    """Defect 15."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix='azp-status-truth-')
+        self.addCleanup(shutil.rmtree, self.root)
+
+    def record(self, data):
+        write(os.path.join(self.root, STATE), data)
+
+    def status(self, *args, **how):
+        return script('--status', '--root', self.root, *args, **how)
+
+    def test_an_image_tree_has_no_vm_to_compare_with(self):
+        self.record(json.dumps({'result': 'provisioned', 'vm_id': VM_A}).encode())
+        os.makedirs(os.path.join(self.root, 'sys'))    # a mount point, as images have
+        run = self.status()
+        self.assertEqual(run.code, 0, run)
+        self.assertTrue(run.stdout.endswith(
+            'this VM: not looked up: %s holds no /sys/class/dmi/id/product_uuid (an image, '
+            'not the running system)\n' % self.root), run)
+        self.assertNotIn('run as root', run.stdout)
+
+    def test_an_unreadable_product_uuid_needs_root(self):
+        prefix, python = as_another_user(self)
+        os.chmod(self.root, 0o755)
+        self.record(json.dumps({'result': 'provisioned', 'vm_id': VM_A}).encode())
+        os.chmod(os.path.join(self.root, STATE), 0o644)
+        write(os.path.join(self.root, 'sys/class/dmi/id/product_uuid'), VM_A.encode(),
+              0o400 if is_root() else 0)
+        run = self.status(prefix=prefix, python=python)
+        self.assertTrue(run.stdout.endswith('this VM: unknown (/sys/class/dmi/id/product_uuid '
+                                            'unreadable: run as root)\n'), run)
+
+    def test_a_corrupt_record_is_not_no_record(self):
+        for data, why in ((b'{"result": "provisioned", "vm_id": "\xff"}', 'not UTF-8'),
+                          (b'{"result": ', 'not JSON'), (b'[1, 2]', 'not a JSON object'),
+                          (b'[' * 100000 + b']' * 100000, 'not JSON'),
+                          (b' ' * (ap.STATE_MAX + 1), 'larger than 1048576 bytes')):
+            with self.subTest(why=why):
+                self.record(data)
+                run = self.status()
+                self.assertEqual(run.code, 1, run)
+                self.assertNotIn('no record', run.stdout)
+                self.assertEqual(run.stdout.splitlines()[0],
+                                 'record corrupt: %s is %s: whether and how this disk was '
+                                 'provisioned is unknown' % (ap.STATE_FILE, why))
+                run = self.status('--json')
+                self.assertEqual((run.code, run.stdout), (1, ''), run)
+                self.assertEqual(run.stderr, 'azure-provisioning: error: the record %s is %s\n'
+                                 % (ap.STATE_FILE, why))
+
+    def test_the_unit_line_follows_the_record(self):
+        for state, unit in (
+                ({'result': 'failed', 'step': 'user', 'reason': 'x'},
+                 'unit: disabled: the next boot does not try again (it stays enabled after a '
+                 'failure: someone disabled it)'),
+                ({'result': 'provisioned'}, 'unit: disabled (it disabled itself after Ready)'),
+                (None, 'unit: disabled (the next boot does not provision)')):
+            with self.subTest(state=state):
+                if state is None:
+                    os.remove(os.path.join(self.root, STATE))
+                else:
+                    self.record(json.dumps(dict(state, vm_id=VM_A)).encode())
+                run = self.status()
+                self.assertIn('\n%s\n' % unit, run.stdout)
+                self.assertNotIn('after Ready', run.stdout.replace(unit, ''))
+
+
 if __name__ == '__main__':
     unittest.main()
