@@ -38,7 +38,7 @@ def script(*args, **how):
     variables added; raw: (exit code, stdout bytes, stderr bytes), undecoded."""
     env = dict(os.environ, **how.get('env', {}))
     argv = (how.get('prefix', []) + [how.get('python', sys.executable)]
-            + how.get('flags', ['-I']) + [SCRIPT] + list(args))
+            + how.get('flags', ['-I']) + [how.get('script', SCRIPT)] + list(args))
     if not how.get('raw'):
         return run_command(argv, env=env)
     done = subprocess.run(shielded(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -54,17 +54,23 @@ def fake_tool(test, name, body):
     return tools
 
 
-def as_another_user(test):
-    """(argv prefix, python) running as nobody, who can read the script; ([], python)
-    when not root (the files made unreadable are then unreadable to us)."""
+def as_another_user(test, directory):
+    """How script() runs as nobody: {prefix, python, script}, the script copied into
+    `directory` (0755: the repository may be where nobody cannot read it, as in
+    tests/mutations.py's copies).  Not root: as we are (the files made unreadable
+    are then unreadable to us)."""
     if not is_root():
-        return [], sys.executable
+        return {}
     setpriv = shutil.which('setpriv')
     if not setpriv:
         skip(test, 'root and no setpriv to become nobody')
+    os.chmod(directory, 0o755)
+    copy = os.path.join(directory, 'azure_provisioning.py')
+    shutil.copy(SCRIPT, copy)
+    os.chmod(copy, 0o644)
     for python in (sys.executable, '/usr/bin/python3'):     # pyenv's may be under /root
         if run_command([setpriv] + NOBODY + [python, '-c', 'pass']).code == 0:
-            return [setpriv] + NOBODY, python
+            return {'prefix': [setpriv] + NOBODY, 'python': python, 'script': copy}
     skip(test, 'nobody can run no python3 here')
 
 
@@ -373,12 +379,11 @@ class CheckUnreadableFiles(unittest.TestCase):
     def setUp(self):
         self.base = tempfile.mkdtemp(prefix='azp-check-unreadable-')
         self.addCleanup(shutil.rmtree, self.base)
-        os.chmod(self.base, 0o755)      # for nobody
         self.image = good_image(os.path.join(self.base, 'image'))
-        self.prefix, self.python = as_another_user(self)
+        self.nobody = as_another_user(self, self.base)
 
     def check(self):
-        return script('--check', '--root', self.image, prefix=self.prefix, python=self.python)
+        return script('--check', '--root', self.image, **self.nobody)
 
     def test_an_unreadable_grub_cfg_is_one_row(self):
         grub = os.path.join(self.image, 'boot/grub2/grub.cfg')
@@ -441,13 +446,15 @@ class StatusSaysWhatItDoesNotKnow(unittest.TestCase):
         self.assertNotIn('run as root', run.stdout)
 
     def test_an_unreadable_product_uuid_needs_root(self):
-        prefix, python = as_another_user(self)
+        base = tempfile.mkdtemp(prefix='azp-status-nobody-')
+        self.addCleanup(shutil.rmtree, base)
+        nobody = as_another_user(self, base)
         os.chmod(self.root, 0o755)
         self.record(json.dumps({'result': 'provisioned', 'vm_id': VM_A}).encode())
         os.chmod(os.path.join(self.root, STATE), 0o644)
         write(os.path.join(self.root, 'sys/class/dmi/id/product_uuid'), VM_A.encode(),
               0o400 if is_root() else 0)
-        run = self.status(prefix=prefix, python=python)
+        run = self.status(**nobody)
         self.assertTrue(run.stdout.endswith('this VM: unknown (/sys/class/dmi/id/product_uuid '
                                             'unreadable: run as root)\n'), run)
 
