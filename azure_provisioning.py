@@ -2708,12 +2708,14 @@ def status(options, out):
         out.write('this VM: unknown (%s unreadable: run as root)\n' % DMI_UUID)
         return code
     recorded = str((state or {}).get('vm_id', '')).lower()
-    if current is None and root.top != '/' and not os.path.lexists(root.path(DMI_UUID)):
+    missing = current is None and not os.path.lexists(root.path(DMI_UUID))
+    if missing and root.top != '/':
         # an image's tree: the DMI of the machine we run on is not its VM's
         out.write('this VM: not looked up: %s holds no %s (an image, not the running '
                   'system)\n' % (root.top, DMI_UUID))
     elif current is None:
-        out.write('this VM: unknown (%s holds no UUID: no DMI here)\n' % DMI_UUID)
+        out.write('this VM: unknown (%s)\n' % ('no %s: no DMI here' if missing
+                                                else '%s holds no UUID') % DMI_UUID)
     elif state is None:
         out.write('this VM: %s\n' % current)
     elif current == recorded:

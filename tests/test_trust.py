@@ -444,6 +444,9 @@ class StatusSaysWhatItDoesNotKnow(unittest.TestCase):
             'this VM: not looked up: %s holds no /sys/class/dmi/id/product_uuid (an image, '
             'not the running system)\n' % self.root), run)
         self.assertNotIn('run as root', run.stdout)
+        write(os.path.join(self.root, 'sys/class/dmi/id/product_uuid'), b'Not Settable\n')
+        self.assertTrue(self.status().stdout.endswith(
+            'this VM: unknown (/sys/class/dmi/id/product_uuid holds no UUID)\n'))
 
     def test_an_unreadable_product_uuid_needs_root(self):
         base = tempfile.mkdtemp(prefix='azp-status-nobody-')
