@@ -2560,7 +2560,12 @@ def deprovision_plan(run, remove_user):
             removal('%s/%s' % (directory, name), 'DHCP lease')
     for name in sorted(glob_names(root.path(os.path.dirname(KVP_POOL)), r'\.kvp_pool_\d+$')):
         removal('%s/%s' % (os.path.dirname(KVP_POOL), name), 'Hyper-V KVP pool')
-    state = read_state(root) or {}
+    try:
+        state = read_state(root, strict=remove_user) or {}
+    except ValueError as exc:   # the user it names would go into the image
+        raise ProvisioningError('the record %s is %s: which admin user --user should remove '
+                                'is unknown; remove it yourself (userdel -r NAME), then run '
+                                '--deprovision without --user' % (STATE_FILE, exc))
     for name in ('custom-data', 'user-data'):
         if os.path.lexists(root.path(DATA_DIR, name)):
             removal('%s/%s' % (DATA_DIR, name), 'this VM\'s %s' % name)

@@ -214,6 +214,23 @@ class DeprovisionFinishesWhatFailed(unittest.TestCase):
         self.assertEqual((run.code, run.stdout), (0, 'nothing to remove: this is an image '
                                                       'already\n'), run)
 
+    def test_a_corrupt_record_is_not_taken_for_no_user(self):
+        write(os.path.join(self.root, STATE), b'{"admin_user_created": "alice\xff"}')
+        run = self.deprovision(self.root)
+        self.assertEqual(run.code, 1, run)
+        self.assertEqual(run.stderr, 'azure-provisioning: error: deprovision: the record '
+                                     '/var/lib/azure-provisioning/state.json is not UTF-8: which '
+                                     'admin user --user should remove is unknown; remove it '
+                                     'yourself (userdel -r NAME), then run --deprovision '
+                                     'without --user\n')
+        self.assertEqual(run.stdout, '')
+        self.assertTrue(os.path.exists(os.path.join(self.root, STATE)))
+        self.assertTrue(os.path.exists(os.path.join(self.root, 'etc/ssh/ssh_host_rsa_key')))
+        # without --user the record goes like the rest
+        run = run_command([sys.executable, '-I', SCRIPT, '--deprovision', '--root', self.root])
+        self.assertEqual(run.code, 0, run)
+        self.assertFalse(os.path.exists(os.path.join(self.root, STATE)))
+
     def test_a_relative_root_reaches_userdel_absolute(self):
         run = self.deprovision('image')
         self.assertEqual(run.code, 0, run)
