@@ -117,6 +117,29 @@ class Log(object):
         return Log(self.verbose, self.stream, quiet=True)
 
 
+class Output(object):
+    """Standard output that no line can break nor forge: each line made printable (a
+    file name from an image may hold escape sequences or bytes no encoding has), and
+    what the stream's encoding cannot carry written as a \\x escape, so that a strict
+    ASCII stdout (Python 3.6 under LANG=C) never ends a run half-way."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = '\n'.join(printable(line) for line in text.split('\n'))
+        encoding = getattr(self.stream, 'encoding', None)
+        if encoding:
+            try:
+                text = text.encode(encoding, 'backslashreplace').decode(encoding)
+            except LookupError:
+                pass
+        self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
 def elapsed_ms(started):
     return '%d ms' % round((time.monotonic() - started) * 1000)
 
@@ -1852,6 +1875,11 @@ SSHD_DROP_IN = '/etc/ssh/sshd_config.d/50-azure-provisioning.conf'
 
 
 USER_NAME = re.compile(r'[a-z_][a-z0-9_-]{0,31}')     # what useradd takes everywhere
+LOGIN_DEFS = '/etc/login.defs'
+LOGIN_DEFS_MAX = 1 << 20    # bytes of it read: distributions ship 10-20 KiB
+USER_UIDS = (1000, 60000)   # UID_MIN, UID_MAX where login.defs does not say (useradd's)
+# never an admin user, whatever login.defs says
+NOT_PEOPLE = {0: 'root', 65534: 'nobody (the kernel\'s overflow uid)'}
 
 
 def validate_user_name(name):
@@ -1859,6 +1887,36 @@ def validate_user_name(name):
         raise ProvisioningError('invalid admin user name %r: use 1-32 of a-z, 0-9, _ and -, '
                                 'starting with a letter or _' % one_line(name or '', 40))
     return name
+
+
+def user_uids(root):
+    """(UID_MIN, UID_MAX) of the root's login.defs, the uids useradd gives people;
+    its defaults for a value missing or not a decimal number, and when the two make
+    no range.  A name given twice: the last counts, as for useradd."""
+    try:
+        data = root.read(LOGIN_DEFS, limit=LOGIN_DEFS_MAX) or b''
+    except OSError:     # a FIFO, a device, larger than any login.defs: the defaults
+        data = b''
+    lines = data.decode('utf-8', 'replace').splitlines()
+    found = dict(zip(('UID_MIN', 'UID_MAX'), USER_UIDS))
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 1 and fields[0] in found and re.fullmatch(r'[0-9]{1,10}', fields[1]):
+            found[fields[0]] = int(fields[1])
+    low, high = found['UID_MIN'], found['UID_MAX']
+    return (low, high) if low <= high else USER_UIDS
+
+
+def not_a_person(uid, root):
+    """Why the account of `uid` can be no admin user (None when it can): a system
+    account, outside the uids useradd gives people (nobody's 65534 is inside
+    Debian's default range of 1000..60000 for useradd, but not for us)."""
+    low, high = user_uids(root)
+    if not low <= uid <= high:
+        return 'user accounts are uids %d..%d (UID_MIN..UID_MAX of %s)' % (low, high, LOGIN_DEFS)
+    if uid in NOT_PEOPLE:
+        return 'uid %d is %s' % (uid, NOT_PEOPLE[uid])
+    return None
 
 
 def validate_public_key(text):
@@ -1942,9 +2000,10 @@ def user_plan(run, request):
         account = pwd.getpwnam(name)
     except KeyError:
         account = None
-    if account is not None and account.pw_uid < 1000:
-        raise ProvisioningError('admin user %s exists as a system account (uid %d); refused'
-                                % (name, account.pw_uid))
+    why = account and not_a_person(account.pw_uid, run.root)
+    if why:
+        raise ProvisioningError('admin user %s exists as a system account (uid %d); refused: %s'
+                                % (name, account.pw_uid, why))
     plan = []
     if account is None:
         shell = '/bin/bash' if os.access('/bin/bash', os.X_OK) else '/bin/sh'
@@ -2159,21 +2218,40 @@ FINGERPRINTS = ('-----BEGIN SSH HOST KEY FINGERPRINTS-----',    # as cloud-init 
 STATE_MAX = 1 << 20         # bytes: ours are a few hundred
 
 
+def parse_state(data):
+    """The record from its bytes (a dict); ValueError saying what they are instead."""
+    if len(data) > STATE_MAX:
+        raise ValueError('larger than %d bytes' % STATE_MAX)
+    try:
+        state = parse_json(data.decode('utf-8'))
+    except UnicodeDecodeError:
+        raise ValueError('not UTF-8')
+    except ValueError:
+        raise ValueError('not JSON')
+    if not isinstance(state, dict):
+        raise ValueError('not a JSON object')
+    return state
+
+
 def read_state(root, strict=False):
     """The record of the last run on this disk (a dict), or None: missing, unreadable
     or broken (a broken record must not stop provisioning; it costs the host keys).
-    strict: a file that is there but cannot be read (permissions) is an OSError."""
+    strict (--status): a file that is there but cannot be read (permissions) is an
+    OSError, one that holds no record a ValueError saying what it holds."""
     try:
         data = root.read(STATE_FILE, limit=STATE_MAX)
     except OSError:     # a FIFO, a device, larger than STATE_MAX, permissions
         if strict:
             raise
         return None
-    try:
-        state = parse_json(data.decode('utf-8')) if data else None
-    except ValueError:
+    if data is None:
         return None
-    return state if isinstance(state, dict) else None
+    try:
+        return parse_state(data)
+    except ValueError:
+        if strict:
+            raise
+        return None
 
 
 def write_private(run, path, data):
@@ -2217,6 +2295,11 @@ def write_state(run, result, step=None, reason=None):
     # which admin user we made (--deprovision --user removes it), kept across runs
     made = previous.get('admin_user_created') if previous.get('vm_id') == state['vm_id'] else None
     state['admin_user_created'] = run.user_created or made
+    # the VM the host keys on disk were made for: this run's when it made them, else
+    # the last record's (a run that failed before the identity step left them as
+    # they were).  The only proof host_keys_plan trusts.
+    made_for = run.host_keys_for or previous.get('ssh_host_keys_for')
+    state['ssh_host_keys_for'] = made_for if isinstance(made_for, str) and made_for else None
     if result != 'provisioned':
         state.update(step=step, reason=reason)
     try:
@@ -2234,7 +2317,10 @@ def host_key_names(root):
 def host_keys_plan(run):
     """New SSH host keys when this VM is not the one that made the keys it has: at
     the first boot of an image, and of an image captured again from a provisioned VM.
-    Tied to the vmId (cloud-init #3910: regenerating on a mere guess surprised users)."""
+    Tied to the vmId (cloud-init #3910: regenerating on a mere guess surprised users),
+    and to the record's ssh_host_keys_for alone: its vm_id is written after a failure
+    too, one that may have come before the keys were replaced.  A record without the
+    field (an older version's) proves nothing: the keys are replaced once more."""
     if run.options.keep_host_keys:
         run.host_keys = 'kept (--keep-ssh-host-keys)'
         return []
@@ -2243,13 +2329,20 @@ def host_keys_plan(run):
         run.log.info('ssh host keys: no sshd in this image; nothing to do')
         return []
     vm_id = run.facts.get('AZURE_VM_ID', '')
-    recorded = (read_state(run.root) or {}).get('vm_id')
-    if recorded and recorded == vm_id:
+    state = read_state(run.root) or {}
+    made_for = state.get('ssh_host_keys_for')
+    if vm_id and made_for == vm_id:
         run.host_keys = 'kept (made for this VM)'
+        run.host_keys_for = vm_id
         run.log.info('ssh host keys: kept (made at this VM\'s first boot)')
         return []
-    why = ('the disk was provisioned as VM %s before' % recorded if recorded
-           else 'first boot of this image')
+    recorded = made_for or state.get('vm_id')
+    if vm_id and recorded == vm_id:
+        why = 'the record does not say they were made for this VM'
+    elif recorded:
+        why = 'the disk was provisioned as VM %s before' % one_line(str(recorded), 60)
+    else:
+        why = 'first boot of this image'
     old = host_key_names(run.root)
     return [Action('replace the SSH host keys (%s): remove %d file(s) in /etc/ssh, '
                    'ssh-keygen -A, print the fingerprints, restart sshd' % (why, len(old)),
@@ -2287,6 +2380,8 @@ def replace_host_keys(run, old):
             run.root.remove('/etc/ssh/' + name)
     finally:
         shutil.rmtree(aside, ignore_errors=True)
+    # from here on the keys on disk are this VM's, whatever fails next
+    run.host_keys_for = run.facts.get('AZURE_VM_ID') or None
     # sshd_key_t, not the etc_t of the directory they were made in
     restore_labels(run, [os.path.join(ssh, n) for n in made], 'ssh host keys')
     # unprefixed, for people and tools that read the serial console (boot diagnostics)
@@ -2478,6 +2573,7 @@ class Run(object):
         self.media_problem = None   # why it could not be, when it was there
         self.user_created = None    # the admin user this run made
         self.host_keys = None       # what became of the SSH host keys, for the record
+        self.host_keys_for = None   # the vmId, once this run made the keys on disk
         self.incarnation = None     # of the goal state the last report went to
         self.steps = []             # (step, seconds) in order
         self.facts = {}
@@ -2702,9 +2798,14 @@ def deprovision_plan(run, remove_user):
     except OSError as exc:      # a FIFO, a device, too large: whose user would it name?
         problems.append(describe_error(exc))
         state = {}
-    for name in ('custom-data', 'user-data', 'state.json'):
-        plan += removal(root, '%s/%s' % (DATA_DIR, name), 'this VM\'s provisioning record and '
-                        'data' if name == 'state.json' else 'this VM\'s %s' % name, problems)
+    except ValueError as exc:
+        if remove_user:     # the user it names would go into the image
+            raise ProvisioningError('the record %s is %s: which admin user --user should '
+                                    'remove is unknown; remove it yourself (userdel -r NAME), '
+                                    'then run --deprovision without --user' % (STATE_FILE, exc))
+        state = {}
+    for name in ('custom-data', 'user-data'):
+        plan += removal(root, '%s/%s' % (DATA_DIR, name), 'this VM\'s %s' % name, problems)
     unit = next(('/%s/%s' % (d, UNIT_NAME) for d in UNIT_DIRS
                  if root.stat(d, UNIT_NAME) is not None), None)
     if unit and not root.exists(WANTS_LINK):
@@ -2713,6 +2814,10 @@ def deprovision_plan(run, remove_user):
                            lambda: root.symlink(unit, WANTS_LINK)))
     if remove_user:
         plan += user_removal_plan(run, state, problems)
+    # last: an action that fails stops the run before it, and the record left says
+    # which admin user a second run still has to remove (userdel fails while it is
+    # logged in, the usual case over its own SSH session)
+    plan += removal(root, STATE_FILE, 'this VM\'s provisioning record', problems)
     if problems:
         raise ProvisioningError('%s; nothing removed' % '; '.join(problems))
     return plan
@@ -2751,9 +2856,12 @@ def user_removal_plan(run, state, problems):
         line.split(':') for line in (run.root.read_text('/etc/passwd') or '').splitlines())
         if len(fields) > 2)
     uid = accounts.get(name)
-    if uid is not None and not (uid.isdigit() and int(uid) >= 1000):
-        raise ProvisioningError('the record names %s, a system account (uid %s); refused'
-                                % (name, printable(uid)[:20]))
+    if uid is not None:
+        why = (not_a_person(int(uid), run.root) if re.fullmatch(r'[0-9]{1,10}', uid)
+               else 'not a number')
+        if why:
+            raise ProvisioningError('the record names %s, a system account (uid %s); '
+                                    'refused: %s' % (name, printable(uid)[:20], why))
     plan = []
     if uid is not None:
         argv = [find_tool('userdel') or 'userdel', '-r', name]
@@ -2815,11 +2923,9 @@ DMI_UUID = '/sys/class/dmi/id/product_uuid'
 def dmi_vm_id(root):
     """This VM's vmId without the network: SMBIOS product_uuid (root-only), whose
     first three fields are byte-swapped on Gen1 VMs (BIOS, no /sys/firmware/efi), as
-    cloud-init and azure-init read it.  None when unreadable."""
-    try:
-        text = (root.read_text(DMI_UUID) or '').strip().lower()
-    except OSError:
-        return None
+    cloud-init and azure-init read it.  None when there is none; OSError when it
+    cannot be read (by a user who is not root; not a regular file)."""
+    text = (root.read_text(DMI_UUID) or '').strip().lower()
     if not re.fullmatch(r'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', text):
         return None
     fields = text.split('-')
@@ -2832,22 +2938,37 @@ def dmi_vm_id(root):
 def status(options, out):
     """--status: 0 when this VM was provisioned, else 1."""
     root = Root(options.root)
+    corrupt = None
     try:
         state = read_state(root, strict=True)
     except OSError as exc:      # 0600 in a 0700 directory: root's alone; a FIFO, too large
         raise ProvisioningError('cannot read %s: %s%s' % (
             STATE_FILE, exc.strerror or exc.__class__.__name__,
             ' (run as root)' if isinstance(exc, PermissionError) else ''))
+    except ValueError as exc:
+        state, corrupt = None, str(exc)
     if options.json:
+        if corrupt:
+            raise ProvisioningError('the record %s is %s' % (STATE_FILE, corrupt))
         out.write(json.dumps(state, indent=2, sort_keys=True) + '\n')
         return 0 if state and state.get('result') == 'provisioned' else 1
     code = 0 if state and state.get('result') == 'provisioned' else 1
-    for line in status_lines(root, state):
+    for line in status_lines(root, state, corrupt):
         out.write(printable(line) + '\n')
-    current = dmi_vm_id(root)
-    recorded = str((state or {}).get('vm_id', '')).lower()
-    if current is None:
+    try:
+        current = dmi_vm_id(root)
+    except OSError:
         out.write('this VM: unknown (%s unreadable: run as root)\n' % DMI_UUID)
+        return code
+    recorded = str((state or {}).get('vm_id', '')).lower()
+    missing = current is None and root.lstat(DMI_UUID) is None
+    if missing and root.top != '/':
+        # an image's tree: the DMI of the machine we run on is not its VM's
+        out.write('this VM: not looked up: %s holds no %s (an image, not the running '
+                  'system)\n' % (root.top, DMI_UUID))
+    elif current is None:
+        out.write('this VM: unknown (%s)\n' % ('no %s: no DMI here' if missing
+                                                else '%s holds no UUID') % DMI_UUID)
     elif state is None:
         out.write('this VM: %s\n' % current)
     elif current == recorded:
@@ -2859,11 +2980,21 @@ def status(options, out):
     return code
 
 
-def status_lines(root, state):
+def status_lines(root, state, corrupt=None):
     """The record in words; whatever its fields hold (it is a file anyone with root
-    may have edited), one line each."""
-    unit = ('unit: enabled (provisions at the next boot)' if root.exists(WANTS_LINK)
-            else 'unit: disabled (it disabled itself after Ready)')
+    may have edited), one line each.  corrupt: what the file holds instead of one."""
+    if root.exists(WANTS_LINK):
+        unit = 'unit: enabled (provisions at the next boot)'
+    elif state and state.get('result') == 'provisioned':
+        unit = 'unit: disabled (it disabled itself after Ready)'
+    elif state:     # a failed run leaves it enabled, to try again at the next boot
+        unit = ('unit: disabled: the next boot does not try again (it stays enabled after a '
+                'failure: someone disabled it)')
+    else:
+        unit = 'unit: disabled (the next boot does not provision)'
+    if corrupt:
+        return ['record corrupt: %s is %s: whether and how this disk was provisioned is '
+                'unknown' % (STATE_FILE, corrupt), unit]
     if state is None:
         return ['not provisioned: no record (%s)' % STATE_FILE, unit]
 
@@ -2929,22 +3060,39 @@ class Check(object):
         self.systemctl = 'systemctl' + ('' if top == '/' else ' --root=%s' % top)
         self.chroot = '' if top == '/' else 'chroot %s ' % top
         self.unit_args = []     # the unit's ExecStart= arguments, once read
+        self.unreadable = set()     # files said to be unreadable, each once
 
     def path(self, *parts):
         return self.root.path(*parts)
 
-    def exists(self, *parts):
-        return self.root.exists(*parts)
-
     def read(self, *parts):
-        """A file's text, None when there is none; one that cannot be read (a FIFO, a
-        device, too large, permissions) is a row of its own, and None."""
+        """A file's text, None when there is none.  One that cannot be read (a 0600
+        grub.cfg, as Fedora ships it, for a user who is not root) is a row of its
+        own, and None: what it would have said is not checked."""
         try:
             return self.root.read_text(*parts)
-        except OSError as exc:
-            self.say('warn', '/%s: %s (not read)' % ('/'.join(parts).lstrip('/'),
-                                                    exc.strerror or exc.__class__.__name__))
+        except OSError as exc:      # also a FIFO, a device, too large: never read
+            shown = os.path.join('/', *[part.strip('/') for part in parts])
+            if shown not in self.unreadable:
+                self.unreadable.add(shown)
+                self.say('warn', '%s: unreadable (%s): not checked'
+                         % (shown, exc.strerror or exc.__class__.__name__),
+                         'run --check as root' if isinstance(exc, PermissionError) else None)
             return None
+
+    def run(self, check, *args):
+        """One check; an error reading the image ends that check with a row saying
+        so, never --check itself."""
+        try:
+            return check(self, *args)
+        except OSError as exc:
+            self.say('warn', '%s: %s: not checked' % (check.__name__[len('check_'):],
+                                                     describe_error(exc)),
+                     'run --check as root')
+            return None
+
+    def exists(self, *parts):
+        return self.root.exists(*parts)
 
     def say(self, status, text, fix=None):
         self.results.append((status, text, fix))
@@ -2976,7 +3124,9 @@ def check_unit(c):
         c.say('FAIL', 'unit not enabled (it disables itself after a run: an image captured '
                       'from a provisioned VM never provisions again)',
               '%s enable %s' % (c.systemctl, UNIT_NAME))
-    text = c.read(unit, UNIT_NAME) or ''
+    text = c.read(unit, UNIT_NAME)
+    if text is None:
+        return None
     match = re.search(r'^ExecStart=[-@:+!]*(\S+)(.*)$', text, re.M)
     if not match:
         c.say('FAIL', 'the unit has no ExecStart=', 'sh install.sh%s' % c.root_flag)
@@ -3260,11 +3410,11 @@ def check_identity(c):
         c.say('info', '%d SSH host key file(s) in /etc/ssh: replaced at each VM\'s first boot'
               % len(keys))
     cmdlines = [c.read(p) or '' for p in ('/etc/default/grub', '/etc/kernel/cmdline',
-                                                     '/boot/grub/grub.cfg', '/boot/grub2/grub.cfg')]
+                                          '/boot/grub/grub.cfg', '/boot/grub2/grub.cfg')]
     cmdlines += [c.read('/boot/loader/entries', n) or ''
                  for n in c.root.names('/boot/loader/entries', r'.*\.conf$')]
     if c.root.top == '/':
-        cmdlines.append(read_text('/proc/cmdline') or '')
+        cmdlines.append(c.read('/proc/cmdline') or '')
     if not any(re.search(r'\bconsole=ttyS0\b', text) for text in cmdlines):
         c.say('warn', 'no console=ttyS0 on the kernel command line: Azure boot diagnostics '
                       '(the serial console) will not show the boot or our report',
@@ -3293,14 +3443,11 @@ def shell_word(text):
 def check_image(root, out, shown=None):
     """Print one line per check; returns 1 when anything blocks, else 0."""
     c = Check(Root(root), shown)
-    python = check_unit(c)
+    python = c.run(check_unit)
     if python:
-        check_python(c, python)
-    check_agents(c)
-    check_media(c)
-    check_network(c)
-    check_identity(c)
-    check_hostname(c)
+        c.run(check_python, python)
+    for check in (check_agents, check_media, check_network, check_identity, check_hostname):
+        c.run(check)
     for status, text, fix in c.results:     # texts quote the image's files: printable
         out.write('%-5s %s\n' % (status, printable(text)))
         if fix and status in ('FAIL', 'warn'):
@@ -3325,6 +3472,19 @@ def positive_seconds(text):
     if not 0 < value < 1e7:
         raise ValueError('expected a positive number of seconds, got %r' % text)
     return value
+
+
+def absolute_directory(text):
+    """A directory argument, absolute from the start: userdel --root refuses a
+    relative one, and every message then names one place."""
+    if not text:
+        raise ValueError('expected a directory, got an empty string')
+    if text.startswith('/'):
+        return text
+    try:
+        return os.path.join(os.getcwd(), text)
+    except OSError:     # the working directory was removed
+        raise ValueError('%r is relative, and the working directory is gone' % text)
 
 
 # One table for both parsers below; metavar None: a switch.
@@ -3356,7 +3516,7 @@ OPTIONS = [Option(*fields) for fields in (
     ('--status', 'status', None, None, False,
      'say whether and how this VM was provisioned (read-only, offline); exit 1 if not'),
     ('--json', 'json', None, None, False, 'with --status: print the record itself'),
-    ('--root', 'root', 'DIR', str, '/',
+    ('--root', 'root', 'DIR', absolute_directory, '/',
      'with --check, --deprovision or --status: the mounted image tree (default /)'),
     ('--shown-root', 'shown_root', 'DIR', str, None, None),  # install.sh: see check_image
     ('--media', 'media', 'DEVICE', str, None,
@@ -3475,6 +3635,7 @@ def main(args=None):
     import signal
     signal.signal(signal.SIGTERM, raise_terminated)
     log = Log(options.verbose)
+    out = Output(sys.stdout)
     run = Options(wireserver=options.wireserver, imds=options.imds, timeout=options.timeout,
                   set_hostname=not options.no_hostname,
                   publish_hostname=not options.no_publish_hostname,
@@ -3483,12 +3644,12 @@ def main(args=None):
                   keep_host_keys=options.keep_host_keys, remove_user=options.remove_user)
     try:
         if options.check:
-            return check_image(options.root, sys.stdout, options.shown_root)
+            return check_image(options.root, out, options.shown_root)
         if options.status:
-            return status(options, sys.stdout)
+            return status(options, out)
         if options.deprovision:
-            return deprovision(run, log, sys.stdout)
-        return provision(run, log)
+            return deprovision(run, log, out)
+        return provision(run, log, out)
     except ProvisioningError as exc:
         log.error(str(exc))
         return 1

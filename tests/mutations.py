@@ -150,6 +150,28 @@ MUTATIONS = [
     M('hook-output-awaited', "a hook's left-over child holds the run",
       'reader.join(max(0.0, drained - time.monotonic()))', 'reader.join()',
       ['tests.test_hooks']),
+    # -- issue 20: what the record, --deprovision, --status and --check may be trusted to say
+    M('host-keys-trust-vm-id', 'host keys kept on the record\'s vmId, written after failures too',
+      "made_for = state.get('ssh_host_keys_for')", "made_for = state.get('vm_id')",
+      ['tests.test_trust']),
+    M('root-left-relative', '--root passed on as given: userdel --root refuses a relative one',
+      "('--root', 'root', 'DIR', absolute_directory, '/',", "('--root', 'root', 'DIR', str, '/',",
+      ['tests.test_trust']),
+    M('uid-range-floor-only', 'an admin account only needs uid >= UID_MIN (nobody passes)',
+      'if not low <= uid <= high:', 'if uid < low:',
+      ['tests.test_trust']),
+    M('nobody-in-range', 'root and nobody pass when login.defs puts them in range',
+      'if uid in NOT_PEOPLE:', 'if False:',
+      ['tests.test_trust']),
+    M('output-encoding-strict', 'output written in the stream\'s encoding as it is',
+      "text = text.encode(encoding, 'backslashreplace').decode(encoding)", 'pass',
+      ['tests.test_trust']),
+    M('check-error-ends-check', 'an error reading the image ends --check',
+      'c.run(check)\n', 'check(c)\n',
+      ['tests.test_trust']),
+    M('corrupt-record-is-none', 'a corrupt record shown as no record',
+      'state, corrupt = None, str(exc)', 'state, corrupt = None, None',
+      ['tests.test_trust']),
 ]
 del M
 

@@ -475,9 +475,10 @@ class Status(unittest.TestCase):
         self.assertEqual(run.code, 1, run)
         self.assertEqual(run.stdout, 'not provisioned: no record '
                                      '(/var/lib/azure-provisioning/state.json)\n'
-                                     'unit: disabled (it disabled itself after Ready)\n'
-                                     'this VM: unknown (/sys/class/dmi/id/product_uuid '
-                                     'unreadable: run as root)\n')
+                                     'unit: disabled (the next boot does not provision)\n'
+                                     'this VM: not looked up: %s holds no '
+                                     '/sys/class/dmi/id/product_uuid (an image, not the '
+                                     'running system)\n' % self.root)
         self.assertEqual(self.status('--json').stdout, 'null\n')
 
     def test_provisioned_on_this_gen2_vm(self):
@@ -533,7 +534,8 @@ class Status(unittest.TestCase):
               b'[' * 100000 + b']' * 100000)
         run = self.status()
         self.assertEqual((run.code, run.stderr), (1, ''), run)
-        self.assertIn('not provisioned: no record', run.stdout)
+        self.assertIn('record corrupt: /var/lib/azure-provisioning/state.json is not JSON',
+                      run.stdout)
 
     def test_unreadable_record_is_one_line(self):
         if not is_root():
