@@ -2238,12 +2238,15 @@ def read_state(root, strict=False):
     or broken (a broken record must not stop provisioning; it costs the host keys).
     strict (--status): a file that is there but cannot be read (permissions) is an
     OSError, one that holds no record a ValueError saying what it holds."""
+    import errno
     try:
         data = root.read(STATE_FILE, limit=STATE_MAX)
-    except OSError:     # a FIFO, a device, larger than STATE_MAX, permissions
-        if strict:
-            raise
-        return None
+    except OSError as exc:      # a FIFO, a device, larger than STATE_MAX, permissions
+        if not strict:
+            return None
+        if exc.errno == errno.EFBIG:    # no record of ours is that large: not one
+            raise ValueError(exc.strerror)
+        raise
     if data is None:
         return None
     try:

@@ -180,7 +180,7 @@ class NoHangNoExhaustion(Base):
                     self.assertNotIn('Traceback', run.stderr, run)
                     self.assertNotIn('internal error', run.stderr, run)
                     if name in self.READ[mode[0]] and mode[0] == '--check':
-                        self.assertIn('warn  /%s: not a regular file (not read)' % name,
+                        self.assertIn('warn  /%s: unreadable (not a regular file): not checked' % name,
                                       run.stdout, run)
                     elif name in self.READ[mode[0]]:
                         self.assertEqual(run.code, 1, run)
@@ -210,7 +210,7 @@ class NoHangNoExhaustion(Base):
                         self.assertNotIn('MemoryError', run.stdout + run.stderr, run)
                         self.assertNotIn('internal error', run.stderr, run)
                         if name in self.READ[mode[0]] and mode[0] == '--check':
-                            self.assertIn('/%s: not a regular file' % name, run.stdout, run)
+                            self.assertIn('/%s: unreadable (not a regular file)' % name, run.stdout, run)
                         elif name in self.READ[mode[0]]:
                             assert_one_line_error(self, run, 'not a regular file')
 
@@ -227,7 +227,8 @@ class NoHangNoExhaustion(Base):
                 self.assertNotIn('internal error', run.stderr, run)
                 if mode[0] == '--status':
                     self.assertEqual(run.code, 1, run)
-                    assert_one_line_error(self, run, 'larger than %d bytes' % ap.STATE_MAX)
+                    self.assertIn('record corrupt: %s is larger than %d bytes'
+                                  % (ap.STATE_FILE, ap.STATE_MAX), run.stdout, run)
 
     def test_provisioning_with_a_fifo_record_reports_ready(self):
         # the record is read before the host keys and after Ready: neither may block
