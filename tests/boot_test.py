@@ -2679,10 +2679,11 @@ def describe_dealt(ctx, image_keys):
     lines = ctx.step_lines()
     user = ('useradd %s' % ADMIN_USER if any('user: created' in l for l in lines)
             else 'no useradd (%s was there)' % ADMIN_USER)
-    keys = next((re.sub(r'.*ssh host keys: ', '', l) for l in lines if 'ssh host keys:' in l),
-                'no host key line')
+    keys = [re.sub(r'.*ssh host keys: ', '', l) for l in lines
+            if re.search(r'ssh host keys: (\d+ new|kept|removed)', l)]
     return 'user: %s; host keys: %s; Ready: %s' % (
-        user, keys, 'accepted' if ctx.az.ready_accepted() else 'NOT accepted')
+        user, '; '.join(keys) or 'no host key line',
+        'accepted' if ctx.az.ready_accepted() else 'NOT accepted')
 
 
 def powercut_names():
