@@ -2352,6 +2352,22 @@ def host_keys_plan(run):
                    lambda: replace_host_keys(run, old))]
 
 
+KEYS_ASIDE = '.azure-provisioning-keys.'     # where new host keys are made, beside /etc/ssh
+
+
+def remove_keys_left_aside(run, directory):
+    """A power cut while keys were being made aside leaves their directory, private
+    keys in it, which nothing else would ever remove.  Only real directories of that
+    name: a link is not ours to follow."""
+    import shutil
+    import stat
+    for name in glob_names(directory, re.escape(KEYS_ASIDE)):
+        path = os.path.join(directory, name)
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)
+            run.log.info('ssh host keys: removed %s, left by an interrupted run' % path)
+
+
 def replace_host_keys(run, old):
     """New keys are made aside, then renamed over the old ones: at no moment is
     /etc/ssh without keys, since an sshd that re-executes itself then (a reload of an
@@ -2360,7 +2376,8 @@ def replace_host_keys(run, old):
     import tempfile
     keygen = find_tool('ssh-keygen') or 'ssh-keygen'
     ssh = run.root.path('/etc/ssh')
-    aside = tempfile.mkdtemp(prefix='.azure-provisioning-keys.', dir=os.path.dirname(ssh))
+    remove_keys_left_aside(run, os.path.dirname(ssh))
+    aside = tempfile.mkdtemp(prefix=KEYS_ASIDE, dir=os.path.dirname(ssh))
     try:
         os.makedirs(os.path.join(aside, 'etc/ssh'))
         run_tool([keygen, '-A', '-f', aside], run.deadline, 'ssh host keys')

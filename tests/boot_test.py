@@ -104,6 +104,30 @@ Boots (each one a test; the names work with --only):
                 sshd had no host keys ends with ssh.service active on the new keys;
                 a machine-id of its own (not A's), --status exit 0 for B, state.json
                 of B, alice made again with her sudoers drop-in.
+  powercut      (issue 20) bookworm only; --cut NAME[,NAME] runs some of the cuts.  A
+                media + --provision-user + sshd image (the `media` image plus
+                tests/boot/azp-powercut) whose first boot loses its power (SIGKILL to
+                QEMU's process group: what the guest had not written to its disk is
+                lost) at one moment per cut, then the SAME disk boots again: imds (the
+                emulator holds the IMDS answer; cut as the request arrives), useradd
+                (useradd frozen once /etc/passwd names alice, its locks held), keygen
+                (ssh-keygen -A frozen after its first key), hook (a ready.d hook
+                holds the run), ready (cut as the emulator receives the Ready POST,
+                which it accepts).  The frozen moments are announced on the serial
+                console by azp-powercut (a line AZP-POWERCUT-POINT, on the cut boot's
+                kernel command line azp.cut=NAME only; useradd and ssh-keygen are
+                wrapped through a test-only drop-in's PATH, the unit file stays as
+                installed) and cut COMMIT_WAIT s later, once ext4 has committed what
+                the step made.  What the cut left: the disk read from this machine
+                (a copy, journal replayed) and, at the second boot before the unit,
+                azp-powercut-look.service.  After the second boot: Ready accepted,
+                the unit disabled (also on the disk), exactly one admin user in
+                passwd/shadow/group/gshadow, the media's password verifies, the key
+                in authorized_keys, pwck -r / grpck -r say nothing beyond what they
+                say of the image, no lock or temporary file where the provisioner
+                writes, every host key a complete pair, new, served by sshd, custom
+                data exact (in the guest and read with debugfs), state.json valid
+                with this vmId and alice as made by us.  One summary line per cut.
 Every boot boots with -uuid (its vmId, Gen1 byte order), and first, second and failure
 check state.json and --status (second: still this VM's record; failure: "failed",
 exit 1).  Option 12 on the wire: first (issue 6), second (the new name from the start),
@@ -167,6 +191,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -460,6 +485,63 @@ def install_ready_hook(tree):
     os.chmod(path, 0o755)
 
 
+# Issue 20: the power-cut scenario's image -- the media image (password, SSH key,
+# custom data, the ready.d hook) plus tests/boot/azp-powercut: the cut wrappers of
+# useradd and ssh-keygen (first on the unit's PATH through a test-only drop-in; the unit
+# file stays as installed), a second ready.d hook that can hold the run, and a unit that
+# records what the disk holds before the provisioner runs (what a cut left).
+POWERCUT_TOOL = GUEST_LIB + '/azp-powercut'
+POWERCUT_LOOK = '/run/azp-powercut-look.json'       # written before the unit runs
+POWERCUT_BASELINE = GUEST_LIB + '/pwck-baseline.json'   # pwck -r, grpck -r of the image
+POWERCUT_UNIT = 'azp-powercut-look.service'
+CUT_BIN = GUEST_LIB + '/cut-bin'
+CUT_HOOK = '/etc/azure-provisioning/ready.d/60-azp-powercut'
+CUT_DROP_IN = '/etc/systemd/system/%s.d/50-azp-powercut.conf' % UNIT
+POWERCUT_CHECKER = {
+    'files': [POWERCUT_LOOK, POWERCUT_BASELINE, SUDOERS_FILE, SSHD_DROP_IN],
+    'commands': {
+        'media_password': [MEDIA_CHECK, 'password', ADMIN_USER],
+        'powercut_look': [POWERCUT_TOOL, 'look'],
+        'user_passwd': ['getent', 'passwd', ADMIN_USER],
+    }}
+
+
+def write_guest_file(tree, path, text, mode):
+    path = os.path.join(tree, path.lstrip('/'))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+        f.write(text)
+    os.chmod(path, mode)
+
+
+def install_powercut(tree):
+    """install the power-cut helpers (azp-powercut, its wrappers, hook and look unit)"""
+    shutil.copyfile(os.path.join(BOOT_DIR, 'azp-powercut'),
+                    os.path.join(tree, POWERCUT_TOOL.lstrip('/')))
+    os.chmod(os.path.join(tree, POWERCUT_TOOL.lstrip('/')), 0o755)
+    os.makedirs(os.path.join(tree, CUT_BIN.lstrip('/')), exist_ok=True)
+    for tool in ('useradd', 'ssh-keygen'):
+        os.symlink(POWERCUT_TOOL, os.path.join(tree, CUT_BIN.lstrip('/'), tool))
+    write_guest_file(tree, CUT_DROP_IN,
+                     '# test-only (tests/boot_test.py powercut): the cut wrappers first\n'
+                     '[Service]\nEnvironment=PATH=%s:/usr/local/sbin:/usr/local/bin:'
+                     '/usr/sbin:/usr/bin:/sbin:/bin\n' % CUT_BIN, 0o644)
+    write_guest_file(tree, CUT_HOOK, '#!/bin/sh\nexec /usr/bin/python3 %s hook\n'
+                     % POWERCUT_TOOL, 0o755)
+    write_guest_file(tree, '/etc/systemd/system/' + POWERCUT_UNIT,
+                     '# test-only (tests/boot_test.py powercut)\n[Unit]\n'
+                     'Description=azure-provisioning boot test: what the disk holds before '
+                     'the unit runs\nBefore=%s\n\n[Service]\nType=oneshot\n'
+                     'ExecStart=/usr/bin/python3 %s look --out %s\nStandardOutput=null\n\n'
+                     '[Install]\nWantedBy=multi-user.target\n'
+                     % (UNIT, POWERCUT_TOOL, POWERCUT_LOOK), 0o644)
+    os.symlink('/etc/systemd/system/' + POWERCUT_UNIT,
+               os.path.join(tree, 'etc/systemd/system/multi-user.target.wants', POWERCUT_UNIT))
+    baseline = dict((tool, dict(zip(('rc', 'output'), run_status(['chroot', tree, tool, '-r']))))
+                    for tool in ('pwck', 'grpck'))
+    write_guest_file(tree, POWERCUT_BASELINE, json.dumps(baseline), 0o644)
+
+
 IMAGES = {
     'default': GuestImage('default', broken_check=True),
     'no-dbus': GuestImage('no-dbus', tweaks=[mask_units('dbus.service', 'dbus.socket')]),
@@ -472,6 +554,11 @@ IMAGES = {
     'media': GuestImage('media', recipe='networkmanager', install_args=['--provision-user'],
                         tweaks=[install_ready_hook], checker_config=MEDIA_CHECKER,
                         media=True),
+    # Issue 20: the media image and the power-cut helpers
+    'powercut': GuestImage('powercut', recipe='networkmanager',
+                           install_args=['--provision-user'],
+                           tweaks=[install_ready_hook, install_powercut],
+                           checker_config=POWERCUT_CHECKER, media=True),
     # Issue 14: the image of capture-a: sshd (with the host keys its package made at
     # build time, as every Debian image has) and --provision-user
     'capture': GuestImage('capture', recipe='networkmanager', install_args=['--provision-user'],
@@ -487,8 +574,13 @@ class Boot(object):
     cdrom (/dev/sr0 in the guest); skipped, not failed, without genisoimage."""
 
     def __init__(self, name, check, image='default', emulator=None, disk_from=None,
-                 time_limit=BOOT_TIME_LIMIT, optional=False, media=False, suites=None):
+                 time_limit=BOOT_TIME_LIMIT, optional=False, media=False, suites=None,
+                 runner=None, vm_boots=1):
         self.name = name
+        # a scenario of several VM boots (powercut) has its own runner, called as
+        # run_boot is, and counts vm_boots in the time budget
+        self.runner = runner
+        self.vm_boots = vm_boots
         self.suites = tuple(suites or SUITES)   # issue 15: the suites it runs on
         self.media = media
         self.optional = optional        # run only when named with --only
@@ -1097,6 +1189,7 @@ class VmRun(object):
         self.console = ''
         self.qemu_log = ''
         self.packets = []
+        self.cut_after = None       # s from QEMU start to a PowerCut's SIGKILL
 
 
 def load_fake_module(repo):
@@ -1192,10 +1285,12 @@ def describe_hang(hang):
 
 
 def boot_vm(files, disk, accel, az, rundir, time_limit, hang_after=EARLY_BOOT_QUIET,
-            media=None, uuid=None):
+            media=None, uuid=None, cut=None):
     """Boot once; returns a VmRun.  Never waits longer than time_limit (+ a few s).
     Before userspace, a console silent for hang_after s (see early_boot_hang) stops
-    the VM at once: vm.early_hang says where.  media: a disc image to attach as cdrom."""
+    the VM at once: vm.early_hang says where.  media: a disc image to attach as cdrom.
+    cut: a PowerCut, armed with QEMU's process and shown the console as it grows;
+    once it has cut the power, vm.outcome says so and vm.cut_after when."""
     vm = VmRun()
     wport = int(az.wireserver_addr.rsplit(':', 1)[1])
     iport = int(az.imds_addr.rsplit(':', 1)[1])
@@ -1212,10 +1307,15 @@ def boot_vm(files, disk, accel, az, rundir, time_limit, hang_after=EARLY_BOOT_QU
     proc = subprocess.Popen(['timeout', '-k', '5', '%d' % (time_limit + 15)] + cmd,
                             stdin=subprocess.DEVNULL, stdout=qemu_log,
                             stderr=subprocess.STDOUT, start_new_session=True)
+    if cut is not None:
+        cut.arm(proc, started)
     facts_at = None
     try:
         while True:
             now = time.monotonic()
+            if cut is not None and cut.watch(read_bytes(console_path), now):
+                proc.wait()
+                break
             if vm.ready_after is None and az.ready_accepted():
                 vm.ready_after = now - started
             rc = proc.poll()
@@ -1255,6 +1355,9 @@ def boot_vm(files, disk, accel, az, rundir, time_limit, hang_after=EARLY_BOOT_QU
         stop_process_group(proc)
         qemu_log.close()
     vm.duration = time.monotonic() - started
+    vm.cut_after = cut.cut_after() if cut is not None else None
+    if vm.cut_after is not None:
+        vm.outcome = 'power cut (SIGKILL to QEMU) at %.1f s' % vm.cut_after
     # The emulator's own clock for the Ready POST is more exact than our polling.
     for report in az.health_reports:
         if report.get('state') == 'Ready' and 200 <= report.get('status', 0) < 300 \
@@ -2416,6 +2519,417 @@ def slow_emulator(history, image):
     return dict(EMULATOR, wireserver_up_after=round(up, 1))
 
 
+# Issue 20: power cuts -------------------------------------------------------
+
+COMMIT_WAIT = 6.0       # s from a frozen moment to the cut: ext4 commits its journal every
+                        # 5 s, so what the frozen step had made is on the disk then
+CUT_POINT = re.compile(rb'AZP-POWERCUT-POINT (\S+) ([^\r\n]*)')
+
+
+class Cut(object):
+    """A moment of the first boot to cut the power at.  request: (kind, method, path,
+    headers) -> True for the emulator request that is the moment (the cut is made as
+    it arrives); point: the name azp-powercut announces on the console when a step is
+    frozen at the moment (the cut is made wait s later); emulator: extra FakeAzure
+    keywords of the first boot (an IMDS answer held back)."""
+
+    def __init__(self, name, what, request=None, point=None, wait=0.0, emulator=None):
+        self.name = name
+        self.what = what
+        self.request = request
+        self.point = point
+        self.wait = wait
+        self.emulator = emulator or {}
+
+
+def unit_imds_request(kind, method, path, headers):
+    return kind == 'imds' and headers.get('user-agent') != PROBE_AGENT
+
+
+def health_post(kind, method, path, headers):
+    return kind == 'wireserver' and method == 'POST' and 'comp=health' in path
+
+
+CUTS = [
+    Cut('imds', 'while the unit waits for IMDS (the emulator holds its answer)',
+        request=unit_imds_request, emulator={'imds_faults': [('delay', BOOT_TIME_LIMIT)]}),
+    Cut('useradd', 'during user creation: useradd frozen once /etc/passwd names %s, its '
+        'locks held' % ADMIN_USER, point='useradd', wait=COMMIT_WAIT),
+    Cut('keygen', 'during host-key generation: ssh-keygen -A frozen after its first key',
+        point='keygen', wait=COMMIT_WAIT),
+    Cut('hook', 'during a ready.d hook (it announces itself and sleeps)', point='hook',
+        wait=COMMIT_WAIT),
+    Cut('ready', 'as the emulator receives the Ready POST (it accepts it; the guest never '
+        'hears back, the unit has not disabled itself)', request=health_post),
+]
+
+
+def select_cuts(names):
+    by_name = dict((c.name, c) for c in CUTS)
+    if not names:
+        return list(CUTS)
+    for name in names.split(','):
+        if name.strip() not in by_name:
+            raise SystemExit('boot_test.py: unknown cut %r (known: %s)'
+                             % (name, ', '.join(by_name)))
+    wanted = set(n.strip() for n in names.split(','))
+    return [c for c in CUTS if c.name in wanted]
+
+
+class PowerCut(object):
+    """SIGKILL to QEMU (its whole process group, at once) at a Cut's moment: the guest
+    loses what it had not written to its disk, as in a power cut.  on_request is the
+    emulator's hook (request cuts); watch() is shown the console (point cuts)."""
+
+    def __init__(self, cut):
+        self.cut = cut
+        self.proc = None
+        self.started = None
+        self.at = None              # time.monotonic() of the SIGKILL
+        self.why = None
+        self.point_at = None        # when the point line was seen on the console
+        self.point = None           # its text
+        self.missed = None          # azp-powercut said the moment went by
+        self.lock = threading.Lock()
+
+    def arm(self, proc, started):
+        self.proc, self.started = proc, started
+
+    def pull(self, why):
+        with self.lock:
+            if self.at is not None or self.proc is None or self.proc.poll() is not None:
+                return
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.at, self.why = time.monotonic(), why
+
+    def on_request(self, kind, method, path, headers):
+        if self.cut.request is not None and self.cut.request(kind, method, path, headers):
+            self.pull('%s %s %s arrived' % (kind, method, path.split('?')[0]))
+
+    def watch(self, console, now):
+        """True once the power has been cut."""
+        if self.cut.point is not None and self.point_at is None:
+            for name, text in CUT_POINT.findall(console):
+                if name.decode() == self.cut.point:
+                    text = text.decode('utf-8', 'replace').strip()
+                    if text.startswith('MISSED'):
+                        self.missed = text
+                    else:
+                        self.point_at, self.point = now, text
+        if self.point_at is not None and now - self.point_at >= self.cut.wait:
+            self.pull('%.1f s after the console said: %s' % (now - self.point_at, self.point))
+        return self.at is not None
+
+    def cut_after(self):
+        return None if self.at is None else self.at - self.started
+
+
+def cut_emulator(fake, kwargs, power_cut):
+    az = fake.FakeAzure(**dict(kwargs, on_request=power_cut.on_request if power_cut else None))
+    return az
+
+
+def look_facts(ctx, before):
+    """azp-powercut look: before the unit ran (its unit's file) or after (the checker)."""
+    if before:
+        text = ctx.file_text(POWERCUT_LOOK)
+    else:
+        text = command(ctx, 'powercut_look')[1]
+    try:
+        return json.loads(text or '')
+    except ValueError:
+        return None
+
+
+def look_host_keys(look, image_keys):
+    """'image's 3' / 'new 3' / 'broken ...' of a look's host keys."""
+    keys = look.get('host_keys') or {}
+    fps = fingerprint_set('\n'.join(k.get('fingerprint') or '' for k in keys.values()))
+    broken = sorted(n for n, k in keys.items() if not k.get('pair'))
+    ours = 'the image\'s' if fps and hashes(fps) <= hashes(image_keys) else (
+        'new' if fps and not hashes(fps) & hashes(image_keys) else 'mixed')
+    return '%d %s%s' % (len(keys), ours, ', not a pair: %s' % ' '.join(
+        '%s (%s)' % (n, 'private' if keys[n].get('private') else 'public only')
+        for n in broken) if broken else '')
+
+
+def describe_left(look, image_keys):
+    """One line: what the disk held when the second boot began."""
+    if not look:
+        return 'unknown (no record of the look before the unit)'
+    users = look.get('user_lines') or {}
+    rec = look.get('record') or {}
+    return '; '.join([
+        'alice in passwd/shadow/group/gshadow: %s' % '/'.join(
+            str(users.get(f, '?')) for f in ('passwd', 'shadow', 'group', 'gshadow')),
+        'home %s' % ('none' if look.get('home') is None else
+                     '[%s] .ssh [%s]' % (' '.join(look['home']),
+                                         ' '.join(look.get('ssh_dir') or []))),
+        'left-overs: %s' % (' '.join(look.get('left_over') or []) or 'none'),
+        'host keys: %s' % look_host_keys(look, image_keys),
+        'sudoers %s, sshd drop-in %s' % ('yes' if look.get('sudoers') else 'no',
+                                        'yes' if look.get('sshd_drop_in') else 'no'),
+        '%s: %s' % (DATA_DIR, ' '.join(look.get('data_dir') or []) or 'none'),
+        'record: %s' % ('none' if not rec.get('exists') else 'INVALID' if 'invalid' in rec
+                        else '%s vm %s' % (rec['json'].get('result'), rec['json'].get('vm_id'))),
+        'unit %s' % ('enabled' if look.get('unit_enabled') else 'DISABLED')])
+
+
+def describe_dealt(ctx, image_keys):
+    lines = ctx.step_lines()
+    user = ('useradd %s' % ADMIN_USER if any('user: created' in l for l in lines)
+            else 'no useradd (%s was there)' % ADMIN_USER)
+    keys = [re.sub(r'.*ssh host keys: ', '', l) for l in lines
+            if re.search(r'ssh host keys: (\d+ new|kept|removed)', l)]
+    return 'user: %s; host keys: %s; Ready: %s' % (
+        user, '; '.join(keys) or 'no host key line',
+        'accepted' if ctx.az.ready_accepted() else 'NOT accepted')
+
+
+def powercut_names():
+    """tests/boot/azp-powercut's LEFT_OVER names and WRITTEN_DIRS (its globals)."""
+    import runpy
+    return runpy.run_path(os.path.join(BOOT_DIR, 'azp-powercut'), run_name='azp_powercut')
+
+
+def disk_after_cut(disk, scratch):
+    """What the cut left on the disk, as the next boot's kernel finds it (before
+    systemd-tmpfiles and the rest of the boot): a throwaway copy, its journal replayed
+    (e2fsck -E journal_only), read with debugfs.  Returns (left-over paths, the admin
+    user's line in /etc/passwd or None)."""
+    copy = os.path.join(scratch, 'after-cut.ext4')
+    copy_disk(disk, copy)
+    try:
+        run_status(['e2fsck', '-E', 'journal_only', '-y', copy])
+        guest = powercut_names()
+        left = ['%s/%s' % (d, n) for d in guest['WRITTEN_DIRS'] for n in debugfs_names(copy, d)
+                if guest['LEFT_OVER'].match(n)]
+        passwd = [l for l in debugfs(copy, 'cat /etc/passwd').splitlines()
+                  if l.startswith(ADMIN_USER + ':')]
+    finally:
+        os.unlink(copy)
+    return left, passwd[0] if passwd else None
+
+
+def debugfs_dump(disk, path, scratch):
+    """The bytes of path in an ext4 image (debugfs, no mount), None when missing."""
+    out = os.path.join(scratch, 'debugfs-dump')
+    if os.path.exists(out):
+        os.unlink(out)
+    debugfs(disk, 'dump %s %s' % (path, out))
+    data = read_bytes(out) if os.path.exists(out) else None
+    if os.path.exists(out):
+        os.unlink(out)
+    return data
+
+
+def new_lines(output, baseline):
+    known = set((baseline or {}).get('output', '').splitlines())
+    return [l for l in (output or '').splitlines() if l not in known]
+
+
+def check_powercut(ctx, c, cut, first, first_az, vm_id):
+    """After the second boot of a disk whose first boot lost its power at cut."""
+    media = ctx.media
+    image_keys = (ctx.image or {}).get('host_keys') or []
+    c.expect(first.cut_after is not None,
+             'the power was cut %s' % cut.what,
+             'at %.1f s: %s' % (first.cut_after, first.why) if first.cut_after is not None
+             else 'not cut: %s%s' % (first.outcome, '; ' + first.missed if first.missed else ''))
+    if cut.name == 'ready':
+        c.expect(first_az.ready_accepted(), 'the emulator accepted that first Ready',
+                 '%d health reports' % len(first_az.health_reports))
+    else:
+        c.expect(not first_az.health_reports, 'no health report before the cut',
+                 '%d health reports' % len(first_az.health_reports))
+    check_common(ctx, c)
+    check_ready(ctx, c)
+    check_unit_succeeded_and_disabled(ctx, c)
+    after = look_facts(ctx, False) or {}
+    c.expect(bool(after), 'the look after the unit (azp-powercut look) reported',
+             '' if after else command(ctx, 'powercut_look')[1][-300:])
+    users = after.get('user_lines') or {}
+    c.expect(after.get('admin_users') == [ADMIN_USER]
+             and all(users.get(f) == 1 for f in ('passwd', 'shadow', 'group', 'gshadow')),
+             'exactly one admin user, %s, once in passwd, shadow, group and gshadow'
+             % ADMIN_USER, 'users uid 1000-59999: %s; lines: %s' % (after.get('admin_users'),
+                                                                   users))
+    rc, out = command(ctx, 'media_password')
+    right = re.search(r'(?m)^right password: (.*)$', out)
+    wrong = re.search(r'(?m)^wrong password: (.*)$', out)
+    c.expect(bool(right) and right.group(1).startswith('match') and bool(wrong)
+             and wrong.group(1).startswith('no match'),
+             "the media's password verifies against %s's /etc/shadow hash (a wrong one "
+             "does not)" % ADMIN_USER, out.strip()[-200:])
+    key = ' '.join(media['public_keys'][0]['keyData'].split()[:2])
+    present = [' '.join(l.split()[:2]) for l in (after.get('authorized_keys') or '').splitlines()]
+    c.expect(present.count(key) == 1, "~/.ssh/authorized_keys holds the served key, once",
+             '%d key lines' % len(present))
+    baseline = json.loads(ctx.file_text(POWERCUT_BASELINE) or '{}')
+    for tool in ('pwck', 'grpck'):
+        result = after.get(tool) or {}
+        extra = new_lines(result.get('output'), baseline.get(tool))
+        c.expect(bool(result) and result.get('rc') == (baseline.get(tool) or {}).get('rc')
+                 and not extra,
+                 '%s -r: nothing beyond what it says of the image itself' % tool,
+                 'exit %s (image: %s); new: %s' % (result.get('rc'), (baseline.get(tool) or {})
+                                                   .get('rc'), ' | '.join(extra)[:300]))
+    c.expect(not after.get('left_over') and 'left_over' in after,
+             'no lock or temporary file left in %s' % ', '.join(
+                 ['/etc', '/etc/ssh', '/etc/sudoers.d', '/etc/ssh/sshd_config.d', DATA_DIR,
+                  '~' + ADMIN_USER, '~%s/.ssh' % ADMIN_USER]),
+             ' '.join(after.get('left_over') or []))
+    keys = after.get('host_keys') or {}
+    c.expect(bool(keys) and all(k.get('pair') for k in keys.values()),
+             'every host key is a complete pair (ssh-keygen -y of the private = the .pub)',
+             '; '.join('%s: %s' % (n, 'pair' if k.get('pair') else 'derived %r, .pub %r'
+                                   % (k.get('derived'), k.get('public_words')))
+                       for n, k in sorted(keys.items()))[:400])
+    disk_keys = fingerprint_set(command(ctx, 'host_keys_disk')[1])
+    rc, served_out = command(ctx, 'host_keys_served')
+    served = fingerprint_set(served_out)
+    active = re.search(r'ssh\.service (\S+) after (\d+) s', served_out)
+    c.expect(bool(active) and active.group(1) == 'active' and bool(served)
+             and set(served) <= set(disk_keys),
+             'ssh.service is active and serves the keys on disk',
+             '%s; served %d of %d' % (active.group(0) if active else served_out[-200:],
+                                      len(served), len(disk_keys)))
+    c.expect(bool(disk_keys) and not hashes(disk_keys) & hashes(image_keys),
+             "the host keys are not the image's", '%d keys' % len(disk_keys))
+    want = hashlib.sha256(media['custom_data']).hexdigest()
+    got = after.get('custom_data') or {}
+    c.expect(got.get('sha256') == want and got.get('size') == len(media['custom_data'])
+             and got.get('mode') == '600',
+             'custom-data holds exactly the media\'s CustomData (%d bytes), 0600'
+             % len(media['custom_data']), str(got)[:200])
+    record = (after.get('record') or {}).get('json') or {}
+    c.expect(record.get('result') == 'provisioned' and record.get('vm_id') == vm_id,
+             'state.json is valid JSON: provisioned, vmId %s' % vm_id,
+             str(after.get('record'))[:300])
+    c.expect(record.get('admin_user_created') == ADMIN_USER,
+             'state.json says %s was made by us (what --deprovision --user removes)'
+             % ADMIN_USER, 'admin_user_created %r' % record.get('admin_user_created'))
+    # the disk itself, read from this machine after the second boot powered off
+    wants = debugfs_names(ctx.disk, '/etc/systemd/system/multi-user.target.wants')
+    c.expect(bool(wants) and UNIT not in wants,
+             'on the disk (debugfs): the unit\'s enable link is gone', ' '.join(wants))
+    data = debugfs_dump(ctx.disk, CUSTOM_DATA_FILE, ctx.rundir)
+    c.expect(data == media['custom_data'], 'on the disk (debugfs): custom-data, byte for byte',
+             '%s bytes' % (len(data) if data is not None else 'no file'))
+    try:
+        state = json.loads((debugfs_dump(ctx.disk, STATE_FILE, ctx.rundir) or b'').decode())
+    except ValueError as exc:
+        state = {'error': str(exc)}
+    c.expect(isinstance(state, dict) and state.get('vm_id') == vm_id,
+             'on the disk (debugfs): state.json parses and names vmId %s' % vm_id,
+             str(state)[:200])
+
+
+def boot_until_userspace(files, disk, accel, kwargs, fake, rundir, time_limit, media, uuid,
+                         cut=None, fresh_from=None):
+    """boot_vm, once more after a hang in early boot (issue 11).  fresh_from: copy the
+    disk afresh from there for the second attempt (a first boot); else the same disk
+    boots again (a hang before userspace left it as it was).  Returns (vm, az)."""
+    hung = []
+    for attempt in (1, 2):
+        os.makedirs(rundir, exist_ok=True)
+        if fresh_from:
+            copy_disk(fresh_from, disk)
+        power_cut = PowerCut(cut) if cut else None
+        with cut_emulator(fake, kwargs, power_cut) as az:
+            vm = boot_vm(files, disk, accel, az, rundir, time_limit, media=media, uuid=uuid,
+                         cut=power_cut)
+        vm.why = power_cut.why if power_cut else None
+        vm.missed = power_cut.missed if power_cut else None
+        vm.hung_before = list(hung)
+        if vm.early_hang is None:
+            return vm, az
+        hung.append(vm)
+        say('    HANG in early boot (attempt %d): %s' % (attempt, describe_hang(vm.early_hang)))
+        if attempt == 1:
+            os.rename(rundir, rundir + '-hung')
+    return vm, az
+
+
+def run_powercut(boot, images, disks, history, fake, accel, workdir, suite=None):
+    """Issue 20: for each cut, a fresh copy of the image boots with the provisioning
+    media until the power is cut at that moment; the SAME disk (no copy) then boots
+    again, and check_powercut judges it.  Returns (Checks of all cuts, a VmRun summing
+    the boots)."""
+    image = images[(suite, boot.image) if suite else boot.image]
+    scenario = os.path.join(workdir, 'boot-%s%s' % (suite + '-' if suite else '', boot.name))
+    os.makedirs(scenario)
+    media = build_boot_media(fake, image, scenario)
+    vm_id = json.loads(image['media']['imds_body'])['compute']['vmId']
+    kwargs = dict(media_emulator(history, image), vm_id=vm_id)
+    uuid = gen1_uuid(vm_id)
+    total, summary, c = VmRun(), [], Checks()
+    total.duration, seconds = 0.0, []
+    for cut in _CUTS or CUTS:
+        say('')
+        say('  -- cut %s: %s' % (cut.name, cut.what))
+        rundir = os.path.join(scenario, cut.name)
+        disk = os.path.join(scenario, cut.name + '-disk.ext4')
+        files = dict(image, cmdline=KERNEL_CMDLINE + ' azp.cut=' + cut.name)
+        first, first_az = boot_until_userspace(
+            files, disk, accel, dict(kwargs, **cut.emulator), fake, rundir + '-1',
+            boot.time_limit, media, uuid, cut=cut, fresh_from=image['disk'])
+        say('    first boot: %s; VM ran %.1f s%s' % (first.outcome, first.duration,
+                                                    '; ' + first.why if first.why else ''))
+        on_disk, passwd_line = disk_after_cut(disk, scratch=scenario)
+        say('    on the disk after the cut (journal replayed, debugfs): left-overs: %s; %s'
+            % (' '.join(on_disk) or 'none', 'passwd: ' + passwd_line if passwd_line
+               else 'no %s in /etc/passwd' % ADMIN_USER))
+        second, az = boot_until_userspace(image, disk, accel, kwargs, fake, rundir + '-2',
+                                          boot.time_limit, media, uuid)
+        say('    second boot (the same disk): %s; Ready after %s; VM ran %.1f s'
+            % (second.outcome, '%.1f s' % second.ready_after if second.ready_after
+               is not None else 'never', second.duration))
+        ctx = Context(boot, az, second, kwargs, second.wall_started)
+        ctx.rundir, ctx.media, ctx.media_path = rundir + '-2', image['media'], media
+        ctx.image, ctx.disk, ctx.suite, ctx.history = image, disk, suite, history
+        mine = Checks()
+        if second.early_hang is not None:
+            mine.expect(False, 'the second boot reached userspace',
+                        'hung twice, at %s' % hang_point(second.early_hang))
+        else:
+            try:
+                check_powercut(ctx, mine, cut, first, first_az, vm_id)
+            except Exception as exc:        # a broken check must fail, not crash the run
+                mine.expect(False, 'checks ran', '%s: %s' % (exc.__class__.__name__, exc))
+        left = describe_left(look_facts(ctx, True), image['host_keys'])
+        dealt = describe_dealt(ctx, image['host_keys'])
+        line = ('cut %s: %s at %s; on disk: %s; left at boot, before the unit: %s | second '
+                'boot: %s, Ready after %s | %d/%d checks | boots %.1f s + %.1f s' % (
+                    cut.name, 'PASS' if not mine.failures else 'FAIL',
+                    '%.1f s' % first.cut_after if first.cut_after is not None else 'NO CUT',
+                    ' '.join(on_disk) or 'no left-over', left, dealt, '%.1f s' % second.ready_after if second.ready_after
+                    is not None else '-', mine.count - len(mine.failures), mine.count,
+                    first.duration, second.duration))
+        say('    ' + line)
+        if mine.failures:
+            say('    step lines of the second boot:')
+            for text in ctx.step_lines()[:30]:
+                say('      ' + masked(ctx, text))
+        summary.append(line)
+        c.count += mine.count
+        c.failures += ['%s: %s' % (cut.name, f) for f in mine.failures]
+        for vm in (first, second):
+            total.duration += vm.duration + sum(h.duration for h in vm.hung_before)
+        seconds.append(second.ready_after)
+        if not _KEEP[0] and os.path.exists(disk):
+            os.unlink(disk)
+    say('')
+    say('  power cuts, one line each:')
+    for line in summary:
+        say('    ' + line)
+    known = [t for t in seconds if t is not None]
+    total.ready_after = max(known) if len(known) == len(seconds) and known else None
+    total.outcome = 'power cuts: %s' % ', '.join(cut.name for cut in _CUTS or CUTS)
+    total.name, total.suite = boot.name, suite
+    return c, total
+
+
 EMULATOR = dict(computer_name=COMPUTER_NAME, vm_name=VM_NAME, incarnation=INCARNATION,
                 vm_id=VM_ID)
 
@@ -2442,6 +2956,10 @@ BOOTS = [
          emulator=capture_emulator(COMPUTER_NAME_A, VM_ID_A), suites=NEWEST),
     Boot('capture-b', check_capture_b, image='capture', disk_from='capture-a',
          emulator=capture_emulator(COMPUTER_NAME_B, VM_ID_B), suites=NEWEST),
+    # issue 20: power cuts in the first boot, each disk booted again (bookworm only:
+    # the same provisioner code on every suite; 2 boots per cut)
+    Boot('powercut', None, image='powercut', media=True, suites=ONE_SUITE,
+         runner=run_powercut, vm_boots=2 * len(CUTS)),
 ]
 
 
@@ -2673,12 +3191,17 @@ def main(argv=None):
     parser.add_argument('--suite', action='append', metavar='SUITE[,SUITE]',
                         help='Debian suites to boot (repeatable; default all: %s)'
                              % ', '.join(SUITES))
+    parser.add_argument('--cut', metavar='NAME[,NAME]',
+                        help='powercut: only these cuts (default all: %s)'
+                             % ', '.join(c.name for c in CUTS))
     parser.add_argument('--list', action='store_true', help='list the boots and exit')
     parser.add_argument('--repo', default=DEFAULT_REPO,
                         help='source tree whose install.sh and tests/fake_azure.py are used '
                              '(default: the one this file is in)')
     args = parser.parse_args(argv)
     suites = parse_suites(args.suite)
+    _CUTS[:] = select_cuts(args.cut)
+    _KEEP[:] = [args.keep]
     if args.list:
         for b in BOOTS:
             say('%-15s image %s%s; suites %s%s' % (
@@ -2748,10 +3271,11 @@ def main(argv=None):
                 results.append((label, None, 'skipped: ' + skipped[boot.name]))
                 rows[(suite, boot.name)] = (None, None, 0, 0, 'skipped')
                 continue
-            budget = BOOT_BUDGET * len(plan)
+            vm_boots = sum(b.vm_boots for _, b in plan)
+            budget = BOOT_BUDGET * vm_boots
             if time.monotonic() - boots_started > budget:
                 say('  FAIL not run: the boots\' time budget of %d s (%d x %d s) is used up'
-                    % (budget, len(plan), BOOT_BUDGET))
+                    % (budget, vm_boots, BOOT_BUDGET))
                 results.append((label, False, 'not run: time budget'))
                 rows[(suite, boot.name)] = (False, None, None, None, 'not run: time budget')
                 continue
@@ -2759,8 +3283,8 @@ def main(argv=None):
                     '%s/%s' % (suite, boot.disk_from)):
                 say('  note: boot %s failed; this boot still uses its disk' % boot.disk_from)
             try:
-                c, vm = run_boot(boot, images, disks, history, fake, accel, workdir,
-                                 suite=suite)
+                c, vm = (boot.runner or run_boot)(boot, images, disks, history, fake, accel,
+                                                  workdir, suite=suite)
             except BootSkipped as exc:
                 say('  SKIP %s' % exc)
                 results.append((label, None, 'skipped: %s' % exc))
@@ -2831,6 +3355,8 @@ def main(argv=None):
 
 
 _ACCEL = []
+_CUTS = []          # the power cuts chosen (--cut)
+_KEEP = [False]     # --keep: the power-cut scenario keeps its disks too
 
 
 def accel_name():

@@ -569,6 +569,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             raw = self._read_body()
             request["body"] = raw.decode("utf-8", "replace")
+            if fake.on_request is not None:
+                fake.on_request(self.server.kind, self.command, self.path, request["headers"])
             reply, request["fault"] = fake._answer(self.server.kind, self.command,
                                                    self.path, request["headers"], raw)
         except _BadRequest as e:
@@ -623,7 +625,8 @@ class FakeAzure(object):
                  health_faults=None, goal_state_body=None, imds_body=None,
                  no_role_instance_for=0,
                  bump_incarnation_after=None, wireserver_up_after=0.0, imds_down=False,
-                 vm_id=DEFAULT_VM_ID, record_file=None, verbose=False, user_data=None):
+                 vm_id=DEFAULT_VM_ID, record_file=None, verbose=False, user_data=None,
+                 on_request=None):
         if user_data is not None and not isinstance(user_data, (bytes, bytearray)):
             raise TypeError("user_data must be bytes, not %s" % type(user_data).__name__)
         self.computer_name = computer_name
@@ -642,6 +645,9 @@ class FakeAzure(object):
         self.imds_down = imds_down
         self.record_file = record_file
         self.verbose = verbose
+        # called with (kind, method, path, headers) as a request arrives, before any
+        # fault or answer: a test can act while it is pending (cut a VM's power)
+        self.on_request = on_request
         self.wireserver_up_at = None    # set when a late WireServer starts listening
 
         self._lock = threading.Lock()

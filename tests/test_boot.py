@@ -48,7 +48,7 @@ class BootTest(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, out)
         names = [line.split()[0] for line in out.splitlines() if line.strip()]
         for name in ('first', 'second', 'failure', 'slow-network', 'no-dbus',
-                     'networkmanager', 'media', 'capture-a', 'capture-b'):
+                     'networkmanager', 'media', 'capture-a', 'capture-b', 'powercut'):
             self.assertIn(name, names)
         self.assertNotIn('optional', out)   # every boot runs by default
 
@@ -152,6 +152,82 @@ class MatrixAndIdentityHelpers(unittest.TestCase):
                 ('trixie', 'media'): (False, None, 3, 9, '')}
         md = self.bt.summary_table(rows, ['trixie'], ['first', 'media', 'capture-a'], True)
         self.assertIn('| trixie | PASS 31.2 s, 40/40 | FAIL no Ready, 3/9 | - |', md)
+
+
+class PowerCuts(unittest.TestCase):
+    """Issue 20: the power-cut scenario's triggers and names, without a VM (the cut is
+    a real SIGKILL to a real process group here)."""
+
+    def setUp(self):
+        sys.path.insert(0, os.path.dirname(HERE))
+        self.addCleanup(sys.path.remove, os.path.dirname(HERE))
+        from tests import boot_test
+        self.bt = boot_test
+        self.proc = subprocess.Popen(['sleep', '60'], start_new_session=True)
+        self.addCleanup(self.proc.wait)
+        self.addCleanup(lambda: self.proc.poll() is None and self.proc.kill())
+
+    def cut(self, name):
+        return self.bt.PowerCut(dict((c.name, c) for c in self.bt.CUTS)[name])
+
+    def test_a_point_cut_waits_for_its_line_then_the_commit(self):
+        cut = self.cut('useradd')
+        cut.arm(self.proc, 100.0)
+        self.assertFalse(cut.watch(b'booting\nAZP-POWERCUT-POINT keygen other\n', 110.0))
+        line = b'[ 5.1] x\r\nAZP-POWERCUT-POINT useradd useradd frozen: locks\r\n'
+        self.assertFalse(cut.watch(line, 120.0))
+        self.assertFalse(cut.watch(line, 120.0 + self.bt.COMMIT_WAIT - 0.1))
+        self.assertIsNone(self.proc.poll(), 'not cut before the commit wait')
+        self.assertTrue(cut.watch(line, 120.0 + self.bt.COMMIT_WAIT))
+        self.assertEqual(self.proc.wait(5), -9)
+        self.assertEqual(cut.point, 'useradd frozen: locks')
+        self.assertGreater(cut.cut_after(), 0)
+
+    def test_a_missed_moment_is_said_and_not_cut(self):
+        cut = self.cut('keygen')
+        cut.arm(self.proc, 0.0)
+        self.assertFalse(cut.watch(b'AZP-POWERCUT-POINT keygen MISSED: ssh-keygen ended\n', 99.0))
+        self.assertEqual(cut.missed, 'MISSED: ssh-keygen ended')
+        self.assertIsNone(cut.cut_after())
+        self.assertIsNone(self.proc.poll())
+
+    def test_a_request_cut_acts_as_the_request_arrives(self):
+        cut = self.cut('imds')
+        cut.on_request('imds', 'GET', '/metadata/instance?x=1', {'user-agent': 'x'})  # unarmed
+        self.assertIsNone(cut.cut_after())
+        cut.arm(self.proc, 0.0)
+        cut.on_request('imds', 'GET', '/m', {'user-agent': self.bt.PROBE_AGENT})
+        cut.on_request('wireserver', 'GET', '/machine/?comp=goalstate', {})
+        self.assertIsNone(self.proc.poll())
+        cut.on_request('imds', 'GET', '/metadata/instance?x=1', {'user-agent': 'x'})
+        self.assertEqual(self.proc.wait(5), -9)
+        self.assertEqual(cut.why, 'imds GET /metadata/instance arrived')
+        ready = self.cut('ready')
+        self.assertTrue(ready.cut.request('wireserver', 'POST', '/machine?comp=health', {}))
+        self.assertFalse(ready.cut.request('wireserver', 'GET', '/machine?comp=goalstate', {}))
+
+    def test_cuts_chosen_and_counted(self):
+        self.assertEqual([c.name for c in self.bt.select_cuts(None)],
+                         ['imds', 'useradd', 'keygen', 'hook', 'ready'])
+        self.assertEqual([c.name for c in self.bt.select_cuts('ready,imds')], ['imds', 'ready'])
+        with self.assertRaises(SystemExit):
+            self.bt.select_cuts('nope')
+        boot = dict((b.name, b) for b in self.bt.BOOTS)['powercut']
+        self.assertEqual(boot.vm_boots, 2 * len(self.bt.CUTS))
+        self.assertEqual([s for s, b in self.bt.plan_boots(self.bt.BOOTS, self.bt.SUITES, False)
+                          if b is boot], ['bookworm'])
+
+    def test_left_over_names(self):
+        names = self.bt.powercut_names()
+        left = names['LEFT_OVER']
+        for name in ('passwd.lock', 'gshadow.lock', 'shadow+', 'group.1234',
+                     '.authorized_keys.321.tmp', '.azure-provisioning-keys.k3x9_q',
+                     'ssh_host_rsa_key.Ab3dE5gH7j', 'ssh_host_ed25519_key.pub.Ab3dE5gH7j'):
+            self.assertTrue(left.match(name), name)
+        for name in ('passwd', 'passwd-', 'shadow-', '.pwd.lock', 'ssh_host_rsa_key',
+                     'ssh_host_rsa_key.pub', 'authorized_keys', 'state.json', 'sudoers'):
+            self.assertFalse(left.match(name), name)
+        self.assertIn('/etc/ssh/sshd_config.d', names['WRITTEN_DIRS'])
 
 
 class EarlyBootHang(unittest.TestCase):

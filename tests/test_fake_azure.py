@@ -462,6 +462,22 @@ class Record(unittest.TestCase):
         connection.close()
         self.assertTrue(refused(az.wireserver_addr))
 
+    def test_on_request_sees_a_request_while_it_is_pending(self):
+        # the boot test's power cuts act at that moment (a held IMDS answer, a Ready POST)
+        seen = []
+        with FakeAzure(imds_faults=[("delay", 1.0)],
+                       on_request=lambda kind, method, path, headers: seen.append(
+                           (kind, method, path, headers.get("metadata"), time.monotonic(),
+                            len(az.requests)))) as az:
+            started = time.monotonic()
+            self.assertEqual(get_imds(az)[0], 200)
+            post_health(az)
+        self.assertEqual([s[:4] for s in seen], [("imds", "GET", IMDS_PATH, "true"),
+                                                 ("wireserver", "POST", "/machine?comp=health",
+                                                  None)])
+        self.assertLess(seen[0][4] - started, 0.9, "called before the held answer")
+        self.assertEqual([s[5] for s in seen], [0, 1], "called before the request is recorded")
+
     def test_wait_for_is_bounded(self):
         with FakeAzure() as az:
             started = time.monotonic()

@@ -137,6 +137,26 @@ class HostKeys(unittest.TestCase):
         self.assertEqual([n for n in os.listdir(os.path.join(self.root, 'etc'))
                           if n.startswith('.')], [], 'the aside directory was left')
 
+    def test_keys_a_power_cut_left_aside_are_removed(self):
+        # a power cut during ssh-keygen -A leaves the directory the keys were made in,
+        # with private keys in it; the next run replaces the keys and must not leave it
+        aside = os.path.join(self.root, 'etc/.azure-provisioning-keys.k3x9_q')
+        write(os.path.join(aside, 'etc/ssh/ssh_host_rsa_key'), b'PRIVATE', 0o600)
+        write(os.path.join(aside, 'etc/ssh/ssh_host_ecdsa_key.Ab3dE5gH7j'), b'', 0o600)
+        # not ours, though alike: a file, and a link to a directory elsewhere
+        write(os.path.join(self.root, 'etc/.azure-provisioning-keys.file'), b'x')
+        elsewhere = tempfile.mkdtemp(prefix='azp-elsewhere-')
+        self.addCleanup(shutil.rmtree, elsewhere)
+        write(os.path.join(elsewhere, 'keep'), b'keep')
+        os.symlink(elsewhere, os.path.join(self.root, 'etc/.azure-provisioning-keys.link'))
+        run, log = self.boot(VM_A)
+        self.assertEqual(run.host_keys, 'replaced')
+        self.assertEqual(sorted(n for n in os.listdir(os.path.join(self.root, 'etc'))
+                                if n.startswith('.')),
+                         ['.azure-provisioning-keys.file', '.azure-provisioning-keys.link'])
+        self.assertEqual(os.listdir(elsewhere), ['keep'])
+        self.assertIn('ssh host keys: removed %s, left by an interrupted run' % aside, log.text)
+
     def test_keep_option_and_no_sshd(self):
         run, _ = self.boot(VM_A, keep_host_keys=True)
         self.assertEqual(self.keys(), self.template)
