@@ -1166,13 +1166,40 @@ def kvp_record(key, value):
             + data.ljust(KVP_VALUE_SIZE, b'\0'))
 
 
-def write_kvp(key, value, pool=KVP_POOL, booted=None):
-    """Append a record under flock, emptying a pool left from an earlier boot
-    first (the first writer of each boot does, as the Azure agents do)."""
+# hv_kvp_daemon holds the lock while it reads the pool, a few milliseconds: a lock
+# held longer is a writer that is stuck, and Azure's report must not wait for it
+KVP_LOCK_WAIT = 2.0         # s at most per write (less when the deadline is nearer)
+KVP_LOCK_POLL = 0.05        # s between tries: a blocking flock cannot be bounded
+
+
+def lock_within(fd, seconds):
+    """flock(LOCK_EX) on fd within `seconds` (one try when 0): True, or False when
+    another process still holds the lock."""
+    import errno
     import fcntl
+    give_up = time.monotonic() + seconds
+    for _ in range(int(seconds / KVP_LOCK_POLL) + 2):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                raise
+        left = give_up - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(KVP_LOCK_POLL, left))
+    return False
+
+
+def write_kvp(key, value, pool=KVP_POOL, booted=None, wait=KVP_LOCK_WAIT):
+    """Append a record under flock, emptying a pool left from an earlier boot
+    first (the first writer of each boot does, as the Azure agents do).  OSError
+    when the lock is not ours within `wait` seconds."""
     fd = os.open(pool, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not lock_within(fd, wait):
+            raise OSError('%s is locked by another process (waited %.1f s)' % (pool, wait))
         booted = boot_time() if booted is None else booted
         if os.fstat(fd).st_mtime < booted:
             os.ftruncate(fd, 0)
@@ -1184,18 +1211,21 @@ def write_kvp(key, value, pool=KVP_POOL, booted=None):
 
 
 def report_to_kvp(run, description):
-    """The WireServer report again, into KVP when this is a Hyper-V guest; never fails."""
+    """The WireServer report again, into KVP when this is a Hyper-V guest; never
+    fails.  Its lock wait ends before the run's reserve: that is the WireServer
+    report's."""
     pool = run.root.path(KVP_POOL)
     if not os.path.isdir(os.path.dirname(pool)):
         run.log.debug('KVP: %s does not exist; no KVP report' % os.path.dirname(pool))
         return
+    wait = min(KVP_LOCK_WAIT, run.deadline.remaining())
     run.carry_out(Action('append to %s: %s=%s' % (pool, KVP_REPORT_KEY, description),
-                         lambda: append_kvp_report(pool, description, run.log)))
+                         lambda: append_kvp_report(pool, description, run.log, wait)))
 
 
-def append_kvp_report(pool, description, log):
+def append_kvp_report(pool, description, log, wait=KVP_LOCK_WAIT):
     try:
-        write_kvp(KVP_REPORT_KEY, description, pool)
+        write_kvp(KVP_REPORT_KEY, description, pool, wait=wait)
         log.debug('KVP: %s written to %s' % (KVP_REPORT_KEY, pool))
     except OSError as exc:
         log.warning('KVP report not written: %s' % describe_error(exc))
@@ -2398,7 +2428,8 @@ def report_failure(run, step, reason):
     run.log.error(reason)
     description = report_description('error', run.facts, step, reason)
     # KVP first: it needs no network, so the host learns the reason even when the
-    # WireServer is what failed
+    # WireServer is what failed.  Its lock wait stops short of the reserve, which
+    # this report has to itself.
     report_to_kvp(run, description)
     try:
         goal_state = send_health(run, 'NotReady', 'ProvisioningFailed', description)
