@@ -1101,12 +1101,10 @@ def find_media(run):
     if choice:
         media = read_first_media(run, [choice], problems)
     else:
-        cdroms = cdrom_devices(run)
-        media = read_first_media(run, cdroms, problems)
-        if media is None:       # the last resort: any disc formatted as one
-            tried = [os.path.realpath(d) for d in cdroms]
-            media = read_first_media(run, [d for d in formatted_devices(run)
-                                           if os.path.realpath(d) not in tried], problems)
+        media = search_media(run, problems)
+        if media is None and settle_devices(run):
+            problems = []
+            media = search_media(run, problems)
     if media is not None:
         return media
     if not problems:
@@ -1116,6 +1114,44 @@ def find_media(run):
         run.log.warning(problem)
     run.media_problem = problems[-1]
     return None
+
+
+def search_media(run, problems):
+    """The CD-ROMs, then the last resort: any other disc formatted as one."""
+    cdroms = cdrom_devices(run)
+    media = read_first_media(run, cdroms, problems)
+    if media is None:
+        tried = [os.path.realpath(d) for d in cdroms]
+        media = read_first_media(run, [d for d in formatted_devices(run)
+                                       if os.path.realpath(d) not in tried], problems)
+    return media
+
+
+MEDIA_SETTLE_TIMEOUT = 30       # s at most for udev's queue, when nothing was found
+UDEV_CONTROL = '/run/udev/control'      # systemd-udevd's socket: udev is running
+
+
+def settle_devices(run):
+    """Wait until udev has handled every device the kernel announced (bounded by
+    the deadline): True when a second look may find more.  Where the initramfs lacks
+    the CD-ROM driver (ata_piix, sr_mod), udev loads it from the root file system and
+    sr0 comes seconds after boot, possibly after this unit started.  Without udev
+    nothing loads a driver later: no wait."""
+    udevadm = find_tool('udevadm')
+    if not udevadm or not os.path.exists(run.root.path(UDEV_CONTROL)):
+        run.log.debug('media: udev is not running; no device can still appear')
+        return False
+    seconds = int(min(MEDIA_SETTLE_TIMEOUT, run.deadline.remaining()))
+    if seconds < 1:
+        return False
+    t = time.monotonic()
+    try:
+        run_tool([udevadm, 'settle', '--timeout=%d' % seconds], run.deadline, 'media')
+    except ProvisioningError as exc:    # still busy: what is there now is looked at
+        run.log.warning('media: udev did not settle: %s' % exc)
+    run.log.info('media: none found at first; waited for udev to settle (%s); '
+                 'looking again' % elapsed_ms(t))
+    return True
 
 
 def read_first_media(run, devices, problems):
