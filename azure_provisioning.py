@@ -1950,13 +1950,23 @@ def sshd_plan(run, logins):
     path = run.root.path(SSHD_DROP_IN)
     if read_bytes(path) == setting:
         return []
+    # sshd starts with an Include that matches nothing; the drop-in needs its directory
+    directory = os.path.dirname(path)
+    make_directory = not os.path.isdir(directory)
 
     def write_setting():
+        if make_directory:
+            os.mkdir(directory, 0o755)
+            os.chmod(directory, 0o755)      # whatever the umask
+            run.log.info('user: made %s (0755)' % os.path.dirname(SSHD_DROP_IN))
         write_file_atomically(path, setting, deadline=run.deadline)
+        if make_directory:      # the directory and the drop-in in it: sshd must read both
+            restore_labels(run, [directory], 'user')
         run.log.info('user: PasswordAuthentication %s (%s)' % (logins, SSHD_DROP_IN))
         restart_sshd(run, required=False)
-    return [Action('write %s: PasswordAuthentication %s' % (SSHD_DROP_IN, logins),
-                   write_setting)]
+    return [Action('write %s%s: PasswordAuthentication %s' % (
+        SSHD_DROP_IN, ' (making %s, 0755)' % os.path.dirname(SSHD_DROP_IN)
+        if make_directory else '', logins), write_setting)]
 
 
 def restart_sshd(run, required=True):
