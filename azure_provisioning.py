@@ -452,12 +452,14 @@ class Root(object):
         self.at(path, lambda fd, name: os.unlink(name, dir_fd=fd), follow=False)
 
     def make_dirs(self, path, mode=0o755):
-        """The directories of `path` that are missing, made (mode before the umask)."""
+        """The directories of `path` that are missing, made with `mode` whatever the
+        umask (sshd and others refuse or ignore what a umask of 077 would make)."""
         def make(fd, name):
             try:
                 os.mkdir(name, mode, dir_fd=fd)
             except FileExistsError:
-                pass
+                return
+            os.chmod(name, mode, dir_fd=fd)
         parts = [p for p in path.split('/') if p not in ('', '.')]
         for end in range(1, len(parts) + 1):
             self.at('/'.join(parts[:end]), make, follow=False)
@@ -1351,12 +1353,10 @@ def find_media(run):
     if choice:
         media = read_first_media(run, [choice], problems)
     else:
-        cdroms = cdrom_devices(run)
-        media = read_first_media(run, cdroms, problems)
-        if media is None:       # the last resort: any disc formatted as one
-            tried = [os.path.realpath(d) for d in cdroms]
-            media = read_first_media(run, [d for d in formatted_devices(run)
-                                           if os.path.realpath(d) not in tried], problems)
+        media = search_media(run, problems)
+        if media is None and settle_devices(run):
+            problems = []
+            media = search_media(run, problems)
     if media is not None:
         return media
     if not problems:
@@ -1366,6 +1366,44 @@ def find_media(run):
         run.log.warning(problem)
     run.media_problem = problems[-1]
     return None
+
+
+def search_media(run, problems):
+    """The CD-ROMs, then the last resort: any other disc formatted as one."""
+    cdroms = cdrom_devices(run)
+    media = read_first_media(run, cdroms, problems)
+    if media is None:
+        tried = [os.path.realpath(d) for d in cdroms]
+        media = read_first_media(run, [d for d in formatted_devices(run)
+                                       if os.path.realpath(d) not in tried], problems)
+    return media
+
+
+MEDIA_SETTLE_TIMEOUT = 30       # s at most for udev's queue, when nothing was found
+UDEV_CONTROL = '/run/udev/control'      # systemd-udevd's socket: udev is running
+
+
+def settle_devices(run):
+    """Wait until udev has handled every device the kernel announced (bounded by
+    the deadline): True when a second look may find more.  Where the initramfs lacks
+    the CD-ROM driver (ata_piix, sr_mod), udev loads it from the root file system and
+    sr0 comes seconds after boot, possibly after this unit started.  Without udev
+    nothing loads a driver later: no wait."""
+    udevadm = find_tool('udevadm')
+    if not udevadm or not os.path.exists(run.root.path(UDEV_CONTROL)):
+        run.log.debug('media: udev is not running; no device can still appear')
+        return False
+    seconds = int(min(MEDIA_SETTLE_TIMEOUT, run.deadline.remaining()))
+    if seconds < 1:
+        return False
+    t = time.monotonic()
+    try:
+        run_tool([udevadm, 'settle', '--timeout=%d' % seconds], run.deadline, 'media')
+    except ProvisioningError as exc:    # still busy: what is there now is looked at
+        run.log.warning('media: udev did not settle: %s' % exc)
+    run.log.info('media: none found at first; waited for udev to settle (%s); '
+                 'looking again' % elapsed_ms(t))
+    return True
 
 
 def read_first_media(run, devices, problems):
@@ -1416,13 +1454,40 @@ def kvp_record(key, value):
             + data.ljust(KVP_VALUE_SIZE, b'\0'))
 
 
-def write_kvp(key, value, pool=KVP_POOL, booted=None):
-    """Append a record under flock, emptying a pool left from an earlier boot
-    first (the first writer of each boot does, as the Azure agents do)."""
+# hv_kvp_daemon holds the lock while it reads the pool, a few milliseconds: a lock
+# held longer is a writer that is stuck, and Azure's report must not wait for it
+KVP_LOCK_WAIT = 2.0         # s at most per write (less when the deadline is nearer)
+KVP_LOCK_POLL = 0.05        # s between tries: a blocking flock cannot be bounded
+
+
+def lock_within(fd, seconds):
+    """flock(LOCK_EX) on fd within `seconds` (one try when 0): True, or False when
+    another process still holds the lock."""
+    import errno
     import fcntl
+    give_up = time.monotonic() + seconds
+    for _ in range(int(seconds / KVP_LOCK_POLL) + 2):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                raise
+        left = give_up - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(KVP_LOCK_POLL, left))
+    return False
+
+
+def write_kvp(key, value, pool=KVP_POOL, booted=None, wait=KVP_LOCK_WAIT):
+    """Append a record under flock, emptying a pool left from an earlier boot
+    first (the first writer of each boot does, as the Azure agents do).  OSError
+    when the lock is not ours within `wait` seconds."""
     fd = os.open(pool, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not lock_within(fd, wait):
+            raise OSError('%s is locked by another process (waited %.1f s)' % (pool, wait))
         booted = boot_time() if booted is None else booted
         if os.fstat(fd).st_mtime < booted:
             os.ftruncate(fd, 0)
@@ -1434,18 +1499,21 @@ def write_kvp(key, value, pool=KVP_POOL, booted=None):
 
 
 def report_to_kvp(run, description):
-    """The WireServer report again, into KVP when this is a Hyper-V guest; never fails."""
+    """The WireServer report again, into KVP when this is a Hyper-V guest; never
+    fails.  Its lock wait ends before the run's reserve: that is the WireServer
+    report's."""
     pool = run.root.path(KVP_POOL)
     if not os.path.isdir(os.path.dirname(pool)):
         run.log.debug('KVP: %s does not exist; no KVP report' % os.path.dirname(pool))
         return
+    wait = min(KVP_LOCK_WAIT, run.deadline.remaining())
     run.carry_out(Action('append to %s: %s=%s' % (pool, KVP_REPORT_KEY, description),
-                         lambda: append_kvp_report(pool, description, run.log)))
+                         lambda: append_kvp_report(pool, description, run.log, wait)))
 
 
-def append_kvp_report(pool, description, log):
+def append_kvp_report(pool, description, log, wait=KVP_LOCK_WAIT):
     try:
-        write_kvp(KVP_REPORT_KEY, description, pool)
+        write_kvp(KVP_REPORT_KEY, description, pool, wait=wait)
         log.debug('KVP: %s written to %s' % (KVP_REPORT_KEY, pool))
     except OSError as exc:
         log.warning('KVP report not written: %s' % describe_error(exc))
@@ -2166,13 +2234,22 @@ def sshd_plan(run, logins):
                'PasswordAuthentication %s\n' % logins).encode()
     if run.root.read(SSHD_DROP_IN) == setting:
         return []
+    # sshd starts with an Include that matches nothing; the drop-in needs its directory
+    directory = os.path.dirname(SSHD_DROP_IN)
+    make_directory = not run.root.is_dir(directory)
 
     def write_setting():
+        if make_directory:
+            run.root.make_dirs(directory, 0o755)
+            run.log.info('user: made %s (0755)' % directory)
         run.root.write(SSHD_DROP_IN, setting, deadline=run.deadline)
+        if make_directory:      # the directory and the drop-in in it: sshd must read both
+            restore_labels(run, [run.root.path(directory)], 'user')
         run.log.info('user: PasswordAuthentication %s (%s)' % (logins, SSHD_DROP_IN))
         restart_sshd(run, required=False)
-    return [Action('write %s: PasswordAuthentication %s' % (SSHD_DROP_IN, logins),
-                   write_setting)]
+    return [Action('write %s%s: PasswordAuthentication %s' % (
+        SSHD_DROP_IN, ' (making %s, 0755)' % os.path.dirname(SSHD_DROP_IN)
+        if make_directory else '', logins), write_setting)]
 
 
 def restart_sshd(run, required=True):
@@ -2749,7 +2826,8 @@ def report_failure(run, step, reason):
     run.log.error(reason)
     description = report_description('error', run.facts, step, reason)
     # KVP first: it needs no network, so the host learns the reason even when the
-    # WireServer is what failed
+    # WireServer is what failed.  Its lock wait stops short of the reserve, which
+    # this report has to itself.
     report_to_kvp(run, description)
     try:
         goal_state = send_health(run, 'NotReady', 'ProvisioningFailed', description)

@@ -86,7 +86,12 @@ Boots (each one a test; the names work with --only):
                 nor on the serial console, the facts port, the emulator's requests
                 or the packet capture.  `first` checks that without a disc the log
                 says no media was found.  Without genisoimage this boot is SKIPPED
-                (said in the summary, never counted as passed).
+                (said in the summary, never counted as passed).  Issue 20 (17): the
+                initramfs has no CD-ROM driver (checked in the guest with
+                lsinitramfs) and sr_mod is held back until the unit has searched
+                (tests/boot/azp-late-cdrom): the kernel attaches sr0 after the unit's
+                first search (console and journal times), the unit says it found no
+                media at first and waited for udev, then reads it from /dev/sr0.
   capture-a     (issue 14) VM A (vmId A, computerName A, QEMU -uuid = vmId A in Gen1
                 byte order) boots an image with sshd and the host keys its package
                 made at build time, --provision-user: Ready, hostname A, NEW host keys
@@ -466,6 +471,10 @@ MEDIA_CHECKER = {
         'media_devices': ['sh', '-c', 'ls -l /dev/sr* /dev/cdrom* 2>&1; blkid %s; '
                           'grep -E "^(udf|isofs|sr_mod|cdrom) " /proc/modules' % MEDIA_DEVICE],
         'media_mounts': ['sh', '-c', 'grep -E " (udf|iso9660) |^/dev/sr" /proc/mounts; true'],
+        # issue 20 (17): the CD-ROM drivers in the initramfs booted: none
+        'media_initramfs': ['sh', '-c', 'echo "$(lsinitramfs /boot/initrd.img-$(uname -r) | '
+                            'wc -l) files"; lsinitramfs /boot/initrd.img-$(uname -r) | '
+                            'grep -E "/(ata_piix|sr_mod|ata_generic)\\.ko"; true'],
         'media_password': [MEDIA_CHECK, 'password', ADMIN_USER],
         'media_ssh_password': [MEDIA_CHECK, 'ssh', ADMIN_USER],
         'media_zz_leaks': [MEDIA_CHECK, 'leaks'],
@@ -540,6 +549,25 @@ def install_powercut(tree):
     baseline = dict((tool, dict(zip(('rc', 'output'), run_status(['chroot', tree, tool, '-r']))))
                     for tool in ('pwck', 'grpck'))
     write_guest_file(tree, POWERCUT_BASELINE, json.dumps(baseline), 0o644)
+# Issue 20 (17): the CD-ROM comes after the unit's first search for the media.  The
+# initramfs has no ata_piix/sr_mod (rootfs-hook.sh: MODULES=list), so udev loads them
+# from the root file system; tests/boot/azp-late-cdrom, run by modprobe in place of
+# sr_mod, makes the late order certain (see the script).
+LATE_CDROM = GUEST_LIB + '/azp-late-cdrom'
+LATE_CDROM_RULE = '/etc/modprobe.d/azp-late-cdrom.conf'
+LATE_CDROM_AFTER = 2        # s after the unit's IMDS line (its first search follows it)
+
+
+def hold_back_cdrom_driver(tree):
+    """hold sr_mod back until the unit searched (modprobe.d install rule)"""
+    script = os.path.join(tree, LATE_CDROM.lstrip('/'))
+    os.makedirs(os.path.dirname(script), exist_ok=True)
+    shutil.copyfile(os.path.join(BOOT_DIR, 'azp-late-cdrom'), script)
+    os.chmod(script, 0o755)
+    with open(os.path.join(tree, LATE_CDROM_RULE.lstrip('/')), 'w') as f:
+        f.write('# tests/boot_test.py only: the CD-ROM driver loads after the unit searched\n'
+                'install sr_mod /bin/sh %s %d && /sbin/modprobe --ignore-install sr_mod '
+                '$CMDLINE_OPTS\n' % (LATE_CDROM, LATE_CDROM_AFTER))
 
 
 IMAGES = {
@@ -551,9 +579,10 @@ IMAGES = {
                                  checker_config=USER_CHECKER, login_key=True),
     # Issue 13: the same base (sudo, sshd), --provision-user, a ready.d hook that records
     # the data files it is handed; the boot attaches the provisioning media
+    # Issue 20 (17): and its CD-ROM driver loads only after the unit's first search
     'media': GuestImage('media', recipe='networkmanager', install_args=['--provision-user'],
-                        tweaks=[install_ready_hook], checker_config=MEDIA_CHECKER,
-                        media=True),
+                        tweaks=[install_ready_hook, hold_back_cdrom_driver],
+                        checker_config=MEDIA_CHECKER, media=True),
     # Issue 20: the media image and the power-cut helpers
     'powercut': GuestImage('powercut', recipe='networkmanager',
                            install_args=['--provision-user'],
@@ -2176,6 +2205,49 @@ def check_media(ctx, c):
     check_media_secrecy(ctx, c)
     check_console(ctx, c, [(r'user: %s ready' % ADMIN_USER, 'the user line')])
     check_host_keys(ctx, c, [("the image's", (ctx.image or {}).get('host_keys') or [])])
+    check_media_late(ctx, c)
+
+
+def console_time(ctx, pattern):
+    """The kernel timestamp (s) of the first console line matching pattern, or None."""
+    found = re.search(r'\[\s*(\d+\.\d+)\] (?:%s)' % pattern, ctx.vm.console)
+    return float(found.group(1)) if found else None
+
+
+def journal_time(ctx, text):
+    """The monotonic time (s) of the unit's first journal line of this boot holding
+    text, or None."""
+    times = [e['monotonic'] / 1e6 for e in ctx.journal_this_boot()
+             if text in (e.get('message') or '')]
+    return min(times) if times else None
+
+
+def check_media_late(ctx, c):
+    """Issue 20 (17): the initramfs had no CD-ROM driver, the kernel attached sr0 after
+    the unit's first search (the driver held back: hold_back_cdrom_driver), and the
+    unit waited for udev and read the media."""
+    rc, initramfs = command(ctx, 'media_initramfs')
+    c.expect(rc == 0 and re.match(r'[1-9]\d* files$', initramfs.strip()),
+             'the initramfs booted has no CD-ROM driver (ata_piix, sr_mod)',
+             ' | '.join(initramfs.strip().splitlines()))
+    started = ctx.mono(UNIT, 'InactiveExitTimestampMonotonic') / 1e6 or None
+    searched = journal_time(ctx, 'IMDS: vm')       # the media step starts right after it
+    released = console_time(ctx, 'azp-boot-test: sr_mod held back')
+    attached = console_time(ctx, r'sr \d+:\d+:\d+:\d+: \[sr0\]|.*Attached scsi CD-ROM sr0')
+    waited = journal_time(ctx, 'waited for udev to settle')
+    read = journal_time(ctx, 'media: %s: ovf-env.xml read' % MEDIA_DEVICE)
+    shown = lambda t: '-' if t is None else '%.2f s' % t
+    say('    info: unit started %s, its IMDS line (then the search) %s, sr_mod let go %s, '
+        'sr0 attached %s, "waited for udev" %s, media read %s (guest clock)'
+        % tuple(shown(t) for t in (started, searched, released, attached, waited, read)))
+    c.expect(None not in (searched, attached) and attached > searched,
+             'the kernel attached sr0 after the unit began its search',
+             'search at %s, sr0 at %s' % (shown(searched), shown(attached)))
+    c.expect(None not in (waited, attached) and attached <= waited,
+             'the unit found no media at first and waited for udev until sr0 was there',
+             'waited line at %s, sr0 at %s' % (shown(waited), shown(attached)))
+    c.expect(None not in (read, attached) and read >= attached,
+             'then it read the media from %s' % MEDIA_DEVICE, 'at %s' % shown(read))
 
 
 def check_second(ctx, c):

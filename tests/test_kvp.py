@@ -1,16 +1,19 @@
 """Hyper-V KVP report: record layout byte for byte, locking, the per-boot
 truncation, and the report a real run leaves (success and failure)."""
 
+import fcntl
 import io
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import unittest
 
 import azure_provisioning as ap
 from tests.fake_azure import FakeAzure
-from tests.support import REPO, root_with_kvp_pool
+from tests.support import REPO, SCRIPT, require_root, root_with_kvp_pool, run_command
 from tests.test_transport import QuietLog
 
 
@@ -125,6 +128,111 @@ class RunLeavesAReport(PoolDir):
         (key, value), = records(self.pool)
         self.assertIn('step=imds', value)
         self.assertLess(time.monotonic() - started, 5)
+
+
+class LockedPool(PoolDir):
+    """Issue 20 (7): another process holds the pool's flock (a stuck hv_kvp_daemon, an
+    agent's writer): KVP is best-effort, Azure's report is not.  Each test holds the
+    lock on an open file of its own; the provisioner runs as a process, as the unit
+    runs it, and must still report within its --timeout."""
+
+    TIMEOUT = 8         # the run's --timeout
+    SLACK = 3           # s past it for starting Python and exiting
+
+    def hold_lock(self):
+        holder = open(self.pool, 'ab')
+        self.addCleanup(holder.close)
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        return holder
+
+    def run_script(self, az, *args):
+        """The script as the unit starts it, in a mount namespace whose /var/lib is
+        this test's (the pool the test locks; the record); --media none and
+        --keep-ssh-host-keys: nothing of this machine is looked at or changed.  The
+        process time limit is generous: a provisioner stuck in flock is seen by the
+        assertions, not by a hang of the test."""
+        require_root(self)
+        wrapper = 'set -e; mount --bind "$1" /var/lib; shift; exec "$@"'
+        return run_command(['unshare', '--mount', 'sh', '-c', wrapper, 'sh',
+                            os.path.join(self.dir, 'var/lib'), sys.executable, '-I', '-S',
+                            SCRIPT, '--wireserver', az.wireserver_addr, '--imds',
+                            az.imds_addr, '--no-hostname', '--media', 'none',
+                            '--keep-ssh-host-keys', '--timeout', str(self.TIMEOUT)]
+                           + list(args), timeout=self.TIMEOUT + 15)
+
+    def test_a_failing_run_still_reports_provisioning_failed(self):
+        self.hold_lock()
+        with FakeAzure(admin_username='Root;id') as az:     # the user step refuses it
+            try:
+                run = self.run_script(az, '--provision-user')
+            except AssertionError as exc:   # stuck: killed at the process time limit
+                self.fail('no exit while the pool was locked; reports %s; %s'
+                          % (az.health_reports, exc))
+            self.assertEqual(run.code, 1, run)
+            report, = az.health_reports
+        self.assertEqual((report['state'], report['substatus']), ('NotReady',
+                                                                   'ProvisioningFailed'))
+        self.assertIn("invalid admin user name 'Root;id'", report['description'])
+        self.assertLess(run.seconds, self.TIMEOUT + self.SLACK, run)
+        self.assertRegex(run.stderr, r'warning: KVP report not written: .*locked by another '
+                                     r'process', run)
+        self.assertEqual(os.path.getsize(self.pool), 0)     # nothing written past the lock
+
+    def test_a_successful_run_still_reports_ready(self):
+        self.hold_lock()
+        with FakeAzure() as az:
+            try:
+                run = self.run_script(az)
+            except AssertionError as exc:
+                self.fail('no exit while the pool was locked; reports %s; %s'
+                          % (az.health_reports, exc))
+            self.assertEqual(run.code, 0, run)
+            self.assertTrue(az.ready_accepted())
+        self.assertLess(run.seconds, self.TIMEOUT + self.SLACK, run)
+        self.assertRegex(run.stderr, r'warning: KVP report not written: .*locked by another '
+                                     r'process', run)
+        self.assertEqual(os.path.getsize(self.pool), 0)
+
+    def bounded(self, seconds):
+        """A write that waits on the lock past `seconds` fails the test instead of
+        hanging it (SIGALRM interrupts flock)."""
+        def expired(signum, frame):
+            raise AssertionError('still waiting for the KVP lock after %s s' % seconds)
+        previous = signal.signal(signal.SIGALRM, expired)
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+        self.addCleanup(signal.setitimer, signal.ITIMER_REAL, 0)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+
+    def test_the_wait_is_bounded_and_a_lock_let_go_in_time_is_taken(self):
+        holder = self.hold_lock()
+        self.bounded(10)
+        started = time.monotonic()
+        with self.assertRaisesRegex(OSError, 'locked by another process'):
+            ap.write_kvp('K', 'v', self.pool, wait=0.5)
+        self.assertGreaterEqual(time.monotonic() - started, 0.5)
+        self.assertLess(time.monotonic() - started, 1.5)
+        started = time.monotonic()
+        with self.assertRaisesRegex(OSError, 'locked by another process'):
+            ap.write_kvp('K', 'v', self.pool, wait=0)       # one try, no wait
+        self.assertLess(time.monotonic() - started, 0.2)
+        # released while the writer waits: it takes the lock and writes
+        releaser = threading.Timer(0.3, holder.close)
+        releaser.start()
+        self.addCleanup(releaser.cancel)
+        ap.write_kvp('K', 'v', self.pool, wait=5)
+        self.assertEqual(records(self.pool), [('K', 'v')])
+
+    def test_the_failure_report_keeps_its_reserve(self):
+        """With no time left before the reserve, the KVP write gets one try: the
+        reserve is the WireServer report's."""
+        self.hold_lock()
+        self.bounded(10)
+        run = self.run_context()
+        run.deadline = ap.Deadline(0.5, reserve=0.5)   # the reserve is all that is left
+        started = time.monotonic()
+        ap.report_to_kvp(run, 'result=error')
+        self.assertLess(time.monotonic() - started, 0.2)
+        self.assertRegex(run.log.lines[-1], r'^warning: KVP report not written: .*locked')
 
 
 if __name__ == '__main__':

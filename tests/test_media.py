@@ -168,8 +168,8 @@ find "$last" -mindepth 1 -delete
 ''' % (shutil.which('umount') or '/bin/umount')
 
 
-class MediaSearch(unittest.TestCase):
-    """find_media on a temporary root with stand-in mount/umount on PATH."""
+class MediaRoot(unittest.TestCase):
+    """A temporary root with stand-in mount/umount on PATH, for find_media."""
 
     def setUp(self):
         self.root, _ = root_with_kvp_pool(self, 'azp-media-')
@@ -210,6 +210,8 @@ class MediaSearch(unittest.TestCase):
         except IOError:
             return []
 
+
+class MediaSearch(MediaRoot):
     def test_order_sr0_first_then_other_cdroms(self):
         for name in ('hdc', 'cdrom1', 'sr1', 'sr0', 'sda', 'hda', 'ttyS0'):
             open(os.path.join(self.root, 'dev', name), 'w').close()
@@ -341,6 +343,86 @@ def in_child(function, seconds=20, memory=512 << 20):
     with os.fdopen(reader, 'rb') as f:
         text = f.read().decode()
     return text if text.startswith('raised') else ast.literal_eval(text)
+# Issue 20 (17): the kernel attaches the CD-ROM while udev works through its queue
+# (its driver loaded from the root file system, not the initramfs): this stand-in
+# `udevadm settle` makes root/dev/sr0 appear, holding AZP_LATE_OVF, as it returns.
+STAND_IN_UDEVADM = '''#!/bin/sh
+echo "udevadm $*" >> "$AZP_TOOL_LOG"
+if [ -n "$AZP_LATE_OVF" ]; then
+    mkdir "$AZP_ROOT/dev/sr0" && cp "$AZP_LATE_OVF" "$AZP_ROOT/dev/sr0/ovf-env.xml"
+fi
+exit "${AZP_SETTLE_EXIT:-0}"
+'''
+
+
+class MediaLate(MediaRoot):
+    """No media at the first look: udev's queue is waited for (bounded by the
+    deadline), then the search runs again."""
+
+    def setUp(self):
+        MediaRoot.setUp(self)
+        with open(os.path.join(self.tools, 'udevadm'), 'w') as f:
+            f.write(STAND_IN_UDEVADM)
+        os.chmod(os.path.join(self.tools, 'udevadm'), 0o755)
+        self.ovf = os.path.join(self.tools, 'late-ovf-env.xml')
+        with open(self.ovf, 'wb') as f:
+            f.write(make_ovf_env('web-7', 'alice', custom_data=b'late').encode())
+        os.makedirs(os.path.join(self.root, 'run', 'udev'))
+        open(os.path.join(self.root, 'run', 'udev', 'control'), 'w').close()  # udev runs
+        self.environ(AZP_ROOT=self.root, AZP_LATE_OVF=self.ovf)
+
+    def environ(self, **values):
+        old = dict((k, os.environ.get(k)) for k in values)
+        os.environ.update(values)
+        self.addCleanup(lambda: [os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+                                 for k, v in old.items()])
+
+    def test_the_cdrom_attached_while_udev_settles_is_read(self):
+        run, log = self.run_context(timeout=44)     # reserve 11 s: 33 s left; 30 at most
+        media = ap.find_media(run)
+        self.assertIsNotNone(media, log.lines)
+        self.assertEqual((media.username, media.custom_data), ('alice', b'late'))
+        lines = self.tool_log()
+        self.assertEqual(lines[0], 'udevadm settle --timeout=30', lines)
+        self.assertEqual([l.split()[0] for l in lines[1:]], ['mount', 'umount'])
+        self.assertIn(os.path.join(self.root, 'dev', 'sr0'), lines[1].split())
+        self.assertTrue([l for l in log.lines if 'waited for udev' in l], log.lines)
+
+    def test_the_wait_is_bounded_by_the_deadline(self):
+        run, _ = self.run_context(timeout=8)    # 6 s left before the reserve
+        ap.find_media(run)
+        settle = self.tool_log()[0].split()
+        self.assertEqual(settle[:2], ['udevadm', 'settle'])
+        self.assertLessEqual(int(settle[2][len('--timeout='):]), 6)
+        self.assertGreaterEqual(int(settle[2][len('--timeout='):]), 5)
+
+    def test_media_found_at_once_waits_for_nothing(self):
+        self.device('sr0', make_ovf_env('web-7', 'bob').encode())
+        run, _ = self.run_context()
+        self.assertEqual(ap.find_media(run).username, 'bob')
+        self.assertEqual([l.split()[0] for l in self.tool_log()], ['mount', 'umount'])
+
+    def test_without_udev_no_wait(self):
+        """Nothing loads a driver later without udev: the search is final."""
+        os.unlink(os.path.join(self.root, 'run', 'udev', 'control'))
+        run, log = self.run_context()
+        self.assertIsNone(ap.find_media(run))
+        self.assertEqual(self.tool_log(), [])
+        self.assertIn('media: no provisioning media found (IMDS alone)', log.lines)
+
+    def test_a_queue_that_does_not_settle_is_a_warning_and_the_search_goes_on(self):
+        self.environ(AZP_SETTLE_EXIT='1')
+        run, log = self.run_context()
+        self.assertEqual(ap.find_media(run).custom_data, b'late')
+        self.assertTrue([l for l in log.lines if l.startswith('warning: media: udev')],
+                        log.lines)
+
+    def test_no_media_after_the_wait_either(self):
+        self.environ(AZP_LATE_OVF='')
+        run, log = self.run_context()
+        self.assertIsNone(ap.find_media(run))
+        self.assertEqual(len(self.tool_log()), 1)
+        self.assertIn('media: no provisioning media found (IMDS alone)', log.lines)
 
 
 class SigtermWhileMounting(unittest.TestCase):

@@ -3,11 +3,14 @@ private /etc, /home and /root (root only)."""
 
 import base64
 import os
+import shutil
 import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import unittest
+from unittest import mock
 
 import azure_provisioning as ap
 from tests.fake_azure import FakeAzure
@@ -78,6 +81,39 @@ SSHD_CONFIG = 'Include /etc/ssh/sshd_config.d/*.conf\n\nKbdInteractiveAuthentica
 # an account that was made with a password, unlike the one useradd makes ('!').
 PASSWORD_HASH = ('$6$Qx7bL2mN$Iw5CTyRQ6oDFaq.T0mJqyeSPT3c41VBdrN85uFtd4NYz5Fjuj.nonVzTHqoRFTl'
                  'bKbtFnAszvnXW5I.RYfcVN/')
+
+
+class SshdDirectory(unittest.TestCase):
+    """Issue 20 (8), in a temporary root: the sshd_config.d made for the drop-in is
+    0755 whatever the umask, and gets its SELinux label with the drop-in (a stand-in
+    restorecon on PATH, SELinux said to be on)."""
+
+    def test_made_and_labelled(self):
+        root = tempfile.mkdtemp(prefix='azp-sshd-')
+        self.addCleanup(shutil.rmtree, root)
+        os.makedirs(os.path.join(root, 'etc', 'ssh'))
+        with open(os.path.join(root, 'etc', 'ssh', 'sshd_config'), 'w') as f:
+            f.write(SSHD_CONFIG)
+        tools = os.path.join(root, 'tools')
+        os.mkdir(tools)
+        with open(os.path.join(tools, 'restorecon'), 'w') as f:
+            f.write('#!/bin/sh\necho "$*" >> "%s/restorecon.log"\n' % tools)
+        os.chmod(os.path.join(tools, 'restorecon'), 0o755)
+        run = ap.Run(ap.Options(root=root), QuietLog(), sys.stdout)
+        old_umask = os.umask(0o077)
+        self.addCleanup(os.umask, old_umask)
+        with mock.patch.object(ap, 'SELINUX_FS', tools), \
+                mock.patch.object(ap, 'restart_sshd') as restart, \
+                mock.patch.dict(os.environ, {'PATH': tools + os.pathsep + os.environ['PATH']}):
+            run.carry_out(*ap.sshd_plan(run, 'yes'))
+        directory = os.path.join(root, 'etc', 'ssh', 'sshd_config.d')
+        self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o755)
+        with open(os.path.join(directory, '50-azure-provisioning.conf')) as f:
+            self.assertEqual(f.read().splitlines()[-1], 'PasswordAuthentication yes')
+        with open(os.path.join(tools, 'restorecon.log')) as f:
+            self.assertEqual(f.read(), '-R %s\n' % directory)
+        self.assertEqual(restart.call_count, 1)
+        self.assertIn('user: made /etc/ssh/sshd_config.d (0755)', run.log.lines)
 
 
 class ProvisionUser(unittest.TestCase):
@@ -170,6 +206,32 @@ class ProvisionUser(unittest.TestCase):
         self.assertEqual(self.host.read('ssh/sshd_config.d/50-azure-provisioning.conf').splitlines()[-1],
                          'PasswordAuthentication no')
         self.assertEqual(self.host.read('ssh/sshd_config'), SSHD_CONFIG)
+
+    def test_a_missing_sshd_config_d_is_made(self):
+        """Issue 20 (8): sshd_config includes sshd_config.d/*.conf, the directory is
+        missing (sshd does not mind an Include matching nothing): it is made, 0755."""
+        directory = os.path.join(self.host.etc, 'ssh', 'sshd_config.d')
+        shutil.rmtree(directory)
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 0, run)
+            self.assertTrue(az.ready_accepted())
+            self.assertEqual([r['state'] for r in az.health_reports], ['Ready'])
+        st = os.stat(directory)
+        self.assertEqual((stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid), (0o755, 0, 0))
+        self.assertEqual(self.host.read('ssh/sshd_config.d/50-azure-provisioning.conf')
+                         .splitlines()[-1], 'PasswordAuthentication no')
+        self.assertEqual(os.listdir(directory), ['50-azure-provisioning.conf'])
+
+    def test_a_missing_sshd_config_d_in_a_dry_run(self):
+        directory = os.path.join(self.host.etc, 'ssh', 'sshd_config.d')
+        shutil.rmtree(directory)
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az, '--dry-run')
+            self.assertEqual(run.code, 0, run)
+        self.assertIn('would write /etc/ssh/sshd_config.d/50-azure-provisioning.conf (making '
+                      '/etc/ssh/sshd_config.d, 0755): PasswordAuthentication no\n', run.stdout)
+        self.assertFalse(os.path.exists(directory))
 
     def test_a_new_users_home_and_skeleton_keys_are_useradds(self):
         # useradd decides the home (HOME= in /etc/default/useradd) and copies /etc/skel:
