@@ -44,8 +44,7 @@ SH = '/bin/sh'
 # their own.)
 VAR_LIB = ('if [ -n "$1" ]; then "$0" --bind "$1" /var/lib; '
            'else "$0" -t tmpfs -o mode=0755 azp-test-var-lib /var/lib; fi')
-ROOT_SHIELD = VAR_LIB + (' && "$0" --bind /etc /etc && "$0" -o remount,bind,ro /etc && shift '
-                         '&& exec "$@"')
+ROOT_SHIELD = VAR_LIB + ' && "$0" -o bind,ro /etc /etc && shift && exec "$@"'
 # An ordinary user: the same from a user namespace where the user is root, then a
 # second one where it is itself again (uid and gid), mounts kept: the process behaves
 # as this user.  /etc is not the user's to write anyway.
