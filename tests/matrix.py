@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the provisioner's test suite under every Python 3.6 .. 3.13 found.
 
-    python3 tests/matrix.py [--pythons DIR] [--jobs N] [MODULE ...]
+    python3 tests/matrix.py [--pythons DIR] [--jobs N] [--only 3.N ...] [MODULE ...]
 
 Looks for DIR/3.N*/bin/python3 (DIR defaults to ~/.pyenv/versions) and runs
 `PY -m unittest MODULES` from the repository root with each.  The black-box
@@ -62,12 +62,16 @@ def main(args=None):
                         help='directory holding 3.N.M/bin/python3 (default %(default)s)')
     parser.add_argument('--jobs', type=int, default=1, choices=range(1, 9), metavar='N',
                         help='versions run at a time (default 1)')
+    parser.add_argument('--only', action='append', metavar='3.N',
+                        choices=['3.%d' % minor for minor in MINORS],
+                        help='run this version only (repeatable; default: every one)')
     parser.add_argument('modules', nargs='*', default=DEFAULT_MODULES)
     options = parser.parse_args(args)
+    minors = [m for m in MINORS if not options.only or '3.%d' % m in options.only]
 
     started = time.monotonic()
     passed = failed = absent = 0
-    pythons = [(minor, find_python(options.pythons, minor)) for minor in MINORS]
+    pythons = [(minor, find_python(options.pythons, minor)) for minor in minors]
     with concurrent.futures.ThreadPoolExecutor(options.jobs) as pool:
         runs = dict((minor, pool.submit(run_suite, python, options.modules))
                     for minor, python in pythons if python is not None)

@@ -63,6 +63,15 @@ class Matrix(unittest.TestCase):
         self.assertRegex(out, r'(?m)^3\.9: FAIL')
         self.assertIn('matrix: 1 passed, 1 failed, 6 skipped', out)
 
+    def test_only_the_versions_asked_for(self):
+        self.stand_in('3.6.15', seconds=0.1)
+        self.stand_in('3.13.0', seconds=0.1)
+        code, out, _ = self.run_matrix('--only', '3.13')
+        self.assertEqual(code, 0, out)
+        self.assertEqual([line.split(':')[0] for line in out.splitlines()
+                          if line.startswith('3.')], ['3.13'], out)
+        self.assertIn('matrix: 1 passed, 0 failed, 0 skipped', out)
+
 
 if __name__ == '__main__':
     unittest.main()
