@@ -107,6 +107,11 @@ class Untouched(unittest.TestCase):
         self.write('sub/b', b'changed\n')       # outside the exclusion: still seen
         self.assertEqual(self.compare()[0], 1)
 
+    def test_the_snapshot_is_ours_alone(self):
+        # it holds hashes of files only root may read
+        self.take()
+        self.assertEqual(os.stat(self.file).st_mode & 0o777, 0o600)
+
     def test_the_default_exclusions_are_printed(self):
         out = self.take()
         for path in untouched.DEFAULT_EXCLUDES:

@@ -156,7 +156,9 @@ def main(argv=None):
         excludes = [os.path.abspath(e) for e in
                     ([] if args.no_default_excludes else list(DEFAULT_EXCLUDES)) + args.exclude]
         taken = snapshot(trees, excludes)
-        with open(args.file, 'w') as f:
+        # 0600: it holds hashes of files only root may read (/etc/shadow)
+        with os.fdopen(os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                       'w') as f:
             json.dump({'trees': trees, 'excludes': excludes,
                        'entries': dict((printable(p), r) for p, r in taken.items())}, f)
         print('untouched: %d entries under %s recorded; not looked at: %s'
