@@ -12,8 +12,8 @@ import sys
 import tempfile
 import unittest
 
-from tests.fake_azure import FakeAzure
 from tests import untouched
+from tests.fake_azure import FakeAzure
 from tests.support import REPO, SCRIPT, is_root, require_root, run_command, skip
 
 INNER = 'AZP_SUITE_UNDER_GUARD'
@@ -26,8 +26,8 @@ class EveryProcessIsShielded(unittest.TestCase):
     """run_command (and so run_provisioner) gives each process a private /var/lib,
     whoever runs the suite, whether or not the machine has a /var/lib/hyperv."""
 
-    def probe(self, prefix=(), python=sys.executable):
-        run = run_command(list(prefix) + [python, '-c', PROBE])
+    def probe(self):
+        run = run_command([sys.executable, '-c', PROBE])
         self.assertEqual(run.code, 0, run)
         return json.loads(run.stdout)
 
@@ -47,19 +47,24 @@ class EveryProcessIsShielded(unittest.TestCase):
         setpriv, python = shutil.which('setpriv'), '/usr/bin/python3'
         if not setpriv or not os.access(python, os.X_OK):
             skip(self, 'no setpriv or no %s to run the suite\'s helper as nobody' % python)
-        # nobody imports tests.support from this clone and starts a process with it
-        code = ('import sys; sys.path.insert(0, %r); sys.dont_write_bytecode = True; '
-                'from tests.support import run_command; run = run_command([sys.executable, '
-                '"-c", %r]); sys.stdout.write(run.stdout + run.stderr); sys.exit(run.code)'
-                % (REPO, PROBE))
+        # nobody imports tests.support from this clone and starts a process with it;
         # started directly: under run_command's own shield the probe would see a private
-        # /var/lib whatever the helper did as nobody.  nobody can write nothing here.
-        run = subprocess.run([setpriv, '--reuid=65534', '--regid=65534', '--clear-groups',
-                              'env', 'HOME=/nonexistent', python, '-c', code],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             universal_newlines=True, timeout=60)
+        # /var/lib whatever tests.support did.  As nobody it can change nothing of ours.
+        nobody = [setpriv, '--reuid=65534', '--regid=65534', '--clear-groups', 'env',
+                     'HOME=/nonexistent', python, '-c']
+        prelude = 'import sys; sys.path.insert(0, %r); sys.dont_write_bytecode = True; ' % REPO
+        if self.as_nobody(nobody + [prelude + 'import tests.support']).returncode != 0:
+            skip(self, 'nobody cannot read this clone (%s)' % REPO)
+        run = self.as_nobody(nobody + [
+            prelude + 'from tests.support import run_command; run = run_command([sys.executable, '
+            '"-c", %r]); sys.stdout.write(run.stdout + run.stderr); sys.exit(run.code)' % PROBE])
         self.assertEqual(run.returncode, 0, run.stderr)
         self.assert_private(json.loads(run.stdout))
+
+    @staticmethod
+    def as_nobody(argv):
+        return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd='/',
+                              universal_newlines=True, timeout=60)
 
 
 # Runs argv with private directories bound over /var/lib ($0) and /etc ($1).
