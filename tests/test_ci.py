@@ -81,11 +81,12 @@ class CiRun(unittest.TestCase):
             self.assertFalse(dpkg_writable)
 
     def test_the_summary_gives_each_steps_duration(self):
-        done = bash_with_functions('run_here sleep 1; run_here false; printf %s "$durations"; '
-                                   'echo "$passes $failures"')
+        done = bash_with_functions('run_here sleep 1; run_here sh -c "exit 3"; '
+                                   'printf %s "$durations"; echo "$passes $failures"')
         self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRegex(done.stdout, r'(?m)^--- FAILED \(3\): sh -c exit 3$')
         self.assertRegex(done.stdout, r'(?m)^\s+[12] s  ok      sleep 1$')
-        self.assertRegex(done.stdout, r'(?m)^\s+[01] s  FAILED  false$')
+        self.assertRegex(done.stdout, r'(?m)^\s+[01] s  FAILED  sh -c exit 3$')
         self.assertTrue(done.stdout.endswith('1 1\n'), done.stdout)
 
 
