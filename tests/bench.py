@@ -17,7 +17,8 @@ As root, (a) is what the unit really runs: the real install.sh installs into a p
 `unshare --uts --mount` with that /usr/local, a private copy of /etc and a private /var/lib
 bind-mounted (the host's hostname, /etc, /usr/local and /var/lib stay as they are; the
 record and the KVP reports go to the private /var/lib, emptied before each run: every
-run is a first boot); it really sets the hostname.  (b) and (c) get the very same wrapper; for information (d) times the wrapper alone
+run is a first boot); it really sets the hostname.
+(b) and (c) get the very same wrapper; for information (d) times the wrapper alone
 (`true`) and (e) is (a) with --no-hostname in the wrapper, so the wrapper's and the hostname
 step's costs are shown.  Not root: (a) runs with --no-hostname, and every run has a
 private /var/lib (tests/support.py's user-namespace wrapper, when this user can make one).
@@ -470,7 +471,6 @@ def timed_rounds(args, az, ns, computer_name):
         commands.append(('d', ns.wrap(['true'])))
         commands.append(('e', ns.wrap(ours + ['--no-hostname'])))
     samples = dict((key, []) for key, _ in commands)
-    steps = []      # per timed (a): [(step, seconds)] from the record it wrote
 
     def one(key, argv):
         ns.reset()
@@ -642,8 +642,9 @@ def parse_args(argv):
     parser.add_argument('--timeout', type=float, default=60.0, metavar='SECONDS',
                         help='limit for each child process (default 60)')
     parser.add_argument('--no-namespace', action='store_true',
-                        help='even as root, run (a) with --no-hostname: the script, not the installed '
-             'copy, with no private /etc or /usr/local (a private /var/lib still)')
+                        help='even as root, run (a) with --no-hostname: the script, not the '
+                             'installed copy, with no private /etc or /usr/local (a private '
+                             '/var/lib still)')
     parser.add_argument('--check-targets', action='store_true',
                         help='exit 1 when a target is missed')
     args = parser.parse_args(argv)

@@ -104,8 +104,8 @@ class BenchTest(unittest.TestCase):
         self.assertIn('-S', flags)
         command = re.search(r'^  c = (.*)$', self.out, re.M)
         self.assertIsNotNone(command, self.show())
-        self.assertTrue(command.group(1).endswith(' '.join([sys.executable] + flags + ['-c', 'pass'])),
-                        command.group(1))
+        floor = ' '.join([sys.executable] + flags + ['-c', 'pass'])
+        self.assertTrue(command.group(1).endswith(floor), command.group(1))
         self.assertRegex(self.out, r'(?m)^\(c\) python3 %s -c pass' % ' '.join(flags))
 
     def test_where_the_time_above_the_floor_goes(self):

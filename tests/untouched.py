@@ -6,8 +6,9 @@ compare after.  Standard library only; Python 3.6+.
     python3 tests/untouched.py compare FILE
 
 `snapshot` records every entry under each TREE (symbolic links are not followed;
-a file system mounted under a TREE is walked too): its type, mode, owner, size, modification time, a symbolic link's target and
-a SHA-256 of each regular file up to HASH_MAX bytes.  `compare` walks the same trees
+a file system mounted under a TREE is walked too): its type, mode, owner, size,
+modification time, a symbolic link's target and a SHA-256 of each regular file up
+to HASH_MAX bytes.  `compare` walks the same trees
 with the same exclusions again, prints every entry added, removed or changed (and
 which of its fields), and exits 1 when there is any.  The exclusions are printed by
 both: an excluded path and everything under it is not looked at.
