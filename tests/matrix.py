@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
 """Run the provisioner's test suite under every Python 3.6 .. 3.13 found.
 
-    python3 tests/matrix.py [--pythons DIR] [MODULE ...]
+    python3 tests/matrix.py [--pythons DIR] [--jobs N] [--only 3.N ...] [MODULE ...]
 
 Looks for DIR/3.N*/bin/python3 (DIR defaults to ~/.pyenv/versions) and runs
 `PY -m unittest MODULES` from the repository root with each.  The black-box
 tests start the script with the interpreter that runs them, so each version
 runs the script too.  A version that is not installed is reported as absent,
 never as passed.  Exit status 1 when any present version fails or none is found.
+--jobs N runs N versions at a time (each its own process tree, temporary files,
+namespaces and emulator ports, so they cannot meet); the results are printed in
+version order.
 """
 
 import argparse
+import concurrent.futures
 import glob
 import os
 import re
@@ -56,26 +60,37 @@ def main(args=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--pythons', default=os.path.expanduser('~/.pyenv/versions'),
                         help='directory holding 3.N.M/bin/python3 (default %(default)s)')
+    parser.add_argument('--jobs', type=int, default=1, choices=range(1, 9), metavar='N',
+                        help='versions run at a time (default 1)')
+    parser.add_argument('--only', action='append', metavar='3.N',
+                        choices=['3.%d' % minor for minor in MINORS],
+                        help='run this version only (repeatable; default: every one)')
     parser.add_argument('modules', nargs='*', default=DEFAULT_MODULES)
     options = parser.parse_args(args)
+    minors = [m for m in MINORS if not options.only or '3.%d' % m in options.only]
 
+    started = time.monotonic()
     passed = failed = absent = 0
-    for minor in MINORS:
-        python = find_python(options.pythons, minor)
-        if python is None:
-            print('3.%d: absent (no %s/3.%d.*/bin/python3), not run'
-                  % (minor, options.pythons, minor), flush=True)
-            absent += 1
-            continue
-        code, ran, skipped, output, seconds = run_suite(python, options.modules)
-        ok = code == 0 and ran > 0
-        print('3.%d: %s  %d tests, %d skipped, %.1f s  (%s)'
-              % (minor, 'ok  ' if ok else 'FAIL', ran, skipped, seconds, python), flush=True)
-        if ok:
-            passed += 1
-        else:
-            failed += 1
-            sys.stdout.write(output[-6000:] + '\n')
+    pythons = [(minor, find_python(options.pythons, minor)) for minor in minors]
+    with concurrent.futures.ThreadPoolExecutor(options.jobs) as pool:
+        runs = dict((minor, pool.submit(run_suite, python, options.modules))
+                    for minor, python in pythons if python is not None)
+        for minor, python in pythons:
+            if python is None:
+                print('3.%d: absent (no %s/3.%d.*/bin/python3), not run'
+                      % (minor, options.pythons, minor), flush=True)
+                absent += 1
+                continue
+            code, ran, skipped, output, seconds = runs[minor].result()
+            ok = code == 0 and ran > 0
+            print('3.%d: %s  %d tests, %d skipped, %.1f s  (%s)'
+                  % (minor, 'ok  ' if ok else 'FAIL', ran, skipped, seconds, python), flush=True)
+            if ok:
+                passed += 1
+            else:
+                failed += 1
+                sys.stdout.write(output[-6000:] + '\n')
+    print('%d at a time, %.1f s in all' % (options.jobs, time.monotonic() - started))
     print('python versions run; absent ones are counted as skipped:')
     print('matrix: %d passed, %d failed, %d skipped' % (passed, failed, absent))
     return 1 if failed or not passed else 0

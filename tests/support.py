@@ -35,23 +35,69 @@ class Run(object):
 HYPERV_DIR = '/var/lib/hyperv'
 UNSHARE = shutil.which('unshare') or '/usr/bin/unshare'
 MOUNT = shutil.which('mount') or '/bin/mount'
+SH = '/bin/sh'
+
+# As root: an empty tmpfs over /var/lib (where the provisioner keeps its record and
+# the KVP pool lives), or the directory $1 when given, and /etc made read-only, in a
+# mount namespace of the process's own.  /var/lib always exists, so nothing is created
+# on the machine to mount on.  ($0 is mount(8): some tests run commands with a PATH of
+# their own.)
+VAR_LIB = ('if [ -n "$1" ]; then "$0" --bind "$1" /var/lib; '
+           'else "$0" -t tmpfs -o mode=0755 azp-test-var-lib /var/lib; fi')
+ROOT_SHIELD = VAR_LIB + ' && "$0" -o bind,ro /etc /etc && shift && exec "$@"'
+# An ordinary user: the same from a user namespace where the user is root, then a
+# second one where it is itself again (uid and gid), mounts kept: the process behaves
+# as this user.  /etc is not the user's to write anyway.
+USER_SHIELD = VAR_LIB + (' && unshare="$2" user="$3" group="$4" && shift 4 && exec "$unshare" '
+                         '--user --map-user="$user" --map-group="$group" -- "$@"')
+
+
+def private_var_lib(command, directory=None):
+    """command with a private /var/lib: an empty tmpfs, or `directory` bound over it
+    (and, as root, a read-only /etc); None when this user cannot have one (no user
+    namespaces)."""
+    if is_root():
+        return [UNSHARE, '--mount', '--propagation', 'private', SH, '-c', ROOT_SHIELD,
+                MOUNT, directory or ''] + list(command)
+    if not user_namespaces():
+        return None
+    return user_shield(command, directory)
+
+
+def user_shield(command, directory=None):
+    return ([UNSHARE, '--user', '--map-root-user', '--mount', SH, '-c', USER_SHIELD, MOUNT,
+             directory or '', UNSHARE, str(os.getuid()), str(os.getgid())] + list(command))
 
 
 def shielded(command):
-    """command, run where the machine's KVP pool cannot be written: with
-    /var/lib/hyperv present, inside `unshare --mount` with an empty tmpfs over it.
-    Every process a test starts goes through here (tests/test_machine_untouched.py
-    proves it)."""
-    if not os.path.isdir(HYPERV_DIR):
-        return list(command)
-    if not is_root():
-        if os.access(HYPERV_DIR, os.W_OK):
-            raise AssertionError('%s is writable and only root can hide it: run the tests as '
-                                 'root or as a user who cannot write it' % HYPERV_DIR)
-        return list(command)
-    # absolute paths: some tests run commands with a PATH of their own
-    return [UNSHARE, '--mount', '/bin/sh', '-c', '"$0" -t tmpfs azp-test-kvp "$1" && shift '
-            '&& exec "$@"', MOUNT, HYPERV_DIR] + list(command)
+    """command, run where the machine's /var/lib cannot be written (a private, empty
+    one) and, as root, /etc is read-only.  Every process a test starts goes through
+    here (tests/test_machine_untouched.py proves it).  For an ordinary user this
+    needs user namespaces; without them the machine's /var/lib is left to its
+    permissions, and a writable KVP pool or record directory is an error."""
+    wrapped = private_var_lib(command)
+    if wrapped is not None:
+        return wrapped
+    for directory in (HYPERV_DIR, '/var/lib/azure-provisioning', '/var/lib'):
+        if os.path.isdir(directory) and os.access(directory, os.W_OK):
+            raise AssertionError('%s is writable and user namespaces are not available to '
+                                 'hide it: run the tests as root' % directory)
+    return list(command)
+
+
+_USER_NAMESPACES = []
+
+
+def user_namespaces():
+    """Whether this user can make the namespaces of USER_SHIELD (asked once)."""
+    if not _USER_NAMESPACES:
+        try:
+            probe = subprocess.run(user_shield(['true']), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, timeout=PROCESS_TIMEOUT)
+            _USER_NAMESPACES.append(probe.returncode == 0)
+        except (OSError, subprocess.TimeoutExpired):
+            _USER_NAMESPACES.append(False)
+    return _USER_NAMESPACES[0]
 
 
 def run_command(command, env=None, timeout=PROCESS_TIMEOUT):

@@ -168,6 +168,9 @@ class AtomicWrite(unittest.TestCase):
     def test_the_mode_asked_for_is_enforced_on_an_existing_file(self):
         for asked, before in [(0o600, 0o666), (0o440, 0o644), (0o644, 0o600)]:
             with self.subTest(asked=oct(asked), before=oct(before)):
+                # made afresh: the last round left it 0440, which only root could reopen
+                if os.path.exists(self.path):
+                    os.unlink(self.path)
                 with open(self.path, 'w') as f:
                     f.write('old\n')
                 os.chmod(self.path, before)

@@ -200,5 +200,25 @@ class BootFigures(unittest.TestCase):
         self.assertIn('| bookworm | 3+1 | 1.750 | 3.000 | 0.583 | MET |', md)
 
 
+class Options(unittest.TestCase):
+    """--quick (what .ci/run runs) is one suite and fewer boots; the full set is the
+    default, and --suite/--boots still choose."""
+
+    def test_the_full_set_by_default(self):
+        args = vb.parse_args([])
+        self.assertEqual(args.suites, ['bullseye', 'bookworm', 'trixie'])
+        self.assertEqual(args.boots, 3)
+
+    def test_quick_is_one_suite_and_two_boots(self):
+        args = vb.parse_args(['--quick'])
+        self.assertEqual(args.suites, ['bookworm'])
+        self.assertEqual(args.boots, 2)
+
+    def test_quick_with_a_suite_and_boots_given(self):
+        args = vb.parse_args(['--quick', '--suite', 'trixie', '--boots', '1'])
+        self.assertEqual(args.suites, ['trixie'])
+        self.assertEqual(args.boots, 1)
+
+
 if __name__ == '__main__':
     unittest.main()

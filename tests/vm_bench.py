@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """VM benchmark: our unit timed inside a booted Debian VM against the article's (issue 15).
 
-    python3 tests/vm_bench.py [--suite S ...] [--boots N] [--cache-dir DIR]
+    python3 tests/vm_bench.py [--suite S ...] [--boots N] [--quick] [--cache-dir DIR]
                               [--markdown PATH] [--keep] [--repo DIR]
 
 One image per Debian suite (bullseye, bookworm, trixie; --suite picks, repeatable)
@@ -42,6 +42,8 @@ min, max over --boots boots, default 3):
   where our unit's time goes: each step's seconds from state.json, as a share of the
   unit's active time ("outside the steps": interpreter start, imports, the record,
   KVP, ExecStartPost's systemctl disable).
+--quick (what .ci/run runs, to keep CI short: these are figures, not a gate) is one
+suite, QUICK_SUITE, and QUICK_BOOTS boots per image; --suite and --boots still choose.
 Printed as a table per suite and a summary; the same in markdown, written to a file
 whose path is printed (--markdown, default /tmp/vm-bench-DATE.md).
 
@@ -708,12 +710,23 @@ def markdown_report(summaries, context):
     return '\n'.join(lines) + '\n'
 
 
-def main(argv=None):
+QUICK_SUITE = 'bookworm'     # the Debian of the machines CI runs on
+QUICK_BOOTS = 2
+FULL_BOOTS = 3
+
+
+def parse_args(argv):
+    """The options, with args.suites (in SUITES order) and args.boots settled."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--suite', action='append', choices=SUITES,
-                        help='Debian suite to run (repeatable; default: all three)')
-    parser.add_argument('--boots', type=int, default=3,
-                        help='boots per suite and image (default 3)')
+                        help='Debian suite to run (repeatable; default: all three, or %s '
+                             'with --quick)' % QUICK_SUITE)
+    parser.add_argument('--boots', type=int,
+                        help='boots per suite and image (default %d, or %d with --quick)'
+                             % (FULL_BOOTS, QUICK_BOOTS))
+    parser.add_argument('--quick', action='store_true',
+                        help='one suite (%s) and %d boots per image: the figures in a '
+                             'fraction of the time' % (QUICK_SUITE, QUICK_BOOTS))
     parser.add_argument('--cache-dir', default=os.environ.get('AZP_BOOT_CACHE') or
                         os.path.join(os.path.expanduser('~'), '.cache', 'azp-boot-test'),
                         help="boot_test's base cache (default $AZP_BOOT_CACHE or "
@@ -725,9 +738,18 @@ def main(argv=None):
     parser.add_argument('--repo', default=DEFAULT_REPO,
                         help='source tree whose install.sh and tests/fake_azure.py are used')
     args = parser.parse_args(argv)
+    if args.boots is None:
+        args.boots = QUICK_BOOTS if args.quick else FULL_BOOTS
     if args.boots < 1:
         parser.error('--boots must be at least 1')
-    suites = [s for s in SUITES if s in (args.suite or SUITES)]
+    chosen = args.suite or ([QUICK_SUITE] if args.quick else SUITES)
+    args.suites = [s for s in SUITES if s in chosen]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    suites = args.suites
     repo = os.path.abspath(args.repo)
 
     def terminated(signum, frame):
@@ -736,8 +758,8 @@ def main(argv=None):
     started = time.monotonic()
     workdir = tempfile.mkdtemp(prefix='azp-vm-bench-')
     say('== azure-provisioning VM benchmark: ours vs the article\'s unit, inside the VM ==')
-    say('suites %s, %d boots each per image (no sshd, with sshd); work directory %s'
-        % (', '.join(suites), args.boots, workdir))
+    say('suites %s, %d boots each per image (no sshd, with sshd)%s; work directory %s'
+        % (', '.join(suites), args.boots, ' (--quick)' if args.quick else '', workdir))
     summaries, failed = [], []
     accel = '?'
     try:
