@@ -2357,7 +2357,12 @@ def write_state(run, result, step=None, reason=None):
     if run.options.dry_run:
         return
     previous = read_state(run.root) or {}
-    state = {'result': result, 'vm_id': run.facts.get('AZURE_VM_ID', ''),
+    vm_id = run.facts.get('AZURE_VM_ID') or ''
+    if not vm_id and isinstance(previous.get('vm_id'), str):
+        # a run that failed before IMDS named the VM: the last record's VM, and what
+        # it says we made there, stand (else a user of ours would become the image's)
+        vm_id = previous['vm_id']
+    state = {'result': result, 'vm_id': vm_id,
              'incarnation': run.incarnation, 'hostname': run.facts.get('AZURE_HOSTNAME'),
              'admin_user': run.facts.get('AZURE_ADMIN_USERNAME') or None,
              'ssh_host_keys': run.host_keys,
