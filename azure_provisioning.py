@@ -593,10 +593,9 @@ TOOL_KILL_GRACE = 2.0   # seconds for a killed command's pipes to close
 
 def run_tool(argv, deadline, what, stdin=None, secret=None, accept=(0,)):
     """Run a command (never through a shell) within the deadline; its stdout, or
-    ProvisioningError naming the command and its last words (for an exit status
-    not in `accept`).  It runs in a session of
-    its own, so that at the deadline all of it goes: a child it left behind holding
-    our pipes must not keep us waiting."""
+    ProvisioningError naming the command and its last words (an exit status not in
+    `accept`).  It runs in a session of its own, so that at the deadline all of it
+    goes: a child it left behind holding our pipes must not keep us waiting."""
     import subprocess
     limit = min(TOOL_TIMEOUT, deadline.remaining())
     if limit <= 0:
