@@ -320,10 +320,10 @@ class CutDuringUseradd(unittest.TestCase):
         self.state = os.path.join(self.host.var_lib, 'azure-provisioning', 'state.json')
         self.baseline = self.account_checks()
 
-    def provision(self, az, env=None):
+    def provision(self, az, *extra, **how):
         argv = [sys.executable, '-I', SCRIPT, '--wireserver', az.wireserver_addr,
-                '--imds', az.imds_addr, '--provision-user', '--timeout', '30']
-        run = self.host.run(argv, env=env)
+                '--imds', az.imds_addr, '--provision-user', '--timeout', '30'] + list(extra)
+        run = self.host.run(argv, env=how.get('env'))
         self.assertNotIn('Traceback', run.stderr)
         return run
 
@@ -394,7 +394,14 @@ class CutDuringUseradd(unittest.TestCase):
         self.append('shadow', 'alice:!:20000:0:99999:7:::')
         self.record(result='provisioning', vm_id=DEFAULT_VM_ID, step='user',
                     admin_user_creating='alice')
+        left = self.entries()
         with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az, '--dry-run')
+            self.assertEqual(run.code, 0, run)
+            self.assertIn('would remove what a cut useradd left of alice (its entries in '
+                          '/etc/passwd, /etc/shadow): userdel -r', run.stdout)
+            self.assertIn('would create user alice', run.stdout)
+            self.assertEqual(self.entries(), left)
             run = self.provision(az)
             self.assertEqual(run.code, 0, run)
             self.assertTrue(az.ready_accepted())
@@ -416,6 +423,20 @@ class CutDuringUseradd(unittest.TestCase):
             self.assertEqual(run.code, 0, run)
         self.assert_one_complete_alice()
         self.assertEqual(self.read_record()['admin_user_created'], 'alice')
+
+    def test_a_left_group_with_members_is_not_removed(self):
+        gid = self.free_id()
+        self.append('group', 'alice:x:%d:daemon' % gid)
+        self.record(result='provisioning', vm_id=DEFAULT_VM_ID, step='user',
+                    admin_user_creating='alice')
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 1, run)
+            report, = az.health_reports
+            self.assertIn('the group alice a cut useradd left has members (daemon); refused',
+                          report['description'])
+        self.assertEqual(self.entries()['group'], ['alice:x:%d:daemon' % gid])
+        self.assertEqual(self.read_record()['admin_user_creating'], 'alice')
 
     def test_a_user_we_made_whose_success_was_never_recorded_is_ours(self):
         uid = self.free_id()
