@@ -460,6 +460,7 @@ class Root(object):
             except FileExistsError:
                 return
             os.chmod(name, mode, dir_fd=fd)
+            sync_directory(fd)     # its name survives a power cut with what is written in it
         parts = [p for p in path.split('/') if p not in ('', '.')]
         for end in range(1, len(parts) + 1):
             self.at('/'.join(parts[:end]), make, follow=False)
@@ -533,6 +534,12 @@ def write_at(directory, name, data, mode, owner, check, deadline):
         except OSError:
             pass
         raise
+    sync_directory(directory)
+
+
+def sync_directory(directory):
+    """The names in the directory open as `directory` (an O_PATH descriptor will
+    do) on the disk: a power cut keeps a file renamed or made in it."""
     opened = os.open('.', os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
     try:
         os.fsync(opened)
@@ -586,11 +593,11 @@ TOOL_TIMEOUT = 60.0     # seconds for one command, at most: the deadline may cut
 TOOL_KILL_GRACE = 2.0   # seconds for a killed command's pipes to close
 
 
-def run_tool(argv, deadline, what, stdin=None, secret=None):
+def run_tool(argv, deadline, what, stdin=None, secret=None, accept=(0,)):
     """Run a command (never through a shell) within the deadline; its stdout, or
-    ProvisioningError naming the command and its last words.  It runs in a session of
-    its own, so that at the deadline all of it goes: a child it left behind holding
-    our pipes must not keep us waiting."""
+    ProvisioningError naming the command and its last words (an exit status not in
+    `accept`).  It runs in a session of its own, so that at the deadline all of it
+    goes: a child it left behind holding our pipes must not keep us waiting."""
     import subprocess
     limit = min(TOOL_TIMEOUT, deadline.remaining())
     if limit <= 0:
@@ -612,7 +619,7 @@ def run_tool(argv, deadline, what, stdin=None, secret=None):
         if isinstance(exc, subprocess.TimeoutExpired):
             raise ProvisioningError('%s: %s: timed out after %.1f s' % (what, argv[0], limit))
         raise
-    if process.returncode != 0:
+    if process.returncode not in accept:
         if secret:      # a tool may echo its input: no trace of it, before the text is cut
             stderr = stderr.replace(secret, '(secret)')
         raise ProvisioningError('%s: %s failed: %s' % (
@@ -2073,6 +2080,12 @@ def user_plan(run, request):
         raise ProvisioningError('admin user %s exists as a system account (uid %d); refused: %s'
                                 % (name, account.pw_uid, why))
     plan = []
+    left = unfinished_user(run, name)
+    if left:
+        plan.append(Action('remove what a cut useradd left of %s (its entries in %s): userdel '
+                           '-r, then groupdel of its group if left' % (name, ', '.join(left)),
+                           lambda: remove_unfinished_user(run, name)))
+        account = None
     if account is None:
         shell = '/bin/bash' if os.access('/bin/bash', os.X_OK) else '/bin/sh'
         home = os.path.join('/home', name)
@@ -2096,10 +2109,65 @@ def user_plan(run, request):
     return plan
 
 
+ACCOUNT_FILES = ('/etc/passwd', '/etc/shadow', '/etc/group', '/etc/gshadow')
+
+
+def account_files_naming(run, name):
+    """The account files of the root that hold an entry for `name`."""
+    return [path for path in ACCOUNT_FILES
+            if any(line.split(':')[0] == name
+                   for line in (run.root.read_text(path) or '').splitlines())]
+
+
+def unfinished_user(run, name):
+    """The account files holding a part of `name` that a run on this VM began making
+    with useradd and never recorded as made: a power cut in useradd leaves any subset
+    of its four entries and its home ([] when none is left, or the record says no
+    such thing).  Nobody could log in as it yet (no key, no sudo rule: they come
+    after useradd), so all of it is made again."""
+    state = read_state(run.root) or {}
+    vm_id = run.facts.get('AZURE_VM_ID', '')
+    if not vm_id or state.get('vm_id') != vm_id or state.get('admin_user_creating') != name:
+        return []
+    return account_files_naming(run, name)
+
+
+# userdel(8): 6 the user does not exist (only a group or shadow entry was made);
+# 12 the home could not be removed (none was made; or it is not the user's: kept)
+USERDEL_GONE = (0, 6, 12)
+
+
+def remove_unfinished_user(run, name):
+    """userdel -r (not -f: a home that is not the account's stays, e.g. one that was
+    there before useradd ran), then groupdel of a group of that name userdel left,
+    when nobody is in it.  Shadow or gshadow lines left alone are useradd's to
+    replace."""
+    run_tool([find_tool('userdel') or 'userdel', '-r', name], run.deadline, 'user',
+             accept=USERDEL_GONE)
+    for line in (run.root.read_text('/etc/group') or '').splitlines():
+        fields = line.split(':')
+        if fields[0] != name:
+            continue
+        if len(fields) > 3 and fields[3].strip():
+            raise ProvisioningError('user: the group %s a cut useradd left has members (%s); '
+                                    'refused to remove it' % (name, one_line(fields[3], 80)))
+        run_tool([find_tool('groupdel') or 'groupdel', name], run.deadline, 'user')
+    run.log.info('user: removed what a cut useradd left of %s' % name)
+
+
 def create_user(run, name, shell):
+    """useradd, between two records on the disk: before it, that we are making `name`
+    (a power cut in useradd leaves a part of the account, the next run must make it
+    again); after it, that we made it (--deprovision --user removes it, whenever the
+    power goes later).  Neither claims the host keys (ssh_host_keys_for is carried)."""
     import pwd
+    run.user_creating = name
+    write_state(run, 'provisioning', 'user', 'the run stopped while making the admin user %s'
+                % name)
     run_tool([find_tool('useradd') or 'useradd', '-m', '-s', shell, name], run.deadline, 'user')
-    run.user_created = name
+    run.user_created, run.user_creating = name, None
+    write_state(run, 'provisioning', 'user', 'the run stopped after making the admin user %s'
+                % name)
     account = pwd.getpwnam(name)
     run.log.info('user: created %s (uid %d, shell %s)' % (name, account.pw_uid, shell))
     if not password_locked(run, name):
@@ -2365,16 +2433,26 @@ def write_state(run, result, step=None, reason=None):
     if run.options.dry_run:
         return
     previous = read_state(run.root) or {}
-    state = {'result': result, 'vm_id': run.facts.get('AZURE_VM_ID', ''),
+    vm_id = run.facts.get('AZURE_VM_ID') or ''
+    if not vm_id and isinstance(previous.get('vm_id'), str):
+        # a run that failed before IMDS named the VM: the last record's VM, and what
+        # it says we made there, stand (else a user of ours would become the image's)
+        vm_id = previous['vm_id']
+    state = {'result': result, 'vm_id': vm_id,
              'incarnation': run.incarnation, 'hostname': run.facts.get('AZURE_HOSTNAME'),
              'admin_user': run.facts.get('AZURE_ADMIN_USERNAME') or None,
              'ssh_host_keys': run.host_keys,
              'steps': [{'step': name, 'seconds': round(seconds, 3)} for name, seconds in run.steps],
              'timestamp': utc_timestamp(),
              'agent': '%s/%s' % (AGENT_NAME, VERSION)}
-    # which admin user we made (--deprovision --user removes it), kept across runs
-    made = previous.get('admin_user_created') if previous.get('vm_id') == state['vm_id'] else None
+    # which admin user we made (--deprovision --user removes it), kept across runs;
+    # and the one a run began making and never recorded as made (useradd cut short:
+    # any part of it may exist), which the next run makes again
+    same_vm = previous.get('vm_id') == state['vm_id']
+    made = previous.get('admin_user_created') if same_vm else None
     state['admin_user_created'] = run.user_created or made
+    creating = previous.get('admin_user_creating') if same_vm and not run.user_created else None
+    state['admin_user_creating'] = run.user_creating or creating
     # the VM the host keys on disk were made for: this run's when it made them, else
     # the last record's (a run that failed before the identity step left them as
     # they were).  The only proof host_keys_plan trusts.
@@ -2669,6 +2747,7 @@ class Run(object):
         self.media = None           # OvfEnv, when the provisioning media was read
         self.media_problem = None   # why it could not be, when it was there
         self.user_created = None    # the admin user this run made
+        self.user_creating = None   # the admin user this run began making with useradd
         self.host_keys = None       # what became of the SSH host keys, for the record
         self.host_keys_for = None   # the vmId, once this run made the keys on disk
         self.incarnation = None     # of the goal state the last report went to

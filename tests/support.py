@@ -144,12 +144,13 @@ def is_root():
 
 class PrivateHost(object):
     """A private copy of /etc, empty private /home, /root and /var/lib, and a private
-    hostname, for root tests.
+    hostname, for root tests.  They lie in `dir` as in a root (etc, home, root,
+    var/lib): what a run left there is a tree for --deprovision --root.
 
     `run(argv)` runs argv inside `unshare --uts --mount` after bind-mounting the
-    copies over /etc, /home and /root and setting the namespace's hostname to
-    `hostname`; it then prints the hostname the namespace ended with.  The real
-    /etc, /home, /root and hostname are never touched."""
+    copies over /etc, /home, /root and /var/lib and setting the namespace's hostname
+    to `hostname`; it then prints the hostname the namespace ended with.  The real
+    /etc, /home, /root, /var/lib and hostname are never touched."""
 
     MARK = '@@hostname-after='
 
@@ -161,6 +162,8 @@ class PrivateHost(object):
         self.root_home = os.path.join(self.dir, 'root')
         os.mkdir(self.home)
         os.mkdir(self.root_home, 0o700)
+        self.var_lib = os.path.join(self.dir, 'var', 'lib')
+        os.makedirs(self.var_lib)
         # pyenv's interpreters live under /root: keep the running one visible
         self.keep = ''
         if sys.base_prefix.startswith('/root/'):
@@ -182,16 +185,16 @@ class PrivateHost(object):
             return f.read()
 
     def run(self, argv, timeout=PROCESS_TIMEOUT, env=None):
-        # /var/lib: an empty tmpfs (the script keeps custom and user data there; the
-        # machine's own, and its KVP pool, stay out of reach)
+        # /var/lib: a private directory (the script keeps its record, custom and user
+        # data there; the machine's own, and its KVP pool, stay out of reach)
         wrapper = ('set -e; mount --bind "$1" /etc; mount --bind "$2" /home; '
-                   'mount -t tmpfs azp-test-var-lib /var/lib; '
+                   'mount --bind "$6" /var/lib; '
                    'if [ -n "$5" ]; then mount --bind "$5" "$3${5#/root}"; fi; '
-                   'mount --rbind "$3" /root; hostname "$4"; shift 5; '
+                   'mount --rbind "$3" /root; hostname "$4"; shift 6; '
                    'set +e; "$@"; code=$?; echo "%s$(hostname)"; exit $code' % self.MARK)
         run = run_command(['unshare', '--uts', '--mount', 'sh', '-c', wrapper, 'sh', self.etc,
-                           self.home, self.root_home, self.hostname, self.keep] + list(argv),
-                          env=env, timeout=timeout)
+                           self.home, self.root_home, self.hostname, self.keep, self.var_lib]
+                          + list(argv), env=env, timeout=timeout)
         lines = run.stdout.splitlines()
         run.hostname_after = None
         if lines and lines[-1].startswith(self.MARK):

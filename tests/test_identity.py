@@ -235,6 +235,30 @@ class Record(unittest.TestCase):
                          ('failed', 'hooks', 'hook 10-fail failed with exit status 3: broken'))
         self.assertEqual(state['steps'][-1]['step'], 'hooks')
 
+    def test_a_run_that_never_learned_its_vm_keeps_what_the_record_says(self):
+        # a run cut after useradd, then one whose IMDS failed: the user stays ours
+        root, _ = root_with_kvp_pool(self, 'azp-record-')
+        path = os.path.join(root, 'var/lib/azure-provisioning/state.json')
+        earlier = {'result': 'provisioning', 'vm_id': VM_A, 'step': 'user',
+                   'admin_user_created': 'alice', 'admin_user_creating': 'bob',
+                   'ssh_host_keys_for': VM_A}
+        write(path, json.dumps(earlier).encode(), 0o600)
+        with FakeAzure(computer_name='web-7', vm_id=VM_A, imds_faults=[403]) as az:
+            self.assertEqual(self.provision(az, root), 1)
+        with open(path) as f:
+            state = json.load(f)
+        self.assertEqual((state['result'], state['step']), ('failed', 'imds'))
+        self.assertEqual(dict((k, state[k]) for k in earlier if k not in ('result', 'step')),
+                         {'vm_id': VM_A, 'admin_user_created': 'alice',
+                          'admin_user_creating': 'bob', 'ssh_host_keys_for': VM_A})
+        # and the next run, on this VM, makes nothing of another VM's record
+        with FakeAzure(computer_name='web-7', vm_id=VM_B) as az:
+            self.assertEqual(self.provision(az, root), 0)
+        with open(path) as f:
+            state = json.load(f)
+        self.assertEqual((state['vm_id'], state['admin_user_created'],
+                          state['admin_user_creating']), (VM_B, None, None))
+
     def test_not_written_in_a_dry_run(self):
         root, _ = root_with_kvp_pool(self, 'azp-record-')
         with FakeAzure(computer_name='web-7') as az:

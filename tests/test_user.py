@@ -2,6 +2,7 @@
 private /etc, /home and /root (root only)."""
 
 import base64
+import json
 import os
 import shutil
 import stat
@@ -13,8 +14,8 @@ import unittest
 from unittest import mock
 
 import azure_provisioning as ap
-from tests.fake_azure import FakeAzure
-from tests.support import SCRIPT, PrivateHost, require_root
+from tests.fake_azure import DEFAULT_VM_ID, FakeAzure
+from tests.support import SCRIPT, PrivateHost, require_root, run_command, skip
 from tests.test_transport import QuietLog
 
 
@@ -350,6 +351,235 @@ class ProvisionUser(unittest.TestCase):
         self.assertIn('would write /etc/ssh/sshd_config.d/50-azure-provisioning.conf', run.stdout)
         self.assertIsNone(self.passwd_entry('alice'))
         self.assertEqual(os.listdir(self.host.home), [])
+
+
+# What a power cut during useradd left (seen in boots: the account in /etc/passwd and
+# /etc/shadow, not in /etc/group nor /etc/gshadow, no home), written by a fake useradd
+# that then kills the provisioner (SIGKILL: no handler runs, as in a power cut).  It
+# first keeps a copy of the record as useradd finds it: what the cut leaves on disk.
+CUT_USERADD = """#!/bin/sh
+cp /var/lib/azure-provisioning/state.json /var/lib/record-at-useradd.json
+echo "$NAME:x:$ID:$ID::/home/$NAME:/bin/sh" >> /etc/passwd
+echo "$NAME:!:20000:0:99999:7:::" >> /etc/shadow
+kill -9 $PPID
+exit 1
+"""
+
+
+class CutDuringUseradd(unittest.TestCase):
+    """A power cut while useradd made the admin user: the next run must end with one
+    complete account, and know it is ours (--deprovision --user removes it)."""
+
+    def setUp(self):
+        require_root(self)
+        for tool in ('useradd', 'userdel', 'pwck', 'grpck'):
+            if not ap.find_tool(tool):
+                skip(self, 'no %s (apt-get install passwd)' % tool)
+        self.host = PrivateHost('web-7')
+        self.addCleanup(self.host.cleanup)
+        os.makedirs(os.path.join(self.host.etc, 'skel'), exist_ok=True)
+        self.host.write('skel/.azp-skeleton', 'from /etc/skel\n')
+        self.state = os.path.join(self.host.var_lib, 'azure-provisioning', 'state.json')
+        self.baseline = self.account_checks()
+
+    def provision(self, az, *extra, **how):
+        argv = [sys.executable, '-I', SCRIPT, '--wireserver', az.wireserver_addr,
+                '--imds', az.imds_addr, '--provision-user', '--timeout', '30'] + list(extra)
+        run = self.host.run(argv, env=how.get('env'))
+        self.assertNotIn('Traceback', run.stderr)
+        return run
+
+    def account_checks(self):
+        """pwck -r and grpck -r of the private /etc: exit statuses, and what they say
+        of alice (the copy of this machine's /etc may hold complaints of its own)."""
+        found = []
+        for tool in ('pwck', 'grpck'):
+            run = self.host.run([ap.find_tool(tool), '-r'])
+            found.append((tool, run.code, [line for line in (run.stdout + run.stderr).splitlines()
+                                           if 'alice' in line]))
+        return found
+
+    def entries(self, name='alice'):
+        """{file: [its lines for `name`]} of the private /etc's four account files."""
+        return dict((file, [line for line in self.host.read(file).splitlines()
+                            if line.split(':')[0] == name])
+                    for file in ('passwd', 'shadow', 'group', 'gshadow'))
+
+    def free_id(self):
+        """The uid useradd would give next, as the cut account has it."""
+        used = set()
+        for file in ('passwd', 'group'):
+            used.update(int(line.split(':')[2]) for line in self.host.read(file).splitlines()
+                        if line.count(':') >= 3 and line.split(':')[2].isdigit())
+        return min(i for i in range(1000, 60000) if i not in used)
+
+    def append(self, file, line):
+        text = self.host.read(file)
+        self.host.write(file, text + ('' if text.endswith('\n') else '\n') + line + '\n')
+
+    def record(self, **fields):
+        os.makedirs(os.path.dirname(self.state), 0o700, exist_ok=True)
+        with open(self.state, 'w') as f:
+            json.dump(fields, f)
+        os.chmod(self.state, 0o600)
+
+    def read_record(self, path=None):
+        with open(path or self.state) as f:
+            return json.load(f)
+
+    def deprovision_user(self):
+        """--deprovision --user of the private tree (etc, home, var/lib of the host)."""
+        run = run_command([sys.executable, '-I', SCRIPT, '--deprovision', '--user',
+                           '--root', self.host.dir])
+        self.assertNotIn('Traceback', run.stderr)
+        return run
+
+    def assert_one_complete_alice(self):
+        entries = self.entries()
+        self.assertEqual([len(lines) for lines in entries.values()], [1, 1, 1, 1], entries)
+        passwd = entries['passwd'][0].split(':')
+        self.assertEqual(entries['group'][0].split(':')[2], passwd[3], entries)
+        self.assertEqual(self.account_checks(), self.baseline)
+        home = os.path.join(self.host.home, 'alice')
+        self.assertEqual(passwd[5], '/home/alice')
+        st = os.stat(home)
+        self.assertEqual((st.st_uid, st.st_gid), (int(passwd[2]), int(passwd[3])))
+        with open(os.path.join(home, '.azp-skeleton')) as f:       # useradd -m made it
+            self.assertEqual(f.read(), 'from /etc/skel\n')
+        with open(os.path.join(home, '.ssh', 'authorized_keys')) as f:
+            self.assertEqual(f.read(), key() + '\n')
+        self.assertTrue(entries['shadow'][0].split(':')[1].startswith('!'), entries)
+
+    def test_a_half_made_user_is_made_again_and_ours(self):
+        uid = self.free_id()
+        self.append('passwd', 'alice:x:%d:%d::/home/alice:/bin/sh' % (uid, uid))
+        self.append('shadow', 'alice:!:20000:0:99999:7:::')
+        self.record(result='provisioning', vm_id=DEFAULT_VM_ID, step='user',
+                    admin_user_creating='alice')
+        left = self.entries()
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az, '--dry-run')
+            self.assertEqual(run.code, 0, run)
+            self.assertIn('would remove what a cut useradd left of alice (its entries in '
+                          '/etc/passwd, /etc/shadow): userdel -r', run.stdout)
+            self.assertIn('would create user alice', run.stdout)
+            self.assertEqual(self.entries(), left)
+            run = self.provision(az)
+            self.assertEqual(run.code, 0, run)
+            self.assertTrue(az.ready_accepted())
+        self.assert_one_complete_alice()
+        state = self.read_record()
+        self.assertEqual((state['result'], state['admin_user_created'],
+                          state.get('admin_user_creating')), ('provisioned', 'alice', None))
+
+    def test_leftovers_in_group_files_alone_are_removed_with_the_tools(self):
+        # another moment of the cut: the group made, the account not (no passwd line)
+        gid = self.free_id()
+        self.append('group', 'alice:x:%d:' % gid)
+        self.append('gshadow', 'alice:!::')
+        self.append('shadow', 'alice:!:20000:0:99999:7:::')
+        self.record(result='provisioning', vm_id=DEFAULT_VM_ID, step='user',
+                    admin_user_creating='alice')
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 0, run)
+        self.assert_one_complete_alice()
+        self.assertEqual(self.read_record()['admin_user_created'], 'alice')
+
+    def test_a_left_group_with_members_is_not_removed(self):
+        gid = self.free_id()
+        self.append('group', 'alice:x:%d:daemon' % gid)
+        self.record(result='provisioning', vm_id=DEFAULT_VM_ID, step='user',
+                    admin_user_creating='alice')
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 1, run)
+            report, = az.health_reports
+            self.assertIn('the group alice a cut useradd left has members (daemon); refused',
+                          report['description'])
+        self.assertEqual(self.entries()['group'], ['alice:x:%d:daemon' % gid])
+        self.assertEqual(self.read_record()['admin_user_creating'], 'alice')
+
+    def test_a_user_we_made_whose_success_was_never_recorded_is_ours(self):
+        uid = self.free_id()
+        for file, line in [('passwd', 'alice:x:%d:%d::/home/alice:/bin/sh' % (uid, uid)),
+                           ('shadow', 'alice:!:20000:0:99999:7:::'),
+                           ('group', 'alice:x:%d:' % uid), ('gshadow', 'alice:!::')]:
+            self.append(file, line)
+        os.mkdir(os.path.join(self.host.home, 'alice'), 0o750)
+        os.chown(os.path.join(self.host.home, 'alice'), uid, uid)
+        self.record(result='provisioning', vm_id=DEFAULT_VM_ID, step='user',
+                    admin_user_creating='alice')
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 0, run)
+        self.assert_one_complete_alice()
+        self.assertEqual(self.read_record()['admin_user_created'], 'alice')
+        run = self.deprovision_user()
+        self.assertEqual(run.code, 0, run)
+        self.assertIn('remove the admin user alice', run.stdout)
+        self.assertEqual(self.entries(), {'passwd': [], 'shadow': [], 'group': [], 'gshadow': []})
+        self.assertFalse(os.path.exists(os.path.join(self.host.home, 'alice')))
+
+    def test_the_images_own_user_stays_not_ours(self):
+        uid = self.free_id()
+        for file, line in [('passwd', 'alice:x:%d:%d::/home/alice:/bin/sh' % (uid, uid)),
+                           ('shadow', 'alice:!:20000:0:99999:7:::'),
+                           ('group', 'alice:x:%d:' % uid), ('gshadow', 'alice:!::')]:
+            self.append(file, line)
+        os.mkdir(os.path.join(self.host.home, 'alice'), 0o750)
+        os.chown(os.path.join(self.host.home, 'alice'), uid, uid)
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 0, run)
+        self.assertEqual(self.entries()['passwd'],
+                         ['alice:x:%d:%d::/home/alice:/bin/sh' % (uid, uid)])
+        self.assertIsNone(self.read_record()['admin_user_created'])
+        run = self.deprovision_user()
+        self.assertEqual(run.code, 0, run)
+        self.assertIn('no admin user made by azure-provisioning on record', run.stderr)
+        self.assertEqual(len(self.entries()['passwd']), 1)
+
+    def test_the_intent_is_on_disk_before_useradd_runs(self):
+        # the record of an earlier run that failed before the identity step: it must
+        # not become a proof that this VM's host keys were made
+        self.record(result='failed', vm_id=DEFAULT_VM_ID, step='media', reason='no media')
+        tools = os.path.join(self.host.dir, 'cut-tools')
+        os.mkdir(tools)
+        with open(os.path.join(tools, 'useradd'), 'w') as f:
+            f.write(CUT_USERADD)
+        os.chmod(os.path.join(tools, 'useradd'), 0o755)
+        env = dict(os.environ, PATH=tools + ':' + os.environ.get('PATH', '/usr/bin:/bin'),
+                   NAME='alice', ID=str(self.free_id()))
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az, env=env)
+            self.assertEqual(run.code, 137, run)     # the shell saw python killed
+            self.assertEqual(az.health_reports, [])
+        at_useradd = self.read_record(os.path.join(self.host.var_lib, 'record-at-useradd.json'))
+        self.assertEqual(self.read_record(), at_useradd)   # the cut left this record
+        self.assertEqual((at_useradd['result'], at_useradd['vm_id'],
+                          at_useradd['admin_user_creating'], at_useradd['admin_user_created'],
+                          at_useradd['ssh_host_keys_for']),
+                         ('provisioning', DEFAULT_VM_ID, 'alice', None, None))
+        self.assertEqual(self.entries()['group'], [])
+        # with that record, the host keys are replaced, not kept
+        root = os.path.join(self.host.dir, 'image')
+        os.makedirs(os.path.join(root, 'usr/sbin'))
+        open(os.path.join(root, 'usr/sbin/sshd'), 'w').close()
+        os.makedirs(os.path.join(root, 'var/lib/azure-provisioning'))
+        with open(os.path.join(root, 'var/lib/azure-provisioning/state.json'), 'w') as f:
+            json.dump(at_useradd, f)
+        later = ap.Run(ap.Options(root=root), QuietLog(), None)
+        later.facts['AZURE_VM_ID'] = DEFAULT_VM_ID
+        plan = ap.host_keys_plan(later)
+        self.assertEqual(len(plan), 1)
+        self.assertIn('replace the SSH host keys', plan[0].says)
+        # the boot after the cut
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 0, run)
+        self.assert_one_complete_alice()
+        self.assertEqual(self.read_record()['admin_user_created'], 'alice')
 
 
 if __name__ == '__main__':
