@@ -1,0 +1,119 @@
+"""A second outside attack on the file-safety layer (issue 20, after the Root
+walk landed): what it still does on hostile image trees.  Each test fails while
+the defect it names is there."""
+
+import os
+import shutil
+import subprocess
+import sys
+import unittest
+
+from tests.support import SCRIPT, run_command
+from tests.test_files import Base, assert_one_line_error
+from tests.test_identity import listing, write
+
+
+class DecidedBeforeRemovingTheUnitLink(Base):
+    """The link that enables the unit is planned without asking whether it can be
+    made: a file (or a dangling link) where multi-user.target.wants should be.  The
+    dry run lists everything and exits 0; the run removes the host keys, the machine
+    id and the record, then fails on the link, before userdel: the admin user, her
+    home and her sudo rule stay, and a re-run no longer knows her."""
+
+    def deprovision(self, *args):
+        return run_command([sys.executable, '-I', SCRIPT, '--deprovision', '--root', self.root]
+                           + list(args))
+
+    def check(self, make):
+        make(os.path.join(self.root, 'etc/systemd/system/multi-user.target.wants'))
+        before = listing(self.root)
+        dry = self.deprovision('--dry-run', '--user')
+        run = self.deprovision('--user')
+        # what the dry run says is what the run does: both refuse, or both succeed
+        self.assertEqual(dry.code, run.code, (dry, run))
+        if run.code != 0:
+            assert_one_line_error(self, run, 'multi-user.target.wants')
+            self.assertEqual(listing(self.root), before, run)   # nothing removed
+
+    def test_a_file_where_the_wants_directory_should_be(self):
+        self.check(lambda path: write(path, b'x'))
+
+    def test_a_dangling_link_where_the_wants_directory_should_be(self):
+        self.check(lambda path: os.symlink('/nonexistent/wants', path))
+
+
+class FixesThatStayInTheRoot(Base):
+    """--check's fix for waagent leftovers is a command line an admin pastes: it
+    names the path as this machine's shell sees it, unresolved and unquoted."""
+
+    def fix(self, root):
+        run = run_command([sys.executable, '-I', SCRIPT, '--check', '--root', root])
+        lines = run.stdout.splitlines()
+        at = next(i for i, l in enumerate(lines) if 'waagent leftovers' in l)
+        self.assertTrue(lines[at + 1].strip().startswith('fix: '), run)
+        return lines[at + 1].strip()[len('fix: '):]
+
+    def test_the_rm_fix_does_not_follow_an_absolute_link_of_the_image(self):
+        # the image's /var is a link to its own /data/var; this machine has a
+        # directory of that name too
+        host = os.path.join(self.outside, 'data/var')
+        write(os.path.join(host, 'lib/waagent/keep'), b'outside')
+        shutil.rmtree(os.path.join(self.root, 'var'))
+        os.symlink(host, os.path.join(self.root, 'var'))
+        write(os.path.join(self.root, host.lstrip('/'), 'lib/waagent/waagent.log'), b'x')
+        before = listing(self.outside)
+        subprocess.check_call(['sh', '-c', self.fix(self.root)], cwd=self.base)
+        self.assertEqual(listing(self.outside), before)
+        self.assertFalse(os.path.exists(os.path.join(self.root, host.lstrip('/'), 'lib/waagent')))
+
+    def test_the_rm_fix_quotes_the_root(self):
+        root = os.path.join(self.base, 'my image')
+        os.rename(self.root, root)
+        write(os.path.join(root, 'etc/waagent.conf'), b'x')
+        write(os.path.join(self.base, 'my/keep'), b'outside the root')
+        subprocess.check_call(['sh', '-c', self.fix(root)], cwd=self.base)
+        self.assertTrue(os.path.exists(os.path.join(self.base, 'my/keep')))
+        self.assertFalse(os.path.exists(os.path.join(root, 'etc/waagent.conf')))
+
+
+class DeepTree(Base):
+    """A directory the walk reaches only through more levels than it may hold
+    descriptors: the image's /etc/ssh is a link to d/d/.../d/ssh (1100 levels; the
+    kernel follows it).  names() takes EMFILE for an empty directory, and
+    --deprovision says "deprovisioned" with the template's host keys still there."""
+
+    DEPTH = 1100
+
+    def setUp(self):
+        super().setUp()
+        fd = os.open(os.path.join(self.root, 'etc'), os.O_RDONLY)
+        for _ in range(self.DEPTH):
+            os.mkdir('d', dir_fd=fd)
+            deeper = os.open('d', os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = deeper
+        try:
+            os.rename(os.path.join(self.root, 'etc/ssh'), 'ssh', dst_dir_fd=fd)
+        finally:
+            os.close(fd)
+        os.symlink('d/' * self.DEPTH + 'ssh', os.path.join(self.root, 'etc/ssh'))
+        # rmtree recurses once a level: the deep part goes with rm
+        self.addCleanup(subprocess.call, ['rm', '-rf', os.path.join(self.root, 'etc/d')])
+
+    def test_host_keys_behind_a_deep_link(self):
+        keys = sorted(n for n in os.listdir(os.path.join(self.root, 'etc/ssh'))
+                      if n.startswith('ssh_host_'))
+        self.assertEqual(len(keys), 4)
+        run = run_command(['prlimit', '--nofile=1024', sys.executable, '-I', SCRIPT,
+                           '--deprovision', '--root', self.root])
+        left = sorted(n for n in os.listdir(os.path.join(self.root, 'etc/ssh'))
+                      if n.startswith('ssh_host_'))
+        # removed, or a one-line error and exit 1: never "deprovisioned" with keys left
+        if run.code == 0:
+            self.assertEqual(left, [], run)
+        else:
+            assert_one_line_error(self, run, '/etc/ssh')
+
+
+if __name__ == '__main__':
+    unittest.main()
