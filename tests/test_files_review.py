@@ -6,9 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import unittest
 
-from tests.support import SCRIPT, run_command
+from tests.support import SCRIPT, is_root, run_command, skip
 from tests.test_files import Base, assert_one_line_error
 from tests.test_identity import listing, write
 
@@ -113,6 +114,35 @@ class DeepTree(Base):
             self.assertEqual(left, [], run)
         else:
             assert_one_line_error(self, run, '/etc/ssh')
+
+
+class MachineRootByAnotherPath(unittest.TestCase):
+    """The guards compare resolved paths: a bind mount of this machine's / (as a
+    container's /host is, or `mount --bind / /mnt/x`) resolves to itself, not to
+    '/', and --deprovision --root there passes "this machine is no VM" and "run it
+    as root"; its dry run lists this machine's /etc/machine-id.  Run in a mount
+    namespace of its own, the plan stubbed: nothing is removed."""
+
+    PROBE = (
+        'import io, sys, unittest.mock as m; sys.path[:0] = [%r]\n'
+        'import azure_provisioning as ap\n'
+        'from tests.test_identity import Capture\n'
+        'planned = []\n'
+        'with m.patch.object(ap, "running_on_a_vm", lambda: False), '
+        'm.patch.object(ap, "deprovision_plan", lambda *a: planned.append(a) or []):\n'
+        '    code = ap.deprovision(ap.Options(root=%r), Capture(), io.StringIO())\n'
+        'print(code, len(planned))\n')
+
+    def test_a_bind_mount_of_slash(self):
+        if not is_root():
+            skip(self, 'a bind mount needs root')
+        where = tempfile.mkdtemp(prefix='azp-bind-')
+        self.addCleanup(os.rmdir, where)
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        run = run_command(['unshare', '--mount', '--propagation', 'private', 'sh', '-c',
+                           'mount --bind / "$1" && exec "$2" -I -c "$3"', 'sh', where,
+                           sys.executable, self.PROBE % (repo, where)])
+        self.assertEqual(run.stdout, '1 0\n', run)     # refused, nothing planned
 
 
 if __name__ == '__main__':
