@@ -2,6 +2,7 @@
 walk landed): what it still does on hostile image trees.  Each test fails while
 the defect it names is there."""
 
+import io
 import os
 import shutil
 import subprocess
@@ -9,9 +10,10 @@ import sys
 import tempfile
 import unittest
 
+import azure_provisioning as ap
 from tests.support import SCRIPT, is_root, run_command, skip
 from tests.test_files import Base, assert_one_line_error
-from tests.test_identity import listing, write
+from tests.test_identity import Capture, listing, write
 
 
 class DecidedBeforeRemovingTheUnitLink(Base):
@@ -143,6 +145,25 @@ class MachineRootByAnotherPath(unittest.TestCase):
                            'mount --bind / "$1" && exec "$2" -I -c "$3"', 'sh', where,
                            sys.executable, self.PROBE % (repo, where)])
         self.assertEqual(run.stdout, '1 0\n', run)     # refused, nothing planned
+
+
+class LeftOverTemporaryName(Base):
+    """Root.write clears a left-over temporary file of its name (.NAME.PID.tmp, a
+    power cut's) with unlink only: a directory of that name, which a hostile image
+    can hold for the PIDs a run will have (1, 2... in a PID namespace), stops the
+    write.  --deprovision's dry run exits 0; the run removes the host keys and then
+    fails on /etc/machine-id, which keeps the template's id."""
+
+    def test_a_directory_named_as_the_temporary_file(self):
+        os.makedirs(os.path.join(self.root, 'etc/.machine-id.%d.tmp/x' % os.getpid()))
+        before = listing(self.root)
+        dry = ap.deprovision(ap.Options(root=self.root, dry_run=True), Capture(), io.StringIO())
+        log = Capture()
+        code = ap.deprovision(ap.Options(root=self.root), log, io.StringIO())
+        self.assertEqual((dry, code), (0, 0), log.text)
+        with open(os.path.join(self.root, 'etc/machine-id'), 'rb') as f:
+            self.assertEqual(f.read(), b'')
+        self.assertNotEqual(listing(self.root), before)
 
 
 if __name__ == '__main__':
