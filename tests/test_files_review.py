@@ -170,5 +170,35 @@ class LeftOverTemporaryName(Base):
                 self.assertEqual(f.read(), b'')
 
 
+class CheckAsAnotherUser(Base):
+    """--check as a user who cannot enter /var/lib/azure-provisioning (0700, as
+    write_private makes it on every VM, so in every captured image, deprovisioned or
+    not): Root.stat raises PermissionError where a missing file is None, and
+    check_identity's exists(STATE_FILE) ends the whole check in "internal error:
+    PermissionError" (f03ace8 printed the check)."""
+
+    def test_a_0700_data_directory(self):
+        data = os.path.join(self.root, 'var/lib/azure-provisioning')
+        if is_root():
+            python = '/usr/bin/python3'     # one that uid 65534 may run (not under /root)
+            if not os.access(python, os.X_OK) or not shutil.which('setpriv'):
+                skip(self, 'needs /usr/bin/python3 and setpriv to run as uid 65534')
+            os.chmod(self.base, 0o755)
+            subprocess.check_call(['chmod', '-R', 'a+rX', self.base])
+            script = os.path.join(self.base, 'azure_provisioning.py')
+            shutil.copy(SCRIPT, script)
+            os.chmod(script, 0o644)
+            command = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups',
+                       python, '-I', script]
+        else:
+            command = [sys.executable, '-I', SCRIPT]
+        os.chmod(data, 0o700 if is_root() else 0)
+        self.addCleanup(os.chmod, data, 0o700)
+        run = run_command(command + ['--check', '--root', self.root])
+        self.assertNotIn('internal error', run.stderr, run)
+        self.assertNotIn('Traceback', run.stderr, run)
+        self.assertIn('image NOT ready', run.stdout, run)      # the rest of the check printed
+
+
 if __name__ == '__main__':
     unittest.main()
