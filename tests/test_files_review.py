@@ -12,7 +12,7 @@ import unittest
 
 import azure_provisioning as ap
 from tests.support import SCRIPT, is_root, run_command, skip
-from tests.test_files import Base, assert_one_line_error
+from tests.test_files import Base, assert_one_line_error, run_limited
 from tests.test_identity import Capture, listing, write
 
 
@@ -198,6 +198,29 @@ class CheckAsAnotherUser(Base):
         self.assertNotIn('internal error', run.stderr, run)
         self.assertNotIn('Traceback', run.stderr, run)
         self.assertIn('image NOT ready', run.stdout, run)      # the rest of the check printed
+
+
+class CheckReadsEveryFileSafely(Base):
+    """--check reads the kernels' modules.builtin through kernel_has_udf, which
+    calls Root.read_text itself instead of Check.read: a FIFO, a device, a link to
+    /dev/zero or a sparse 8 GiB file there ends the check in "internal error:
+    OSError" (the read is refused in time, but the refusal is not caught)."""
+
+    def test_modules_builtin_that_is_no_regular_file(self):
+        path = os.path.join(self.root, 'lib/modules/6.1.0/modules.builtin')
+        os.makedirs(os.path.dirname(path))
+        for kind in ('fifo', 'sparse'):
+            with self.subTest(kind=kind):
+                if os.path.lexists(path):
+                    os.remove(path)
+                if kind == 'fifo':
+                    os.mkfifo(path)
+                else:
+                    with open(path, 'wb') as f:
+                        f.truncate(8 << 30)
+                run = run_limited(['--check', '--root', self.root])
+                self.assertNotIn('internal error', run.stderr, run)
+                self.assertIn('/lib/modules/6.1.0/modules.builtin: ', run.stdout, run)
 
 
 if __name__ == '__main__':
