@@ -220,6 +220,7 @@ SELINUX_FS = '/sys/fs/selinux'     # mounted when SELinux is enabled
 SELINUX_XATTR = 'security.selinux'
 READ_MAX = 16 << 20     # bytes of one file we read: the largest (grub.cfg) are < 1 MiB
 SYMLINKS_MAX = 40       # links followed in one path, as the kernel allows
+PATH_MAX = 4096         # bytes of one path (and of a link's target), as the kernel allows
 # A directory of the walk: opened for lookups only, never through a link (O_NOFOLLOW)
 OPEN_DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # A file to read: a FIFO must not block the open, a tty must not become ours
@@ -305,7 +306,14 @@ class Root(object):
         return os.path.join(self.top, *[part.lstrip('/') for part in parts])
 
     def is_machine(self):
-        return self.top == '/'
+        """Whether this root is this machine's '/': by the directory itself, not its
+        path, as a bind mount of '/' (a container's /host) has another path."""
+        try:
+            here = os.stat(self.top)
+        except OSError:
+            return self.top == '/'
+        machine = os.stat('/')
+        return (here.st_dev, here.st_ino) == (machine.st_dev, machine.st_ino)
 
     def __repr__(self):
         return 'Root(%r)' % self.top
@@ -313,51 +321,70 @@ class Root(object):
     def locate(self, path, follow=True):
         """(descriptor of the directory that holds `path`'s last component, that
         component, the path as resolved inside the root); the caller closes the
-        descriptor.  follow: a link as last component is resolved too."""
+        descriptor.  follow: a link as last component is resolved too.  One descriptor
+        is open at a time, whatever the depth (a parent is closed once its child is
+        open; '..' reopens the parent and checks it is the one walked through), and the
+        kernel's bounds hold: PATH_MAX bytes of path, SYMLINKS_MAX links."""
         import errno
         import stat
+        if len(path.encode('utf-8', 'surrogateescape')) >= PATH_MAX:
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
         pending = [p for p in path.split('/') if p not in ('', '.')][::-1]   # a stack
-        fds = [os.open(self.top, OPEN_DIRECTORY & ~os.O_NOFOLLOW)]   # self.top is resolved
+        fd = os.open(self.top, OPEN_DIRECTORY & ~os.O_NOFOLLOW)   # self.top is resolved
         names = []
+        walked = [os.fstat(fd)[1:3]]     # (st_ino, st_dev) of each directory walked
         links = 0
+
+        def enter(name):
+            nonlocal fd
+            opened = os.open(name, OPEN_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = opened
         try:
             while pending:
                 name = pending.pop()
                 if name == '..':
                     if names:
-                        os.close(fds.pop())
+                        enter('..')
                         names.pop()
+                        walked.pop()
+                        if os.fstat(fd)[1:3] != walked[-1]:     # moved while walked
+                            raise OSError(errno.ESTALE, 'a directory moved while walked', path)
                     continue
                 if pending:
                     try:
-                        fds.append(os.open(name, OPEN_DIRECTORY, dir_fd=fds[-1]))
+                        enter(name)
                         names.append(name)
+                        walked.append(os.fstat(fd)[1:3])
                         continue
                     except OSError as exc:
                         # a link, or a file where a directory should be
                         if exc.errno != errno.ENOTDIR:
                             raise
                 try:
-                    is_link = stat.S_ISLNK(os.stat(name, dir_fd=fds[-1],
+                    is_link = stat.S_ISLNK(os.stat(name, dir_fd=fd,
                                                    follow_symlinks=False).st_mode)
                 except FileNotFoundError:
                     is_link = False
                 if not is_link and pending:
                     raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
                 if not is_link or not follow and not pending:
-                    return fds.pop(), name, '/' + '/'.join(names + [name])
+                    found, fd = fd, None
+                    return found, name, '/' + '/'.join(names + [name])
                 links += 1
                 if links > SYMLINKS_MAX:
                     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
-                target = os.readlink(name, dir_fd=fds[-1])
+                target = os.readlink(name, dir_fd=fd)
                 if target.startswith('/'):
-                    while names:
-                        os.close(fds.pop())
-                        names.pop()
+                    os.close(fd)
+                    fd = None
+                    fd = os.open(self.top, OPEN_DIRECTORY & ~os.O_NOFOLLOW)
+                    del names[:], walked[1:]
                 pending += [p for p in target.split('/') if p not in ('', '.')][::-1]
-            return fds.pop(), '.', '/' + '/'.join(names)
+            found, fd = fd, None
+            return found, '.', '/' + '/'.join(names)
         finally:
-            for fd in fds:
+            if fd is not None:
                 os.close(fd)
 
     def at(self, path, act, follow=True):
@@ -433,7 +460,9 @@ class Root(object):
             return os.path.normpath('/' + path)
 
     def names(self, directory, pattern):
-        """Names in `directory` matching the regular expression (none when unreadable)."""
+        """Names in `directory` matching the regular expression: none when there is no
+        such directory; an OSError when it cannot be listed (unreadable, too many open
+        files...), since "none" would mean "nothing to do" to a caller."""
         def listing(fd, name):
             opened = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                              dir_fd=fd)
@@ -443,8 +472,12 @@ class Root(object):
                 os.close(opened)
         try:
             return [n for n in self.at(directory, listing) if re.match(pattern, n)]
-        except (OSError, ValueError):
+        except ValueError:      # a NUL in the path (read from an image's config)
             return []
+        except OSError as exc:
+            if not_a_file(exc.errno):
+                return []
+            raise
 
     def remove(self, path):
         """Remove the file (or link) `path`, never a directory, in the directory that
@@ -2982,7 +3015,7 @@ def status(options, out):
         return code
     recorded = str((state or {}).get('vm_id', '')).lower()
     missing = current is None and root.lstat(DMI_UUID) is None
-    if missing and root.top != '/':
+    if missing and not root.is_machine():
         # an image's tree: the DMI of the machine we run on is not its VM's
         out.write('this VM: not looked up: %s holds no %s (an image, not the running '
                   'system)\n' % (root.top, DMI_UUID))
@@ -3194,7 +3227,7 @@ def check_python(c, python):
     otherwise judged from the image's files: a binary of another root cannot always
     be run here (another architecture, no chroot, not root)."""
     real = c.resolve(python)
-    if c.root.top == '/' and os.path.realpath(real) == os.path.realpath(sys.executable):
+    if c.root.is_machine() and os.path.realpath(real) == os.path.realpath(sys.executable):
         missing = []
         for name in NEEDED_MODULES:
             try:
@@ -3433,7 +3466,7 @@ def check_identity(c):
                                           '/boot/grub/grub.cfg', '/boot/grub2/grub.cfg')]
     cmdlines += [c.read('/boot/loader/entries', n) or ''
                  for n in c.root.names('/boot/loader/entries', r'.*\.conf$')]
-    if c.root.top == '/':
+    if c.root.is_machine():
         cmdlines.append(c.read('/proc/cmdline') or '')
     if not any(re.search(r'\bconsole=ttyS0\b', text) for text in cmdlines):
         c.say('warn', 'no console=ttyS0 on the kernel command line: Azure boot diagnostics '
