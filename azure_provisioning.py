@@ -221,6 +221,7 @@ SELINUX_XATTR = 'security.selinux'
 READ_MAX = 16 << 20     # bytes of one file we read: the largest (grub.cfg) are < 1 MiB
 SYMLINKS_MAX = 40       # links followed in one path, as the kernel allows
 PATH_MAX = 4096         # bytes of one path (and of a link's target), as the kernel allows
+TEMPORARY_TRIES = 8     # random temporary names tried before a write gives up
 # A directory of the walk: opened for lookups only, never through a link (O_NOFOLLOW)
 OPEN_DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # A file to read: a FIFO must not block the open, a tty must not become ours
@@ -513,8 +514,30 @@ class Root(object):
                 follow=False)
 
 
+def clear_temporary_files(directory, name):
+    """Remove the temporary files of `name` that a power cut left (.NAME.HEX.tmp, and
+    an older version's .NAME.PID.tmp) in the directory open as `directory`: regular
+    files only; anything else of such a name (a directory an image holds) is not ours
+    and stays.  Best effort: a directory that cannot be listed keeps them."""
+    import stat
+    left = re.compile(re.escape('.%s.' % name) + r'[0-9a-f]{1,32}\.tmp$')
+    try:
+        opened = os.open('.', os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
+        try:
+            found = [n for n in os.listdir(opened) if left.match(n)]
+        finally:
+            os.close(opened)
+        for tmp in found:
+            if stat.S_ISREG(os.stat(tmp, dir_fd=directory, follow_symlinks=False).st_mode):
+                os.unlink(tmp, dir_fd=directory)
+    except OSError:
+        pass
+
+
 def write_at(directory, name, data, mode, owner, check, deadline):
     """Root.write's work, in the directory open as `directory`."""
+    import binascii
+    import errno
     import stat
     try:
         st = os.stat(name, dir_fd=directory, follow_symlinks=False)
@@ -526,19 +549,24 @@ def write_at(directory, name, data, mode, owner, check, deadline):
         owner = owner or (st.st_uid, st.st_gid)
     elif mode is None:
         mode = 0o644
-    tmp = '.%s.%d.tmp' % (name, os.getpid())
-    # what a tool (visudo) is given: this very directory, whatever happens to its path
-    tmp_path = '/proc/%d/fd/%d/%s' % (os.getpid(), directory, tmp)
+    clear_temporary_files(directory, name)
+    tmp = fd = None
     try:
-        # opened inside the try: a SIGTERM handled right after open() returns (before
-        # `fd` is even set) must still remove the file.  A file of that name is a
-        # left-over of an earlier boot whose process had our PID (a power cut).
-        try:
-            os.unlink(tmp, dir_fd=directory)
-        except FileNotFoundError:
-            pass
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=directory)
+        # a name no one can have made ready for us (a hostile image's directory of a
+        # predictable name would stop the write), made with O_EXCL; opened inside the
+        # try: a SIGTERM handled right after open() returns must still remove it
+        for _ in range(TEMPORARY_TRIES):
+            tmp = '.%s.%s.tmp' % (name, binascii.hexlify(os.urandom(8)).decode())
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600, dir_fd=directory)
+                break
+            except FileExistsError:
+                tmp = None
+        if fd is None:
+            raise OSError(errno.EEXIST, 'no free temporary name', name)
+        # what a tool (visudo) is given: this very directory, whatever happens to its path
+        tmp_path = '/proc/%d/fd/%d/%s' % (os.getpid(), directory, tmp)
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()
@@ -559,10 +587,11 @@ def write_at(directory, name, data, mode, owner, check, deadline):
                 os.close(old)
         os.rename(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
     except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=directory)
-        except OSError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp, dir_fd=directory)
+            except OSError:
+                pass
         raise
     opened = os.open('.', os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
     try:
