@@ -3193,6 +3193,15 @@ class Check(object):
         """`path` inside the image, its links resolved inside the image."""
         return self.root.resolve(path)
 
+    def shown_path(self, path):
+        """`path` of the image as one shell word of a fix, where the reader finds it:
+        its directories' links resolved inside the image (an image's absolute link
+        means the image's own directory, not this machine's), the last component
+        itself not followed (rm -rf removes a link, not what it points to)."""
+        inside = os.path.join(self.resolve(os.path.dirname('/' + path.strip('/'))),
+                              os.path.basename(path.strip('/')))
+        return shell_word(os.path.join(self.shown, inside.lstrip('/')))
+
 
 def check_unit(c):
     unit = next((d for d in UNIT_DIRS if c.exists(d, UNIT_NAME)), None)
@@ -3359,7 +3368,7 @@ def check_agents(c):
     leftovers = [p for p in ('var/lib/waagent', 'etc/waagent.conf') if c.exists(p)]
     if leftovers:
         c.say('warn', 'waagent leftovers: %s' % ', '.join('/' + p for p in leftovers),
-              'rm -rf %s' % ' '.join(c.path(p) for p in leftovers))
+              'rm -rf %s' % ' '.join(c.shown_path(p) for p in leftovers))
 
 
 def remove_package(c, agent):
