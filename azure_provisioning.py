@@ -2862,7 +2862,7 @@ def deprovision_plan(run, remove_user):
     except OSError as exc:
         problems.append(describe_error(exc))
         machine_id = None
-    if (machine_id or b'').strip():
+    if (machine_id or b'').strip() and changeable(root, MACHINE_ID, problems):
         # empty, not absent: systemd then makes a new one at first boot
         plan.append(Action('empty %s (systemd makes a new one at first boot)' % MACHINE_ID,
                            lambda: root.write(MACHINE_ID, b'')))
@@ -2890,7 +2890,7 @@ def deprovision_plan(run, remove_user):
         plan += removal(root, '%s/%s' % (DATA_DIR, name), 'this VM\'s %s' % name, problems)
     unit = next(('/%s/%s' % (d, UNIT_NAME) for d in UNIT_DIRS
                  if root.stat(d, UNIT_NAME) is not None), None)
-    if unit and not root.exists(WANTS_LINK):
+    if unit and not root.exists(WANTS_LINK) and changeable(root, WANTS_LINK, problems):
         plan.append(Action('enable %s (%s -> %s): the next VM provisions itself'
                            % (UNIT_NAME, WANTS_LINK, unit),
                            lambda: root.symlink(unit, WANTS_LINK)))
@@ -2920,7 +2920,44 @@ def removal(root, path, why, problems):
     if stat.S_ISDIR(found.st_mode):
         problems.append('%s is a directory, not a file' % path)
         return []
+    if not changeable(root, path, problems):
+        return []
     return [Action('remove %s (%s)' % (path, why), lambda: root.remove(path))]
+
+
+def changeable(root, path, problems):
+    """Whether a file can be made, replaced or removed at `path` (a VM path): every
+    directory on its way is a directory, or missing (Root.make_dirs makes it; a
+    dangling link or a file there cannot be made into one), and the nearest that
+    exists can be written in (not a read-only or immutable one).  What is not goes
+    to `problems`: found at plan time, before anything is removed; the action meets
+    the same test again when it walks the path."""
+    import stat
+    parts = [p for p in path.split('/') if p not in ('', '.')][:-1]
+    existing = '/'
+    for end in range(1, len(parts) + 1):
+        directory = '/' + '/'.join(parts[:end])
+        try:
+            found = root.stat(directory)
+            if found is None and root.lstat(directory) is None:
+                break       # missing: made, with what follows, by the action
+        except OSError as exc:
+            problems.append(describe_error(exc))
+            return False
+        if found is None or not stat.S_ISDIR(found.st_mode):
+            problems.append('%s is %s, not a directory: %s cannot be made there' % (
+                directory, 'a link to nothing' if found is None else 'a file', path))
+            return False
+        existing = directory
+    try:
+        writable = root.at(existing, lambda fd, name: os.access(name, os.W_OK, dir_fd=fd))
+    except OSError as exc:
+        problems.append(describe_error(exc))
+        return False
+    if not writable:
+        problems.append('%s cannot be written in (read-only, immutable, or not ours): %s '
+                        'cannot be changed' % (existing, path))
+    return writable
 
 
 def user_removal_plan(run, state, problems):

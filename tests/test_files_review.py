@@ -45,6 +45,30 @@ class DecidedBeforeRemovingTheUnitLink(Base):
         self.check(lambda path: os.symlink('/nonexistent/wants', path))
 
 
+class DecidedBeforeRemovingOnAReadOnlyDirectory(Base):
+    """Every action's precondition is checked at plan time, not only "is it a
+    directory": a read-only directory (here a read-only bind mount of the KVP pools'
+    directory, as an image mounted in parts can have) fails its removal with EROFS
+    after the host keys and the machine id are gone.  Root and a mount namespace."""
+
+    def test_a_read_only_pool_directory(self):
+        if not is_root():
+            skip(self, 'a read-only bind mount needs root')
+        hyperv = os.path.join(self.root, 'var/lib/hyperv')
+        before = listing(self.root)
+        runs = []
+        for dry in (['--dry-run'], []):
+            runs.append(run_command(
+                ['unshare', '--mount', '--propagation', 'private', 'sh', '-c',
+                 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && '
+                 'exec "$@"', 'sh', hyperv, sys.executable, '-I', SCRIPT, '--deprovision',
+                 '--root', self.root] + dry))
+        dry, run = runs
+        self.assertEqual((dry.code, run.code), (1, 1), runs)
+        assert_one_line_error(self, run, '/var/lib/hyperv')
+        self.assertEqual(listing(self.root), before, run)   # nothing removed
+
+
 class FixesThatStayInTheRoot(Base):
     """--check's fix for waagent leftovers is a command line an admin pastes: it
     names the path as this machine's shell sees it, unresolved and unquoted."""
