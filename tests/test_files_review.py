@@ -69,6 +69,30 @@ class DecidedBeforeRemovingOnAReadOnlyDirectory(Base):
         self.assertEqual(listing(self.root), before, run)   # nothing removed
 
 
+class AListingThatFails(Base):
+    """A directory that exists but cannot be listed (EMFILE, EIO, EACCES) is an
+    error, not an empty directory: an empty list of host keys, leases or pools
+    means "nothing to remove", and --deprovision said "deprovisioned" with the
+    template's host keys still there."""
+
+    def test_deprovision_stops_before_removing_anything(self):
+        import errno
+        import unittest.mock
+        real = os.listdir
+
+        def listdir(where='.'):
+            if isinstance(where, int):      # Root.names lists an opened directory
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            return real(where)
+        before = listing(self.root)
+        log = Capture()
+        with unittest.mock.patch.object(ap.os, 'listdir', listdir):
+            code = ap.deprovision(ap.Options(root=self.root), log, io.StringIO())
+        self.assertEqual(code, 1, log.text)
+        self.assertIn('Too many open files', log.text)
+        self.assertEqual(listing(self.root), before, log.text)
+
+
 class FixesThatStayInTheRoot(Base):
     """--check's fix for waagent leftovers is a command line an admin pastes: it
     names the path as this machine's shell sees it, unresolved and unquoted."""
