@@ -216,6 +216,20 @@ class LeftOverTemporaryName(Base):
         else:
             with open(os.path.join(self.root, 'etc/machine-id'), 'rb') as f:
                 self.assertEqual(f.read(), b'')
+        # a directory someone put there is never ours to remove
+        self.assertTrue(os.path.isdir(os.path.join(
+            self.root, 'etc/.machine-id.%d.tmp/x' % os.getpid())), log.text)
+
+    def test_left_overs_of_a_power_cut_files_only(self):
+        etc = os.path.join(self.root, 'etc')
+        write(os.path.join(etc, '.machine-id.0123456789abcdef.tmp'), b'half')   # ours
+        write(os.path.join(etc, '.machine-id.77.tmp'), b'half')     # an older version's
+        os.makedirs(os.path.join(etc, '.machine-id.fedcba9876543210.tmp/x'))    # not ours
+        os.symlink('/nowhere', os.path.join(etc, '.machine-id.abc.tmp'))       # not ours
+        ap.Root(self.root).write('/etc/machine-id', b'')
+        self.assertEqual(sorted(n for n in os.listdir(etc) if n.startswith('.machine-id')),
+                         ['.machine-id.abc.tmp', '.machine-id.fedcba9876543210.tmp'])
+        self.assertTrue(os.path.isdir(os.path.join(etc, '.machine-id.fedcba9876543210.tmp/x')))
 
 
 class CheckAsAnotherUser(Base):
