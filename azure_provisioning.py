@@ -2982,7 +2982,8 @@ def user_removal_plan(run, state, problems):
             raise ProvisioningError('the record names %s, a system account (uid %s); '
                                     'refused: %s' % (name, printable(uid)[:20], why))
     plan = []
-    if uid is not None:
+    # userdel rewrites /etc/passwd and its siblings (lock files beside them)
+    if uid is not None and changeable(run.root, '/etc/passwd', problems):
         argv = [find_tool('userdel') or 'userdel', '-r', name]
         if not run.root.is_machine():
             argv[1:1] = ['--root', run.root.top]

@@ -68,6 +68,33 @@ class DecidedBeforeRemovingOnAReadOnlyDirectory(Base):
         assert_one_line_error(self, run, '/var/lib/hyperv')
         self.assertEqual(listing(self.root), before, run)   # nothing removed
 
+    def test_a_read_only_etc_for_userdel(self):
+        # nothing else to change in /etc: only userdel would meet the read-only /etc,
+        # after the leases, pools and data in /var were removed
+        if not is_root():
+            skip(self, 'a read-only bind mount needs root')
+        etc = os.path.join(self.root, 'etc')
+        for name in os.listdir(os.path.join(etc, 'ssh')):
+            if name.startswith('ssh_host_'):
+                os.remove(os.path.join(etc, 'ssh', name))
+        os.remove(os.path.join(etc, 'sudoers.d/azure-provisioning'))
+        write(os.path.join(etc, 'machine-id'), b'')
+        os.makedirs(os.path.join(etc, 'systemd/system/multi-user.target.wants'))
+        os.symlink('/etc/systemd/system/' + ap.UNIT_NAME,
+                   os.path.join(etc, 'systemd/system/multi-user.target.wants', ap.UNIT_NAME))
+        before = listing(self.root)
+        runs = []
+        for dry in (['--dry-run'], []):
+            runs.append(run_command(
+                ['unshare', '--mount', '--propagation', 'private', 'sh', '-c',
+                 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && '
+                 'exec "$@"', 'sh', etc, sys.executable, '-I', SCRIPT, '--deprovision',
+                 '--user', '--root', self.root] + dry))
+        dry, run = runs
+        self.assertEqual((dry.code, run.code), (1, 1), runs)
+        assert_one_line_error(self, run, '/etc')
+        self.assertEqual(listing(self.root), before, run)   # nothing removed
+
 
 class AListingThatFails(Base):
     """A directory that exists but cannot be listed (EMFILE, EIO, EACCES) is an
