@@ -220,6 +220,8 @@ SELINUX_FS = '/sys/fs/selinux'     # mounted when SELinux is enabled
 SELINUX_XATTR = 'security.selinux'
 READ_MAX = 16 << 20     # bytes of one file we read: the largest (grub.cfg) are < 1 MiB
 SYMLINKS_MAX = 40       # links followed in one path, as the kernel allows
+PATH_MAX = 4096         # bytes of one path (and of a link's target), as the kernel allows
+TEMPORARY_TRIES = 8     # random temporary names tried before a write gives up
 # A directory of the walk: opened for lookups only, never through a link (O_NOFOLLOW)
 OPEN_DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # A file to read: a FIFO must not block the open, a tty must not become ours
@@ -305,7 +307,14 @@ class Root(object):
         return os.path.join(self.top, *[part.lstrip('/') for part in parts])
 
     def is_machine(self):
-        return self.top == '/'
+        """Whether this root is this machine's '/': by the directory itself, not its
+        path, as a bind mount of '/' (a container's /host) has another path."""
+        try:
+            here = os.stat(self.top)
+        except OSError:
+            return self.top == '/'
+        machine = os.stat('/')
+        return (here.st_dev, here.st_ino) == (machine.st_dev, machine.st_ino)
 
     def __repr__(self):
         return 'Root(%r)' % self.top
@@ -313,51 +322,70 @@ class Root(object):
     def locate(self, path, follow=True):
         """(descriptor of the directory that holds `path`'s last component, that
         component, the path as resolved inside the root); the caller closes the
-        descriptor.  follow: a link as last component is resolved too."""
+        descriptor.  follow: a link as last component is resolved too.  One descriptor
+        is open at a time, whatever the depth (a parent is closed once its child is
+        open; '..' reopens the parent and checks it is the one walked through), and the
+        kernel's bounds hold: PATH_MAX bytes of path, SYMLINKS_MAX links."""
         import errno
         import stat
+        if len(path.encode('utf-8', 'surrogateescape')) >= PATH_MAX:
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
         pending = [p for p in path.split('/') if p not in ('', '.')][::-1]   # a stack
-        fds = [os.open(self.top, OPEN_DIRECTORY & ~os.O_NOFOLLOW)]   # self.top is resolved
+        fd = os.open(self.top, OPEN_DIRECTORY & ~os.O_NOFOLLOW)   # self.top is resolved
         names = []
+        walked = [os.fstat(fd)[1:3]]     # (st_ino, st_dev) of each directory walked
         links = 0
+
+        def enter(name):
+            nonlocal fd
+            opened = os.open(name, OPEN_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = opened
         try:
             while pending:
                 name = pending.pop()
                 if name == '..':
                     if names:
-                        os.close(fds.pop())
+                        enter('..')
                         names.pop()
+                        walked.pop()
+                        if os.fstat(fd)[1:3] != walked[-1]:     # moved while walked
+                            raise OSError(errno.ESTALE, 'a directory moved while walked', path)
                     continue
                 if pending:
                     try:
-                        fds.append(os.open(name, OPEN_DIRECTORY, dir_fd=fds[-1]))
+                        enter(name)
                         names.append(name)
+                        walked.append(os.fstat(fd)[1:3])
                         continue
                     except OSError as exc:
                         # a link, or a file where a directory should be
                         if exc.errno != errno.ENOTDIR:
                             raise
                 try:
-                    is_link = stat.S_ISLNK(os.stat(name, dir_fd=fds[-1],
+                    is_link = stat.S_ISLNK(os.stat(name, dir_fd=fd,
                                                    follow_symlinks=False).st_mode)
                 except FileNotFoundError:
                     is_link = False
                 if not is_link and pending:
                     raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
                 if not is_link or not follow and not pending:
-                    return fds.pop(), name, '/' + '/'.join(names + [name])
+                    found, fd = fd, None
+                    return found, name, '/' + '/'.join(names + [name])
                 links += 1
                 if links > SYMLINKS_MAX:
                     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
-                target = os.readlink(name, dir_fd=fds[-1])
+                target = os.readlink(name, dir_fd=fd)
                 if target.startswith('/'):
-                    while names:
-                        os.close(fds.pop())
-                        names.pop()
+                    os.close(fd)
+                    fd = None
+                    fd = os.open(self.top, OPEN_DIRECTORY & ~os.O_NOFOLLOW)
+                    del names[:], walked[1:]
                 pending += [p for p in target.split('/') if p not in ('', '.')][::-1]
-            return fds.pop(), '.', '/' + '/'.join(names)
+            found, fd = fd, None
+            return found, '.', '/' + '/'.join(names)
         finally:
-            for fd in fds:
+            if fd is not None:
                 os.close(fd)
 
     def at(self, path, act, follow=True):
@@ -433,7 +461,9 @@ class Root(object):
             return os.path.normpath('/' + path)
 
     def names(self, directory, pattern):
-        """Names in `directory` matching the regular expression (none when unreadable)."""
+        """Names in `directory` matching the regular expression: none when there is no
+        such directory; an OSError when it cannot be listed (unreadable, too many open
+        files...), since "none" would mean "nothing to do" to a caller."""
         def listing(fd, name):
             opened = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                              dir_fd=fd)
@@ -443,8 +473,12 @@ class Root(object):
                 os.close(opened)
         try:
             return [n for n in self.at(directory, listing) if re.match(pattern, n)]
-        except (OSError, ValueError):
+        except ValueError:      # a NUL in the path (read from an image's config)
             return []
+        except OSError as exc:
+            if not_a_file(exc.errno):
+                return []
+            raise
 
     def remove(self, path):
         """Remove the file (or link) `path`, never a directory, in the directory that
@@ -483,8 +517,30 @@ class Root(object):
                 follow=False)
 
 
+def clear_temporary_files(directory, name):
+    """Remove the temporary files of `name` that a power cut left (.NAME.HEX.tmp, and
+    an older version's .NAME.PID.tmp) in the directory open as `directory`: regular
+    files only; anything else of such a name (a directory an image holds) is not ours
+    and stays.  Best effort: a directory that cannot be listed keeps them."""
+    import stat
+    left = re.compile(re.escape('.%s.' % name) + r'[0-9a-f]{1,32}\.tmp$')
+    try:
+        opened = os.open('.', os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
+        try:
+            found = [n for n in os.listdir(opened) if left.match(n)]
+        finally:
+            os.close(opened)
+        for tmp in found:
+            if stat.S_ISREG(os.stat(tmp, dir_fd=directory, follow_symlinks=False).st_mode):
+                os.unlink(tmp, dir_fd=directory)
+    except OSError:
+        pass
+
+
 def write_at(directory, name, data, mode, owner, check, deadline):
     """Root.write's work, in the directory open as `directory`."""
+    import binascii
+    import errno
     import stat
     try:
         st = os.stat(name, dir_fd=directory, follow_symlinks=False)
@@ -496,19 +552,24 @@ def write_at(directory, name, data, mode, owner, check, deadline):
         owner = owner or (st.st_uid, st.st_gid)
     elif mode is None:
         mode = 0o644
-    tmp = '.%s.%d.tmp' % (name, os.getpid())
-    # what a tool (visudo) is given: this very directory, whatever happens to its path
-    tmp_path = '/proc/%d/fd/%d/%s' % (os.getpid(), directory, tmp)
+    clear_temporary_files(directory, name)
+    tmp = fd = None
     try:
-        # opened inside the try: a SIGTERM handled right after open() returns (before
-        # `fd` is even set) must still remove the file.  A file of that name is a
-        # left-over of an earlier boot whose process had our PID (a power cut).
-        try:
-            os.unlink(tmp, dir_fd=directory)
-        except FileNotFoundError:
-            pass
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=directory)
+        # a name no one can have made ready for us (a hostile image's directory of a
+        # predictable name would stop the write), made with O_EXCL; opened inside the
+        # try: a SIGTERM handled right after open() returns must still remove it
+        for _ in range(TEMPORARY_TRIES):
+            tmp = '.%s.%s.tmp' % (name, binascii.hexlify(os.urandom(8)).decode())
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600, dir_fd=directory)
+                break
+            except FileExistsError:
+                tmp = None
+        if fd is None:
+            raise OSError(errno.EEXIST, 'no free temporary name', name)
+        # what a tool (visudo) is given: this very directory, whatever happens to its path
+        tmp_path = '/proc/%d/fd/%d/%s' % (os.getpid(), directory, tmp)
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()
@@ -529,10 +590,11 @@ def write_at(directory, name, data, mode, owner, check, deadline):
                 os.close(old)
         os.rename(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
     except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=directory)
-        except OSError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp, dir_fd=directory)
+            except OSError:
+                pass
         raise
     sync_directory(directory)
 
@@ -2957,7 +3019,7 @@ def deprovision_plan(run, remove_user):
     except OSError as exc:
         problems.append(describe_error(exc))
         machine_id = None
-    if (machine_id or b'').strip():
+    if (machine_id or b'').strip() and changeable(root, MACHINE_ID, problems):
         # empty, not absent: systemd then makes a new one at first boot
         plan.append(Action('empty %s (systemd makes a new one at first boot)' % MACHINE_ID,
                            lambda: root.write(MACHINE_ID, b'')))
@@ -2985,7 +3047,7 @@ def deprovision_plan(run, remove_user):
         plan += removal(root, '%s/%s' % (DATA_DIR, name), 'this VM\'s %s' % name, problems)
     unit = next(('/%s/%s' % (d, UNIT_NAME) for d in UNIT_DIRS
                  if root.stat(d, UNIT_NAME) is not None), None)
-    if unit and not root.exists(WANTS_LINK):
+    if unit and not root.exists(WANTS_LINK) and changeable(root, WANTS_LINK, problems):
         plan.append(Action('enable %s (%s -> %s): the next VM provisions itself'
                            % (UNIT_NAME, WANTS_LINK, unit),
                            lambda: root.symlink(unit, WANTS_LINK)))
@@ -3015,7 +3077,44 @@ def removal(root, path, why, problems):
     if stat.S_ISDIR(found.st_mode):
         problems.append('%s is a directory, not a file' % path)
         return []
+    if not changeable(root, path, problems):
+        return []
     return [Action('remove %s (%s)' % (path, why), lambda: root.remove(path))]
+
+
+def changeable(root, path, problems):
+    """Whether a file can be made, replaced or removed at `path` (a VM path): every
+    directory on its way is a directory, or missing (Root.make_dirs makes it; a
+    dangling link or a file there cannot be made into one), and the nearest that
+    exists can be written in (not a read-only or immutable one).  What is not goes
+    to `problems`: found at plan time, before anything is removed; the action meets
+    the same test again when it walks the path."""
+    import stat
+    parts = [p for p in path.split('/') if p not in ('', '.')][:-1]
+    existing = '/'
+    for end in range(1, len(parts) + 1):
+        directory = '/' + '/'.join(parts[:end])
+        try:
+            found = root.stat(directory)
+            if found is None and root.lstat(directory) is None:
+                break       # missing: made, with what follows, by the action
+        except OSError as exc:
+            problems.append(describe_error(exc))
+            return False
+        if found is None or not stat.S_ISDIR(found.st_mode):
+            problems.append('%s is %s, not a directory: %s cannot be made there' % (
+                directory, 'a link to nothing' if found is None else 'a file', path))
+            return False
+        existing = directory
+    try:
+        writable = root.at(existing, lambda fd, name: os.access(name, os.W_OK, dir_fd=fd))
+    except OSError as exc:
+        problems.append(describe_error(exc))
+        return False
+    if not writable:
+        problems.append('%s cannot be written in (read-only, immutable, or not ours): %s '
+                        'cannot be changed' % (existing, path))
+    return writable
 
 
 def user_removal_plan(run, state, problems):
@@ -3040,7 +3139,8 @@ def user_removal_plan(run, state, problems):
             raise ProvisioningError('the record names %s, a system account (uid %s); '
                                     'refused: %s' % (name, printable(uid)[:20], why))
     plan = []
-    if uid is not None:
+    # userdel rewrites /etc/passwd and its siblings (lock files beside them)
+    if uid is not None and changeable(run.root, '/etc/passwd', problems):
         argv = [find_tool('userdel') or 'userdel', '-r', name]
         if not run.root.is_machine():
             argv[1:1] = ['--root', run.root.top]
@@ -3139,7 +3239,7 @@ def status(options, out):
         return code
     recorded = str((state or {}).get('vm_id', '')).lower()
     missing = current is None and root.lstat(DMI_UUID) is None
-    if missing and root.top != '/':
+    if missing and not root.is_machine():
         # an image's tree: the DMI of the machine we run on is not its VM's
         out.write('this VM: not looked up: %s holds no %s (an image, not the running '
                   'system)\n' % (root.top, DMI_UUID))
@@ -3288,6 +3388,15 @@ class Check(object):
         """`path` inside the image, its links resolved inside the image."""
         return self.root.resolve(path)
 
+    def shown_path(self, path):
+        """`path` of the image as one shell word of a fix, where the reader finds it:
+        its directories' links resolved inside the image (an image's absolute link
+        means the image's own directory, not this machine's), the last component
+        itself not followed (rm -rf removes a link, not what it points to)."""
+        inside = os.path.join(self.resolve(os.path.dirname('/' + path.strip('/'))),
+                              os.path.basename(path.strip('/')))
+        return shell_word(os.path.join(self.shown, inside.lstrip('/')))
+
 
 def check_unit(c):
     unit = next((d for d in UNIT_DIRS if c.exists(d, UNIT_NAME)), None)
@@ -3351,7 +3460,7 @@ def check_python(c, python):
     otherwise judged from the image's files: a binary of another root cannot always
     be run here (another architecture, no chroot, not root)."""
     real = c.resolve(python)
-    if c.root.top == '/' and os.path.realpath(real) == os.path.realpath(sys.executable):
+    if c.root.is_machine() and os.path.realpath(real) == os.path.realpath(sys.executable):
         missing = []
         for name in NEEDED_MODULES:
             try:
@@ -3454,7 +3563,7 @@ def check_agents(c):
     leftovers = [p for p in ('var/lib/waagent', 'etc/waagent.conf') if c.exists(p)]
     if leftovers:
         c.say('warn', 'waagent leftovers: %s' % ', '.join('/' + p for p in leftovers),
-              'rm -rf %s' % ' '.join(c.path(p) for p in leftovers))
+              'rm -rf %s' % ' '.join(c.shown_path(p) for p in leftovers))
 
 
 def remove_package(c, agent):
@@ -3590,7 +3699,7 @@ def check_identity(c):
                                           '/boot/grub/grub.cfg', '/boot/grub2/grub.cfg')]
     cmdlines += [c.read('/boot/loader/entries', n) or ''
                  for n in c.root.names('/boot/loader/entries', r'.*\.conf$')]
-    if c.root.top == '/':
+    if c.root.is_machine():
         cmdlines.append(c.read('/proc/cmdline') or '')
     if not any(re.search(r'\bconsole=ttyS0\b', text) for text in cmdlines):
         c.say('warn', 'no console=ttyS0 on the kernel command line: Azure boot diagnostics '
