@@ -1,0 +1,199 @@
+"""Second outside attack on issue 20's fixes (identity record, deprovision order, KVP,
+login.defs): each test here reproduces a finding and fails on the code it was
+written against.  Every run is on a temporary root; nothing of this machine is
+touched (the fake WireServer and IMDS listen on 127.0.0.1)."""
+
+import fcntl
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from unittest import mock
+
+import azure_provisioning as ap
+from tests.fake_azure import FakeAzure
+from tests.support import SCRIPT, root_with_kvp_pool, run_command, skip
+from tests.test_identity import VM_A, Capture, provisioned_tree, write
+from tests.test_trust import STATE, fake_tool, read_record
+
+
+def host_keys(root):
+    ssh = os.path.join(root, 'etc/ssh')
+    return dict((n, ap.read_bytes(os.path.join(ssh, n)))
+                for n in os.listdir(ssh) if n.startswith('ssh_host_'))
+
+
+class Provisioned(unittest.TestCase):
+    """A temporary root with sshd, the template's host keys and a KVP pool directory;
+    provision() runs the provisioner on it against the emulator, as VM_A."""
+
+    def setUp(self):
+        if not shutil.which('ssh-keygen'):
+            skip(self, 'no ssh-keygen (apt-get install openssh-client)')
+        self.root, self.pool = root_with_kvp_pool(self, 'azp-review-two-')
+        write(os.path.join(self.root, 'usr/sbin/sshd'), b'', 0o755)
+        os.makedirs(os.path.join(self.root, 'etc/ssh'))
+        subprocess.check_call(['ssh-keygen', '-q', '-A', '-f', self.root],
+                              stdout=subprocess.DEVNULL)
+        self.template = host_keys(self.root)
+        patch = mock.patch.object(ap, 'system_systemd', return_value=False)
+        patch.start()
+        self.addCleanup(patch.stop)
+
+    def provision(self, timeout=20, **fake):
+        log = Capture()
+        with FakeAzure(vm_id=VM_A, **fake) as az:
+            options = ap.Options(wireserver=ap.parse_address(az.wireserver_addr),
+                                 imds=ap.parse_address(az.imds_addr), timeout=timeout,
+                                 set_hostname=False, publish_hostname=False, root=self.root,
+                                 media='none')
+            code = ap.provision(options, log, io.StringIO())
+            self.reports = list(az.health_reports)
+        self.log = log.text
+        return code
+
+
+class NoHostKeysAfterAFailedDeprovision(Provisioned):
+    """Finding 1: `--deprovision --user` whose userdel fails (the admin logged in, the
+    usual case) has already removed the host keys, re-enabled the unit and kept the
+    record, which says the keys were made for this VM.  The next boot of the same VM
+    provisions again and trusts the record: "kept (made for this VM)", with no host
+    key on disk at all; sshd cannot start (Debian's ssh.service makes none): the VM
+    is unreachable over SSH."""
+
+    def test_the_next_boot_makes_keys_when_there_are_none(self):
+        self.assertEqual(self.provision(), 0, self.log)
+        made = host_keys(self.root)
+        self.assertNotEqual(made, self.template)
+        # the admin user --provision-user made, as the record of such a VM says
+        state = read_record(self.root)
+        state['admin_user_created'] = 'alice'
+        write(os.path.join(self.root, STATE), json.dumps(state).encode(), 0o600)
+        write(os.path.join(self.root, 'etc/passwd'),
+              b'root:x:0:0:root:/root:/bin/sh\nalice:x:1500:1500::/home/alice:/bin/sh\n')
+        tools = fake_tool(self, 'userdel', 'echo "userdel: user alice is currently used by '
+                                           'process 4242" >&2; exit 8\n')
+        run = run_command([sys.executable, '-I', SCRIPT, '--deprovision', '--user', '--root',
+                           self.root], env=dict(os.environ, PATH=tools + os.pathsep
+                                                + os.environ['PATH']))
+        self.assertEqual(run.code, 1, run)
+        self.assertEqual(host_keys(self.root), {}, run)     # removed before userdel
+        self.assertEqual(read_record(self.root)['ssh_host_keys_for'], VM_A)
+        # the admin reboots to log out; the unit, enabled again, provisions VM_A again
+        self.assertEqual(self.provision(), 0, self.log)
+        after = host_keys(self.root)
+        self.assertIn('ssh_host_ed25519_key', after,
+                      'no host keys on disk, and the run says: %s'
+                      % read_record(self.root)['ssh_host_keys'])
+
+
+class AdminUserForgottenAfterAnImdsFailure(Provisioned):
+    """Finding 2: the run that created the admin user failed later (a hook, sshd...);
+    the next boot's run fails at the IMDS step (IMDS unreachable for the whole
+    deadline), and its record, with vm_id '', drops admin_user_created, because that
+    is carried only from a record of the same vmId.  The third boot succeeds; the
+    record never names alice again, and `--deprovision --user` puts her, her home and
+    her keys into the image ("no admin user made by azure-provisioning on record")."""
+
+    def test_the_user_made_stays_on_record(self):
+        write(os.path.join(self.root, STATE), json.dumps({
+            'result': 'failed', 'step': 'hooks', 'reason': 'hook 10-x failed', 'vm_id': VM_A,
+            'admin_user_created': 'alice', 'ssh_host_keys_for': VM_A}).encode(), 0o600)
+        self.assertEqual(self.provision(timeout=6, imds_down=True), 1, self.log)
+        self.assertEqual(read_record(self.root)['step'], 'imds')
+        self.assertEqual(self.provision(), 0, self.log)
+        self.assertEqual(read_record(self.root).get('admin_user_created'), 'alice',
+                         read_record(self.root))
+
+
+class DeprovisionThenDeprovisionUser(unittest.TestCase):
+    """Finding 3: `--deprovision` (without --user) removes the record, the only place
+    that says which admin user we made; a later `--deprovision --user` (the admin
+    changed their mind, or a build script runs both) says "nothing to remove: this is
+    an image already", exit 0, and alice, her home, her keys and her sudo rule go into
+    the image: defect 2's outcome by another order."""
+
+    def test_the_user_is_not_forgotten(self):
+        base = tempfile.mkdtemp(prefix='azp-review-two-')
+        self.addCleanup(shutil.rmtree, base)
+        root = provisioned_tree(os.path.join(base, 'image'))
+        calls = os.path.join(base, 'userdel-calls')
+        tools = fake_tool(self, 'userdel', 'echo "$@" >> %s\n' % calls)
+        env = dict(os.environ, PATH=tools + os.pathsep + os.environ['PATH'])
+        run = run_command([sys.executable, '-I', SCRIPT, '--deprovision', '--root', root],
+                          env=env)
+        self.assertEqual(run.code, 0, run)
+        run = run_command([sys.executable, '-I', SCRIPT, '--deprovision', '--user', '--root',
+                           root], env=env)
+        removed = os.path.exists(calls)
+        self.assertTrue(removed or run.code != 0,
+                        'alice is still in the image and the run says: %r' % run.stdout)
+
+
+class KvpPoolThatBlocks(Provisioned):
+    """Finding 4: the pool is opened without O_NONBLOCK and written without checking
+    it is a regular file.  A FIFO there whose pipe is full (a process holding it
+    open) blocks the write forever; on the failure path KVP comes first, so
+    ProvisioningFailed never reaches the WireServer and the run outlives --timeout
+    (issue 20, defects 5 and 7: never block on a FIFO; the WireServer report must not
+    depend on KVP)."""
+
+    def test_a_full_fifo_does_not_stop_the_failure_report(self):
+        os.mkfifo(self.pool)
+        # what a process holding the FIFO open with its buffer full looks like
+        holder = os.open(self.pool, os.O_RDWR | os.O_NONBLOCK)
+        self.addCleanup(os.close, holder)
+        try:
+            while True:
+                os.write(holder, b'x' * 4096)
+        except BlockingIOError:
+            pass
+        done = []
+        worker = threading.Thread(target=lambda: done.append(
+            self.provision(timeout=6, imds_down=True)))
+        worker.daemon = True
+        started = time.monotonic()
+        worker.start()
+        worker.join(20)
+        stuck = worker.is_alive()
+        if stuck:   # let the blocked write finish, so that the thread and emulator end
+            drain = os.open(self.pool, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                while os.read(drain, 65536):
+                    pass
+            except BlockingIOError:
+                pass
+            worker.join(10)
+            os.close(drain)
+        self.assertFalse(stuck, 'provisioning with --timeout 6 still running after %.0f s'
+                         % (time.monotonic() - started))
+        self.assertEqual(done, [1])
+        self.assertEqual([r['substatus'] for r in self.reports], ['ProvisioningFailed'])
+
+
+class LoginDefsAsUseraddReadsIt(unittest.TestCase):
+    """Finding 5: shadow's useradd reads login.defs numbers with strtoul base 0: hex
+    and octal count (useradd --root of shadow 4.13, Debian 12: `UID_MIN 0x5DC` and
+    `UID_MIN 02734` both give the first user uid 1500).  user_uids takes a hex value
+    for "not a number" (the defaults) and an octal one as decimal (2734): the range
+    is then not the one useradd gave, and the admin user useradd made at uid 1500 is
+    refused as "a system account" by --deprovision --user and by every later
+    provisioning run."""
+
+    def test_hex_and_octal(self):
+        root = tempfile.mkdtemp(prefix='azp-review-two-')
+        self.addCleanup(shutil.rmtree, root)
+        for text in ('UID_MIN 0x5DC\n', 'UID_MIN 02734\n', 'UID_MIN 0X5dc\n'):
+            with self.subTest(defs=text):
+                write(os.path.join(root, 'etc/login.defs'), text.encode())
+                self.assertEqual(ap.user_uids(ap.Root(root)), (1500, 60000))
+
+
+if __name__ == '__main__':
+    unittest.main()
