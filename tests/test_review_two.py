@@ -239,3 +239,51 @@ class StatusAsRootIsToldToRunAsRoot(unittest.TestCase):
                 run = run_command([sys.executable, '-I', SCRIPT, '--status', '--root', root])
                 os.remove(uuid)
                 self.assertNotIn('run as root', run.stdout)
+
+
+class KvpPoolThroughALink(Provisioned):
+    """Finding 8: write_kvp opens the pool following links (O_CREAT, no O_NOFOLLOW,
+    no regular-file check) and truncates what it finds when its mtime is older than
+    the boot: a var/lib/hyperv/.kvp_pool_1 linking out of the root has the target
+    emptied and overwritten with a KVP record (issue 20, defect 3's rule: nothing
+    changed outside the root, every path checked at the action).  On a VM (root /)
+    the same link would have any file of the machine truncated at first boot."""
+
+    def test_a_file_outside_the_root_is_left_alone(self):
+        outside = tempfile.mkdtemp(prefix='azp-review-two-outside-')
+        self.addCleanup(shutil.rmtree, outside)
+        precious = os.path.join(outside, 'precious')
+        write(precious, b'precious data\n')
+        os.utime(precious, (1000, 1000))      # older than this boot
+        os.symlink(precious, self.pool)
+        self.assertEqual(self.provision(), 0, self.log)
+        self.assertEqual(ap.read_bytes(precious), b'precious data\n')
+
+
+class SshdConfigDirectoryThatIsALink(unittest.TestCase):
+    """Finding 9 (defect 8's class): sshd_config includes sshd_config.d/*.conf and
+    sshd_config.d is a dangling symbolic link (or a file): sshd starts (the glob
+    matches nothing), but the drop-in cannot be written, after the user was made, at
+    every boot: ProvisioningFailed for good, with a message naming a file "not
+    found"."""
+
+    def test_the_setting_is_written_or_skipped(self):
+        from tests.test_transport import QuietLog
+        for kind in ('dangling link', 'file'):
+            with self.subTest(kind=kind):
+                root = tempfile.mkdtemp(prefix='azp-review-two-')
+                self.addCleanup(shutil.rmtree, root)
+                write(os.path.join(root, 'etc/ssh/sshd_config'),
+                      b'Include /etc/ssh/sshd_config.d/*.conf\n')
+                directory = os.path.join(root, 'etc/ssh/sshd_config.d')
+                if kind == 'file':
+                    write(directory, b'')
+                else:
+                    os.symlink('/nonexistent-azp-review-two', directory)
+                run = ap.Run(ap.Options(root=root), QuietLog(), io.StringIO())
+                with mock.patch.object(ap, 'restart_sshd'):
+                    try:
+                        run.carry_out(*ap.sshd_plan(run, 'yes'))
+                    except (OSError, ap.ProvisioningError) as exc:
+                        self.fail('the user step fails: %s' % ap.describe_error(exc))
+                self.assertFalse(os.path.lexists('/nonexistent-azp-review-two'))
