@@ -287,3 +287,38 @@ class SshdConfigDirectoryThatIsALink(unittest.TestCase):
                     except (OSError, ap.ProvisioningError) as exc:
                         self.fail('the user step fails: %s' % ap.describe_error(exc))
                 self.assertFalse(os.path.lexists('/nonexistent-azp-review-two'))
+
+
+class PowerCutAfterUseradd(unittest.TestCase):
+    """Finding 10: the record is written only at the end of a run, so a power cut (or
+    SIGKILL, or the unit's TimeoutStartSec) anywhere after useradd of the first boot
+    and before that write -- user creation, host keys, a hook: the issue's power-cut
+    moments -- leaves alice on disk and no admin_user_created.  The second boot finds
+    the account there, takes it as not ours, and records admin_user_created null:
+    `--deprovision --user` then leaves alice, her home and her keys in the image.
+    Here the cut is a hook's SIGKILL of the provisioner; both boots and the
+    deprovision run in one private namespace (/etc copy, tmpfs /var/lib)."""
+
+    def test_the_user_made_before_the_cut_is_on_record(self):
+        from tests.support import PrivateHost, require_root
+        from tests.test_user import SSHD_CONFIG
+        require_root(self)
+        host = PrivateHost('web-7')
+        self.addCleanup(host.cleanup)
+        os.makedirs(os.path.join(host.etc, 'ssh', 'sshd_config.d'), exist_ok=True)
+        host.write('ssh/sshd_config', SSHD_CONFIG)
+        hooks = os.path.join(host.etc, 'azure-provisioning/ready.d')
+        write(os.path.join(hooks, '10-power-cut'), b'#!/bin/sh\nkill -9 $PPID\n', 0o755)
+        with FakeAzure(vm_id=VM_A, admin_username='alice') as az:
+            provision = ' '.join([sys.executable, '-I', SCRIPT, '--wireserver',
+                                  az.wireserver_addr, '--imds', az.imds_addr,
+                                  '--provision-user', '--timeout', '30'])
+            run = host.run(['sh', '-c', (
+                '{0}; echo "first boot: exit $?"; rm /etc/azure-provisioning/ready.d/*; '
+                '{0}; echo "second boot: exit $?"; '
+                '{1} -I {2} --deprovision --user --dry-run; '
+                'cat /var/lib/azure-provisioning/state.json').format(
+                    provision, sys.executable, SCRIPT)])
+        self.assertIn('first boot: exit 137', run.stdout, run)
+        self.assertIn('second boot: exit 0', run.stdout, run)
+        self.assertIn('would remove the admin user alice and its home', run.stdout, run)
