@@ -201,7 +201,8 @@ if __name__ == '__main__':
 
 class NamesThatBreakTheLine(unittest.TestCase):
     """Finding 6: Output.write splits its text at '\\n' *before* making each piece
-    printable, so a newline inside a name is kept as a line break.  The listing
+    printable, so a newline inside a name is kept as a line break; and printable
+    lets U+2028/U+2029 (line and paragraph separators) through.  The listing
     patterns end in `$`, which re.match lets match before a trailing newline: a lease
     or host key named 'a.lease\\n' is listed and its line is broken in two (defect 13:
     every name shown goes through printable, one line per action)."""
@@ -211,6 +212,17 @@ class NamesThatBreakTheLine(unittest.TestCase):
         self.addCleanup(shutil.rmtree, root)
         write(os.path.join(root, 'var/lib/dhclient/a.lease\n'), b'x')
         write(os.path.join(root, 'etc/ssh/ssh_host_key\n'), b'x')
+        run = run_command([sys.executable, '-I', SCRIPT, '--deprovision', '--dry-run',
+                           '--root', root])
+        self.assertEqual(run.code, 0, run)
+        for line in run.stdout.splitlines():
+            self.assertTrue(line.startswith('would '), run.stdout)
+
+    def test_a_line_separator_is_no_line_break(self):
+        # U+2028: str.splitlines() (and so any Python reading our output) breaks there
+        root = tempfile.mkdtemp(prefix='azp-review-two-')
+        self.addCleanup(shutil.rmtree, root)
+        write(os.path.join(root, 'var/lib/dhcp/dhclient\u2028forged.leases'), b'x')
         run = run_command([sys.executable, '-I', SCRIPT, '--deprovision', '--dry-run',
                            '--root', root])
         self.assertEqual(run.code, 0, run)
@@ -322,3 +334,34 @@ class PowerCutAfterUseradd(unittest.TestCase):
         self.assertIn('first boot: exit 137', run.stdout, run)
         self.assertIn('second boot: exit 0', run.stdout, run)
         self.assertIn('would remove the admin user alice and its home', run.stdout, run)
+
+
+class DeprovisionStopsAtTheUnitLink(unittest.TestCase):
+    """Finding 11 (defects 10 and 2): etc/systemd/system/multi-user.target.wants is
+    a regular file or a dangling link.  --dry-run lists every action and exits 0;
+    the run removes the host keys, the machine id, leases, KVP pool and data, then
+    fails at "enable azure-provisioning.service", before userdel: exit 1, the user
+    still there, and every re-run stops at the same place, so it is never finished."""
+
+    def test_what_the_dry_run_says_is_what_the_run_does(self):
+        for kind in ('file', 'dangling link'):
+            with self.subTest(kind=kind):
+                base = tempfile.mkdtemp(prefix='azp-review-two-')
+                self.addCleanup(shutil.rmtree, base)
+                root = provisioned_tree(os.path.join(base, 'image'))
+                wants = os.path.join(root, 'etc/systemd/system/multi-user.target.wants')
+                if kind == 'file':
+                    write(wants, b'')
+                else:
+                    os.symlink('/nonexistent-azp-review-two', wants)
+                calls = os.path.join(base, 'userdel-calls')
+                tools = fake_tool(self, 'userdel', 'echo "$@" >> %s\n' % calls)
+                env = dict(os.environ, PATH=tools + os.pathsep + os.environ['PATH'])
+                argv = [sys.executable, '-I', SCRIPT, '--deprovision', '--user', '--root', root]
+                dry = run_command(argv + ['--dry-run'], env=env)
+                self.assertEqual(dry.code, 0, dry)
+                self.assertIn('would remove the admin user alice', dry.stdout)
+                for attempt in (1, 2):
+                    run = run_command(argv, env=env)
+                    self.assertEqual(run.code, 0, 'attempt %d: %r' % (attempt, run))
+                self.assertTrue(os.path.exists(calls), 'userdel never ran')
