@@ -365,3 +365,30 @@ class DeprovisionStopsAtTheUnitLink(unittest.TestCase):
                     run = run_command(argv, env=env)
                     self.assertEqual(run.code, 0, 'attempt %d: %r' % (attempt, run))
                 self.assertTrue(os.path.exists(calls), 'userdel never ran')
+
+
+class UserdelThatLeavesTheHome(unittest.TestCase):
+    """Finding 12 (low): userdel -r removes the account, then fails to remove the
+    home (exit 12: shadow 4.13 does so when a file in it cannot be removed, an
+    immutable file, a mount point).  The run exits 1 and keeps the record, as it
+    should; but the re-run finds no alice in /etc/passwd, skips userdel and says
+    "deprovisioned", exit 0, with /home/alice (and whatever of .ssh is left) going
+    into the image."""
+
+    def test_the_rerun_does_not_call_it_done(self):
+        base = tempfile.mkdtemp(prefix='azp-review-two-')
+        self.addCleanup(shutil.rmtree, base)
+        root = provisioned_tree(os.path.join(base, 'image'))
+        home = os.path.join(root, 'home/alice')
+        write(os.path.join(home, '.ssh/authorized_keys'), b'ssh-ed25519 AAAA alice\n', 0o600)
+        # as shadow's userdel: the account goes, the home stays, exit 12
+        tools = fake_tool(self, 'userdel', (
+            'sed -i "/^alice:/d" "$2/etc/passwd" "$2/etc/shadow"\n'
+            'echo "userdel: error removing directory /home/alice" >&2; exit 12\n'))
+        env = dict(os.environ, PATH=tools + os.pathsep + os.environ['PATH'])
+        argv = [sys.executable, '-I', SCRIPT, '--deprovision', '--user', '--root', root]
+        first = run_command(argv, env=env)
+        self.assertEqual(first.code, 1, first)
+        second = run_command(argv, env=env)
+        self.assertTrue(second.code != 0 or not os.path.exists(home),
+                        '%r with %s still there' % (second.stdout, home))
