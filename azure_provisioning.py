@@ -3234,8 +3234,9 @@ def status(options, out):
         out.write(printable(line) + '\n')
     try:
         current = dmi_vm_id(root)
-    except OSError:
-        out.write('this VM: unknown (%s unreadable: run as root)\n' % DMI_UUID)
+    except OSError as exc:      # root-only (0400) on a VM; a FIFO or a huge file in an image
+        out.write('this VM: unknown (%s unreadable: %s)\n' % (DMI_UUID, 'run as root' if (
+            isinstance(exc, PermissionError) and os.geteuid() != 0) else exc.strerror or 'error'))
         return code
     recorded = str((state or {}).get('vm_id', '')).lower()
     missing = current is None and root.lstat(DMI_UUID) is None
