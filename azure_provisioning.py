@@ -2534,6 +2534,17 @@ def host_key_names(root):
     return sorted(root.names('/etc/ssh', SSH_HOST_KEY.pattern))
 
 
+def host_keys_complete(root):
+    """Whether /etc/ssh holds host keys sshd can start on: at least one private key,
+    each a regular file with its public half beside it.  A record saying the keys
+    were made for this VM is worth nothing without them (a --deprovision that
+    removed them, then failed at userdel, keeps the record)."""
+    names = host_key_names(root)
+    private = [n for n in names if not n.endswith('.pub')]
+    return bool(private) and all(n + '.pub' in names and root.is_file('/etc/ssh', n)
+                                 and root.is_file('/etc/ssh', n + '.pub') for n in private)
+
+
 def host_keys_plan(run):
     """New SSH host keys when this VM is not the one that made the keys it has: at
     the first boot of an image, and of an image captured again from a provisioned VM.
@@ -2551,13 +2562,17 @@ def host_keys_plan(run):
     vm_id = run.facts.get('AZURE_VM_ID', '')
     state = read_state(run.root) or {}
     made_for = state.get('ssh_host_keys_for')
-    if vm_id and made_for == vm_id:
+    complete = host_keys_complete(run.root)
+    if vm_id and made_for == vm_id and complete:
         run.host_keys = 'kept (made for this VM)'
         run.host_keys_for = vm_id
         run.log.info('ssh host keys: kept (made at this VM\'s first boot)')
         return []
     recorded = made_for or state.get('vm_id')
-    if vm_id and recorded == vm_id:
+    if vm_id and made_for == vm_id:
+        why = ('the keys made for this VM are not all there (--deprovision removed them, '
+               'or someone did)')
+    elif vm_id and recorded == vm_id:
         why = 'the record does not say they were made for this VM'
     elif recorded:
         why = 'the disk was provisioned as VM %s before' % one_line(str(recorded), 60)
