@@ -3154,6 +3154,13 @@ def user_removal_plan(run, state, problems):
             raise ProvisioningError('the record names %s, a system account (uid %s); '
                                     'refused: %s' % (name, printable(uid)[:20], why))
     plan = []
+    home = os.path.join('/home', name)      # useradd -m's, as user_plan made it
+    if uid is None and run.root.lstat(home) is not None:
+        # userdel -r removed the account and failed at the home (exit 12: an immutable
+        # file, a mount point): no run of userdel can remove it now, and it is hers
+        problems.append('the admin user %s is gone, but its home %s is still there (userdel '
+                        '-r could not remove it): remove it yourself, then run this again'
+                        % (name, home))
     # userdel rewrites /etc/passwd and its siblings (lock files beside them)
     if uid is not None and changeable(run.root, '/etc/passwd', problems):
         argv = [find_tool('userdel') or 'userdel', '-r', name]
