@@ -3074,6 +3074,8 @@ def deprovision_plan(run, remove_user):
     plan += removal(root, STATE_FILE, 'this VM\'s provisioning record', problems)
     if problems:
         raise ProvisioningError('%s; nothing removed' % '; '.join(problems))
+    if not remove_user:
+        user_staying(run, state)
     return plan
 
 
@@ -3132,6 +3134,25 @@ def changeable(root, path, problems):
     return writable
 
 
+def passwd_uids(root):
+    """{user name: its uid field, as text} of the root's /etc/passwd."""
+    return dict((fields[0], fields[2]) for fields in (
+        line.split(':') for line in (root.read_text('/etc/passwd') or '').splitlines())
+        if len(fields) > 2)
+
+
+def user_staying(run, state):
+    """Plain --deprovision removes the record, the only place that says which admin
+    user we made: keeping it in the image is the user's choice, made now or never,
+    so they are told while --user can still remove it."""
+    name = state.get('admin_user_created')
+    if isinstance(name, str) and USER_NAME.fullmatch(name) and name in passwd_uids(run.root):
+        run.log.warning('deprovision: the admin user %s (made by azure-provisioning) stays in '
+                        'the image, with its home, keys and sudo rule; --deprovision --user '
+                        'removes it, and only before this run removes the record naming it'
+                        % name)
+
+
 def user_removal_plan(run, state, problems):
     """The admin user --provision-user made (the record says which), with its home,
     and its sudo rule: what waagent's -deprovision+user does."""
@@ -3143,10 +3164,7 @@ def user_removal_plan(run, state, problems):
     if not isinstance(name, str) or not USER_NAME.fullmatch(name):
         raise ProvisioningError('the record names the admin user %s, not a user name'
                                 % printable(repr(name))[:80])
-    accounts = dict((fields[0], fields[2]) for fields in (
-        line.split(':') for line in (run.root.read_text('/etc/passwd') or '').splitlines())
-        if len(fields) > 2)
-    uid = accounts.get(name)
+    uid = passwd_uids(run.root).get(name)
     if uid is not None:
         why = (not_a_person(int(uid), run.root) if re.fullmatch(r'[0-9]{1,10}', uid)
                else 'not a number')
