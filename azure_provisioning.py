@@ -3148,8 +3148,9 @@ def user_staying(run, state):
     name = state.get('admin_user_created')
     if isinstance(name, str) and USER_NAME.fullmatch(name) and name in passwd_uids(run.root):
         run.log.warning('deprovision: the admin user %s (made by azure-provisioning) stays in '
-                        'the image, with its home, keys and sudo rule; --deprovision --user '
-                        'removes it, and only before this run removes the record naming it'
+                        'the image, with its home, keys and sudo rule: --deprovision --user '
+                        'removes it, but not after this run, which removes the record '
+                        'naming it'
                         % name)
 
 
@@ -3175,7 +3176,7 @@ def user_removal_plan(run, state, problems):
     home = os.path.join('/home', name)      # useradd -m's, as user_plan made it
     if uid is None and run.root.lstat(home) is not None:
         # userdel -r removed the account and failed at the home (exit 12: an immutable
-        # file, a mount point): no run of userdel can remove it now, and it is hers
+        # file, a mount point): no run of userdel can remove it now, and it is the user's
         problems.append('the admin user %s is gone, but its home %s is still there (userdel '
                         '-r could not remove it): remove it yourself, then run this again'
                         % (name, home))
