@@ -1549,11 +1549,39 @@ def lock_within(fd, seconds):
     return False
 
 
-def write_kvp(key, value, pool=KVP_POOL, booted=None, wait=KVP_LOCK_WAIT):
-    """Append a record under flock, emptying a pool left from an earlier boot
-    first (the first writer of each boot does, as the Azure agents do).  OSError
-    when the lock is not ours within `wait` seconds."""
-    fd = os.open(pool, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+# The pool is opened without blocking (a FIFO there would stop the run before its
+# WireServer report), never through a link (on a VM a link there is not ours to
+# follow; in an image it may lead out of the root), and must be a regular file
+OPEN_KVP_POOL = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | os.O_NOFOLLOW
+                 | os.O_NOCTTY | os.O_CLOEXEC)
+
+
+def open_kvp_pool(directory, name, shown):
+    """The pool `name` in the directory open as `directory`, opened for appending:
+    OSError when it is anything but a regular file (checked before the open, so that
+    no device or FIFO is opened, and again on what was opened)."""
+    import errno
+    import stat
+    try:
+        found = os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        found = None
+    if found is not None and not stat.S_ISREG(found.st_mode):
+        raise OSError(errno.EINVAL, 'not a regular file', shown)
+    fd = os.open(name, OPEN_KVP_POOL, 0o644, dir_fd=directory)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, 'not a regular file', shown)
+    return fd
+
+
+def write_kvp(key, value, pool=KVP_POOL, booted=None, wait=KVP_LOCK_WAIT, root=None):
+    """Append a record under flock to the pool at `pool` in `root` (this machine's
+    '/' when not given), emptying a pool left from an earlier boot first (the first
+    writer of each boot does, as the Azure agents do).  OSError when the pool is not
+    a regular file, or the lock is not ours within `wait` seconds."""
+    fd = (root or Root('/')).at(pool, lambda directory, name: open_kvp_pool(
+        directory, name, pool), follow=False)
     try:
         if not lock_within(fd, wait):
             raise OSError('%s is locked by another process (waited %.1f s)' % (pool, wait))
@@ -1572,18 +1600,24 @@ def report_to_kvp(run, description):
     fails.  Its lock wait ends before the run's reserve: that is the WireServer
     report's."""
     pool = run.root.path(KVP_POOL)
-    if not os.path.isdir(os.path.dirname(pool)):
+    try:
+        hyperv = run.root.is_dir(os.path.dirname(KVP_POOL))
+    except OSError as exc:
+        run.log.warning('KVP report not written: %s' % describe_error(exc))
+        return
+    if not hyperv:
         run.log.debug('KVP: %s does not exist; no KVP report' % os.path.dirname(pool))
         return
     wait = min(KVP_LOCK_WAIT, run.deadline.remaining())
     run.carry_out(Action('append to %s: %s=%s' % (pool, KVP_REPORT_KEY, description),
-                         lambda: append_kvp_report(pool, description, run.log, wait)))
+                         lambda: append_kvp_report(run.root, description, run.log, wait)))
 
 
-def append_kvp_report(pool, description, log, wait=KVP_LOCK_WAIT):
+def append_kvp_report(root, description, log, wait=KVP_LOCK_WAIT):
+    pool = KVP_POOL
     try:
-        write_kvp(KVP_REPORT_KEY, description, pool, wait=wait)
-        log.debug('KVP: %s written to %s' % (KVP_REPORT_KEY, pool))
+        write_kvp(KVP_REPORT_KEY, description, pool, wait=wait, root=root)
+        log.debug('KVP: %s written to %s' % (KVP_REPORT_KEY, root.path(pool)))
     except OSError as exc:
         log.warning('KVP report not written: %s' % describe_error(exc))
 
