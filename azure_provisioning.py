@@ -2060,20 +2060,44 @@ def validate_user_name(name):
     return name
 
 
+# A number in login.defs as shadow's getdef reads it (strtoul, base 0): 0x/0X and
+# hex digits, a leading 0 and octal digits, else decimal; an optional '+'
+LOGIN_DEFS_NUMBER = re.compile(r'\+?(?:0[xX]([0-9a-fA-F]{1,8})|(0[0-7]{0,11})|([1-9][0-9]{0,9}))')
+UID_LIMIT = (1 << 32) - 1
+
+
+def login_defs_number(value):
+    """The number `value` says for useradd, None when it says none (useradd then
+    takes its default): uids are 32 bits."""
+    found = LOGIN_DEFS_NUMBER.fullmatch(value)
+    if not found:
+        return None
+    hexadecimal, octal, decimal = found.groups()
+    number = (int(hexadecimal, 16) if hexadecimal else int(octal, 8) if octal
+              else int(decimal))
+    return number if number <= UID_LIMIT else None
+
+
+# A login.defs line as getdef splits it: the name, then the rest of the line with
+# trailing blanks dropped, leading blanks and quotes skipped, cut at the next quote
+LOGIN_DEFS_LINE = re.compile(r'[ \t]*([^ \t#][^ \t]*)[ \t][ \t"]*([^"]*)')
+
+
 def user_uids(root):
     """(UID_MIN, UID_MAX) of the root's login.defs, the uids useradd gives people;
-    its defaults for a value missing or not a decimal number, and when the two make
-    no range.  A name given twice: the last counts, as for useradd."""
+    its defaults for a value missing or not a number useradd reads (see
+    login_defs_number), and when the two make no range.  A name given twice: the
+    last counts, as for useradd."""
     try:
         data = root.read(LOGIN_DEFS, limit=LOGIN_DEFS_MAX) or b''
     except OSError:     # a FIFO, a device, larger than any login.defs: the defaults
         data = b''
-    lines = data.decode('utf-8', 'replace').splitlines()
     found = dict(zip(('UID_MIN', 'UID_MAX'), USER_UIDS))
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 1 and fields[0] in found and re.fullmatch(r'[0-9]{1,10}', fields[1]):
-            found[fields[0]] = int(fields[1])
+    for line in data.decode('utf-8', 'replace').split('\n'):
+        setting = LOGIN_DEFS_LINE.match(line.rstrip())
+        if setting and setting.group(1) in found:
+            name, number = setting.group(1), login_defs_number(setting.group(2))
+            found[name] = USER_UIDS[name == 'UID_MAX'] if number is None else number
     low, high = found['UID_MIN'], found['UID_MAX']
     return (low, high) if low <= high else USER_UIDS
 

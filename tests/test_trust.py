@@ -281,7 +281,11 @@ class AccountsOutsideTheUserRange(unittest.TestCase):
                               (LOGIN_DEFS % (1000, 1400), '1000..1400'),
                               (LOGIN_DEFS % (500, 1600), None),
                               (LOGIN_DEFS % (0, 70000), None),      # root stays refused
-                              ('UID_MIN 0x10\nUID_MAX lots\n\xff\n', None),     # defaults
+                              # numbers as useradd reads them (strtoul, base 0):
+                              # 0x10 = 16, 02733 = 1499
+                              ('UID_MIN 0x10\nUID_MAX 02733\n', '16..1499'),
+                              ('UID_MIN 0x\nUID_MAX lots\n\xff\n', None),       # defaults
+                              ('UID_MIN 2000 # people\n', None),   # not a number: default
                               ('UID_MIN 1600\nUID_MAX 1200\n', None),   # no range: defaults
                               ('# ' + 'x' * (2 << 20) + '\nUID_MIN 2000\n', None)):
             with self.subTest(defs=text[:40]):
