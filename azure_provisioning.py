@@ -177,8 +177,10 @@ NOT_XML_TEXT = re.compile('[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff
 
 
 # what must not reach a terminal: controls (C0 but tab, C1) and bidi overrides, which
-# could forge or hide a line of ours
-LOG_CONTROL = re.compile('[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]')
+# could forge or hide a line of ours; and every line break of a terminal or of
+# str.splitlines(): \n \r \v \f \x1c-\x1e \x85 (controls) and U+2028, U+2029
+LOG_CONTROL = re.compile('[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e'
+                         '\u2066-\u2069]')
 
 
 def clean_text(text):
@@ -461,7 +463,8 @@ class Root(object):
             return os.path.normpath('/' + path)
 
     def names(self, directory, pattern):
-        """Names in `directory` matching the regular expression: none when there is no
+        """Names in `directory` matching the regular expression (see name_matches):
+        none when there is no
         such directory; an OSError when it cannot be listed (unreadable, too many open
         files...), since "none" would mean "nothing to do" to a caller."""
         def listing(fd, name):
@@ -472,7 +475,7 @@ class Root(object):
             finally:
                 os.close(opened)
         try:
-            return [n for n in self.at(directory, listing) if re.match(pattern, n)]
+            return [n for n in self.at(directory, listing) if name_matches(pattern, n)]
         except ValueError:      # a NUL in the path (read from an image's config)
             return []
         except OSError as exc:
@@ -523,7 +526,7 @@ def clear_temporary_files(directory, name):
     files only; anything else of such a name (a directory an image holds) is not ours
     and stays.  Best effort: a directory that cannot be listed keeps them."""
     import stat
-    left = re.compile(re.escape('.%s.' % name) + r'[0-9a-f]{1,32}\.tmp$')
+    left = re.compile(re.escape('.%s.' % name) + r'[0-9a-f]{1,32}\.tmp\Z')
     try:
         opened = os.open('.', os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
         try:
@@ -628,11 +631,19 @@ def copy_selinux_label(source, target):
 Action = namedtuple('Action', 'says do')
 
 
+def name_matches(pattern, name):
+    """re.match of a file name, where a pattern's final `$` is the end of the name:
+    re's `$` also matches before a final newline, which a file name may hold."""
+    if pattern.endswith('$') and not pattern.endswith('\\$'):
+        pattern = pattern[:-1] + r'\Z'
+    return re.match(pattern, name) is not None
+
+
 def glob_names(directory, pattern):
     """Names in this machine's `directory` matching the regular expression (none when
-    unreadable); an image's: Root.names."""
+    unreadable; see name_matches); an image's: Root.names."""
     try:
-        return [n for n in os.listdir(directory) if re.match(pattern, n)]
+        return [n for n in os.listdir(directory) if name_matches(pattern, n)]
     except OSError:
         return []
 
@@ -1238,7 +1249,7 @@ def compute_field(metadata, *path):
 
 OVF_ENV = 'ovf-env.xml'
 OVF_ENV_MAX = 1 << 20       # bytes; custom data is at most 64 KiB of base64
-MEDIA_DEVICE_NAME = re.compile(r'(sr\d+|cdrom\d*|hd[c-z])$')    # as waagent looks
+MEDIA_DEVICE_NAME = re.compile(r'(sr\d+|cdrom\d*|hd[c-z])\Z')    # as waagent looks
 MEDIA_FILESYSTEMS = ('udf', 'iso9660')
 MEDIA_MOUNT_DIR = '/run'    # a tmpfs: nothing of the media outlives the boot
 _LINUX_SET = 'Environment/ProvisioningSection/LinuxProvisioningConfigurationSet/'
@@ -2475,7 +2486,7 @@ def restart_sshd(run, required=True):
 
 DATA_DIR = '/var/lib/azure-provisioning'     # the record, custom-data and user-data
 STATE_FILE = DATA_DIR + '/state.json'
-SSH_HOST_KEY = re.compile(r'ssh_host_.*key(\.pub)?$')
+SSH_HOST_KEY = re.compile(r'ssh_host_.*key(\.pub)?\Z')
 FINGERPRINTS = ('-----BEGIN SSH HOST KEY FINGERPRINTS-----',    # as cloud-init prints them
                 '-----END SSH HOST KEY FINGERPRINTS-----')
 
@@ -2884,14 +2895,15 @@ class Run(object):
         """The one place --dry-run is decided: print what each action would do, or do
         it (saying so first with announce=True).  Returns what the actions returned
         (None for each, in a dry run)."""
+        # one line each: a name in it (an image's file) may hold a line break
         if self.options.dry_run:
             for action in actions:
-                self.out.write('would %s\n' % action.says)
+                self.out.write('would %s\n' % printable(action.says))
             return [None] * len(actions)
         done = []
         for action in actions:
             if how.get('announce'):
-                self.out.write('%s\n' % action.says)
+                self.out.write('%s\n' % printable(action.says))
             done.append(action.do())
         return done
 
@@ -3047,11 +3059,11 @@ def report_failure(run, step, reason):
 # --deprovision: make a provisioned VM an image again (before az vm deallocate)
 # --------------------------------------------------------------------------
 
-DHCP_LEASES = (('/var/lib/dhcp', r'dhclient.*\.leases?$'),            # Debian's dhclient
-               ('/var/lib/dhclient', r'.*\.leases?$'),                # RHEL's dhclient
-               ('/var/lib/NetworkManager', r'.*\.lease$'),
-               ('/var/lib/systemd/network', r'.*\.lease$'),
-               ('/var/lib/dhcpcd', r'.*\.lease6?$'))
+DHCP_LEASES = (('/var/lib/dhcp', r'dhclient.*\.leases?\Z'),            # Debian's dhclient
+               ('/var/lib/dhclient', r'.*\.leases?\Z'),                # RHEL's dhclient
+               ('/var/lib/NetworkManager', r'.*\.lease\Z'),
+               ('/var/lib/systemd/network', r'.*\.lease\Z'),
+               ('/var/lib/dhcpcd', r'.*\.lease6?\Z'))
 MACHINE_ID = '/etc/machine-id'
 DBUS_MACHINE_ID = '/var/lib/dbus/machine-id'
 UNIT_NAME = 'azure-provisioning.service'
@@ -3137,7 +3149,7 @@ def removal(root, path, why, problems):
         return []
     if not changeable(root, path, problems):
         return []
-    return [Action('remove %s (%s)' % (path, why), lambda: root.remove(path))]
+    return [Action('remove %s (%s)' % (printable(path), why), lambda: root.remove(path))]
 
 
 def changeable(root, path, problems):

@@ -392,6 +392,17 @@ class OutputNeverCrashesNorEscapes(unittest.TestCase):
         stream.flush()
         self.assertEqual(stream.buffer.getvalue(), b'a\\xe9\\ufffdb\\ufffd\n2\tc\\ufffd\n')
 
+    def test_no_line_break_inside_a_line(self):
+        # every character a terminal or str.splitlines() breaks a line at
+        for brk in '\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029':
+            with self.subTest(brk=brk):
+                self.assertEqual(len(ap.printable('a%sb' % brk).splitlines()), 1)
+                out = io.StringIO()
+                run = ap.Run(ap.Options(root='/nonexistent-azp', dry_run=True), Capture(),
+                             ap.Output(out))
+                run.carry_out(ap.Action('remove /x%sy' % brk, None))
+                self.assertEqual(out.getvalue().splitlines(), ['would remove /x\ufffdy'])
+
 
 class CheckUnreadableFiles(unittest.TestCase):
     """Defect 14: --check as a user who cannot read a file (a 0600 grub.cfg, as Fedora
