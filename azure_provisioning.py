@@ -2436,6 +2436,10 @@ def sshd_plan(run, logins):
     # sshd starts with an Include that matches nothing; the drop-in needs its directory
     directory = os.path.dirname(SSHD_DROP_IN)
     make_directory = not run.root.is_dir(directory)
+    if make_directory and run.root.lstat(directory) is not None:
+        # a file, or a link to nothing or out of the directories: not ours to replace
+        run.warn('PasswordAuthentication left alone: %s is not a directory' % directory)
+        return []
 
     def write_setting():
         if make_directory:
