@@ -177,8 +177,10 @@ NOT_XML_TEXT = re.compile('[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff
 
 
 # what must not reach a terminal: controls (C0 but tab, C1) and bidi overrides, which
-# could forge or hide a line of ours
-LOG_CONTROL = re.compile('[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]')
+# could forge or hide a line of ours; and every line break of a terminal or of
+# str.splitlines(): \n \r \v \f \x1c-\x1e \x85 (controls) and U+2028, U+2029
+LOG_CONTROL = re.compile('[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e'
+                         '\u2066-\u2069]')
 
 
 def clean_text(text):
@@ -461,7 +463,8 @@ class Root(object):
             return os.path.normpath('/' + path)
 
     def names(self, directory, pattern):
-        """Names in `directory` matching the regular expression: none when there is no
+        """Names in `directory` matching the regular expression (see name_matches):
+        none when there is no
         such directory; an OSError when it cannot be listed (unreadable, too many open
         files...), since "none" would mean "nothing to do" to a caller."""
         def listing(fd, name):
@@ -472,7 +475,7 @@ class Root(object):
             finally:
                 os.close(opened)
         try:
-            return [n for n in self.at(directory, listing) if re.match(pattern, n)]
+            return [n for n in self.at(directory, listing) if name_matches(pattern, n)]
         except ValueError:      # a NUL in the path (read from an image's config)
             return []
         except OSError as exc:
@@ -523,7 +526,7 @@ def clear_temporary_files(directory, name):
     files only; anything else of such a name (a directory an image holds) is not ours
     and stays.  Best effort: a directory that cannot be listed keeps them."""
     import stat
-    left = re.compile(re.escape('.%s.' % name) + r'[0-9a-f]{1,32}\.tmp$')
+    left = re.compile(re.escape('.%s.' % name) + r'[0-9a-f]{1,32}\.tmp\Z')
     try:
         opened = os.open('.', os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
         try:
@@ -628,11 +631,19 @@ def copy_selinux_label(source, target):
 Action = namedtuple('Action', 'says do')
 
 
+def name_matches(pattern, name):
+    """re.match of a file name, where a pattern's final `$` is the end of the name:
+    re's `$` also matches before a final newline, which a file name may hold."""
+    if pattern.endswith('$') and not pattern.endswith('\\$'):
+        pattern = pattern[:-1] + r'\Z'
+    return re.match(pattern, name) is not None
+
+
 def glob_names(directory, pattern):
     """Names in this machine's `directory` matching the regular expression (none when
-    unreadable); an image's: Root.names."""
+    unreadable; see name_matches); an image's: Root.names."""
     try:
-        return [n for n in os.listdir(directory) if re.match(pattern, n)]
+        return [n for n in os.listdir(directory) if name_matches(pattern, n)]
     except OSError:
         return []
 
@@ -1238,7 +1249,7 @@ def compute_field(metadata, *path):
 
 OVF_ENV = 'ovf-env.xml'
 OVF_ENV_MAX = 1 << 20       # bytes; custom data is at most 64 KiB of base64
-MEDIA_DEVICE_NAME = re.compile(r'(sr\d+|cdrom\d*|hd[c-z])$')    # as waagent looks
+MEDIA_DEVICE_NAME = re.compile(r'(sr\d+|cdrom\d*|hd[c-z])\Z')    # as waagent looks
 MEDIA_FILESYSTEMS = ('udf', 'iso9660')
 MEDIA_MOUNT_DIR = '/run'    # a tmpfs: nothing of the media outlives the boot
 _LINUX_SET = 'Environment/ProvisioningSection/LinuxProvisioningConfigurationSet/'
@@ -1549,11 +1560,39 @@ def lock_within(fd, seconds):
     return False
 
 
-def write_kvp(key, value, pool=KVP_POOL, booted=None, wait=KVP_LOCK_WAIT):
-    """Append a record under flock, emptying a pool left from an earlier boot
-    first (the first writer of each boot does, as the Azure agents do).  OSError
-    when the lock is not ours within `wait` seconds."""
-    fd = os.open(pool, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+# The pool is opened without blocking (a FIFO there would stop the run before its
+# WireServer report), never through a link (on a VM a link there is not ours to
+# follow; in an image it may lead out of the root), and must be a regular file
+OPEN_KVP_POOL = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | os.O_NOFOLLOW
+                 | os.O_NOCTTY | os.O_CLOEXEC)
+
+
+def open_kvp_pool(directory, name, shown):
+    """The pool `name` in the directory open as `directory`, opened for appending:
+    OSError when it is anything but a regular file (checked before the open, so that
+    no device or FIFO is opened, and again on what was opened)."""
+    import errno
+    import stat
+    try:
+        found = os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        found = None
+    if found is not None and not stat.S_ISREG(found.st_mode):
+        raise OSError(errno.EINVAL, 'not a regular file', shown)
+    fd = os.open(name, OPEN_KVP_POOL, 0o644, dir_fd=directory)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, 'not a regular file', shown)
+    return fd
+
+
+def write_kvp(key, value, pool=KVP_POOL, booted=None, wait=KVP_LOCK_WAIT, root=None):
+    """Append a record under flock to the pool at `pool` in `root` (this machine's
+    '/' when not given), emptying a pool left from an earlier boot first (the first
+    writer of each boot does, as the Azure agents do).  OSError when the pool is not
+    a regular file, or the lock is not ours within `wait` seconds."""
+    fd = (root or Root('/')).at(pool, lambda directory, name: open_kvp_pool(
+        directory, name, pool), follow=False)
     try:
         if not lock_within(fd, wait):
             raise OSError('%s is locked by another process (waited %.1f s)' % (pool, wait))
@@ -1572,18 +1611,24 @@ def report_to_kvp(run, description):
     fails.  Its lock wait ends before the run's reserve: that is the WireServer
     report's."""
     pool = run.root.path(KVP_POOL)
-    if not os.path.isdir(os.path.dirname(pool)):
+    try:
+        hyperv = run.root.is_dir(os.path.dirname(KVP_POOL))
+    except OSError as exc:
+        run.log.warning('KVP report not written: %s' % describe_error(exc))
+        return
+    if not hyperv:
         run.log.debug('KVP: %s does not exist; no KVP report' % os.path.dirname(pool))
         return
     wait = min(KVP_LOCK_WAIT, run.deadline.remaining())
     run.carry_out(Action('append to %s: %s=%s' % (pool, KVP_REPORT_KEY, description),
-                         lambda: append_kvp_report(pool, description, run.log, wait)))
+                         lambda: append_kvp_report(run.root, description, run.log, wait)))
 
 
-def append_kvp_report(pool, description, log, wait=KVP_LOCK_WAIT):
+def append_kvp_report(root, description, log, wait=KVP_LOCK_WAIT):
+    pool = KVP_POOL
     try:
-        write_kvp(KVP_REPORT_KEY, description, pool, wait=wait)
-        log.debug('KVP: %s written to %s' % (KVP_REPORT_KEY, pool))
+        write_kvp(KVP_REPORT_KEY, description, pool, wait=wait, root=root)
+        log.debug('KVP: %s written to %s' % (KVP_REPORT_KEY, root.path(pool)))
     except OSError as exc:
         log.warning('KVP report not written: %s' % describe_error(exc))
 
@@ -2026,20 +2071,44 @@ def validate_user_name(name):
     return name
 
 
+# A number in login.defs as shadow's getdef reads it (strtoul, base 0): 0x/0X and
+# hex digits, a leading 0 and octal digits, else decimal; an optional '+'
+LOGIN_DEFS_NUMBER = re.compile(r'\+?(?:0[xX]([0-9a-fA-F]{1,8})|(0[0-7]{0,11})|([1-9][0-9]{0,9}))')
+UID_LIMIT = (1 << 32) - 1
+
+
+def login_defs_number(value):
+    """The number `value` says for useradd, None when it says none (useradd then
+    takes its default): uids are 32 bits."""
+    found = LOGIN_DEFS_NUMBER.fullmatch(value)
+    if not found:
+        return None
+    hexadecimal, octal, decimal = found.groups()
+    number = (int(hexadecimal, 16) if hexadecimal else int(octal, 8) if octal
+              else int(decimal))
+    return number if number <= UID_LIMIT else None
+
+
+# A login.defs line as getdef splits it: the name, then the rest of the line with
+# trailing blanks dropped, leading blanks and quotes skipped, cut at the next quote
+LOGIN_DEFS_LINE = re.compile(r'[ \t]*([^ \t#][^ \t]*)[ \t][ \t"]*([^"]*)')
+
+
 def user_uids(root):
     """(UID_MIN, UID_MAX) of the root's login.defs, the uids useradd gives people;
-    its defaults for a value missing or not a decimal number, and when the two make
-    no range.  A name given twice: the last counts, as for useradd."""
+    its defaults for a value missing or not a number useradd reads (see
+    login_defs_number), and when the two make no range.  A name given twice: the
+    last counts, as for useradd."""
     try:
         data = root.read(LOGIN_DEFS, limit=LOGIN_DEFS_MAX) or b''
     except OSError:     # a FIFO, a device, larger than any login.defs: the defaults
         data = b''
-    lines = data.decode('utf-8', 'replace').splitlines()
     found = dict(zip(('UID_MIN', 'UID_MAX'), USER_UIDS))
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 1 and fields[0] in found and re.fullmatch(r'[0-9]{1,10}', fields[1]):
-            found[fields[0]] = int(fields[1])
+    for line in data.decode('utf-8', 'replace').split('\n'):
+        setting = LOGIN_DEFS_LINE.match(line.rstrip())
+        if setting and setting.group(1) in found:
+            name, number = setting.group(1), login_defs_number(setting.group(2))
+            found[name] = USER_UIDS[name == 'UID_MAX'] if number is None else number
     low, high = found['UID_MIN'], found['UID_MAX']
     return (low, high) if low <= high else USER_UIDS
 
@@ -2367,6 +2436,10 @@ def sshd_plan(run, logins):
     # sshd starts with an Include that matches nothing; the drop-in needs its directory
     directory = os.path.dirname(SSHD_DROP_IN)
     make_directory = not run.root.is_dir(directory)
+    if make_directory and run.root.lstat(directory) is not None:
+        # a file, or a link to nothing or out of the directories: not ours to replace
+        run.warn('PasswordAuthentication left alone: %s is not a directory' % directory)
+        return []
 
     def write_setting():
         if make_directory:
@@ -2417,7 +2490,7 @@ def restart_sshd(run, required=True):
 
 DATA_DIR = '/var/lib/azure-provisioning'     # the record, custom-data and user-data
 STATE_FILE = DATA_DIR + '/state.json'
-SSH_HOST_KEY = re.compile(r'ssh_host_.*key(\.pub)?$')
+SSH_HOST_KEY = re.compile(r'ssh_host_.*key(\.pub)?\Z')
 FINGERPRINTS = ('-----BEGIN SSH HOST KEY FINGERPRINTS-----',    # as cloud-init prints them
                 '-----END SSH HOST KEY FINGERPRINTS-----')
 
@@ -2841,14 +2914,15 @@ class Run(object):
         """The one place --dry-run is decided: print what each action would do, or do
         it (saying so first with announce=True).  Returns what the actions returned
         (None for each, in a dry run)."""
+        # one line each: a name in it (an image's file) may hold a line break
         if self.options.dry_run:
             for action in actions:
-                self.out.write('would %s\n' % action.says)
+                self.out.write('would %s\n' % printable(action.says))
             return [None] * len(actions)
         done = []
         for action in actions:
             if how.get('announce'):
-                self.out.write('%s\n' % action.says)
+                self.out.write('%s\n' % printable(action.says))
             done.append(action.do())
         return done
 
@@ -3004,11 +3078,11 @@ def report_failure(run, step, reason):
 # --deprovision: make a provisioned VM an image again (before az vm deallocate)
 # --------------------------------------------------------------------------
 
-DHCP_LEASES = (('/var/lib/dhcp', r'dhclient.*\.leases?$'),            # Debian's dhclient
-               ('/var/lib/dhclient', r'.*\.leases?$'),                # RHEL's dhclient
-               ('/var/lib/NetworkManager', r'.*\.lease$'),
-               ('/var/lib/systemd/network', r'.*\.lease$'),
-               ('/var/lib/dhcpcd', r'.*\.lease6?$'))
+DHCP_LEASES = (('/var/lib/dhcp', r'dhclient.*\.leases?\Z'),            # Debian's dhclient
+               ('/var/lib/dhclient', r'.*\.leases?\Z'),                # RHEL's dhclient
+               ('/var/lib/NetworkManager', r'.*\.lease\Z'),
+               ('/var/lib/systemd/network', r'.*\.lease\Z'),
+               ('/var/lib/dhcpcd', r'.*\.lease6?\Z'))
 MACHINE_ID = '/etc/machine-id'
 DBUS_MACHINE_ID = '/var/lib/dbus/machine-id'
 UNIT_NAME = 'azure-provisioning.service'
@@ -3096,7 +3170,7 @@ def removal(root, path, why, problems):
         return []
     if not changeable(root, path, problems):
         return []
-    return [Action('remove %s (%s)' % (path, why), lambda: root.remove(path))]
+    return [Action('remove %s (%s)' % (printable(path), why), lambda: root.remove(path))]
 
 
 def changeable(root, path, problems):

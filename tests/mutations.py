@@ -125,7 +125,7 @@ MUTATIONS = [
       'time.sleep(delay)', 'raise ProvisioningError(problem)',
       ['tests.test_transport', 'tests.test_provisioner']),
     M('kvp-not-written', 'no KVP report',
-      'write_kvp(KVP_REPORT_KEY, description, pool, wait=wait)', 'pass',
+      'write_kvp(KVP_REPORT_KEY, description, pool, wait=wait, root=root)', 'pass',
       ['tests.test_kvp']),
     M('kvp-lock-waits-forever', 'the KVP flock blocks until the lock is free (issue 20)',
       'fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)', 'fcntl.flock(fd, fcntl.LOCK_EX)',

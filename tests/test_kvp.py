@@ -89,6 +89,27 @@ class Pool(PoolDir):
         ap.report_to_kvp(run, 'x')
         self.assertRegex(run.log.lines[-1], r'^warning: KVP report not written: ')
 
+    def test_only_a_regular_file_is_written(self):
+        """Issue 20 (5, 3): a FIFO (no reader: opening it to write would fail; a
+        reader with a full pipe: writing would block), a link (even to a file of
+        the same directory) or a directory as the pool is refused before a byte is
+        written, and what it leads to is left as it was."""
+        aside = os.path.join(self.dir, 'var/lib/hyperv/aside')
+        with open(aside, 'wb') as f:
+            f.write(b'kept')
+        os.utime(aside, (1000, 1000))       # older than this boot: would be emptied
+        for make in (os.mkfifo, lambda path: os.symlink('aside', path), os.mkdir):
+            with self.subTest(make=make):
+                make(self.pool)
+                try:
+                    with self.assertRaisesRegex(OSError, 'not a regular file'):
+                        ap.write_kvp('K', 'v', self.pool, wait=0)
+                finally:
+                    (os.rmdir if os.path.isdir(self.pool) and not os.path.islink(self.pool)
+                     else os.remove)(self.pool)
+                with open(aside, 'rb') as f:
+                    self.assertEqual(f.read(), b'kept')
+
     def test_dry_run_prints_the_record(self):
         ap.report_to_kvp(self.run_context(dry_run=True), 'result=success')
         self.assertEqual(self.out.getvalue(),

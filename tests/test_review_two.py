@@ -241,9 +241,14 @@ class NamesThatBreakTheLine(unittest.TestCase):
         self.addCleanup(shutil.rmtree, root)
         write(os.path.join(root, 'var/lib/dhclient/a.lease\n'), b'x')
         write(os.path.join(root, 'etc/ssh/ssh_host_key\n'), b'x')
+        # a lease of a name dhclient gives: without one, the names above (which no
+        # pattern ending at the end of the name takes for a lease or host key) leave
+        # nothing to remove, and the one line is "nothing to remove"
+        write(os.path.join(root, 'var/lib/dhclient/b.lease'), b'x')
         run = run_command([sys.executable, '-I', SCRIPT, '--deprovision', '--dry-run',
                            '--root', root])
         self.assertEqual(run.code, 0, run)
+        self.assertIn('would remove /var/lib/dhclient/b.lease (DHCP lease)\n', run.stdout)
         for line in run.stdout.splitlines():
             self.assertTrue(line.startswith('would '), run.stdout)
 

@@ -281,7 +281,11 @@ class AccountsOutsideTheUserRange(unittest.TestCase):
                               (LOGIN_DEFS % (1000, 1400), '1000..1400'),
                               (LOGIN_DEFS % (500, 1600), None),
                               (LOGIN_DEFS % (0, 70000), None),      # root stays refused
-                              ('UID_MIN 0x10\nUID_MAX lots\n\xff\n', None),     # defaults
+                              # numbers as useradd reads them (strtoul, base 0):
+                              # 0x10 = 16, 02733 = 1499
+                              ('UID_MIN 0x10\nUID_MAX 02733\n', '16..1499'),
+                              ('UID_MIN 0x\nUID_MAX lots\n\xff\n', None),       # defaults
+                              ('UID_MIN 2000 # people\n', None),   # not a number: default
                               ('UID_MIN 1600\nUID_MAX 1200\n', None),   # no range: defaults
                               ('# ' + 'x' * (2 << 20) + '\nUID_MIN 2000\n', None)):
             with self.subTest(defs=text[:40]):
@@ -387,6 +391,17 @@ class OutputNeverCrashesNorEscapes(unittest.TestCase):
         out.write('a\u00e9\udcff\x1b[31mb\r\n2\tc\x9b\n')
         stream.flush()
         self.assertEqual(stream.buffer.getvalue(), b'a\\xe9\\ufffdb\\ufffd\n2\tc\\ufffd\n')
+
+    def test_no_line_break_inside_a_line(self):
+        # every character a terminal or str.splitlines() breaks a line at
+        for brk in '\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029':
+            with self.subTest(brk=brk):
+                self.assertEqual(len(ap.printable('a%sb' % brk).splitlines()), 1)
+                out = io.StringIO()
+                run = ap.Run(ap.Options(root='/nonexistent-azp', dry_run=True), Capture(),
+                             ap.Output(out))
+                run.carry_out(ap.Action('remove /x%sy' % brk, None))
+                self.assertEqual(out.getvalue().splitlines(), ['would remove /x\ufffdy'])
 
 
 class CheckUnreadableFiles(unittest.TestCase):

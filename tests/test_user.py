@@ -2,6 +2,7 @@
 private /etc, /home and /root (root only)."""
 
 import base64
+import io
 import json
 import os
 import shutil
@@ -115,6 +116,41 @@ class SshdDirectory(unittest.TestCase):
             self.assertEqual(f.read(), '-R %s\n' % directory)
         self.assertEqual(restart.call_count, 1)
         self.assertIn('user: made /etc/ssh/sshd_config.d (0755)', run.log.lines)
+
+    def test_what_cannot_hold_the_drop_in_is_left_alone(self):
+        """A file, a dangling link, a link out of the root where sshd_config.d should
+        be: a warning (in the KVP report too), nothing written, nothing made; a link
+        to a directory of the image is the directory."""
+        outside = tempfile.mkdtemp(prefix='azp-sshd-outside-')
+        self.addCleanup(shutil.rmtree, outside)
+        for kind in ('file', 'dangling link', 'link out', 'link in'):
+            with self.subTest(kind=kind):
+                root = tempfile.mkdtemp(prefix='azp-sshd-')
+                self.addCleanup(shutil.rmtree, root)
+                os.makedirs(os.path.join(root, 'etc', 'ssh', 'real.d'))
+                with open(os.path.join(root, 'etc', 'ssh', 'sshd_config'), 'w') as f:
+                    f.write(SSHD_CONFIG)
+                directory = os.path.join(root, 'etc', 'ssh', 'sshd_config.d')
+                if kind == 'file':
+                    open(directory, 'w').close()
+                else:
+                    os.symlink({'dangling link': 'nothing', 'link out': '../../../' * 20
+                                + outside.lstrip('/'), 'link in': 'real.d'}[kind], directory)
+                run = ap.Run(ap.Options(root=root), QuietLog(), io.StringIO())
+                with mock.patch.object(ap, 'restart_sshd') as restart:
+                    run.carry_out(*ap.sshd_plan(run, 'no'))
+                self.assertEqual(os.listdir(outside), [])
+                if kind == 'link in':
+                    with open(os.path.join(root, 'etc/ssh/real.d/50-azure-provisioning.conf')) as f:
+                        self.assertEqual(f.read().splitlines()[-1], 'PasswordAuthentication no')
+                    self.assertEqual(run.warnings, [])
+                    continue
+                self.assertEqual(run.warnings, ['PasswordAuthentication left alone: '
+                                                '/etc/ssh/sshd_config.d is not a directory'])
+                self.assertEqual(restart.call_count, 0)
+                self.assertEqual(sorted(os.listdir(os.path.join(root, 'etc', 'ssh'))),
+                                 ['real.d', 'sshd_config', 'sshd_config.d'])
+                self.assertEqual(os.listdir(os.path.join(root, 'etc', 'ssh', 'real.d')), [])
 
 
 class ProvisionUser(unittest.TestCase):
