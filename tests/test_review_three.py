@@ -1,0 +1,52 @@
+"""Third outside attack on issue 20's fixes (the admin user's records, host keys,
+deprovision's plan, KVP, names): each test reproduces a finding and fails on the
+code it was written against.  Root tests run in PrivateHost's namespaces; others on
+temporary roots; the fake WireServer and IMDS listen on 127.0.0.1."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import azure_provisioning as ap
+from tests.fake_azure import FakeAzure
+from tests.support import SCRIPT, PrivateHost, require_root, run_command, skip
+from tests import test_user
+from tests.test_user import key
+
+
+class ImagesGroupOfTheAdminName(unittest.TestCase):
+    """Finding 1: the image has a group `alice` of its own (no members; it owns
+    shared files) and no user alice; the VM's admin user is alice.  The first run's
+    useradd fails ("group alice exists", exit 9), the failure record keeps
+    admin_user_creating=alice.  The retry (next boot, or `systemctl restart`) takes
+    the image's group for what a cut useradd left, and runs `groupdel alice`: the
+    image's group is gone, its files' gid points at nothing (or at the next group
+    to get that gid), and useradd then "succeeds"."""
+
+    setUp = test_user.CutDuringUseradd.setUp
+    provision = test_user.CutDuringUseradd.provision
+    account_checks = test_user.CutDuringUseradd.account_checks
+    entries = test_user.CutDuringUseradd.entries
+    free_id = test_user.CutDuringUseradd.free_id
+    append = test_user.CutDuringUseradd.append
+    read_record = test_user.CutDuringUseradd.read_record
+
+    def test_the_images_group_is_not_removed(self):
+        gid = self.free_id() + 500     # the image's own gid, not the one useradd picks
+        self.append('group', 'alice:x:%d:' % gid)
+        self.append('gshadow', 'alice:!::')
+        group = self.entries()['group']
+        with FakeAzure(computer_name='web-7', admin_username='alice',
+                       public_keys=[key()]) as az:
+            first = self.provision(az)
+            self.assertEqual(first.code, 1, first)
+            second = self.provision(az)
+        # no useradd of ours was cut: nothing of alice is ours to remove, and the
+        # image's group (its gid, owning its files) stays whatever the retry does
+        self.assertNotIn('removed what a cut useradd left of alice', second.stderr)
+        self.assertEqual(self.entries()['group'], group, (first.stderr, second.stderr))
