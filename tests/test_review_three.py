@@ -16,6 +16,7 @@ import azure_provisioning as ap
 from tests.fake_azure import FakeAzure
 from tests.support import SCRIPT, PrivateHost, require_root, run_command, skip
 from tests import test_user
+from tests.test_transport import QuietLog
 from tests.test_user import key
 
 
@@ -50,3 +51,37 @@ class ImagesGroupOfTheAdminName(unittest.TestCase):
         # image's group (its gid, owning its files) stays whatever the retry does
         self.assertNotIn('removed what a cut useradd left of alice', second.stderr)
         self.assertEqual(self.entries()['group'], group, (first.stderr, second.stderr))
+
+
+class EmptyHostKeysOnRecord(unittest.TestCase):
+    """Finding 2: the keys made at the first boot are renamed into /etc/ssh without
+    an fsync of their data (replace_host_keys), while the record that names them
+    this VM's is fsynced (write_at).  A power cut after it (XFS, ext4 without
+    auto_da_alloc) leaves zero-byte key files and a record saying "made for this
+    VM": host_keys_complete takes any regular file for a key, the next boot keeps
+    them, and sshd starts on none ("no hostkeys available"): the VM is unreachable
+    over SSH."""
+
+    VM = '11111111-2222-3333-4444-555555555555'
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix='azp-review-three-')
+        self.addCleanup(shutil.rmtree, self.root)
+        os.makedirs(os.path.join(self.root, 'usr/sbin'))
+        open(os.path.join(self.root, 'usr/sbin/sshd'), 'w').close()
+        ssh = os.path.join(self.root, 'etc/ssh')
+        os.makedirs(ssh)
+        for kind in ('rsa', 'ecdsa', 'ed25519'):        # what the power cut left
+            for name in ('ssh_host_%s_key' % kind, 'ssh_host_%s_key.pub' % kind):
+                open(os.path.join(ssh, name), 'w').close()
+        os.makedirs(os.path.join(self.root, 'var/lib/azure-provisioning'))
+        with open(os.path.join(self.root, ap.STATE_FILE.lstrip('/')), 'w') as f:
+            json.dump({'result': 'provisioned', 'vm_id': self.VM,
+                       'ssh_host_keys_for': self.VM}, f)
+
+    def test_empty_keys_are_replaced(self):
+        run = ap.Run(ap.Options(root=self.root), QuietLog(), io.StringIO())
+        run.facts['AZURE_VM_ID'] = self.VM
+        plan = ap.host_keys_plan(run)
+        self.assertEqual(len(plan), 1, run.host_keys)
+        self.assertIn('replace the SSH host keys', plan[0].says)
