@@ -85,3 +85,42 @@ class EmptyHostKeysOnRecord(unittest.TestCase):
         plan = ap.host_keys_plan(run)
         self.assertEqual(len(plan), 1, run.host_keys)
         self.assertIn('replace the SSH host keys', plan[0].says)
+
+
+class ImmutableFileInThePlan(unittest.TestCase):
+    """Finding 3: changeable() asks only whether the directory can be written in; a
+    file that is immutable (chattr +i, as some images hold /etc/machine-id or
+    resolv.conf) or append-only passes the plan.  The dry run lists every action and
+    exits 0; the real run removes the host keys, then stops at the machine id
+    ("Operation not permitted"), exit 1: half done, what defect 10's fix promised
+    would not happen."""
+
+    def setUp(self):
+        require_root(self)
+        if not shutil.which('chattr') or not shutil.which('ssh-keygen'):
+            skip(self, 'no chattr or ssh-keygen')
+        self.root = tempfile.mkdtemp(prefix='azp-review-three-')
+        self.addCleanup(shutil.rmtree, self.root)
+        os.makedirs(os.path.join(self.root, 'etc/ssh'))
+        subprocess.check_call(['ssh-keygen', '-q', '-A', '-f', self.root],
+                              stdout=subprocess.DEVNULL)
+        self.machine_id = os.path.join(self.root, 'etc/machine-id')
+        with open(self.machine_id, 'w') as f:
+            f.write('0123456789abcdef0123456789abcdef\n')
+        if subprocess.call(['chattr', '+i', self.machine_id], stderr=subprocess.DEVNULL):
+            skip(self, 'the filesystem of %s has no immutable files' % self.root)
+        self.addCleanup(subprocess.call, ['chattr', '-i', self.machine_id])
+        self.keys = sorted(os.listdir(os.path.join(self.root, 'etc/ssh')))
+
+    def deprovision(self, *extra):
+        run = run_command([sys.executable, '-I', SCRIPT, '--deprovision', '--root', self.root]
+                          + list(extra), timeout=60)
+        self.assertNotIn('Traceback', run.stderr)
+        return run
+
+    def test_nothing_is_removed_when_the_machine_id_cannot_be_changed(self):
+        dry = self.deprovision('--dry-run')
+        real = self.deprovision()
+        # the machine id cannot be emptied: the dry run says so, and nothing is removed
+        self.assertEqual((dry.code, real.code, sorted(os.listdir(os.path.join(
+            self.root, 'etc/ssh')))), (1, 1, self.keys), (dry.stdout, real.stdout, real.stderr))
