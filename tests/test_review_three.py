@@ -124,3 +124,37 @@ class ImmutableFileInThePlan(unittest.TestCase):
         # the machine id cannot be emptied: the dry run says so, and nothing is removed
         self.assertEqual((dry.code, real.code, sorted(os.listdir(os.path.join(
             self.root, 'etc/ssh')))), (1, 1, self.keys), (dry.stdout, real.stdout, real.stderr))
+
+
+class HomeThatWasTheImages(unittest.TestCase):
+    """Finding 4: the image holds /home/alice of its own (data, owned by uid 1500)
+    and no user alice; the VM's admin user is alice.  useradd -m keeps the directory
+    (a warning, exit 0) and the keys go into it.  --deprovision --user: userdel -r
+    removes the account, refuses the home ("not owned by alice, not removing", exit
+    12): exit 1.  Every re-run then says "the admin user alice is gone, but its home
+    /home/alice is still there ... remove it yourself": deprovisioning cannot finish
+    unless the image's own data is deleted, and meanwhile the admin's
+    authorized_keys stays in the image's directory."""
+
+    setUp = test_user.CutDuringUseradd.setUp
+    provision = test_user.CutDuringUseradd.provision
+    account_checks = test_user.CutDuringUseradd.account_checks
+    entries = test_user.CutDuringUseradd.entries
+    deprovision_user = test_user.CutDuringUseradd.deprovision_user
+
+    def test_deprovision_finishes_and_the_images_data_stays(self):
+        home = os.path.join(self.host.home, 'alice')
+        os.mkdir(home, 0o755)
+        os.chown(home, 1500, 1500)
+        with open(os.path.join(home, 'data.txt'), 'w') as f:
+            f.write('the image\'s own\n')
+        with FakeAzure(computer_name='web-7', admin_username='alice',
+                       public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 0, run)
+        runs = [self.deprovision_user() for _ in range(2)]     # a re-run finishes the job
+        self.assertEqual(runs[-1].code, 0, runs)
+        self.assertEqual(self.entries()['passwd'], [])
+        with open(os.path.join(home, 'data.txt')) as f:
+            self.assertEqual(f.read(), 'the image\'s own\n')
+        self.assertFalse(os.path.exists(os.path.join(home, '.ssh', 'authorized_keys')))
