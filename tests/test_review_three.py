@@ -158,3 +158,23 @@ class HomeThatWasTheImages(unittest.TestCase):
         with open(os.path.join(home, 'data.txt')) as f:
             self.assertEqual(f.read(), 'the image\'s own\n')
         self.assertFalse(os.path.exists(os.path.join(home, '.ssh', 'authorized_keys')))
+
+
+class StatusRootWithALineBreak(unittest.TestCase):
+    """Finding 5 (low): --status --root prints the root's path raw in "this VM: not
+    looked up: ROOT holds no ..." (the only line not put through printable): a
+    line break in the path (a mount point made by a script from an image's label)
+    splits the line, and the next one reads as a line of its own."""
+
+    def test_every_line_is_a_status_line(self):
+        parent = tempfile.mkdtemp(prefix='azp-review-three-')
+        self.addCleanup(shutil.rmtree, parent)
+        root = os.path.join(parent, 'image\nunit: enabled')
+        os.makedirs(os.path.join(root, 'var/lib/azure-provisioning'))
+        with open(os.path.join(root, ap.STATE_FILE.lstrip('/')), 'w') as f:
+            json.dump({'result': 'provisioned', 'vm_id': 'x'}, f)
+        run = run_command([sys.executable, '-I', SCRIPT, '--status', '--root', root], timeout=60)
+        self.assertNotIn('Traceback', run.stderr)
+        lines = run.stdout.splitlines()
+        self.assertTrue(lines[-1].startswith('this VM: not looked up: '), lines)
+        self.assertFalse(any(line.startswith('unit: enabled') for line in lines), lines)
