@@ -13,7 +13,7 @@ import tempfile
 import unittest
 
 import azure_provisioning as ap
-from tests.fake_azure import FakeAzure
+from tests.fake_azure import DEFAULT_VM_ID, FakeAzure
 from tests.support import SCRIPT, PrivateHost, require_root, run_command, skip
 from tests import test_user
 from tests.test_transport import QuietLog
@@ -51,6 +51,35 @@ class ImagesGroupOfTheAdminName(unittest.TestCase):
         # image's group (its gid, owning its files) stays whatever the retry does
         self.assertNotIn('removed what a cut useradd left of alice', second.stderr)
         self.assertEqual(self.entries()['group'], group, (first.stderr, second.stderr))
+
+    def test_a_useradd_that_made_nothing_leaves_no_claim(self):
+        # useradd fails having made nothing (here: another tool holds /etc/passwd's
+        # lock).  The run knows its outcome, so the record must not claim alice: a
+        # later run would take the image's entries of that name for a cut useradd's
+        self.host.write('passwd.lock', '1')
+        with FakeAzure(computer_name='web-7', admin_username='alice',
+                       public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 1, run)
+            self.assertIn('useradd', az.health_reports[0]['description'])
+        self.assertEqual(self.entries()['passwd'], [])
+        state = self.read_record()
+        self.assertEqual((state['result'], state.get('admin_user_creating')),
+                         ('failed', None), state)
+
+    def test_the_images_group_fails_the_plan_and_nothing_is_made(self):
+        gid = self.free_id() + 500
+        self.append('group', 'alice:x:%d:' % gid)
+        with FakeAzure(computer_name='web-7', admin_username='alice',
+                       public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 1, run)
+            report, = az.health_reports
+            self.assertEqual(report['substatus'], 'ProvisioningFailed')
+            self.assertIn('the image has a group alice (gid %d) and no user alice' % gid,
+                          report['description'])
+        self.assertEqual(self.entries()['passwd'], [])
+        self.assertIsNone(self.read_record().get('admin_user_creating'))
 
 
 class EmptyHostKeysOnRecord(unittest.TestCase):
@@ -134,30 +163,61 @@ class HomeThatWasTheImages(unittest.TestCase):
     12): exit 1.  Every re-run then says "the admin user alice is gone, but its home
     /home/alice is still there ... remove it yourself": deprovisioning cannot finish
     unless the image's own data is deleted, and meanwhile the admin's
-    authorized_keys stays in the image's directory."""
+    authorized_keys stays in the image's directory.
+
+    The reviewer's test expected provisioning to succeed and deprovision to finish
+    keeping the data.  It asserts instead that provisioning fails at plan time,
+    naming the home, with nothing made: an admin user living in a home it does not
+    own cannot log in by key (sshd StrictModes) and leaves the admin's keys in the
+    image's directory, and refusing it keeps "a home left after userdel -r is the
+    admin user's" true.  Deprovision of that tree finishes and keeps the data."""
 
     setUp = test_user.CutDuringUseradd.setUp
     provision = test_user.CutDuringUseradd.provision
     account_checks = test_user.CutDuringUseradd.account_checks
     entries = test_user.CutDuringUseradd.entries
+    record = test_user.CutDuringUseradd.record
     deprovision_user = test_user.CutDuringUseradd.deprovision_user
 
-    def test_deprovision_finishes_and_the_images_data_stays(self):
+    def images_home(self, uid):
         home = os.path.join(self.host.home, 'alice')
         os.mkdir(home, 0o755)
-        os.chown(home, 1500, 1500)
+        os.chown(home, uid, uid)
         with open(os.path.join(home, 'data.txt'), 'w') as f:
             f.write('the image\'s own\n')
+        return home
+
+    def assert_data_intact(self, home):
+        with open(os.path.join(home, 'data.txt')) as f:
+            self.assertEqual(f.read(), 'the image\'s own\n')
+        self.assertEqual(os.stat(home).st_uid, os.stat(os.path.join(home, 'data.txt')).st_uid)
+
+    def test_provisioning_fails_naming_the_home_and_deprovision_finishes(self):
+        home = self.images_home(1500)
         with FakeAzure(computer_name='web-7', admin_username='alice',
                        public_keys=[key()]) as az:
             run = self.provision(az)
-            self.assertEqual(run.code, 0, run)
-        runs = [self.deprovision_user() for _ in range(2)]     # a re-run finishes the job
-        self.assertEqual(runs[-1].code, 0, runs)
+            self.assertEqual(run.code, 1, run)
+            report, = az.health_reports
+            self.assertEqual(report['substatus'], 'ProvisioningFailed')
+            self.assertIn('/home/alice exists in the image, owned by uid 1500: remove it from '
+                          'the image or choose another admin name', report['description'])
         self.assertEqual(self.entries()['passwd'], [])
-        with open(os.path.join(home, 'data.txt')) as f:
-            self.assertEqual(f.read(), 'the image\'s own\n')
-        self.assertFalse(os.path.exists(os.path.join(home, '.ssh', 'authorized_keys')))
+        self.assertEqual(sorted(os.listdir(home)), ['data.txt'])
+        self.assert_data_intact(home)
+        run = self.deprovision_user()
+        self.assertEqual(run.code, 0, run)
+        self.assertEqual(self.entries()['passwd'], [])
+        self.assert_data_intact(home)
+
+    def test_a_home_of_another_existing_user_does_not_block_deprovision(self):
+        # the record's user is gone; /home/alice belongs to a user still in passwd
+        # (root): it is not what userdel -r failed to remove, and not ours to name
+        home = self.images_home(0)
+        self.record(result='provisioned', vm_id=DEFAULT_VM_ID, admin_user_created='alice')
+        run = self.deprovision_user()
+        self.assertEqual(run.code, 0, run)
+        self.assert_data_intact(home)
 
 
 class StatusRootWithALineBreak(unittest.TestCase):
