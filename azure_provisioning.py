@@ -2212,6 +2212,8 @@ def user_plan(run, request):
                                 % (name, account.pw_uid, why))
     plan = []
     left = unfinished_user(run, name)
+    if account is None and not left:
+        refuse_useradd(run, name)
     if left:
         plan.append(Action('remove what a cut useradd left of %s (its entries in %s): userdel '
                            '-r, then groupdel of its group if left' % (name, ', '.join(left)),
@@ -2248,6 +2250,26 @@ def account_files_naming(run, name):
     return [path for path in ACCOUNT_FILES
             if any(line.split(':')[0] == name
                    for line in (run.root.read_text(path) or '').splitlines())]
+
+
+def refuse_useradd(run, name):
+    """The image's own group or home of `name` (no account of that name, no cut
+    useradd of ours left them): useradd would fail on the group, or keep the home
+    (the admin's keys in a directory it does not own, which userdel -r then refuses
+    to remove).  Refused before anything is made or claimed."""
+    for line in (run.root.read_text('/etc/group') or '').splitlines():
+        fields = line.split(':')
+        if fields[0] == name:
+            gid = printable(fields[2])[:20] if len(fields) > 2 else '?'
+            raise ProvisioningError('user: the image has a group %s (gid %s) and no user %s: '
+                                    'remove the group from the image or choose another '
+                                    'admin name' % (name, gid, name))
+    home = os.path.join('/home', name)
+    found = run.root.lstat(home)
+    if found is not None:
+        raise ProvisioningError('user: %s exists in the image, owned by uid %d: remove it '
+                                'from the image or choose another admin name'
+                                % (home, found.st_uid))
 
 
 def unfinished_user(run, name):
@@ -2292,10 +2314,22 @@ def create_user(run, name, shell):
     again); after it, that we made it (--deprovision --user removes it, whenever the
     power goes later).  Neither claims the host keys (ssh_host_keys_for is carried)."""
     import pwd
+    refuse_useradd(run, name)       # at the moment of the action: what the plan saw may differ
     run.user_creating = name
     write_state(run, 'provisioning', 'user', 'the run stopped while making the admin user %s'
                 % name)
-    run_tool([find_tool('useradd') or 'useradd', '-m', '-s', shell, name], run.deadline, 'user')
+    before = account_files_naming(run, name)
+    try:
+        run_tool([find_tool('useradd') or 'useradd', '-m', '-s', shell, name], run.deadline,
+                 'user')
+    except ProvisioningError:
+        # useradd ran to its end: when it made nothing, what is there of `name` was
+        # there before it, and no later run may take it for a cut useradd's
+        if account_files_naming(run, name) == before:
+            run.user_creating, run.user_claim_dropped = None, True
+            write_state(run, 'provisioning', 'user', 'useradd of %s failed, making nothing'
+                        % name)
+        raise
     run.user_created, run.user_creating = name, None
     write_state(run, 'provisioning', 'user', 'the run stopped after making the admin user %s'
                 % name)
@@ -2586,7 +2620,8 @@ def write_state(run, result, step=None, reason=None):
     same_vm = previous.get('vm_id') == state['vm_id']
     made = previous.get('admin_user_created') if same_vm else None
     state['admin_user_created'] = run.user_created or made
-    creating = previous.get('admin_user_creating') if same_vm and not run.user_created else None
+    creating = (previous.get('admin_user_creating')
+                if same_vm and not run.user_created and not run.user_claim_dropped else None)
     state['admin_user_creating'] = run.user_creating or creating
     # the VM the host keys on disk were made for: this run's when it made them, else
     # the last record's (a run that failed before the identity step left them as
@@ -2898,6 +2933,7 @@ class Run(object):
         self.media_problem = None   # why it could not be, when it was there
         self.user_created = None    # the admin user this run made
         self.user_creating = None   # the admin user this run began making with useradd
+        self.user_claim_dropped = False  # useradd returned having made nothing: no claim stands
         self.host_keys = None       # what became of the SSH host keys, for the record
         self.host_keys_for = None   # the vmId, once this run made the keys on disk
         self.incarnation = None     # of the goal state the last report went to
@@ -3248,9 +3284,13 @@ def user_removal_plan(run, state, problems):
                                     'refused: %s' % (name, printable(uid)[:20], why))
     plan = []
     home = os.path.join('/home', name)      # useradd -m's, as user_plan made it
-    if uid is None and run.root.lstat(home) is not None:
+    found = run.root.lstat(home)
+    if uid is None and found is not None and str(found.st_uid) not in passwd_uids(
+            run.root).values():
         # userdel -r removed the account and failed at the home (exit 12: an immutable
         # file, a mount point): no run of userdel can remove it now, and it is the user's
+        # (a home of a user still in /etc/passwd is that user's: provisioning refuses
+        # to make the admin user in a home that is there already)
         problems.append('the admin user %s is gone, but its home %s is still there (userdel '
                         '-r could not remove it): remove it yourself, then run this again'
                         % (name, home))

@@ -67,6 +67,27 @@ class ImagesGroupOfTheAdminName(unittest.TestCase):
         self.assertEqual((state['result'], state.get('admin_user_creating')),
                          ('failed', None), state)
 
+    def test_a_useradd_that_failed_after_writing_the_account_keeps_the_claim(self):
+        # useradd writes the account, then cannot make the home (/home immutable):
+        # exit 12 with alice in passwd.  That part is ours: the record keeps the claim
+        # and the next run removes it and makes alice whole
+        chattr = shutil.which('chattr')
+        if not chattr or run_command([chattr, '+i', self.host.home]).code != 0:
+            skip(self, 'chattr +i does not work on %s' % self.host.home)
+        self.addCleanup(run_command, [chattr, '-i', self.host.home])
+        with FakeAzure(computer_name='web-7', admin_username='alice',
+                       public_keys=[key()]) as az:
+            first = self.provision(az)
+            self.assertEqual(first.code, 1, first)
+            self.assertEqual(len(self.entries()['passwd']), 1, first)
+            self.assertEqual(self.read_record()['admin_user_creating'], 'alice')
+            run_command([chattr, '-i', self.host.home])
+            second = self.provision(az)
+            self.assertEqual(second.code, 0, second)
+        self.assertIn('removed what a cut useradd left of alice', second.stderr)
+        self.assertEqual(len(self.entries()['passwd']), 1)
+        self.assertEqual(self.read_record()['admin_user_created'], 'alice')
+
     def test_the_images_group_fails_the_plan_and_nothing_is_made(self):
         gid = self.free_id() + 500
         self.append('group', 'alice:x:%d:' % gid)
@@ -187,10 +208,10 @@ class HomeThatWasTheImages(unittest.TestCase):
             f.write('the image\'s own\n')
         return home
 
-    def assert_data_intact(self, home):
+    def assert_data_intact(self, home, uid):
         with open(os.path.join(home, 'data.txt')) as f:
             self.assertEqual(f.read(), 'the image\'s own\n')
-        self.assertEqual(os.stat(home).st_uid, os.stat(os.path.join(home, 'data.txt')).st_uid)
+        self.assertEqual(os.stat(home).st_uid, uid)
 
     def test_provisioning_fails_naming_the_home_and_deprovision_finishes(self):
         home = self.images_home(1500)
@@ -204,11 +225,11 @@ class HomeThatWasTheImages(unittest.TestCase):
                           'the image or choose another admin name', report['description'])
         self.assertEqual(self.entries()['passwd'], [])
         self.assertEqual(sorted(os.listdir(home)), ['data.txt'])
-        self.assert_data_intact(home)
+        self.assert_data_intact(home, 1500)
         run = self.deprovision_user()
         self.assertEqual(run.code, 0, run)
         self.assertEqual(self.entries()['passwd'], [])
-        self.assert_data_intact(home)
+        self.assert_data_intact(home, 1500)
 
     def test_a_home_of_another_existing_user_does_not_block_deprovision(self):
         # the record's user is gone; /home/alice belongs to a user still in passwd
@@ -217,7 +238,7 @@ class HomeThatWasTheImages(unittest.TestCase):
         self.record(result='provisioned', vm_id=DEFAULT_VM_ID, admin_user_created='alice')
         run = self.deprovision_user()
         self.assertEqual(run.code, 0, run)
-        self.assert_data_intact(home)
+        self.assert_data_intact(home, 0)
 
 
 class StatusRootWithALineBreak(unittest.TestCase):
