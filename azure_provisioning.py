@@ -2293,7 +2293,7 @@ USERDEL_GONE = (0, 6, 12)
 def remove_unfinished_user(run, name):
     """userdel -r (not -f: a home that is not the account's stays, e.g. one that was
     there before useradd ran), then groupdel of a group of that name userdel left,
-    when nobody is in it.  Shadow or gshadow lines left alone are useradd's to
+    when nobody is in it, and the home when it is an empty directory.  Shadow or gshadow lines left alone are useradd's to
     replace."""
     run_tool([find_tool('userdel') or 'userdel', '-r', name], run.deadline, 'user',
              accept=USERDEL_GONE)
@@ -2305,6 +2305,11 @@ def remove_unfinished_user(run, name):
             raise ProvisioningError('user: the group %s a cut useradd left has members (%s); '
                                     'refused to remove it' % (name, one_line(fields[3], 80)))
         run_tool([find_tool('groupdel') or 'groupdel', name], run.deadline, 'user')
+    try:    # cut between useradd's mkdir and chown: still root's, so userdel kept it
+        run.root.at(os.path.join('/home', name),
+                    lambda fd, entry: os.rmdir(entry, dir_fd=fd), follow=False)
+    except OSError:     # none, not empty (then refused, its owner named), not a directory
+        pass
     run.log.info('user: removed what a cut useradd left of %s' % name)
 
 

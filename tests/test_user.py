@@ -508,6 +508,23 @@ class CutDuringUseradd(unittest.TestCase):
         self.assertEqual((state['result'], state['admin_user_created'],
                           state.get('admin_user_creating')), ('provisioned', 'alice', None))
 
+    def test_an_empty_home_the_cut_left_unowned_is_made_again(self):
+        # the cut between useradd's mkdir of the home and its chown: userdel -r keeps
+        # a home the account does not own (exit 12), the next useradd must not find it
+        uid = self.free_id()
+        self.append('passwd', 'alice:x:%d:%d::/home/alice:/bin/sh' % (uid, uid))
+        self.append('shadow', 'alice:!:20000:0:99999:7:::')
+        self.append('group', 'alice:x:%d:' % uid)
+        self.append('gshadow', 'alice:!::')
+        os.mkdir(os.path.join(self.host.home, 'alice'), 0o700)
+        self.record(result='provisioning', vm_id=DEFAULT_VM_ID, step='user',
+                    admin_user_creating='alice')
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 0, run)
+            self.assertTrue(az.ready_accepted())
+        self.assert_one_complete_alice()
+
     def test_leftovers_in_group_files_alone_are_removed_with_the_tools(self):
         # another moment of the cut: the group made, the account not (no passwd line)
         gid = self.free_id()
