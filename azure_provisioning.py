@@ -3345,32 +3345,37 @@ def status(options, out):
         out.write(json.dumps(state, indent=2, sort_keys=True) + '\n')
         return 0 if state and state.get('result') == 'provisioned' else 1
     code = 0 if state and state.get('result') == 'provisioned' else 1
-    for line in status_lines(root, state, corrupt):
+    vm, another = this_vm(root, state)
+    for line in status_lines(root, state, corrupt) + [vm]:
+        # a name in it (the root's path, the record's fields) may hold anything
         out.write(printable(line) + '\n')
+    return 1 if another else code
+
+
+def this_vm(root, state):
+    """(what --status says of the VM it runs on and of the record, whether the
+    record is another VM's)."""
     try:
         current = dmi_vm_id(root)
     except OSError as exc:      # root-only (0400) on a VM; a FIFO or a huge file in an image
-        out.write('this VM: unknown (%s unreadable: %s)\n' % (DMI_UUID, 'run as root' if (
-            isinstance(exc, PermissionError) and os.geteuid() != 0) else exc.strerror or 'error'))
-        return code
+        return 'this VM: unknown (%s unreadable: %s)' % (DMI_UUID, 'run as root' if (
+            isinstance(exc, PermissionError) and os.geteuid() != 0)
+            else exc.strerror or 'error'), False
     recorded = str((state or {}).get('vm_id', '')).lower()
     missing = current is None and root.lstat(DMI_UUID) is None
     if missing and not root.is_machine():
         # an image's tree: the DMI of the machine we run on is not its VM's
-        out.write('this VM: not looked up: %s holds no %s (an image, not the running '
-                  'system)\n' % (root.top, DMI_UUID))
-    elif current is None:
-        out.write('this VM: unknown (%s)\n' % ('no %s: no DMI here' if missing
-                                                else '%s holds no UUID') % DMI_UUID)
-    elif state is None:
-        out.write('this VM: %s\n' % current)
-    elif current == recorded:
-        out.write('this VM: %s: the record is this VM\'s\n' % current)
-    else:
-        out.write('this VM: %s: the record is of another VM (this disk was captured from '
-                  'it without --deprovision): this VM is not provisioned\n' % current)
-        code = 1
-    return code
+        return ('this VM: not looked up: %s holds no %s (an image, not the running '
+                'system)' % (root.top, DMI_UUID)), False
+    if current is None:
+        return 'this VM: unknown (%s)' % (('no %s: no DMI here' if missing
+                                           else '%s holds no UUID') % DMI_UUID), False
+    if state is None:
+        return 'this VM: %s' % current, False
+    if current == recorded:
+        return 'this VM: %s: the record is this VM\'s' % current, False
+    return ('this VM: %s: the record is of another VM (this disk was captured from it '
+            'without --deprovision): this VM is not provisioned' % current), True
 
 
 def status_lines(root, state, corrupt=None):
@@ -3856,9 +3861,8 @@ def check_image(root, out, shown=None):
             out.write('      fix: %s\n' % printable(fix))
     failed = sum(1 for r in c.results if r[0] == 'FAIL')
     warned = sum(1 for r in c.results if r[0] == 'warn')
-    out.write('%s: %d blocking, %d warnings (%s)\n'
-              % ('image NOT ready' if failed else 'image ready', failed, warned,
-                 printable(c.shown)))
+    out.write(printable('%s: %d blocking, %d warnings (%s)' % (
+        'image NOT ready' if failed else 'image ready', failed, warned, c.shown)) + '\n')
     return 1 if failed else 0
 
 
