@@ -3205,7 +3205,72 @@ def changeable(root, path, problems):
     if not writable:
         problems.append('%s cannot be written in (read-only, immutable, or not ours): %s '
                         'cannot be changed' % (existing, path))
-    return writable
+        return False
+    try:
+        refused = root.at(path, unchangeable, follow=False)
+    except OSError as exc:
+        if not_a_file(exc.errno):
+            return True     # nothing there yet: the directory takes a new name
+        problems.append(describe_error(exc))
+        return False
+    if refused:
+        problems.append('%s cannot be changed: %s' % (path, refused))
+    return not refused
+
+
+FS_IMMUTABLE_FL = 0x10      # chattr +i: no change at all, by root too
+FS_APPEND_FL = 0x20         # chattr +a: appended to only; in a directory, no name removed
+
+
+def unchangeable(directory, name):
+    """Why the file `name` in the directory open as `directory` cannot be removed or
+    replaced (a rename over it) though the directory can be written in, or None: the
+    file, or its directory, immutable or append-only (the kernel's EPERM, which
+    os.access does not foresee).  Only a regular file is opened, and never so that
+    it could block (a FIFO) or become our terminal; a link cannot have flags."""
+    import stat
+    os.stat(name, dir_fd=directory, follow_symlinks=False)     # none there: OSError
+    opened = os.open('.', os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
+    try:
+        flags = inode_flags(opened)
+    finally:
+        os.close(opened)
+    if flags & (FS_IMMUTABLE_FL | FS_APPEND_FL):
+        return 'its directory is %s' % flag_words(flags)
+    if not stat.S_ISREG(os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode):
+        return None
+    opened = os.open(name, OPEN_READ, dir_fd=directory)
+    try:
+        if not stat.S_ISREG(os.fstat(opened).st_mode):    # swapped since the lstat
+            return None
+        flags = inode_flags(opened)
+    finally:
+        os.close(opened)
+    if flags & (FS_IMMUTABLE_FL | FS_APPEND_FL):
+        return 'it is %s' % flag_words(flags)
+    return None
+
+
+def flag_words(flags):
+    return 'immutable (chattr +i)' if flags & FS_IMMUTABLE_FL else 'append-only (chattr +a)'
+
+
+def inode_flags(fd):
+    """The chattr flags of the file open as `fd` (FS_IOC_GETFLAGS); 0 where the
+    filesystem keeps none (tmpfs before Linux 6.0, NFS, overlayfs on some)."""
+    import errno
+    import fcntl
+    import struct
+    # _IOR('f', 1, long) in the generic encoding, x86_64's and arm64's; the kernel
+    # writes an int at the start of the buffer
+    request = 0x80006601 | struct.calcsize('l') << 16
+    try:
+        answer = fcntl.ioctl(fd, request, bytes(struct.calcsize('l')))
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return 0
+        raise
+    return struct.unpack('i', answer[:4])[0]
 
 
 def passwd_uids(root):
