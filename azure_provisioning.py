@@ -612,6 +612,15 @@ def sync_directory(directory):
         os.close(opened)
 
 
+def sync_file(path):
+    """The data of the regular file `path` (one of ours) on the disk."""
+    fd = os.open(path, OPEN_READ)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def copy_selinux_label(source, target):
     """The old file's SELinux context onto its replacement: a renamed-in file keeps
     the label of where it was made (net_conf_t on /etc/hosts would become etc_t).
@@ -2607,15 +2616,41 @@ def host_key_names(root):
     return sorted(root.names('/etc/ssh', SSH_HOST_KEY.pattern))
 
 
-def host_keys_complete(root):
+HOST_KEY_MAX = 1 << 16      # bytes of one host key file: a 16384-bit RSA key is < 13 KiB
+
+
+def host_keys_complete(run):
     """Whether /etc/ssh holds host keys sshd can start on: at least one private key,
-    each a regular file with its public half beside it.  A record saying the keys
-    were made for this VM is worth nothing without them (a --deprovision that
-    removed them, then failed at userdel, keeps the record)."""
+    each a non-empty regular file whose public key (ssh-keygen -y) is the one in the
+    .pub beside it.  A record saying the keys were made for this VM is worth nothing
+    without them: a --deprovision that removed them, then failed at userdel, keeps
+    the record, and a power cut can leave them empty or cut short (a file's data
+    reaches the disk after its name on XFS, on ext4 without auto_da_alloc).  Each
+    key is read here, inside the root and bounded, and given to ssh-keygen on its
+    stdin (a pipe: 0600 for ssh-keygen's permission check; a path could lead it out
+    of the root).  A key it cannot load (exit 255) is not whole; ssh-keygen that
+    cannot run is an error, as it could not make new keys either."""
+    root = run.root
     names = host_key_names(root)
     private = [n for n in names if not n.endswith('.pub')]
-    return bool(private) and all(n + '.pub' in names and root.is_file('/etc/ssh', n)
-                                 and root.is_file('/etc/ssh', n + '.pub') for n in private)
+    if not private:
+        return False
+    keygen = find_tool('ssh-keygen') or 'ssh-keygen'
+    for name in private:
+        try:
+            key = root.read('/etc/ssh', name, limit=HOST_KEY_MAX)
+            public = root.read('/etc/ssh', name + '.pub', limit=HOST_KEY_MAX)
+        except OSError:     # not a regular file, too large, unreadable
+            return False
+        fields = (public or b'').decode('utf-8', 'replace').split()[:2]
+        if not key or len(fields) != 2:
+            return False
+        derived = run_tool([keygen, '-y', '-P', '', '-f', '/dev/stdin'], run.deadline,
+                           'ssh host keys: checking /etc/ssh/%s' % printable(name),
+                           stdin=key.decode('utf-8', 'replace'), accept=(0, 255))
+        if derived.split()[:2] != fields:
+            return False
+    return True
 
 
 def host_keys_plan(run):
@@ -2635,16 +2670,15 @@ def host_keys_plan(run):
     vm_id = run.facts.get('AZURE_VM_ID', '')
     state = read_state(run.root) or {}
     made_for = state.get('ssh_host_keys_for')
-    complete = host_keys_complete(run.root)
-    if vm_id and made_for == vm_id and complete:
-        run.host_keys = 'kept (made for this VM)'
-        run.host_keys_for = vm_id
-        run.log.info('ssh host keys: kept (made at this VM\'s first boot)')
-        return []
     recorded = made_for or state.get('vm_id')
     if vm_id and made_for == vm_id:
-        why = ('the keys made for this VM are not all there (--deprovision removed them, '
-               'or someone did)')
+        if host_keys_complete(run):
+            run.host_keys = 'kept (made for this VM)'
+            run.host_keys_for = vm_id
+            run.log.info('ssh host keys: kept (made at this VM\'s first boot)')
+            return []
+        why = ('the keys made for this VM are not all there, or not whole (--deprovision '
+               'removed them, a power cut emptied them, or someone did)')
     elif vm_id and recorded == vm_id:
         why = 'the record does not say they were made for this VM'
     elif recorded:
@@ -2698,11 +2732,17 @@ def replace_host_keys(run, old):
             raise ProvisioningError('ssh host keys: ssh-keygen -A made none')
         fingerprints = [run_tool([keygen, '-l', '-f', os.path.join(aside, 'etc/ssh', n)],
                                  run.deadline, 'ssh host keys').strip() for n in public]
+        # their bytes on the disk before their names are: the record that follows
+        # calls the keys this VM's, and a power cut must not leave them empty
+        for name in made:
+            sync_file(os.path.join(aside, 'etc/ssh', name))
         for name in sorted(made, key=lambda n: n.endswith('.pub')):     # private ones first
             run.root.at('/etc/ssh/' + name, lambda fd, key, name=name: os.replace(
                 os.path.join(aside, 'etc/ssh', name), key, dst_dir_fd=fd), follow=False)
         for name in set(old) - set(made):   # a type ssh-keygen -A no longer makes (dsa)
             run.root.remove('/etc/ssh/' + name)
+        # the new names on the disk: /etc/ssh as the renames found it
+        run.root.at('/etc/ssh/' + made[0], lambda fd, _: sync_directory(fd), follow=False)
     finally:
         shutil.rmtree(aside, ignore_errors=True)
     # from here on the keys on disk are this VM's, whatever fails next
