@@ -612,6 +612,15 @@ def sync_directory(directory):
         os.close(opened)
 
 
+def sync_file(path):
+    """The data of the regular file `path` (one of ours) on the disk."""
+    fd = os.open(path, OPEN_READ)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def copy_selinux_label(source, target):
     """The old file's SELinux context onto its replacement: a renamed-in file keeps
     the label of where it was made (net_conf_t on /etc/hosts would become etc_t).
@@ -2647,15 +2656,41 @@ def host_key_names(root):
     return sorted(root.names('/etc/ssh', SSH_HOST_KEY.pattern))
 
 
-def host_keys_complete(root):
+HOST_KEY_MAX = 1 << 16      # bytes of one host key file: a 16384-bit RSA key is < 13 KiB
+
+
+def host_keys_complete(run):
     """Whether /etc/ssh holds host keys sshd can start on: at least one private key,
-    each a regular file with its public half beside it.  A record saying the keys
-    were made for this VM is worth nothing without them (a --deprovision that
-    removed them, then failed at userdel, keeps the record)."""
+    each a non-empty regular file whose public key (ssh-keygen -y) is the one in the
+    .pub beside it.  A record saying the keys were made for this VM is worth nothing
+    without them: a --deprovision that removed them, then failed at userdel, keeps
+    the record, and a power cut can leave them empty or cut short (a file's data
+    reaches the disk after its name on XFS, on ext4 without auto_da_alloc).  Each
+    key is read here, inside the root and bounded, and given to ssh-keygen on its
+    stdin (a pipe: 0600 for ssh-keygen's permission check; a path could lead it out
+    of the root).  A key it cannot load (exit 255) is not whole; ssh-keygen that
+    cannot run is an error, as it could not make new keys either."""
+    root = run.root
     names = host_key_names(root)
     private = [n for n in names if not n.endswith('.pub')]
-    return bool(private) and all(n + '.pub' in names and root.is_file('/etc/ssh', n)
-                                 and root.is_file('/etc/ssh', n + '.pub') for n in private)
+    if not private:
+        return False
+    keygen = find_tool('ssh-keygen') or 'ssh-keygen'
+    for name in private:
+        try:
+            key = root.read('/etc/ssh', name, limit=HOST_KEY_MAX)
+            public = root.read('/etc/ssh', name + '.pub', limit=HOST_KEY_MAX)
+        except OSError:     # not a regular file, too large, unreadable
+            return False
+        fields = (public or b'').decode('utf-8', 'replace').split()[:2]
+        if not key or len(fields) != 2:
+            return False
+        derived = run_tool([keygen, '-y', '-P', '', '-f', '/dev/stdin'], run.deadline,
+                           'ssh host keys: checking /etc/ssh/%s' % printable(name),
+                           stdin=key.decode('utf-8', 'replace'), accept=(0, 255))
+        if derived.split()[:2] != fields:
+            return False
+    return True
 
 
 def host_keys_plan(run):
@@ -2675,16 +2710,15 @@ def host_keys_plan(run):
     vm_id = run.facts.get('AZURE_VM_ID', '')
     state = read_state(run.root) or {}
     made_for = state.get('ssh_host_keys_for')
-    complete = host_keys_complete(run.root)
-    if vm_id and made_for == vm_id and complete:
-        run.host_keys = 'kept (made for this VM)'
-        run.host_keys_for = vm_id
-        run.log.info('ssh host keys: kept (made at this VM\'s first boot)')
-        return []
     recorded = made_for or state.get('vm_id')
     if vm_id and made_for == vm_id:
-        why = ('the keys made for this VM are not all there (--deprovision removed them, '
-               'or someone did)')
+        if host_keys_complete(run):
+            run.host_keys = 'kept (made for this VM)'
+            run.host_keys_for = vm_id
+            run.log.info('ssh host keys: kept (made at this VM\'s first boot)')
+            return []
+        why = ('the keys made for this VM are not all there, or not whole (--deprovision '
+               'removed them, a power cut emptied them, or someone did)')
     elif vm_id and recorded == vm_id:
         why = 'the record does not say they were made for this VM'
     elif recorded:
@@ -2738,11 +2772,17 @@ def replace_host_keys(run, old):
             raise ProvisioningError('ssh host keys: ssh-keygen -A made none')
         fingerprints = [run_tool([keygen, '-l', '-f', os.path.join(aside, 'etc/ssh', n)],
                                  run.deadline, 'ssh host keys').strip() for n in public]
+        # their bytes on the disk before their names are: the record that follows
+        # calls the keys this VM's, and a power cut must not leave them empty
+        for name in made:
+            sync_file(os.path.join(aside, 'etc/ssh', name))
         for name in sorted(made, key=lambda n: n.endswith('.pub')):     # private ones first
             run.root.at('/etc/ssh/' + name, lambda fd, key, name=name: os.replace(
                 os.path.join(aside, 'etc/ssh', name), key, dst_dir_fd=fd), follow=False)
         for name in set(old) - set(made):   # a type ssh-keygen -A no longer makes (dsa)
             run.root.remove('/etc/ssh/' + name)
+        # the new names on the disk: /etc/ssh as the renames found it
+        run.root.at('/etc/ssh/' + made[0], lambda fd, _: sync_directory(fd), follow=False)
     finally:
         shutil.rmtree(aside, ignore_errors=True)
     # from here on the keys on disk are this VM's, whatever fails next
@@ -3246,7 +3286,72 @@ def changeable(root, path, problems):
     if not writable:
         problems.append('%s cannot be written in (read-only, immutable, or not ours): %s '
                         'cannot be changed' % (existing, path))
-    return writable
+        return False
+    try:
+        refused = root.at(path, unchangeable, follow=False)
+    except OSError as exc:
+        if not_a_file(exc.errno):
+            return True     # nothing there yet: the directory takes a new name
+        problems.append(describe_error(exc))
+        return False
+    if refused:
+        problems.append('%s cannot be changed: %s' % (path, refused))
+    return not refused
+
+
+FS_IMMUTABLE_FL = 0x10      # chattr +i: no change at all, by root too
+FS_APPEND_FL = 0x20         # chattr +a: appended to only; in a directory, no name removed
+
+
+def unchangeable(directory, name):
+    """Why the file `name` in the directory open as `directory` cannot be removed or
+    replaced (a rename over it) though the directory can be written in, or None: the
+    file, or its directory, immutable or append-only (the kernel's EPERM, which
+    os.access does not foresee).  Only a regular file is opened, and never so that
+    it could block (a FIFO) or become our terminal; a link cannot have flags."""
+    import stat
+    os.stat(name, dir_fd=directory, follow_symlinks=False)     # none there: OSError
+    opened = os.open('.', os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
+    try:
+        flags = inode_flags(opened)
+    finally:
+        os.close(opened)
+    if flags & (FS_IMMUTABLE_FL | FS_APPEND_FL):
+        return 'its directory is %s' % flag_words(flags)
+    if not stat.S_ISREG(os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode):
+        return None
+    opened = os.open(name, OPEN_READ, dir_fd=directory)
+    try:
+        if not stat.S_ISREG(os.fstat(opened).st_mode):    # swapped since the lstat
+            return None
+        flags = inode_flags(opened)
+    finally:
+        os.close(opened)
+    if flags & (FS_IMMUTABLE_FL | FS_APPEND_FL):
+        return 'it is %s' % flag_words(flags)
+    return None
+
+
+def flag_words(flags):
+    return 'immutable (chattr +i)' if flags & FS_IMMUTABLE_FL else 'append-only (chattr +a)'
+
+
+def inode_flags(fd):
+    """The chattr flags of the file open as `fd` (FS_IOC_GETFLAGS); 0 where the
+    filesystem keeps none (tmpfs before Linux 6.0, NFS, overlayfs on some)."""
+    import errno
+    import fcntl
+    import struct
+    # _IOR('f', 1, long) in the generic encoding, x86_64's and arm64's; the kernel
+    # writes an int at the start of the buffer
+    request = 0x80006601 | struct.calcsize('l') << 16
+    try:
+        answer = fcntl.ioctl(fd, request, bytes(struct.calcsize('l')))
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return 0
+        raise
+    return struct.unpack('i', answer[:4])[0]
 
 
 def passwd_uids(root):
@@ -3390,32 +3495,37 @@ def status(options, out):
         out.write(json.dumps(state, indent=2, sort_keys=True) + '\n')
         return 0 if state and state.get('result') == 'provisioned' else 1
     code = 0 if state and state.get('result') == 'provisioned' else 1
-    for line in status_lines(root, state, corrupt):
+    vm, another = this_vm(root, state)
+    for line in status_lines(root, state, corrupt) + [vm]:
+        # a name in it (the root's path, the record's fields) may hold anything
         out.write(printable(line) + '\n')
+    return 1 if another else code
+
+
+def this_vm(root, state):
+    """(what --status says of the VM it runs on and of the record, whether the
+    record is another VM's)."""
     try:
         current = dmi_vm_id(root)
     except OSError as exc:      # root-only (0400) on a VM; a FIFO or a huge file in an image
-        out.write('this VM: unknown (%s unreadable: %s)\n' % (DMI_UUID, 'run as root' if (
-            isinstance(exc, PermissionError) and os.geteuid() != 0) else exc.strerror or 'error'))
-        return code
+        return 'this VM: unknown (%s unreadable: %s)' % (DMI_UUID, 'run as root' if (
+            isinstance(exc, PermissionError) and os.geteuid() != 0)
+            else exc.strerror or 'error'), False
     recorded = str((state or {}).get('vm_id', '')).lower()
     missing = current is None and root.lstat(DMI_UUID) is None
     if missing and not root.is_machine():
         # an image's tree: the DMI of the machine we run on is not its VM's
-        out.write('this VM: not looked up: %s holds no %s (an image, not the running '
-                  'system)\n' % (root.top, DMI_UUID))
-    elif current is None:
-        out.write('this VM: unknown (%s)\n' % ('no %s: no DMI here' if missing
-                                                else '%s holds no UUID') % DMI_UUID)
-    elif state is None:
-        out.write('this VM: %s\n' % current)
-    elif current == recorded:
-        out.write('this VM: %s: the record is this VM\'s\n' % current)
-    else:
-        out.write('this VM: %s: the record is of another VM (this disk was captured from '
-                  'it without --deprovision): this VM is not provisioned\n' % current)
-        code = 1
-    return code
+        return ('this VM: not looked up: %s holds no %s (an image, not the running '
+                'system)' % (root.top, DMI_UUID)), False
+    if current is None:
+        return 'this VM: unknown (%s)' % (('no %s: no DMI here' if missing
+                                           else '%s holds no UUID') % DMI_UUID), False
+    if state is None:
+        return 'this VM: %s' % current, False
+    if current == recorded:
+        return 'this VM: %s: the record is this VM\'s' % current, False
+    return ('this VM: %s: the record is of another VM (this disk was captured from it '
+            'without --deprovision): this VM is not provisioned' % current), True
 
 
 def status_lines(root, state, corrupt=None):
@@ -3901,9 +4011,8 @@ def check_image(root, out, shown=None):
             out.write('      fix: %s\n' % printable(fix))
     failed = sum(1 for r in c.results if r[0] == 'FAIL')
     warned = sum(1 for r in c.results if r[0] == 'warn')
-    out.write('%s: %d blocking, %d warnings (%s)\n'
-              % ('image NOT ready' if failed else 'image ready', failed, warned,
-                 printable(c.shown)))
+    out.write(printable('%s: %d blocking, %d warnings (%s)' % (
+        'image NOT ready' if failed else 'image ready', failed, warned, c.shown)) + '\n')
     return 1 if failed else 0
 
 

@@ -157,6 +157,64 @@ class HostKeys(unittest.TestCase):
         self.assertEqual(os.listdir(elsewhere), ['keep'])
         self.assertIn('ssh host keys: removed %s, left by an interrupted run' % aside, log.text)
 
+    def test_keys_reach_the_disk_before_the_record_names_them(self):
+        # a power cut after the record is written must find the keys it names whole:
+        # each key's data is fsynced before its rename, /etc/ssh after the renames,
+        # both before the record's own fsync
+        from unittest import mock
+        ssh = os.path.join(self.root, 'etc/ssh')
+        record = os.path.join(self.root, 'var/lib/azure-provisioning')
+        synced = []
+        fsync = os.fsync
+
+        def recording(fd):
+            st = os.fstat(fd)
+            names = None
+            if os.path.samestat(st, os.stat(ssh)):
+                names = dict((n, os.lstat(os.path.join(ssh, n)).st_ino)
+                             for n in os.listdir(ssh) if n.startswith('ssh_host_'))
+            synced.append((st.st_ino, names))
+            return fsync(fd)
+        with mock.patch.object(os, 'fsync', recording):
+            run, _ = self.boot(VM_A)
+        self.assertEqual(run.host_keys, 'replaced')
+        keys = dict((n, os.lstat(os.path.join(ssh, n)).st_ino) for n in self.keys())
+        ssh_synced = [i for i, (_, names) in enumerate(synced) if names == keys]
+        self.assertTrue(ssh_synced, '/etc/ssh not fsynced once all the new keys were in it')
+        inodes = [ino for ino, _ in synced[:ssh_synced[0]]]
+        self.assertEqual([n for n, ino in sorted(keys.items()) if ino not in inodes], [],
+                         'keys whose data was not fsynced before /etc/ssh was')
+        state = os.lstat(os.path.join(record, 'state.json')).st_ino
+        self.assertGreater([ino for ino, _ in synced].index(state), ssh_synced[0])
+
+    def test_keys_on_record_that_are_not_whole_are_replaced(self):
+        self.boot(VM_A)
+        ssh = os.path.join(self.root, 'etc/ssh')
+        other = tempfile.mkdtemp(prefix='azp-other-key-')
+        self.addCleanup(shutil.rmtree, other)
+        subprocess.check_call(['ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-f',
+                               os.path.join(other, 'key')])
+        for damage in ('another key\'s public half', 'a private key cut short'):
+            made = self.keys()
+            if damage == 'a private key cut short':
+                write(os.path.join(ssh, 'ssh_host_rsa_key'), made['ssh_host_rsa_key'][:200],
+                      0o600)
+            else:
+                shutil.copy(os.path.join(other, 'key.pub'),
+                            os.path.join(ssh, 'ssh_host_ed25519_key.pub'))
+            planning = ap.Run(ap.Options(root=self.root), Capture(), io.StringIO())
+            planning.facts['AZURE_VM_ID'] = VM_A
+            plan = ap.host_keys_plan(planning)
+            self.assertEqual(len(plan), 1, damage)
+            self.assertIn('are not all there, or not whole', plan[0].says, damage)
+            run, _ = self.boot(VM_A)
+            self.assertEqual(run.host_keys, 'replaced', damage)
+            after = self.keys()
+            self.assertTrue(all(after[n] != made[n] for n in made), damage)
+        # whole again: kept
+        run, _ = self.boot(VM_A)
+        self.assertEqual(run.host_keys, 'kept (made for this VM)')
+
     def test_keep_option_and_no_sshd(self):
         run, _ = self.boot(VM_A, keep_host_keys=True)
         self.assertEqual(self.keys(), self.template)

@@ -174,6 +174,26 @@ class ImmutableFileInThePlan(unittest.TestCase):
         # the machine id cannot be emptied: the dry run says so, and nothing is removed
         self.assertEqual((dry.code, real.code, sorted(os.listdir(os.path.join(
             self.root, 'etc/ssh')))), (1, 1, self.keys), (dry.stdout, real.stdout, real.stderr))
+        self.assertIn('/etc/machine-id cannot be changed: it is immutable (chattr +i)',
+                      dry.stderr)
+
+    def test_an_append_only_directory_keeps_its_files(self):
+        # unlink and rename over a name fail in an append-only directory (EPERM),
+        # though it can be written in: the keys of an append-only /etc/ssh stay
+        subprocess.check_call(['chattr', '-i', self.machine_id])
+        ssh = os.path.join(self.root, 'etc/ssh')
+        if subprocess.call(['chattr', '+a', ssh], stderr=subprocess.DEVNULL):
+            skip(self, 'the filesystem of %s has no append-only directories' % self.root)
+        self.addCleanup(subprocess.call, ['chattr', '-a', ssh])
+        dry = self.deprovision('--dry-run')
+        real = self.deprovision()
+        with open(self.machine_id) as f:
+            machine_id = f.read()
+        self.assertEqual((dry.code, real.code, sorted(os.listdir(ssh)), machine_id),
+                         (1, 1, self.keys, '0123456789abcdef0123456789abcdef\n'),
+                         (dry.stdout, real.stdout, real.stderr))
+        self.assertIn('/etc/ssh/ssh_host_rsa_key cannot be changed: its directory is '
+                      'append-only (chattr +a)', real.stderr)
 
 
 class HomeThatWasTheImages(unittest.TestCase):
