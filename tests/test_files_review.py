@@ -16,6 +16,14 @@ from tests.test_files import Base, assert_one_line_error, run_limited
 from tests.test_identity import Capture, listing, write
 
 
+def read_only_run(directory, args):
+    """The script run with `args` where `directory` is a read-only bind mount of itself
+    (a private mount namespace: nothing else sees it)."""
+    return run_command(['unshare', '--mount', '--propagation', 'private', 'sh', '-c',
+                        'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && '
+                        'exec "$@"', 'sh', directory, sys.executable, '-I', SCRIPT] + args)
+
+
 class DecidedBeforeRemovingTheUnitLink(Base):
     """The link that enables the unit is planned without asking whether it can be
     made: a file (or a dangling link) where multi-user.target.wants should be.  The
@@ -56,13 +64,8 @@ class DecidedBeforeRemovingOnAReadOnlyDirectory(Base):
             skip(self, 'a read-only bind mount needs root')
         hyperv = os.path.join(self.root, 'var/lib/hyperv')
         before = listing(self.root)
-        runs = []
-        for dry in (['--dry-run'], []):
-            runs.append(run_command(
-                ['unshare', '--mount', '--propagation', 'private', 'sh', '-c',
-                 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && '
-                 'exec "$@"', 'sh', hyperv, sys.executable, '-I', SCRIPT, '--deprovision',
-                 '--root', self.root] + dry))
+        runs = [read_only_run(hyperv, ['--deprovision', '--root', self.root] + dry)
+                for dry in (['--dry-run'], [])]
         dry, run = runs
         self.assertEqual((dry.code, run.code), (1, 1), runs)
         assert_one_line_error(self, run, '/var/lib/hyperv')
@@ -83,13 +86,8 @@ class DecidedBeforeRemovingOnAReadOnlyDirectory(Base):
         os.symlink('/etc/systemd/system/' + ap.UNIT_NAME,
                    os.path.join(etc, 'systemd/system/multi-user.target.wants', ap.UNIT_NAME))
         before = listing(self.root)
-        runs = []
-        for dry in (['--dry-run'], []):
-            runs.append(run_command(
-                ['unshare', '--mount', '--propagation', 'private', 'sh', '-c',
-                 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && '
-                 'exec "$@"', 'sh', etc, sys.executable, '-I', SCRIPT, '--deprovision',
-                 '--user', '--root', self.root] + dry))
+        runs = [read_only_run(etc, ['--deprovision', '--user', '--root', self.root] + dry)
+                for dry in (['--dry-run'], [])]
         dry, run = runs
         self.assertEqual((dry.code, run.code), (1, 1), runs)
         assert_one_line_error(self, run, '/etc')

@@ -14,13 +14,13 @@ import unittest
 
 import azure_provisioning as ap
 from tests.fake_azure import DEFAULT_VM_ID, FakeAzure
-from tests.support import SCRIPT, PrivateHost, require_root, run_command, skip
+from tests.support import SCRIPT, require_root, run_command, skip
 from tests import test_user
 from tests.test_transport import QuietLog
 from tests.test_user import key
 
 
-class ImagesGroupOfTheAdminName(unittest.TestCase):
+class ImagesGroupOfTheAdminName(test_user.AdminAccountHost):
     """Finding 1: the image has a group `alice` of its own (no members; it owns
     shared files) and no user alice; the VM's admin user is alice.  The first run's
     useradd fails ("group alice exists", exit 9), the failure record keeps
@@ -28,14 +28,6 @@ class ImagesGroupOfTheAdminName(unittest.TestCase):
     the image's group for what a cut useradd left, and runs `groupdel alice`: the
     image's group is gone, its files' gid points at nothing (or at the next group
     to get that gid), and useradd then "succeeds"."""
-
-    setUp = test_user.CutDuringUseradd.setUp
-    provision = test_user.CutDuringUseradd.provision
-    account_checks = test_user.CutDuringUseradd.account_checks
-    entries = test_user.CutDuringUseradd.entries
-    free_id = test_user.CutDuringUseradd.free_id
-    append = test_user.CutDuringUseradd.append
-    read_record = test_user.CutDuringUseradd.read_record
 
     def test_the_images_group_is_not_removed(self):
         gid = self.free_id() + 500     # the image's own gid, not the one useradd picks
@@ -196,7 +188,7 @@ class ImmutableFileInThePlan(unittest.TestCase):
                       'append-only (chattr +a)', real.stderr)
 
 
-class HomeThatWasTheImages(unittest.TestCase):
+class HomeThatWasTheImages(test_user.AdminAccountHost):
     """Finding 4: the image holds /home/alice of its own (data, owned by uid 1500)
     and no user alice; the VM's admin user is alice.  useradd -m keeps the directory
     (a warning, exit 0) and the keys go into it.  --deprovision --user: userdel -r
@@ -213,12 +205,6 @@ class HomeThatWasTheImages(unittest.TestCase):
     image's directory, and refusing it keeps "a home left after userdel -r is the
     admin user's" true.  Deprovision of that tree finishes and keeps the data."""
 
-    setUp = test_user.CutDuringUseradd.setUp
-    provision = test_user.CutDuringUseradd.provision
-    account_checks = test_user.CutDuringUseradd.account_checks
-    entries = test_user.CutDuringUseradd.entries
-    record = test_user.CutDuringUseradd.record
-    deprovision_user = test_user.CutDuringUseradd.deprovision_user
 
     def images_home(self, uid):
         home = os.path.join(self.host.home, 'alice')

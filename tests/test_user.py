@@ -402,9 +402,9 @@ exit 1
 """
 
 
-class CutDuringUseradd(unittest.TestCase):
-    """A power cut while useradd made the admin user: the next run must end with one
-    complete account, and know it is ours (--deprovision --user removes it)."""
+class AdminAccountHost(unittest.TestCase):
+    """A PrivateHost with real useradd, userdel, pwck and grpck, and the helpers that
+    set up and read its account files and the record (no tests of its own)."""
 
     def setUp(self):
         require_root(self)
@@ -486,6 +486,20 @@ class CutDuringUseradd(unittest.TestCase):
             self.assertEqual(f.read(), key() + '\n')
         self.assertTrue(entries['shadow'][0].split(':')[1].startswith('!'), entries)
 
+    def complete_alice(self, uid):
+        """alice in the four files and her home, as a finished useradd leaves her."""
+        for file, line in [('passwd', 'alice:x:%d:%d::/home/alice:/bin/sh' % (uid, uid)),
+                           ('shadow', 'alice:!:20000:0:99999:7:::'),
+                           ('group', 'alice:x:%d:' % uid), ('gshadow', 'alice:!::')]:
+            self.append(file, line)
+        os.mkdir(os.path.join(self.host.home, 'alice'), 0o750)
+        os.chown(os.path.join(self.host.home, 'alice'), uid, uid)
+
+
+class CutDuringUseradd(AdminAccountHost):
+    """A power cut while useradd made the admin user: the next run must end with one
+    complete account, and know it is ours (--deprovision --user removes it)."""
+
     def test_a_half_made_user_is_made_again_and_ours(self):
         uid = self.free_id()
         self.append('passwd', 'alice:x:%d:%d::/home/alice:/bin/sh' % (uid, uid))
@@ -555,12 +569,7 @@ class CutDuringUseradd(unittest.TestCase):
 
     def test_a_user_we_made_whose_success_was_never_recorded_is_ours(self):
         uid = self.free_id()
-        for file, line in [('passwd', 'alice:x:%d:%d::/home/alice:/bin/sh' % (uid, uid)),
-                           ('shadow', 'alice:!:20000:0:99999:7:::'),
-                           ('group', 'alice:x:%d:' % uid), ('gshadow', 'alice:!::')]:
-            self.append(file, line)
-        os.mkdir(os.path.join(self.host.home, 'alice'), 0o750)
-        os.chown(os.path.join(self.host.home, 'alice'), uid, uid)
+        self.complete_alice(uid)
         self.record(result='provisioning', vm_id=DEFAULT_VM_ID, step='user',
                     admin_user_creating='alice')
         with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
@@ -576,12 +585,7 @@ class CutDuringUseradd(unittest.TestCase):
 
     def test_the_images_own_user_stays_not_ours(self):
         uid = self.free_id()
-        for file, line in [('passwd', 'alice:x:%d:%d::/home/alice:/bin/sh' % (uid, uid)),
-                           ('shadow', 'alice:!:20000:0:99999:7:::'),
-                           ('group', 'alice:x:%d:' % uid), ('gshadow', 'alice:!::')]:
-            self.append(file, line)
-        os.mkdir(os.path.join(self.host.home, 'alice'), 0o750)
-        os.chown(os.path.join(self.host.home, 'alice'), uid, uid)
+        self.complete_alice(uid)
         with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
             run = self.provision(az)
             self.assertEqual(run.code, 0, run)
