@@ -2254,11 +2254,19 @@ def user_plan(run, request):
 ACCOUNT_FILES = ('/etc/passwd', '/etc/shadow', '/etc/group', '/etc/gshadow')
 
 
+def account_entry(root, path, name):
+    """The fields of `name`'s entry in the account file `path` of the root (None
+    when it has none)."""
+    for line in (root.read_text(path) or '').splitlines():
+        fields = line.split(':')
+        if fields[0] == name:
+            return fields
+    return None
+
+
 def account_files_naming(run, name):
     """The account files of the root that hold an entry for `name`."""
-    return [path for path in ACCOUNT_FILES
-            if any(line.split(':')[0] == name
-                   for line in (run.root.read_text(path) or '').splitlines())]
+    return [path for path in ACCOUNT_FILES if account_entry(run.root, path, name) is not None]
 
 
 def refuse_useradd(run, name):
@@ -2266,13 +2274,12 @@ def refuse_useradd(run, name):
     useradd of ours left them): useradd would fail on the group, or keep the home
     (the admin's keys in a directory it does not own, which userdel -r then refuses
     to remove).  Refused before anything is made or claimed."""
-    for line in (run.root.read_text('/etc/group') or '').splitlines():
-        fields = line.split(':')
-        if fields[0] == name:
-            gid = printable(fields[2])[:20] if len(fields) > 2 else '?'
-            raise ProvisioningError('user: the image has a group %s (gid %s) and no user %s: '
-                                    'remove the group from the image or choose another '
-                                    'admin name' % (name, gid, name))
+    fields = account_entry(run.root, '/etc/group', name)
+    if fields is not None:
+        gid = printable(fields[2])[:20] if len(fields) > 2 else '?'
+        raise ProvisioningError('user: the image has a group %s (gid %s) and no user %s: '
+                                'remove the group from the image or choose another '
+                                'admin name' % (name, gid, name))
     home = os.path.join('/home', name)
     found = run.root.lstat(home)
     if found is not None:
@@ -2302,14 +2309,12 @@ USERDEL_GONE = (0, 6, 12)
 def remove_unfinished_user(run, name):
     """userdel -r (not -f: a home that is not the account's stays, e.g. one that was
     there before useradd ran), then groupdel of a group of that name userdel left,
-    when nobody is in it, and the home when it is an empty directory.  Shadow or gshadow lines left alone are useradd's to
-    replace."""
+    when nobody is in it, and the home when it is an empty directory.  Shadow or
+    gshadow lines left alone are useradd's to replace."""
     run_tool([find_tool('userdel') or 'userdel', '-r', name], run.deadline, 'user',
              accept=USERDEL_GONE)
-    for line in (run.root.read_text('/etc/group') or '').splitlines():
-        fields = line.split(':')
-        if fields[0] != name:
-            continue
+    fields = account_entry(run.root, '/etc/group', name)
+    if fields is not None:
         if len(fields) > 3 and fields[3].strip():
             raise ProvisioningError('user: the group %s a cut useradd left has members (%s); '
                                     'refused to remove it' % (name, one_line(fields[3], 80)))
@@ -3385,7 +3390,8 @@ def user_removal_plan(run, state, problems):
     if not isinstance(name, str) or not USER_NAME.fullmatch(name):
         raise ProvisioningError('the record names the admin user %s, not a user name'
                                 % printable(repr(name))[:80])
-    uid = passwd_uids(run.root).get(name)
+    uids = passwd_uids(run.root)
+    uid = uids.get(name)
     if uid is not None:
         why = (not_a_person(int(uid), run.root) if re.fullmatch(r'[0-9]{1,10}', uid)
                else 'not a number')
@@ -3395,8 +3401,7 @@ def user_removal_plan(run, state, problems):
     plan = []
     home = os.path.join('/home', name)      # useradd -m's, as user_plan made it
     found = run.root.lstat(home)
-    if uid is None and found is not None and str(found.st_uid) not in passwd_uids(
-            run.root).values():
+    if uid is None and found is not None and str(found.st_uid) not in uids.values():
         # userdel -r removed the account and failed at the home (exit 12: an immutable
         # file, a mount point): no run of userdel can remove it now, and it is the user's
         # (a home of a user still in /etc/passwd is that user's: provisioning refuses
