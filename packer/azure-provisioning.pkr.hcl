@@ -92,7 +92,12 @@ build {
     ]
   }
 
-  # 4. last: generalize, then prove the image ready; nothing may run after this
+  # 4. last: generalize, then prove the image ready; nothing may run after this,
+  # since it could write back what was removed.  --user removes only a user that
+  # --provision-user made: the build VM's login user comes from the marketplace
+  # image's agent, so it goes here by name (-f: its SSH session runs this script),
+  # with that agent's sudo rule.  --check fails while /etc/machine-id is set, so it
+  # comes after the deprovision; sh -e makes its failure fail the build.
   provisioner "shell" {
     execute_command = local.as_root
     skip_clean      = true # Packer's login user is gone: it could not delete this script
