@@ -1092,8 +1092,12 @@ set -e
 etc="$1"; state="$2"; py="$3"; shift 3
 mount --bind "$etc" /etc
 test -e /etc/.fake-azure-demo
-# on an Azure VM the host reads this pool: the demo's report must not reach it
-if [ -d /var/lib/hyperv ]; then mount -t tmpfs fake-azure-kvp /var/lib/hyperv; fi
+# the provisioner keeps its record in /var/lib, and on an Azure VM the host reads
+# the KVP pool there: both go to an empty /var/lib of the demo's own (with an empty
+# hyperv/ where the machine has one, so that the KVP report is still written)
+hyperv=; [ -d /var/lib/hyperv ] && hyperv=yes
+mount -t tmpfs -o mode=0755 fake-azure-demo-var-lib /var/lib
+if [ -n "$hyperv" ]; then mkdir /var/lib/hyperv; fi
 "$py" -c 'import socket, sys; socket.sethostname(sys.argv[1])' "$(cat /etc/hostname)"
 uname -n > "$state/hostname.before"
 set +e
@@ -1375,10 +1379,11 @@ def build_parser():
         description="Run the repository's azure_provisioning.py against an emulator whose\n"
                     "computerName is %r. When an unprivileged user+UTS+mount namespace\n"
                     "can be made, it runs there over a private /etc whose hostname is\n"
-                    "%r, so the hostname really changes - inside the namespace\n"
-                    "only; otherwise it runs with --no-hostname. Needs no root, never\n"
-                    "touches this machine's /etc or hostname. Prints the hostname and\n"
-                    "/etc files before and after, and the requests the emulator saw."
+                    "%r and an empty /var/lib, so the hostname really changes -\n"
+                    "inside the namespace only; otherwise it runs with --no-hostname.\n"
+                    "Needs no root; never touches this machine's /etc, /var/lib or\n"
+                    "hostname. Prints the hostname and /etc files before and after,\n"
+                    "and the requests the emulator saw."
                     % (DEMO_HOSTNAME, TEMPLATE_HOSTNAME))
     demo.add_argument("--script", default=os.path.join(REPO_DIR, "azure_provisioning.py"),
                       metavar="FILE", help="provisioner to run (default: the repo's)")

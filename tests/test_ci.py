@@ -31,6 +31,15 @@ def checks(text):
             if re.match(r'\s*(run|run_here) ', line)]
 
 
+def readme_first_commands():
+    """The commands of README.md's "Try it" block, comments removed."""
+    with open(os.path.join(REPO, 'README.md')) as f:
+        text = f.read()
+    section = text[text.index('\n## Try it'):]
+    block = re.search(r'^```sh\n(.*?)^```$', section, re.M | re.S).group(1)
+    return [line.split('  #')[0].strip() for line in block.splitlines() if line.strip()]
+
+
 def bash_with_functions(script):
     """bash running `script` after .ci/run's definitions from PRIVATE= to check()."""
     text = ci_text()
@@ -63,6 +72,12 @@ class CiRun(unittest.TestCase):
                        'tests/boot_test.py', 'setpriv --reuid=65534'):
             self.assertTrue([line for line in lines if needed in line], needed)
         self.assertRegex(ci_text(), r'(?m)^run\(\) \{ check private "\$@"; \}$')
+
+    def test_the_readme_test_command_is_the_one_ci_runs(self):
+        # the newcomer's two commands: the demo, then the tests exactly as CI runs them
+        demo, tests = readme_first_commands()
+        self.assertEqual(demo, 'python3 tests/fake_azure.py demo')
+        self.assertIn('run ' + tests, checks(ci_text()))
 
     def test_the_private_wrapper_hides_var_lib_and_makes_etc_read_only(self):
         require_root(self)

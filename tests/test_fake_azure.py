@@ -508,6 +508,11 @@ if "--no-hostname" not in args:
     if not (os.path.exists("/etc/.fake-azure-demo") and socket.gethostname() == "image-template"):
         sys.exit(99)
     socket.sethostname(name)
+    # the mount /var/lib is here (the last one listed there is the one seen)
+    with open("/proc/self/mountinfo") as f:
+        sources = [line.split(" - ")[1].split()[1] for line in f
+                   if line.split()[4] == "/var/lib"]
+    sys.stderr.write("stand-in: /var/lib from %s\n" % (sources or ["/"])[-1])
     with open("/etc/hostname.tmp", "w") as f:
         f.write(name + "\n")
     os.rename("/etc/hostname.tmp", "/etc/hostname")
@@ -660,6 +665,8 @@ class CommandLine(unittest.TestCase):
             self.assertIn("namespace hostname after:  demo-vm-1", out)
             self.assertRegex(out, r"/etc/hostname after:\n    demo-vm-1\n")
             self.assertRegex(out, r"/etc/hosts after:\n(    .*\n)*    127.0.1.1\tdemo-vm-1\n")
+            # the provisioner's record and KVP pool go to a /var/lib of the demo's own
+            self.assertIn("stand-in: /var/lib from fake-azure-demo-var-lib\n", err)
         else:
             sys.stderr.write("\nNOTE %s: no namespace here (%s); checked the --no-hostname "
                              "fallback only\n" % (self.id(), problem))

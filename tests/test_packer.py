@@ -1,5 +1,5 @@
-"""The README's Packer example (section "Building the image with Packer") is
-extracted and validated, so that it cannot rot.
+"""The Packer template packer/azure-provisioning.pkr.hcl, which README.md links
+(section "Building the image with Packer"), is validated, so that it cannot rot.
 
 How it is validated, and why:
 
@@ -11,7 +11,7 @@ How it is validated, and why:
   are the real ones: renaming one fails here.
 - Debian's packer (1.6.6, installed by .ci/run) builds the azure-arm builder in,
   so full validation works offline, but it predates `required_plugins` (Packer
-  1.7), which the example needs for today's Packer (1.10+ bundles no plugins).
+  1.7), which the template needs for today's Packer (1.10+ bundles no plugins).
   With a Packer older than 1.7 the test removes that one block (asserting it
   was there exactly once and that nothing else changed) and validates the rest
   in full. With 1.7 or newer it validates the template as written; when the
@@ -19,8 +19,10 @@ How it is validated, and why:
   to `-syntax-only`, and then the structural checks below carry the weight.
   The mode used is printed.
 - Structural checks by text, whatever the Packer: the agents are purged, the
-  three files uploaded, install.sh run, and the last provisioner deprovisions
-  with `--deprovision --user` and then runs `--check`, with `skip_clean`.
+  three files uploaded (from the checkout the template sits in unless `repo` is
+  set), install.sh run, and the last provisioner deprovisions with
+  `--deprovision --user` and then runs `--check`, with `skip_clean`; the
+  README's section links the file and shows its build command.
 - Packer runs with CHECKPOINT_DISABLE=1 (no version check), a dead proxy, a
   private HOME, and, where it can be had, in a network namespace of its own, so
   nothing can leave the machine; skipped with the reason printed when there is
@@ -36,6 +38,7 @@ import unittest
 
 from tests.support import DEAD_PROXY_ENV, REPO, run_command, skip
 
+TEMPLATE = os.path.join(REPO, 'packer', 'azure-provisioning.pkr.hcl')
 README = os.path.join(REPO, 'README.md')
 HEADING = '## Building the image with Packer'
 UPLOADED = ('azure_provisioning.py', 'azure-provisioning.service', 'install.sh')
@@ -44,21 +47,22 @@ VARIABLES = {'resource_group': 'images'}
 PACKER_TIMEOUT = 120
 
 
-def readme_example(path=None):
-    """The one ```hcl block of the README's Packer section."""
-    with open(path or README) as f:
+def template_text(path=None):
+    """The text of the Packer template."""
+    with open(path or TEMPLATE) as f:
+        return f.read()
+
+
+def readme_section():
+    """The README's Packer section, to its next heading of the same level."""
+    with open(README) as f:
         text = f.read()
     start = text.find('\n' + HEADING + '\n')
     if start < 0:
         raise AssertionError('README.md has no "%s" section' % HEADING)
     section = text[start + 1:]
     following = section.find('\n## ')
-    if following >= 0:
-        section = section[:following]
-    blocks = re.findall(r'^```hcl\n(.*?)^```$', section, re.M | re.S)
-    if len(blocks) != 1:
-        raise AssertionError('the Packer section has %d ```hcl blocks, not 1' % len(blocks))
-    return blocks[0]
+    return section if following < 0 else section[:following]
 
 
 def without_required_plugins(text):
@@ -109,10 +113,20 @@ def offline_prefix():
 
 
 class PackerExample(unittest.TestCase):
-    readme = None     # None: the repository's README.md
+    template = None     # None: the repository's packer/azure-provisioning.pkr.hcl
 
     def setUp(self):
-        self.hcl = readme_example(self.readme)
+        self.hcl = template_text(self.template)
+
+    def test_the_readme_links_the_template(self):
+        section = readme_section()
+        self.assertIn('(packer/azure-provisioning.pkr.hcl)', section)
+        self.assertNotIn('```hcl', section, 'the template lives in its file, not copied here')
+        # the command the README and the file's header show, with the file's real path
+        self.assertIn('packer build -var resource_group=images '
+                      'packer/azure-provisioning.pkr.hcl', section)
+        self.assertIn('packer build -var resource_group=images '
+                      'packer/azure-provisioning.pkr.hcl', self.hcl)
 
     def test_the_example_has_the_steps(self):
         hcl = self.hcl
@@ -124,6 +138,8 @@ class PackerExample(unittest.TestCase):
             self.assertRegex(hcl, r'\n *%s\s*=' % key)
         self.assertRegex(hcl, r'os_type\s*=\s*"Linux"')
         self.assertIn('use_azure_cli_auth', hcl)
+        # without -var repo, the files come from the checkout the template sits in
+        self.assertRegex(hcl, r'var\.repo != "" \? var\.repo : "\$\{path\.root\}/\.\."')
 
         steps = provisioners(hcl)
         kinds = [kind for kind, _ in steps]
@@ -198,7 +214,8 @@ class PackerExample(unittest.TestCase):
         sys.stderr.write('\npacker %d.%d.%d: %s, %s: exit %d\n'
                          % (version + (mode, 'in a network namespace of its own' if prefix
                                        else 'no network namespace to be had', run.code)))
-        self.assertEqual(run.code, 0, 'packer validate failed on the README example:\n%r' % run)
+        self.assertEqual(run.code, 0, 'packer validate failed on %s:\n%r'
+                         % (self.template or TEMPLATE, run))
 
 
 if __name__ == '__main__':
