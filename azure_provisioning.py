@@ -283,6 +283,16 @@ def read_text(path):
     return data.decode('utf-8', 'replace') if data is not None else None
 
 
+def kernel_filesystems():
+    """The filesystem types the running kernel mounts now (/proc/filesystems: built
+    in or loaded; a module not loaded yet is not among them).  Empty when unreadable."""
+    try:
+        text = (read_bytes('/proc/filesystems', limit=1 << 16) or b'').decode('ascii', 'replace')
+    except OSError:
+        return frozenset()
+    return frozenset(line.split()[-1] for line in text.splitlines() if line.split())
+
+
 def write_file_atomically(path, data, mode=None, owner=None, check=None, deadline=None):
     """A file of this machine written atomically (see Root.write)."""
     Root('/').write(os.path.abspath(path), data, mode=mode, owner=owner, check=check,
@@ -452,6 +462,11 @@ class Root(object):
         import stat
         found = self.stat(*parts)
         return found is not None and stat.S_ISDIR(found.st_mode)
+
+    def access(self, path, mode):
+        """os.access of what `path` leads to inside the root (os.W_OK: whether a name
+        can be made in a directory; os.X_OK: whether a file can be run)."""
+        return self.at(path, lambda fd, name: os.access(name, mode, dir_fd=fd))
 
     def resolve(self, path):
         """`path` with its links resolved inside the root (as far as it exists)."""
@@ -1424,8 +1439,7 @@ def kernel_has_udf(root, modules):
 def udf_missing_hint(run):
     """' (this kernel cannot mount UDF: ...)' when that is so, else ''."""
     release = os.uname().release
-    if ('udf' in (read_text('/proc/filesystems') or '')
-            or kernel_has_udf(run.root, '/lib/modules/' + release)):
+    if 'udf' in kernel_filesystems() or kernel_has_udf(run.root, '/lib/modules/' + release):
         return ''
     return (' (kernel %s cannot mount UDF, the format Azure uses: no udf module in '
             '/lib/modules/%s; install it, e.g. linux-modules-extra)' % (release, release))
@@ -2254,14 +2268,16 @@ def user_plan(run, request):
 ACCOUNT_FILES = ('/etc/passwd', '/etc/shadow', '/etc/group', '/etc/gshadow')
 
 
+def account_entries(root, path):
+    """The entries of the account file `path` of the root (/etc/passwd, /etc/group...),
+    each its list of fields, read through the root (see Root.read)."""
+    return [line.split(':') for line in (root.read_text(path) or '').splitlines()]
+
+
 def account_entry(root, path, name):
     """The fields of `name`'s entry in the account file `path` of the root (None
     when it has none)."""
-    for line in (root.read_text(path) or '').splitlines():
-        fields = line.split(':')
-        if fields[0] == name:
-            return fields
-    return None
+    return next((fields for fields in account_entries(root, path) if fields[0] == name), None)
 
 
 def account_files_naming(run, name):
@@ -3284,7 +3300,7 @@ def changeable(root, path, problems):
             return False
         existing = directory
     try:
-        writable = root.at(existing, lambda fd, name: os.access(name, os.W_OK, dir_fd=fd))
+        writable = root.access(existing, os.W_OK)
     except OSError as exc:
         problems.append(describe_error(exc))
         return False
@@ -3359,19 +3375,13 @@ def inode_flags(fd):
     return struct.unpack('i', answer[:4])[0]
 
 
-def passwd_uids(root):
-    """{user name: its uid field, as text} of the root's /etc/passwd."""
-    return dict((fields[0], fields[2]) for fields in (
-        line.split(':') for line in (root.read_text('/etc/passwd') or '').splitlines())
-        if len(fields) > 2)
-
-
 def user_staying(run, state):
     """Plain --deprovision removes the record, the only place that says which admin
     user we made: keeping it in the image is the user's choice, made now or never,
     so they are told while --user can still remove it."""
     name = state.get('admin_user_created')
-    if isinstance(name, str) and USER_NAME.fullmatch(name) and name in passwd_uids(run.root):
+    if (isinstance(name, str) and USER_NAME.fullmatch(name)
+            and account_entry(run.root, '/etc/passwd', name) is not None):
         run.log.warning('deprovision: the admin user %s (made by azure-provisioning) stays in '
                         'the image, with its home, keys and sudo rule: --deprovision --user '
                         'removes it, but not after this run, which removes the record '
@@ -3390,8 +3400,8 @@ def user_removal_plan(run, state, problems):
     if not isinstance(name, str) or not USER_NAME.fullmatch(name):
         raise ProvisioningError('the record names the admin user %s, not a user name'
                                 % printable(repr(name))[:80])
-    uids = passwd_uids(run.root)
-    uid = uids.get(name)
+    entry = account_entry(run.root, '/etc/passwd', name)
+    uid = entry[2] if entry and len(entry) > 2 else None
     if uid is not None:
         why = (not_a_person(int(uid), run.root) if re.fullmatch(r'[0-9]{1,10}', uid)
                else 'not a number')
@@ -3401,7 +3411,9 @@ def user_removal_plan(run, state, problems):
     plan = []
     home = os.path.join('/home', name)      # useradd -m's, as user_plan made it
     found = run.root.lstat(home)
-    if uid is None and found is not None and str(found.st_uid) not in uids.values():
+    if uid is None and found is not None and not any(
+            fields[2:3] == [str(found.st_uid)]
+            for fields in account_entries(run.root, '/etc/passwd')):
         # userdel -r removed the account and failed at the home (exit 12: an immutable
         # file, a mount point): no run of userdel can remove it now, and it is the user's
         # (a home of a user still in /etc/passwd is that user's: provisioning refuses
@@ -3615,9 +3627,6 @@ class Check(object):
         self.unit_args = []     # the unit's ExecStart= arguments, once read
         self.unreadable = set()     # files said to be unreadable, each once
 
-    def path(self, *parts):
-        return self.root.path(*parts)
-
     def read(self, *parts):
         """A file's text, None when there is none.  One that cannot be read (a 0600
         grub.cfg, as Fedora ships it, for a user who is not root) is a row of its
@@ -3660,16 +3669,12 @@ class Check(object):
                 self._enabled.update(self.root.names(base + '/' + wants, r'.'))
         return self._enabled
 
-    def resolve(self, path):
-        """`path` inside the image, its links resolved inside the image."""
-        return self.root.resolve(path)
-
     def shown_path(self, path):
         """`path` of the image as one shell word of a fix, where the reader finds it:
         its directories' links resolved inside the image (an image's absolute link
         means the image's own directory, not this machine's), the last component
         itself not followed (rm -rf removes a link, not what it points to)."""
-        inside = os.path.join(self.resolve(os.path.dirname('/' + path.strip('/'))),
+        inside = os.path.join(self.root.resolve(os.path.dirname('/' + path.strip('/'))),
                               os.path.basename(path.strip('/')))
         return shell_word(os.path.join(self.shown, inside.lstrip('/')))
 
@@ -3735,7 +3740,7 @@ def check_python(c, python):
     running this check (install.sh runs the check so, through chroot for an image);
     otherwise judged from the image's files: a binary of another root cannot always
     be run here (another architecture, no chroot, not root)."""
-    real = c.resolve(python)
+    real = c.root.resolve(python)
     if c.root.is_machine() and os.path.realpath(real) == os.path.realpath(sys.executable):
         missing = []
         for name in NEEDED_MODULES:
@@ -3775,7 +3780,7 @@ def check_python(c, python):
     if missing:
         c.say('FAIL', 'python: %s (Python %d.%d) has no %s: not in %s'
               % ((python,) + version + (and_list(missing), and_list(libraries))), FULL_PYTHON)
-    elif not os.access(c.path(real), os.X_OK):
+    elif not c.root.access(real, os.X_OK):
         c.say('FAIL', 'python: %s is not executable' % real)
     else:
         c.say('ok', 'python: %s is Python %d.%d (%s) with %s in %s (judged from the files)'
