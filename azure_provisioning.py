@@ -22,7 +22,10 @@ instead (also to Hyper-V KVP), so that `az vm create` fails fast with that reaso
 `--check` looks at an image before it is captured, `--deprovision` makes a VM an
 image again, `--status` says what the record says.
 
-Exit codes: 0 provisioned, 1 provisioning failed, 2 usage error.
+Exit codes: 0 provisioned, 1 provisioning failed, 2 usage error.  --check: 0 the
+image is ready, 1 it is not (a FAIL row), 3 the unit's Python cannot run this
+program (a FAIL row saying why, and the last line on stderr: "error: the unit
+cannot run: WHY (fix: FIX)"); install.sh acts on these statuses alone.
 Standard library only; Python 3.6 or newer.
 
 The file reads top-down: system helpers (log and deadline, text, files under one
@@ -3608,6 +3611,8 @@ AGENTS = (
 CLOUD_INIT_DISABLED = 'etc/cloud/cloud-init.disabled'   # cloud-init's own off switch
 NEEDED_MODULES = ('json', 'xml.parsers.expat', 'base64', 'shutil')  # not in python3-minimal
 FULL_PYTHON = 'install the full python3 package, not python3-minimal'
+# --check's exit statuses: what install.sh decides by (never by the rows' wording)
+CHECK_READY, CHECK_NOT_READY, CHECK_CANNOT_RUN = 0, 1, 3
 
 
 class Check(object):
@@ -3626,6 +3631,7 @@ class Check(object):
         self.chroot = '' if top == '/' else 'chroot %s ' % top
         self.unit_args = []     # the unit's ExecStart= arguments, once read
         self.unreadable = set()     # files said to be unreadable, each once
+        self.unrunnable = None      # (why, fix) the unit's Python cannot run us, if so
 
     def read(self, *parts):
         """A file's text, None when there is none.  One that cannot be read (a 0600
@@ -3658,6 +3664,13 @@ class Check(object):
 
     def say(self, status, text, fix=None):
         self.results.append((status, text, fix))
+
+    def cannot_run(self, row, why, fix=None):
+        """A FAIL row (`row` + `why`) saying the unit's interpreter cannot run this
+        program: the image is not merely unready, the unit fails at every boot
+        (CHECK_CANNOT_RUN; install.sh then fails the install)."""
+        self.say('FAIL', row + why, fix)
+        self.unrunnable = self.unrunnable or (why, fix)
 
     def enabled_units(self):
         """Unit names with a symlink in some *.wants directory of /etc/systemd/system
@@ -3706,8 +3719,12 @@ def check_unit(c):
     script = next((a for a in args if a.startswith('/')), None)
     for what, path in (('interpreter', python), ('script', script)):
         if path is None or c.root.stat(path) is None:
-            c.say('FAIL', 'ExecStart %s %s does not exist' % (what, path),
-                  'sh install.sh%s --python PATH' % c.root_flag)
+            why = 'ExecStart %s %s does not exist' % (what, path)
+            fix = 'sh install.sh%s --python PATH' % c.root_flag
+            if what == 'interpreter':
+                c.cannot_run('', why, fix)
+            else:
+                c.say('FAIL', why, fix)
             return None
     c.say('ok', 'ExecStart: %s %s' % (python, ' '.join(args)))
     if LAUNCHER_MARK in (c.read(script) or ''):
@@ -3750,25 +3767,27 @@ def check_python(c, python):
                 missing.append('%s (%s)' % (name, exc))
         version = 'Python %d.%d' % sys.version_info[:2]
         if missing:
-            c.say('FAIL', 'python: %s (%s) has no %s' % (python, version, and_list(missing)),
-                  FULL_PYTHON)
+            c.cannot_run('python: ', '%s (%s) has no %s' % (python, version, and_list(missing)),
+                         FULL_PYTHON)
         else:
             c.say('ok', 'python: %s is %s with %s (checked by running it)'
                   % (python, version, and_list(NEEDED_MODULES)))
         return
     version, libraries, how = python_from_files(c, real)
     if version is None:
-        c.say('FAIL', 'python: %s: %s' % (python, how),
-              'sh install.sh%s --python /usr/bin/python3.X (the versioned name)' % c.root_flag)
+        c.cannot_run('python: ', '%s: %s' % (python, how),
+                     'sh install.sh%s --python /usr/bin/python3.X (the versioned name)'
+                     % c.root_flag)
         return
     if version < (3, 6):
-        c.say('FAIL', 'python: %s is Python %d.%d (%s); 3.6 or newer is needed'
-              % ((python,) + version + (how,)), 'sh install.sh%s --python PATH' % c.root_flag)
+        c.cannot_run('python: ', '%s is Python %d.%d (%s); 3.6 or newer is needed'
+                     % ((python,) + version + (how,)),
+                     'sh install.sh%s --python PATH' % c.root_flag)
         return
     if not libraries:
-        c.say('FAIL', 'python: %s: no standard library at %s/lib/python%d.%d or lib64'
-              % ((python, os.path.dirname(os.path.dirname(real)).rstrip('/')) + version),
-              FULL_PYTHON)
+        c.cannot_run('python: ', '%s: no standard library at %s/lib/python%d.%d or lib64'
+                     % ((python, os.path.dirname(os.path.dirname(real)).rstrip('/')) + version),
+                     FULL_PYTHON)
         return
     found, missing = [], []
     for name in NEEDED_MODULES:
@@ -3778,10 +3797,11 @@ def check_python(c, python):
         elif where not in found:
             found.append(where)
     if missing:
-        c.say('FAIL', 'python: %s (Python %d.%d) has no %s: not in %s'
-              % ((python,) + version + (and_list(missing), and_list(libraries))), FULL_PYTHON)
+        c.cannot_run('python: ', '%s (Python %d.%d) has no %s: not in %s'
+                     % ((python,) + version + (and_list(missing), and_list(libraries))),
+                     FULL_PYTHON)
     elif not c.root.access(real, os.X_OK):
-        c.say('FAIL', 'python: %s is not executable' % real)
+        c.cannot_run('python: ', '%s is not executable' % real)
     else:
         c.say('ok', 'python: %s is Python %d.%d (%s) with %s in %s (judged from the files)'
               % ((python,) + version + (how, and_list(NEEDED_MODULES), and_list(found))))
@@ -4008,7 +4028,9 @@ def shell_word(text):
 
 
 def check_image(root, out, shown=None):
-    """Print one line per check; returns 1 when anything blocks, else 0."""
+    """Print one line per check; returns CHECK_READY, CHECK_NOT_READY when anything
+    blocks, CHECK_CANNOT_RUN when the unit's Python cannot run this program (said
+    last, on stderr, in one line)."""
     c = Check(Root(root), shown)
     python = c.run(check_unit)
     if python:
@@ -4023,7 +4045,12 @@ def check_image(root, out, shown=None):
     warned = sum(1 for r in c.results if r[0] == 'warn')
     out.write(printable('%s: %d blocking, %d warnings (%s)' % (
         'image NOT ready' if failed else 'image ready', failed, warned, c.shown)) + '\n')
-    return 1 if failed else 0
+    if c.unrunnable:
+        why, fix = c.unrunnable
+        out.flush()     # the error follows the report, on a shared pipe too
+        Log().error('the unit cannot run: %s%s' % (why, ' (fix: %s)' % fix if fix else ''))
+        return CHECK_CANNOT_RUN
+    return CHECK_NOT_READY if failed else CHECK_READY
 
 
 # --------------------------------------------------------------------------
@@ -4143,7 +4170,9 @@ def build_parser():
                     'cloud-init: sets the hostname from IMDS and reports Ready to the '
                     'WireServer (or ProvisioningFailed with the reason).',
         epilog='Exit status: 0 provisioned, 1 provisioning failed (reported to Azure '
-               'when possible), 2 usage error.')
+               'when possible), 2 usage error.  --check: 0 the image is ready, 1 it is '
+               'not (a FAIL line), 3 the unit\'s Python cannot run azure-provisioning '
+               '(the last line, on stderr, says why).')
     for option in OPTIONS:
         flags = [short for short, flag in SHORT_FLAGS.items() if flag == option.flag]
         flags.append(option.flag)

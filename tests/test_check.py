@@ -58,12 +58,23 @@ class Check(unittest.TestCase):
         self.assertNotIn('Traceback', run.stderr)
         return run
 
-    def assert_blocked(self, root, *lines):
+    def assert_blocked(self, root, *lines, **how):
+        """Exit status 1 (a FAIL row), or with cannot_run=WHY 3: the unit's Python
+        cannot run the provisioner, WHY said again on stderr's one line, which
+        install.sh shows (it decides by the status alone)."""
         run = self.check(root)
-        self.assertEqual(run.code, 1, run)
+        why = how.get('cannot_run')
+        self.assertEqual(run.code, 3 if why else 1, run)
         for line in lines:
             self.assertIn(line, run.stdout)
         self.assertRegex(run.stdout, r'image NOT ready: \d+ blocking, \d+ warnings \(%s\)\n$' % root)
+        if why:
+            self.assertEqual(len(run.stderr.splitlines()), 1, run)
+            self.assertTrue(run.stderr.startswith('azure-provisioning: error: the unit cannot '
+                                                  'run: '), run)
+            self.assertIn(why, run.stderr)
+        else:
+            self.assertEqual(run.stderr, '', run)
         return run
 
     def test_good_image_passes(self):
@@ -111,7 +122,8 @@ class Check(unittest.TestCase):
     def test_interpreter_missing(self):
         root = self.copy()
         os.unlink(os.path.join(root, 'usr/bin/python3.11'))
-        self.assert_blocked(root, 'FAIL  ExecStart interpreter /usr/bin/python3 does not exist')
+        why = 'ExecStart interpreter /usr/bin/python3 does not exist'
+        self.assert_blocked(root, 'FAIL  ' + why, cannot_run=why)
 
     def test_python_minimal_without_json_and_xml(self):
         root = self.copy()
@@ -119,13 +131,18 @@ class Check(unittest.TestCase):
             shutil.rmtree(os.path.join(root, 'usr/lib/python3.11', package))
         self.assert_blocked(root, 'FAIL  python: /usr/bin/python3 (Python 3.11) has no json and '
                                   'xml.parsers.expat: not in /usr/lib/python3.11\n      fix: '
-                                  'install the full python3 package, not python3-minimal\n')
+                                  'install the full python3 package, not python3-minimal\n',
+                            cannot_run='/usr/bin/python3 (Python 3.11) has no json and '
+                                       'xml.parsers.expat: not in /usr/lib/python3.11 (fix: '
+                                       'install the full python3 package, not '
+                                       'python3-minimal)\n')
 
     def test_only_the_missing_module_is_named(self):
         root = self.copy()
         os.remove(os.path.join(root, 'usr/lib/python3.11/shutil.py'))
         run = self.assert_blocked(root, 'FAIL  python: /usr/bin/python3 (Python 3.11) has no '
-                                        'shutil: not in /usr/lib/python3.11\n')
+                                        'shutil: not in /usr/lib/python3.11\n',
+                                  cannot_run='has no shutil')
         self.assertNotIn('json', run.stdout.split('FAIL')[1].split('\n')[0])
 
     def test_compiled_modules_count(self):
@@ -141,7 +158,8 @@ class Check(unittest.TestCase):
         # a pyc of another module does not count
         os.rename(stdlib + '/xml/parsers/__pycache__/expat.cpython-311.pyc',
                   stdlib + '/xml/parsers/__pycache__/expatbuilder.cpython-311.pyc')
-        self.assert_blocked(root, 'has no xml.parsers.expat: not in /usr/lib/python3.11\n')
+        self.assert_blocked(root, 'has no xml.parsers.expat: not in /usr/lib/python3.11\n',
+                            cannot_run='has no xml.parsers.expat')
 
     def test_modules_split_between_lib_and_lib64(self):
         root = self.copy()
@@ -160,7 +178,10 @@ class Check(unittest.TestCase):
         os.symlink('python3.5', os.path.join(root, 'usr/bin/python3'))
         self.assert_blocked(root, 'FAIL  python: /usr/bin/python3 is Python 3.5 (from the file '
                                   'name /usr/bin/python3.5); 3.6 or newer is needed\n'
-                                  '      fix: sh install.sh --root %s --python PATH\n' % root)
+                                  '      fix: sh install.sh --root %s --python PATH\n' % root,
+                            cannot_run='/usr/bin/python3 is Python 3.5 (from the file name '
+                                       '/usr/bin/python3.5); 3.6 or newer is needed (fix: sh '
+                                       'install.sh --root %s --python PATH)\n' % root)
 
     def test_unversioned_name_needs_one_standard_library(self):
         # /usr/libexec/platform-python on RHEL 8 is not named pythonX.Y
@@ -173,7 +194,8 @@ class Check(unittest.TestCase):
         self.assertIn('Python 3.11 (from its standard library /usr/lib/python3.11)', run.stdout)
         write(os.path.join(root, 'usr/lib/python3.12/os.py'), '')
         self.assert_blocked(root, 'FAIL  python: /usr/bin/python3: cannot tell which Python it '
-                                  'is: not named pythonX.Y, and 2 standard libraries under /usr/lib*')
+                                  'is: not named pythonX.Y, and 2 standard libraries under /usr/lib*',
+                            cannot_run='cannot tell which Python')
 
     def test_walinuxagent_installed(self):
         root = self.copy()
