@@ -246,6 +246,14 @@ def read_opened(opener, shown, limit):
     a socket) is an OSError before a byte is read, and so is more than `limit` bytes:
     the size is checked first and the reading stops at limit + 1 (a file that grows,
     /proc's that say 0)."""
+    fd = open_regular(opener, shown, limit)
+    return None if fd is None else b''.join(read_pieces(fd, shown, limit))
+
+
+def open_regular(opener, shown, limit):
+    """The descriptor `opener` opens when it is a regular file of at most `limit`
+    bytes, None when there is no such file (or it is a directory); anything else is
+    an OSError (see read_opened), the descriptor closed."""
     import errno
     import stat
     try:
@@ -258,18 +266,34 @@ def read_opened(opener, shown, limit):
         raise
     try:
         st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            return None
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
             raise OSError(errno.EINVAL, 'not a regular file', shown)
-        chunks, size = [], 0
-        while size <= limit and st.st_size <= limit:
-            chunk = os.read(fd, min(1 << 16, limit + 1 - size))
-            if not chunk:
-                return b''.join(chunks)
-            chunks.append(chunk)
-            size += len(chunk)
-        raise OSError(errno.EFBIG, 'larger than %d bytes' % limit, shown)
+        if st.st_size > limit:
+            raise OSError(errno.EFBIG, 'larger than %d bytes' % limit, shown)
+    except BaseException:
+        os.close(fd)
+        raise
+    if stat.S_ISDIR(st.st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def read_pieces(fd, shown, limit):
+    """The bytes of the regular file open as `fd`, in pieces as read, the descriptor
+    closed when they end or are dropped part way (a generator never started closes
+    nothing: callers start reading at once); an OSError past `limit` bytes."""
+    import errno
+    try:
+        size = 0
+        while True:
+            piece = os.read(fd, min(1 << 16, limit + 1 - size))
+            if not piece:
+                return
+            size += len(piece)
+            if size > limit:
+                raise OSError(errno.EFBIG, 'larger than %d bytes' % limit, shown)
+            yield piece
     finally:
         os.close(fd)
 
@@ -420,10 +444,15 @@ class Root(object):
     def read(self, *parts, **how):
         """The bytes of a regular file inside the root, None when there is no such
         file; limit= (default READ_MAX).  See read_opened."""
-        path = '/'.join(parts)
-        limit = how.get('limit', READ_MAX)
+        pieces = self.pieces('/'.join(parts), how.get('limit', READ_MAX))
+        return None if pieces is None else b''.join(pieces)
+
+    def pieces(self, path, limit):
+        """The bytes of the regular file `path` inside the root, in pieces as they are
+        read (read_pieces: for a file too large to hold, an initramfs), None when there
+        is no such file; opened and checked as Root.read does, before it returns."""
         try:
-            return self.at(path, lambda fd, name: read_opened(
+            fd = self.at(path, lambda fd, name: open_regular(
                 lambda: os.open(name, OPEN_READ, dir_fd=fd), path, limit))
         except ValueError:      # a NUL in the path (read from an image's config)
             return None
@@ -431,6 +460,7 @@ class Root(object):
             if not_a_file(exc.errno):
                 return None
             raise
+        return None if fd is None else read_pieces(fd, path, limit)
 
     def read_text(self, *parts):
         data = self.read(*parts)
@@ -3879,18 +3909,26 @@ def remove_package(c, agent):
             % (c.chroot, c.chroot))
 
 
+def installed_kernels(c):
+    """[(release, its modules directory)] of the kernels the image has."""
+    kernels = []
+    for release in sorted(set(k for d in ('lib/modules', 'usr/lib/modules')
+                              for k in c.root.names(d, r'\d'))):
+        kernels.append((release, next('/%s/%s' % (d, release)
+                                      for d in ('lib/modules', 'usr/lib/modules')
+                                      if c.root.is_dir(d, release))))
+    return kernels
+
+
 def check_media(c):
     """Can the image read the provisioning media (the password, the custom data)?
     Azure formats it UDF: without the udf module, only key-only VMs without custom
     data provision."""
-    kernels = sorted(set(k for d in ('lib/modules', 'usr/lib/modules')
-                         for k in c.root.names(d, r'\d')))
+    kernels = installed_kernels(c)
     if not kernels:
         c.say('warn', 'media: no kernel in /lib/modules: cannot tell whether the kernel '
                       'mounts UDF (the provisioning media: passwords, custom data)')
-    for kernel in kernels:
-        base = next('/%s/%s' % (d, kernel) for d in ('lib/modules', 'usr/lib/modules')
-                    if c.root.is_dir(d, kernel))
+    for kernel, base in kernels:
         if kernel_has_udf(c.root, base):
             c.say('ok', 'media: kernel %s mounts UDF' % kernel)
         else:
@@ -3913,26 +3951,43 @@ def check_media(c):
 MAC_BOUND = ' (bound to the template\'s MAC address)'
 
 
+def each_directory(c, directories):
+    """The directories, each once: /lib is /usr/lib on merged-/usr systems."""
+    seen = set()
+    for directory in directories:
+        if c.root.resolve(directory) not in seen:
+            seen.add(c.root.resolve(directory))
+            yield directory
+
+
+def networkd_files(c):
+    """(directory, name, text) of the image's .network files, directory by directory
+    (/etc's first)."""
+    for directory in each_directory(c, ('etc/systemd/network', 'usr/lib/systemd/network',
+                                        'lib/systemd/network')):
+        for name in sorted(c.root.names(directory, r'.*\.network$')):
+            yield directory, name, c.read(directory, name) or ''
+
+
+def dhcp_on(text):
+    """Whether a .network file asks for DHCPv4."""
+    dhcp = ini_values(text, ('Network',), 'DHCP')
+    return bool(dhcp) and dhcp[-1].lower() in ('yes', 'true', 'ipv4', 'both', '1')
+
+
 def dhcp_configurations(c):
     """Where the image asks for DHCP: (kind, file) pairs."""
     found = []
     enabled = c.enabled_units()
     networkd = 'systemd-networkd.service' in enabled
-    seen = set()
-    for directory in ('etc/systemd/network', 'usr/lib/systemd/network', 'lib/systemd/network'):
-        if c.root.resolve(directory) in seen:
-            continue    # /lib is /usr/lib on merged-/usr systems
-        seen.add(c.root.resolve(directory))
-        for name in sorted(c.root.names(directory, r'.*\.network$')):
-            text = c.read(directory, name) or ''
-            if ini_values(text, ('Match',), 'Virtualization') == ['container']:
-                continue    # systemd's 80-container-*.network: never in a VM
-            dhcp = ini_values(text, ('Network',), 'DHCP')
-            if dhcp and dhcp[-1].lower() in ('yes', 'true', 'ipv4', 'both', '1'):
-                found.append(('systemd-networkd%s%s' % (
-                    '' if networkd else ' (NOT enabled)',
-                    MAC_BOUND if ini_values(text, ('Match',), 'MACAddress') else ''),
-                    '/%s/%s' % (directory, name)))
+    for directory, name, text in networkd_files(c):
+        if ini_values(text, ('Match',), 'Virtualization') == ['container']:
+            continue    # systemd's 80-container-*.network: never in a VM
+        if dhcp_on(text):
+            found.append(('systemd-networkd%s%s' % (
+                '' if networkd else ' (NOT enabled)',
+                MAC_BOUND if ini_values(text, ('Match',), 'MACAddress') else ''),
+                '/%s/%s' % (directory, name)))
     if 'NetworkManager.service' in enabled:
         found.append(('NetworkManager', 'NetworkManager.service enabled (DHCP by default)'))
     for path in ['etc/network/interfaces'] + ['etc/network/interfaces.d/' + n for n in
@@ -3981,6 +4036,424 @@ def check_network(c):
                       'the network (the script retries, but starts early)',
               '%s enable systemd-networkd-wait-online.service (or '
               'NetworkManager-wait-online.service)' % c.systemctl)
+
+
+# Azure's image requirements beyond provisioning ("Prepare a Linux image for
+# Azure"): each found from the image's files, never from this machine's.
+# The Hyper-V drivers: (module, its CONFIG_ option, its path under kernel/, whether
+# a VM without it fails (no disk, no network), whether it is needed before the
+# root filesystem is mounted: the OS disk is reached through vmbus and storvsc).
+HyperV = namedtuple('HyperV', 'name option path required early')
+HYPERV_DRIVERS = (
+    HyperV('hv_vmbus', 'CONFIG_HYPERV', 'drivers/hv/hv_vmbus.ko', True, True),
+    HyperV('hv_storvsc', 'CONFIG_HYPERV_STORAGE', 'drivers/scsi/hv_storvsc.ko', True, True),
+    HyperV('hv_netvsc', 'CONFIG_HYPERV_NET', 'drivers/net/hyperv/hv_netvsc.ko', True, False),
+    HyperV('hv_utils', 'CONFIG_HYPERV_UTILS', 'drivers/hv/hv_utils.ko', False, False),
+)
+MODULE_FILE = r'(\.(xz|zst|gz))?$'      # a module's file: NAME.ko, compressed or not
+INITRAMFS_NAMES = ('/boot/initrd.img-%s', '/boot/initramfs-%s.img', '/boot/initrd-%s')
+INITRAMFS_MAX = 1 << 30         # bytes of an initramfs file read, and of what it unpacks to
+INITRAMFS_SECONDS = 60          # for reading one, at most: then it is "not checked"
+CPIO_HEADER = 110               # bytes of a cpio "newc" header (070701, 070702)
+# What the first bytes of an initramfs segment say it is, and whether it can be read
+# with the standard library (zstd, lz4, bzip2 and lzo: not checked).
+COMPRESSIONS = ((b'\x1f\x8b', 'gzip'), (b'\xfd7zXZ', 'xz'), (b'\x5d\x00\x00', 'lzma'),
+                (b'\x28\xb5\x2f\xfd', 'zstd'), (b'\x02\x21\x4c\x18', 'lz4'),
+                (b'BZh', 'bzip2'), (b'\x89LZO', 'lzo'))
+
+
+class Unpacking(object):
+    """Bytes read in order from an iterator of pieces, within a byte count and a
+    deadline (an initramfs that unpacks without end is an OSError, not a hang)."""
+
+    def __init__(self, pieces, deadline):
+        self.pieces = iter(pieces)
+        self.buffer = b''
+        self.taken = 0
+        self.deadline = deadline
+
+    def fill(self, size):
+        """At least `size` bytes buffered, or all that is left."""
+        import errno
+        while len(self.buffer) < size:
+            if not self.deadline.remaining():
+                raise OSError(errno.ETIMEDOUT, 'took longer than %d s' % INITRAMFS_SECONDS)
+            piece = next(self.pieces, None)
+            if piece is None:
+                break
+            self.buffer += piece
+
+    def read(self, size):
+        import errno
+        self.fill(size)
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        self.taken += len(data)
+        if self.taken > INITRAMFS_MAX:
+            raise OSError(errno.EFBIG, 'unpacks to more than %d bytes' % INITRAMFS_MAX)
+        return data
+
+    def skip(self, size):
+        while size > 0:
+            data = self.read(min(size, 1 << 16))
+            if not data:
+                return
+            size -= len(data)
+
+    def next_segment(self):
+        """The first bytes of what follows the zeros after an archive (b'' at the end)."""
+        while True:
+            self.fill(1)
+            if not self.buffer:
+                return b''
+            stripped = self.buffer.lstrip(b'\0')
+            self.taken += len(self.buffer) - len(stripped)
+            self.buffer = stripped
+            if stripped:
+                self.fill(8)
+                return self.buffer[:8]
+
+    def rest(self):
+        """The pieces not read yet (for a decompressor)."""
+        if self.buffer:
+            yield self.buffer
+            self.buffer = b''
+        for piece in self.pieces:
+            yield piece
+
+
+def cpio_names(stream):
+    """The names in one cpio "newc" archive read from `stream`, to its trailer."""
+    while True:
+        head = stream.read(CPIO_HEADER)
+        if len(head) < CPIO_HEADER or head[:6] not in (b'070701', b'070702'):
+            raise ValueError('not a cpio archive where one should be')
+        fields = [int(head[i:i + 8], 16) for i in range(6, CPIO_HEADER, 8)]
+        size, name_size = fields[6], fields[11]
+        if not 0 < name_size <= PATH_MAX:
+            raise ValueError('a cpio name of %d bytes' % name_size)
+        name = stream.read(name_size + (-(CPIO_HEADER + name_size)) % 4)[:name_size - 1]
+        if name == b'TRAILER!!!':
+            return
+        yield name.decode('utf-8', 'replace')
+        stream.skip(size + (-size) % 4)
+
+
+def inflated(pieces, kind):
+    """The decompressed bytes of `pieces` (gzip, xz or lzma), in pieces of at most
+    1 MiB; ImportError now when this Python has no lzma, ValueError when the data is
+    not what it says."""
+    import zlib
+    if kind == 'gzip':
+        unpack, broken = zlib.decompressobj(16 + zlib.MAX_WBITS), zlib.error
+    else:
+        import lzma
+        unpack, broken = lzma.LZMADecompressor(), lzma.LZMAError
+
+    def pieces_out():
+        try:
+            for piece in pieces:
+                while piece and not unpack.eof:
+                    yield unpack.decompress(piece, 1 << 20)
+                    # zlib keeps the input it did not use there; lzma keeps it itself
+                    piece = getattr(unpack, 'unconsumed_tail', b'')
+                while kind != 'gzip' and not unpack.eof and not unpack.needs_input:
+                    yield unpack.decompress(b'', 1 << 20)
+                if unpack.eof:
+                    return
+        except (broken, EOFError) as exc:
+            raise ValueError('%s: %s' % (kind, exc))
+        raise ValueError('%s: the data ends before the end of the stream' % kind)
+    return pieces_out()
+
+
+def initramfs_names(pieces, wanted):
+    """({key: the first name in the initramfs read from `pieces` matching the regular
+    expression wanted[key]}, None, or what kept the rest from being read: 'zstd',
+    ...).  An initramfs is cpio archives, the first ones plain (CPU microcode),
+    the last one compressed; reading stops once every key is found.  ValueError
+    when it is none."""
+    found = {}
+    stream = Unpacking(pieces, Deadline(INITRAMFS_SECONDS))
+    while len(found) < len(wanted):
+        magic = stream.next_segment()
+        if not magic:
+            break
+        if magic.startswith(b'0707'):
+            for name in cpio_names(stream):
+                found.update((key, name) for key, pattern in wanted.items()
+                             if key not in found and re.search(pattern, name))
+                if len(found) == len(wanted):
+                    break
+            continue
+        kind = next((k for m, k in COMPRESSIONS if magic.startswith(m)), 'an unknown format')
+        if kind not in ('gzip', 'xz', 'lzma'):
+            return found, kind
+        try:
+            stream = Unpacking(inflated(stream.rest(), kind), stream.deadline)
+        except ImportError:         # a Python built without lzma
+            return found, '%s (this Python has no lzma module)' % kind
+    return found, None
+
+
+def kernel_config(c, release, modules):
+    """{CONFIG_X: 'y' or 'm' ...} of the kernel's build configuration ({} when the
+    image has none): /boot/config-RELEASE, or the modules directory's config (Fedora)."""
+    text = c.read('/boot/config-' + release)
+    if text is None:
+        text = c.read(modules, 'config') or ''
+    return dict(line.split('=', 1) for line in text.splitlines()
+                if line.startswith('CONFIG_') and '=' in line)
+
+
+def hyperv_drivers(c, release, modules):
+    """{'built in'|'module'|'absent'|'unknown': [drivers]} of one kernel."""
+    config = kernel_config(c, release, modules)
+    builtin = c.read(modules, 'modules.builtin')
+    found = {}
+    for driver in HYPERV_DRIVERS:
+        directory, name = os.path.split('kernel/' + driver.path)
+        if config.get(driver.option) == 'y' or 'kernel/' + driver.path in (builtin or '').split():
+            how = 'built in'
+        elif config.get(driver.option) == 'm' or c.root.names(modules + '/' + directory,
+                                                                re.escape(name) + MODULE_FILE):
+            how = 'module'
+        elif config or builtin is not None:     # what it has is known: not this
+            how = 'absent'
+        else:
+            how = 'unknown'
+        found.setdefault(how, []).append(driver)
+    return found
+
+
+def names_of(drivers):
+    return and_list(d.name for d in drivers)
+
+
+def initramfs_fix(c, release, drivers):
+    names = ' '.join(d.name for d in drivers)
+    if any(c.exists(d, 'update-initramfs') for d in ('usr/sbin', 'sbin')):
+        return ('add %s to %s/etc/initramfs-tools/modules (one a line), then '
+                '%supdate-initramfs -u -k %s' % (names, c.shown.rstrip('/'), c.chroot, release))
+    if any(c.exists(d, 'dracut') for d in ('usr/bin', 'usr/sbin', 'sbin')):
+        return ('add_drivers+=" %s " in %s/etc/dracut.conf.d/azure.conf, then '
+                '%sdracut -f --kver %s' % (names, c.shown.rstrip('/'), c.chroot, release))
+    return 'build the initramfs of %s with %s in it' % (release, names)
+
+
+def check_hyperv(c):
+    """The Hyper-V drivers of each kernel: built in, or modules in its initramfs
+    (vmbus and storvsc reach the OS disk: without them the VM never boots)."""
+    for release, modules in installed_kernels(c):
+        found = hyperv_drivers(c, release, modules)
+        what = 'Hyper-V drivers: kernel %s' % release
+        absent = found.get('absent', [])
+        for severity, drivers in (('FAIL', [d for d in absent if d.required]),
+                                  ('warn', [d for d in absent if not d.required])):
+            if drivers:
+                c.say(severity, '%s has no %s (%s not set): %s' % (
+                    what, names_of(drivers), and_list(d.option for d in drivers),
+                    'on Azure it cannot reach its disk or network' if severity == 'FAIL'
+                    else 'no KVP, time sync nor shutdown from Azure'),
+                    'install a kernel built for Azure or with the Hyper-V drivers (e.g. '
+                    'linux-image-cloud-amd64, linux-azure, kernel-azure)')
+        if found.get('unknown'):
+            c.say('warn', '%s: no /boot/config-%s nor modules.builtin: whether it has %s is '
+                          'not checked' % (what, release, names_of(found['unknown'])),
+                  'keep the kernel\'s /boot/config-%s and %s/modules.builtin in the image'
+                  % (release, modules))
+        modules_found = found.get('module', [])
+        built_in = ('%s built in' % names_of(found['built in'])) if found.get('built in') else ''
+        if not modules_found:
+            if built_in and not absent and not found.get('unknown'):
+                c.say('ok', '%s: %s' % (what, built_in))
+            continue
+        check_initramfs(c, release, modules_found, what, built_in)
+
+
+def check_initramfs(c, release, drivers, what, built_in):
+    """Whether the modules `drivers` are in the kernel's initramfs."""
+    path = next((p % release for p in INITRAMFS_NAMES if c.root.lstat(p % release)), None)
+    fix = initramfs_fix(c, release, drivers)
+    if path is None:
+        c.say('warn', '%s: %s are modules and it has no initramfs (%s): not checked'
+                      % (what, names_of(drivers), ', '.join(p % release for p in INITRAMFS_NAMES)),
+              fix)
+        return
+    wanted = dict((d.name, r'(^|/)%s\.ko%s' % (re.escape(d.name), MODULE_FILE)) for d in drivers)
+    try:
+        found, unread = initramfs_names(c.root.pieces(path, INITRAMFS_MAX) or (), wanted)
+    except (OSError, ValueError) as exc:    # a FIFO, too large, not an initramfs
+        c.say('warn', '%s: %s: %s: not checked' % (what, path, describe_error(exc)),
+              'lsinitramfs %s | grep hv_ (lsinitrd on dracut systems) shows what it holds' % path)
+        return
+    missing = [d for d in drivers if d.name not in found]
+    if unread and missing:
+        c.say('warn', '%s: %s are modules; %s is %s-compressed, which this check cannot read: '
+                      'whether they are in it is not checked' % (
+                          what, names_of(missing), path, unread),
+              '%slsinitramfs %s | grep hv_ (lsinitrd on dracut systems) shows it; if they are '
+              'missing: %s' % (c.chroot, path, fix))
+        return
+    inside = [d for d in drivers if d.name in found]
+    if inside:
+        c.say('ok', '%s: %s' % (what, '; '.join(
+            [w for w in (built_in, '%s in %s' % (names_of(inside), path)) if w])))
+    for severity, group in (('FAIL', [d for d in missing if d.early]),
+                            ('warn', [d for d in missing if not d.early])):
+        if group:
+            c.say(severity, '%s: %s %s not in %s: %s' % (
+                what, names_of(group), 'is a module' if len(group) == 1 else 'are modules',
+                path, 'on Azure the kernel cannot reach the OS disk' if severity == 'FAIL'
+                else 'loaded later from the disk, where Azure asks for them in the '
+                     'initramfs'), initramfs_fix(c, release, group))
+
+
+SSH_UNITS = ('ssh.service', 'sshd.service', 'ssh.socket', 'sshd.socket')
+
+
+def check_sshd(c):
+    enabled = [u for u in SSH_UNITS if u in c.enabled_units()]
+    if not any(c.exists(d, 'sshd') for d in ('usr/sbin', 'sbin')):
+        c.say('warn', 'no SSH server (/usr/sbin/sshd): nobody can log in to a VM made from '
+                      'this image (only the serial console)',
+              'install openssh-server (or: openssh)')
+    elif not enabled:
+        unit = next((u for u in SSH_UNITS if any(c.exists(d, u) for d in UNIT_DIRS)),
+                    'sshd.service')
+        c.say('warn', 'sshd is installed but not enabled: nobody can log in to a VM made from '
+                      'this image', '%s enable %s' % (c.systemctl, unit))
+    else:
+        c.say('ok', 'sshd: %s enabled' % ', '.join(enabled))
+
+
+def check_swap(c):
+    swaps = [' '.join(fields[:3]) for fields in fstab_entries(c) if fields[2] == 'swap']
+    swaps += ['%s enabled' % u for u in sorted(c.enabled_units()) if u.endswith('.swap')]
+    if swaps:
+        c.say('warn', 'swap on the OS disk (%s): Azure advises against it (the OS disk is '
+                      'remote storage, its I/O counts against the VM\'s limits)'
+              % '; '.join(swaps),
+              'remove it from /etc/fstab (or disable the unit); put swap on the temporary '
+              'disk, from a hook in %s' % HOOKS_DIR)
+    else:
+        c.say('ok', 'no swap on the OS disk')
+
+
+KVP_DAEMONS = ('usr/sbin/hv_kvp_daemon', 'usr/sbin/hypervkvpd', 'sbin/hv_kvp_daemon')
+
+
+def check_kvp_daemon(c):
+    found = next(('/' + p for p in KVP_DAEMONS if c.exists(p)), None)
+    if found:
+        c.say('ok', 'Hyper-V KVP daemon: %s' % found)
+    else:
+        c.say('warn', 'no Hyper-V KVP daemon (hv_kvp_daemon, hypervkvpd): the report written '
+                      'to the KVP pool (%s) does not reach Azure' % KVP_POOL,
+              'install hyperv-daemons (Debian, RHEL; hyper-v on SUSE)')
+
+
+# An accelerated-networking VF (Mellanox mlx4/mlx5, Microsoft MANA) has the MAC of
+# the synthetic NIC it is bonded to: a configuration matching it too runs DHCP on
+# both.  How Azure names them: enP<domain>s<slot> (predictable names), ethN without.
+VF_DRIVERS = ('mlx4_en', 'mlx4_core', 'mlx5_core', 'mana')
+VF_NAMES = ('enP30832s1', 'eth1')
+UDEV_RULES = ('etc/udev/rules.d', 'usr/lib/udev/rules.d', 'lib/udev/rules.d')
+VF_FIX = ('install azure-vm-utils: its 10-azure-unmanaged-sriov.rules and '
+          '01-azure-unmanaged-sriov.network leave the VF to hv_netvsc (or match '
+          'Driver=hv_netvsc only)')
+
+
+def matches_a_vf(text):
+    """Whether a .network file's [Match] could take an accelerated-networking VF."""
+    import fnmatch
+
+    def words(key):
+        return ' '.join(ini_values(text, ('Match',), key)).split()
+    if words('MACAddress') or words('Virtualization') == ['container']:
+        return False    # another MAC (reported as such) / never in a VM
+    names, drivers = words('Name'), words('Driver')
+    return ((not names or any(fnmatch.fnmatchcase(vf, n) for vf in VF_NAMES for n in names))
+            and (not drivers or any(fnmatch.fnmatchcase(vf, d)
+                                    for vf in VF_DRIVERS for d in drivers)))
+
+
+def leaves_vfs_alone(text):
+    """Whether a .network file makes the VFs unmanaged (azure-vm-utils' matches the
+    property its udev rule sets)."""
+    return (ini_values(text, ('Link',), 'Unmanaged')[-1:] == ['yes'] and (
+        'AZURE_UNMANAGED_SRIOV' in ' '.join(ini_values(text, ('Match',), 'Property'))
+        or any(d in VF_DRIVERS for d in ' '.join(ini_values(text, ('Match',),
+                                                             'Driver')).split())))
+
+
+def vf_udev_rules(c, setting):
+    """The udev rules files naming a VF driver and setting `setting` (NM_UNMANAGED,
+    ID_NET_MANAGED_BY)."""
+    found = []
+    for directory in each_directory(c, UDEV_RULES):
+        for name in sorted(c.root.names(directory, r'.*\.rules$')):
+            text = c.read(directory, name) or ''
+            if re.search(r'mlx[45]|mana', text) and setting in text:
+                found.append('/%s/%s' % (directory, name))
+    return found
+
+
+def check_accelerated_networking(c):
+    """Would the DHCP configuration also configure a VF?  Files by name, as
+    systemd-networkd reads them: the first file matching an interface applies."""
+    files = {}
+    for directory, name, text in networkd_files(c):
+        files.setdefault(name, ('/%s/%s' % (directory, name), text))
+    alone = vf_udev_rules(c, 'ID_NET_MANAGED_BY')   # systemd-networkd 255 and later
+    catching = []
+    for name in sorted(files):
+        path, text = files[name]
+        if leaves_vfs_alone(text):
+            alone.append(path)
+        elif dhcp_on(text) and matches_a_vf(text) and not alone:
+            catching.append(path)
+    for name in sorted(c.root.names('etc/netplan', r'.*\.yaml$')):
+        text = c.read('etc/netplan', name) or ''
+        if (re.search(r'dhcp4:\s*(true|yes)', text) and not re.search(r'^\s*(driver|macaddress):',
+                                                                      text, re.M)
+                and not alone):     # rendered as 10-netplan-*.network: after 01-azure-*
+            catching.append('/etc/netplan/' + name)
+    if 'NetworkManager.service' in c.enabled_units():
+        managed_alone = vf_udev_rules(c, 'NM_UNMANAGED')
+        alone += managed_alone
+        if not managed_alone:
+            catching.append('NetworkManager (manages every NIC)')
+    if catching:
+        c.say('warn', 'accelerated networking: %s would also configure the VF (mlx4, mlx5 or '
+                      'mana: the same MAC as the synthetic NIC), and DHCP on both breaks the '
+                      'network of VMs with accelerated networking' % ', '.join(catching), VF_FIX)
+    else:
+        c.say('ok', 'accelerated networking: no configuration takes the VF%s' % (
+            ' (left to hv_netvsc by %s)' % ', '.join(sorted(set(alone))) if alone else ''))
+
+
+def fstab_entries(c):
+    """The fields of each entry of the image's /etc/fstab."""
+    return [fields for fields in (line.split('#', 1)[0].split()
+                                  for line in (c.read('etc/fstab') or '').splitlines())
+            if len(fields) > 2]
+
+
+def check_temporary_disk(c):
+    """Who formats and mounts the temporary (resource) disk, which waagent and
+    cloud-init did: information, as an image may need none."""
+    setup = [p for p in ('usr/sbin/azure-ephemeral-disk-setup',
+                         'usr/bin/azure-ephemeral-disk-setup') if c.exists(p)]
+    mounted = [' '.join(f[:2]) for f in fstab_entries(c)
+               if re.search(r'disk/(azure/resource|cloud/azure_resource)', f[0])]
+    if setup:
+        c.say('info', 'temporary disk: azure-vm-utils\' /%s formats and mounts it' % setup[0])
+    elif mounted:
+        c.say('info', 'temporary disk: /etc/fstab mounts it (%s)' % '; '.join(mounted))
+    else:
+        c.say('info', 'temporary disk: nothing in the image formats or mounts it (waagent and '
+                      'cloud-init did, on /mnt): azure-vm-utils\' azure-ephemeral-disk-setup, '
+                      'or a hook in %s, can' % HOOKS_DIR)
 
 
 def check_identity(c):
@@ -4035,7 +4508,9 @@ def check_image(root, out, shown=None):
     python = c.run(check_unit)
     if python:
         c.run(check_python, python)
-    for check in (check_agents, check_media, check_network, check_identity, check_hostname):
+    for check in (check_agents, check_media, check_hyperv, check_network,
+                  check_accelerated_networking, check_sshd, check_kvp_daemon, check_swap,
+                  check_temporary_disk, check_identity, check_hostname):
         c.run(check)
     for status, text, fix in c.results:     # texts quote the image's files: printable
         out.write('%-5s %s\n' % (status, printable(text)))
