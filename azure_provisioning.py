@@ -4069,24 +4069,26 @@ class Unpacking(object):
     def __init__(self, pieces, deadline):
         self.pieces = iter(pieces)
         self.buffer = b''
+        self.at = 0         # where in the buffer reading goes on (no copy per read)
         self.taken = 0
         self.deadline = deadline
 
     def fill(self, size):
-        """At least `size` bytes buffered, or all that is left."""
+        """At least `size` bytes buffered from where reading is, or all that is left."""
         import errno
-        while len(self.buffer) < size:
+        while len(self.buffer) - self.at < size:
             if not self.deadline.remaining():
                 raise OSError(errno.ETIMEDOUT, 'took longer than %d s' % INITRAMFS_SECONDS)
             piece = next(self.pieces, None)
             if piece is None:
                 break
-            self.buffer += piece
+            self.buffer, self.at = self.buffer[self.at:] + piece, 0
 
     def read(self, size):
         import errno
         self.fill(size)
-        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        data = self.buffer[self.at:self.at + size]
+        self.at += len(data)
         self.taken += len(data)
         if self.taken > INITRAMFS_MAX:
             raise OSError(errno.EFBIG, 'unpacks to more than %d bytes' % INITRAMFS_MAX)
@@ -4103,20 +4105,21 @@ class Unpacking(object):
         """The first bytes of what follows the zeros after an archive (b'' at the end)."""
         while True:
             self.fill(1)
-            if not self.buffer:
+            rest = self.buffer[self.at:]
+            if not rest:
                 return b''
-            stripped = self.buffer.lstrip(b'\0')
-            self.taken += len(self.buffer) - len(stripped)
-            self.buffer = stripped
+            stripped = rest.lstrip(b'\0')
+            self.taken += len(rest) - len(stripped)
+            self.buffer, self.at = stripped, 0
             if stripped:
                 self.fill(8)
                 return self.buffer[:8]
 
     def rest(self):
         """The pieces not read yet (for a decompressor)."""
-        if self.buffer:
-            yield self.buffer
-            self.buffer = b''
+        if self.buffer[self.at:]:
+            yield self.buffer[self.at:]
+        self.buffer, self.at = b'', 0
         for piece in self.pieces:
             yield piece
 
@@ -4272,7 +4275,7 @@ def check_hyperv(c):
 
 def check_initramfs(c, release, drivers, what, built_in):
     """Whether the modules `drivers` are in the kernel's initramfs."""
-    path = next((p % release for p in INITRAMFS_NAMES if c.root.lstat(p % release)), None)
+    path = next((p % release for p in INITRAMFS_NAMES if c.root.stat(p % release)), None)
     fix = initramfs_fix(c, release, drivers)
     if path is None:
         c.say('warn', '%s: %s are modules and it has no initramfs (%s): not checked'

@@ -498,6 +498,19 @@ class Check(unittest.TestCase):
                                 'hv_netvsc and hv_utils in /boot/initramfs-%s.img\n'
                           % (KERNEL, KERNEL))
 
+    def test_the_initramfs_through_links_inside_the_image(self):
+        root = self.copy()
+        initrd = self.initrd(root)
+        os.rename(initrd, os.path.join(root, 'boot/real-initrd'))
+        os.symlink('/boot/real-initrd', initrd)         # the image's /boot, not ours
+        self.assert_ready(root, 'ok    Hyper-V drivers: kernel %s: hv_vmbus, hv_storvsc, '
+                                'hv_netvsc and hv_utils in /boot/initrd.img-%s\n'
+                          % (KERNEL, KERNEL))
+        os.remove(os.path.join(root, 'boot/real-initrd'))
+        self.assert_ready(root, 'warn  Hyper-V drivers: kernel %s: hv_vmbus, hv_storvsc, '
+                                'hv_netvsc and hv_utils are modules and it has no initramfs '
+                                '(/boot/initrd.img-%s, ' % (KERNEL, KERNEL))
+
     def test_hyperv_modules_missing_from_the_initramfs(self):
         root = self.copy()
         write(os.path.join(root, 'usr/sbin/update-initramfs'), '', 0o755)
