@@ -4171,8 +4171,8 @@ def inflated(pieces, kind):
 
 def initramfs_names(pieces, wanted):
     """({key: the first name in the initramfs read from `pieces` matching the regular
-    expression wanted[key]}, None, or what kept the rest from being read: 'zstd',
-    ...).  An initramfs is cpio archives, the first ones plain (CPU microcode),
+    expression wanted[key]}, None, or what kept the rest from being read: 'zstd-
+    compressed, which this check cannot read', ...).  An initramfs is cpio archives, the first ones plain (CPU microcode),
     the last one compressed; reading stops once every key is found.  ValueError
     when it is none."""
     found = {}
@@ -4188,13 +4188,15 @@ def initramfs_names(pieces, wanted):
                 if len(found) == len(wanted):
                     break
             continue
-        kind = next((k for m, k in COMPRESSIONS if magic.startswith(m)), 'an unknown format')
+        kind = next((k for m, k in COMPRESSIONS if magic.startswith(m)), None)
+        if kind is None:
+            return found, 'in a format this check does not know'
         if kind not in ('gzip', 'xz', 'lzma'):
-            return found, kind
+            return found, '%s-compressed, which this check cannot read' % kind
         try:
             stream = Unpacking(inflated(stream.rest(), kind), stream.deadline)
-        except ImportError:         # a Python built without lzma
-            return found, '%s (this Python has no lzma module)' % kind
+        except ImportError as exc:  # a Python built without lzma (or zlib)
+            return found, '%s-compressed, and this Python has no %s module' % (kind, exc.name)
     return found, None
 
 
@@ -4291,8 +4293,7 @@ def check_initramfs(c, release, drivers, what, built_in):
         return
     missing = [d for d in drivers if d.name not in found]
     if unread and missing:
-        c.say('warn', '%s: %s are modules; %s is %s-compressed, which this check cannot read: '
-                      'whether they are in it is not checked' % (
+        c.say('warn', '%s: %s are modules; %s is %s: whether they are in it is not checked' % (
                           what, names_of(missing), path, unread),
               '%slsinitramfs %s | grep hv_ (lsinitrd on dracut systems) shows it; if they are '
               'missing: %s' % (c.chroot, path, fix))
