@@ -268,7 +268,7 @@ def open_regular(opener, shown, limit):
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
             raise OSError(errno.EINVAL, 'not a regular file', shown)
-        if st.st_size > limit:
+        if stat.S_ISREG(st.st_mode) and st.st_size > limit:
             raise OSError(errno.EFBIG, 'larger than %d bytes' % limit, shown)
     except BaseException:
         os.close(fd)
