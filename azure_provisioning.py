@@ -22,7 +22,10 @@ instead (also to Hyper-V KVP), so that `az vm create` fails fast with that reaso
 `--check` looks at an image before it is captured, `--deprovision` makes a VM an
 image again, `--status` says what the record says.
 
-Exit codes: 0 provisioned, 1 provisioning failed, 2 usage error.
+Exit codes: 0 provisioned, 1 provisioning failed, 2 usage error.  --check: 0 the
+image is ready, 1 it is not (a FAIL row), 3 the unit's Python cannot run this
+program (a FAIL row saying why, and the last line on stderr: "error: the unit
+cannot run: WHY (fix: FIX)"); install.sh acts on these statuses alone.
 Standard library only; Python 3.6 or newer.
 
 The file reads top-down: system helpers (log and deadline, text, files under one
@@ -243,6 +246,14 @@ def read_opened(opener, shown, limit):
     a socket) is an OSError before a byte is read, and so is more than `limit` bytes:
     the size is checked first and the reading stops at limit + 1 (a file that grows,
     /proc's that say 0)."""
+    fd = open_regular(opener, shown, limit)
+    return None if fd is None else b''.join(read_pieces(fd, shown, limit))
+
+
+def open_regular(opener, shown, limit):
+    """The descriptor `opener` opens when it is a regular file of at most `limit`
+    bytes, None when there is no such file (or it is a directory); anything else is
+    an OSError (see read_opened), the descriptor closed."""
     import errno
     import stat
     try:
@@ -255,18 +266,34 @@ def read_opened(opener, shown, limit):
         raise
     try:
         st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            return None
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
             raise OSError(errno.EINVAL, 'not a regular file', shown)
-        chunks, size = [], 0
-        while size <= limit and st.st_size <= limit:
-            chunk = os.read(fd, min(1 << 16, limit + 1 - size))
-            if not chunk:
-                return b''.join(chunks)
-            chunks.append(chunk)
-            size += len(chunk)
-        raise OSError(errno.EFBIG, 'larger than %d bytes' % limit, shown)
+        if stat.S_ISREG(st.st_mode) and st.st_size > limit:
+            raise OSError(errno.EFBIG, 'larger than %d bytes' % limit, shown)
+    except BaseException:
+        os.close(fd)
+        raise
+    if stat.S_ISDIR(st.st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def read_pieces(fd, shown, limit):
+    """The bytes of the regular file open as `fd`, in pieces as read, the descriptor
+    closed when they end or are dropped part way (a generator never started closes
+    nothing: callers start reading at once); an OSError past `limit` bytes."""
+    import errno
+    try:
+        size = 0
+        while True:
+            piece = os.read(fd, min(1 << 16, limit + 1 - size))
+            if not piece:
+                return
+            size += len(piece)
+            if size > limit:
+                raise OSError(errno.EFBIG, 'larger than %d bytes' % limit, shown)
+            yield piece
     finally:
         os.close(fd)
 
@@ -281,6 +308,16 @@ def read_bytes(path, limit=READ_MAX):
 def read_text(path):
     data = read_bytes(path)
     return data.decode('utf-8', 'replace') if data is not None else None
+
+
+def kernel_filesystems():
+    """The filesystem types the running kernel mounts now (/proc/filesystems: built
+    in or loaded; a module not loaded yet is not among them).  Empty when unreadable."""
+    try:
+        text = (read_bytes('/proc/filesystems', limit=1 << 16) or b'').decode('ascii', 'replace')
+    except OSError:
+        return frozenset()
+    return frozenset(line.split()[-1] for line in text.splitlines() if line.split())
 
 
 def write_file_atomically(path, data, mode=None, owner=None, check=None, deadline=None):
@@ -407,10 +444,15 @@ class Root(object):
     def read(self, *parts, **how):
         """The bytes of a regular file inside the root, None when there is no such
         file; limit= (default READ_MAX).  See read_opened."""
-        path = '/'.join(parts)
-        limit = how.get('limit', READ_MAX)
+        pieces = self.pieces('/'.join(parts), how.get('limit', READ_MAX))
+        return None if pieces is None else b''.join(pieces)
+
+    def pieces(self, path, limit):
+        """The bytes of the regular file `path` inside the root, in pieces as they are
+        read (read_pieces: for a file too large to hold, an initramfs), None when there
+        is no such file; opened and checked as Root.read does, before it returns."""
         try:
-            return self.at(path, lambda fd, name: read_opened(
+            fd = self.at(path, lambda fd, name: open_regular(
                 lambda: os.open(name, OPEN_READ, dir_fd=fd), path, limit))
         except ValueError:      # a NUL in the path (read from an image's config)
             return None
@@ -418,6 +460,7 @@ class Root(object):
             if not_a_file(exc.errno):
                 return None
             raise
+        return None if fd is None else read_pieces(fd, path, limit)
 
     def read_text(self, *parts):
         data = self.read(*parts)
@@ -452,6 +495,11 @@ class Root(object):
         import stat
         found = self.stat(*parts)
         return found is not None and stat.S_ISDIR(found.st_mode)
+
+    def access(self, path, mode):
+        """os.access of what `path` leads to inside the root (os.W_OK: whether a name
+        can be made in a directory; os.X_OK: whether a file can be run)."""
+        return self.at(path, lambda fd, name: os.access(name, mode, dir_fd=fd))
 
     def resolve(self, path):
         """`path` with its links resolved inside the root (as far as it exists)."""
@@ -1424,8 +1472,7 @@ def kernel_has_udf(root, modules):
 def udf_missing_hint(run):
     """' (this kernel cannot mount UDF: ...)' when that is so, else ''."""
     release = os.uname().release
-    if ('udf' in (read_text('/proc/filesystems') or '')
-            or kernel_has_udf(run.root, '/lib/modules/' + release)):
+    if 'udf' in kernel_filesystems() or kernel_has_udf(run.root, '/lib/modules/' + release):
         return ''
     return (' (kernel %s cannot mount UDF, the format Azure uses: no udf module in '
             '/lib/modules/%s; install it, e.g. linux-modules-extra)' % (release, release))
@@ -2254,14 +2301,16 @@ def user_plan(run, request):
 ACCOUNT_FILES = ('/etc/passwd', '/etc/shadow', '/etc/group', '/etc/gshadow')
 
 
+def account_entries(root, path):
+    """The entries of the account file `path` of the root (/etc/passwd, /etc/group...),
+    each its list of fields, read through the root (see Root.read)."""
+    return [line.split(':') for line in (root.read_text(path) or '').splitlines()]
+
+
 def account_entry(root, path, name):
     """The fields of `name`'s entry in the account file `path` of the root (None
     when it has none)."""
-    for line in (root.read_text(path) or '').splitlines():
-        fields = line.split(':')
-        if fields[0] == name:
-            return fields
-    return None
+    return next((fields for fields in account_entries(root, path) if fields[0] == name), None)
 
 
 def account_files_naming(run, name):
@@ -3284,7 +3333,7 @@ def changeable(root, path, problems):
             return False
         existing = directory
     try:
-        writable = root.at(existing, lambda fd, name: os.access(name, os.W_OK, dir_fd=fd))
+        writable = root.access(existing, os.W_OK)
     except OSError as exc:
         problems.append(describe_error(exc))
         return False
@@ -3359,19 +3408,13 @@ def inode_flags(fd):
     return struct.unpack('i', answer[:4])[0]
 
 
-def passwd_uids(root):
-    """{user name: its uid field, as text} of the root's /etc/passwd."""
-    return dict((fields[0], fields[2]) for fields in (
-        line.split(':') for line in (root.read_text('/etc/passwd') or '').splitlines())
-        if len(fields) > 2)
-
-
 def user_staying(run, state):
     """Plain --deprovision removes the record, the only place that says which admin
     user we made: keeping it in the image is the user's choice, made now or never,
     so they are told while --user can still remove it."""
     name = state.get('admin_user_created')
-    if isinstance(name, str) and USER_NAME.fullmatch(name) and name in passwd_uids(run.root):
+    if (isinstance(name, str) and USER_NAME.fullmatch(name)
+            and account_entry(run.root, '/etc/passwd', name) is not None):
         run.log.warning('deprovision: the admin user %s (made by azure-provisioning) stays in '
                         'the image, with its home, keys and sudo rule: --deprovision --user '
                         'removes it, but not after this run, which removes the record '
@@ -3390,8 +3433,8 @@ def user_removal_plan(run, state, problems):
     if not isinstance(name, str) or not USER_NAME.fullmatch(name):
         raise ProvisioningError('the record names the admin user %s, not a user name'
                                 % printable(repr(name))[:80])
-    uids = passwd_uids(run.root)
-    uid = uids.get(name)
+    entry = account_entry(run.root, '/etc/passwd', name)
+    uid = entry[2] if entry and len(entry) > 2 else None
     if uid is not None:
         why = (not_a_person(int(uid), run.root) if re.fullmatch(r'[0-9]{1,10}', uid)
                else 'not a number')
@@ -3401,7 +3444,9 @@ def user_removal_plan(run, state, problems):
     plan = []
     home = os.path.join('/home', name)      # useradd -m's, as user_plan made it
     found = run.root.lstat(home)
-    if uid is None and found is not None and str(found.st_uid) not in uids.values():
+    if uid is None and found is not None and not any(
+            fields[2:3] == [str(found.st_uid)]
+            for fields in account_entries(run.root, '/etc/passwd')):
         # userdel -r removed the account and failed at the home (exit 12: an immutable
         # file, a mount point): no run of userdel can remove it now, and it is the user's
         # (a home of a user still in /etc/passwd is that user's: provisioning refuses
@@ -3596,6 +3641,8 @@ AGENTS = (
 CLOUD_INIT_DISABLED = 'etc/cloud/cloud-init.disabled'   # cloud-init's own off switch
 NEEDED_MODULES = ('json', 'xml.parsers.expat', 'base64', 'shutil')  # not in python3-minimal
 FULL_PYTHON = 'install the full python3 package, not python3-minimal'
+# --check's exit statuses: what install.sh decides by (never by the rows' wording)
+CHECK_READY, CHECK_NOT_READY, CHECK_CANNOT_RUN = 0, 1, 3
 
 
 class Check(object):
@@ -3614,9 +3661,7 @@ class Check(object):
         self.chroot = '' if top == '/' else 'chroot %s ' % top
         self.unit_args = []     # the unit's ExecStart= arguments, once read
         self.unreadable = set()     # files said to be unreadable, each once
-
-    def path(self, *parts):
-        return self.root.path(*parts)
+        self.unrunnable = None      # (why, fix) the unit's Python cannot run us, if so
 
     def read(self, *parts):
         """A file's text, None when there is none.  One that cannot be read (a 0600
@@ -3650,6 +3695,13 @@ class Check(object):
     def say(self, status, text, fix=None):
         self.results.append((status, text, fix))
 
+    def cannot_run(self, row, why, fix=None):
+        """A FAIL row (`row` + `why`) saying the unit's interpreter cannot run this
+        program: the image is not merely unready, the unit fails at every boot
+        (CHECK_CANNOT_RUN; install.sh then fails the install)."""
+        self.say('FAIL', row + why, fix)
+        self.unrunnable = self.unrunnable or (why, fix)
+
     def enabled_units(self):
         """Unit names with a symlink in some *.wants directory of /etc/systemd/system
         (read once: every check asks)."""
@@ -3660,16 +3712,12 @@ class Check(object):
                 self._enabled.update(self.root.names(base + '/' + wants, r'.'))
         return self._enabled
 
-    def resolve(self, path):
-        """`path` inside the image, its links resolved inside the image."""
-        return self.root.resolve(path)
-
     def shown_path(self, path):
         """`path` of the image as one shell word of a fix, where the reader finds it:
         its directories' links resolved inside the image (an image's absolute link
         means the image's own directory, not this machine's), the last component
         itself not followed (rm -rf removes a link, not what it points to)."""
-        inside = os.path.join(self.resolve(os.path.dirname('/' + path.strip('/'))),
+        inside = os.path.join(self.root.resolve(os.path.dirname('/' + path.strip('/'))),
                               os.path.basename(path.strip('/')))
         return shell_word(os.path.join(self.shown, inside.lstrip('/')))
 
@@ -3701,8 +3749,12 @@ def check_unit(c):
     script = next((a for a in args if a.startswith('/')), None)
     for what, path in (('interpreter', python), ('script', script)):
         if path is None or c.root.stat(path) is None:
-            c.say('FAIL', 'ExecStart %s %s does not exist' % (what, path),
-                  'sh install.sh%s --python PATH' % c.root_flag)
+            why = 'ExecStart %s %s does not exist' % (what, path)
+            fix = 'sh install.sh%s --python PATH' % c.root_flag
+            if what == 'interpreter':
+                c.cannot_run('', why, fix)
+            else:
+                c.say('FAIL', why, fix)
             return None
     c.say('ok', 'ExecStart: %s %s' % (python, ' '.join(args)))
     if LAUNCHER_MARK in (c.read(script) or ''):
@@ -3735,7 +3787,7 @@ def check_python(c, python):
     running this check (install.sh runs the check so, through chroot for an image);
     otherwise judged from the image's files: a binary of another root cannot always
     be run here (another architecture, no chroot, not root)."""
-    real = c.resolve(python)
+    real = c.root.resolve(python)
     if c.root.is_machine() and os.path.realpath(real) == os.path.realpath(sys.executable):
         missing = []
         for name in NEEDED_MODULES:
@@ -3745,25 +3797,27 @@ def check_python(c, python):
                 missing.append('%s (%s)' % (name, exc))
         version = 'Python %d.%d' % sys.version_info[:2]
         if missing:
-            c.say('FAIL', 'python: %s (%s) has no %s' % (python, version, and_list(missing)),
-                  FULL_PYTHON)
+            c.cannot_run('python: ', '%s (%s) has no %s' % (python, version, and_list(missing)),
+                         FULL_PYTHON)
         else:
             c.say('ok', 'python: %s is %s with %s (checked by running it)'
                   % (python, version, and_list(NEEDED_MODULES)))
         return
     version, libraries, how = python_from_files(c, real)
     if version is None:
-        c.say('FAIL', 'python: %s: %s' % (python, how),
-              'sh install.sh%s --python /usr/bin/python3.X (the versioned name)' % c.root_flag)
+        c.cannot_run('python: ', '%s: %s' % (python, how),
+                     'sh install.sh%s --python /usr/bin/python3.X (the versioned name)'
+                     % c.root_flag)
         return
     if version < (3, 6):
-        c.say('FAIL', 'python: %s is Python %d.%d (%s); 3.6 or newer is needed'
-              % ((python,) + version + (how,)), 'sh install.sh%s --python PATH' % c.root_flag)
+        c.cannot_run('python: ', '%s is Python %d.%d (%s); 3.6 or newer is needed'
+                     % ((python,) + version + (how,)),
+                     'sh install.sh%s --python PATH' % c.root_flag)
         return
     if not libraries:
-        c.say('FAIL', 'python: %s: no standard library at %s/lib/python%d.%d or lib64'
-              % ((python, os.path.dirname(os.path.dirname(real)).rstrip('/')) + version),
-              FULL_PYTHON)
+        c.cannot_run('python: ', '%s: no standard library at %s/lib/python%d.%d or lib64'
+                     % ((python, os.path.dirname(os.path.dirname(real)).rstrip('/')) + version),
+                     FULL_PYTHON)
         return
     found, missing = [], []
     for name in NEEDED_MODULES:
@@ -3773,10 +3827,11 @@ def check_python(c, python):
         elif where not in found:
             found.append(where)
     if missing:
-        c.say('FAIL', 'python: %s (Python %d.%d) has no %s: not in %s'
-              % ((python,) + version + (and_list(missing), and_list(libraries))), FULL_PYTHON)
-    elif not os.access(c.path(real), os.X_OK):
-        c.say('FAIL', 'python: %s is not executable' % real)
+        c.cannot_run('python: ', '%s (Python %d.%d) has no %s: not in %s'
+                     % ((python,) + version + (and_list(missing), and_list(libraries))),
+                     FULL_PYTHON)
+    elif not c.root.access(real, os.X_OK):
+        c.cannot_run('python: ', '%s is not executable' % real)
     else:
         c.say('ok', 'python: %s is Python %d.%d (%s) with %s in %s (judged from the files)'
               % ((python,) + version + (how, and_list(NEEDED_MODULES), and_list(found))))
@@ -3854,18 +3909,26 @@ def remove_package(c, agent):
             % (c.chroot, c.chroot))
 
 
+def installed_kernels(c):
+    """[(release, its modules directory)] of the kernels the image has."""
+    kernels = []
+    for release in sorted(set(k for d in ('lib/modules', 'usr/lib/modules')
+                              for k in c.root.names(d, r'\d'))):
+        kernels.append((release, next('/%s/%s' % (d, release)
+                                      for d in ('lib/modules', 'usr/lib/modules')
+                                      if c.root.is_dir(d, release))))
+    return kernels
+
+
 def check_media(c):
     """Can the image read the provisioning media (the password, the custom data)?
     Azure formats it UDF: without the udf module, only key-only VMs without custom
     data provision."""
-    kernels = sorted(set(k for d in ('lib/modules', 'usr/lib/modules')
-                         for k in c.root.names(d, r'\d')))
+    kernels = installed_kernels(c)
     if not kernels:
         c.say('warn', 'media: no kernel in /lib/modules: cannot tell whether the kernel '
                       'mounts UDF (the provisioning media: passwords, custom data)')
-    for kernel in kernels:
-        base = next('/%s/%s' % (d, kernel) for d in ('lib/modules', 'usr/lib/modules')
-                    if c.root.is_dir(d, kernel))
+    for kernel, base in kernels:
         if kernel_has_udf(c.root, base):
             c.say('ok', 'media: kernel %s mounts UDF' % kernel)
         else:
@@ -3888,26 +3951,43 @@ def check_media(c):
 MAC_BOUND = ' (bound to the template\'s MAC address)'
 
 
+def each_directory(c, directories):
+    """The directories, each once: /lib is /usr/lib on merged-/usr systems."""
+    seen = set()
+    for directory in directories:
+        if c.root.resolve(directory) not in seen:
+            seen.add(c.root.resolve(directory))
+            yield directory
+
+
+def networkd_files(c):
+    """(directory, name, text) of the image's .network files, directory by directory
+    (/etc's first)."""
+    for directory in each_directory(c, ('etc/systemd/network', 'usr/lib/systemd/network',
+                                        'lib/systemd/network')):
+        for name in sorted(c.root.names(directory, r'.*\.network$')):
+            yield directory, name, c.read(directory, name) or ''
+
+
+def dhcp_on(text):
+    """Whether a .network file asks for DHCPv4."""
+    dhcp = ini_values(text, ('Network',), 'DHCP')
+    return bool(dhcp) and dhcp[-1].lower() in ('yes', 'true', 'ipv4', 'both', '1')
+
+
 def dhcp_configurations(c):
     """Where the image asks for DHCP: (kind, file) pairs."""
     found = []
     enabled = c.enabled_units()
     networkd = 'systemd-networkd.service' in enabled
-    seen = set()
-    for directory in ('etc/systemd/network', 'usr/lib/systemd/network', 'lib/systemd/network'):
-        if c.root.resolve(directory) in seen:
-            continue    # /lib is /usr/lib on merged-/usr systems
-        seen.add(c.root.resolve(directory))
-        for name in sorted(c.root.names(directory, r'.*\.network$')):
-            text = c.read(directory, name) or ''
-            if ini_values(text, ('Match',), 'Virtualization') == ['container']:
-                continue    # systemd's 80-container-*.network: never in a VM
-            dhcp = ini_values(text, ('Network',), 'DHCP')
-            if dhcp and dhcp[-1].lower() in ('yes', 'true', 'ipv4', 'both', '1'):
-                found.append(('systemd-networkd%s%s' % (
-                    '' if networkd else ' (NOT enabled)',
-                    MAC_BOUND if ini_values(text, ('Match',), 'MACAddress') else ''),
-                    '/%s/%s' % (directory, name)))
+    for directory, name, text in networkd_files(c):
+        if ini_values(text, ('Match',), 'Virtualization') == ['container']:
+            continue    # systemd's 80-container-*.network: never in a VM
+        if dhcp_on(text):
+            found.append(('systemd-networkd%s%s' % (
+                '' if networkd else ' (NOT enabled)',
+                MAC_BOUND if ini_values(text, ('Match',), 'MACAddress') else ''),
+                '/%s/%s' % (directory, name)))
     if 'NetworkManager.service' in enabled:
         found.append(('NetworkManager', 'NetworkManager.service enabled (DHCP by default)'))
     for path in ['etc/network/interfaces'] + ['etc/network/interfaces.d/' + n for n in
@@ -3958,6 +4038,428 @@ def check_network(c):
               'NetworkManager-wait-online.service)' % c.systemctl)
 
 
+# Azure's image requirements beyond provisioning ("Prepare a Linux image for
+# Azure"): each found from the image's files, never from this machine's.
+# The Hyper-V drivers: (module, its CONFIG_ option, its path under kernel/, whether
+# a VM without it fails (no disk, no network), whether it is needed before the
+# root filesystem is mounted: the OS disk is reached through vmbus and storvsc).
+HyperV = namedtuple('HyperV', 'name option path required early')
+HYPERV_DRIVERS = (
+    HyperV('hv_vmbus', 'CONFIG_HYPERV', 'drivers/hv/hv_vmbus.ko', True, True),
+    HyperV('hv_storvsc', 'CONFIG_HYPERV_STORAGE', 'drivers/scsi/hv_storvsc.ko', True, True),
+    HyperV('hv_netvsc', 'CONFIG_HYPERV_NET', 'drivers/net/hyperv/hv_netvsc.ko', True, False),
+    HyperV('hv_utils', 'CONFIG_HYPERV_UTILS', 'drivers/hv/hv_utils.ko', False, False),
+)
+MODULE_FILE = r'(\.(xz|zst|gz))?$'      # a module's file: NAME.ko, compressed or not
+INITRAMFS_NAMES = ('/boot/initrd.img-%s', '/boot/initramfs-%s.img', '/boot/initrd-%s')
+INITRAMFS_MAX = 1 << 30         # bytes of an initramfs file read, and of what it unpacks to
+INITRAMFS_SECONDS = 60          # for reading one, at most: then it is "not checked"
+CPIO_HEADER = 110               # bytes of a cpio "newc" header (070701, 070702)
+# What the first bytes of an initramfs segment say it is, and whether it can be read
+# with the standard library (zstd, lz4, bzip2 and lzo: not checked).
+COMPRESSIONS = ((b'\x1f\x8b', 'gzip'), (b'\xfd7zXZ', 'xz'), (b'\x5d\x00\x00', 'lzma'),
+                (b'\x28\xb5\x2f\xfd', 'zstd'), (b'\x02\x21\x4c\x18', 'lz4'),
+                (b'BZh', 'bzip2'), (b'\x89LZO', 'lzo'))
+
+
+class Unpacking(object):
+    """Bytes read in order from an iterator of pieces, within a byte count and a
+    deadline (an initramfs that unpacks without end is an OSError, not a hang)."""
+
+    def __init__(self, pieces, deadline):
+        self.pieces = iter(pieces)
+        self.buffer = b''
+        self.at = 0         # where in the buffer reading goes on (no copy per read)
+        self.taken = 0
+        self.deadline = deadline
+
+    def fill(self, size):
+        """At least `size` bytes buffered from where reading is, or all that is left."""
+        import errno
+        while len(self.buffer) - self.at < size:
+            if not self.deadline.remaining():
+                raise OSError(errno.ETIMEDOUT, 'took longer than %d s' % INITRAMFS_SECONDS)
+            piece = next(self.pieces, None)
+            if piece is None:
+                break
+            self.buffer, self.at = self.buffer[self.at:] + piece, 0
+
+    def read(self, size):
+        import errno
+        self.fill(size)
+        data = self.buffer[self.at:self.at + size]
+        self.at += len(data)
+        self.taken += len(data)
+        if self.taken > INITRAMFS_MAX:
+            raise OSError(errno.EFBIG, 'unpacks to more than %d bytes' % INITRAMFS_MAX)
+        return data
+
+    def skip(self, size):
+        while size > 0:
+            data = self.read(min(size, 1 << 16))
+            if not data:
+                return
+            size -= len(data)
+
+    def next_segment(self):
+        """The first bytes of what follows the zeros after an archive (b'' at the end)."""
+        while True:
+            self.fill(1)
+            rest = self.buffer[self.at:]
+            if not rest:
+                return b''
+            stripped = rest.lstrip(b'\0')
+            self.taken += len(rest) - len(stripped)
+            self.buffer, self.at = stripped, 0
+            if stripped:
+                self.fill(8)
+                return self.buffer[:8]
+
+    def rest(self):
+        """The pieces not read yet (for a decompressor)."""
+        if self.buffer[self.at:]:
+            yield self.buffer[self.at:]
+        self.buffer, self.at = b'', 0
+        for piece in self.pieces:
+            yield piece
+
+
+def cpio_names(stream):
+    """The names in one cpio "newc" archive read from `stream`, to its trailer."""
+    while True:
+        head = stream.read(CPIO_HEADER)
+        if len(head) < CPIO_HEADER or head[:6] not in (b'070701', b'070702'):
+            raise ValueError('not a cpio archive where one should be')
+        fields = [int(head[i:i + 8], 16) for i in range(6, CPIO_HEADER, 8)]
+        size, name_size = fields[6], fields[11]
+        if not 0 < name_size <= PATH_MAX:
+            raise ValueError('a cpio name of %d bytes' % name_size)
+        name = stream.read(name_size + (-(CPIO_HEADER + name_size)) % 4)[:name_size - 1]
+        if name == b'TRAILER!!!':
+            return
+        yield name.decode('utf-8', 'replace')
+        stream.skip(size + (-size) % 4)
+
+
+def inflated(pieces, kind):
+    """The decompressed bytes of `pieces` (gzip, xz or lzma), in pieces of at most
+    1 MiB; ImportError now when this Python has no lzma, ValueError when the data is
+    not what it says."""
+    import zlib
+    if kind == 'gzip':
+        unpack, broken = zlib.decompressobj(16 + zlib.MAX_WBITS), zlib.error
+    else:
+        import lzma
+        unpack, broken = lzma.LZMADecompressor(), lzma.LZMAError
+
+    def pieces_out():
+        try:
+            for piece in pieces:
+                while piece and not unpack.eof:
+                    yield unpack.decompress(piece, 1 << 20)
+                    # zlib keeps the input it did not use there; lzma keeps it itself
+                    piece = getattr(unpack, 'unconsumed_tail', b'')
+                while kind != 'gzip' and not unpack.eof and not unpack.needs_input:
+                    yield unpack.decompress(b'', 1 << 20)
+                if unpack.eof:
+                    return
+        except (broken, EOFError) as exc:
+            raise ValueError('%s: %s' % (kind, exc))
+        raise ValueError('%s: the data ends before the end of the stream' % kind)
+    return pieces_out()
+
+
+def initramfs_names(pieces, wanted):
+    """({key: the first name in the initramfs read from `pieces` matching the regular
+    expression wanted[key]}, None, or what kept the rest from being read: 'zstd-
+    compressed, which this check cannot read', ...).  An initramfs is cpio archives, the first ones plain (CPU microcode),
+    the last one compressed; reading stops once every key is found.  ValueError
+    when it is none."""
+    found = {}
+    stream = Unpacking(pieces, Deadline(INITRAMFS_SECONDS))
+    while len(found) < len(wanted):
+        magic = stream.next_segment()
+        if not magic:
+            break
+        if magic.startswith(b'0707'):
+            for name in cpio_names(stream):
+                found.update((key, name) for key, pattern in wanted.items()
+                             if key not in found and re.search(pattern, name))
+                if len(found) == len(wanted):
+                    break
+            continue
+        kind = next((k for m, k in COMPRESSIONS if magic.startswith(m)), None)
+        if kind is None:
+            return found, 'in a format this check does not know'
+        if kind not in ('gzip', 'xz', 'lzma'):
+            return found, '%s-compressed, which this check cannot read' % kind
+        try:
+            stream = Unpacking(inflated(stream.rest(), kind), stream.deadline)
+        except ImportError as exc:  # a Python built without lzma (or zlib)
+            return found, '%s-compressed, and this Python has no %s module' % (kind, exc.name)
+    return found, None
+
+
+def kernel_config(c, release, modules):
+    """{CONFIG_X: 'y' or 'm' ...} of the kernel's build configuration ({} when the
+    image has none): /boot/config-RELEASE, or the modules directory's config (Fedora)."""
+    text = c.read('/boot/config-' + release)
+    if text is None:
+        text = c.read(modules, 'config') or ''
+    return dict(line.split('=', 1) for line in text.splitlines()
+                if line.startswith('CONFIG_') and '=' in line)
+
+
+def hyperv_drivers(c, release, modules):
+    """{'built in'|'module'|'absent'|'unknown': [drivers]} of one kernel."""
+    config = kernel_config(c, release, modules)
+    builtin = c.read(modules, 'modules.builtin')
+    found = {}
+    for driver in HYPERV_DRIVERS:
+        directory, name = os.path.split('kernel/' + driver.path)
+        if config.get(driver.option) == 'y' or 'kernel/' + driver.path in (builtin or '').split():
+            how = 'built in'
+        elif config.get(driver.option) == 'm' or c.root.names(modules + '/' + directory,
+                                                                re.escape(name) + MODULE_FILE):
+            how = 'module'
+        elif config or builtin is not None:     # what it has is known: not this
+            how = 'absent'
+        else:
+            how = 'unknown'
+        found.setdefault(how, []).append(driver)
+    return found
+
+
+def names_of(drivers):
+    return and_list(d.name for d in drivers)
+
+
+def initramfs_fix(c, release, drivers):
+    names = ' '.join(d.name for d in drivers)
+    if any(c.exists(d, 'update-initramfs') for d in ('usr/sbin', 'sbin')):
+        return ('add %s to %s/etc/initramfs-tools/modules (one a line), then '
+                '%supdate-initramfs -u -k %s' % (names, c.shown.rstrip('/'), c.chroot, release))
+    if any(c.exists(d, 'dracut') for d in ('usr/bin', 'usr/sbin', 'sbin')):
+        return ('add_drivers+=" %s " in %s/etc/dracut.conf.d/azure.conf, then '
+                '%sdracut -f --kver %s' % (names, c.shown.rstrip('/'), c.chroot, release))
+    return 'build the initramfs of %s with %s in it' % (release, names)
+
+
+def check_hyperv(c):
+    """The Hyper-V drivers of each kernel: built in, or modules in its initramfs
+    (vmbus and storvsc reach the OS disk: without them the VM never boots)."""
+    for release, modules in installed_kernels(c):
+        found = hyperv_drivers(c, release, modules)
+        what = 'Hyper-V drivers: kernel %s' % release
+        absent = found.get('absent', [])
+        for severity, drivers in (('FAIL', [d for d in absent if d.required]),
+                                  ('warn', [d for d in absent if not d.required])):
+            if drivers:
+                c.say(severity, '%s has no %s (%s not set): %s' % (
+                    what, names_of(drivers), and_list(d.option for d in drivers),
+                    'on Azure it cannot reach its disk or network' if severity == 'FAIL'
+                    else 'no KVP, time sync nor shutdown from Azure'),
+                    'install a kernel built for Azure or with the Hyper-V drivers (e.g. '
+                    'linux-image-cloud-amd64, linux-azure, kernel-azure)')
+        if found.get('unknown'):
+            c.say('warn', '%s: no /boot/config-%s nor modules.builtin: whether it has %s is '
+                          'not checked' % (what, release, names_of(found['unknown'])),
+                  'keep the kernel\'s /boot/config-%s and %s/modules.builtin in the image'
+                  % (release, modules))
+        modules_found = found.get('module', [])
+        built_in = ('%s built in' % names_of(found['built in'])) if found.get('built in') else ''
+        if not modules_found:
+            if built_in and not absent and not found.get('unknown'):
+                c.say('ok', '%s: %s' % (what, built_in))
+            continue
+        check_initramfs(c, release, modules_found, what, built_in)
+
+
+def check_initramfs(c, release, drivers, what, built_in):
+    """Whether the modules `drivers` are in the kernel's initramfs."""
+    path = next((p % release for p in INITRAMFS_NAMES if c.root.stat(p % release)), None)
+    fix = initramfs_fix(c, release, drivers)
+    if path is None:
+        c.say('warn', '%s: %s are modules and it has no initramfs (%s): not checked'
+                      % (what, names_of(drivers), ', '.join(p % release for p in INITRAMFS_NAMES)),
+              fix)
+        return
+    wanted = dict((d.name, r'(^|/)%s\.ko%s' % (re.escape(d.name), MODULE_FILE)) for d in drivers)
+    try:
+        found, unread = initramfs_names(c.root.pieces(path, INITRAMFS_MAX) or (), wanted)
+    except (OSError, ValueError) as exc:    # a FIFO, too large, not an initramfs
+        c.say('warn', '%s: %s: %s: not checked' % (what, path, describe_error(exc)),
+              'lsinitramfs %s | grep hv_ (lsinitrd on dracut systems) shows what it holds' % path)
+        return
+    missing = [d for d in drivers if d.name not in found]
+    if unread and missing:
+        c.say('warn', '%s: %s are modules; %s is %s: whether they are in it is not checked' % (
+                          what, names_of(missing), path, unread),
+              '%slsinitramfs %s | grep hv_ (lsinitrd on dracut systems) shows it; if they are '
+              'missing: %s' % (c.chroot, path, fix))
+        return
+    inside = [d for d in drivers if d.name in found]
+    if inside:
+        c.say('ok', '%s: %s' % (what, '; '.join(
+            [w for w in (built_in, '%s in %s' % (names_of(inside), path)) if w])))
+    for severity, group in (('FAIL', [d for d in missing if d.early]),
+                            ('warn', [d for d in missing if not d.early])):
+        if group:
+            c.say(severity, '%s: %s %s not in %s: %s' % (
+                what, names_of(group), 'is a module' if len(group) == 1 else 'are modules',
+                path, 'on Azure the kernel cannot reach the OS disk' if severity == 'FAIL'
+                else 'loaded later from the disk, where Azure asks for them in the '
+                     'initramfs'), initramfs_fix(c, release, group))
+
+
+SSH_UNITS = ('ssh.service', 'sshd.service', 'ssh.socket', 'sshd.socket')
+
+
+def check_sshd(c):
+    enabled = [u for u in SSH_UNITS if u in c.enabled_units()]
+    if not any(c.exists(d, 'sshd') for d in ('usr/sbin', 'sbin')):
+        c.say('warn', 'no SSH server (/usr/sbin/sshd): nobody can log in to a VM made from '
+                      'this image (only the serial console)',
+              'install openssh-server (or: openssh)')
+    elif not enabled:
+        unit = next((u for u in SSH_UNITS if any(c.exists(d, u) for d in UNIT_DIRS)),
+                    'sshd.service')
+        c.say('warn', 'sshd is installed but not enabled: nobody can log in to a VM made from '
+                      'this image', '%s enable %s' % (c.systemctl, unit))
+    else:
+        c.say('ok', 'sshd: %s enabled' % ', '.join(enabled))
+
+
+def check_swap(c):
+    swaps = [' '.join(fields[:3]) for fields in fstab_entries(c) if fields[2] == 'swap']
+    swaps += ['%s enabled' % u for u in sorted(c.enabled_units()) if u.endswith('.swap')]
+    if swaps:
+        c.say('warn', 'swap on the OS disk (%s): Azure advises against it (the OS disk is '
+                      'remote storage, its I/O counts against the VM\'s limits)'
+              % '; '.join(swaps),
+              'remove it from /etc/fstab (or disable the unit); put swap on the temporary '
+              'disk, from a hook in %s' % HOOKS_DIR)
+    else:
+        c.say('ok', 'no swap on the OS disk')
+
+
+KVP_DAEMONS = ('usr/sbin/hv_kvp_daemon', 'usr/sbin/hypervkvpd', 'sbin/hv_kvp_daemon')
+
+
+def check_kvp_daemon(c):
+    found = next(('/' + p for p in KVP_DAEMONS if c.exists(p)), None)
+    if found:
+        c.say('ok', 'Hyper-V KVP daemon: %s' % found)
+    else:
+        c.say('warn', 'no Hyper-V KVP daemon (hv_kvp_daemon, hypervkvpd): the report written '
+                      'to the KVP pool (%s) does not reach Azure' % KVP_POOL,
+              'install hyperv-daemons (Debian, RHEL; hyper-v on SUSE)')
+
+
+# An accelerated-networking VF (Mellanox mlx4/mlx5, Microsoft MANA) has the MAC of
+# the synthetic NIC it is bonded to: a configuration matching it too runs DHCP on
+# both.  How Azure names them: enP<domain>s<slot> (predictable names), ethN without.
+VF_DRIVERS = ('mlx4_en', 'mlx4_core', 'mlx5_core', 'mana')
+VF_NAMES = ('enP30832s1', 'eth1')
+UDEV_RULES = ('etc/udev/rules.d', 'usr/lib/udev/rules.d', 'lib/udev/rules.d')
+VF_FIX = ('install azure-vm-utils: its 10-azure-unmanaged-sriov.rules and '
+          '01-azure-unmanaged-sriov.network leave the VF to hv_netvsc (or match '
+          'Driver=hv_netvsc only)')
+
+
+def matches_a_vf(text):
+    """Whether a .network file's [Match] could take an accelerated-networking VF."""
+    import fnmatch
+
+    def words(key):
+        return ' '.join(ini_values(text, ('Match',), key)).split()
+    if words('MACAddress') or words('Virtualization') == ['container']:
+        return False    # another MAC (reported as such) / never in a VM
+    names, drivers = words('Name'), words('Driver')
+    return ((not names or any(fnmatch.fnmatchcase(vf, n) for vf in VF_NAMES for n in names))
+            and (not drivers or any(fnmatch.fnmatchcase(vf, d)
+                                    for vf in VF_DRIVERS for d in drivers)))
+
+
+def leaves_vfs_alone(text):
+    """Whether a .network file makes the VFs unmanaged (azure-vm-utils' matches the
+    property its udev rule sets)."""
+    return (ini_values(text, ('Link',), 'Unmanaged')[-1:] == ['yes'] and (
+        'AZURE_UNMANAGED_SRIOV' in ' '.join(ini_values(text, ('Match',), 'Property'))
+        or any(d in VF_DRIVERS for d in ' '.join(ini_values(text, ('Match',),
+                                                             'Driver')).split())))
+
+
+def vf_udev_rules(c, setting):
+    """The udev rules files naming a VF driver and setting `setting` (NM_UNMANAGED,
+    ID_NET_MANAGED_BY)."""
+    found = []
+    for directory in each_directory(c, UDEV_RULES):
+        for name in sorted(c.root.names(directory, r'.*\.rules$')):
+            text = c.read(directory, name) or ''
+            if re.search(r'mlx[45]|mana', text) and setting in text:
+                found.append('/%s/%s' % (directory, name))
+    return found
+
+
+def check_accelerated_networking(c):
+    """Would the DHCP configuration also configure a VF?  Files by name, as
+    systemd-networkd reads them: the first file matching an interface applies."""
+    files = {}
+    for directory, name, text in networkd_files(c):
+        files.setdefault(name, ('/%s/%s' % (directory, name), text))
+    alone = vf_udev_rules(c, 'ID_NET_MANAGED_BY')   # systemd-networkd 255 and later
+    catching = []
+    for name in sorted(files):
+        path, text = files[name]
+        if leaves_vfs_alone(text):
+            alone.append(path)
+        elif dhcp_on(text) and matches_a_vf(text) and not alone:
+            catching.append(path)
+    for name in sorted(c.root.names('etc/netplan', r'.*\.yaml$')):
+        text = c.read('etc/netplan', name) or ''
+        if (re.search(r'dhcp4:\s*(true|yes)', text) and not re.search(r'^\s*(driver|macaddress):',
+                                                                      text, re.M)
+                and not alone):     # rendered as 10-netplan-*.network: after 01-azure-*
+            catching.append('/etc/netplan/' + name)
+    if 'NetworkManager.service' in c.enabled_units():
+        managed_alone = vf_udev_rules(c, 'NM_UNMANAGED')
+        alone += managed_alone
+        if not managed_alone:
+            catching.append('NetworkManager (manages every NIC)')
+    if catching:
+        c.say('warn', 'accelerated networking: %s would also configure the VF (mlx4, mlx5 or '
+                      'mana: the same MAC as the synthetic NIC), and DHCP on both breaks the '
+                      'network of VMs with accelerated networking' % ', '.join(catching), VF_FIX)
+    else:
+        c.say('ok', 'accelerated networking: no configuration takes the VF%s' % (
+            ' (left to hv_netvsc by %s)' % ', '.join(sorted(set(alone))) if alone else ''))
+
+
+def fstab_entries(c):
+    """The fields of each entry of the image's /etc/fstab."""
+    return [fields for fields in (line.split('#', 1)[0].split()
+                                  for line in (c.read('etc/fstab') or '').splitlines())
+            if len(fields) > 2]
+
+
+def check_temporary_disk(c):
+    """Who formats and mounts the temporary (resource) disk, which waagent and
+    cloud-init did: information, as an image may need none."""
+    setup = [p for p in ('usr/sbin/azure-ephemeral-disk-setup',
+                         'usr/bin/azure-ephemeral-disk-setup') if c.exists(p)]
+    mounted = [' '.join(f[:2]) for f in fstab_entries(c)
+               if re.search(r'disk/(azure/resource|cloud/azure_resource)', f[0])]
+    if setup:
+        c.say('info', 'temporary disk: azure-vm-utils\' /%s formats and mounts it' % setup[0])
+    elif mounted:
+        c.say('info', 'temporary disk: /etc/fstab mounts it (%s)' % '; '.join(mounted))
+    else:
+        c.say('info', 'temporary disk: nothing in the image formats or mounts it (waagent and '
+                      'cloud-init did, on /mnt): azure-vm-utils\' azure-ephemeral-disk-setup, '
+                      'or a hook in %s, can' % HOOKS_DIR)
+
+
 def check_identity(c):
     """What every VM of the image would share."""
     if (c.read(MACHINE_ID) or '').strip():
@@ -4003,12 +4505,16 @@ def shell_word(text):
 
 
 def check_image(root, out, shown=None):
-    """Print one line per check; returns 1 when anything blocks, else 0."""
+    """Print one line per check; returns CHECK_READY, CHECK_NOT_READY when anything
+    blocks, CHECK_CANNOT_RUN when the unit's Python cannot run this program (said
+    last, on stderr, in one line)."""
     c = Check(Root(root), shown)
     python = c.run(check_unit)
     if python:
         c.run(check_python, python)
-    for check in (check_agents, check_media, check_network, check_identity, check_hostname):
+    for check in (check_agents, check_media, check_hyperv, check_network,
+                  check_accelerated_networking, check_sshd, check_kvp_daemon, check_swap,
+                  check_temporary_disk, check_identity, check_hostname):
         c.run(check)
     for status, text, fix in c.results:     # texts quote the image's files: printable
         out.write('%-5s %s\n' % (status, printable(text)))
@@ -4018,7 +4524,12 @@ def check_image(root, out, shown=None):
     warned = sum(1 for r in c.results if r[0] == 'warn')
     out.write(printable('%s: %d blocking, %d warnings (%s)' % (
         'image NOT ready' if failed else 'image ready', failed, warned, c.shown)) + '\n')
-    return 1 if failed else 0
+    if c.unrunnable:
+        why, fix = c.unrunnable
+        out.flush()     # the error follows the report, on a shared pipe too
+        Log().error('the unit cannot run: %s%s' % (why, ' (fix: %s)' % fix if fix else ''))
+        return CHECK_CANNOT_RUN
+    return CHECK_NOT_READY if failed else CHECK_READY
 
 
 # --------------------------------------------------------------------------
@@ -4138,7 +4649,9 @@ def build_parser():
                     'cloud-init: sets the hostname from IMDS and reports Ready to the '
                     'WireServer (or ProvisioningFailed with the reason).',
         epilog='Exit status: 0 provisioned, 1 provisioning failed (reported to Azure '
-               'when possible), 2 usage error.')
+               'when possible), 2 usage error.  --check: 0 the image is ready, 1 it is '
+               'not (a FAIL line), 3 the unit\'s Python cannot run azure-provisioning '
+               '(the last line, on stderr, says why).')
     for option in OPTIONS:
         flags = [short for short, flag in SHORT_FLAGS.items() if flag == option.flag]
         flags.append(option.flag)

@@ -207,21 +207,38 @@ remove_file() {
     fi
 }
 
-# Follow the symlinks of the last path component inside the target: an
-# image's absolute links (/usr/bin/python3 -> /etc/alternatives/python3 on
-# RHEL) must not be resolved against this machine's files.
+# $1, a path inside the target, with every symbolic link on it resolved as the
+# image sees it: an absolute link from the target's /, a relative one from its
+# directory, ".." never above the target's / (an image's /usr/bin/python3 ->
+# /etc/alternatives/python3 on RHEL, or a /bin -> /usr/bin, must not lead to
+# this machine's files). Fails after 40 links, as the kernel does. The one
+# place install.sh resolves a path: it runs before the provisioner is
+# installed, and where no Python can run here.
 resolve_in_target() {
-    _p=$1 _n=0
-    while [ -L "$(target "$_p")" ]; do
-        _n=$((_n + 1))
-        [ "$_n" -le 40 ] || return 1
-        _l=$(readlink "$(target "$_p")") || return 1
-        case $_l in
-            /*) _p=$_l ;;
-            *) _p=$(dirname "$_p")/$_l ;;
+    _done="" _todo=$1 _n=0
+    while [ -n "$_todo" ]; do
+        _c=${_todo%%/*}
+        case $_todo in
+            */*) _todo=${_todo#*/} ;;
+            *) _todo="" ;;
         esac
+        case $_c in
+            "" | .) continue ;;
+            ..) _done=${_done%/*} && continue ;;
+        esac
+        if [ -L "$(target "$_done/$_c")" ]; then
+            _n=$((_n + 1))
+            [ "$_n" -le 40 ] || return 1
+            _l=$(readlink "$(target "$_done/$_c")") || return 1
+            case $_l in
+                /*) _done="" ;;
+            esac
+            _todo=$_l${_todo:+/$_todo}
+        else
+            _done=$_done/$_c
+        fi
     done
-    printf '%s\n' "$_p"
+    printf '%s\n' "${_done:-/}"
 }
 
 # ---------------------------------------------------------------- python
@@ -277,35 +294,47 @@ target_python() {
 
 # ---------------------------------------------------------------- checking
 
+# The last line of $1.
+last_line() {
+    printf '%s\n' "$1" | tail -n 1
+}
+
 # Ask the installed provisioner whether the image is ready (its --check knows the
 # interpreter, the modules it needs and the other agents): with the target's own
 # interpreter when it runs here, else with this machine's python3, which then
-# judges the target's interpreter by its files. Dies when the unit cannot run.
+# judges the target's interpreter by its files. Its exit status decides, never
+# its wording: 0 ready; 1 not ready (a warning: the FAIL lines say what to fix);
+# 3 the unit's Python cannot run it (the install fails; the check's last line,
+# "azure-provisioning: error: ...", says why).
 check_target() {
     if [ -n "$RUN_PY" ]; then
-        _how="$PY"
+        _how="$PY" _run=target_python
         # inside the image (chroot), its fixes must still name the image's place here
-        set -- --check
-        [ "$RUN_PY" != chroot ] || set -- --check --shown-root "$ROOT"
-        if _out=$(target_python -I -S "$SCRIPT_PATH" "$@" 2>&1); then _rc=0; else _rc=$?; fi
+        set -- "$SCRIPT_PATH" --check
+        [ "$RUN_PY" != chroot ] || set -- "$SCRIPT_PATH" --check --shown-root "$ROOT"
     elif _host=$(command -v python3 2>/dev/null); then
-        _how="this machine's $_host, judging $PY by its files ($NO_RUN_WHY)"
-        if _out=$("$_host" -I -S "$ROOT$MODULE_PATH" --check --root "${ROOT:-/}" 2>&1); then _rc=0; else _rc=$?; fi
+        _how="this machine's $_host, judging $PY by its files ($NO_RUN_WHY)" _run=$_host
+        set -- "$ROOT$MODULE_PATH" --check --root "${ROOT:-/}"
     else
         warn "not checked: $PY cannot be run here ($NO_RUN_WHY) and this machine has no python3; run 'azure-provisioning --check' in the image"
         return 0
     fi
-    if ! printf '%s\n' "$_out" | grep -q '^image \(NOT \)\{0,1\}ready: '; then
-        die "installed, but $(where "$PY") cannot run it (exit status $_rc): $(printf '%s' "$_out" | tail -n 1 | cut -c1-300); azure-provisioning needs Python 3.6 or newer with the full standard library: fix that or pass --python PATH, then run $PROG again (or --uninstall)"
-    fi
+    # whether it starts at all (a Python lacking a module it imports first stops it)
+    if _out=$("$_run" -I -S "$1" --version 2>&1); then _rc=0; else _rc=$?; fi
+    [ "$_rc" -eq 0 ] ||
+        die "installed, but $(where "$PY") cannot run it (exit status $_rc): $(last_line "$_out" | cut -c1-300); azure-provisioning needs Python 3.6 or newer with the full standard library: fix that or pass --python PATH, then run $PROG again (or --uninstall)"
+    if _out=$("$_run" -I -S "$@" 2>&1); then _rc=0; else _rc=$?; fi
+    _last=$(last_line "$_out")
+    # with 3, the last line is the error's, said once: in ours below
+    [ "$_rc" -ne 3 ] || _out=$(printf '%s\n' "$_out" | sed '$d')
     say "checked the image with $_how (azure-provisioning --check):"
     printf '%s\n' "$_out" | sed "s/^/$PROG: check: /"
-    _python=$(printf '%s\n' "$_out" | sed -n 's/^FAIL  python: //p')
-    if [ -n "$_python" ]; then
-        _fix=$(printf '%s\n' "$_out" | sed -n '/^FAIL  python: /{n;s/^      fix: //p;}')
-        die "installed, but the unit cannot run: $_python${_fix:+ (fix: $_fix)}; then run $PROG again (or --uninstall)"
-    fi
-    [ "$_rc" -eq 0 ] || warn "installed, but the image is not ready to capture: fix the FAIL lines above"
+    case $_rc in
+        0) ;;
+        1) warn "installed, but the image is not ready to capture: fix the FAIL lines above" ;;
+        3) die "installed, but ${_last#"azure-provisioning: error: "}; then run $PROG again (or --uninstall)" ;;
+        *) die "installed, but azure-provisioning --check failed (exit status $_rc): $(printf '%s' "$_last" | cut -c1-300)" ;;
+    esac
 }
 
 # ---------------------------------------------------------------- systemd

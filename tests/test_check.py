@@ -1,6 +1,8 @@
 """--check: a good image tree passes; each common mistake fails (or warns) with
 the exact line and fix; exit codes are observed on the real command."""
 
+import gzip
+import lzma
 import os
 import shutil
 import sys
@@ -13,6 +15,49 @@ from tests.test_install import make_image, run as run_install, symlink, write
 INSTALL_SH = os.path.join(os.path.dirname(SCRIPT), 'install.sh')
 WANTS = 'etc/systemd/system/%s.target.wants/%s'
 KERNEL = '6.1.0-27-cloud-amd64'
+HYPERV = ('drivers/hv/hv_vmbus.ko', 'drivers/scsi/hv_storvsc.ko',
+          'drivers/net/hyperv/hv_netvsc.ko', 'drivers/hv/hv_utils.ko')
+HYPERV_CONFIG = ('CONFIG_HYPERV', 'CONFIG_HYPERV_STORAGE', 'CONFIG_HYPERV_NET',
+                 'CONFIG_HYPERV_UTILS')
+# azure-vm-utils' files that leave an accelerated-networking VF to hv_netvsc
+UNMANAGED_RULES = ('SUBSYSTEM=="net", ACTION!="remove", DRIVERS=="mana|mlx4_core|mlx5_core", '
+                   'ATTR{flags}=="0x?[89ABCDEF]??", ENV{AZURE_UNMANAGED_SRIOV}="1", '
+                   'ENV{ID_NET_MANAGED_BY}="unmanaged", ENV{NM_UNMANAGED}="1"\n')
+UNMANAGED_NETWORK = '[Match]\nProperty=AZURE_UNMANAGED_SRIOV=1\n\n[Link]\nUnmanaged=yes\n'
+
+
+def cpio(*names):
+    """A cpio "newc" archive of empty-ish files of these names, with its trailer and
+    the zeros cpio pads it with (to 512 bytes)."""
+    data = b''
+    for ino, name in enumerate(names + ('TRAILER!!!',), 1):
+        body = b'' if name == 'TRAILER!!!' else b'\x7fELF module ' + name.encode()
+        encoded = name.encode() + b'\0'
+        head = b'070701' + b''.join(b'%08x' % v for v in (
+            ino, 0o100644, 0, 0, 1, 0, len(body), 0, 0, 0, 0, len(encoded), 0))
+        data += head + encoded + b'\0' * (-(len(head) + len(encoded)) % 4)
+        data += body + b'\0' * (-len(body) % 4)
+    return data + b'\0' * (-len(data) % 512)
+
+
+def initramfs(compress, *modules):
+    """An initramfs as initramfs-tools and dracut make them: CPU microcode in a
+    plain cpio archive, then the modules (and more) in a compressed one."""
+    early = cpio('kernel', 'kernel/x86', 'kernel/x86/microcode/GenuineIntel.bin')
+    main = cpio('usr/lib/modules/%s/kernel/fs/ext4/ext4.ko' % KERNEL, *[
+        'usr/lib/modules/%s/kernel/%s' % (KERNEL, m) for m in modules] + ['init'])
+    return early + compress(main)
+
+
+def hyperv_modules(root, initrd=gzip.compress, modules=HYPERV):
+    """The kernel's Hyper-V drivers as modules, `modules` in its initramfs."""
+    write(os.path.join(root, 'boot/config-' + KERNEL),
+          '# Linux/x86 6.1.0 Kernel Configuration\nCONFIG_EXT4_FS=y\n'
+          + ''.join('%s=m\n' % c for c in HYPERV_CONFIG))
+    for module in HYPERV:
+        write(os.path.join(root, 'usr/lib/modules', KERNEL, 'kernel', module + '.xz'), '')
+    with open(os.path.join(root, 'boot/initrd.img-' + KERNEL), 'wb') as f:
+        f.write(initramfs(initrd, *[m + '.xz' for m in modules]))
 
 
 def good_image(root):
@@ -29,6 +74,15 @@ def good_image(root):
           'GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200n8 earlyprintk=ttyS0"\n')
     write(os.path.join(root, 'usr/sbin/chpasswd'), '', 0o755)
     write(os.path.join(root, 'usr/lib/modules', KERNEL, 'kernel/fs/udf/udf.ko.xz'), '')
+    hyperv_modules(root)
+    write(os.path.join(root, 'usr/sbin/sshd'), '', 0o755)
+    write(os.path.join(root, 'usr/sbin/hv_kvp_daemon'), '', 0o755)
+    write(os.path.join(root, 'usr/lib/udev/rules.d/10-azure-unmanaged-sriov.rules'),
+          UNMANAGED_RULES)
+    write(os.path.join(root, 'usr/lib/systemd/network/01-azure-unmanaged-sriov.network'),
+          UNMANAGED_NETWORK)
+    write(os.path.join(root, 'usr/sbin/azure-ephemeral-disk-setup'), '', 0o755)
+    write(os.path.join(root, 'etc/fstab'), 'UUID=0a1b2c3d / ext4 defaults 0 1\n')
     result = run_install(['sh', INSTALL_SH, '--root', root])
     assert result.code == 0, result
     # the image's python3 here is files only: install.sh could not compile with it
@@ -58,12 +112,31 @@ class Check(unittest.TestCase):
         self.assertNotIn('Traceback', run.stderr)
         return run
 
-    def assert_blocked(self, root, *lines):
+    def assert_ready(self, root, *lines):
+        """Exit status 0 (warnings allowed), each line in the report."""
         run = self.check(root)
-        self.assertEqual(run.code, 1, run)
+        self.assertEqual(run.code, 0, run)
+        for line in lines:
+            self.assertIn(line, run.stdout)
+        return run
+
+    def assert_blocked(self, root, *lines, **how):
+        """Exit status 1 (a FAIL row), or with cannot_run=WHY 3: the unit's Python
+        cannot run the provisioner, WHY said again on stderr's one line, which
+        install.sh shows (it decides by the status alone)."""
+        run = self.check(root)
+        why = how.get('cannot_run')
+        self.assertEqual(run.code, 3 if why else 1, run)
         for line in lines:
             self.assertIn(line, run.stdout)
         self.assertRegex(run.stdout, r'image NOT ready: \d+ blocking, \d+ warnings \(%s\)\n$' % root)
+        if why:
+            self.assertEqual(len(run.stderr.splitlines()), 1, run)
+            self.assertTrue(run.stderr.startswith('azure-provisioning: error: the unit cannot '
+                                                  'run: '), run)
+            self.assertIn(why, run.stderr)
+        else:
+            self.assertEqual(run.stderr, '', run)
         return run
 
     def test_good_image_passes(self):
@@ -80,10 +153,20 @@ class Check(unittest.TestCase):
             'ok    walinuxagent not installed\n'
             'ok    cloud-init not installed\n'
             'ok    media: kernel %s mounts UDF\n'
+            'ok    Hyper-V drivers: kernel %s: hv_vmbus, hv_storvsc, hv_netvsc and hv_utils in '
+            '/boot/initrd.img-%s\n'
             'ok    DHCP: systemd-networkd (/etc/systemd/network/20-dhcp.network)\n'
             'ok    network-online.target waits for systemd-networkd-wait-online.service\n'
+            'ok    accelerated networking: no configuration takes the VF (left to hv_netvsc by '
+            '/usr/lib/systemd/network/01-azure-unmanaged-sriov.network, '
+            '/usr/lib/udev/rules.d/10-azure-unmanaged-sriov.rules)\n'
+            'ok    sshd: ssh.service enabled\n'
+            'ok    Hyper-V KVP daemon: /usr/sbin/hv_kvp_daemon\n'
+            'ok    no swap on the OS disk\n'
+            'info  temporary disk: azure-vm-utils\' /usr/sbin/azure-ephemeral-disk-setup formats '
+            'and mounts it\n'
             'info  /etc/hosts line "127.0.1.1 image-template" will get the new name at first boot\n'
-            'image ready: 0 blocking, 0 warnings (%s)\n' % (KERNEL, self.good)))
+            'image ready: 0 blocking, 0 warnings (%s)\n' % (KERNEL, KERNEL, KERNEL, self.good)))
 
     def test_the_launchers_module_missing_or_not_compiled(self):
         root = self.copy()
@@ -111,7 +194,8 @@ class Check(unittest.TestCase):
     def test_interpreter_missing(self):
         root = self.copy()
         os.unlink(os.path.join(root, 'usr/bin/python3.11'))
-        self.assert_blocked(root, 'FAIL  ExecStart interpreter /usr/bin/python3 does not exist')
+        why = 'ExecStart interpreter /usr/bin/python3 does not exist'
+        self.assert_blocked(root, 'FAIL  ' + why, cannot_run=why)
 
     def test_python_minimal_without_json_and_xml(self):
         root = self.copy()
@@ -119,13 +203,18 @@ class Check(unittest.TestCase):
             shutil.rmtree(os.path.join(root, 'usr/lib/python3.11', package))
         self.assert_blocked(root, 'FAIL  python: /usr/bin/python3 (Python 3.11) has no json and '
                                   'xml.parsers.expat: not in /usr/lib/python3.11\n      fix: '
-                                  'install the full python3 package, not python3-minimal\n')
+                                  'install the full python3 package, not python3-minimal\n',
+                            cannot_run='/usr/bin/python3 (Python 3.11) has no json and '
+                                       'xml.parsers.expat: not in /usr/lib/python3.11 (fix: '
+                                       'install the full python3 package, not '
+                                       'python3-minimal)\n')
 
     def test_only_the_missing_module_is_named(self):
         root = self.copy()
         os.remove(os.path.join(root, 'usr/lib/python3.11/shutil.py'))
         run = self.assert_blocked(root, 'FAIL  python: /usr/bin/python3 (Python 3.11) has no '
-                                        'shutil: not in /usr/lib/python3.11\n')
+                                        'shutil: not in /usr/lib/python3.11\n',
+                                  cannot_run='has no shutil')
         self.assertNotIn('json', run.stdout.split('FAIL')[1].split('\n')[0])
 
     def test_compiled_modules_count(self):
@@ -141,7 +230,8 @@ class Check(unittest.TestCase):
         # a pyc of another module does not count
         os.rename(stdlib + '/xml/parsers/__pycache__/expat.cpython-311.pyc',
                   stdlib + '/xml/parsers/__pycache__/expatbuilder.cpython-311.pyc')
-        self.assert_blocked(root, 'has no xml.parsers.expat: not in /usr/lib/python3.11\n')
+        self.assert_blocked(root, 'has no xml.parsers.expat: not in /usr/lib/python3.11\n',
+                            cannot_run='has no xml.parsers.expat')
 
     def test_modules_split_between_lib_and_lib64(self):
         root = self.copy()
@@ -160,7 +250,10 @@ class Check(unittest.TestCase):
         os.symlink('python3.5', os.path.join(root, 'usr/bin/python3'))
         self.assert_blocked(root, 'FAIL  python: /usr/bin/python3 is Python 3.5 (from the file '
                                   'name /usr/bin/python3.5); 3.6 or newer is needed\n'
-                                  '      fix: sh install.sh --root %s --python PATH\n' % root)
+                                  '      fix: sh install.sh --root %s --python PATH\n' % root,
+                            cannot_run='/usr/bin/python3 is Python 3.5 (from the file name '
+                                       '/usr/bin/python3.5); 3.6 or newer is needed (fix: sh '
+                                       'install.sh --root %s --python PATH)\n' % root)
 
     def test_unversioned_name_needs_one_standard_library(self):
         # /usr/libexec/platform-python on RHEL 8 is not named pythonX.Y
@@ -173,7 +266,8 @@ class Check(unittest.TestCase):
         self.assertIn('Python 3.11 (from its standard library /usr/lib/python3.11)', run.stdout)
         write(os.path.join(root, 'usr/lib/python3.12/os.py'), '')
         self.assert_blocked(root, 'FAIL  python: /usr/bin/python3: cannot tell which Python it '
-                                  'is: not named pythonX.Y, and 2 standard libraries under /usr/lib*')
+                                  'is: not named pythonX.Y, and 2 standard libraries under /usr/lib*',
+                            cannot_run='cannot tell which Python')
 
     def test_walinuxagent_installed(self):
         root = self.copy()
@@ -254,7 +348,8 @@ class Check(unittest.TestCase):
         modules = os.path.join(root, 'usr/lib/modules')
         shutil.rmtree(os.path.join(modules, KERNEL, 'kernel/fs/udf'))
         write(os.path.join(modules, '6.12.0-1-amd64/modules.builtin'),
-              'kernel/fs/ext4/ext4.ko\nkernel/fs/udf/udf.ko\n')
+              'kernel/fs/ext4/ext4.ko\nkernel/fs/udf/udf.ko\n'
+              + ''.join('kernel/%s\n' % m for m in HYPERV))
         os.remove(os.path.join(root, 'usr/bin/mount'))
         run = self.check(root)
         self.assertEqual(run.code, 0, run)
@@ -375,6 +470,189 @@ class Check(unittest.TestCase):
         run = self.check(root)
         self.assertEqual(run.code, 0, run)
         self.assertIn('warn  no wait-online service enabled', run.stdout)
+
+    # Azure's image requirements beyond provisioning (issue 22, item 5)
+
+    def initrd(self, root):
+        return os.path.join(root, 'boot/initrd.img-' + KERNEL)
+
+    def test_hyperv_drivers_built_in(self):
+        root = self.copy()
+        os.remove(self.initrd(root))
+        write(os.path.join(root, 'boot/config-' + KERNEL),
+              ''.join('%s=y\n' % c for c in HYPERV_CONFIG))
+        shutil.rmtree(os.path.join(root, 'usr/lib/modules', KERNEL, 'kernel/drivers'))
+        self.assert_ready(root, 'ok    Hyper-V drivers: kernel %s: hv_vmbus, hv_storvsc, '
+                                'hv_netvsc and hv_utils built in\n' % KERNEL)
+        # no configuration kept: modules.builtin says the same
+        os.remove(os.path.join(root, 'boot/config-' + KERNEL))
+        write(os.path.join(root, 'usr/lib/modules', KERNEL, 'modules.builtin'),
+              ''.join('kernel/%s\n' % m for m in HYPERV))
+        self.assertIn('built in\n', self.check(root).stdout)
+
+    def test_hyperv_modules_in_an_xz_initramfs_named_as_dracut_names_it(self):
+        root = self.copy()
+        hyperv_modules(root, initrd=lzma.compress)
+        os.rename(self.initrd(root), os.path.join(root, 'boot/initramfs-%s.img' % KERNEL))
+        self.assert_ready(root, 'ok    Hyper-V drivers: kernel %s: hv_vmbus, hv_storvsc, '
+                                'hv_netvsc and hv_utils in /boot/initramfs-%s.img\n'
+                          % (KERNEL, KERNEL))
+
+    def test_the_initramfs_through_links_inside_the_image(self):
+        root = self.copy()
+        initrd = self.initrd(root)
+        os.rename(initrd, os.path.join(root, 'boot/real-initrd'))
+        os.symlink('/boot/real-initrd', initrd)         # the image's /boot, not ours
+        self.assert_ready(root, 'ok    Hyper-V drivers: kernel %s: hv_vmbus, hv_storvsc, '
+                                'hv_netvsc and hv_utils in /boot/initrd.img-%s\n'
+                          % (KERNEL, KERNEL))
+        os.remove(os.path.join(root, 'boot/real-initrd'))
+        self.assert_ready(root, 'warn  Hyper-V drivers: kernel %s: hv_vmbus, hv_storvsc, '
+                                'hv_netvsc and hv_utils are modules and it has no initramfs '
+                                '(/boot/initrd.img-%s, ' % (KERNEL, KERNEL))
+
+    def test_hyperv_modules_missing_from_the_initramfs(self):
+        root = self.copy()
+        write(os.path.join(root, 'usr/sbin/update-initramfs'), '', 0o755)
+        hyperv_modules(root, modules=HYPERV[2:3])       # hv_netvsc only
+        self.assert_blocked(root, (
+            'ok    Hyper-V drivers: kernel {k}: hv_netvsc in /boot/initrd.img-{k}\n'
+            'FAIL  Hyper-V drivers: kernel {k}: hv_vmbus and hv_storvsc are modules not in '
+            '/boot/initrd.img-{k}: on Azure the kernel cannot reach the OS disk\n'
+            '      fix: add hv_vmbus hv_storvsc to {r}/etc/initramfs-tools/modules (one a line), '
+            'then chroot {r} update-initramfs -u -k {k}\n'
+            'warn  Hyper-V drivers: kernel {k}: hv_utils is a module not in /boot/initrd.img-{k}'
+            ': loaded later from the disk, where Azure asks for them in the initramfs\n'
+            '      fix: add hv_utils to').format(k=KERNEL, r=root))
+
+    def test_a_zstd_initramfs_is_not_checked_and_says_so(self):
+        root = self.copy()
+        hyperv_modules(root, initrd=lambda data: b'\x28\xb5\x2f\xfd' + data)
+        run = self.assert_ready(root, (
+            'warn  Hyper-V drivers: kernel {k}: hv_vmbus, hv_storvsc, hv_netvsc and hv_utils are '
+            'modules; /boot/initrd.img-{k} is zstd-compressed, which this check cannot read: '
+            'whether they are in it is not checked\n'
+            '      fix: chroot {r} lsinitramfs /boot/initrd.img-{k} | grep hv_ ').format(
+                k=KERNEL, r=root))
+        self.assertNotIn('ok    Hyper-V drivers', run.stdout)
+
+    def test_an_initramfs_that_is_no_regular_file_or_no_archive(self):
+        root = self.copy()
+        initrd = self.initrd(root)
+        for kind, make in (('fifo', os.mkfifo),
+                           ('garbage', lambda p: write(p, '070701' + 'zz' * 60)),
+                           ('cut gzip', lambda p: write(p, '')),
+                           ('huge name', lambda p: write(
+                               p, '070701' + '0' * 88 + '7fffffff' + '0' * 8))):
+            with self.subTest(kind=kind):
+                os.remove(initrd)
+                make(initrd)
+                if kind == 'cut gzip':
+                    with open(initrd, 'wb') as f:
+                        f.write(gzip.compress(cpio('a', 'b') * 50)[:200])
+                run = self.check(root)
+                self.assertEqual(run.code, 0, run)      # nothing proven missing
+                self.assertNotIn('Traceback', run.stderr)
+                self.assertRegex(run.stdout, r'warn  Hyper-V drivers: kernel %s: /boot/initrd'
+                                             r'\.img-%s: .+: not checked\n      fix: lsinitramfs'
+                                 % (KERNEL, KERNEL))
+
+    def test_hyperv_drivers_not_in_the_kernel(self):
+        root = self.copy()
+        os.remove(self.initrd(root))
+        shutil.rmtree(os.path.join(root, 'usr/lib/modules', KERNEL, 'kernel/drivers'))
+        write(os.path.join(root, 'boot/config-' + KERNEL),
+              'CONFIG_HYPERV=y\nCONFIG_HYPERV_NET=y\nCONFIG_HYPERV_UTILS=y\n'
+              '# CONFIG_HYPERV_STORAGE is not set\n')
+        self.assert_blocked(root, 'FAIL  Hyper-V drivers: kernel %s has no hv_storvsc '
+                                  '(CONFIG_HYPERV_STORAGE not set): on Azure it cannot reach its '
+                                  'disk or network\n      fix: install a kernel built for Azure'
+                                  % KERNEL)
+
+    def test_sshd_missing_or_not_enabled(self):
+        root = self.copy()
+        os.remove(os.path.join(root, WANTS % ('multi-user', 'ssh.service')))
+        self.assert_ready(root, 'warn  sshd is installed but not enabled: nobody can log in to a '
+                                'VM made from this image\n      fix: systemctl --root=%s enable '
+                                'ssh.service\n' % root)
+        symlink('/lib/systemd/system/ssh.socket', os.path.join(root, WANTS % ('sockets',
+                                                                              'ssh.socket')))
+        self.assertIn('ok    sshd: ssh.socket enabled\n', self.check(root).stdout)
+        os.remove(os.path.join(root, 'usr/sbin/sshd'))
+        self.assertIn('warn  no SSH server (/usr/sbin/sshd): nobody can log in to a VM made '
+                      'from this image (only the serial console)\n      fix: install '
+                      'openssh-server', self.check(root).stdout)
+
+    def test_swap_on_the_os_disk(self):
+        root = self.copy()
+        write(os.path.join(root, 'etc/fstab'), 'UUID=0a1b / ext4 defaults 0 1\n'
+                                               '# /swap.img none swap sw 0 0\n'
+                                               '/swapfile none swap sw 0 0\n')
+        symlink('/etc/systemd/system/dev-sda3.swap',
+                os.path.join(root, WANTS % ('swap', 'dev-sda3.swap')))
+        run = self.assert_ready(root, 'warn  swap on the OS disk (/swapfile none swap; '
+                                      'dev-sda3.swap enabled): Azure advises against it')
+        self.assertIn('      fix: remove it from /etc/fstab (or disable the unit); put swap on '
+                      'the temporary disk, from a hook in /etc/azure-provisioning/ready.d\n',
+                      run.stdout)
+
+    def test_no_kvp_daemon(self):
+        root = self.copy()
+        os.remove(os.path.join(root, 'usr/sbin/hv_kvp_daemon'))
+        self.assert_ready(root, 'warn  no Hyper-V KVP daemon (hv_kvp_daemon, hypervkvpd): the '
+                                'report written to the KVP pool (/var/lib/hyperv/.kvp_pool_1) '
+                                'does not reach Azure\n      fix: install hyperv-daemons')
+        write(os.path.join(root, 'usr/sbin/hypervkvpd'), '', 0o755)      # RHEL's name
+        self.assertIn('ok    Hyper-V KVP daemon: /usr/sbin/hypervkvpd\n', self.check(root).stdout)
+
+    def test_a_dhcp_configuration_that_takes_the_vf(self):
+        root = self.copy()
+        for path in ('usr/lib/udev/rules.d/10-azure-unmanaged-sriov.rules',
+                     'usr/lib/systemd/network/01-azure-unmanaged-sriov.network'):
+            os.remove(os.path.join(root, path))
+        warning = ('warn  accelerated networking: %s would also configure the VF (mlx4, mlx5 or '
+                   'mana: the same MAC as the synthetic NIC), and DHCP on both breaks the '
+                   'network of VMs with accelerated networking\n      fix: install '
+                   'azure-vm-utils: its 10-azure-unmanaged-sriov.rules and '
+                   '01-azure-unmanaged-sriov.network leave the VF to hv_netvsc')
+        self.assert_ready(root, warning % '/etc/systemd/network/20-dhcp.network')
+        # an unmanaged file read after the DHCP one comes too late
+        write(os.path.join(root, 'etc/systemd/network/99-vf.network'),
+              '[Match]\nDriver=mlx5_core mana\n\n[Link]\nUnmanaged=yes\n')
+        self.assertIn(warning % '/etc/systemd/network/20-dhcp.network', self.check(root).stdout)
+        os.rename(os.path.join(root, 'etc/systemd/network/99-vf.network'),
+                  os.path.join(root, 'etc/systemd/network/10-vf.network'))
+        self.assertIn('ok    accelerated networking: no configuration takes the VF (left to '
+                      'hv_netvsc by /etc/systemd/network/10-vf.network)\n',
+                      self.check(root).stdout)
+        # matched by the synthetic NIC's driver, or by a name no VF has
+        os.remove(os.path.join(root, 'etc/systemd/network/10-vf.network'))
+        for match in ('Driver=hv_netvsc', 'Name=eth0'):
+            write(os.path.join(root, 'etc/systemd/network/20-dhcp.network'),
+                  '[Match]\n%s\n\n[Network]\nDHCP=yes\n' % match)
+            self.assertIn('ok    accelerated networking: no configuration takes the VF\n',
+                          self.check(root).stdout)
+        # NetworkManager manages every NIC unless a udev rule says otherwise
+        symlink('/lib/systemd/system/NetworkManager.service',
+                os.path.join(root, WANTS % ('multi-user', 'NetworkManager.service')))
+        self.assertIn(warning % 'NetworkManager (manages every NIC)', self.check(root).stdout)
+        write(os.path.join(root, 'etc/udev/rules.d/10-azure-unmanaged-sriov.rules'),
+              UNMANAGED_RULES)
+        self.assertIn('ok    accelerated networking: no configuration takes the VF (left to '
+                      'hv_netvsc by /etc/udev/rules.d/10-azure-unmanaged-sriov.rules)\n',
+                      self.check(root).stdout)
+
+    def test_who_formats_the_temporary_disk(self):
+        root = self.copy()
+        os.remove(os.path.join(root, 'usr/sbin/azure-ephemeral-disk-setup'))
+        self.assertIn('info  temporary disk: nothing in the image formats or mounts it (waagent '
+                      'and cloud-init did, on /mnt): azure-vm-utils\' azure-ephemeral-disk-setup, '
+                      'or a hook in /etc/azure-provisioning/ready.d, can\n',
+                      self.check(root).stdout)
+        write(os.path.join(root, 'etc/fstab'),
+              '/dev/disk/azure/resource-part1 /mnt ext4 defaults,nofail 0 2\n')
+        self.assertIn('info  temporary disk: /etc/fstab mounts it (/dev/disk/azure/resource-part1 '
+                      '/mnt)\n', self.check(root).stdout)
 
     def test_root_without_check_is_a_usage_error(self):
         run = run_command([sys.executable, '-I', SCRIPT, '--root', self.good])

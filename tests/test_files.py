@@ -257,6 +257,30 @@ class NoHangNoExhaustion(Base):
         self.assertEqual((run.code, run.stdout), (0, 'None\n'), run)
 
 
+class ReadInPieces(Base):
+    """Root.pieces, what --check reads an initramfs with: the same refusals as
+    Root.read, before a byte is read, and inside the root."""
+
+    def test_pieces_are_the_file_and_refusals_come_first(self):
+        root = ap.Root(self.root)
+        data = os.urandom(200000)
+        with open(os.path.join(self.root, 'boot-image'), 'wb') as f:
+            f.write(data)
+        os.symlink('/boot-image', os.path.join(self.root, 'etc/linked'))   # the image's /
+        pieces = list(root.pieces('/etc/linked', 1 << 20))
+        self.assertEqual(b''.join(pieces), data)
+        self.assertLessEqual(max(len(p) for p in pieces), 1 << 16)
+        with self.assertRaises(OSError):
+            root.pieces('/boot-image', len(data) - 1)       # too large: refused at once
+        fifo(os.path.join(self.root, 'etc/fifo'))
+        with self.assertRaises(OSError):
+            root.pieces('/etc/fifo', 1 << 20)
+        self.assertIsNone(root.pieces('/etc/missing', 1 << 20))
+        # a directory is no file, whatever its size says
+        self.assertIsNone(root.read('/etc', limit=10))
+        self.assertIsNone(root.pieces('/etc', 10))
+
+
 class DecidedBeforeRemoving(Base):
     """Defect 10: a target that cannot be removed is found before anything is."""
 

@@ -516,6 +516,20 @@ class TestInstallIntoRoot(InstallTestCase):
         self.assertInstalled(root, python='/usr/bin/python3')
         self.assertIn('from the file name /usr/bin/python3.6', r.stdout)
 
+    def test_directory_links_resolved_inside_the_image(self):
+        # /opt/py -> /srv/py (absolute): the image's /srv, not this machine's, where
+        # the name is missing; '..' stops at the image's /
+        root = self.image()
+        shutil.copytree(root + '/usr/lib/python3.11', root + '/srv/py/lib/python3.11')
+        write(root + '/srv/py/bin/python3.11', '#!/bin/sh\nexit 126\n', 0o755)
+        symlink('/srv/py', root + '/opt/py')
+        self.assertFalse(os.path.lexists('/srv/py'), 'this machine has a /srv/py')
+        python = '/opt/py/../../../opt/py/bin/python3.11'
+        r = self.install('--root', root, '--python', python)
+        self.assertOK(r)
+        self.assertIn('python: %s is Python 3.11 (from the file name /srv/py/bin/python3.11) '
+                      'with %s in /srv/py/lib/python3.11' % (python, FULL_MODULES), r.stdout)
+
     def test_unmerged_usr_systemctl_in_bin(self):
         root = self.image(layout='unmerged')
         r = self.install('--root', root)
@@ -617,6 +631,61 @@ class TestPythonRefused(InstallTestCase):
         self.assertOK(self.install('--root', root, '--uninstall'))
         write(root + '/usr/lib/python3.12/os.py', '')
         self.refused(root, 'cannot tell which Python', '2 standard libraries')
+
+
+class TestCheckStatus(InstallTestCase):
+    """install.sh decides by --check's exit status alone (0 ready, 1 not ready, 3 the
+    unit's Python cannot run it), never by the wording of its lines: a stand-in
+    provisioner whose words say one thing and whose status says another is
+    believed for its status.  (The statuses themselves: tests/test_check.py.)"""
+
+    def stand_in(self, stdout, stderr='', status=0, version_status=0):
+        """A provisioner that answers --version with `version_status` and --check
+        with these lines and this status."""
+        write(os.path.join(self.src, 'azure_provisioning.py'), (
+            'import sys\n'
+            'if "--version" in sys.argv:\n'
+            '    sys.stderr.write("azure-provisioning: stand-in cannot start\\n")\n'
+            '    sys.exit(%d)\n'
+            'sys.stdout.write(%r)\n'
+            'sys.stdout.flush()\n'
+            'sys.stderr.write(%r)\n'
+            'sys.exit(%d)\n' % (version_status, stdout, stderr, status)))
+        root = self.image('img%d' % len(os.listdir(self.tmp)))
+        return self.install('--root', root), root
+
+    def test_the_status_is_believed_not_the_words(self):
+        fail_row = 'FAIL  python: /usr/bin/python3 is Python 2.7; 3.6 or newer is needed\n'
+        r, _ = self.stand_in(fail_row + 'image NOT ready: 1 blocking, 0 warnings (x)\n')
+        self.assertOK(r)
+        self.assertIn('install.sh: check: ' + fail_row, r.stdout)
+        self.assertEqual(r.stderr, '', r)
+
+        r, _ = self.stand_in('image ready: 0 blocking, 0 warnings (x)\n', status=1)
+        self.assertOK(r)
+        self.assertEqual(r.stderr, 'install.sh: warning: installed, but the image is not '
+                                   'ready to capture: fix the FAIL lines above\n', r)
+
+    def test_status_3_fails_the_install_with_the_last_line(self):
+        r, root = self.stand_in('ok    nothing to see\nimage ready: 0 blocking, 0 warnings\n',
+                                'azure-provisioning: error: the unit cannot run: WHY (fix: '
+                                'FIX)\n', status=3)
+        self.assertFailed(r, 1)
+        self.assertEqual(r.stderr, 'install.sh: error: installed, but the unit cannot run: WHY '
+                                   '(fix: FIX); then run install.sh again (or --uninstall)\n')
+        self.assertIn('install.sh: check: image ready: 0 blocking, 0 warnings\n', r.stdout)
+        self.assertNotIn('WHY', r.stdout)       # said once, as the error
+        self.assertTrue(os.path.isfile(root + MODULE_PATH))     # installed; --uninstall undoes
+
+    def test_other_statuses_fail_the_install(self):
+        r, _ = self.stand_in('image ready: 0 blocking, 0 warnings\n', 'Traceback: boom\n',
+                             status=5)
+        self.assertFailed(r, 1, 'installed, but azure-provisioning --check failed (exit '
+                                'status 5): Traceback: boom')
+        r, root = self.stand_in('image ready: 0 blocking, 0 warnings\n', version_status=1)
+        self.assertFailed(r, 1, 'installed, but /usr/bin/python3 (in %s) cannot run it (exit '
+                                'status 1): azure-provisioning: stand-in cannot start' % root)
+        self.assertNotIn('check:', r.stdout)
 
 
 class TestOtherAgents(InstallTestCase):

@@ -13,7 +13,8 @@ network="${3:-networkd}"
 case "$phase" in
 essential)
     # Before the kernel package is installed: make its initramfs small and quick to
-    # build (MODULES=list), holding just what a QEMU virtio guest needs to mount /.
+    # build (MODULES=list), holding just what a QEMU virtio guest needs to mount /,
+    # and what an Azure VM needs.
     mkdir -p "$root/etc/initramfs-tools/conf.d" "$root/etc/initramfs-tools/hooks"
     echo 'MODULES=list' > "$root/etc/initramfs-tools/conf.d/azp-boot-test.conf"
     cat > "$root/etc/initramfs-tools/hooks/azp-boot-test" <<'END_HOOK'
@@ -22,6 +23,11 @@ case "$1" in prereqs) exit 0 ;; esac
 . /usr/share/initramfs-tools/hook-functions
 for module in virtio_pci virtio_blk virtio_net ext4; do
     force_load "$module"
+done
+# Azure's VMBus drivers, in it as Azure needs them (--check requires them), and
+# never loaded under QEMU, which has no VMBus
+for module in hv_vmbus hv_storvsc hv_netvsc hv_utils; do
+    manual_add_modules "$module"
 done
 END_HOOK
     chmod 0755 "$root/etc/initramfs-tools/hooks/azp-boot-test"
