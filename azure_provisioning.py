@@ -747,6 +747,13 @@ def restore_labels(run, paths, what):
 # retry policy.  Not http.client: its imports (email, ssl) cost more than this
 # whole run does once started (tests/bench.py), for two link-local servers that
 # speak plain HTTP.
+#
+# Retry or fail is decided by the exception's type, and only by it (with_retries):
+#   TryAgain     a passing condition: refused, timed out, cut short, 5xx, 429, the
+#                caller's retry statuses; retried with backoff until the deadline
+#   Malformed    a TryAgain for an answer that cannot be read (not HTTP, too large,
+#                a document that does not parse); retried MALFORMED_ANSWERS_ALLOWED times
+#   any other    (ProvisioningError: an answer that will not change) fails at once
 # --------------------------------------------------------------------------
 
 REQUEST_TIMEOUT = 15.0          # per connect and per read
@@ -769,6 +776,10 @@ class Malformed(TryAgain):
     """An answer that cannot be read: retried, but only MALFORMED_ANSWERS_ALLOWED times."""
 
 
+class NotHttp(Malformed):
+    """The peer answered, but not in HTTP/1.x, or beyond MAX_RESPONSE_BYTES."""
+
+
 class Response(object):
     def __init__(self, status, reason, headers, body):
         self.status = status
@@ -780,18 +791,25 @@ class Response(object):
         return self.body.decode('utf-8', 'replace')
 
 
-def backoff_delay(attempt, retry_after=None):
-    """Capped exponential backoff with jitter.  A server's Retry-After can only make
-    the wait longer: "Retry-After: 0" from a busy server must not become a flood."""
+def backoff_delay(attempt, retry_after=None, remaining=float('inf')):
+    """The wait before attempt number `attempt` + 1, or None when none fits in the
+    `remaining` seconds: capped exponential backoff with jitter.  A server's
+    Retry-After can only make the wait longer ("Retry-After: 0" from a busy server
+    must not become a flood), and one past the deadline is cut so that one more
+    attempt fits."""
     delay = min(BACKOFF_CAP, BACKOFF_FIRST * (2 ** (attempt - 1)))
     jitter = int.from_bytes(os.urandom(2), 'big') / 65535.0
     delay *= 0.5 + jitter / 2
-    return max(delay, retry_after or 0.0)
+    if delay >= remaining:
+        return None
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, remaining - delay))
+    return delay
 
 
 def with_retries(what, attempt, deadline, log):
-    """Call attempt() until it returns; TryAgain is retried with capped backoff
-    and jitter until the deadline, any other exception goes to the caller."""
+    """Call attempt() until it returns; TryAgain is retried (see the top of this
+    section), any other exception goes to the caller."""
     started = time.monotonic()
     said = {}       # problem -> when it was last logged: a flapping error is said once
     tries = malformed = 0
@@ -804,15 +822,12 @@ def with_retries(what, attempt, deadline, log):
             malformed += isinstance(again, Malformed)
             if malformed >= MALFORMED_ANSWERS_ALLOWED:
                 raise ProvisioningError('%s: %s (%d times)' % (what, problem, malformed))
-            delay = backoff_delay(tries)
             remaining = deadline.remaining()
-            if delay >= remaining:
+            delay = backoff_delay(tries, again.retry_after, remaining)
+            if delay is None:
                 raise ProvisioningError(
                     '%s: %s; gave up after %d attempts in %.1f s (deadline)'
                     % (what, problem, tries, time.monotonic() - started))
-            if again.retry_after is not None:
-                # a Retry-After past the deadline is cut so that one more try fits
-                delay = max(delay, min(again.retry_after, remaining - delay))
             now = time.monotonic()
             if now - said.get(problem, -STILL_WAITING_EVERY) >= STILL_WAITING_EVERY:
                 log.info('%s: %s; retrying (attempt %d, %.1f s left)'
@@ -849,9 +864,9 @@ def host_header(target):
 
 def http_exchange(target, method, path, headers, deadline, log,
                   body=None, retry_statuses=()):
-    """One HTTP exchange.  Connection errors, timeouts, 5xx, 429 and the caller's
-    retry_statuses raise TryAgain, an answer that is not HTTP raises Malformed;
-    every other answer is returned."""
+    """One HTTP exchange.  Connection errors, timeouts, an answer cut short, 5xx, 429
+    and the caller's retry_statuses raise TryAgain, an answer that is not HTTP raises
+    Malformed; every other answer is returned."""
     host, port = target
     timeout = min(REQUEST_TIMEOUT, deadline.remaining())
     if timeout <= 0:
@@ -875,12 +890,9 @@ def http_exchange(target, method, path, headers, deadline, log,
             response = read_response(connection, deadline, method)
         finally:
             connection.close()
-    except NotHttp as exc:
-        log.debug('%s %s -> %s (%s)' % (method, url, exc, elapsed_ms(started)))
-        raise Malformed(str(exc))
-    except (OSError, ValueError) as exc:
+    except (OSError, TryAgain) as exc:
         log.debug('%s %s -> %s (%s)' % (method, url, describe_error(exc), elapsed_ms(started)))
-        raise TryAgain(describe_error(exc))
+        raise exc if isinstance(exc, TryAgain) else TryAgain(describe_error(exc))
     log.debug('%s %s -> %d %s, %d bytes (%s)' % (method, url, response.status, response.reason,
                                                   len(response.body), elapsed_ms(started)))
     status = response.status
@@ -888,11 +900,6 @@ def http_exchange(target, method, path, headers, deadline, log,
         raise TryAgain('HTTP %d %s' % (status, response.reason),
                        retry_after_seconds(response.headers.get('retry-after')))
     return response
-
-
-class NotHttp(ValueError):
-    """The peer answered, but not in HTTP/1.x, or beyond MAX_RESPONSE_BYTES: asking
-    again will not help (a cut-short answer is a plain ValueError: it may)."""
 
 
 class Reader(object):
@@ -920,15 +927,15 @@ class Reader(object):
             if len(self.buffer) > limit:
                 raise NotHttp('line longer than %d bytes' % limit)
             if not self.fill():
-                raise ValueError('connection closed mid-answer' if self.total
-                                 else 'connection closed without an answer')
+                raise TryAgain('connection closed mid-answer' if self.total
+                               else 'connection closed without an answer')
         line, _, self.buffer = self.buffer.partition(b'\r\n')
         return line
 
     def exactly(self, size):
         while len(self.buffer) < size:
             if not self.fill():
-                raise ValueError('connection closed mid-answer')
+                raise TryAgain('connection closed mid-answer')
         data, self.buffer = self.buffer[:size], self.buffer[size:]
         return data
 
@@ -969,7 +976,7 @@ def read_fields(reader):
 
 
 def read_response(connection, deadline, method='GET'):
-    """Read one answer, skipping interim 1xx ones (RFC 9110 15.2).  ValueError when it
+    """Read one answer, skipping interim 1xx ones (RFC 9110 15.2).  TryAgain when it
     is cut short, NotHttp when it is not HTTP/1.x or is larger than MAX_RESPONSE_BYTES."""
     reader = Reader(connection, deadline)
     for _ in range(10):
@@ -1211,7 +1218,7 @@ def fetch_instance_metadata(imds, deadline, log):
         if response.status == 400 and len(versions) > 1:
             log.info('IMDS: api-version %s refused (HTTP 400); trying %s'
                      % (versions.pop(0), versions[0]))
-            raise TryAgain('api-version refused', retry_after=0)
+            raise TryAgain('api-version refused')
         if response.status != 200:
             raise ProvisioningError('IMDS answered HTTP %d %s: %s'
                                     % (response.status, response.reason,
