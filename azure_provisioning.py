@@ -2952,26 +2952,6 @@ def run_hook(path, env, deadline, log):
 # Provisioning: one run context, a table of steps, one executor
 # --------------------------------------------------------------------------
 
-class Options(object):
-    """What a run is asked to do; main() fills it from the command line."""
-
-    def __init__(self, wireserver=(DEFAULT_WIRESERVER, 80), imds=(DEFAULT_IMDS, 80),
-                 timeout=DEFAULT_TIMEOUT, set_hostname=True, publish_hostname=True,
-                 provision_user=False, dry_run=False, root='/', media=None,
-                 keep_host_keys=False, remove_user=False):
-        self.wireserver = wireserver
-        self.imds = imds
-        self.timeout = timeout
-        self.set_hostname = set_hostname
-        self.publish_hostname = publish_hostname
-        self.provision_user = provision_user
-        self.dry_run = dry_run
-        self.root = root
-        self.media = media      # a device or image file to read, 'none', or None: search
-        self.keep_host_keys = keep_host_keys
-        self.remove_user = remove_user      # --deprovision --user
-
-
 class Run(object):
     """One provisioning run: the options, the shared deadline, the log and output,
     the filesystem root, and what the steps learn on the way (the IMDS document,
@@ -4055,76 +4035,87 @@ def absolute_directory(text):
         raise ValueError('%r is relative, and the working directory is gone' % text)
 
 
-# One table for both parsers below; metavar None: a switch.
-Option = namedtuple('Option', 'flag dest metavar convert default help')
+# One table for the command line: both parsers below, the record they fill
+# (Options: a field per row, named by `dest`), --help, and which modes take which
+# option (check_usage).  metavar None: a switch, which turns its field from its
+# default to the opposite (--no-hostname turns set_hostname, True by default, off).
+# `modes`: where the option is taken; RUN is a provisioning run (no mode switch);
+# a row whose only mode is its own flag is a mode switch.
+RUN, CHECK, DEPROVISION, STATUS = 'provisioning', '--check', '--deprovision', '--status'
+Option = namedtuple('Option', 'flag dest metavar convert default modes help')
 OPTIONS = [Option(*fields) for fields in (
-    ('--wireserver', 'wireserver', 'ADDR', parse_address, (DEFAULT_WIRESERVER, 80),
+    ('--wireserver', 'wireserver', 'ADDR', parse_address, (DEFAULT_WIRESERVER, 80), (RUN,),
      'WireServer IP or IP:PORT (default %s)' % DEFAULT_WIRESERVER),
-    ('--imds', 'imds', 'ADDR', parse_address, (DEFAULT_IMDS, 80),
+    ('--imds', 'imds', 'ADDR', parse_address, (DEFAULT_IMDS, 80), (RUN,),
      'IMDS IP or IP:PORT (default %s)' % DEFAULT_IMDS),
-    ('--timeout', 'timeout', 'SECONDS', positive_seconds, DEFAULT_TIMEOUT,
+    ('--timeout', 'timeout', 'SECONDS', positive_seconds, DEFAULT_TIMEOUT, (RUN,),
      'overall deadline for all steps, including the failure report (default %d)'
      % DEFAULT_TIMEOUT),
-    ('--no-hostname', 'no_hostname', None, None, False, 'do not change the hostname'),
-    ('--no-publish-hostname', 'no_publish_hostname', None, None, False,
+    ('--no-hostname', 'set_hostname', None, None, True, (RUN,), 'do not change the hostname'),
+    ('--no-publish-hostname', 'publish_hostname', None, None, True, (RUN,),
      'do not make the DHCP client send the new hostname (which is how Azure DNS learns it)'),
-    ('--provision-user', 'provision_user', None, None, False,
+    ('--provision-user', 'provision_user', None, None, False, (RUN,),
      'create the admin user from IMDS, give it sudo and install its SSH keys'),
-    ('--keep-ssh-host-keys', 'keep_host_keys', None, None, False,
+    ('--keep-ssh-host-keys', 'keep_host_keys', None, None, False, (RUN,),
      'keep the SSH host keys the image has (default: new ones when this VM did not make '
      'them: its first boot, an image captured again)'),
-    ('--check', 'check', None, None, False,
+    ('--check', 'check', None, None, False, (CHECK,),
      'check the image before generalizing it (unit enabled, no other agent, DHCP '
      'configured, ...); read-only and offline'),
-    ('--deprovision', 'deprovision', None, None, False,
+    ('--deprovision', 'deprovision', None, None, False, (DEPROVISION,),
      'make this VM an image again before capturing it: remove the SSH host keys, the '
      'machine id, DHCP leases, the KVP pool and our record; enable the unit again'),
-    ('--user', 'remove_user', None, None, False,
+    ('--user', 'remove_user', None, None, False, (DEPROVISION,),
      'with --deprovision: also remove the admin user --provision-user made'),
-    ('--status', 'status', None, None, False,
+    ('--status', 'status', None, None, False, (STATUS,),
      'say whether and how this VM was provisioned (read-only, offline); exit 1 if not'),
-    ('--json', 'json', None, None, False, 'with --status: print the record itself'),
-    ('--root', 'root', 'DIR', absolute_directory, '/',
+    ('--json', 'json', None, None, False, (STATUS,), 'with --status: print the record itself'),
+    ('--root', 'root', 'DIR', absolute_directory, '/', (CHECK, DEPROVISION, STATUS),
      'with --check, --deprovision or --status: the mounted image tree (default /)'),
-    ('--shown-root', 'shown_root', 'DIR', str, None, None),  # install.sh: see check_image
-    ('--media', 'media', 'DEVICE', str, None,
+    ('--shown-root', 'shown_root', 'DIR', str, None, (CHECK,), None),  # install.sh: see check_image
+    ('--media', 'media', 'DEVICE', str, None, (RUN,),
      'read the provisioning media (ovf-env.xml) from DEVICE, a device or an image file, '
      'instead of looking for it; "none": do not look'),
-    ('--dry-run', 'dry_run', None, None, False,
+    ('--dry-run', 'dry_run', None, None, False, (RUN, DEPROVISION),
      'fetch everything, print the hostname and the health report it would send; change '
      'nothing, post nothing'),
-    ('--verbose', 'verbose', None, None, False, 'log every HTTP exchange'),
+    ('--verbose', 'verbose', None, None, False, (RUN,), 'log every HTTP exchange'),
 )]
 SHORT_FLAGS = {'-v': '--verbose'}
 
 
-class Namespace(object):
-    pass
+class Options(object):
+    """What a run is asked to do: a field for each row of OPTIONS, its default from
+    there.  Both parsers fill one; a test makes one with the fields it changes."""
+
+    def __init__(self, **fields):
+        for option in OPTIONS:
+            setattr(self, option.dest, fields.pop(option.dest, option.default))
+        if fields:
+            raise TypeError('Options has no field %s' % ', '.join(sorted(fields)))
 
 
 def parse_args(args):
     """The unit's plain command lines are parsed here; --help, --version and every
     mistake go to argparse, which says it well but costs milliseconds to import."""
     table = dict((option.flag, option) for option in OPTIONS)
-    options = Namespace()
-    for option in OPTIONS:
-        setattr(options, option.dest, option.default)
+    options = Options()
     pending = list(args)
     while pending:
         flag, equals, value = SHORT_FLAGS.get(pending[0], pending[0]).partition('=')
         option = table.get(flag)
         if option is None or (equals and not option.metavar) or (
                 option.metavar and not equals and len(pending) < 2):
-            return build_parser().parse_args(args)
+            return build_parser().parse_args(args, Options())
         pending.pop(0)
         if not option.metavar:
-            setattr(options, option.dest, True)
+            setattr(options, option.dest, not option.default)
             continue
         text = value if equals else pending.pop(0)
         try:
             setattr(options, option.dest, option.convert(text))
         except ValueError:
-            return build_parser().parse_args(args)
+            return build_parser().parse_args(args, Options())
     return options
 
 
@@ -4154,7 +4145,9 @@ def build_parser():
                                 type=checked(option.convert), default=option.default,
                                 help=option.help or argparse.SUPPRESS)
         else:
-            parser.add_argument(*flags, dest=option.dest, action='store_true', help=option.help)
+            parser.add_argument(*flags, dest=option.dest, action='store_const',
+                                const=not option.default, default=option.default,
+                                help=option.help)
     parser.add_argument('--version', action='version', version='%(prog)s ' + VERSION)
     parser.error = usage_error
     return parser
@@ -4166,35 +4159,27 @@ def usage_error(message):
     sys.exit(2)
 
 
-# What only a provisioning run uses, and the modes that do something else.
-PROVISIONING_ONLY = ('wireserver', 'imds', 'timeout', 'no_hostname', 'no_publish_hostname',
-                     'provision_user', 'media', 'keep_host_keys', 'verbose')
-MODES = (('--check', 'check'), ('--deprovision', 'deprovision'), ('--status', 'status'))
-
-
 def check_usage(options):
-    modes = [flag for flag, dest in MODES if getattr(options, dest)]
+    """Each option given (not at its default) must be one the mode chosen takes (a
+    provisioning run when no mode is chosen): its row says which; the first row
+    that is not is named."""
+    given = [option for option in OPTIONS if getattr(options, option.dest) != option.default]
+    modes = [option.flag for option in given if option.modes == (option.flag,)]
     if len(modes) > 1:
         usage_error('%s and %s do not go together' % tuple(modes[:2]))
-    mode = modes[0] if modes else None
-    defaults = dict((option.dest, option.default) for option in OPTIONS)
-    if mode:
-        wrong = [option.flag for option in OPTIONS if option.dest in PROVISIONING_ONLY
-                 and getattr(options, option.dest) != defaults[option.dest]]
-        if options.dry_run and mode != '--deprovision':
-            wrong.append('--dry-run')
-        if wrong:
-            usage_error('%s does not go with %s' % (wrong[0], mode))
-    elif options.root != '/':
-        usage_error('--root goes with --check, --deprovision or --status')
-    if options.remove_user and mode != '--deprovision':
-        usage_error('--user goes with --deprovision')
-    if options.json and mode != '--status':
-        usage_error('--json goes with --status')
-    if options.shown_root and mode != '--check':
-        usage_error('--shown-root goes with --check')
+    mode = modes[0] if modes else RUN
+    for option in given:
+        if mode in option.modes:
+            continue
+        if RUN in option.modes:
+            usage_error('%s does not go with %s' % (option.flag, mode))
+        usage_error('%s goes with %s' % (option.flag, or_list(option.modes)))
     if options.root != '/' and not os.path.isdir(options.root):
         usage_error('--root %s: not a directory' % options.root)
+
+
+def or_list(words):
+    return ' or '.join(filter(None, (', '.join(words[:-1]), words[-1])))
 
 
 def main(args=None):
@@ -4204,20 +4189,14 @@ def main(args=None):
     signal.signal(signal.SIGTERM, raise_terminated)
     log = Log(options.verbose)
     out = Output(sys.stdout)
-    run = Options(wireserver=options.wireserver, imds=options.imds, timeout=options.timeout,
-                  set_hostname=not options.no_hostname,
-                  publish_hostname=not options.no_publish_hostname,
-                  provision_user=options.provision_user, dry_run=options.dry_run,
-                  root=options.root, media=options.media,
-                  keep_host_keys=options.keep_host_keys, remove_user=options.remove_user)
     try:
         if options.check:
             return check_image(options.root, out, options.shown_root)
         if options.status:
             return status(options, out)
         if options.deprovision:
-            return deprovision(run, log, out)
-        return provision(run, log, out)
+            return deprovision(options, log, out)
+        return provision(options, log, out)
     except ProvisioningError as exc:
         log.error(str(exc))
         return 1
