@@ -32,12 +32,23 @@ identity, hooks (and the data kept for them), then provision(): a Run context
 walks STEPS; each step decides a plan of Actions and Run.carry_out does them, or
 prints them with --dry-run.  Then --deprovision, --status, --check and the
 command line.
+
+Imports follow one rule: a module that every run to Ready uses is imported at the
+top; any other is imported in the function that needs it (argparse for --help and
+usage errors, subprocess for a tool, tempfile, shutil and threading for the media,
+host keys and hooks, fcntl and struct for KVP and an interface's address, base64
+for custom data and keys, traceback for -v), so that a run pays at start-up only
+for what it does.  tests/test_startup.py holds the path to Ready to this rule.
 """
 
+import binascii
+import errno
 import itertools
 import os
 import re
+import signal
 import socket
+import stat
 import sys
 import time
 from collections import namedtuple
@@ -197,7 +208,6 @@ def printable(text):
 def decode_base64(text, field):
     """Strict base64 (line breaks allowed); ValueError naming the field, never the value."""
     import base64
-    import binascii
     try:
         return base64.b64decode(''.join(text.split()), validate=True)
     except (binascii.Error, ValueError):
@@ -233,7 +243,6 @@ OPEN_READ = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLO
 def not_a_file(errno_):
     """Errors that say a path names no file: missing, a path no file can have (too
     long, a loop), a file where a directory is on the way."""
-    import errno
     return errno_ in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP)
 
 
@@ -243,8 +252,6 @@ def read_opened(opener, shown, limit):
     a socket) is an OSError before a byte is read, and so is more than `limit` bytes:
     the size is checked first and the reading stops at limit + 1 (a file that grows,
     /proc's that say 0)."""
-    import errno
-    import stat
     try:
         fd = opener()
     except ValueError:      # a NUL in the path (read from an image's config)
@@ -328,8 +335,6 @@ class Root(object):
         is open at a time, whatever the depth (a parent is closed once its child is
         open; '..' reopens the parent and checks it is the one walked through), and the
         kernel's bounds hold: PATH_MAX bytes of path, SYMLINKS_MAX links."""
-        import errno
-        import stat
         if len(path.encode('utf-8', 'surrogateescape')) >= PATH_MAX:
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
         pending = [p for p in path.split('/') if p not in ('', '.')][::-1]   # a stack
@@ -444,12 +449,10 @@ class Root(object):
         return self.lstat(*parts) is not None
 
     def is_file(self, *parts):
-        import stat
         found = self.stat(*parts)
         return found is not None and stat.S_ISREG(found.st_mode)
 
     def is_dir(self, *parts):
-        import stat
         found = self.stat(*parts)
         return found is not None and stat.S_ISDIR(found.st_mode)
 
@@ -525,7 +528,6 @@ def clear_temporary_files(directory, name):
     an older version's .NAME.PID.tmp) in the directory open as `directory`: regular
     files only; anything else of such a name (a directory an image holds) is not ours
     and stays.  Best effort: a directory that cannot be listed keeps them."""
-    import stat
     left = re.compile(re.escape('.%s.' % name) + r'[0-9a-f]{1,32}\.tmp\Z')
     try:
         opened = os.open('.', os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
@@ -542,9 +544,6 @@ def clear_temporary_files(directory, name):
 
 def write_at(directory, name, data, mode, owner, check, deadline):
     """Root.write's work, in the directory open as `directory`."""
-    import binascii
-    import errno
-    import stat
     try:
         st = os.stat(name, dir_fd=directory, follow_symlinks=False)
         existing = stat.S_ISREG(st.st_mode)
@@ -625,7 +624,6 @@ def copy_selinux_label(source, target):
     """The old file's SELinux context onto its replacement: a renamed-in file keeps
     the label of where it was made (net_conf_t on /etc/hosts would become etc_t).
     Nothing to copy when the old file has none (no policy loaded)."""
-    import errno
     try:
         label = os.getxattr(source, SELINUX_XATTR)
     except OSError as exc:
@@ -1559,7 +1557,6 @@ KVP_LOCK_POLL = 0.05        # s between tries: a blocking flock cannot be bounde
 def lock_within(fd, seconds):
     """flock(LOCK_EX) on fd within `seconds` (one try when 0): True, or False when
     another process still holds the lock."""
-    import errno
     import fcntl
     give_up = time.monotonic() + seconds
     for _ in range(int(seconds / KVP_LOCK_POLL) + 2):
@@ -1587,8 +1584,6 @@ def open_kvp_pool(directory, name, shown):
     """The pool `name` in the directory open as `directory`, opened for appending:
     OSError when it is anything but a regular file (checked before the open, so that
     no device or FIFO is opened, and again on what was opened)."""
-    import errno
-    import stat
     try:
         found = os.stat(name, dir_fd=directory, follow_symlinks=False)
     except FileNotFoundError:
@@ -1997,7 +1992,6 @@ def ipv4_address(interface):
         return None
     if not name or len(name) > 15 or b'\0' in name:   # IFNAMSIZ: the kernel would cut it
         return None
-    import errno
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             answer = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack('256s', name))
@@ -2144,7 +2138,6 @@ def not_a_person(uid, root):
 def validate_public_key(text):
     """'type base64 [comment]' -> the normalized line; the blob must name its type."""
     import base64
-    import binascii
     import struct
     line = ' '.join(text.split()) if isinstance(text, str) else ''
     parts = line.split(' ', 2)
@@ -2578,7 +2571,6 @@ def read_state(root, strict=False):
     or broken (a broken record must not stop provisioning; it costs the host keys).
     strict (--status): a file that is there but cannot be read (permissions) is an
     OSError, one that holds no record a ValueError saying what it holds."""
-    import errno
     try:
         data = root.read(STATE_FILE, limit=STATE_MAX)
     except OSError as exc:      # a FIFO, a device, larger than STATE_MAX, permissions
@@ -2601,7 +2593,6 @@ def write_private(run, path, data):
     """A file of DATA_DIR (`path` as from here): ours alone (custom data and the
     record may hold secrets), whoever owned the directory or the file before, never
     through a symbolic link."""
-    import stat
     inside = '/' + os.path.relpath(path, run.root.top)
     directory = os.path.dirname(inside)
     found = run.root.lstat(directory)
@@ -2751,7 +2742,6 @@ def remove_keys_left_aside(run, directory):
     keys in it, which nothing else would ever remove.  Only real directories of that
     name: a link is not ours to follow."""
     import shutil
-    import stat
     for name in glob_names(directory, re.escape(KEYS_ASIDE)):
         path = os.path.join(directory, name)
         if stat.S_ISDIR(os.lstat(path).st_mode):
@@ -3169,7 +3159,6 @@ def deprovision_plan(run, remove_user):
     Decided before anything is removed: a target that cannot be removed (a directory
     where a file should be, a FIFO for the machine id) stops it here, so that what
     --dry-run lists is what the run does."""
-    import stat
     root = run.root
     plan = []
     problems = []
@@ -3230,7 +3219,6 @@ def removal(root, path, why, problems):
     """[the action that removes the file or link `path`], or [] when there is none.
     A directory there is added to `problems`.  The action removes what is at `path`
     then, in the directory it finds then, inside the root (Root.remove)."""
-    import stat
     try:
         found = root.lstat(path)
     except OSError as exc:
@@ -3253,7 +3241,6 @@ def changeable(root, path, problems):
     exists can be written in (not a read-only or immutable one).  What is not goes
     to `problems`: found at plan time, before anything is removed; the action meets
     the same test again when it walks the path."""
-    import stat
     parts = [p for p in path.split('/') if p not in ('', '.')][:-1]
     existing = '/'
     for end in range(1, len(parts) + 1):
@@ -3301,7 +3288,6 @@ def unchangeable(directory, name):
     file, or its directory, immutable or append-only (the kernel's EPERM, which
     os.access does not foresee).  Only a regular file is opened, and never so that
     it could block (a FIFO) or become our terminal; a link cannot have flags."""
-    import stat
     os.stat(name, dir_fd=directory, follow_symlinks=False)     # none there: OSError
     opened = os.open('.', os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
     try:
@@ -3331,7 +3317,6 @@ def flag_words(flags):
 def inode_flags(fd):
     """The chattr flags of the file open as `fd` (FS_IOC_GETFLAGS); 0 where the
     filesystem keeps none (tmpfs before Linux 6.0, NFS, overlayfs on some)."""
-    import errno
     import fcntl
     import struct
     # _IOR('f', 1, long) in the generic encoding, x86_64's and arm64's; the kernel
@@ -4185,7 +4170,6 @@ def or_list(words):
 def main(args=None):
     options = parse_args(sys.argv[1:] if args is None else args)
     check_usage(options)
-    import signal
     signal.signal(signal.SIGTERM, raise_terminated)
     log = Log(options.verbose)
     out = Output(sys.stdout)
