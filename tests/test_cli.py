@@ -97,6 +97,16 @@ class FastParser(unittest.TestCase):
                 self.assertIn('azure-provisioning: error: ', stderr.getvalue())
 
 
+def handed_on(*args):
+    """The Options main() hands to provision() for args (nothing runs)."""
+    seen = []
+    with mock.patch.object(ap, 'provision',
+                           side_effect=lambda options, *rest: seen.append(options) or 0):
+        code = ap.main(list(args))
+    assert code == 0 and len(seen) == 1, (code, seen)
+    return seen[0]
+
+
 def usage(args):
     """(exit status, stderr) of parsing and checking args as main() does."""
     stderr = io.StringIO()
@@ -176,7 +186,7 @@ class Modes(unittest.TestCase):
             self.assertEqual(usage(['--status', '--si']),    # argparse's abbreviation
                              refused('--sing does not go with --status'))
             self.assertIs(ap.Options().sing, False)
-            self.assertIs(MainHandsOn().options_for('--sing').sing, True)
+            self.assertIs(handed_on('--sing').sing, True)
 
 
 class MainHandsOn(unittest.TestCase):
@@ -184,12 +194,7 @@ class MainHandsOn(unittest.TestCase):
     recorder, so nothing runs)."""
 
     def options_for(self, *args):
-        seen = []
-        with mock.patch.object(ap, 'provision',
-                               side_effect=lambda options, *rest: seen.append(options) or 0):
-            self.assertEqual(ap.main(list(args)), 0)
-        (options,) = seen
-        return options
+        return handed_on(*args)
 
     def test_defaults(self):
         options = self.options_for()
