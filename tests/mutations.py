@@ -325,12 +325,20 @@ def run_modules(root, modules, timeout=RUN_TIMEOUT):
             time.monotonic() - started, done.returncode, ' / '.join(tail))
 
 
+def copy_snapshot(snapshot):
+    """A fresh copy of the snapshot in a temporary directory that every user may
+    enter: tests run the script as nobody too."""
+    scratch = tempfile.mkdtemp(prefix='azp-mutant-')
+    shutil.rmtree(scratch)
+    shutil.copytree(snapshot, scratch, symlinks=True)
+    os.chmod(scratch, 0o755)    # copytree gave it the snapshot's 0700 (mkdtemp's)
+    return scratch
+
+
 def run_copy(snapshot, mutation, modules):
     """Copy the snapshot, apply the mutation (None: the baseline), run the modules."""
-    scratch = tempfile.mkdtemp(prefix='azp-mutant-')
+    scratch = copy_snapshot(snapshot)
     try:
-        shutil.rmtree(scratch)
-        shutil.copytree(snapshot, scratch, symlinks=True)
         if mutation is not None:
             path = os.path.join(scratch, TARGET)
             with open(path, encoding='utf-8') as f:

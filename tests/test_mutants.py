@@ -40,6 +40,28 @@ class MutationList(unittest.TestCase):
             mutations.mutate(mutation.source * 2, mutation)
 
 
+class Copies(unittest.TestCase):
+    def test_a_copy_can_be_read_by_other_users(self):
+        # tests run the script as nobody (test_identity's refusals and --status): in a
+        # copy only root could enter they failed on the baseline and counted for nothing
+        import shutil
+        import stat
+        import tempfile
+        snapshot = tempfile.mkdtemp(prefix='azp-mutation-snapshot-')
+        self.addCleanup(shutil.rmtree, snapshot)
+        os.makedirs(os.path.join(snapshot, 'tests'))
+        with open(os.path.join(snapshot, 'tests', 'x.py'), 'w') as f:
+            f.write('x = 1\n')
+        os.chmod(os.path.join(snapshot, 'tests', 'x.py'), 0o644)
+        copy = mutations.copy_snapshot(snapshot)
+        self.addCleanup(shutil.rmtree, copy)
+        for path in (copy, os.path.join(copy, 'tests'), os.path.join(copy, 'tests', 'x.py')):
+            with self.subTest(path=path):
+                mode = os.stat(path).st_mode
+                wanted = (stat.S_IROTH | stat.S_IXOTH) if stat.S_ISDIR(mode) else stat.S_IROTH
+                self.assertEqual(mode & wanted, wanted, oct(mode))
+
+
 def with_comments_rewritten(text, words):
     """text with every comment's words replaced by `words`, its code as it was."""
     lines = io.StringIO(text).readlines()
