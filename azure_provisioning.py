@@ -35,12 +35,23 @@ identity, hooks (and the data kept for them), then provision(): a Run context
 walks STEPS; each step decides a plan of Actions and Run.carry_out does them, or
 prints them with --dry-run.  Then --deprovision, --status, --check and the
 command line.
+
+Imports follow one rule: a module that every run to Ready uses is imported at the
+top; any other is imported in the function that needs it (argparse for --help and
+usage errors, subprocess for a tool, tempfile, shutil and threading for the media,
+host keys and hooks, fcntl and struct for KVP and an interface's address, base64
+for custom data and keys, traceback for -v), so that a run pays at start-up only
+for what it does.  tests/test_startup.py holds the path to Ready to this rule.
 """
 
+import binascii
+import errno
 import itertools
 import os
 import re
+import signal
 import socket
+import stat
 import sys
 import time
 from collections import namedtuple
@@ -200,7 +211,6 @@ def printable(text):
 def decode_base64(text, field):
     """Strict base64 (line breaks allowed); ValueError naming the field, never the value."""
     import base64
-    import binascii
     try:
         return base64.b64decode(''.join(text.split()), validate=True)
     except (binascii.Error, ValueError):
@@ -236,7 +246,6 @@ OPEN_READ = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLO
 def not_a_file(errno_):
     """Errors that say a path names no file: missing, a path no file can have (too
     long, a loop), a file where a directory is on the way."""
-    import errno
     return errno_ in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP)
 
 
@@ -254,8 +263,6 @@ def open_regular(opener, shown, limit):
     """The descriptor `opener` opens when it is a regular file of at most `limit`
     bytes, None when there is no such file (or it is a directory); anything else is
     an OSError (see read_opened), the descriptor closed."""
-    import errno
-    import stat
     try:
         fd = opener()
     except ValueError:      # a NUL in the path (read from an image's config)
@@ -283,7 +290,6 @@ def read_pieces(fd, shown, limit):
     """The bytes of the regular file open as `fd`, in pieces as read, the descriptor
     closed when they end or are dropped part way (a generator never started closes
     nothing: callers start reading at once); an OSError past `limit` bytes."""
-    import errno
     try:
         size = 0
         while True:
@@ -365,8 +371,6 @@ class Root(object):
         is open at a time, whatever the depth (a parent is closed once its child is
         open; '..' reopens the parent and checks it is the one walked through), and the
         kernel's bounds hold: PATH_MAX bytes of path, SYMLINKS_MAX links."""
-        import errno
-        import stat
         if len(path.encode('utf-8', 'surrogateescape')) >= PATH_MAX:
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
         pending = [p for p in path.split('/') if p not in ('', '.')][::-1]   # a stack
@@ -487,12 +491,10 @@ class Root(object):
         return self.lstat(*parts) is not None
 
     def is_file(self, *parts):
-        import stat
         found = self.stat(*parts)
         return found is not None and stat.S_ISREG(found.st_mode)
 
     def is_dir(self, *parts):
-        import stat
         found = self.stat(*parts)
         return found is not None and stat.S_ISDIR(found.st_mode)
 
@@ -573,7 +575,6 @@ def clear_temporary_files(directory, name):
     an older version's .NAME.PID.tmp) in the directory open as `directory`: regular
     files only; anything else of such a name (a directory an image holds) is not ours
     and stays.  Best effort: a directory that cannot be listed keeps them."""
-    import stat
     left = re.compile(re.escape('.%s.' % name) + r'[0-9a-f]{1,32}\.tmp\Z')
     try:
         opened = os.open('.', os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
@@ -590,9 +591,6 @@ def clear_temporary_files(directory, name):
 
 def write_at(directory, name, data, mode, owner, check, deadline):
     """Root.write's work, in the directory open as `directory`."""
-    import binascii
-    import errno
-    import stat
     try:
         st = os.stat(name, dir_fd=directory, follow_symlinks=False)
         existing = stat.S_ISREG(st.st_mode)
@@ -673,7 +671,6 @@ def copy_selinux_label(source, target):
     """The old file's SELinux context onto its replacement: a renamed-in file keeps
     the label of where it was made (net_conf_t on /etc/hosts would become etc_t).
     Nothing to copy when the old file has none (no policy loaded)."""
-    import errno
     try:
         label = os.getxattr(source, SELINUX_XATTR)
     except OSError as exc:
@@ -795,6 +792,13 @@ def restore_labels(run, paths, what):
 # retry policy.  Not http.client: its imports (email, ssl) cost more than this
 # whole run does once started (tests/bench.py), for two link-local servers that
 # speak plain HTTP.
+#
+# Retry or fail is decided by the exception's type, and only by it (with_retries):
+#   TryAgain     a passing condition: refused, timed out, cut short, 5xx, 429, the
+#                caller's retry statuses; retried with backoff until the deadline
+#   Malformed    a TryAgain for an answer that cannot be read (not HTTP, too large,
+#                a document that does not parse); retried MALFORMED_ANSWERS_ALLOWED times
+#   any other    (ProvisioningError: an answer that will not change) fails at once
 # --------------------------------------------------------------------------
 
 REQUEST_TIMEOUT = 15.0          # per connect and per read
@@ -817,6 +821,10 @@ class Malformed(TryAgain):
     """An answer that cannot be read: retried, but only MALFORMED_ANSWERS_ALLOWED times."""
 
 
+class NotHttp(Malformed):
+    """The peer answered, but not in HTTP/1.x, or beyond MAX_RESPONSE_BYTES."""
+
+
 class Response(object):
     def __init__(self, status, reason, headers, body):
         self.status = status
@@ -828,18 +836,25 @@ class Response(object):
         return self.body.decode('utf-8', 'replace')
 
 
-def backoff_delay(attempt, retry_after=None):
-    """Capped exponential backoff with jitter.  A server's Retry-After can only make
-    the wait longer: "Retry-After: 0" from a busy server must not become a flood."""
+def backoff_delay(attempt, retry_after=None, remaining=float('inf')):
+    """The wait before attempt number `attempt` + 1, or None when none fits in the
+    `remaining` seconds: capped exponential backoff with jitter.  A server's
+    Retry-After can only make the wait longer ("Retry-After: 0" from a busy server
+    must not become a flood), and one past the deadline is cut so that one more
+    attempt fits."""
     delay = min(BACKOFF_CAP, BACKOFF_FIRST * (2 ** (attempt - 1)))
     jitter = int.from_bytes(os.urandom(2), 'big') / 65535.0
     delay *= 0.5 + jitter / 2
-    return max(delay, retry_after or 0.0)
+    if delay >= remaining:
+        return None
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, remaining - delay))
+    return delay
 
 
 def with_retries(what, attempt, deadline, log):
-    """Call attempt() until it returns; TryAgain is retried with capped backoff
-    and jitter until the deadline, any other exception goes to the caller."""
+    """Call attempt() until it returns; TryAgain is retried (see the top of this
+    section), any other exception goes to the caller."""
     started = time.monotonic()
     said = {}       # problem -> when it was last logged: a flapping error is said once
     tries = malformed = 0
@@ -852,15 +867,12 @@ def with_retries(what, attempt, deadline, log):
             malformed += isinstance(again, Malformed)
             if malformed >= MALFORMED_ANSWERS_ALLOWED:
                 raise ProvisioningError('%s: %s (%d times)' % (what, problem, malformed))
-            delay = backoff_delay(tries)
             remaining = deadline.remaining()
-            if delay >= remaining:
+            delay = backoff_delay(tries, again.retry_after, remaining)
+            if delay is None:
                 raise ProvisioningError(
                     '%s: %s; gave up after %d attempts in %.1f s (deadline)'
                     % (what, problem, tries, time.monotonic() - started))
-            if again.retry_after is not None:
-                # a Retry-After past the deadline is cut so that one more try fits
-                delay = max(delay, min(again.retry_after, remaining - delay))
             now = time.monotonic()
             if now - said.get(problem, -STILL_WAITING_EVERY) >= STILL_WAITING_EVERY:
                 log.info('%s: %s; retrying (attempt %d, %.1f s left)'
@@ -897,9 +909,9 @@ def host_header(target):
 
 def http_exchange(target, method, path, headers, deadline, log,
                   body=None, retry_statuses=()):
-    """One HTTP exchange.  Connection errors, timeouts, 5xx, 429 and the caller's
-    retry_statuses raise TryAgain, an answer that is not HTTP raises Malformed;
-    every other answer is returned."""
+    """One HTTP exchange.  Connection errors, timeouts, an answer cut short, 5xx, 429
+    and the caller's retry_statuses raise TryAgain, an answer that is not HTTP raises
+    Malformed; every other answer is returned."""
     host, port = target
     timeout = min(REQUEST_TIMEOUT, deadline.remaining())
     if timeout <= 0:
@@ -923,12 +935,9 @@ def http_exchange(target, method, path, headers, deadline, log,
             response = read_response(connection, deadline, method)
         finally:
             connection.close()
-    except NotHttp as exc:
-        log.debug('%s %s -> %s (%s)' % (method, url, exc, elapsed_ms(started)))
-        raise Malformed(str(exc))
-    except (OSError, ValueError) as exc:
+    except (OSError, TryAgain) as exc:
         log.debug('%s %s -> %s (%s)' % (method, url, describe_error(exc), elapsed_ms(started)))
-        raise TryAgain(describe_error(exc))
+        raise exc if isinstance(exc, TryAgain) else TryAgain(describe_error(exc))
     log.debug('%s %s -> %d %s, %d bytes (%s)' % (method, url, response.status, response.reason,
                                                   len(response.body), elapsed_ms(started)))
     status = response.status
@@ -936,11 +945,6 @@ def http_exchange(target, method, path, headers, deadline, log,
         raise TryAgain('HTTP %d %s' % (status, response.reason),
                        retry_after_seconds(response.headers.get('retry-after')))
     return response
-
-
-class NotHttp(ValueError):
-    """The peer answered, but not in HTTP/1.x, or beyond MAX_RESPONSE_BYTES: asking
-    again will not help (a cut-short answer is a plain ValueError: it may)."""
 
 
 class Reader(object):
@@ -968,15 +972,15 @@ class Reader(object):
             if len(self.buffer) > limit:
                 raise NotHttp('line longer than %d bytes' % limit)
             if not self.fill():
-                raise ValueError('connection closed mid-answer' if self.total
-                                 else 'connection closed without an answer')
+                raise TryAgain('connection closed mid-answer' if self.total
+                               else 'connection closed without an answer')
         line, _, self.buffer = self.buffer.partition(b'\r\n')
         return line
 
     def exactly(self, size):
         while len(self.buffer) < size:
             if not self.fill():
-                raise ValueError('connection closed mid-answer')
+                raise TryAgain('connection closed mid-answer')
         data, self.buffer = self.buffer[:size], self.buffer[size:]
         return data
 
@@ -1017,7 +1021,7 @@ def read_fields(reader):
 
 
 def read_response(connection, deadline, method='GET'):
-    """Read one answer, skipping interim 1xx ones (RFC 9110 15.2).  ValueError when it
+    """Read one answer, skipping interim 1xx ones (RFC 9110 15.2).  TryAgain when it
     is cut short, NotHttp when it is not HTTP/1.x or is larger than MAX_RESPONSE_BYTES."""
     reader = Reader(connection, deadline)
     for _ in range(10):
@@ -1259,7 +1263,7 @@ def fetch_instance_metadata(imds, deadline, log):
         if response.status == 400 and len(versions) > 1:
             log.info('IMDS: api-version %s refused (HTTP 400); trying %s'
                      % (versions.pop(0), versions[0]))
-            raise TryAgain('api-version refused', retry_after=0)
+            raise TryAgain('api-version refused')
         if response.status != 200:
             raise ProvisioningError('IMDS answered HTTP %d %s: %s'
                                     % (response.status, response.reason,
@@ -1599,7 +1603,6 @@ KVP_LOCK_POLL = 0.05        # s between tries: a blocking flock cannot be bounde
 def lock_within(fd, seconds):
     """flock(LOCK_EX) on fd within `seconds` (one try when 0): True, or False when
     another process still holds the lock."""
-    import errno
     import fcntl
     give_up = time.monotonic() + seconds
     for _ in range(int(seconds / KVP_LOCK_POLL) + 2):
@@ -1627,8 +1630,6 @@ def open_kvp_pool(directory, name, shown):
     """The pool `name` in the directory open as `directory`, opened for appending:
     OSError when it is anything but a regular file (checked before the open, so that
     no device or FIFO is opened, and again on what was opened)."""
-    import errno
-    import stat
     try:
         found = os.stat(name, dir_fd=directory, follow_symlinks=False)
     except FileNotFoundError:
@@ -2037,7 +2038,6 @@ def ipv4_address(interface):
         return None
     if not name or len(name) > 15 or b'\0' in name:   # IFNAMSIZ: the kernel would cut it
         return None
-    import errno
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             answer = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack('256s', name))
@@ -2184,7 +2184,6 @@ def not_a_person(uid, root):
 def validate_public_key(text):
     """'type base64 [comment]' -> the normalized line; the blob must name its type."""
     import base64
-    import binascii
     import struct
     line = ' '.join(text.split()) if isinstance(text, str) else ''
     parts = line.split(' ', 2)
@@ -2620,7 +2619,6 @@ def read_state(root, strict=False):
     or broken (a broken record must not stop provisioning; it costs the host keys).
     strict (--status): a file that is there but cannot be read (permissions) is an
     OSError, one that holds no record a ValueError saying what it holds."""
-    import errno
     try:
         data = root.read(STATE_FILE, limit=STATE_MAX)
     except OSError as exc:      # a FIFO, a device, larger than STATE_MAX, permissions
@@ -2643,7 +2641,6 @@ def write_private(run, path, data):
     """A file of DATA_DIR (`path` as from here): ours alone (custom data and the
     record may hold secrets), whoever owned the directory or the file before, never
     through a symbolic link."""
-    import stat
     inside = '/' + os.path.relpath(path, run.root.top)
     directory = os.path.dirname(inside)
     found = run.root.lstat(directory)
@@ -2793,7 +2790,6 @@ def remove_keys_left_aside(run, directory):
     keys in it, which nothing else would ever remove.  Only real directories of that
     name: a link is not ours to follow."""
     import shutil
-    import stat
     for name in glob_names(directory, re.escape(KEYS_ASIDE)):
         path = os.path.join(directory, name)
         if stat.S_ISDIR(os.lstat(path).st_mode):
@@ -2993,26 +2989,6 @@ def run_hook(path, env, deadline, log):
 # --------------------------------------------------------------------------
 # Provisioning: one run context, a table of steps, one executor
 # --------------------------------------------------------------------------
-
-class Options(object):
-    """What a run is asked to do; main() fills it from the command line."""
-
-    def __init__(self, wireserver=(DEFAULT_WIRESERVER, 80), imds=(DEFAULT_IMDS, 80),
-                 timeout=DEFAULT_TIMEOUT, set_hostname=True, publish_hostname=True,
-                 provision_user=False, dry_run=False, root='/', media=None,
-                 keep_host_keys=False, remove_user=False):
-        self.wireserver = wireserver
-        self.imds = imds
-        self.timeout = timeout
-        self.set_hostname = set_hostname
-        self.publish_hostname = publish_hostname
-        self.provision_user = provision_user
-        self.dry_run = dry_run
-        self.root = root
-        self.media = media      # a device or image file to read, 'none', or None: search
-        self.keep_host_keys = keep_host_keys
-        self.remove_user = remove_user      # --deprovision --user
-
 
 class Run(object):
     """One provisioning run: the options, the shared deadline, the log and output,
@@ -3231,7 +3207,6 @@ def deprovision_plan(run, remove_user):
     Decided before anything is removed: a target that cannot be removed (a directory
     where a file should be, a FIFO for the machine id) stops it here, so that what
     --dry-run lists is what the run does."""
-    import stat
     root = run.root
     plan = []
     problems = []
@@ -3292,7 +3267,6 @@ def removal(root, path, why, problems):
     """[the action that removes the file or link `path`], or [] when there is none.
     A directory there is added to `problems`.  The action removes what is at `path`
     then, in the directory it finds then, inside the root (Root.remove)."""
-    import stat
     try:
         found = root.lstat(path)
     except OSError as exc:
@@ -3315,7 +3289,6 @@ def changeable(root, path, problems):
     exists can be written in (not a read-only or immutable one).  What is not goes
     to `problems`: found at plan time, before anything is removed; the action meets
     the same test again when it walks the path."""
-    import stat
     parts = [p for p in path.split('/') if p not in ('', '.')][:-1]
     existing = '/'
     for end in range(1, len(parts) + 1):
@@ -3363,7 +3336,6 @@ def unchangeable(directory, name):
     file, or its directory, immutable or append-only (the kernel's EPERM, which
     os.access does not foresee).  Only a regular file is opened, and never so that
     it could block (a FIFO) or become our terminal; a link cannot have flags."""
-    import stat
     os.stat(name, dir_fd=directory, follow_symlinks=False)     # none there: OSError
     opened = os.open('.', os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
     try:
@@ -3393,7 +3365,6 @@ def flag_words(flags):
 def inode_flags(fd):
     """The chattr flags of the file open as `fd` (FS_IOC_GETFLAGS); 0 where the
     filesystem keeps none (tmpfs before Linux 6.0, NFS, overlayfs on some)."""
-    import errno
     import fcntl
     import struct
     # _IOR('f', 1, long) in the generic encoding, x86_64's and arm64's; the kernel
@@ -4075,7 +4046,6 @@ class Unpacking(object):
 
     def fill(self, size):
         """At least `size` bytes buffered from where reading is, or all that is left."""
-        import errno
         while len(self.buffer) - self.at < size:
             if not self.deadline.remaining():
                 raise OSError(errno.ETIMEDOUT, 'took longer than %d s' % INITRAMFS_SECONDS)
@@ -4085,7 +4055,6 @@ class Unpacking(object):
             self.buffer, self.at = self.buffer[self.at:] + piece, 0
 
     def read(self, size):
-        import errno
         self.fill(size)
         data = self.buffer[self.at:self.at + size]
         self.at += len(data)
@@ -4559,76 +4528,87 @@ def absolute_directory(text):
         raise ValueError('%r is relative, and the working directory is gone' % text)
 
 
-# One table for both parsers below; metavar None: a switch.
-Option = namedtuple('Option', 'flag dest metavar convert default help')
+# One table for the command line: both parsers below, the record they fill
+# (Options: a field per row, named by `dest`), --help, and which modes take which
+# option (check_usage).  metavar None: a switch, which turns its field from its
+# default to the opposite (--no-hostname turns set_hostname, True by default, off).
+# `modes`: where the option is taken; RUN is a provisioning run (no mode switch);
+# a row whose only mode is its own flag is a mode switch.
+RUN, CHECK, DEPROVISION, STATUS = 'provisioning', '--check', '--deprovision', '--status'
+Option = namedtuple('Option', 'flag dest metavar convert default modes help')
 OPTIONS = [Option(*fields) for fields in (
-    ('--wireserver', 'wireserver', 'ADDR', parse_address, (DEFAULT_WIRESERVER, 80),
+    ('--wireserver', 'wireserver', 'ADDR', parse_address, (DEFAULT_WIRESERVER, 80), (RUN,),
      'WireServer IP or IP:PORT (default %s)' % DEFAULT_WIRESERVER),
-    ('--imds', 'imds', 'ADDR', parse_address, (DEFAULT_IMDS, 80),
+    ('--imds', 'imds', 'ADDR', parse_address, (DEFAULT_IMDS, 80), (RUN,),
      'IMDS IP or IP:PORT (default %s)' % DEFAULT_IMDS),
-    ('--timeout', 'timeout', 'SECONDS', positive_seconds, DEFAULT_TIMEOUT,
+    ('--timeout', 'timeout', 'SECONDS', positive_seconds, DEFAULT_TIMEOUT, (RUN,),
      'overall deadline for all steps, including the failure report (default %d)'
      % DEFAULT_TIMEOUT),
-    ('--no-hostname', 'no_hostname', None, None, False, 'do not change the hostname'),
-    ('--no-publish-hostname', 'no_publish_hostname', None, None, False,
+    ('--no-hostname', 'set_hostname', None, None, True, (RUN,), 'do not change the hostname'),
+    ('--no-publish-hostname', 'publish_hostname', None, None, True, (RUN,),
      'do not make the DHCP client send the new hostname (which is how Azure DNS learns it)'),
-    ('--provision-user', 'provision_user', None, None, False,
+    ('--provision-user', 'provision_user', None, None, False, (RUN,),
      'create the admin user from IMDS, give it sudo and install its SSH keys'),
-    ('--keep-ssh-host-keys', 'keep_host_keys', None, None, False,
+    ('--keep-ssh-host-keys', 'keep_host_keys', None, None, False, (RUN,),
      'keep the SSH host keys the image has (default: new ones when this VM did not make '
      'them: its first boot, an image captured again)'),
-    ('--check', 'check', None, None, False,
+    ('--check', 'check', None, None, False, (CHECK,),
      'check the image before generalizing it (unit enabled, no other agent, DHCP '
      'configured, ...); read-only and offline'),
-    ('--deprovision', 'deprovision', None, None, False,
+    ('--deprovision', 'deprovision', None, None, False, (DEPROVISION,),
      'make this VM an image again before capturing it: remove the SSH host keys, the '
      'machine id, DHCP leases, the KVP pool and our record; enable the unit again'),
-    ('--user', 'remove_user', None, None, False,
+    ('--user', 'remove_user', None, None, False, (DEPROVISION,),
      'with --deprovision: also remove the admin user --provision-user made'),
-    ('--status', 'status', None, None, False,
+    ('--status', 'status', None, None, False, (STATUS,),
      'say whether and how this VM was provisioned (read-only, offline); exit 1 if not'),
-    ('--json', 'json', None, None, False, 'with --status: print the record itself'),
-    ('--root', 'root', 'DIR', absolute_directory, '/',
+    ('--json', 'json', None, None, False, (STATUS,), 'with --status: print the record itself'),
+    ('--root', 'root', 'DIR', absolute_directory, '/', (CHECK, DEPROVISION, STATUS),
      'with --check, --deprovision or --status: the mounted image tree (default /)'),
-    ('--shown-root', 'shown_root', 'DIR', str, None, None),  # install.sh: see check_image
-    ('--media', 'media', 'DEVICE', str, None,
+    ('--shown-root', 'shown_root', 'DIR', str, None, (CHECK,), None),  # install.sh: see check_image
+    ('--media', 'media', 'DEVICE', str, None, (RUN,),
      'read the provisioning media (ovf-env.xml) from DEVICE, a device or an image file, '
      'instead of looking for it; "none": do not look'),
-    ('--dry-run', 'dry_run', None, None, False,
+    ('--dry-run', 'dry_run', None, None, False, (RUN, DEPROVISION),
      'fetch everything, print the hostname and the health report it would send; change '
      'nothing, post nothing'),
-    ('--verbose', 'verbose', None, None, False, 'log every HTTP exchange'),
+    ('--verbose', 'verbose', None, None, False, (RUN,), 'log every HTTP exchange'),
 )]
 SHORT_FLAGS = {'-v': '--verbose'}
 
 
-class Namespace(object):
-    pass
+class Options(object):
+    """What a run is asked to do: a field for each row of OPTIONS, its default from
+    there.  Both parsers fill one; a test makes one with the fields it changes."""
+
+    def __init__(self, **fields):
+        for option in OPTIONS:
+            setattr(self, option.dest, fields.pop(option.dest, option.default))
+        if fields:
+            raise TypeError('Options has no field %s' % ', '.join(sorted(fields)))
 
 
 def parse_args(args):
     """The unit's plain command lines are parsed here; --help, --version and every
     mistake go to argparse, which says it well but costs milliseconds to import."""
     table = dict((option.flag, option) for option in OPTIONS)
-    options = Namespace()
-    for option in OPTIONS:
-        setattr(options, option.dest, option.default)
+    options = Options()
     pending = list(args)
     while pending:
         flag, equals, value = SHORT_FLAGS.get(pending[0], pending[0]).partition('=')
         option = table.get(flag)
         if option is None or (equals and not option.metavar) or (
                 option.metavar and not equals and len(pending) < 2):
-            return build_parser().parse_args(args)
+            return build_parser().parse_args(args, Options())
         pending.pop(0)
         if not option.metavar:
-            setattr(options, option.dest, True)
+            setattr(options, option.dest, not option.default)
             continue
         text = value if equals else pending.pop(0)
         try:
             setattr(options, option.dest, option.convert(text))
         except ValueError:
-            return build_parser().parse_args(args)
+            return build_parser().parse_args(args, Options())
     return options
 
 
@@ -4660,7 +4640,9 @@ def build_parser():
                                 type=checked(option.convert), default=option.default,
                                 help=option.help or argparse.SUPPRESS)
         else:
-            parser.add_argument(*flags, dest=option.dest, action='store_true', help=option.help)
+            parser.add_argument(*flags, dest=option.dest, action='store_const',
+                                const=not option.default, default=option.default,
+                                help=option.help)
     parser.add_argument('--version', action='version', version='%(prog)s ' + VERSION)
     parser.error = usage_error
     return parser
@@ -4672,58 +4654,43 @@ def usage_error(message):
     sys.exit(2)
 
 
-# What only a provisioning run uses, and the modes that do something else.
-PROVISIONING_ONLY = ('wireserver', 'imds', 'timeout', 'no_hostname', 'no_publish_hostname',
-                     'provision_user', 'media', 'keep_host_keys', 'verbose')
-MODES = (('--check', 'check'), ('--deprovision', 'deprovision'), ('--status', 'status'))
-
-
 def check_usage(options):
-    modes = [flag for flag, dest in MODES if getattr(options, dest)]
+    """Each option given (not at its default) must be one the mode chosen takes (a
+    provisioning run when no mode is chosen): its row says which; the first row
+    that is not is named."""
+    given = [option for option in OPTIONS if getattr(options, option.dest) != option.default]
+    modes = [option.flag for option in given if option.modes == (option.flag,)]
     if len(modes) > 1:
         usage_error('%s and %s do not go together' % tuple(modes[:2]))
-    mode = modes[0] if modes else None
-    defaults = dict((option.dest, option.default) for option in OPTIONS)
-    if mode:
-        wrong = [option.flag for option in OPTIONS if option.dest in PROVISIONING_ONLY
-                 and getattr(options, option.dest) != defaults[option.dest]]
-        if options.dry_run and mode != '--deprovision':
-            wrong.append('--dry-run')
-        if wrong:
-            usage_error('%s does not go with %s' % (wrong[0], mode))
-    elif options.root != '/':
-        usage_error('--root goes with --check, --deprovision or --status')
-    if options.remove_user and mode != '--deprovision':
-        usage_error('--user goes with --deprovision')
-    if options.json and mode != '--status':
-        usage_error('--json goes with --status')
-    if options.shown_root and mode != '--check':
-        usage_error('--shown-root goes with --check')
+    mode = modes[0] if modes else RUN
+    for option in given:
+        if mode in option.modes:
+            continue
+        if RUN in option.modes:
+            usage_error('%s does not go with %s' % (option.flag, mode))
+        usage_error('%s goes with %s' % (option.flag, or_list(option.modes)))
     if options.root != '/' and not os.path.isdir(options.root):
         usage_error('--root %s: not a directory' % options.root)
+
+
+def or_list(words):
+    return ' or '.join(filter(None, (', '.join(words[:-1]), words[-1])))
 
 
 def main(args=None):
     options = parse_args(sys.argv[1:] if args is None else args)
     check_usage(options)
-    import signal
     signal.signal(signal.SIGTERM, raise_terminated)
     log = Log(options.verbose)
     out = Output(sys.stdout)
-    run = Options(wireserver=options.wireserver, imds=options.imds, timeout=options.timeout,
-                  set_hostname=not options.no_hostname,
-                  publish_hostname=not options.no_publish_hostname,
-                  provision_user=options.provision_user, dry_run=options.dry_run,
-                  root=options.root, media=options.media,
-                  keep_host_keys=options.keep_host_keys, remove_user=options.remove_user)
     try:
         if options.check:
             return check_image(options.root, out, options.shown_root)
         if options.status:
             return status(options, out)
         if options.deprovision:
-            return deprovision(run, log, out)
-        return provision(run, log, out)
+            return deprovision(options, log, out)
+        return provision(options, log, out)
     except ProvisioningError as exc:
         log.error(str(exc))
         return 1

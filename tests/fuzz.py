@@ -944,7 +944,7 @@ networkd_case = tree_case(NETWORKD_FILES, INI_TOKENS)
 
 TARGETS = [
     #      name           seeds             make a case      call              documented errors
-    Target('http',        http_seeds,       http_case,       call_http,        ['ValueError', 'OSError']),
+    Target('http',        http_seeds,       http_case,       call_http,        ['ap.TryAgain', 'OSError']),
     Target('goalstate',   goal_state_seeds, goal_state_case, call_goal_state,  ['ValueError']),
     Target('imds',        imds_seeds,       imds_case,       call_imds,        ['ValueError']),
     Target('imds-fields', imds_field_seeds, imds_value_case, call_imds_fields, ['ap.ProvisioningError']),

@@ -2,22 +2,31 @@
 """A small mutation check: deliberate bugs in azure_provisioning.py, one at a time,
 and the test modules that must notice each of them.
 
-    python3 tests/mutations.py              # every mutation (as root: the suites need it)
-    python3 tests/mutations.py --list       # ids and descriptions
+    python3 tests/mutations.py              # every mutation (as root: the suites need
+                                            # it; about 10 minutes)
+    python3 tests/mutations.py --list       # ids, descriptions and modules
     python3 tests/mutations.py --only ID    # one (repeatable)
     python3 tests/mutations.py --jobs 2     # mutants side by side
 
+Each mutation replaces a snippet of code (a few tokens: azure_provisioning.py
+changes, so the snippets are small) that must occur exactly once in the file's
+code.  Comments are not code: the snippets are looked for in the file with its
+comments taken out, so a comment may change, or repeat a snippet's words, without
+making a mutation stale or moving it (tests/test_mutants.py checks every snippet on
+every unittest run).
+
 The repository (tracked and untracked, not ignored, files of the working tree) is
 copied once to a snapshot; for each mutation the snapshot is copied to a temporary
-directory, the source snippet is replaced there (it must occur exactly once:
-azure_provisioning.py changes, so the snippets are small; tests/test_mutants.py
-checks them on every unittest run), and the mutation's modules run there.  A mutant is caught when a test that passes on the
-unmutated copy (the baseline, run first) fails or errors; tests that already fail
-on the baseline count for nothing.  Prints caught/missed per mutation and
-"N of M mutations caught"; exits 1 when any is missed, 2 when a snippet is stale.
+directory, the snippet is replaced there, and the mutation's modules run there.  A
+mutant is caught when a test that passes on the unmutated copy (the baseline, run
+first) fails or errors; tests that already fail on the baseline count for nothing.
+Prints caught/missed per mutation and "N of M mutations caught"; exits 1 when any
+is missed, 2 when a snippet is stale.
 """
 
 import argparse
+import functools
+import io
 import json
 import os
 import shutil
@@ -25,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tokenize
 from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,16 +57,19 @@ MUTATIONS = [
     M('ready-4xx-is-success', 'a 4xx answer to the Ready POST taken as success',
       'if 200 <= response.status < 300:', 'if 200 <= response.status < 500:',
       ['tests.test_ready_post']),
-    M('no-publish-hostname-ignored', '--no-publish-hostname ignored',
-      'publish_hostname=not options.no_publish_hostname,', 'publish_hostname=True,',
+    M('negations-ignored', '--no-hostname and --no-publish-hostname ignored (a switch sets True)',
+      'setattr(options, option.dest, not option.default)', 'setattr(options, option.dest, True)',
       ['tests.test_publish', 'tests.test_cli']),
     M('keys-through-symlink', 'the refusal to write keys through a symbolic link removed',
       'if os.path.islink(link):', 'if False:',
       ['tests.test_user']),
     M('catch-all-narrowed', 'the catch-all that turns a crash into a failure report narrowed',
-      'except Exception as exc:    # whatever the type',
-      'except (ProvisioningError, OSError) as exc:    # whatever the type',
+      '            do(run)\n        except Exception as exc:',
+      '            do(run)\n        except (ProvisioningError, OSError) as exc:',
       ['tests.test_ready_post']),
+    M('modes-not-checked', 'a mode takes every option, whatever its row of OPTIONS says',
+      'if mode in option.modes:', 'if True:',
+      ['tests.test_cli']),
     M('default-timeout-changed', 'the default --timeout changed (the unit passes none)',
       'DEFAULT_TIMEOUT = 1200', 'DEFAULT_TIMEOUT = 600',
       ['tests.test_cli']),
@@ -145,8 +158,12 @@ MUTATIONS = [
       'if not 100 <= status < 200:', 'if True:',
       ['tests.test_transport']),
     M('retry-after-overrides-backoff', 'Retry-After: 0 retries at once',
-      'return max(delay, retry_after or 0.0)',
-      'return delay if retry_after is None else retry_after',
+      'delay = max(delay, min(retry_after, remaining - delay))',
+      'delay = min(retry_after, remaining - delay)',
+      ['tests.test_transport']),
+    M('cut-short-is-malformed', 'an answer cut short given up on after 3 tries, not retried',
+      "raise TryAgain('connection closed mid-answer' if self.total",
+      "raise Malformed('connection closed mid-answer' if self.total",
       ['tests.test_transport']),
     M('chunks-guessed', 'the chunk framing not checked (CRLF after the data)',
       "if reader.exactly(2) != b'\\r\\n':", 'if False:',
@@ -194,21 +211,55 @@ def read_target(root=REPO):
         return f.read()
 
 
+@functools.lru_cache(maxsize=4)
+def code_view(text):
+    """(the code of text: text without its comments, for each character of it the
+    offset of that character in text).  A line that is only a comment goes whole; a
+    comment after code goes with the blanks before it."""
+    lines = io.StringIO(text).readlines()
+    comments = {}   # line number -> column where its comment starts
+    try:
+        for token in tokenize.generate_tokens(iter(lines).__next__):
+            if token.type == tokenize.COMMENT:
+                comments[token.start[0]] = token.start[1]
+    except (tokenize.TokenError, SyntaxError):
+        pass        # not Python (a test's text): the comments found so far are out
+    view, offsets, at = [], [], 0
+    for number, line in enumerate(lines, 1):
+        column = comments.get(number)
+        body = len(line.rstrip('\r\n'))
+        if column is None:
+            kept = [(0, len(line))]
+        elif line[:column].strip():
+            kept = [(0, len(line[:column].rstrip())), (body, len(line))]
+        else:
+            kept = []
+        for start, end in kept:
+            view.append(line[start:end])
+            offsets.extend(range(at + start, at + end))
+        at += len(line)
+    return ''.join(view), offsets
+
+
 def stale(mutation, text):
-    """None when the snippet occurs exactly once in text, else why not."""
-    count = text.count(mutation.source)
+    """None when the snippet occurs exactly once in text's code, else why not."""
+    count = code_view(text)[0].count(mutation.source)
     if count == 1:
         return None
-    return ('mutation %s is stale: its source snippet %r occurs %d times in %s (must be '
-            'exactly once); update it in tests/mutations.py'
+    return ('mutation %s is stale: its source snippet %r occurs %d times in the code of %s '
+            '(must be exactly once; comments are not code); update it in tests/mutations.py'
             % (mutation.id, mutation.source, count, TARGET))
 
 
 def mutate(text, mutation):
+    """text with the mutation's snippet replaced where it occurs in the code."""
     problem = stale(mutation, text)
     if problem:
         raise ValueError(problem)
-    return text.replace(mutation.source, mutation.replacement)
+    view, offsets = code_view(text)
+    found = view.index(mutation.source)
+    start, end = offsets[found], offsets[found + len(mutation.source) - 1] + 1
+    return text[:start] + mutation.replacement + text[end:]
 
 
 def repo_files():
@@ -282,12 +333,20 @@ def run_modules(root, modules, timeout=RUN_TIMEOUT):
             time.monotonic() - started, done.returncode, ' / '.join(tail))
 
 
+def copy_snapshot(snapshot):
+    """A fresh copy of the snapshot in a temporary directory that every user may
+    enter: tests run the script as nobody too."""
+    scratch = tempfile.mkdtemp(prefix='azp-mutant-')
+    shutil.rmtree(scratch)
+    shutil.copytree(snapshot, scratch, symlinks=True)
+    os.chmod(scratch, 0o755)    # copytree gave it the snapshot's 0700 (mkdtemp's)
+    return scratch
+
+
 def run_copy(snapshot, mutation, modules):
     """Copy the snapshot, apply the mutation (None: the baseline), run the modules."""
-    scratch = tempfile.mkdtemp(prefix='azp-mutant-')
+    scratch = copy_snapshot(snapshot)
     try:
-        shutil.rmtree(scratch)
-        shutil.copytree(snapshot, scratch, symlinks=True)
         if mutation is not None:
             path = os.path.join(scratch, TARGET)
             with open(path, encoding='utf-8') as f:
@@ -314,7 +373,8 @@ def short(test_id):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--list', action='store_true', help='list the mutations and exit')
     parser.add_argument('--only', action='append', metavar='ID', help='run only this one')
     parser.add_argument('--jobs', '-j', type=int, default=1, metavar='N',

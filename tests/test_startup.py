@@ -3,6 +3,7 @@ nothing heavy it does not use (http.client's email and ssl cost ~20 ms at every
 boot of every VM; tests/bench.py measures) and nothing from site-packages (the unit
 runs `python3 -I -S`: no third-party code at boot)."""
 
+import ast
 import sys
 import unittest
 
@@ -34,6 +35,34 @@ def loaded_modules(stdout):
     raise AssertionError('no module list in:\n' + stdout)
 
 
+def imports(path):
+    """({module imported at the top}, {function: [modules it imports]}) of a file."""
+    with open(path, encoding='utf-8') as f:
+        tree = ast.parse(f.read())
+    top, lazy = set(), {}
+
+    def names(node):
+        if isinstance(node, ast.Import):
+            return [alias.name for alias in node.names]
+        if isinstance(node, ast.ImportFrom):
+            return [node.module]
+        return []
+
+    def visit(node, function):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, child.name)
+                continue
+            for name in names(child):
+                if function is None:
+                    top.add(name)
+                else:
+                    lazy.setdefault(function, []).append(name)
+            visit(child, function)
+    visit(tree, None)
+    return top, lazy
+
+
 class PathToReady(unittest.TestCase):
     def run_to_ready(self, az):
         command = [sys.executable, '-I', '-S', '-c', LOADER, SCRIPT,
@@ -58,6 +87,14 @@ class PathToReady(unittest.TestCase):
         loaded = set(modules) - set(baseline)
         self.assertIn('pyexpat', loaded)    # the check sees the goal state being parsed
         self.assertEqual(sorted(loaded & set(AVOIDED)), [])
+        # the rule of the module's docstring: what the path to Ready loads in any case
+        # is imported at the top, once; a function imports only what it alone needs
+        top, lazy = imports(SCRIPT)
+        self.assertEqual(sorted((function, name) for function, names in lazy.items()
+                                for name in names if name in modules or name in top), [])
+        self.assertEqual(sorted(function for function, names in lazy.items()
+                                if len(names) != len(set(names))), [])
+        self.assertLessEqual(top, set(modules))
         self.assertEqual([(name, path) for name, path in modules.items()
                           if 'site-packages' in path or 'dist-packages' in path], [])
 

@@ -131,11 +131,21 @@ class RetryPolicy(unittest.TestCase):
             delay = ap.backoff_delay(attempt)
             ceiling = min(ap.BACKOFF_CAP, ap.BACKOFF_FIRST * 2 ** (attempt - 1))
             self.assertTrue(ceiling / 2 <= delay <= ceiling, (attempt, delay))
-        self.assertEqual(ap.backoff_delay(3, retry_after=2.0), 2.0)
+
+    def test_retry_after_lengthens_never_shortens_and_is_cut_at_the_deadline(self):
+        # the one Retry-After rule, as with_retries applies it
+        self.assertEqual(ap.backoff_delay(3, retry_after=2.0, remaining=10.0), 2.0)
         # Retry-After never shortens the backoff: "0" must not mean "at once"
         for attempt in range(1, 30):
-            self.assertGreaterEqual(ap.backoff_delay(attempt, retry_after=0),
+            self.assertGreaterEqual(ap.backoff_delay(attempt, retry_after=0, remaining=10.0),
                                     min(ap.BACKOFF_CAP, ap.BACKOFF_FIRST * 2 ** (attempt - 1)) / 2)
+        # past the deadline: cut so that one more attempt (one backoff) still fits
+        for _ in range(20):
+            delay = ap.backoff_delay(1, retry_after=3600, remaining=2.0)
+            self.assertTrue(2.0 - ap.BACKOFF_FIRST <= delay <= 2.0 - ap.BACKOFF_FIRST / 2, delay)
+        # no time for even the backoff: no retry at all, whatever the server said
+        self.assertIsNone(ap.backoff_delay(30, retry_after=1.0, remaining=ap.BACKOFF_CAP / 2 - 0.01))
+        self.assertIsNone(ap.backoff_delay(1, remaining=0.0))
 
     def test_retries_until_success(self):
         answers = [ap.TryAgain('one'), ap.TryAgain('two'), 'done']
@@ -378,6 +388,16 @@ class Exchange(unittest.TestCase):
             with self.subTest(reply=reply):
                 with self.assertRaises(ap.TryAgain):
                     self.exchange(reply)
+
+    def test_an_answer_cut_short_may_get_better_so_it_is_not_malformed(self):
+        # the exception's type decides: Malformed would stop after 3, TryAgain waits
+        for reply in [b'', b'HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab',
+                      b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab']:
+            with self.subTest(reply=reply):
+                with self.assertRaises(ap.TryAgain) as caught:
+                    self.exchange(reply)
+                self.assertNotIsInstance(caught.exception, ap.Malformed)
+                self.assertIn('connection closed', str(caught.exception))
 
     def test_a_silent_server_times_out_within_the_deadline(self):
         started = time.monotonic()
