@@ -26,12 +26,30 @@ Exit codes: 0 provisioned, 1 provisioning failed, 2 usage error.
 Standard library only; Python 3.6 or newer.
 
 The file reads top-down: system helpers (log and deadline, text, files under one
-Root, tools), transport (HTTP/1.1 and the retry policy), WireServer, IMDS, the
-provisioning media, KVP, hostname and its DHCP publishing, admin user, per-VM
-identity, hooks (and the data kept for them), then provision(): a Run context
-walks STEPS; each step decides a plan of Actions and Run.carry_out does them, or
-prints them with --dry-run.  Then --deprovision, --status, --check and the
+Root, tools, and System, the only way a run reaches the machine), transport
+(HTTP/1.1 and the retry policy), WireServer, IMDS, the provisioning media, KVP,
+hostname and its DHCP publishing, admin user, per-VM identity, hooks (and the
+data kept for them), provisioning, then --deprovision, --status, --check and the
 command line.
+
+How provisioning is built, and where each part lives:
+  Action, Facts   (after the error classes) what a step plans: what it says, its
+                  doing, whether its failure fails the VM; and what the run has
+                  learned, replaced step by step (hook_environment derives the
+                  hooks' variables from it, in the hooks section)
+  System          (after the tools) the files under the root (Root), the root's
+                  own accounts, the hostname, the tools, the kernel, SELinux
+  STEPS           (provisioning) the steps in order, each a planner
+                  plan_X(facts, system) -> (facts, [Action]) that only reads:
+                  plan_imds, plan_media and plan_ready (provisioning),
+                  plan_hostname with publish_plan (hostname), plan_user (admin
+                  user), plan_identity (per-VM identity), plan_data and
+                  plan_hooks (hooks)
+  execute()       (provisioning) plans each step and performs its actions in
+                  order, timing the step; carry_out() is the one place --dry-run
+                  is decided (it prints "would <says>" instead), and fail() the
+                  one failure path: the reason logged, KVP, NotReady/
+                  ProvisioningFailed to the WireServer, the record
 """
 
 import itertools
@@ -2352,6 +2370,11 @@ def plan_user(facts, system):
     return facts._replace(admin_user=request.name), actions
 
 
+def user_ready(facts):
+    """The line said once the user step's actions are done (None: none)."""
+    return facts.options.provision_user and 'user: %s ready' % facts.admin_user
+
+
 def user_plan(facts, system, request):
     """(facts, the actions that make the admin user as asked: account, locked password,
     sudo, keys, sshd), leaving out what is so already.  Accounts are the root's own
@@ -3109,7 +3132,7 @@ def run_hook(path, env, deadline, log):
 
 
 # --------------------------------------------------------------------------
-# Provisioning: one run context, a table of steps, one executor
+# Provisioning: the steps' table, one executor, one failure path
 # --------------------------------------------------------------------------
 
 class Options(object):
@@ -3190,8 +3213,7 @@ def health_report(facts, system, state, substatus=None, description=None):
 # (step=...), and no later one runs.
 STEPS = (('imds', plan_imds, None), ('media', plan_media, None),
          ('hostname', plan_hostname, None),
-         ('user', plan_user, lambda facts: facts.options.provision_user
-          and 'user: %s ready' % facts.admin_user),
+         ('user', plan_user, user_ready),
          ('identity', plan_identity, None), ('data', plan_data, None),
          ('hooks', plan_hooks, None), ('ready', plan_ready, None))
 
@@ -3567,7 +3589,7 @@ def user_removal_plan(system, state, problems):
             raise ProvisioningError('the record names %s, a system account (uid %s); '
                                     'refused: %s' % (name, printable(uid)[:20], why))
     plan = []
-    home = os.path.join('/home', name)      # useradd -m's, as user_plan made it
+    home = os.path.join(system.home_base(), name)     # useradd -m's, as user_plan made it
     found = system.files.lstat(home)
     if uid is None and found is not None and str(found.st_uid) not in uids.values():
         # userdel -r removed the account and failed at the home (exit 12: an immutable
@@ -3579,9 +3601,7 @@ def user_removal_plan(system, state, problems):
                         % (name, home))
     # userdel rewrites /etc/passwd and its siblings (lock files beside them)
     if uid is not None and changeable(system.files, '/etc/passwd', problems):
-        argv = [find_tool('userdel') or 'userdel', '-r', name]
-        if not system.files.is_machine():
-            argv[1:1] = ['--root', system.files.top]
+        argv = system.account_tool('userdel', '-r', name)
         plan.append(Action('remove the admin user %s and its home (userdel -r)' % name,
                            lambda: system.run(argv, 'deprovision')))
     return plan + removal(system.files, SUDOERS_DROP_IN, 'its sudo rule', problems)
