@@ -2360,19 +2360,19 @@ def authorized_keys_path(home, imds_paths, log):
 
 
 def plan_user(facts, system):
-    """With --provision-user, the admin user as IMDS (and the media) ask for it;
-    without, only its name, for the hooks."""
+    """With --provision-user, the admin user as IMDS (and the media) ask for it."""
     if not facts.options.provision_user:
-        return facts._replace(admin_user=compute_field(facts.metadata, 'osProfile',
-                                                       'adminUsername')), []
+        return facts, []
     request = user_with_media(user_from_metadata(facts.metadata), facts.media)
-    facts, actions = user_plan(facts, system, request)
-    return facts._replace(admin_user=request.name), actions
+    return user_plan(facts, system, request)
 
 
 def user_ready(facts):
-    """The line said once the user step's actions are done (None: none)."""
-    return facts.options.provision_user and 'user: %s ready' % facts.admin_user
+    """Once the user step's actions are done: (facts with the admin user the hooks
+    get, the line said then or None)."""
+    name = compute_field(facts.metadata, 'osProfile', 'adminUsername')
+    return (facts._replace(admin_user=name),
+            'user: %s ready' % name if facts.options.provision_user else None)
 
 
 def user_plan(facts, system, request):
@@ -3208,9 +3208,10 @@ def health_report(facts, system, state, substatus=None, description=None):
                   % (host_header(wireserver), report.rstrip('\n')), post)
 
 
-# In order, each `plan_X(facts, system) -> (facts, [Action])`, and the line (if any)
-# said when its actions are done; the first that fails is named in the report
-# (step=...), and no later one runs.
+# In order: each step's name, its planner `plan_X(facts, system) -> (facts,
+# [Action])`, and what (if anything) it establishes once its actions are done:
+# `done(facts) -> (facts, the line said then or None)`.  The first step that fails
+# is named in the report (step=...), and no later one runs.
 STEPS = (('imds', plan_imds, None), ('media', plan_media, None),
          ('hostname', plan_hostname, None),
          ('user', plan_user, user_ready),
@@ -3245,9 +3246,10 @@ def execute(steps, facts, system, out):
             facts = learned(facts, getattr(exc, 'facts', None), system.log)
             return fail(step, exc, took(facts, step, t), system, out)
         facts = took(facts, step, t)
-        said = done and done(facts)
-        if said:
-            system.log.info('%s (%s)' % (said, elapsed_ms(t)))
+        if done:
+            facts, said = done(facts)
+            if said:
+                system.log.info('%s (%s)' % (said, elapsed_ms(t)))
     record(facts, system, 'provisioned')    # only now: Ready was accepted (waagent #1511)
     facts = perform_all(kvp_report_plan(system, report_description(
         'success', facts.vm_id, warnings=facts.warnings)), facts, system, out)

@@ -156,7 +156,12 @@ class UserPlan(unittest.TestCase):
             ['add 1 key(s) to /srv/people/bob/.ssh/authorized_keys (0600, owner bob)', True],
             ['write /etc/ssh/sshd_config.d/50-azure-provisioning.conf (making '
              '/etc/ssh/sshd_config.d, 0755): PasswordAuthentication no', True]])
-        self.assertEqual(answer['result']['admin_user'], 'bob')
+        # the admin user is a fact once the step's actions are done, not before
+        self.assertEqual(answer['result']['admin_user'], '')
+        facts = ap.first_facts(ap.Options(provision_user=True))._replace(
+            metadata=user_metadata('bob', BOB_KEY))
+        facts, said = ap.user_ready(facts)
+        self.assertEqual((facts.admin_user, said), ('bob', 'user: bob ready'))
 
     def test_an_account_of_the_root_is_taken_as_it_is(self):
         # alice exists in the root's /etc/passwd only: her home, her unlocked password,
