@@ -2603,7 +2603,9 @@ def keys_to_add(system, keys, path):
 
 def install_keys(system, name, path, keys):
     """Add the keys authorized_keys lacks now, writing it (0600) and the directories
-    to it (0700), all owned by the user, never through a symbolic link."""
+    to it (0700), all owned by the user, inside the root and never through a
+    symbolic link."""
+    import stat
     account = system.account(name)
     if account is None:
         raise ProvisioningError('user: %s has no entry in /etc/passwd; no keys written' % name)
@@ -2611,27 +2613,27 @@ def install_keys(system, name, path, keys):
     if not new:
         system.log.info('user: %d key(s) already in %s' % (len(keys), path))
         return
-    text = ''.join(line + '\n' for line in lines + new).encode('utf-8')
-    path = system.files.path(path)
-    directory = os.path.dirname(path)
+    files, directory = system.files, os.path.dirname(path)
     for link in (directory, path):
-        if os.path.islink(link):
+        found = files.lstat(link)
+        if found is not None and stat.S_ISLNK(found.st_mode):
             raise ProvisioningError('%s is a symbolic link; refusing to write keys through it'
-                                    % link)
+                                    % files.path(link))
     made = []
     parent = directory
-    while not os.path.isdir(parent):
+    while not files.is_dir(parent):
         made.append(parent)
         parent = os.path.dirname(parent)
     for missing in reversed(made):
-        os.mkdir(missing, 0o700)
-        os.chown(missing, account.uid, account.gid)
-    if directory == system.files.path(account.home, '.ssh'):
-        os.chmod(directory, 0o700)
-    write_file_atomically(path, text, mode=0o600, owner=(account.uid, account.gid),
-                          deadline=system.deadline)
-    system.restore_labels([directory], 'user')      # ssh_home_t, or sshd may not read them
-    system.log.info('user: %d key(s) added to %s' % (len(new), path))
+        files.make_dirs(missing, 0o700)
+        files.at(missing, lambda fd, entry: os.chown(entry, account.uid, account.gid, dir_fd=fd,
+                                                     follow_symlinks=False), follow=False)
+    if directory == os.path.normpath(os.path.join(account.home, '.ssh')):
+        files.at(directory, lambda fd, entry: os.chmod(entry, 0o700, dir_fd=fd), follow=False)
+    files.write(path, ''.join(line + '\n' for line in lines + new).encode('utf-8'), mode=0o600,
+                owner=(account.uid, account.gid), deadline=system.deadline)
+    system.restore_labels([files.path(directory)], 'user')  # ssh_home_t, or sshd may not read them
+    system.log.info('user: %d key(s) added to %s' % (len(new), files.path(path)))
 
 
 def sshd_plan(facts, system, logins):

@@ -51,7 +51,7 @@ MUTATIONS = [
       'publish_hostname=not options.no_publish_hostname,', 'publish_hostname=True,',
       ['tests.test_publish', 'tests.test_cli']),
     M('keys-through-symlink', 'the refusal to write keys through a symbolic link removed',
-      'if os.path.islink(link):', 'if False:',
+      '        if found is not None and stat.S_ISLNK(found.st_mode):', '        if False:',
       ['tests.test_user']),
     M('catch-all-narrowed', 'the catch-all that turns a crash into a failure report narrowed',
       'except Exception as exc:    # whatever the type',
