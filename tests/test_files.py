@@ -249,7 +249,7 @@ class NoHangNoExhaustion(Base):
             self.assertEqual(json.load(f)['result'], 'provisioned')
 
     def test_read_state_of_a_fifo_is_none_at_once(self):
-        # provisioning (write_state after Ready, host_keys_plan) reads the record so
+        # provisioning (write_state after Ready, plan_identity) reads the record so
         fifo(os.path.join(self.root, 'var/lib/azure-provisioning/state.json'))
         run = run_command([sys.executable, '-I', '-c', 'import sys; sys.path[:0] = [%r]; '
                            'import azure_provisioning as ap; print(ap.read_state(ap.Root(%r)))'
