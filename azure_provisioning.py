@@ -3191,10 +3191,10 @@ def plan_media(facts, system):
 
 def plan_ready(facts, system):
     """Ready for the current goal state: what every step before led to."""
-    return facts, [health_report(facts, system, 'Ready')]
+    return facts, [health_post(facts, system, 'Ready')]
 
 
-def health_report(facts, system, state, substatus=None, description=None):
+def health_post(facts, system, state, substatus=None, description=None):
     """The action that posts a health report for the current goal state (fetched now:
     a read); it establishes the incarnation Azure accepted it for."""
     wireserver = facts.options.wireserver
@@ -3340,7 +3340,7 @@ def fail(step, exc, facts, system, out):
         record(facts, system, 'failed', step, reason)
         return 1
     try:
-        report = health_report(facts, system, 'NotReady', 'ProvisioningFailed', description)
+        report = health_post(facts, system, 'NotReady', 'ProvisioningFailed', description)
         facts = learned(facts, carry_out(report, facts.options.dry_run, out), system.log)
     except Exception as exc:
         system.log.error('could not report the failure to Azure: %s'

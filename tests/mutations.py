@@ -101,8 +101,8 @@ MUTATIONS = [
       '        pass', ['tests.test_files']),
     # -- core behaviour ---------------------------------------------------------------
     M('ready-never-posted', 'the goal state is fetched but Ready is never posted',
-      "    return facts, [health_report(facts, system, 'Ready')]",
-      "    health_report(facts, system, 'Ready')\n    return facts, []",
+      "    return facts, [health_post(facts, system, 'Ready')]",
+      "    health_post(facts, system, 'Ready')\n    return facts, []",
       ['tests.test_provisioner', 'tests.test_ready_post']),
     M('incarnation-hard-coded', "the health report says incarnation 1 whatever the goal state",
       ') % (xml_escape(goal_state.incarnation),', ") % (xml_escape('1'),",
