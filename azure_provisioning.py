@@ -29,12 +29,30 @@ cannot run: WHY (fix: FIX)"); install.sh acts on these statuses alone.
 Standard library only; Python 3.6 or newer.
 
 The file reads top-down: system helpers (log and deadline, text, files under one
-Root, tools), transport (HTTP/1.1 and the retry policy), WireServer, IMDS, the
-provisioning media, KVP, hostname and its DHCP publishing, admin user, per-VM
-identity, hooks (and the data kept for them), then provision(): a Run context
-walks STEPS; each step decides a plan of Actions and Run.carry_out does them, or
-prints them with --dry-run.  Then --deprovision, --status, --check and the
+Root, tools, and System, the only way a run reaches the machine), transport
+(HTTP/1.1 and the retry policy), WireServer, IMDS, the provisioning media, KVP,
+hostname and its DHCP publishing, admin user, per-VM identity, hooks (and the
+data kept for them), provisioning, then --deprovision, --status, --check and the
 command line.
+
+How provisioning is built, and where each part lives:
+  Action, Facts   (after the error classes) what a step plans: what it says, its
+                  doing, whether its failure fails the VM; and what the run has
+                  learned, replaced step by step (hook_environment derives the
+                  hooks' variables from it, in the hooks section)
+  System          (after the tools) the files under the root (Root), the root's
+                  own accounts, the hostname, the tools, the kernel, SELinux
+  STEPS           (provisioning) the steps in order, each a planner
+                  plan_X(facts, system) -> (facts, [Action]) that only reads:
+                  plan_imds, plan_media and plan_ready (provisioning),
+                  plan_hostname with publish_plan (hostname), plan_user (admin
+                  user), plan_identity (per-VM identity), plan_data and
+                  plan_hooks (hooks)
+  execute()       (provisioning) plans each step and performs its actions in
+                  order, timing the step; carry_out() is the one place --dry-run
+                  is decided (it prints "would <says>" instead), and fail() the
+                  one failure path: the reason logged, KVP, NotReady/
+                  ProvisioningFailed to the WireServer, the record
 
 Imports follow one rule: a module that every run to Ready uses is imported at the
 top; any other is imported in the function that needs it (argparse for --help and
@@ -87,6 +105,52 @@ class Terminated(BaseException):
 
 def raise_terminated(signum, frame):
     raise Terminated()
+
+
+# --------------------------------------------------------------------------
+# The shapes of a provisioning run: what a step plans (Action) and what the run
+# has learned (Facts).  The machine is reached through System; STEPS and the
+# executor that walks them are in the provisioning section (index: the docstring).
+# --------------------------------------------------------------------------
+
+# One thing a step does.  `says` is its line (--dry-run prints "would <says>");
+# do() takes no argument and returns None or a dict of the facts it established
+# (e.g. {'user_created': 'azureuser'}; 'warnings': a tuple to add), merged into
+# the run's Facts.  fatal: its failure, of any type, fails the step; else the
+# failure is a warning.  What a failing do() had made before it failed rides on
+# the exception (with_facts), so that the record still says so.
+Action = namedtuple('Action', 'says do fatal')
+Action.__new__.__defaults__ = (True,)      # Python 3.6 has no namedtuple(defaults=)
+
+# What a run has learned, replaced step by step (facts._replace), never changed in
+# place: what was asked (options), read (metadata, media and why it could not be
+# read, vm_id), set (hostname, admin_user), made (user_created, user_creating: a
+# useradd begun, user_claim_dropped: one that made nothing, host_keys and the VM
+# they were made for, the custom_data and user_data files), the incarnation Azure
+# accepted a report for, the warnings, and (step, seconds) of each step.  The
+# hooks' environment (hook_environment) and the reports are derived from it.
+Facts = namedtuple('Facts', 'options metadata media media_problem vm_id hostname admin_user '
+                            'user_created user_creating user_claim_dropped host_keys '
+                            'host_keys_for custom_data user_data incarnation warnings steps')
+
+
+def first_facts(options):
+    """What a run knows before its first step: what it was asked."""
+    return Facts(options=options, metadata=None, media=None, media_problem=None, vm_id='',
+                 hostname=None, admin_user='', user_created=None, user_creating=None,
+                 user_claim_dropped=False, host_keys=None, host_keys_for=None,
+                 custom_data=None, user_data=None, incarnation=None, warnings=(), steps=())
+
+
+def with_warning(facts, warning):
+    return facts._replace(warnings=facts.warnings + (warning,))
+
+
+def with_facts(exc, facts):
+    """`exc`, carrying `facts` (a dict): what an action made before it failed, which
+    the executor keeps for the record."""
+    exc.facts = dict(getattr(exc, 'facts', None) or {}, **facts)
+    return exc
 
 
 # --------------------------------------------------------------------------
@@ -680,11 +744,6 @@ def copy_selinux_label(source, target):
     os.setxattr(target, SELINUX_XATTR, label)
 
 
-# A step's plan is a list of actions: what it would do, in words, and the doing.
-# Run.carry_out performs them, or with --dry-run prints them.
-Action = namedtuple('Action', 'says do')
-
-
 def name_matches(pattern, name):
     """re.match of a file name, where a pattern's final `$` is the end of the name:
     re's `$` also matches before a final newline, which a file name may hold."""
@@ -780,11 +839,94 @@ def find_tool(name):
     return None
 
 
-def restore_labels(run, paths, what):
-    """The SELinux policy's labels for files we made, where SELinux is on."""
-    restorecon = find_tool('restorecon')
-    if restorecon and os.path.isdir(SELINUX_FS):
-        run_tool([restorecon, '-R'] + list(paths), run.deadline, what)
+# --------------------------------------------------------------------------
+# System: the only way a provisioning run reaches the machine
+# --------------------------------------------------------------------------
+
+# An entry of the root's /etc/passwd: what useradd made, or the image holds
+Account = namedtuple('Account', 'name uid gid home shell')
+ACCOUNT_TOOLS_WITH_ROOT = ('useradd', 'usermod', 'userdel', 'groupdel', 'chpasswd')
+USERADD_DEFAULTS = '/etc/default/useradd'
+HOME_BASE = '/home'         # useradd's HOME where /etc/default/useradd does not say
+
+
+class System(object):
+    """The machine one run looks at and changes: its files under the root (Root:
+    every path contained in it, checked at the action), its accounts as the root's
+    own /etc/passwd and login.defs say (never this process's NSS), its hostname,
+    its tools (bounded by the run's deadline; the account tools act on the root),
+    the live kernel's file systems and the SELinux labels.  `deadline` and `log`
+    are the run's."""
+
+    def __init__(self, root, deadline, log):
+        self.files = root if isinstance(root, Root) else Root(root)
+        self.deadline = deadline
+        self.log = log
+
+    def is_machine(self):
+        return self.files.is_machine()
+
+    def run(self, argv, what, stdin=None, secret=None, accept=(0,), deadline=None):
+        """run_tool within the run's deadline (or a shorter one given)."""
+        return run_tool(argv, deadline or self.deadline, what, stdin=stdin, secret=secret,
+                        accept=accept)
+
+    def account_tool(self, name, *arguments):
+        """The argv of a shadow tool (useradd, usermod...) acting on the root's account
+        files: --root ROOT where the root is not this machine."""
+        argv = [find_tool(name) or name]
+        if name in ACCOUNT_TOOLS_WITH_ROOT and not self.is_machine():
+            argv += ['--root', self.files.top]
+        return argv + list(arguments)
+
+    def account(self, name):
+        """`name`'s Account in the root's /etc/passwd, None when it has no (well-formed)
+        entry: a line glibc would skip is none to it either."""
+        fields = account_entry(self.files, '/etc/passwd', name)
+        if fields is None or len(fields) < 7 or not all(DECIMAL.fullmatch(f) for f in fields[2:4]):
+            return None
+        return Account(name, int(fields[2]), int(fields[3]), fields[5], fields[6])
+
+    def user_uids(self):
+        return user_uids(self.files)
+
+    def login_shell(self):
+        """/bin/bash when the root has it (a regular file anyone may run), else /bin/sh."""
+        found = self.files.stat('/bin/bash')
+        if found is not None and stat.S_ISREG(found.st_mode) and found.st_mode & 0o111:
+            return '/bin/bash'
+        return '/bin/sh'
+
+    def home_base(self):
+        """Where useradd makes homes in this root: HOME= of its /etc/default/useradd
+        (the last, as useradd reads it), else /home."""
+        try:
+            text = self.files.read_text(USERADD_DEFAULTS) or ''
+        except OSError:     # a FIFO, a device, too large: useradd's default
+            text = ''
+        found = re.findall(r'^HOME=(/[^\s]*)$', text, re.M)
+        return os.path.normpath(found[-1]) if found else HOME_BASE
+
+    def hostname(self):
+        return socket.gethostname()
+
+    def set_hostname(self, name):
+        """sethostname(2): the live name, in our UTS namespace."""
+        try:
+            socket.sethostname(name)
+        except OSError as exc:
+            raise ProvisioningError('cannot set hostname %s: %s' % (name, describe_error(exc)))
+
+    def kernel_filesystems(self):
+        """The file systems the running kernel mounts (/proc/filesystems: this machine's,
+        whatever the root)."""
+        return read_text('/proc/filesystems') or ''
+
+    def restore_labels(self, paths, what):
+        """The SELinux policy's labels for files we made, where SELinux is on."""
+        restorecon = find_tool('restorecon')
+        if restorecon and os.path.isdir(SELINUX_FS):
+            self.run([restorecon, '-R'] + list(paths), what)
 
 
 # --------------------------------------------------------------------------
@@ -1371,21 +1513,21 @@ def describe_media(media):
                             if media.custom_data is not None else '(none)')])
 
 
-def cdrom_devices(run):
+def cdrom_devices(system):
     """/dev/sr0, then the other CD-ROM devices (as waagent looks)."""
-    dev = run.root.path('/dev')
+    dev = system.files.path('/dev')
     names = sorted(glob_names(dev, MEDIA_DEVICE_NAME.pattern),
                    key=lambda n: (n != 'sr0', not n.startswith('sr'), n))
     return unique_devices([os.path.join(dev, n) for n in names])
 
 
-def formatted_devices(run):
+def formatted_devices(system):
     """Block devices holding a UDF or ISO 9660 file system (as cloud-init looks, with
     blkid): the last resort.  Their volume recognition area, 32 KiB in, is read
     here; a blkid process would cost more than the whole probe (0.5 s under TCG)."""
     found = []
-    for name in sorted(glob_names(run.root.path('/sys/class/block'), r'[\w.-]+$')):
-        device = run.root.path('/dev', name)
+    for name in sorted(glob_names(system.files.path('/sys/class/block'), r'[\w.-]+$')):
+        device = system.files.path('/dev', name)
         if filesystem_signature(device) in MEDIA_FILESYSTEMS:
             found.append(device)
     return found
@@ -1420,50 +1562,50 @@ def unique_devices(devices):
     return unique
 
 
-def read_media(run, device):
+def read_media(system, device):
     """ovf-env.xml's bytes from the media in `device` (None when the media has no
     such file), mounted read-only and always unmounted, also on SIGTERM.  The
     mountpoint is inside a directory of its own (0700): the disc's root may let
     anyone in, and ovf-env.xml holds the password in plain text."""
     import tempfile
     private = tempfile.mkdtemp(prefix='azure-provisioning-media.',
-                               dir=run.root.path(MEDIA_MOUNT_DIR))
+                               dir=system.files.path(MEDIA_MOUNT_DIR))
     mountpoint = os.path.join(private, 'media')
     os.mkdir(mountpoint, 0o700)
     try:
         try:
             # nodev, nosuid, noexec: the disc is anyone's; what it holds is data only
-            run_tool([find_tool('mount') or 'mount', '-o', 'ro,nodev,nosuid,noexec', '-t',
-                      ','.join(MEDIA_FILESYSTEMS), device, mountpoint], run.deadline, 'media')
+            system.run([find_tool('mount') or 'mount', '-o', 'ro,nodev,nosuid,noexec', '-t',
+                        ','.join(MEDIA_FILESYSTEMS), device, mountpoint], 'media')
         except BaseException as exc:
             if os.path.ismount(mountpoint):     # timed out after the kernel mounted it
-                unmount(run, mountpoint)
+                unmount(system, mountpoint)
             if isinstance(exc, ProvisioningError):
-                raise ProvisioningError('%s%s' % (exc, udf_missing_hint(run)))
+                raise ProvisioningError('%s%s' % (exc, udf_missing_hint(system)))
             raise
         try:
             return Root(mountpoint).read(OVF_ENV, limit=OVF_ENV_MAX)
         except OSError as exc:      # a FIFO, a device, too large
             raise ProvisioningError('media: %s on %s: %s' % (OVF_ENV, device, exc.strerror))
         finally:
-            unmount(run, mountpoint)
+            unmount(system, mountpoint)
     finally:
         for directory in (mountpoint, private):
             try:
                 os.rmdir(directory)
             except OSError as exc:
-                run.log.warning('media: %s left behind: %s' % (directory, describe_error(exc)))
+                system.log.warning('media: %s left behind: %s' % (directory, describe_error(exc)))
 
 
-def unmount(run, mountpoint):
+def unmount(system, mountpoint):
     """umount, also after the deadline (a mount must not outlive us); lazily when busy."""
     umount = find_tool('umount') or 'umount'
     grace = Deadline(TOOL_TIMEOUT)
     try:
-        run_tool([umount, mountpoint], grace, 'media')
+        system.run([umount, mountpoint], 'media', deadline=grace)
     except ProvisioningError as exc:
-        run.log.warning('media: %s; detaching it lazily' % exc)
-        run_tool([umount, '-l', mountpoint], grace, 'media')
+        system.log.warning('media: %s; detaching it lazily' % exc)
+        system.run([umount, '-l', mountpoint], 'media', deadline=grace)
 
 
 def kernel_has_udf(root, modules):
@@ -1473,48 +1615,48 @@ def kernel_has_udf(root, modules):
             or bool(root.names(modules + '/kernel/fs/udf', r'udf\.ko')))
 
 
-def udf_missing_hint(run):
+def udf_missing_hint(system):
     """' (this kernel cannot mount UDF: ...)' when that is so, else ''."""
     release = os.uname().release
-    if 'udf' in kernel_filesystems() or kernel_has_udf(run.root, '/lib/modules/' + release):
+    if ('udf' in system.kernel_filesystems()
+            or kernel_has_udf(system.files, '/lib/modules/' + release)):
         return ''
     return (' (kernel %s cannot mount UDF, the format Azure uses: no udf module in '
             '/lib/modules/%s; install it, e.g. linux-modules-extra)' % (release, release))
 
 
-def find_media(run):
-    """The first media holding ovf-env.xml, parsed: OvfEnv, or None.  Problems are
-    warnings here; whether the media was needed is for the caller to say."""
-    choice = run.options.media
+def find_media(system, choice):
+    """(the first media holding ovf-env.xml, parsed: OvfEnv, or None; why none
+    could be read, or None).  `choice`: --media.  Problems are logged here; whether
+    the media was needed is for the caller to say."""
     if choice == 'none':
-        run.log.info('media: not looked for (--media none)')
-        return None
+        system.log.info('media: not looked for (--media none)')
+        return None, None
     problems = []
     if choice:
-        media = read_first_media(run, [choice], problems)
+        media = read_first_media(system, [choice], problems)
     else:
-        media = search_media(run, problems)
-        if media is None and settle_devices(run):
+        media = search_media(system, problems)
+        if media is None and settle_devices(system):
             problems = []
-            media = search_media(run, problems)
+            media = search_media(system, problems)
     if media is not None:
-        return media
+        return media, None
     if not problems:
-        run.log.info('media: no provisioning media found (IMDS alone)')
-        return None
+        system.log.info('media: no provisioning media found (IMDS alone)')
+        return None, None
     for problem in problems:
-        run.log.warning(problem)
-    run.media_problem = problems[-1]
-    return None
+        system.log.warning(problem)
+    return None, problems[-1]
 
 
-def search_media(run, problems):
+def search_media(system, problems):
     """The CD-ROMs, then the last resort: any other disc formatted as one."""
-    cdroms = cdrom_devices(run)
-    media = read_first_media(run, cdroms, problems)
+    cdroms = cdrom_devices(system)
+    media = read_first_media(system, cdroms, problems)
     if media is None:
         tried = [os.path.realpath(d) for d in cdroms]
-        media = read_first_media(run, [d for d in formatted_devices(run)
+        media = read_first_media(system, [d for d in formatted_devices(system)
                                        if os.path.realpath(d) not in tried], problems)
     return media
 
@@ -1523,35 +1665,35 @@ MEDIA_SETTLE_TIMEOUT = 30       # s at most for udev's queue, when nothing was f
 UDEV_CONTROL = '/run/udev/control'      # systemd-udevd's socket: udev is running
 
 
-def settle_devices(run):
+def settle_devices(system):
     """Wait until udev has handled every device the kernel announced (bounded by
     the deadline): True when a second look may find more.  Where the initramfs lacks
     the CD-ROM driver (ata_piix, sr_mod), udev loads it from the root file system and
     sr0 comes seconds after boot, possibly after this unit started.  Without udev
     nothing loads a driver later: no wait."""
     udevadm = find_tool('udevadm')
-    if not udevadm or not os.path.exists(run.root.path(UDEV_CONTROL)):
-        run.log.debug('media: udev is not running; no device can still appear')
+    if not udevadm or not os.path.exists(system.files.path(UDEV_CONTROL)):
+        system.log.debug('media: udev is not running; no device can still appear')
         return False
-    seconds = int(min(MEDIA_SETTLE_TIMEOUT, run.deadline.remaining()))
+    seconds = int(min(MEDIA_SETTLE_TIMEOUT, system.deadline.remaining()))
     if seconds < 1:
         return False
     t = time.monotonic()
     try:
-        run_tool([udevadm, 'settle', '--timeout=%d' % seconds], run.deadline, 'media')
+        system.run([udevadm, 'settle', '--timeout=%d' % seconds], 'media')
     except ProvisioningError as exc:    # still busy: what is there now is looked at
-        run.log.warning('media: udev did not settle: %s' % exc)
-    run.log.info('media: none found at first; waited for udev to settle (%s); '
+        system.log.warning('media: udev did not settle: %s' % exc)
+    system.log.info('media: none found at first; waited for udev to settle (%s); '
                  'looking again' % elapsed_ms(t))
     return True
 
 
-def read_first_media(run, devices, problems):
+def read_first_media(system, devices, problems):
     """The first of `devices` whose media holds ovf-env.xml, parsed; what went wrong
     with the others is added to `problems`."""
     for device in devices:
         try:
-            data = read_media(run, device)
+            data = read_media(system, device)
         except ProvisioningError as exc:
             problems.append(str(exc))
             continue
@@ -1562,7 +1704,7 @@ def read_first_media(run, devices, problems):
             media = parse_ovf_env(data, device)
         except ValueError as exc:
             raise ProvisioningError('media: %s on %s: %s' % (OVF_ENV, device, exc))
-        run.log.info('media: %s: %s read (%s)' % (device, OVF_ENV, describe_media(media)))
+        system.log.info('media: %s: %s read (%s)' % (device, OVF_ENV, describe_media(media)))
         return media
     return None
 
@@ -1663,22 +1805,23 @@ def write_kvp(key, value, pool=KVP_POOL, booted=None, wait=KVP_LOCK_WAIT, root=N
         os.close(fd)     # closing releases the lock
 
 
-def report_to_kvp(run, description):
-    """The WireServer report again, into KVP when this is a Hyper-V guest; never
-    fails.  Its lock wait ends before the run's reserve: that is the WireServer
-    report's."""
-    pool = run.root.path(KVP_POOL)
+def kvp_report_plan(system, description):
+    """[the action that appends the report to KVP] when this is a Hyper-V guest, else
+    []; it never fails (a pool it cannot write is a warning).  Its lock wait ends
+    before the run's reserve: that is the WireServer report's."""
+    pool = system.files.path(KVP_POOL)
     try:
-        hyperv = run.root.is_dir(os.path.dirname(KVP_POOL))
+        hyperv = system.files.is_dir(os.path.dirname(KVP_POOL))
     except OSError as exc:
-        run.log.warning('KVP report not written: %s' % describe_error(exc))
-        return
+        system.log.warning('KVP report not written: %s' % describe_error(exc))
+        return []
     if not hyperv:
-        run.log.debug('KVP: %s does not exist; no KVP report' % os.path.dirname(pool))
-        return
-    wait = min(KVP_LOCK_WAIT, run.deadline.remaining())
-    run.carry_out(Action('append to %s: %s=%s' % (pool, KVP_REPORT_KEY, description),
-                         lambda: append_kvp_report(run.root, description, run.log, wait)))
+        system.log.debug('KVP: %s does not exist; no KVP report' % os.path.dirname(pool))
+        return []
+    wait = min(KVP_LOCK_WAIT, system.deadline.remaining())
+    return [Action('append to %s: %s=%s' % (pool, KVP_REPORT_KEY, description),
+                   lambda: append_kvp_report(system.files, description, system.log, wait),
+                   fatal=False)]
 
 
 def append_kvp_report(root, description, log, wait=KVP_LOCK_WAIT):
@@ -1690,7 +1833,7 @@ def append_kvp_report(root, description, log, wait=KVP_LOCK_WAIT):
         log.warning('KVP report not written: %s' % describe_error(exc))
 
 
-def report_description(result, facts, step=None, reason=None, warnings=()):
+def report_description(result, vm_id, step=None, reason=None, warnings=()):
     """Azure agents' pipe-separated report, at most MAX_DESCRIPTION characters:
     `result=error|reason=...|agent=...|step=...|vm_id=...|timestamp=...|documentation_url=...`"""
     clean = lambda text: ' '.join(clean_text(text).replace('|', '/').split())
@@ -1699,7 +1842,7 @@ def report_description(result, facts, step=None, reason=None, warnings=()):
     if step:
         tail.append('step=' + step)
     tail += ['warning=' + clean(w) for w in warnings]
-    tail += ['vm_id=' + clean(facts.get('AZURE_VM_ID') or 'unknown'),
+    tail += ['vm_id=' + clean(vm_id or 'unknown'),
              'timestamp=' + utc_timestamp()]
     if result == 'error':
         tail.append('documentation_url=' + DOCUMENTATION_URL)
@@ -1751,68 +1894,74 @@ def system_systemd():
     return os.path.isdir('/run/systemd/system') and in_system_uts_namespace()
 
 
-def hostname_step(run):
+def plan_hostname(facts, system):
     """Set the name IMDS gives (when it differs), then announce it to DHCP."""
+    current = system.hostname()
+    facts = facts._replace(hostname=current)
+    if not facts.options.set_hostname:
+        system.log.info('hostname: left alone (--no-hostname)')
+        return facts, []
     t = time.monotonic()
-    name = validate_hostname(desired_hostname(run.metadata))
-    current = socket.gethostname()
-    if name == current:
-        # live already (set by hand, or the image's own): the next boots need the file
-        if (run.root.read_text('/etc/hostname') or '').strip() == name:
-            run.log.info('hostname: already %s, nothing to change (%s)' % (name, elapsed_ms(t)))
-            return
+    name = validate_hostname(desired_hostname(facts.metadata))
+    if name != current:
+        rename = [Action('set hostname: %s (now %s)' % (name, current),
+                         lambda: rename_host(system, current, name, t))]
+        if not facts.options.publish_hostname:
+            return facts, rename
+        if not in_system_uts_namespace():
+            # a name set in a private namespace is not the one DHCP should send
+            system.log.info('hostname: not published to DHCP (not the system\'s UTS namespace)')
+            return facts, rename
+        facts, publish = publish_plan(facts, system, name)
+        return facts, rename + publish
+    # live already (set by hand, or the image's own): the next boots need the file
+    if (system.files.read_text('/etc/hostname') or '').strip() == name:
+        system.log.info('hostname: already %s, nothing to change (%s)' % (name, elapsed_ms(t)))
+        return facts, []
+
+    def write_file():
         try:
-            run.carry_out(Action('write /etc/hostname: %s' % name,
-                                 lambda: write_etc_hostname(run, name)))
+            learned = write_etc_hostname(system, name)
         except (ProvisioningError, OSError) as exc:
-            # the VM has its name now: a failed VM would be the wrong report
-            run.warn('/etc/hostname not written: %s' % describe_error(exc))
-            return
-        run.log.info('hostname: already %s; /etc/hostname written (%s)' % (name, elapsed_ms(t)))
-        return
-    run.carry_out(Action('set hostname: %s (now %s)' % (name, current),
-                         lambda: rename_host(run, current, name, t)))
-    if not run.options.publish_hostname:
-        return
-    if not in_system_uts_namespace():
-        # a name set in a private namespace is not the one DHCP should send
-        run.log.info('hostname: not published to DHCP (not the system\'s UTS namespace)')
-        return
-    warning = publish_hostname(run, name)
-    if warning:
-        run.warn(warning)
+            raise ProvisioningError('/etc/hostname not written: %s' % describe_error(exc))
+        system.log.info('hostname: already %s; /etc/hostname written (%s)'
+                        % (name, elapsed_ms(t)))
+        return learned
+    # the VM has its name now: a failed VM would be the wrong report
+    return facts, [Action('write /etc/hostname: %s' % name, write_file, fatal=False)]
 
 
-def rename_host(run, old, new, started):
-    method = set_hostname(run, new)
-    hosts = update_etc_hosts(run, old, new)
-    run.log.info('hostname set to %s via %s%s (%s)'
-                 % (new, method, ', /etc/hosts updated' if hosts else '', elapsed_ms(started)))
+def rename_host(system, old, new, started):
+    learned = set_hostname(system, new)
+    hosts = update_etc_hosts(system, old, new)
+    system.log.info('hostname set to %s via sethostname%s (%s)'
+                    % (new, ', /etc/hosts updated' if hosts else '', elapsed_ms(started)))
+    return dict(learned or {}, hostname=new)
 
 
-def set_hostname(run, name):
+def set_hostname(system, name):
     """The name for the next boots (/etc/hostname), then the live one (sethostname(2)):
     what systemd-hostnamed does for `hostnamectl set-hostname`, without asking it over
     D-Bus, which would first start it (0.5-1.5 s of the boot under TCG; minimal images
     lack it).  A running hostnamed or NetworkManager learns no new static name until
     it reads the file again.  The file first: a failed write leaves the old name live,
-    and the next run tries again.  Returns how."""
-    write_etc_hostname(run, name)
-    try:
-        socket.sethostname(name)
-    except OSError as exc:
-        raise ProvisioningError('cannot set hostname %s: %s' % (name, describe_error(exc)))
-    return 'sethostname'
+    and the next run tries again.  Returns the facts write_etc_hostname established."""
+    learned = write_etc_hostname(system, name)
+    system.set_hostname(name)
+    return learned
 
 
-def write_etc_hostname(run, name):
-    new_file = not run.root.exists('/etc/hostname')
-    run.root.write('/etc/hostname', (name + '\n').encode(), deadline=run.deadline)
+def write_etc_hostname(system, name):
+    """/etc/hostname holds `name`; returns {'warnings': ...} when only its label
+    could not be set (the name is right)."""
+    new_file = not system.files.exists('/etc/hostname')
+    system.files.write('/etc/hostname', (name + '\n').encode(), deadline=system.deadline)
     if new_file:    # made by us, not replaced: the policy's label, not /etc's
         try:
-            restore_labels(run, [run.root.path('/etc/hostname')], 'hostname')
-        except ProvisioningError as exc:    # the name is right; only the label is not
-            run.warn(str(exc))
+            system.restore_labels([system.files.path('/etc/hostname')], 'hostname')
+        except ProvisioningError as exc:
+            return {'warnings': (str(exc),)}
+    return None
 
 
 def split_keeping_spaces(text):
@@ -1857,20 +2006,20 @@ def rename_in_hosts(text, old, new):
     return ''.join(out)
 
 
-def update_etc_hosts(run, old, new):
+def update_etc_hosts(system, old, new):
     """True when /etc/hosts carried the old name and was rewritten.  A localhost*
     name (RHEL's template is localhost.localdomain) is never the name to replace."""
     if not old or old.lower().startswith('localhost'):
         return False
-    data = run.root.read('/etc/hosts')
+    data = system.files.read('/etc/hosts')
     if data is None:
         return False
     text = data.decode('utf-8', 'surrogateescape')
     changed = rename_in_hosts(text, old, new)
     if changed == text:
         return False
-    run.root.write('/etc/hosts', changed.encode('utf-8', 'surrogateescape'),
-                   deadline=run.deadline)
+    system.files.write('/etc/hosts', changed.encode('utf-8', 'surrogateescape'),
+                       deadline=system.deadline)
     return True
 
 
@@ -1962,36 +2111,36 @@ def networkd_plan(interface, name, root):
 NM_REAPPLY_SENDS = (1, 42)
 
 
-def nm_version(deadline):
+def nm_version(system):
     """nmcli's (major, minor), or None when it does not say."""
     try:
-        match = re.search(r'(\d+)\.(\d+)', run_tool(['nmcli', '--version'], deadline, 'nmcli'))
+        match = re.search(r'(\d+)\.(\d+)', system.run(['nmcli', '--version'], 'nmcli'))
     except ProvisioningError:
         return None
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-def networkmanager_plan(interface, name, deadline, root):
+def networkmanager_plan(interface, name, system):
     """`nmcli device modify` re-applies the active profile with a new dhcp-hostname,
     changing nothing on disk and restarting only the DHCP client.  Before 1.42 a
     reapply asks for no lease: the connection is activated again (the interface goes
     down and up) with the name set in memory only (--temporary), and the name is
     taken out again, so that no profile, saved later or not, keeps this VM's name."""
-    if not os.path.isdir(root.path('/run/NetworkManager')) or not find_tool('nmcli'):
+    if not system.files.is_dir('/run/NetworkManager') or not find_tool('nmcli'):
         return None
     try:
-        uuid = run_tool(['nmcli', '-g', 'GENERAL.CON-UUID', 'device', 'show', interface],
-                        deadline, 'nmcli').strip()
+        uuid = system.run(['nmcli', '-g', 'GENERAL.CON-UUID', 'device', 'show', interface],
+                          'nmcli').strip()
     except ProvisioningError:
         return None
     if not uuid:
         return None
-    send = run_tool(['nmcli', '-g', 'ipv4.dhcp-send-hostname', 'connection', 'show', uuid],
-                    deadline, 'nmcli').strip()
+    send = system.run(['nmcli', '-g', 'ipv4.dhcp-send-hostname', 'connection', 'show', uuid],
+                      'nmcli').strip()
     if send == 'no':
         return DhcpPlan('NetworkManager', None, 'connection %s has ipv4.dhcp-send-hostname no'
                         % uuid)
-    version = nm_version(deadline)
+    version = nm_version(system)
     if version is None or version >= NM_REAPPLY_SENDS:
         return DhcpPlan('NetworkManager', [['nmcli', 'device', 'modify', interface,
                                             'ipv4.dhcp-hostname', name]], None)
@@ -2059,46 +2208,50 @@ def interface_address(interface, deadline, log):
     return with_retries('publish hostname', attempt, deadline, log)
 
 
-def publish_hostname(run, name):
-    """Make the DHCP client send `name`; returns a warning or None.  Never raises:
-    a name missing from DNS is worth a warning, not a failed VM."""
-    interface = primary_interface(run.root)
+def publish_plan(facts, system, name):
+    """(facts, [the action that makes the DHCP client send `name`]).  What stands in
+    its way is a warning, and so is its failure: a name missing from DNS is worth a
+    warning, not a failed VM."""
+    interface = primary_interface(system.files)
     if interface is None:
-        return 'no routed interface; hostname not published to DHCP'
+        return with_warning(facts, 'no routed interface; hostname not published to DHCP'), []
     try:
-        plan = (networkd_plan(interface, name, run.root)
-                or networkmanager_plan(interface, name, run.deadline, run.root)
-                or dhclient_plan(interface, name, run.root))
-        if plan is None:
-            return 'no known DHCP client manages %s; hostname not published' % interface
-        if plan.why_not:
-            return '%s on %s will not send the new name: %s' % (plan.client, interface,
-                                                                plan.why_not)
-        run.carry_out(Action('run: %s' % ' && '.join(' '.join(c) for c in plan.commands
-                                                      + list(plan.undo)),
-                             lambda: send_to_dhcp(run, interface, plan, name)))
+        plan = (networkd_plan(interface, name, system.files)
+                or networkmanager_plan(interface, name, system)
+                or dhclient_plan(interface, name, system.files))
     except ProvisioningError as exc:
-        return 'hostname not published: %s' % exc
-    return None
+        return with_warning(facts, 'hostname not published: %s' % exc), []
+    if plan is None:
+        return with_warning(facts, 'no known DHCP client manages %s; hostname not published'
+                            % interface), []
+    if plan.why_not:
+        return with_warning(facts, '%s on %s will not send the new name: %s'
+                            % (plan.client, interface, plan.why_not)), []
+    return facts, [Action('run: %s' % ' && '.join(' '.join(c) for c in plan.commands
+                                                 + list(plan.undo)),
+                          lambda: send_to_dhcp(system, interface, plan, name), fatal=False)]
 
 
-def send_to_dhcp(run, interface, plan, name):
+def send_to_dhcp(system, interface, plan, name):
     t = time.monotonic()
-    limited = Deadline(min(PUBLISH_TIMEOUT, run.deadline.remaining()))
-    before = interface_address(interface, limited, run.log)
+    limited = Deadline(min(PUBLISH_TIMEOUT, system.deadline.remaining()))
     try:
-        for command in plan.commands:
-            run_tool(command, limited, 'publish hostname')
-    finally:
-        undo_deadline = Deadline(min(UNDO_TIMEOUT, run.deadline.remaining()))
-        for command in plan.undo:
-            run_tool(command, undo_deadline, 'publish hostname (undo)')
-    # networkd lets the lease go for a moment before it asks again: expected
-    after = interface_address(interface, limited, run.log.quieter())
-    run.log.info('hostname %s sent to DHCP by %s on %s (%s); address %s%s (%s)'
-                 % (name, plan.client, interface, ' && '.join(' '.join(c) for c in plan.commands
-                                                             + list(plan.undo)),
-                    after, '' if after == before else ', was %s' % before, elapsed_ms(t)))
+        before = interface_address(interface, limited, system.log)
+        try:
+            for command in plan.commands:
+                system.run(command, 'publish hostname', deadline=limited)
+        finally:
+            undo_deadline = Deadline(min(UNDO_TIMEOUT, system.deadline.remaining()))
+            for command in plan.undo:
+                system.run(command, 'publish hostname (undo)', deadline=undo_deadline)
+        # networkd lets the lease go for a moment before it asks again: expected
+        after = interface_address(interface, limited, system.log.quieter())
+    except ProvisioningError as exc:
+        raise ProvisioningError('hostname not published: %s' % exc)
+    system.log.info('hostname %s sent to DHCP by %s on %s (%s); address %s%s (%s)'
+                    % (name, plan.client, interface, ' && '.join(
+                        ' '.join(c) for c in plan.commands + list(plan.undo)),
+                       after, '' if after == before else ', was %s' % before, elapsed_ms(t)))
 
 
 # --------------------------------------------------------------------------
@@ -2252,49 +2405,64 @@ def authorized_keys_path(home, imds_paths, log):
     return default
 
 
-def user_plan(run, request):
-    """What makes the admin user as IMDS asks (account, locked password, sudo, keys,
-    sshd), leaving out what is so already.  Users are the system's (pwd, useradd)."""
-    import pwd
+def plan_user(facts, system):
+    """With --provision-user, the admin user as IMDS (and the media) ask for it."""
+    if not facts.options.provision_user:
+        return facts, []
+    request = user_with_media(user_from_metadata(facts.metadata), facts.media)
+    return user_plan(facts, system, request)
+
+
+def user_ready(facts):
+    """Once the user step's actions are done: (facts with the admin user the hooks
+    get, the line said then or None)."""
+    name = compute_field(facts.metadata, 'osProfile', 'adminUsername')
+    return (facts._replace(admin_user=name),
+            'user: %s ready' % name if facts.options.provision_user else None)
+
+
+def user_plan(facts, system, request):
+    """(facts, the actions that make the admin user as asked: account, locked password,
+    sudo, keys, sshd), leaving out what is so already.  Accounts are the root's own
+    (its /etc/passwd; the account tools act on it)."""
     name = request.name
-    try:
-        account = pwd.getpwnam(name)
-    except KeyError:
-        account = None
-    why = account and not_a_person(account.pw_uid, run.root)
+    account = system.account(name)
+    why = account and not_a_person(account.uid, system.files)
     if why:
         raise ProvisioningError('admin user %s exists as a system account (uid %d); refused: %s'
-                                % (name, account.pw_uid, why))
-    plan = []
-    left = unfinished_user(run, name)
+                                % (name, account.uid, why))
+    actions = []
+    left = unfinished_user(facts, system, name)
     if account is None and not left:
-        refuse_useradd(run, name)
+        refuse_useradd(system, name)
     if left:
-        plan.append(Action('remove what a cut useradd left of %s (its entries in %s): userdel '
-                           '-r, then groupdel of its group if left' % (name, ', '.join(left)),
-                           lambda: remove_unfinished_user(run, name)))
+        actions.append(Action('remove what a cut useradd left of %s (its entries in %s): '
+                              'userdel -r, then groupdel of its group if left'
+                              % (name, ', '.join(left)),
+                              lambda: remove_unfinished_user(system, name)))
         account = None
     if account is None:
-        shell = '/bin/bash' if os.access('/bin/bash', os.X_OK) else '/bin/sh'
-        home = os.path.join('/home', name)
-        plan.append(Action('create user %s (useradd -m -s %s), password locked' % (name, shell),
-                           lambda: create_user(run, name, shell)))
+        shell = system.login_shell()
+        home = os.path.join(system.home_base(), name)
+        actions.append(Action('create user %s (useradd -m -s %s), password locked'
+                              % (name, shell), lambda: create_user(facts, system, name, shell)))
     else:
-        home = account.pw_dir
-        if not request.password and not password_locked(run, name):
-            plan.append(Action('lock the password of %s (usermod -L)' % name,
-                               lambda: lock_password(run, name)))
+        home = account.home
+        if not request.password and not password_locked(system, name):
+            actions.append(Action('lock the password of %s (usermod -L)' % name,
+                                  lambda: lock_password(system, name)))
     if request.password:
-        plan.append(Action('set the password of %s from the provisioning media: (set), '
-                           'with chpasswd' % name,
-                           lambda: set_password(run, name, request.password)))
-    plan += sudo_plan(run, name, request.password is not None)
-    plan += keys_plan(run, request, home, account is None)
+        actions.append(Action('set the password of %s from the provisioning media: (set), '
+                              'with chpasswd' % name,
+                              lambda: set_password(system, name, request.password)))
+    actions += sudo_plan(system, name, request.password is not None)
+    actions += keys_plan(system, request, home, account is None)
     if request.password_logins:
-        plan += sshd_plan(run, request.password_logins)
+        facts, setting = sshd_plan(facts, system, request.password_logins)
+        actions += setting
     else:
-        run.log.info('user: disablePasswordAuthentication is not "true"; sshd left alone')
-    return plan
+        system.log.info('user: disablePasswordAuthentication is not "true"; sshd left alone')
+    return facts, actions
 
 
 ACCOUNT_FILES = ('/etc/passwd', '/etc/shadow', '/etc/group', '/etc/gshadow')
@@ -2312,41 +2480,41 @@ def account_entry(root, path, name):
     return next((fields for fields in account_entries(root, path) if fields[0] == name), None)
 
 
-def account_files_naming(run, name):
+def account_files_naming(system, name):
     """The account files of the root that hold an entry for `name`."""
-    return [path for path in ACCOUNT_FILES if account_entry(run.root, path, name) is not None]
+    return [path for path in ACCOUNT_FILES if account_entry(system.files, path, name) is not None]
 
 
-def refuse_useradd(run, name):
+def refuse_useradd(system, name):
     """The image's own group or home of `name` (no account of that name, no cut
     useradd of ours left them): useradd would fail on the group, or keep the home
     (the admin's keys in a directory it does not own, which userdel -r then refuses
     to remove).  Refused before anything is made or claimed."""
-    fields = account_entry(run.root, '/etc/group', name)
+    fields = account_entry(system.files, '/etc/group', name)
     if fields is not None:
         gid = printable(fields[2])[:20] if len(fields) > 2 else '?'
         raise ProvisioningError('user: the image has a group %s (gid %s) and no user %s: '
                                 'remove the group from the image or choose another '
                                 'admin name' % (name, gid, name))
-    home = os.path.join('/home', name)
-    found = run.root.lstat(home)
+    home = os.path.join(system.home_base(), name)
+    found = system.files.lstat(home)
     if found is not None:
         raise ProvisioningError('user: %s exists in the image, owned by uid %d: remove it '
                                 'from the image or choose another admin name'
                                 % (home, found.st_uid))
 
 
-def unfinished_user(run, name):
+def unfinished_user(facts, system, name):
     """The account files holding a part of `name` that a run on this VM began making
     with useradd and never recorded as made: a power cut in useradd leaves any subset
     of its four entries and its home ([] when none is left, or the record says no
     such thing).  Nobody could log in as it yet (no key, no sudo rule: they come
     after useradd), so all of it is made again."""
-    state = read_state(run.root) or {}
-    vm_id = run.facts.get('AZURE_VM_ID', '')
-    if not vm_id or state.get('vm_id') != vm_id or state.get('admin_user_creating') != name:
+    state = read_state(system.files) or {}
+    if (not facts.vm_id or state.get('vm_id') != facts.vm_id
+            or state.get('admin_user_creating') != name):
         return []
-    return account_files_naming(run, name)
+    return account_files_naming(system, name)
 
 
 # userdel(8): 6 the user does not exist (only a group or shadow entry was made);
@@ -2354,88 +2522,89 @@ def unfinished_user(run, name):
 USERDEL_GONE = (0, 6, 12)
 
 
-def remove_unfinished_user(run, name):
+def remove_unfinished_user(system, name):
     """userdel -r (not -f: a home that is not the account's stays, e.g. one that was
     there before useradd ran), then groupdel of a group of that name userdel left,
     when nobody is in it, and the home when it is an empty directory.  Shadow or
     gshadow lines left alone are useradd's to replace."""
-    run_tool([find_tool('userdel') or 'userdel', '-r', name], run.deadline, 'user',
-             accept=USERDEL_GONE)
-    fields = account_entry(run.root, '/etc/group', name)
+    system.run(system.account_tool('userdel', '-r', name), 'user', accept=USERDEL_GONE)
+    fields = account_entry(system.files, '/etc/group', name)
     if fields is not None:
         if len(fields) > 3 and fields[3].strip():
             raise ProvisioningError('user: the group %s a cut useradd left has members (%s); '
                                     'refused to remove it' % (name, one_line(fields[3], 80)))
-        run_tool([find_tool('groupdel') or 'groupdel', name], run.deadline, 'user')
+        system.run(system.account_tool('groupdel', name), 'user')
     try:    # cut between useradd's mkdir and chown: still root's, so userdel kept it
-        run.root.at(os.path.join('/home', name),
-                    lambda fd, entry: os.rmdir(entry, dir_fd=fd), follow=False)
+        system.files.at(os.path.join(system.home_base(), name),
+                        lambda fd, entry: os.rmdir(entry, dir_fd=fd), follow=False)
     except OSError:     # none, not empty (then refused, its owner named), not a directory
         pass
-    run.log.info('user: removed what a cut useradd left of %s' % name)
+    system.log.info('user: removed what a cut useradd left of %s' % name)
 
 
-def create_user(run, name, shell):
+def create_user(facts, system, name, shell):
     """useradd, between two records on the disk: before it, that we are making `name`
     (a power cut in useradd leaves a part of the account, the next run must make it
     again); after it, that we made it (--deprovision --user removes it, whenever the
-    power goes later).  Neither claims the host keys (ssh_host_keys_for is carried)."""
-    import pwd
-    refuse_useradd(run, name)       # at the moment of the action: what the plan saw may differ
-    run.user_creating = name
-    write_state(run, 'provisioning', 'user', 'the run stopped while making the admin user %s'
-                % name)
-    before = account_files_naming(run, name)
+    power goes later).  Neither claims the host keys (ssh_host_keys_for is carried).
+    Returns the facts it established; a failure carries them."""
+    refuse_useradd(system, name)    # at the moment of the action: what the plan saw may differ
+    write_state(system, facts._replace(user_creating=name), 'provisioning', 'user',
+                'the run stopped while making the admin user %s' % name)
+    before = account_files_naming(system, name)
     try:
-        run_tool([find_tool('useradd') or 'useradd', '-m', '-s', shell, name], run.deadline,
-                 'user')
-    except ProvisioningError:
+        system.run(system.account_tool('useradd', '-m', '-s', shell, name), 'user')
+    except ProvisioningError as exc:
         # useradd ran to its end: when it made nothing, what is there of `name` was
         # there before it, and no later run may take it for a cut useradd's
-        if account_files_naming(run, name) == before:
-            run.user_creating, run.user_claim_dropped = None, True
-            write_state(run, 'provisioning', 'user', 'useradd of %s failed, making nothing'
-                        % name)
-        raise
-    run.user_created, run.user_creating = name, None
-    write_state(run, 'provisioning', 'user', 'the run stopped after making the admin user %s'
-                % name)
-    account = pwd.getpwnam(name)
-    run.log.info('user: created %s (uid %d, shell %s)' % (name, account.pw_uid, shell))
-    if not password_locked(run, name):
-        lock_password(run, name)
+        if account_files_naming(system, name) != before:
+            raise with_facts(exc, {'user_creating': name})
+        dropped = {'user_creating': None, 'user_claim_dropped': True}
+        write_state(system, facts._replace(**dropped), 'provisioning', 'user',
+                    'useradd of %s failed, making nothing' % name)
+        raise with_facts(exc, dropped)
+    made = {'user_created': name, 'user_creating': None}
+    try:
+        write_state(system, facts._replace(**made), 'provisioning', 'user',
+                    'the run stopped after making the admin user %s' % name)
+        account = system.account(name)
+        if account is None:
+            raise ProvisioningError('user: useradd made no entry for %s in /etc/passwd' % name)
+        system.log.info('user: created %s (uid %d, shell %s)' % (name, account.uid, shell))
+        if not password_locked(system, name):
+            lock_password(system, name)
+    except Exception as exc:
+        raise with_facts(exc, made)
+    return made
 
 
-def password_locked(run, name):
+def password_locked(system, name):
     """IMDS carries no password: none may work ('!' or '*' in /etc/shadow)."""
-    for line in (run.root.read_text('/etc/shadow') or '').splitlines():
-        fields = line.split(':')
-        if fields[0] == name:
-            return fields[1:2] != [] and fields[1][:1] in ('!', '*')
-    return False
+    fields = account_entry(system.files, '/etc/shadow', name)
+    return fields is not None and fields[1:2] != [] and fields[1][:1] in ('!', '*')
 
 
-def lock_password(run, name):
-    run_tool([find_tool('usermod') or 'usermod', '-L', name], run.deadline, 'user')
+def lock_password(system, name):
+    system.run(system.account_tool('usermod', '-L', name), 'user')
 
 
-def set_password(run, name, password):
+def set_password(system, name, password):
     """chpasswd, the password on its stdin only: never in argv (ps shows it), a log
     line, a temporary file or an error message.  It replaces a locked hash, so the
     account is unlocked by it."""
     if any(c in password for c in '\n\r\0'):
         raise ProvisioningError('user: the password on the provisioning media holds a line '
                                 'break or NUL; chpasswd cannot take it')
-    run_tool([find_tool('chpasswd') or 'chpasswd'], run.deadline, 'user',
-             stdin='%s:%s\n' % (name, password), secret=password)
-    run.log.info('user: password of %s set (chpasswd)' % name)
+    system.run(system.account_tool('chpasswd'), 'user', stdin='%s:%s\n' % (name, password),
+               secret=password)
+    system.log.info('user: password of %s set (chpasswd)' % name)
 
 
-def sudo_plan(run, name, has_password):
+def sudo_plan(system, name, has_password):
     """sudo asks for the password when the user has one (as waagent does), not when
     the account's password is locked."""
-    if not run.root.is_dir(os.path.dirname(SUDOERS_DROP_IN)):
-        run.log.info('user: /etc/sudoers.d does not exist (sudo not installed); no sudo rule')
+    if not system.files.is_dir(os.path.dirname(SUDOERS_DROP_IN)):
+        system.log.info('user: /etc/sudoers.d does not exist (sudo not installed); no sudo rule')
         return []
     if has_password:
         rule = ('# written by azure-provisioning: the admin user, with the password from\n'
@@ -2443,120 +2612,115 @@ def sudo_plan(run, name, has_password):
     else:
         rule = ('# written by azure-provisioning: the admin user from IMDS, whose password\n'
                 '# is locked (IMDS carries none)\n%s ALL=(ALL) NOPASSWD:ALL\n' % name).encode()
-    if run.root.read(SUDOERS_DROP_IN) == rule:
+    if system.files.read(SUDOERS_DROP_IN) == rule:
         return []
 
     def write_rule():
         visudo = find_tool('visudo')
-        run.root.write(SUDOERS_DROP_IN, rule, mode=0o440,
-                       check=[visudo, '-cf'] if visudo else None, deadline=run.deadline)
-        run.log.info('user: sudo rule %s written%s'
-                     % (SUDOERS_DROP_IN, ' (visudo -cf ok)' if visudo else ''))
+        system.files.write(SUDOERS_DROP_IN, rule, mode=0o440,
+                           check=[visudo, '-cf'] if visudo else None, deadline=system.deadline)
+        system.log.info('user: sudo rule %s written%s'
+                        % (SUDOERS_DROP_IN, ' (visudo -cf ok)' if visudo else ''))
     return [Action('write %s granting %s sudo' % (SUDOERS_DROP_IN, name), write_rule)]
 
 
-def keys_plan(run, request, home, new_account):
-    """The keys IMDS gives that authorized_keys lacks.  For an account useradd has yet
-    to make, what it holds (its home, /etc/skel's keys) is read after useradd ran."""
+def keys_plan(system, request, home, new_account):
+    """The keys IMDS gives that authorized_keys lacks (for an account useradd has yet
+    to make: all of them).  The action adds what is missing then: what /etc/skel
+    gave a new home is read after useradd made it."""
     name, keys = request.name, request.keys
     if not keys:
-        run.log.info('user: IMDS has no public keys for %s' % name)
+        system.log.info('user: IMDS has no public keys for %s' % name)
         return []
-    if new_account:
-        path = authorized_keys_path(home, request.key_paths, Log(quiet=True))
-        return [Action('add %d key(s) to %s (0600, owner %s)' % (len(keys), path, name),
-                       lambda: add_keys(run, request))]
-    addition = keys_to_add(run, request, home)
-    if addition is None:
+    path = authorized_keys_path(home, request.key_paths, system.log)
+    missing = keys if new_account else keys_to_add(system, keys, path)[1]
+    if not missing:
+        system.log.info('user: %d key(s) already in %s' % (len(keys), path))
         return []
-    path, text, added = addition
-    return [Action('add %d key(s) to %s (0600, owner %s)' % (added, path, name),
-                   lambda: install_keys(run, name, path, text, added))]
+    return [Action('add %d key(s) to %s (0600, owner %s)' % (len(missing), path, name),
+                   lambda: install_keys(system, name, path, keys))]
 
 
-def keys_to_add(run, request, home):
-    """(path, the whole new text, how many keys are new), None when none is."""
-    path = authorized_keys_path(home, request.key_paths, run.log)
-    present = run.root.read(path)
+def keys_to_add(system, keys, path):
+    """(the lines authorized_keys at `path` holds, the keys it lacks)."""
+    present = system.files.read(path)
     lines = present.decode('utf-8', 'replace').splitlines() if present else []
     known = set(' '.join(line.split()[:2]) for line in lines)
-    new = [key for key in request.keys if ' '.join(key.split()[:2]) not in known]
+    return lines, [key for key in keys if ' '.join(key.split()[:2]) not in known]
+
+
+def install_keys(system, name, path, keys):
+    """Add the keys authorized_keys lacks now, writing it (0600) and the directories
+    to it (0700), all owned by the user, inside the root and never through a
+    symbolic link."""
+    account = system.account(name)
+    if account is None:
+        raise ProvisioningError('user: %s has no entry in /etc/passwd; no keys written' % name)
+    lines, new = keys_to_add(system, keys, path)
     if not new:
-        run.log.info('user: %d key(s) already in %s' % (len(request.keys), path))
-        return None
-    return path, ''.join(line + '\n' for line in lines + new).encode('utf-8'), len(new)
-
-
-def add_keys(run, request):
-    import pwd
-    addition = keys_to_add(run, request, pwd.getpwnam(request.name).pw_dir)
-    if addition is not None:
-        install_keys(run, request.name, *addition)
-
-
-def install_keys(run, name, path, text, added):
-    """Write authorized_keys (0600) and the directories to it (0700), all owned by the
-    user, never through a symbolic link."""
-    import pwd
-    account = pwd.getpwnam(name)
-    path = run.root.path(path)
-    directory = os.path.dirname(path)
+        system.log.info('user: %d key(s) already in %s' % (len(keys), path))
+        return
+    files, directory = system.files, os.path.dirname(path)
     for link in (directory, path):
-        if os.path.islink(link):
+        found = files.lstat(link)
+        if found is not None and stat.S_ISLNK(found.st_mode):
             raise ProvisioningError('%s is a symbolic link; refusing to write keys through it'
-                                    % link)
+                                    % files.path(link))
     made = []
     parent = directory
-    while not os.path.isdir(parent):
+    while not files.is_dir(parent):
         made.append(parent)
         parent = os.path.dirname(parent)
     for missing in reversed(made):
-        os.mkdir(missing, 0o700)
-        os.chown(missing, account.pw_uid, account.pw_gid)
-    if directory == run.root.path(account.pw_dir, '.ssh'):
-        os.chmod(directory, 0o700)
-    write_file_atomically(path, text, mode=0o600, owner=(account.pw_uid, account.pw_gid),
-                          deadline=run.deadline)
-    restore_labels(run, [directory], 'user')      # ssh_home_t, or sshd may not read them
-    run.log.info('user: %d key(s) added to %s' % (added, path))
+        files.make_dirs(missing, 0o700)
+        files.at(missing, lambda fd, entry: os.chown(entry, account.uid, account.gid, dir_fd=fd,
+                                                     follow_symlinks=False), follow=False)
+    if directory == os.path.normpath(os.path.join(account.home, '.ssh')):
+        files.at(directory, lambda fd, entry: os.chmod(entry, 0o700, dir_fd=fd), follow=False)
+    files.write(path, ''.join(line + '\n' for line in lines + new).encode('utf-8'), mode=0o600,
+                owner=(account.uid, account.gid), deadline=system.deadline)
+    system.restore_labels([files.path(directory)], 'user')  # ssh_home_t, or sshd may not read them
+    system.log.info('user: %d key(s) added to %s' % (len(new), files.path(path)))
 
 
-def sshd_plan(run, logins):
-    config = run.root.read_text('/etc/ssh/sshd_config')
+def sshd_plan(facts, system, logins):
+    """(facts, [the action that sets sshd's PasswordAuthentication]) when sshd reads
+    a drop-in; what stands in the way is a warning."""
+    config = system.files.read_text('/etc/ssh/sshd_config')
     if config is None:
-        run.log.info('user: no /etc/ssh/sshd_config; PasswordAuthentication left alone')
-        return []
+        system.log.info('user: no /etc/ssh/sshd_config; PasswordAuthentication left alone')
+        return facts, []
     if not re.search(r'^\s*Include\s+/etc/ssh/sshd_config\.d/\*\.conf\s*$', config, re.M | re.I):
-        run.log.info('user: sshd_config does not include sshd_config.d/*.conf; '
-                     'PasswordAuthentication left alone')
-        return []
+        system.log.info('user: sshd_config does not include sshd_config.d/*.conf; '
+                        'PasswordAuthentication left alone')
+        return facts, []
     setting = ('# written by azure-provisioning (DisableSshPasswordAuthentication)\n'
                'PasswordAuthentication %s\n' % logins).encode()
-    if run.root.read(SSHD_DROP_IN) == setting:
-        return []
+    if system.files.read(SSHD_DROP_IN) == setting:
+        return facts, []
     # sshd starts with an Include that matches nothing; the drop-in needs its directory
     directory = os.path.dirname(SSHD_DROP_IN)
-    make_directory = not run.root.is_dir(directory)
-    if make_directory and run.root.lstat(directory) is not None:
+    make_directory = not system.files.is_dir(directory)
+    if make_directory and system.files.lstat(directory) is not None:
         # a file, or a link to nothing or out of the directories: not ours to replace
-        run.warn('PasswordAuthentication left alone: %s is not a directory' % directory)
-        return []
+        return with_warning(facts, 'PasswordAuthentication left alone: %s is not a directory'
+                            % directory), []
 
     def write_setting():
         if make_directory:
-            run.root.make_dirs(directory, 0o755)
-            run.log.info('user: made %s (0755)' % directory)
-        run.root.write(SSHD_DROP_IN, setting, deadline=run.deadline)
+            system.files.make_dirs(directory, 0o755)
+            system.log.info('user: made %s (0755)' % directory)
+        system.files.write(SSHD_DROP_IN, setting, deadline=system.deadline)
         if make_directory:      # the directory and the drop-in in it: sshd must read both
-            restore_labels(run, [run.root.path(directory)], 'user')
-        run.log.info('user: PasswordAuthentication %s (%s)' % (logins, SSHD_DROP_IN))
-        restart_sshd(run, required=False)
-    return [Action('write %s%s: PasswordAuthentication %s' % (
+            system.restore_labels([system.files.path(directory)], 'user')
+        system.log.info('user: PasswordAuthentication %s (%s)' % (logins, SSHD_DROP_IN))
+        restart_sshd(system, required=False)
+    return facts, [Action('write %s%s: PasswordAuthentication %s' % (
         SSHD_DROP_IN, ' (making %s, 0755)' % os.path.dirname(SSHD_DROP_IN)
         if make_directory else '', logins), write_setting)]
 
 
-def restart_sshd(run, required=True):
+def restart_sshd(system, required=True):
     """sshd must serve what we changed (keys, PasswordAuthentication): a running one
     re-reads it on reload; one that failed to start for lack of keys (Debian's does)
     is started.  Only the system's sshd, never from a test namespace.  Not required
@@ -2564,8 +2728,8 @@ def restart_sshd(run, required=True):
     if not system_systemd():
         return
     try:
-        shown = run_tool(['systemctl', 'show', '-p', 'Id', '-p', 'ActiveState', 'ssh.service',
-                          'sshd.service'], run.deadline, 'sshd')
+        shown = system.run(['systemctl', 'show', '-p', 'Id', '-p', 'ActiveState',
+                            'ssh.service', 'sshd.service'], 'sshd')
         units = {}
         for block in shown.strip().split('\n\n'):
             fields = dict(line.split('=', 1) for line in block.splitlines() if '=' in line)
@@ -2575,13 +2739,14 @@ def restart_sshd(run, required=True):
                 continue
             verb = 'reload-or-restart' if state == 'active' else 'restart'
             if verb == 'restart':   # it may have hit its start limit while it had no keys
-                run_tool(['systemctl', 'reset-failed', unit], run.deadline, 'sshd')
-            run_tool(['systemctl', verb, unit], run.deadline, 'sshd')
-            run.log.info('sshd: %s %s' % (verb, unit))
+                system.run(['systemctl', 'reset-failed', unit], 'sshd')
+            system.run(['systemctl', verb, unit], 'sshd')
+            system.log.info('sshd: %s %s' % (verb, unit))
     except ProvisioningError as exc:
         if required:
             raise
-        run.log.warning('sshd not reloaded, the setting applies from its next start: %s' % exc)
+        system.log.warning('sshd not reloaded, the setting applies from its next start: %s'
+                           % exc)
 
 
 # --------------------------------------------------------------------------
@@ -2637,17 +2802,16 @@ def read_state(root, strict=False):
         return None
 
 
-def write_private(run, path, data):
-    """A file of DATA_DIR (`path` as from here): ours alone (custom data and the
+def write_private(system, path, data):
+    """A file of DATA_DIR (`path` as on the VM): ours alone (custom data and the
     record may hold secrets), whoever owned the directory or the file before, never
     through a symbolic link."""
-    inside = '/' + os.path.relpath(path, run.root.top)
-    directory = os.path.dirname(inside)
-    found = run.root.lstat(directory)
+    directory = os.path.dirname(path)
+    found = system.files.lstat(directory)
     if found is not None and stat.S_ISLNK(found.st_mode):
         raise ProvisioningError('%s is a symbolic link; refusing to write through it'
-                                % os.path.dirname(path))
-    run.root.make_dirs(directory, 0o700)
+                                % system.files.path(directory))
+    system.files.make_dirs(directory, 0o700)
 
     def make_ours(fd, name):
         opened = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -2657,26 +2821,26 @@ def write_private(run, path, data):
             os.fchmod(opened, 0o700)
         finally:
             os.close(opened)
-    run.root.at(directory, make_ours, follow=False)
-    run.root.write(inside, data, mode=0o600, owner=(os.geteuid(), os.getegid()),
-                   deadline=run.deadline.without_reserve())
+    system.files.at(directory, make_ours, follow=False)
+    system.files.write(path, data, mode=0o600, owner=(os.geteuid(), os.getegid()),
+                       deadline=system.deadline.without_reserve())
 
 
-def write_state(run, result, step=None, reason=None):
-    """Record this run (not in a dry run): which VM, what was done and how long it took."""
-    if run.options.dry_run:
-        return
-    previous = read_state(run.root) or {}
-    vm_id = run.facts.get('AZURE_VM_ID') or ''
+def write_state(system, facts, result, step=None, reason=None):
+    """Record this run: which VM, what was done and how long it took (the executor
+    writes it, never in a dry run; create_user around useradd)."""
+    previous = read_state(system.files) or {}
+    vm_id = facts.vm_id or ''
     if not vm_id and isinstance(previous.get('vm_id'), str):
         # a run that failed before IMDS named the VM: the last record's VM, and what
         # it says we made there, stand (else a user of ours would become the image's)
         vm_id = previous['vm_id']
     state = {'result': result, 'vm_id': vm_id,
-             'incarnation': run.incarnation, 'hostname': run.facts.get('AZURE_HOSTNAME'),
-             'admin_user': run.facts.get('AZURE_ADMIN_USERNAME') or None,
-             'ssh_host_keys': run.host_keys,
-             'steps': [{'step': name, 'seconds': round(seconds, 3)} for name, seconds in run.steps],
+             'incarnation': facts.incarnation, 'hostname': facts.hostname,
+             'admin_user': facts.admin_user or None,
+             'ssh_host_keys': facts.host_keys,
+             'steps': [{'step': name, 'seconds': round(seconds, 3)}
+                       for name, seconds in facts.steps],
              'timestamp': utc_timestamp(),
              'agent': '%s/%s' % (AGENT_NAME, VERSION)}
     # which admin user we made (--deprovision --user removes it), kept across runs;
@@ -2684,23 +2848,23 @@ def write_state(run, result, step=None, reason=None):
     # any part of it may exist), which the next run makes again
     same_vm = previous.get('vm_id') == state['vm_id']
     made = previous.get('admin_user_created') if same_vm else None
-    state['admin_user_created'] = run.user_created or made
+    state['admin_user_created'] = facts.user_created or made
     creating = (previous.get('admin_user_creating')
-                if same_vm and not run.user_created and not run.user_claim_dropped else None)
-    state['admin_user_creating'] = run.user_creating or creating
+                if same_vm and not facts.user_created and not facts.user_claim_dropped
+                else None)
+    state['admin_user_creating'] = facts.user_creating or creating
     # the VM the host keys on disk were made for: this run's when it made them, else
     # the last record's (a run that failed before the identity step left them as
-    # they were).  The only proof host_keys_plan trusts.
-    made_for = run.host_keys_for or previous.get('ssh_host_keys_for')
+    # they were).  The only proof plan_identity trusts.
+    made_for = facts.host_keys_for or previous.get('ssh_host_keys_for')
     state['ssh_host_keys_for'] = made_for if isinstance(made_for, str) and made_for else None
     if result != 'provisioned':
         state.update(step=step, reason=reason)
     try:
-        write_private(run, run.root.path(STATE_FILE),
+        write_private(system, STATE_FILE,
                       (json.dumps(state, indent=2, sort_keys=True) + '\n').encode())
     except (OSError, ProvisioningError) as exc:    # the report is what matters
-        run.log.warning('could not write %s: %s' % (STATE_FILE, exc if isinstance(
-            exc, ProvisioningError) else describe_error(exc)))
+        system.log.warning('could not write %s: %s' % (STATE_FILE, describe_error(exc)))
 
 
 def host_key_names(root):
@@ -2710,7 +2874,7 @@ def host_key_names(root):
 HOST_KEY_MAX = 1 << 16      # bytes of one host key file: a 16384-bit RSA key is < 13 KiB
 
 
-def host_keys_complete(run):
+def host_keys_complete(system):
     """Whether /etc/ssh holds host keys sshd can start on: at least one private key,
     each a non-empty regular file whose public key (ssh-keygen -y) is the one in the
     .pub beside it.  A record saying the keys were made for this VM is worth nothing
@@ -2721,7 +2885,7 @@ def host_keys_complete(run):
     stdin (a pipe: 0600 for ssh-keygen's permission check; a path could lead it out
     of the root).  A key it cannot load (exit 255) is not whole; ssh-keygen that
     cannot run is an error, as it could not make new keys either."""
-    root = run.root
+    root = system.files
     names = host_key_names(root)
     private = [n for n in names if not n.endswith('.pub')]
     if not private:
@@ -2736,38 +2900,34 @@ def host_keys_complete(run):
         fields = (public or b'').decode('utf-8', 'replace').split()[:2]
         if not key or len(fields) != 2:
             return False
-        derived = run_tool([keygen, '-y', '-P', '', '-f', '/dev/stdin'], run.deadline,
-                           'ssh host keys: checking /etc/ssh/%s' % printable(name),
-                           stdin=key.decode('utf-8', 'replace'), accept=(0, 255))
+        derived = system.run([keygen, '-y', '-P', '', '-f', '/dev/stdin'],
+                             'ssh host keys: checking /etc/ssh/%s' % printable(name),
+                             stdin=key.decode('utf-8', 'replace'), accept=(0, 255))
         if derived.split()[:2] != fields:
             return False
     return True
 
 
-def host_keys_plan(run):
+def plan_identity(facts, system):
     """New SSH host keys when this VM is not the one that made the keys it has: at
     the first boot of an image, and of an image captured again from a provisioned VM.
     Tied to the vmId (cloud-init #3910: regenerating on a mere guess surprised users),
     and to the record's ssh_host_keys_for alone: its vm_id is written after a failure
     too, one that may have come before the keys were replaced.  A record without the
     field (an older version's) proves nothing: the keys are replaced once more."""
-    if run.options.keep_host_keys:
-        run.host_keys = 'kept (--keep-ssh-host-keys)'
-        return []
-    if not any(os.path.exists(run.root.path(d, 'sshd')) for d in ('/usr/sbin', '/sbin')):
-        run.host_keys = 'none (no sshd)'
-        run.log.info('ssh host keys: no sshd in this image; nothing to do')
-        return []
-    vm_id = run.facts.get('AZURE_VM_ID', '')
-    state = read_state(run.root) or {}
+    if facts.options.keep_host_keys:
+        return facts._replace(host_keys='kept (--keep-ssh-host-keys)'), []
+    if not any(system.files.stat(d, 'sshd') is not None for d in ('/usr/sbin', '/sbin')):
+        system.log.info('ssh host keys: no sshd in this image; nothing to do')
+        return facts._replace(host_keys='none (no sshd)'), []
+    vm_id = facts.vm_id
+    state = read_state(system.files) or {}
     made_for = state.get('ssh_host_keys_for')
     recorded = made_for or state.get('vm_id')
     if vm_id and made_for == vm_id:
-        if host_keys_complete(run):
-            run.host_keys = 'kept (made for this VM)'
-            run.host_keys_for = vm_id
-            run.log.info('ssh host keys: kept (made at this VM\'s first boot)')
-            return []
+        if host_keys_complete(system):
+            system.log.info('ssh host keys: kept (made at this VM\'s first boot)')
+            return facts._replace(host_keys='kept (made for this VM)', host_keys_for=vm_id), []
         why = ('the keys made for this VM are not all there, or not whole (--deprovision '
                'removed them, a power cut emptied them, or someone did)')
     elif vm_id and recorded == vm_id:
@@ -2776,16 +2936,16 @@ def host_keys_plan(run):
         why = 'the disk was provisioned as VM %s before' % one_line(str(recorded), 60)
     else:
         why = 'first boot of this image'
-    old = host_key_names(run.root)
-    return [Action('replace the SSH host keys (%s): remove %d file(s) in /etc/ssh, '
-                   'ssh-keygen -A, print the fingerprints, restart sshd' % (why, len(old)),
-                   lambda: replace_host_keys(run, old))]
+    old = host_key_names(system.files)
+    return facts, [Action('replace the SSH host keys (%s): remove %d file(s) in /etc/ssh, '
+                          'ssh-keygen -A, print the fingerprints, restart sshd' % (why, len(old)),
+                          lambda: replace_host_keys(system, vm_id, old))]
 
 
 KEYS_ASIDE = '.azure-provisioning-keys.'     # where new host keys are made, beside /etc/ssh
 
 
-def remove_keys_left_aside(run, directory):
+def remove_keys_left_aside(system, directory):
     """A power cut while keys were being made aside leaves their directory, private
     keys in it, which nothing else would ever remove.  Only real directories of that
     name: a link is not ours to follow."""
@@ -2794,57 +2954,62 @@ def remove_keys_left_aside(run, directory):
         path = os.path.join(directory, name)
         if stat.S_ISDIR(os.lstat(path).st_mode):
             shutil.rmtree(path)
-            run.log.info('ssh host keys: removed %s, left by an interrupted run' % path)
+            system.log.info('ssh host keys: removed %s, left by an interrupted run' % path)
 
 
-def replace_host_keys(run, old):
+def replace_host_keys(system, vm_id, old):
     """New keys are made aside, then renamed over the old ones: at no moment is
     /etc/ssh without keys, since an sshd that re-executes itself then (a reload of an
-    earlier step lands asynchronously) exits for good ("no hostkeys available")."""
+    earlier step lands asynchronously) exits for good ("no hostkeys available").
+    Returns the facts it established; a failure after the renames carries them."""
     import shutil
     import tempfile
     keygen = find_tool('ssh-keygen') or 'ssh-keygen'
-    ssh = run.root.path('/etc/ssh')
-    remove_keys_left_aside(run, os.path.dirname(ssh))
+    ssh = system.files.path('/etc/ssh')
+    remove_keys_left_aside(system, os.path.dirname(ssh))
     aside = tempfile.mkdtemp(prefix=KEYS_ASIDE, dir=os.path.dirname(ssh))
     try:
         os.makedirs(os.path.join(aside, 'etc/ssh'))
-        run_tool([keygen, '-A', '-f', aside], run.deadline, 'ssh host keys')
+        system.run([keygen, '-A', '-f', aside], 'ssh host keys')
         if not host_key_names(Root(aside)):     # OpenSSH before 7.8: -A ignores -f
             for kind in sorted(set(re.findall(r'ssh_host_(\w+)_key', ' '.join(old)))
                                or ('rsa', 'ecdsa', 'ed25519')):
-                run_tool([keygen, '-q', '-t', kind, '-N', '', '-f',
-                          os.path.join(aside, 'etc/ssh', 'ssh_host_%s_key' % kind)],
-                         run.deadline, 'ssh host keys')
+                system.run([keygen, '-q', '-t', kind, '-N', '', '-f',
+                            os.path.join(aside, 'etc/ssh', 'ssh_host_%s_key' % kind)],
+                           'ssh host keys')
         made = host_key_names(Root(aside))
         public = [n for n in made if n.endswith('.pub')]
         if not public:
             raise ProvisioningError('ssh host keys: ssh-keygen -A made none')
-        fingerprints = [run_tool([keygen, '-l', '-f', os.path.join(aside, 'etc/ssh', n)],
-                                 run.deadline, 'ssh host keys').strip() for n in public]
+        fingerprints = [system.run([keygen, '-l', '-f', os.path.join(aside, 'etc/ssh', n)],
+                                   'ssh host keys').strip() for n in public]
         # their bytes on the disk before their names are: the record that follows
         # calls the keys this VM's, and a power cut must not leave them empty
         for name in made:
             sync_file(os.path.join(aside, 'etc/ssh', name))
         for name in sorted(made, key=lambda n: n.endswith('.pub')):     # private ones first
-            run.root.at('/etc/ssh/' + name, lambda fd, key, name=name: os.replace(
+            system.files.at('/etc/ssh/' + name, lambda fd, key, name=name: os.replace(
                 os.path.join(aside, 'etc/ssh', name), key, dst_dir_fd=fd), follow=False)
         for name in set(old) - set(made):   # a type ssh-keygen -A no longer makes (dsa)
-            run.root.remove('/etc/ssh/' + name)
+            system.files.remove('/etc/ssh/' + name)
         # the new names on the disk: /etc/ssh as the renames found it
-        run.root.at('/etc/ssh/' + made[0], lambda fd, _: sync_directory(fd), follow=False)
+        system.files.at('/etc/ssh/' + made[0], lambda fd, _: sync_directory(fd), follow=False)
     finally:
         shutil.rmtree(aside, ignore_errors=True)
     # from here on the keys on disk are this VM's, whatever fails next
-    run.host_keys_for = run.facts.get('AZURE_VM_ID') or None
-    # sshd_key_t, not the etc_t of the directory they were made in
-    restore_labels(run, [os.path.join(ssh, n) for n in made], 'ssh host keys')
-    # unprefixed, for people and tools that read the serial console (boot diagnostics)
-    run.log.block([FINGERPRINTS[0]] + fingerprints + [FINGERPRINTS[1]])
-    run.host_keys = 'replaced'
-    run.log.info('ssh host keys: %d new (%s)' % (len(public), ', '.join(
-        n[len('ssh_host_'):-len('_key.pub')] for n in public)))
-    restart_sshd(run)
+    learned = {'host_keys_for': vm_id or None}
+    try:
+        # sshd_key_t, not the etc_t of the directory they were made in
+        system.restore_labels([os.path.join(ssh, n) for n in made], 'ssh host keys')
+        # unprefixed, for people and tools that read the serial console (boot diagnostics)
+        system.log.block([FINGERPRINTS[0]] + fingerprints + [FINGERPRINTS[1]])
+        learned['host_keys'] = 'replaced'
+        system.log.info('ssh host keys: %d new (%s)' % (len(public), ', '.join(
+            n[len('ssh_host_'):-len('_key.pub')] for n in public)))
+        restart_sshd(system)
+    except Exception as exc:
+        raise with_facts(exc, learned)
+    return learned
 
 
 # --------------------------------------------------------------------------
@@ -2869,27 +3034,53 @@ def imds_user_data(metadata):
         raise ProvisioningError(str(exc))
 
 
-def data_plan(run):
+# the files plan_data keeps: (name in DATA_DIR, its Facts field, the hooks' variable)
+KEPT_DATA = (('custom-data', 'custom_data', 'AZURE_CUSTOM_DATA'),
+             ('user-data', 'user_data', 'AZURE_USER_DATA'))
+
+
+def plan_data(facts, system):
     """Custom data (media) and user data (IMDS), kept for the image's hooks in
     DATA_DIR.  Never run by us: what they mean (a cloud-config, a script, a blob) is
     the image's business, and a hook can run them knowingly."""
-    plan = []
-    for name, variable, data in (
-            ('custom-data', 'AZURE_CUSTOM_DATA', run.media and run.media.custom_data),
-            ('user-data', 'AZURE_USER_DATA', imds_user_data(run.metadata))):
+    found = {'custom_data': facts.media and facts.media.custom_data,
+             'user_data': imds_user_data(facts.metadata)}
+    actions, kept = [], {}
+    for name, field, variable in KEPT_DATA:
+        data = found[field]
         if data is None:
             continue
-        path = run.root.path(DATA_DIR, name)
-        run.facts[variable] = path
-        plan.append(Action('write %s (%d bytes, 0600; %s for the hooks)'
-                           % (path, len(data), variable),
-                           lambda path=path, data=data: keep_data(run, path, data)))
-    return plan
+        kept[field] = path = system.files.path(DATA_DIR, name)
+        actions.append(Action('write %s (%d bytes, 0600; %s for the hooks)'
+                              % (path, len(data), variable),
+                              lambda name=name, data=data: keep_data(system, name, data)))
+    return facts._replace(**kept), actions
 
 
-def keep_data(run, path, data):
-    write_private(run, path, data)
-    run.log.info('data: %s written (%d bytes)' % (path, len(data)))
+def keep_data(system, name, data):
+    write_private(system, '%s/%s' % (DATA_DIR, name), data)
+    system.log.info('data: %s written (%d bytes)' % (system.files.path(DATA_DIR, name),
+                                                      len(data)))
+
+
+# the facts a hook finds in its environment, by variable
+HOOK_FACTS = (('AZURE_VM_ID', 'vm_id'), ('AZURE_HOSTNAME', 'hostname'),
+              ('AZURE_ADMIN_USERNAME', 'admin_user')) + tuple(
+                  (variable, field) for _, field, variable in KEPT_DATA)
+
+
+def hook_environment(facts):
+    """The hooks' variables (AZURE_VM_ID...), from the facts that are known."""
+    return dict((variable, getattr(facts, field)) for variable, field in HOOK_FACTS
+                if getattr(facts, field) is not None)
+
+
+def plan_hooks(facts, system):
+    hooks = list_hooks(system.files.path(HOOKS_DIR), system.log)
+    if not hooks:
+        return facts, []
+    return facts, [Action('run hooks: %s' % ' '.join(hooks),
+                          lambda: run_hooks(system, facts, hooks))]
 
 
 def list_hooks(directory, log):
@@ -2910,24 +3101,24 @@ def list_hooks(directory, log):
     return hooks
 
 
-def run_hooks(run, hooks):
+def run_hooks(system, facts, hooks):
     """Run each hook with the VM facts in its environment and the time left as its
     limit; the first failure stops provisioning with the hook's last stderr line."""
     import shutil
     import tempfile
     # /run: a tmpfs, so even a SIGKILL leaves no copy of the metadata behind a reboot
-    run_dir = run.root.path('/run')
+    run_dir = system.files.path('/run')
     scratch = tempfile.mkdtemp(prefix='azure-provisioning-hooks.',
                                dir=run_dir if os.path.isdir(run_dir) else None)
     try:
         imds_copy = os.path.join(scratch, 'imds.json')
-        write_file_atomically(imds_copy, json.dumps(run.metadata, indent=2).encode('utf-8'),
-                              mode=0o600, deadline=run.deadline)
+        write_file_atomically(imds_copy, json.dumps(facts.metadata, indent=2).encode('utf-8'),
+                              mode=0o600, deadline=system.deadline)
         env = dict((k, v) for k, v in os.environ.items()
-                   if k not in ('AZURE_CUSTOM_DATA', 'AZURE_USER_DATA'))
-        env.update(AZURE_IMDS_JSON=imds_copy, **run.facts)
+                   if k not in [variable for variable, _ in HOOK_FACTS])
+        env.update(AZURE_IMDS_JSON=imds_copy, **hook_environment(facts))
         for hook in hooks:
-            run_hook(hook, env, run.deadline, run.log)
+            run_hook(hook, env, system.deadline, system.log)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -2987,169 +3178,163 @@ def run_hook(path, env, deadline, log):
 
 
 # --------------------------------------------------------------------------
-# Provisioning: one run context, a table of steps, one executor
+# Provisioning: the steps' table, one executor, one failure path
 # --------------------------------------------------------------------------
 
-class Run(object):
-    """One provisioning run: the options, the shared deadline, the log and output,
-    the filesystem root, and what the steps learn on the way (the IMDS document,
-    the facts hooks and reports get, warnings)."""
-
-    def __init__(self, options, log, out):
-        self.options = options
-        self.log = log
-        self.out = out
-        self.root = Root(options.root)
-        # time kept back so that a failure can still be told to Azure before the deadline
-        self.deadline = Deadline(options.timeout, reserve=min(60.0, options.timeout / 4.0))
-        self.started = time.monotonic()
-        self.metadata = None
-        self.media = None           # OvfEnv, when the provisioning media was read
-        self.media_problem = None   # why it could not be, when it was there
-        self.user_created = None    # the admin user this run made
-        self.user_creating = None   # the admin user this run began making with useradd
-        self.user_claim_dropped = False  # useradd returned having made nothing: no claim stands
-        self.host_keys = None       # what became of the SSH host keys, for the record
-        self.host_keys_for = None   # the vmId, once this run made the keys on disk
-        self.incarnation = None     # of the goal state the last report went to
-        self.steps = []             # (step, seconds) in order
-        self.facts = {}
-        self.warnings = []
-
-    def warn(self, warning):
-        """Logged now, and in the KVP report at the end."""
-        self.log.warning(warning)
-        self.warnings.append(warning)
-
-    def carry_out(self, *actions, **how):
-        """The one place --dry-run is decided: print what each action would do, or do
-        it (saying so first with announce=True).  Returns what the actions returned
-        (None for each, in a dry run)."""
-        # one line each: a name in it (an image's file) may hold a line break
-        if self.options.dry_run:
-            for action in actions:
-                self.out.write('would %s\n' % printable(action.says))
-            return [None] * len(actions)
-        done = []
-        for action in actions:
-            if how.get('announce'):
-                self.out.write('%s\n' % printable(action.says))
-            done.append(action.do())
-        return done
-
-
-def step_imds(run):
+def plan_imds(facts, system):
     t = time.monotonic()
-    run.metadata = fetch_instance_metadata(run.options.imds, run.deadline, run.log)
-    run.facts['AZURE_VM_ID'] = compute_field(run.metadata, 'vmId')
-    run.log.info('IMDS: vm %s, computerName %s (%s)' % (
-        run.facts['AZURE_VM_ID'] or '?', desired_hostname(run.metadata) or '-', elapsed_ms(t)))
+    metadata = fetch_instance_metadata(facts.options.imds, system.deadline, system.log)
+    vm_id = compute_field(metadata, 'vmId')
+    system.log.info('IMDS: vm %s, computerName %s (%s)' % (
+        vm_id or '?', desired_hostname(metadata) or '-', elapsed_ms(t)))
+    return facts._replace(metadata=metadata, vm_id=vm_id), []
 
 
-def step_media(run):
-    run.media = find_media(run)
-    media, wants_user = run.media, run.options.provision_user
-    imds_user = compute_field(run.metadata, 'osProfile', 'adminUsername')
+def plan_media(facts, system):
+    wants_user, metadata = facts.options.provision_user, facts.metadata
+    media, problem = find_media(system, facts.options.media)
+    facts = facts._replace(media=media, media_problem=problem)
+    imds_user = compute_field(metadata, 'osProfile', 'adminUsername')
     if media is None:
         # IMDS says the VM was created with a password: without it, nobody can log in
-        if wants_user and compute_field(run.metadata, 'osProfile',
+        if wants_user and compute_field(metadata, 'osProfile',
                                         'disablePasswordAuthentication') == 'false':
             raise ProvisioningError(
                 'the VM was created with a password (IMDS disablePasswordAuthentication is '
-                'false), but %s' % (run.media_problem or 'no provisioning media was found'))
-        return
+                'false), but %s' % (problem or 'no provisioning media was found'))
+        return facts, []
     if wants_user and media.username and imds_user and media.username != imds_user:
         raise ProvisioningError('the provisioning media names the admin user %s, IMDS %s'
                                 % (media.username, imds_user))
     if media.password and not wants_user:
-        warning = ('the provisioning media holds a password for %s; not set: this image '
-                   'does not manage users (no --provision-user)' % (media.username or '?'))
-        run.warn(warning)
+        facts = with_warning(facts, 'the provisioning media holds a password for %s; not set: '
+                             'this image does not manage users (no --provision-user)'
+                             % (media.username or '?'))
+    return facts, []
 
 
-def step_hostname(run):
-    if run.options.set_hostname:
-        hostname_step(run)
-    else:
-        run.log.info('hostname: left alone (--no-hostname)')
-    run.facts['AZURE_HOSTNAME'] = socket.gethostname()
+def plan_ready(facts, system):
+    """Ready for the current goal state: what every step before led to."""
+    return facts, [health_post(facts, system, 'Ready')]
 
 
-def step_user(run):
-    if not run.options.provision_user:
-        run.facts['AZURE_ADMIN_USERNAME'] = compute_field(run.metadata, 'osProfile',
-                                                          'adminUsername')
-        return
-    t = time.monotonic()
-    request = user_with_media(user_from_metadata(run.metadata), run.media)
-    run.carry_out(*user_plan(run, request))
-    run.facts['AZURE_ADMIN_USERNAME'] = request.name
-    run.log.info('user: %s ready (%s)' % (request.name, elapsed_ms(t)))
+def health_post(facts, system, state, substatus=None, description=None):
+    """The action that posts a health report for the current goal state (fetched now:
+    a read); it establishes the incarnation Azure accepted it for."""
+    wireserver = facts.options.wireserver
+    deadline = system.deadline.without_reserve()
+    goal_state = fetch_goal_state(wireserver, deadline, system.log)
+    report = build_health_report(goal_state, state, substatus, description)
+
+    def post():
+        posted = report_health(wireserver, deadline, system.log, state, substatus, description,
+                               goal_state)
+        return {'incarnation': posted.incarnation}
+    return Action('POST to http://%s/machine?comp=health:\n%s'
+                  % (host_header(wireserver), report.rstrip('\n')), post)
 
 
-def step_identity(run):
-    run.carry_out(*host_keys_plan(run))
-
-
-def step_data(run):
-    run.carry_out(*data_plan(run))
-
-
-def step_hooks(run):
-    hooks = list_hooks(run.root.path(HOOKS_DIR), run.log)
-    if hooks:
-        run.carry_out(Action('run hooks: %s' % ' '.join(hooks), lambda: run_hooks(run, hooks)))
-
-
-# In order; the first that fails is named in the report (step=...), and no later one runs.
-STEPS = (('imds', step_imds), ('media', step_media), ('hostname', step_hostname),
-         ('user', step_user), ('identity', step_identity), ('data', step_data),
-         ('hooks', step_hooks))
+# In order: each step's name, its planner `plan_X(facts, system) -> (facts,
+# [Action])`, and what (if anything) it establishes once its actions are done:
+# `done(facts) -> (facts, the line said then or None)`.  The first step that fails
+# is named in the report (step=...), and no later one runs.
+STEPS = (('imds', plan_imds, None), ('media', plan_media, None),
+         ('hostname', plan_hostname, None),
+         ('user', plan_user, user_ready),
+         ('identity', plan_identity, None), ('data', plan_data, None),
+         ('hooks', plan_hooks, None), ('ready', plan_ready, None))
 
 
 def provision(options, log, out=None):
     """Run every step, then report Ready; returns the exit code (0 or 1)."""
-    run = Run(options, log, out or sys.stdout)
-    for step, do in STEPS:
+    # time kept back so that a failure can still be told to Azure before the deadline
+    deadline = Deadline(options.timeout, reserve=min(60.0, options.timeout / 4.0))
+    system = System(options.root, deadline, log)
+    return execute(STEPS, first_facts(options), system, out or sys.stdout)
+
+
+def execute(steps, facts, system, out):
+    """The executor: plan each step, then do its actions in order (carry_out: or print
+    them), timing each step.  A non-fatal action's failure is a warning; the first
+    fatal error of any type, from a planner or an action, goes to fail(), the one
+    failure path.  Returns the exit code."""
+    started = time.monotonic()
+    for step, plan, done in steps:
         t = time.monotonic()
+        before = len(facts.warnings)
         try:
-            do(run)
+            facts, actions = plan(facts, system)
+            for warning in facts.warnings[before:]:
+                system.log.warning(warning)
+            for action in actions:
+                facts = perform(action, facts, system, out)
         except Exception as exc:    # whatever the type: Azure must hear why, not time out
-            run.steps.append((step, time.monotonic() - t))
-            return report_failure(run, step, failure_reason(exc, step))
-        run.steps.append((step, time.monotonic() - t))
-    t = time.monotonic()
-    try:
-        goal_state = send_health(run, 'Ready')
-    except Exception as exc:
-        reason = 'could not report Ready: %s' % failure_reason(exc, 'ready')
-        run.log.error(reason)
-        report_to_kvp(run, report_description('error', run.facts, 'ready', reason))
-        write_state(run, 'failed', 'ready', reason)
-        return 1
-    run.steps.append(('ready', time.monotonic() - t))
-    run.incarnation = goal_state.incarnation
-    write_state(run, 'provisioned')     # only now: Ready was accepted (waagent #1511)
-    report_to_kvp(run, report_description('success', run.facts, warnings=run.warnings))
-    if options.dry_run:
-        log.info('dry run: nothing changed, nothing posted (%s)' % elapsed_ms(run.started))
+            facts = learned(facts, getattr(exc, 'facts', None), system.log)
+            return fail(step, exc, took(facts, step, t), system, out)
+        facts = took(facts, step, t)
+        if done:
+            facts, said = done(facts)
+            if said:
+                system.log.info('%s (%s)' % (said, elapsed_ms(t)))
+    record(facts, system, 'provisioned')    # only now: Ready was accepted (waagent #1511)
+    facts = perform_all(kvp_report_plan(system, report_description(
+        'success', facts.vm_id, warnings=facts.warnings)), facts, system, out)
+    if facts.options.dry_run:
+        system.log.info('dry run: nothing changed, nothing posted (%s)' % elapsed_ms(started))
     else:
-        log.info('Ready accepted for incarnation %s (%s; %s since start)'
-                 % (goal_state.incarnation, elapsed_ms(t), elapsed_ms(run.started)))
+        system.log.info('Ready accepted for incarnation %s (%d ms; %s since start)'
+                        % (facts.incarnation, round(facts.steps[-1][1] * 1000),
+                           elapsed_ms(started)))
     return 0
 
 
-def send_health(run, state, substatus=None, description=None):
-    """Post a health report for the current goal state (printed in a dry run)."""
-    deadline = run.deadline.without_reserve()
-    goal_state = fetch_goal_state(run.options.wireserver, deadline, run.log)
-    report = build_health_report(goal_state, state, substatus, description)
-    posted, = run.carry_out(Action(
-        'POST to http://%s/machine?comp=health:\n%s' % (host_header(run.options.wireserver),
-                                                        report.rstrip('\n')),
-        lambda: report_health(run.options.wireserver, deadline, run.log, state, substatus,
-                              description, goal_state)))
-    return posted or goal_state
+def carry_out(action, dry_run, out, announce=False):
+    """The one place --dry-run is decided: print what the action would do, or do it
+    (saying so first with announce=True); returns what it returned (None when printed)."""
+    # one line each: a name in it (an image's file) may hold a line break
+    if dry_run:
+        out.write('would %s\n' % printable(action.says))
+        return None
+    if announce:
+        out.write('%s\n' % printable(action.says))
+    return action.do()
+
+
+def perform(action, facts, system, out):
+    """Facts after the action (carry_out): with what it established, or, when it is not
+    fatal and failed, with the failure as a warning."""
+    try:
+        return learned(facts, carry_out(action, facts.options.dry_run, out), system.log)
+    except Exception as exc:
+        if action.fatal:
+            raise
+        found = dict(getattr(exc, 'facts', None) or {}, warnings=(describe_error(exc),))
+        return learned(facts, found, system.log)
+
+
+def perform_all(actions, facts, system, out):
+    for action in actions:
+        facts = perform(action, facts, system, out)
+    return facts
+
+
+def learned(facts, established, log):
+    """`facts` with what an action established; its warnings are added, and logged."""
+    established = dict(established or {})
+    warnings = tuple(established.pop('warnings', ()))
+    for warning in warnings:
+        log.warning(warning)
+    return facts._replace(warnings=facts.warnings + warnings, **established)
+
+
+def took(facts, step, started):
+    return facts._replace(steps=facts.steps + ((step, time.monotonic() - started),))
+
+
+def record(facts, system, result, step=None, reason=None):
+    """The record of this run (none in a dry run: nothing was done)."""
+    if not facts.options.dry_run:
+        write_state(system, facts, result, step, reason)
 
 
 def failure_reason(exc, step):
@@ -3163,25 +3348,33 @@ def failure_reason(exc, step):
                                       one_line(str(exc), 200) or 'no message')
 
 
-def report_failure(run, step, reason):
-    run.log.error(reason)
-    description = report_description('error', run.facts, step, reason)
-    # KVP first: it needs no network, so the host learns the reason even when the
-    # WireServer is what failed.  Its lock wait stops short of the reserve, which
-    # this report has to itself.
-    report_to_kvp(run, description)
-    try:
-        goal_state = send_health(run, 'NotReady', 'ProvisioningFailed', description)
-        run.incarnation = goal_state.incarnation
-    except Exception as exc:
-        run.log.error('could not report the failure to Azure: %s'
-                      % failure_reason(exc, 'report'))
-        write_state(run, 'failed', step, reason)
+def fail(step, exc, facts, system, out):
+    """The one failure path: the reason logged, told to KVP first (it needs no
+    network, so the host learns it even when the WireServer is what failed; its lock
+    wait stops short of the reserve, which this report has to itself), then to the
+    WireServer as NotReady/ProvisioningFailed unless posting to it is what failed,
+    and recorded.  Returns the exit code."""
+    reason = failure_reason(exc, step)
+    if step == 'ready':
+        reason = 'could not report Ready: %s' % reason
+    system.log.error(reason)
+    description = report_description('error', facts.vm_id, step, reason)
+    facts = perform_all(kvp_report_plan(system, description), facts, system, out)
+    if step == 'ready':
+        record(facts, system, 'failed', step, reason)
         return 1
-    write_state(run, 'failed', step, reason)
-    if not run.options.dry_run:
-        run.log.info('reported ProvisioningFailed for incarnation %s; the unit stays enabled'
-                     % goal_state.incarnation)
+    try:
+        report = health_post(facts, system, 'NotReady', 'ProvisioningFailed', description)
+        facts = learned(facts, carry_out(report, facts.options.dry_run, out), system.log)
+    except Exception as exc:
+        system.log.error('could not report the failure to Azure: %s'
+                         % failure_reason(exc, 'report'))
+        record(facts, system, 'failed', step, reason)
+        return 1
+    record(facts, system, 'failed', step, reason)
+    if facts.incarnation is not None:
+        system.log.info('reported ProvisioningFailed for incarnation %s; the unit stays enabled'
+                        % facts.incarnation)
     return 1
 
 
@@ -3201,13 +3394,13 @@ UNIT_DIRS = ('etc/systemd/system', 'usr/lib/systemd/system', 'lib/systemd/system
 WANTS_LINK = '/etc/systemd/system/multi-user.target.wants/' + UNIT_NAME
 
 
-def deprovision_plan(run, remove_user):
+def deprovision_plan(system, remove_user):
     """Everything that makes this disk one VM rather than an image, to undo: what
     `waagent -deprovision+user` and `cloud-init clean --machine-id` do for theirs.
     Decided before anything is removed: a target that cannot be removed (a directory
     where a file should be, a FIFO for the machine id) stops it here, so that what
     --dry-run lists is what the run does."""
-    root = run.root
+    root = system.files
     plan = []
     problems = []
     for name in host_key_names(root):
@@ -3251,7 +3444,7 @@ def deprovision_plan(run, remove_user):
                            % (UNIT_NAME, WANTS_LINK, unit),
                            lambda: root.symlink(unit, WANTS_LINK)))
     if remove_user:
-        plan += user_removal_plan(run, state, problems)
+        plan += user_removal_plan(system, state, problems)
     # last: an action that fails stops the run before it, and the record left says
     # which admin user a second run still has to remove (userdel fails while it is
     # logged in, the usual case over its own SSH session)
@@ -3259,7 +3452,7 @@ def deprovision_plan(run, remove_user):
     if problems:
         raise ProvisioningError('%s; nothing removed' % '; '.join(problems))
     if not remove_user:
-        user_staying(run, state)
+        user_staying(system, state)
     return plan
 
 
@@ -3379,45 +3572,45 @@ def inode_flags(fd):
     return struct.unpack('i', answer[:4])[0]
 
 
-def user_staying(run, state):
+def user_staying(system, state):
     """Plain --deprovision removes the record, the only place that says which admin
     user we made: keeping it in the image is the user's choice, made now or never,
     so they are told while --user can still remove it."""
     name = state.get('admin_user_created')
     if (isinstance(name, str) and USER_NAME.fullmatch(name)
-            and account_entry(run.root, '/etc/passwd', name) is not None):
-        run.log.warning('deprovision: the admin user %s (made by azure-provisioning) stays in '
+            and account_entry(system.files, '/etc/passwd', name) is not None):
+        system.log.warning('deprovision: the admin user %s (made by azure-provisioning) stays in '
                         'the image, with its home, keys and sudo rule: --deprovision --user '
                         'removes it, but not after this run, which removes the record '
                         'naming it'
                         % name)
 
 
-def user_removal_plan(run, state, problems):
+def user_removal_plan(system, state, problems):
     """The admin user --provision-user made (the record says which), with its home,
     and its sudo rule: what waagent's -deprovision+user does."""
     name = state.get('admin_user_created')
     if not name:
-        run.log.info('deprovision: no admin user made by azure-provisioning on record; '
+        system.log.info('deprovision: no admin user made by azure-provisioning on record; '
                      'no user removed')
         return []
     if not isinstance(name, str) or not USER_NAME.fullmatch(name):
         raise ProvisioningError('the record names the admin user %s, not a user name'
                                 % printable(repr(name))[:80])
-    entry = account_entry(run.root, '/etc/passwd', name)
+    entry = account_entry(system.files, '/etc/passwd', name)
     uid = entry[2] if entry and len(entry) > 2 else None
     if uid is not None:
-        why = (not_a_person(int(uid), run.root) if re.fullmatch(r'[0-9]{1,10}', uid)
+        why = (not_a_person(int(uid), system.files) if re.fullmatch(r'[0-9]{1,10}', uid)
                else 'not a number')
         if why:
             raise ProvisioningError('the record names %s, a system account (uid %s); '
                                     'refused: %s' % (name, printable(uid)[:20], why))
     plan = []
-    home = os.path.join('/home', name)      # useradd -m's, as user_plan made it
-    found = run.root.lstat(home)
+    home = os.path.join(system.home_base(), name)     # useradd -m's, as user_plan made it
+    found = system.files.lstat(home)
     if uid is None and found is not None and not any(
             fields[2:3] == [str(found.st_uid)]
-            for fields in account_entries(run.root, '/etc/passwd')):
+            for fields in account_entries(system.files, '/etc/passwd')):
         # userdel -r removed the account and failed at the home (exit 12: an immutable
         # file, a mount point): no run of userdel can remove it now, and it is the user's
         # (a home of a user still in /etc/passwd is that user's: provisioning refuses
@@ -3426,13 +3619,11 @@ def user_removal_plan(run, state, problems):
                         '-r could not remove it): remove it yourself, then run this again'
                         % (name, home))
     # userdel rewrites /etc/passwd and its siblings (lock files beside them)
-    if uid is not None and changeable(run.root, '/etc/passwd', problems):
-        argv = [find_tool('userdel') or 'userdel', '-r', name]
-        if not run.root.is_machine():
-            argv[1:1] = ['--root', run.root.top]
+    if uid is not None and changeable(system.files, '/etc/passwd', problems):
+        argv = system.account_tool('userdel', '-r', name)
         plan.append(Action('remove the admin user %s and its home (userdel -r)' % name,
-                           lambda: run_tool(argv, run.deadline, 'deprovision')))
-    return plan + removal(run.root, SUDOERS_DROP_IN, 'its sudo rule', problems)
+                           lambda: system.run(argv, 'deprovision')))
+    return plan + removal(system.files, SUDOERS_DROP_IN, 'its sudo rule', problems)
 
 
 def running_on_a_vm():
@@ -3460,10 +3651,11 @@ def deprovision(options, log, out):
                       'as it would remove its SSH host keys and machine id (--root DIR for '
                       'an image)')
             return 1
-    run = Run(options, log, out)
+    system = System(options.root, Deadline(options.timeout), log)
     try:
-        plan = deprovision_plan(run, options.remove_user)
-        run.carry_out(*plan, announce=True)
+        plan = deprovision_plan(system, options.remove_user)
+        for action in plan:
+            carry_out(action, options.dry_run, out, announce=True)
     except (ProvisioningError, OSError) as exc:
         log.error('deprovision: %s' % (exc if isinstance(exc, ProvisioningError)
                                        else describe_error(exc)))

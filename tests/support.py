@@ -215,3 +215,22 @@ def skip(test, reason):
 def require_root(test):
     if not is_root():
         skip(test, 'needs root for unshare --uts --mount (run the suite as root to check it)')
+
+
+def in_root(root, log=None, timeout=30, **options):
+    """(System of the tree `root`, the Facts a run there starts from): what a step's
+    planner is given, with the options asked (Options(root=root, ...))."""
+    import azure_provisioning as ap
+    from tests.test_transport import QuietLog
+    options = ap.Options(root=root, timeout=timeout, **options)
+    return (ap.System(root, ap.Deadline(timeout), log or QuietLog()),
+            ap.first_facts(options))
+
+
+def one_step(planner, system, facts, out=None):
+    """One step as the executor takes it: its plan, then its actions carried out
+    (printed in a dry run, to `out`); (the facts after it, the plan)."""
+    import io
+    import azure_provisioning as ap
+    facts, actions = planner(facts, system)
+    return ap.perform_all(actions, facts, system, out or io.StringIO()), actions

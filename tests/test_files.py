@@ -103,8 +103,8 @@ class SwappedBeforeTheAction(Base):
     """Defect 16: a directory swapped for a link between the plan and the action."""
 
     def test_swap_after_the_plan(self):
-        run = ap.Run(ap.Options(root=self.root), Capture(), io.StringIO())
-        plan = ap.deprovision_plan(run, True)
+        system = ap.System(self.root, ap.Deadline(60), Capture())
+        plan = ap.deprovision_plan(system, True)
         self.assertTrue(plan)
         # each directory the plan acts in becomes a link to an outside copy
         for directory in ('etc/ssh', 'var/lib/dhcp', 'var/lib/hyperv', 'etc/sudoers.d',
@@ -119,7 +119,7 @@ class SwappedBeforeTheAction(Base):
             if 'userdel' in action.says:
                 continue
             try:
-                run.carry_out(action)
+                ap.carry_out(action, False, io.StringIO())
                 done += 1
             except OSError:
                 pass    # an action that finds no file of its own fails: never acts outside
@@ -249,7 +249,7 @@ class NoHangNoExhaustion(Base):
             self.assertEqual(json.load(f)['result'], 'provisioned')
 
     def test_read_state_of_a_fifo_is_none_at_once(self):
-        # provisioning (write_state after Ready, host_keys_plan) reads the record so
+        # provisioning (write_state after Ready, plan_identity) reads the record so
         fifo(os.path.join(self.root, 'var/lib/azure-provisioning/state.json'))
         run = run_command([sys.executable, '-I', '-c', 'import sys; sys.path[:0] = [%r]; '
                            'import azure_provisioning as ap; print(ap.read_state(ap.Root(%r)))'

@@ -3,12 +3,16 @@ a private /etc (root only) against the emulator."""
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import unittest
+from unittest import mock
 
+import azure_provisioning as ap
 from tests.fake_azure import FakeAzure
-from tests.support import SCRIPT, PrivateHost, require_root
+from tests.support import SCRIPT, PrivateHost, in_root, one_step, require_root
 
 RECORDER = '''#!/bin/sh
 # appends its name, the time and its environment facts to OUT
@@ -29,6 +33,60 @@ def alive(pid):
             return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
     except FileNotFoundError:
         return False
+
+
+class HooksOnATemporaryRoot(unittest.TestCase):
+    """The hooks step planned and carried out on a temporary root (no root needed):
+    the plan names the hooks, their environment is derived from the run's facts (a
+    stale variable of ours in our own environment does not reach them), the IMDS
+    copy is private and gone afterwards, and a failing hook fails the step with its
+    last stderr line."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix='azp-hooks-')
+        self.addCleanup(shutil.rmtree, self.root)
+        self.hooks = os.path.join(self.root, 'etc/azure-provisioning/ready.d')
+        os.makedirs(self.hooks)
+        os.makedirs(os.path.join(self.root, 'run'))
+        self.out = os.path.join(self.root, 'hooks.log')
+
+    def hook(self, name, text):
+        path = os.path.join(self.hooks, name)
+        with open(path, 'w') as f:
+            f.write(text)
+        os.chmod(path, 0o755)
+        return path
+
+    def step(self):
+        system, facts = in_root(self.root)
+        facts = facts._replace(metadata={'compute': {'vmId': 'vm-1'}}, vm_id='vm-1',
+                               hostname='web-7', admin_user='alice',
+                               user_data=os.path.join(self.root, 'user-data'))
+        with mock.patch.dict(os.environ, {'AZURE_CUSTOM_DATA': '/stale/custom-data'}):
+            return one_step(ap.plan_hooks, system, facts)[1]
+
+    def test_the_environment_comes_from_the_facts(self):
+        first = self.hook('10-env', '#!/bin/sh\n{ env | grep ^AZURE_ | grep -v -e SECONDS_LEFT '
+                          '-e IMDS_JSON | sort; stat -c %%a "$AZURE_IMDS_JSON"; } > %s\n'
+                          % self.out)
+        plan = self.step()
+        self.assertEqual([(action.says, action.fatal) for action in plan],
+                         [('run hooks: %s' % first, True)])
+        with open(self.out) as f:
+            self.assertEqual(f.read().splitlines(), [
+                'AZURE_ADMIN_USERNAME=alice', 'AZURE_HOSTNAME=web-7',
+                'AZURE_USER_DATA=%s' % os.path.join(self.root, 'user-data'),
+                'AZURE_VM_ID=vm-1', '600'])
+        self.assertEqual(os.listdir(os.path.join(self.root, 'run')), [])
+
+    def test_a_failing_hook_fails_the_step(self):
+        self.hook('10-bad', '#!/bin/sh\necho first >&2\necho broken >&2\nexit 3\n')
+        with self.assertRaisesRegex(ap.ProvisioningError,
+                                    r'^hook 10-bad failed with exit status 3: broken$'):
+            self.step()
+
+    def test_no_hooks_no_plan(self):
+        self.assertEqual(self.step(), [])
 
 
 class Hooks(unittest.TestCase):

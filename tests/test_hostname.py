@@ -9,12 +9,12 @@ import tempfile
 import unittest
 
 import azure_provisioning as ap
-from tests.support import DATA, SCRIPT, is_root, run_command, skip
+from tests.support import DATA, SCRIPT, in_root, is_root, one_step, run_command, skip
 
 
 def run_in(tmp):
-    """A run context whose filesystem root is tmp: /etc/hosts is tmp/etc/hosts."""
-    return ap.Run(ap.Options(root=tmp), ap.Log(), None)
+    """The System whose filesystem root is tmp: /etc/hosts is tmp/etc/hosts."""
+    return in_root(tmp)[0]
 
 
 def temporary_root(test):
@@ -292,24 +292,35 @@ class AlreadyLive(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.root)
         os.makedirs(os.path.join(self.root, 'etc'))
         self.path = os.path.join(self.root, 'etc/hostname')
-        self.run_ = ap.Run(ap.Options(root=self.root, timeout=30), QuietLog(), None)
-        self.run_.metadata = {'compute': {'osProfile': {'computerName': socket.gethostname()}}}
+        self.system, facts = in_root(self.root, QuietLog())
+        self.facts = facts._replace(metadata={
+            'compute': {'osProfile': {'computerName': socket.gethostname()}}})
+
+    def step(self):
+        """The hostname step; (its warnings, its plan)."""
+        facts, plan = one_step(ap.plan_hostname, self.system, self.facts)
+        self.assertEqual(facts.hostname, socket.gethostname())
+        return facts.warnings, plan
 
     def test_a_stale_etc_hostname_is_written(self):
         with open(self.path, 'w') as f:
             f.write('image-template\n')
-        ap.hostname_step(self.run_)
+        warnings, plan = self.step()
+        # the live name is right: its file alone is written, and failing it fails no VM
+        self.assertEqual([(a.says, a.fatal) for a in plan],
+                         [('write /etc/hostname: %s' % socket.gethostname(), False)])
         with open(self.path) as f:
             self.assertEqual(f.read(), socket.gethostname() + '\n')
-        self.assertRegex(self.run_.log.lines[-1], r'already %s; /etc/hostname written'
+        self.assertRegex(self.system.log.lines[-1], r'already %s; /etc/hostname written'
                          % socket.gethostname())
+        self.assertEqual(warnings, ())
 
     def test_a_file_that_cannot_be_written_is_a_warning_not_a_failure(self):
         # the live name is right: the VM is usable, and must not be reported failed
         os.mkdir(self.path)
-        ap.hostname_step(self.run_)
-        self.assertEqual(len(self.run_.warnings), 1, self.run_.warnings)
-        self.assertRegex(self.run_.warnings[0], r'/etc/hostname not written: ')
+        warnings, _ = self.step()
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertRegex(warnings[0], r'/etc/hostname not written: ')
 
     def test_a_new_files_label_that_cannot_be_set_is_a_warning(self):
         selinux = os.path.join(self.root, 'selinuxfs')
@@ -322,13 +333,13 @@ class AlreadyLive(unittest.TestCase):
         saved = ap.SELINUX_FS, os.environ['PATH']
         ap.SELINUX_FS, os.environ['PATH'] = selinux, bin_dir + os.pathsep + saved[1]
         try:
-            ap.hostname_step(self.run_)
+            warnings, _ = self.step()
         finally:
             ap.SELINUX_FS, os.environ['PATH'] = saved
         with open(self.path) as f:
             self.assertEqual(f.read(), socket.gethostname() + '\n')
-        self.assertEqual(len(self.run_.warnings), 1, self.run_.warnings)
-        self.assertRegex(self.run_.warnings[0], r'restorecon failed: restorecon: no policy')
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertRegex(warnings[0], r'restorecon failed: restorecon: no policy')
 
 
 class SystemSystemd(unittest.TestCase):

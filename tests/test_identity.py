@@ -15,7 +15,8 @@ import unittest
 
 import azure_provisioning as ap
 from tests.fake_azure import FakeAzure
-from tests.support import SCRIPT, is_root, root_with_kvp_pool, run_command, skip
+from tests.support import (SCRIPT, in_root, is_root, one_step, root_with_kvp_pool, run_command,
+                           skip)
 
 VM_A = '11111111-2222-3333-4444-555555555555'
 VM_B = '66666666-7777-8888-9999-000000000000'
@@ -76,16 +77,15 @@ class HostKeys(unittest.TestCase):
     def boot(self, vm_id, **options):
         """One provisioning of the identity step as VM vm_id, then its record."""
         log = Capture()
-        run = ap.Run(ap.Options(root=self.root, **options), log, io.StringIO())
-        run.facts['AZURE_VM_ID'] = vm_id
-        ap.step_identity(run)
-        ap.write_state(run, 'provisioned')
-        return run, log
+        system, facts = in_root(self.root, log, **options)
+        facts, _ = one_step(ap.plan_identity, system, facts._replace(vm_id=vm_id))
+        ap.write_state(system, facts, 'provisioned')
+        return facts, log
 
     def test_replaced_at_first_boot_kept_after_then_replaced_for_another_vm(self):
-        run, log = self.boot(VM_A)
+        facts, log = self.boot(VM_A)
         first = self.keys()
-        self.assertEqual(run.host_keys, 'replaced')
+        self.assertEqual(facts.host_keys, 'replaced')
         self.assertEqual(sorted(first), sorted(self.template))
         for name in first:
             self.assertNotEqual(first[name], self.template[name], name)
@@ -105,17 +105,17 @@ class HostKeys(unittest.TestCase):
         self.assertEqual(len(printed), len(private))
 
         # the same VM again (a reboot before the unit disabled itself): kept
-        run, log = self.boot(VM_A)
+        facts, log = self.boot(VM_A)
         self.assertEqual(self.keys(), first)
-        self.assertEqual(run.host_keys, 'kept (made for this VM)')
+        self.assertEqual(facts.host_keys, 'kept (made for this VM)')
         self.assertNotIn('FINGERPRINTS', log.text)
 
         # the disk captured again without --deprovision, booted as another VM: replaced
-        run, log = self.boot(VM_B)
+        facts, log = self.boot(VM_B)
         second = self.keys()
         for name in second:
             self.assertNotEqual(second[name], first[name], name)
-        self.assertEqual(run.host_keys, 'replaced')
+        self.assertEqual(facts.host_keys, 'replaced')
 
     def test_etc_ssh_is_never_without_keys(self):
         # an sshd re-executing itself (an earlier reload lands late) exits for good
@@ -149,8 +149,8 @@ class HostKeys(unittest.TestCase):
         self.addCleanup(shutil.rmtree, elsewhere)
         write(os.path.join(elsewhere, 'keep'), b'keep')
         os.symlink(elsewhere, os.path.join(self.root, 'etc/.azure-provisioning-keys.link'))
-        run, log = self.boot(VM_A)
-        self.assertEqual(run.host_keys, 'replaced')
+        facts, log = self.boot(VM_A)
+        self.assertEqual(facts.host_keys, 'replaced')
         self.assertEqual(sorted(n for n in os.listdir(os.path.join(self.root, 'etc'))
                                 if n.startswith('.')),
                          ['.azure-provisioning-keys.file', '.azure-provisioning-keys.link'])
@@ -176,8 +176,8 @@ class HostKeys(unittest.TestCase):
             synced.append((st.st_ino, names))
             return fsync(fd)
         with mock.patch.object(os, 'fsync', recording):
-            run, _ = self.boot(VM_A)
-        self.assertEqual(run.host_keys, 'replaced')
+            facts, _ = self.boot(VM_A)
+        self.assertEqual(facts.host_keys, 'replaced')
         keys = dict((n, os.lstat(os.path.join(ssh, n)).st_ino) for n in self.keys())
         ssh_synced = [i for i, (_, names) in enumerate(synced) if names == keys]
         self.assertTrue(ssh_synced, '/etc/ssh not fsynced once all the new keys were in it')
@@ -202,41 +202,39 @@ class HostKeys(unittest.TestCase):
             else:
                 shutil.copy(os.path.join(other, 'key.pub'),
                             os.path.join(ssh, 'ssh_host_ed25519_key.pub'))
-            planning = ap.Run(ap.Options(root=self.root), Capture(), io.StringIO())
-            planning.facts['AZURE_VM_ID'] = VM_A
-            plan = ap.host_keys_plan(planning)
+            system, facts = in_root(self.root, Capture())
+            _, plan = ap.plan_identity(facts._replace(vm_id=VM_A), system)
             self.assertEqual(len(plan), 1, damage)
             self.assertIn('are not all there, or not whole', plan[0].says, damage)
-            run, _ = self.boot(VM_A)
-            self.assertEqual(run.host_keys, 'replaced', damage)
+            facts, _ = self.boot(VM_A)
+            self.assertEqual(facts.host_keys, 'replaced', damage)
             after = self.keys()
             self.assertTrue(all(after[n] != made[n] for n in made), damage)
         # whole again: kept
-        run, _ = self.boot(VM_A)
-        self.assertEqual(run.host_keys, 'kept (made for this VM)')
+        facts, _ = self.boot(VM_A)
+        self.assertEqual(facts.host_keys, 'kept (made for this VM)')
 
     def test_keep_option_and_no_sshd(self):
-        run, _ = self.boot(VM_A, keep_host_keys=True)
+        facts, _ = self.boot(VM_A, keep_host_keys=True)
         self.assertEqual(self.keys(), self.template)
-        self.assertEqual(run.host_keys, 'kept (--keep-ssh-host-keys)')
+        self.assertEqual(facts.host_keys, 'kept (--keep-ssh-host-keys)')
         os.remove(os.path.join(self.root, 'usr/sbin/sshd'))
-        run, _ = self.boot(VM_B)
+        facts, _ = self.boot(VM_B)
         self.assertEqual(self.keys(), self.template)
-        self.assertEqual(run.host_keys, 'none (no sshd)')
+        self.assertEqual(facts.host_keys, 'none (no sshd)')
 
     def test_dry_run_says_and_keeps(self):
         out = io.StringIO()
-        run = ap.Run(ap.Options(root=self.root, dry_run=True), Capture(), out)
-        run.facts['AZURE_VM_ID'] = VM_A
-        ap.step_identity(run)
+        system, facts = in_root(self.root, Capture(), dry_run=True)
+        one_step(ap.plan_identity, system, facts._replace(vm_id=VM_A), out)
         self.assertEqual(self.keys(), self.template)
         self.assertIn('would replace the SSH host keys (first boot of this image): remove %d '
                       'file(s) in /etc/ssh, ssh-keygen -A' % len(self.template), out.getvalue())
 
     def test_a_broken_record_costs_only_the_keys(self):
         write(os.path.join(self.root, 'var/lib/azure-provisioning/state.json'), b'{"vm_id": ')
-        run, _ = self.boot(VM_A)
-        self.assertEqual(run.host_keys, 'replaced')
+        facts, _ = self.boot(VM_A)
+        self.assertEqual(facts.host_keys, 'replaced')
 
     def test_keygen_failure_is_a_provisioning_failure(self):
         tools = tempfile.mkdtemp(prefix='azp-keygen-')
@@ -246,10 +244,9 @@ class HostKeys(unittest.TestCase):
         path = os.environ['PATH']
         os.environ['PATH'] = tools + os.pathsep + path
         self.addCleanup(os.environ.__setitem__, 'PATH', path)
-        run = ap.Run(ap.Options(root=self.root), Capture(), io.StringIO())
-        run.facts['AZURE_VM_ID'] = VM_A
+        system, facts = in_root(self.root, Capture())
         with self.assertRaises(ap.ProvisioningError) as caught:
-            ap.step_identity(run)
+            one_step(ap.plan_identity, system, facts._replace(vm_id=VM_A))
         self.assertEqual(str(caught.exception), 'ssh host keys: %s/ssh-keygen failed: no entropy'
                          % tools)
 
@@ -531,8 +528,8 @@ class PrivateFiles(unittest.TestCase):
         if is_root():
             os.chown(directory, 65534, 65534)
             os.chown(os.path.join(directory, 'custom-data'), 65534, 65534)
-        run = ap.Run(ap.Options(root=root), Capture(), io.StringIO())
-        ap.keep_data(run, os.path.join(directory, 'custom-data'), b'new')
+        system, _ = in_root(root, Capture())
+        ap.keep_data(system, 'custom-data', b'new')
         for path, mode in ((directory, 0o700), (os.path.join(directory, 'custom-data'), 0o600)):
             st = os.stat(path)
             self.assertEqual((stat.S_IMODE(st.st_mode), st.st_uid), (mode, os.geteuid()), path)
@@ -542,12 +539,12 @@ class PrivateFiles(unittest.TestCase):
         elsewhere = tempfile.mkdtemp(prefix='azp-elsewhere-')
         self.addCleanup(shutil.rmtree, elsewhere)
         os.symlink(elsewhere, os.path.join(root, 'var/lib/azure-provisioning'))
-        run = ap.Run(ap.Options(root=root), Capture(), io.StringIO())
+        system, facts = in_root(root, Capture())
         with self.assertRaisesRegex(ap.ProvisioningError, 'is a symbolic link; refusing'):
-            ap.keep_data(run, os.path.join(root, 'var/lib/azure-provisioning/custom-data'), b'x')
-        ap.write_state(run, 'provisioned')      # the record: a warning, never a failure
+            ap.keep_data(system, 'custom-data', b'x')
+        ap.write_state(system, facts, 'provisioned')    # the record: a warning, never a failure
         self.assertIn('could not write /var/lib/azure-provisioning/state.json',
-                      run.log.text)
+                      system.log.text)
         self.assertEqual(os.listdir(elsewhere), [])
 
 

@@ -13,7 +13,7 @@ import unittest
 
 import azure_provisioning as ap
 from tests.fake_azure import FakeAzure
-from tests.support import REPO, SCRIPT, require_root, root_with_kvp_pool, run_command
+from tests.support import REPO, SCRIPT, in_root, require_root, root_with_kvp_pool, run_command
 from tests.test_transport import QuietLog
 
 
@@ -34,9 +34,14 @@ class PoolDir(unittest.TestCase):
     def setUp(self):
         self.dir, self.pool = root_with_kvp_pool(self, 'azp-kvp-')
 
-    def run_context(self, root=None, dry_run=False):
+    def report(self, description, root=None, dry_run=False, deadline=None):
+        """The KVP report as the executor makes it (planned, then carried out, or
+        printed to self.out in a dry run); the System it was made in."""
         self.out = io.StringIO()
-        return ap.Run(ap.Options(root=root or self.dir, dry_run=dry_run), QuietLog(), self.out)
+        system, facts = in_root(root or self.dir, dry_run=dry_run)
+        system.deadline = deadline or system.deadline
+        ap.perform_all(ap.kvp_report_plan(system, description), facts, system, self.out)
+        return system
 
 
 class Pool(PoolDir):
@@ -82,12 +87,12 @@ class Pool(PoolDir):
     def test_report_never_fails_and_skips_non_hyperv(self):
         not_hyperv = os.path.join(self.dir, 'not-hyperv')
         os.mkdir(not_hyperv)
-        ap.report_to_kvp(self.run_context(not_hyperv), 'x')
+        self.assertEqual(ap.kvp_report_plan(in_root(not_hyperv)[0], 'x'), [])
+        self.report('x', not_hyperv)
         self.assertEqual(os.listdir(not_hyperv), [])
         os.mkdir(self.pool)         # the pool is a directory: a warning, not an exception
-        run = self.run_context()
-        ap.report_to_kvp(run, 'x')
-        self.assertRegex(run.log.lines[-1], r'^warning: KVP report not written: ')
+        system = self.report('x')
+        self.assertRegex(system.log.lines[-1], r'^warning: KVP report not written: ')
 
     def test_only_a_regular_file_is_written(self):
         """Issue 20 (5, 3): a FIFO (no reader: opening it to write would fail; a
@@ -111,7 +116,7 @@ class Pool(PoolDir):
                     self.assertEqual(f.read(), b'kept')
 
     def test_dry_run_prints_the_record(self):
-        ap.report_to_kvp(self.run_context(dry_run=True), 'result=success')
+        self.report('result=success', dry_run=True)
         self.assertEqual(self.out.getvalue(),
                          'would append to %s: PROVISIONING_REPORT=result=success\n' % self.pool)
         self.assertFalse(os.path.exists(self.pool))
@@ -248,12 +253,11 @@ class LockedPool(PoolDir):
         reserve is the WireServer report's."""
         self.hold_lock()
         self.bounded(10)
-        run = self.run_context()
-        run.deadline = ap.Deadline(0.5, reserve=0.5)   # the reserve is all that is left
         started = time.monotonic()
-        ap.report_to_kvp(run, 'result=error')
+        # the reserve is all that is left
+        system = self.report('result=error', deadline=ap.Deadline(0.5, reserve=0.5))
         self.assertLess(time.monotonic() - started, 0.2)
-        self.assertRegex(run.log.lines[-1], r'^warning: KVP report not written: .*locked')
+        self.assertRegex(system.log.lines[-1], r'^warning: KVP report not written: .*locked')
 
 
 if __name__ == '__main__':

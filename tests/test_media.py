@@ -20,7 +20,8 @@ import unittest.mock
 
 import azure_provisioning as ap
 from tests.fake_azure import DEFAULT_VM_ID, FakeAzure, make_instance_document, make_ovf_env
-from tests.support import SCRIPT, PrivateHost, is_root, require_root, root_with_kvp_pool, skip
+from tests.support import (SCRIPT, PrivateHost, in_root, is_root, one_step, require_root,
+                           root_with_kvp_pool, skip)
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 PASSWORD = 'S3cret<&\'"$;:pw %s' % 'x'      # XML and shell specials, a space
@@ -199,9 +200,17 @@ class MediaRoot(unittest.TestCase):
         return path
 
     def run_context(self, media=None, timeout=30):
+        """(the System of the root, its log); `media` is --media, for self.find."""
         log = QuietLog()
-        run = ap.Run(ap.Options(root=self.root, media=media, timeout=timeout), log, sys.stdout)
-        return run, log
+        self.choice = media
+        # the run's reserve, as provision() keeps it
+        deadline = ap.Deadline(timeout, reserve=min(60.0, timeout / 4.0))
+        return ap.System(self.root, deadline, log), log
+
+    def find(self, system):
+        """The media, as the media step finds it; self.problem: why none could be read."""
+        media, self.problem = ap.find_media(system, self.choice)
+        return media
 
     def tool_log(self):
         try:
@@ -226,10 +235,10 @@ class MediaSearch(MediaRoot):
         run, log = self.run_context()
         with self.assertRaisesRegex(ap.ProvisioningError, r'ovf-env.xml on .*/dev/sr0: not '
                                                           r'well-formed'):
-            ap.find_media(run)
+            self.find(run)
         with open(os.path.join(self.root, 'dev', 'sr0', 'ovf-env.xml'), 'wb') as f:
             f.write(ovf)
-        media = ap.find_media(run)
+        media = self.find(run)
         self.assertEqual((media.username, media.custom_data), ('alice', b'data'))
         lines = self.tool_log()
         # each mount: read-only, udf or iso9660, on a fresh directory under the root's /run,
@@ -252,26 +261,26 @@ class MediaSearch(MediaRoot):
         self.device('sr0')
         open(os.path.join(self.root, 'dev', 'sr1'), 'w').close()   # not mountable
         run, log = self.run_context()
-        self.assertIsNone(ap.find_media(run))
+        self.assertIsNone(self.find(run))
         self.assertIn('warning: media: %s/dev/sr0 has no ovf-env.xml' % self.root, log.lines)
         self.assertTrue([l for l in log.lines if 'unknown filesystem type' in l], log.lines)
-        self.assertIn('unknown filesystem type', run.media_problem)
+        self.assertIn('unknown filesystem type', self.problem)
         self.assertEqual(os.listdir(os.path.join(self.root, 'run')), [])
 
     def test_no_media_and_none(self):
         run, log = self.run_context()
-        self.assertIsNone(ap.find_media(run))
+        self.assertIsNone(self.find(run))
         self.assertIn('media: no provisioning media found (IMDS alone)', log.lines)
         self.device('sr0', make_ovf_env('h', 'u').encode())
         run, log = self.run_context(media='none')
-        self.assertIsNone(ap.find_media(run))
+        self.assertIsNone(self.find(run))
         self.assertEqual(self.tool_log(), [])
 
     def test_media_option_names_the_device(self):
         path = self.device('elsewhere', make_ovf_env('h', 'bob').encode())
         self.device('sr0', make_ovf_env('h', 'not-this-one').encode())
         run, _ = self.run_context(media=path)
-        self.assertEqual(ap.find_media(run).username, 'bob')
+        self.assertEqual(self.find(run).username, 'bob')
 
     def test_an_ovf_env_that_is_no_regular_file(self):
         """A FIFO, a device, a link to /dev/zero: refused at once, in one line, memory
@@ -296,7 +305,7 @@ class MediaSearch(MediaRoot):
                     os.makedirs(os.path.dirname(dev_zero), exist_ok=True)
                     os.mknod(dev_zero, stat.S_IFCHR | 0o644, os.makedev(1, 5))
                 run, _ = self.run_context(media=sr0)
-                self.assertEqual(in_child(lambda: (ap.find_media(run), run.media_problem)[1]),
+                self.assertEqual(in_child(lambda: ap.find_media(run, sr0)[1]),
                                  'media: ovf-env.xml on %s: not a regular file' % sr0)
                 self.assertEqual([l.split()[0] for l in self.tool_log()][-2:],
                                  ['mount', 'umount'])
@@ -312,7 +321,7 @@ class MediaSearch(MediaRoot):
             run.deadline.end = 0            # the deadline passes while the media is mounted
             return real(root, *parts, **how)
         with unittest.mock.patch.object(ap.Root, 'read', slow_read):
-            ap.find_media(run)
+            self.find(run)
         self.assertEqual([l.split()[0] for l in self.tool_log()], ['mount', 'umount'])
 
 
@@ -379,7 +388,7 @@ class MediaLate(MediaRoot):
 
     def test_the_cdrom_attached_while_udev_settles_is_read(self):
         run, log = self.run_context(timeout=44)     # reserve 11 s: 33 s left; 30 at most
-        media = ap.find_media(run)
+        media = self.find(run)
         self.assertIsNotNone(media, log.lines)
         self.assertEqual((media.username, media.custom_data), ('alice', b'late'))
         lines = self.tool_log()
@@ -390,7 +399,7 @@ class MediaLate(MediaRoot):
 
     def test_the_wait_is_bounded_by_the_deadline(self):
         run, _ = self.run_context(timeout=8)    # 6 s left before the reserve
-        ap.find_media(run)
+        self.find(run)
         settle = self.tool_log()[0].split()
         self.assertEqual(settle[:2], ['udevadm', 'settle'])
         self.assertLessEqual(int(settle[2][len('--timeout='):]), 6)
@@ -399,28 +408,28 @@ class MediaLate(MediaRoot):
     def test_media_found_at_once_waits_for_nothing(self):
         self.device('sr0', make_ovf_env('web-7', 'bob').encode())
         run, _ = self.run_context()
-        self.assertEqual(ap.find_media(run).username, 'bob')
+        self.assertEqual(self.find(run).username, 'bob')
         self.assertEqual([l.split()[0] for l in self.tool_log()], ['mount', 'umount'])
 
     def test_without_udev_no_wait(self):
         """Nothing loads a driver later without udev: the search is final."""
         os.unlink(os.path.join(self.root, 'run', 'udev', 'control'))
         run, log = self.run_context()
-        self.assertIsNone(ap.find_media(run))
+        self.assertIsNone(self.find(run))
         self.assertEqual(self.tool_log(), [])
         self.assertIn('media: no provisioning media found (IMDS alone)', log.lines)
 
     def test_a_queue_that_does_not_settle_is_a_warning_and_the_search_goes_on(self):
         self.environ(AZP_SETTLE_EXIT='1')
         run, log = self.run_context()
-        self.assertEqual(ap.find_media(run).custom_data, b'late')
+        self.assertEqual(self.find(run).custom_data, b'late')
         self.assertTrue([l for l in log.lines if l.startswith('warning: media: udev')],
                         log.lines)
 
     def test_no_media_after_the_wait_either(self):
         self.environ(AZP_LATE_OVF='')
         run, log = self.run_context()
-        self.assertIsNone(ap.find_media(run))
+        self.assertIsNone(self.find(run))
         self.assertEqual(len(self.tool_log()), 1)
         self.assertIn('media: no provisioning media found (IMDS alone)', log.lines)
 
@@ -441,9 +450,9 @@ class SigtermWhileMounting(unittest.TestCase):
         self.addCleanup(os.environ.__setitem__, 'PATH', path)
         old = signal.signal(signal.SIGTERM, ap.raise_terminated)
         self.addCleanup(signal.signal, signal.SIGTERM, old)
-        run = ap.Run(ap.Options(root=root, media='/dev/fake'), QuietLog(), sys.stdout)
+        system = ap.System(root, ap.Deadline(30), QuietLog())
         with self.assertRaises(ap.Terminated):
-            ap.find_media(run)
+            ap.find_media(system, '/dev/fake')
         self.assertEqual(os.listdir(os.path.join(root, 'run')), [])
 
 
@@ -500,8 +509,8 @@ class FormattedDevices(unittest.TestCase):
         self.assertIsNone(ap.filesystem_signature(self.device('ext4', b'\x00' * 70000)))
         self.assertIsNone(ap.filesystem_signature(self.device('short', b'CD001')))
         self.assertIsNone(ap.filesystem_signature(os.path.join(self.root, 'dev/absent')))
-        run = ap.Run(ap.Options(root=self.root), QuietLog(), sys.stdout)
-        self.assertEqual([os.path.basename(d) for d in ap.formatted_devices(run)],
+        system = ap.System(self.root, ap.Deadline(30), QuietLog())
+        self.assertEqual([os.path.basename(d) for d in ap.formatted_devices(system)],
                          ['bridge', 'iso', 'udf'])
 
     def test_what_genisoimage_makes_is_udf(self):
@@ -513,17 +522,17 @@ class FormattedDevices(unittest.TestCase):
         self.assertEqual(ap.filesystem_signature(image), 'udf')
 
     def test_tried_only_when_no_cdrom_held_the_media(self):
-        run = ap.Run(ap.Options(root=self.root), QuietLog(), sys.stdout)
+        system = ap.System(self.root, ap.Deadline(30), QuietLog())
         seen = []
         with unittest.mock.patch.object(ap, 'formatted_devices',
-                                        lambda run: seen.append('probed') or []):
+                                        lambda system: seen.append('probed') or []):
             with unittest.mock.patch.object(ap, 'read_first_media',
-                                            lambda run, devices, problems: 'media' if devices else None):
-                with unittest.mock.patch.object(ap, 'cdrom_devices', lambda run: ['/dev/sr0']):
-                    self.assertEqual(ap.find_media(run), 'media')
+                                            lambda system, devices, problems: 'media' if devices else None):
+                with unittest.mock.patch.object(ap, 'cdrom_devices', lambda system: ['/dev/sr0']):
+                    self.assertEqual(ap.find_media(system, None), ('media', None))
                 self.assertEqual(seen, [])
-                with unittest.mock.patch.object(ap, 'cdrom_devices', lambda run: []):
-                    self.assertIsNone(ap.find_media(run))
+                with unittest.mock.patch.object(ap, 'cdrom_devices', lambda system: []):
+                    self.assertEqual(ap.find_media(system, None), (None, None))
                 self.assertEqual(seen, ['probed'])
 
 
@@ -538,8 +547,8 @@ class UdfHint(unittest.TestCase):
     def test_names_the_missing_module(self):
         root = tempfile.mkdtemp(prefix='azp-udf-')
         self.addCleanup(shutil.rmtree, root)
-        run = ap.Run(ap.Options(root=root), QuietLog(), sys.stdout)
-        hint = ap.udf_missing_hint(run)
+        system = ap.System(root, ap.Deadline(30), QuietLog())
+        hint = ap.udf_missing_hint(system)
         with open('/proc/filesystems') as f:
             if 'udf' in f.read():
                 self.assertEqual(hint, '')
@@ -549,18 +558,19 @@ class UdfHint(unittest.TestCase):
         module = os.path.join(root, 'lib/modules', os.uname().release, 'kernel/fs/udf')
         os.makedirs(module)
         open(os.path.join(module, 'udf.ko.xz'), 'w').close()
-        self.assertEqual(ap.udf_missing_hint(run), '')
+        self.assertEqual(ap.udf_missing_hint(system), '')
 
 
 class KeptData(unittest.TestCase):
 
     def test_custom_and_user_data_files(self):
         root, _ = root_with_kvp_pool(self, 'azp-data-')
-        run = ap.Run(ap.Options(root=root), QuietLog(), sys.stdout)
-        run.metadata = {'compute': {'userData': base64.b64encode(b'user\x00data').decode()}}
-        run.media = ap.parse_ovf_env(make_ovf_env('h', 'u', custom_data=b'#!/bin/sh\n').encode())
-        os.makedirs(os.path.join(root, 'var/lib/azure-provisioning'), 0o755)
-        ap.step_data(run)
+        system, facts = in_root(root)
+        facts, plan = one_step(ap.plan_data, system, facts._replace(
+            metadata={'compute': {'userData': base64.b64encode(b'user\x00data').decode()}},
+            media=ap.parse_ovf_env(make_ovf_env('h', 'u', custom_data=b'#!/bin/sh\n').encode())),
+            sys.stdout)
+        self.assertEqual([action.fatal for action in plan], [True, True])
         directory = os.path.join(root, 'var/lib/azure-provisioning')
         self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o700)
         for name, data in (('custom-data', b'#!/bin/sh\n'), ('user-data', b'user\x00data')):
@@ -568,17 +578,20 @@ class KeptData(unittest.TestCase):
             with open(path, 'rb') as f:
                 self.assertEqual(f.read(), data)
             self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
-        self.assertEqual(run.facts['AZURE_CUSTOM_DATA'], os.path.join(directory, 'custom-data'))
-        self.assertEqual(run.facts['AZURE_USER_DATA'], os.path.join(directory, 'user-data'))
+        self.assertEqual(ap.hook_environment(facts)['AZURE_CUSTOM_DATA'],
+                         os.path.join(directory, 'custom-data'))
+        self.assertEqual(ap.hook_environment(facts)['AZURE_USER_DATA'],
+                         os.path.join(directory, 'user-data'))
 
     def test_none_means_no_file_and_no_variable(self):
         root, _ = root_with_kvp_pool(self, 'azp-data-')
-        run = ap.Run(ap.Options(root=root), QuietLog(), sys.stdout)
-        run.metadata = {'compute': {'userData': ''}}
-        ap.step_data(run)
+        system, facts = in_root(root)
+        facts, plan = one_step(ap.plan_data, system, facts._replace(
+            metadata={'compute': {'userData': ''}}))
+        self.assertEqual(plan, [])
         self.assertFalse(os.path.exists(os.path.join(root, 'var/lib/azure-provisioning')))
-        self.assertNotIn('AZURE_CUSTOM_DATA', run.facts)
-        self.assertNotIn('AZURE_USER_DATA', run.facts)
+        self.assertNotIn('AZURE_CUSTOM_DATA', ap.hook_environment(facts))
+        self.assertNotIn('AZURE_USER_DATA', ap.hook_environment(facts))
 
     def test_bad_user_data_names_the_field(self):
         with self.assertRaisesRegex(ap.ProvisioningError, r'^IMDS compute.userData is not '

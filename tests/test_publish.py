@@ -11,7 +11,8 @@ import tempfile
 import unittest
 
 import azure_provisioning as ap
-from tests.support import REPO, SCRIPT, PrivateHost, require_root, run_command, skip
+from tests.support import (REPO, SCRIPT, PrivateHost, in_root, one_step, require_root,
+                           run_command, skip)
 from tests.test_transport import QuietLog
 
 ROUTES = ('Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n'
@@ -74,8 +75,13 @@ class FakeSystem(unittest.TestCase):
     def publish(self, dry_run=False):
         self.out = io.StringIO()
         self.log = QuietLog()
-        run = ap.Run(ap.Options(root=self.root, dry_run=dry_run, timeout=40), self.log, self.out)
-        return ap.publish_hostname(run, 'web-7')
+        system, facts = in_root(self.root, self.log, timeout=40, dry_run=dry_run)
+        facts, self.plan = one_step(lambda facts, system: ap.publish_plan(facts, system, 'web-7'),
+                                    system, facts, self.out)
+        # at most one: what stopped the plan, or the failure of its one action
+        self.assertLessEqual(len(facts.warnings), 1, facts.warnings)
+        self.assertTrue(all(not action.fatal for action in self.plan), self.plan)
+        return facts.warnings[0] if facts.warnings else None
 
 
 class IPv4Address(unittest.TestCase):

@@ -3,7 +3,6 @@ deprovision's plan, KVP, names): each test reproduces a finding and fails on the
 code it was written against.  Root tests run in PrivateHost's namespaces; others on
 temporary roots; the fake WireServer and IMDS listen on 127.0.0.1."""
 
-import io
 import json
 import os
 import shutil
@@ -14,9 +13,8 @@ import unittest
 
 import azure_provisioning as ap
 from tests.fake_azure import DEFAULT_VM_ID, FakeAzure
-from tests.support import SCRIPT, require_root, run_command, skip
+from tests.support import SCRIPT, in_root, require_root, run_command, skip
 from tests import test_user
-from tests.test_transport import QuietLog
 from tests.test_user import key
 
 
@@ -122,10 +120,9 @@ class EmptyHostKeysOnRecord(unittest.TestCase):
                        'ssh_host_keys_for': self.VM}, f)
 
     def test_empty_keys_are_replaced(self):
-        run = ap.Run(ap.Options(root=self.root), QuietLog(), io.StringIO())
-        run.facts['AZURE_VM_ID'] = self.VM
-        plan = ap.host_keys_plan(run)
-        self.assertEqual(len(plan), 1, run.host_keys)
+        system, facts = in_root(self.root)
+        facts, plan = ap.plan_identity(facts._replace(vm_id=self.VM), system)
+        self.assertEqual(len(plan), 1, facts.host_keys)
         self.assertIn('replace the SSH host keys', plan[0].says)
 
 

@@ -18,7 +18,7 @@ from unittest import mock
 
 import azure_provisioning as ap
 from tests.fake_azure import FakeAzure
-from tests.support import SCRIPT, root_with_kvp_pool, run_command, skip
+from tests.support import SCRIPT, in_root, one_step, root_with_kvp_pool, run_command, skip
 from tests.test_identity import VM_A, Capture, provisioned_tree, write
 from tests.test_trust import STATE, fake_tool, read_record
 
@@ -314,7 +314,6 @@ class SshdConfigDirectoryThatIsALink(unittest.TestCase):
     found"."""
 
     def test_the_setting_is_written_or_skipped(self):
-        from tests.test_transport import QuietLog
         for kind in ('dangling link', 'file'):
             with self.subTest(kind=kind):
                 root = tempfile.mkdtemp(prefix='azp-review-two-')
@@ -326,10 +325,11 @@ class SshdConfigDirectoryThatIsALink(unittest.TestCase):
                     write(directory, b'')
                 else:
                     os.symlink('/nonexistent-azp-review-two', directory)
-                run = ap.Run(ap.Options(root=root), QuietLog(), io.StringIO())
+                system, facts = in_root(root)
                 with mock.patch.object(ap, 'restart_sshd'):
                     try:
-                        run.carry_out(*ap.sshd_plan(run, 'yes'))
+                        one_step(lambda facts, system: ap.sshd_plan(facts, system, 'yes'),
+                                 system, facts)
                     except (OSError, ap.ProvisioningError) as exc:
                         self.fail('the user step fails: %s' % ap.describe_error(exc))
                 self.assertFalse(os.path.lexists('/nonexistent-azp-review-two'))

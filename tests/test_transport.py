@@ -465,10 +465,14 @@ class EverythingWaitsOnTheDeadline(unittest.TestCase):
         me = pwd.getpwuid(os.getuid()).pw_name
         key = b'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBn0rqjmEIvRQGfFGxDBRjRAFBkUcUwLDwn0W3bnuzJ0 a\n'
 
+        # the account as the root's own /etc/passwd has it: its home is the root's /
+        os.mkdir(os.path.join(home, 'etc'))
+        with open(os.path.join(home, 'etc', 'passwd'), 'w') as f:
+            f.write('%s:x:%d:%d::/:/bin/sh\n' % (me, os.getuid(), os.getgid()))
+
         def install(deadline):
-            run = ap.Run(ap.Options(root=home), QuietLog(), None)
-            run.deadline = deadline
-            ap.install_keys(run, me, '/.ssh/authorized_keys', key, 1)
+            ap.install_keys(ap.System(home, deadline, QuietLog()), me, '/.ssh/authorized_keys',
+                            [key.decode().strip()])
         self.assert_bounded(install)
 
     def test_sshd_reload(self):
@@ -477,10 +481,9 @@ class EverythingWaitsOnTheDeadline(unittest.TestCase):
         self.addCleanup(setattr, ap, 'system_systemd', old)
         ap.system_systemd = lambda: True
         log = QuietLog()
-        run = ap.Run(ap.Options(timeout=4.0), log, None)
-        run.deadline = ap.Deadline(1.0)
+        system = ap.System('/', ap.Deadline(1.0), log)
         started = time.monotonic()
-        ap.restart_sshd(run, required=False)        # a warning, within the deadline
+        ap.restart_sshd(system, required=False)     # a warning, within the deadline
         self.assertLess(time.monotonic() - started, 2.0)
         self.assertRegex(log.lines[-1], r'^warning: sshd not reloaded.*timed out')
 

@@ -19,8 +19,8 @@ from unittest import mock
 
 import azure_provisioning as ap
 from tests.fake_azure import FakeAzure
-from tests.support import (PROCESS_TIMEOUT, SCRIPT, is_root, root_with_kvp_pool, run_command,
-                           shielded, skip)
+from tests.support import (PROCESS_TIMEOUT, SCRIPT, in_root, is_root, root_with_kvp_pool,
+                           run_command, shielded, skip)
 from tests.test_check import KERNEL, good_image
 from tests.test_identity import VM_A, VM_B, Capture, provisioned_tree, write
 
@@ -309,18 +309,23 @@ class AccountsOutsideTheUserRange(unittest.TestCase):
                           % (name, why.split()[1], why), run.stderr)
 
     def test_provisioning_does_not_make_nobody_the_admin(self):
-        # the plan only (this machine's accounts are read, nothing is done): IMDS
+        # the plan only (the root's own accounts are read, nothing is done): IMDS
         # naming an account that exists outside the range is refused
-        run = ap.Run(ap.Options(root=self.root), Capture(), io.StringIO())
+        with open(os.path.join(self.root, 'etc/passwd'), 'a') as f:
+            f.write('daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n')
+        system, facts = in_root(self.root, Capture())
         for name in ('nobody', 'root'):
             request = ap.UserRequest(name, [], [], None, None)
             with self.assertRaisesRegex(ap.ProvisioningError,
                                         'admin user %s exists as a system account' % name):
-                ap.user_plan(run, request)
-        # the run's root's login.defs decides: with UID_MIN 1, daemon (uid 1) would do
+                ap.user_plan(facts, system, request)
+        # the run's root's login.defs decides: with UID_MIN 1, daemon (uid 1) would do,
+        # as the account it is (no useradd)
         write(os.path.join(self.root, 'etc/login.defs'), (LOGIN_DEFS % (1, 60000)).encode())
-        plan = ap.user_plan(run, ap.UserRequest('daemon', [], [], None, None))
-        self.assertTrue(plan)
+        _, plan = ap.user_plan(facts, system, ap.UserRequest('daemon', [], [], None, None))
+        self.assertEqual([action.says for action in plan],
+                         ['lock the password of daemon (usermod -L)',
+                          'write /etc/sudoers.d/azure-provisioning granting daemon sudo'])
 
 
 def strict_outputs():
@@ -398,9 +403,7 @@ class OutputNeverCrashesNorEscapes(unittest.TestCase):
             with self.subTest(brk=brk):
                 self.assertEqual(len(ap.printable('a%sb' % brk).splitlines()), 1)
                 out = io.StringIO()
-                run = ap.Run(ap.Options(root='/nonexistent-azp', dry_run=True), Capture(),
-                             ap.Output(out))
-                run.carry_out(ap.Action('remove /x%sy' % brk, None))
+                ap.carry_out(ap.Action('remove /x%sy' % brk, None), True, ap.Output(out))
                 self.assertEqual(out.getvalue().splitlines(), ['would remove /x\ufffdy'])
 
 

@@ -2,7 +2,6 @@
 private /etc, /home and /root (root only)."""
 
 import base64
-import io
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ from unittest import mock
 
 import azure_provisioning as ap
 from tests.fake_azure import DEFAULT_VM_ID, FakeAzure
-from tests.support import SCRIPT, PrivateHost, require_root, run_command, skip
+from tests.support import SCRIPT, PrivateHost, in_root, one_step, require_root, run_command, skip
 from tests.test_transport import QuietLog
 
 
@@ -85,6 +84,11 @@ PASSWORD_HASH = ('$6$Qx7bL2mN$Iw5CTyRQ6oDFaq.T0mJqyeSPT3c41VBdrN85uFtd4NYz5Fjuj.
                  'bKbtFnAszvnXW5I.RYfcVN/')
 
 
+def sshd_plan(logins):
+    """The sshd part of the user step, as a step's planner."""
+    return lambda facts, system: ap.sshd_plan(facts, system, logins)
+
+
 class SshdDirectory(unittest.TestCase):
     """Issue 20 (8), in a temporary root: the sshd_config.d made for the drop-in is
     0755 whatever the umask, and gets its SELinux label with the drop-in (a stand-in
@@ -101,13 +105,13 @@ class SshdDirectory(unittest.TestCase):
         with open(os.path.join(tools, 'restorecon'), 'w') as f:
             f.write('#!/bin/sh\necho "$*" >> "%s/restorecon.log"\n' % tools)
         os.chmod(os.path.join(tools, 'restorecon'), 0o755)
-        run = ap.Run(ap.Options(root=root), QuietLog(), sys.stdout)
+        system, facts = in_root(root)
         old_umask = os.umask(0o077)
         self.addCleanup(os.umask, old_umask)
         with mock.patch.object(ap, 'SELINUX_FS', tools), \
                 mock.patch.object(ap, 'restart_sshd') as restart, \
                 mock.patch.dict(os.environ, {'PATH': tools + os.pathsep + os.environ['PATH']}):
-            run.carry_out(*ap.sshd_plan(run, 'yes'))
+            one_step(sshd_plan('yes'), system, facts)
         directory = os.path.join(root, 'etc', 'ssh', 'sshd_config.d')
         self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o755)
         with open(os.path.join(directory, '50-azure-provisioning.conf')) as f:
@@ -115,7 +119,7 @@ class SshdDirectory(unittest.TestCase):
         with open(os.path.join(tools, 'restorecon.log')) as f:
             self.assertEqual(f.read(), '-R %s\n' % directory)
         self.assertEqual(restart.call_count, 1)
-        self.assertIn('user: made /etc/ssh/sshd_config.d (0755)', run.log.lines)
+        self.assertIn('user: made /etc/ssh/sshd_config.d (0755)', system.log.lines)
 
     def test_what_cannot_hold_the_drop_in_is_left_alone(self):
         """A file, a dangling link, a link out of the root where sshd_config.d should
@@ -136,17 +140,17 @@ class SshdDirectory(unittest.TestCase):
                 else:
                     os.symlink({'dangling link': 'nothing', 'link out': '../../../' * 20
                                 + outside.lstrip('/'), 'link in': 'real.d'}[kind], directory)
-                run = ap.Run(ap.Options(root=root), QuietLog(), io.StringIO())
+                system, facts = in_root(root)
                 with mock.patch.object(ap, 'restart_sshd') as restart:
-                    run.carry_out(*ap.sshd_plan(run, 'no'))
+                    facts, _ = one_step(sshd_plan('no'), system, facts)
                 self.assertEqual(os.listdir(outside), [])
                 if kind == 'link in':
                     with open(os.path.join(root, 'etc/ssh/real.d/50-azure-provisioning.conf')) as f:
                         self.assertEqual(f.read().splitlines()[-1], 'PasswordAuthentication no')
-                    self.assertEqual(run.warnings, [])
+                    self.assertEqual(facts.warnings, ())
                     continue
-                self.assertEqual(run.warnings, ['PasswordAuthentication left alone: '
-                                                '/etc/ssh/sshd_config.d is not a directory'])
+                self.assertEqual(facts.warnings, ('PasswordAuthentication left alone: '
+                                                  '/etc/ssh/sshd_config.d is not a directory',))
                 self.assertEqual(restart.call_count, 0)
                 self.assertEqual(sorted(os.listdir(os.path.join(root, 'etc', 'ssh'))),
                                  ['real.d', 'sshd_config', 'sshd_config.d'])
@@ -626,9 +630,8 @@ class CutDuringUseradd(AdminAccountHost):
         os.makedirs(os.path.join(root, 'var/lib/azure-provisioning'))
         with open(os.path.join(root, 'var/lib/azure-provisioning/state.json'), 'w') as f:
             json.dump(at_useradd, f)
-        later = ap.Run(ap.Options(root=root), QuietLog(), None)
-        later.facts['AZURE_VM_ID'] = DEFAULT_VM_ID
-        plan = ap.host_keys_plan(later)
+        system, facts = in_root(root)
+        _, plan = ap.plan_identity(facts._replace(vm_id=DEFAULT_VM_ID), system)
         self.assertEqual(len(plan), 1)
         self.assertIn('replace the SSH host keys', plan[0].says)
         # the boot after the cut

@@ -158,7 +158,7 @@ class HealthReport(unittest.TestCase):
                          '\ufffd \ufffd \ufffd \ufffd tab\tend \U0001F600')
         self.assertEqual((fields['container_id'], fields['instance_id']), ('c\ufffd', 'i\ufffd'))
         # and the pipe-separated report (KVP's too) carries the same clean text
-        text = ap.report_description('error', {'AZURE_VM_ID': 'v\x00m'}, 'hooks', description)
+        text = ap.report_description('error', 'v\x00m', 'hooks', description)
         self.assertIsNone(ap.NOT_XML_TEXT.search(text))
         self.assertIn('reason=ERROR: disk', text)
         self.assertIn('vm_id=v\ufffdm', text)
@@ -167,21 +167,21 @@ class HealthReport(unittest.TestCase):
 
 class FailureDescription(unittest.TestCase):
     def test_azure_format(self):
-        text = ap.report_description('error', {'AZURE_VM_ID': 'vm-1'}, 'hostname', 'invalid hostname')
+        text = ap.report_description('error', 'vm-1', 'hostname', 'invalid hostname')
         self.assertRegex(text, r'^result=error\|reason=invalid hostname\|agent=azure-provisioning/'
                                + re.escape(ap.VERSION) + r'\|step=hostname\|vm_id=vm-1\|'
                                r'timestamp=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\|'
                                r'documentation_url=https://aka\.ms/linuxprovisioningerror$')
 
     def test_long_reason_is_cut_to_512_and_keeps_the_tail_fields(self):
-        text = ap.report_description('error', {}, 'imds', 'x' * 5000)
+        text = ap.report_description('error', '', 'imds', 'x' * 5000)
         self.assertEqual(len(text), ap.MAX_DESCRIPTION)
         self.assertIn('...|agent=', text)
         self.assertTrue(text.endswith('documentation_url=https://aka.ms/linuxprovisioningerror'))
         self.assertIn('vm_id=unknown', text)
 
     def test_pipes_and_newlines_cannot_forge_fields(self):
-        text = ap.report_description('error', {'AZURE_VM_ID': 'v|x'}, 'imds', 'a|vm_id=evil\nb')
+        text = ap.report_description('error', 'v|x', 'imds', 'a|vm_id=evil\nb')
         self.assertEqual(text.count('|'), 6)
         self.assertNotIn('\n', text)
 
