@@ -64,8 +64,9 @@ MUTATIONS = [
       '        if found is not None and stat.S_ISLNK(found.st_mode):', '        if False:',
       ['tests.test_user']),
     M('catch-all-narrowed', 'the catch-all that turns a crash into a failure report narrowed',
-      '            do(run)\n        except Exception as exc:',
-      '            do(run)\n        except (ProvisioningError, OSError) as exc:',
+      '                facts = perform(action, facts, system, out)\n        except Exception as exc:',
+      '                facts = perform(action, facts, system, out)\n'
+      '        except (ProvisioningError, OSError) as exc:',
       ['tests.test_ready_post']),
     M('modes-not-checked', 'a mode takes every option, whatever its row of OPTIONS says',
       'if mode in option.modes:', 'if True:',
