@@ -1379,6 +1379,11 @@ def read_media(run, device):
     mountpoint = os.path.join(private, 'media')
     os.mkdir(mountpoint, 0o700)
     try:
+        if os.path.isdir(SELINUX_FS):
+            # new directories get our domain's runtime type, on which the confined
+            # mount may not mount; /run's own type is a mountpoint
+            for directory in (private, mountpoint):
+                copy_selinux_label(run.root.path(MEDIA_MOUNT_DIR), directory)
         try:
             # nodev, nosuid, noexec: the disc is anyone's; what it holds is data only
             run_tool([find_tool('mount') or 'mount', '-o', 'ro,nodev,nosuid,noexec', '-t',
