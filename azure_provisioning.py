@@ -2407,6 +2407,8 @@ def sudo_plan(run, name, has_password):
         visudo = find_tool('visudo')
         run.root.write(SUDOERS_DROP_IN, rule, mode=0o440,
                        check=[visudo, '-cf'] if visudo else None, deadline=run.deadline)
+        # the policy's label (etc_t), not the type our domain gives new files in /etc
+        restore_labels(run, [run.root.path(SUDOERS_DROP_IN)], 'user')
         run.log.info('user: sudo rule %s written%s'
                      % (SUDOERS_DROP_IN, ' (visudo -cf ok)' if visudo else ''))
     return [Action('write %s granting %s sudo' % (SUDOERS_DROP_IN, name), write_rule)]
@@ -2504,8 +2506,10 @@ def sshd_plan(run, logins):
             run.root.make_dirs(directory, 0o755)
             run.log.info('user: made %s (0755)' % directory)
         run.root.write(SSHD_DROP_IN, setting, deadline=run.deadline)
-        if make_directory:      # the directory and the drop-in in it: sshd must read both
-            restore_labels(run, [run.root.path(directory)], 'user')
+        # the policy's labels (etc_t), not the type our domain gives new files in /etc:
+        # the directory, when made, and the drop-in in it; sshd must read both
+        restore_labels(run, [run.root.path(directory if make_directory else SSHD_DROP_IN)],
+                       'user')
         run.log.info('user: PasswordAuthentication %s (%s)' % (logins, SSHD_DROP_IN))
         restart_sshd(run, required=False)
     return [Action('write %s%s: PasswordAuthentication %s' % (
