@@ -1382,8 +1382,12 @@ def read_media(run, device):
         if os.path.isdir(SELINUX_FS):
             # new directories get our domain's runtime type, on which the confined
             # mount may not mount; /run's own type is a mountpoint
-            for directory in (private, mountpoint):
-                copy_selinux_label(run.root.path(MEDIA_MOUNT_DIR), directory)
+            try:
+                for directory in (private, mountpoint):
+                    copy_selinux_label(run.root.path(MEDIA_MOUNT_DIR), directory)
+            except OSError as exc:      # the mount may still be allowed: it says if not
+                run.log.warning('media: cannot label %s: %s' % (mountpoint,
+                                                                describe_error(exc)))
         try:
             # nodev, nosuid, noexec: the disc is anyone's; what it holds is data only
             run_tool([find_tool('mount') or 'mount', '-o', 'ro,nodev,nosuid,noexec', '-t',

@@ -410,6 +410,16 @@ class MediaLabel(MediaRoot):
         self.assertEqual([l[2] for l in labels], [self.LABEL.decode().rstrip('\0')] * 2, labels)
         self.assertEqual(os.listdir(os.path.join(self.root, 'run')), [], 'mountpoint left')
 
+    def test_a_label_that_cannot_be_copied_is_a_warning(self):
+        self.device('sr0', make_ovf_env('web-7', 'alice').encode())
+        run, log = self.run_context()
+        with unittest.mock.patch.object(ap, 'copy_selinux_label', side_effect=PermissionError(
+                1, 'Operation not permitted')):
+            self.assertEqual(ap.find_media(run).username, 'alice')
+        self.assertTrue([l for l in log.lines if l.startswith('warning: media: cannot label')
+                         and 'Operation not permitted' in l], log.lines)
+        self.assertEqual(os.listdir(os.path.join(self.root, 'run')), [], 'mountpoint left')
+
     def test_without_selinux_no_label_is_copied(self):
         ap.SELINUX_FS = os.path.join(self.tools, 'no-selinux')
         self.device('sr0', make_ovf_env('web-7', 'alice').encode())
