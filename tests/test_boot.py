@@ -7,6 +7,7 @@ tests/boot_test.py itself as well (or sets AZP_BOOT_TEST=1), so CI never counts 
 skip as the boot test passing.
 """
 
+import json
 import os
 import socket
 import struct
@@ -189,6 +190,27 @@ class SelinuxDenials(unittest.TestCase):
         # the order of the permissions says nothing
         self.assertEqual(self.bt.denial_signature(self.AVC % (4, 'search read', 1, 'a', 1, 't')),
                          self.bt.denial_signature(self.AVC % (5, 'read search', 2, 'b', 2, 't')))
+
+    def test_the_console_counts_and_an_unread_journal_proves_nothing(self):
+        class Ctx(object):
+            pass
+        ctx = Ctx()
+        ctx.vm = Ctx()
+        line = self.AVC % (3, 'search', 249, 'x', 1, 'tmpfs_t')
+        ctx.vm.console = '[   10.6] %s\r\n[   10.7] %s\r\n' % (
+            line, line.replace(':3)', ':4)').replace('tmpfs_t', 'etc_t'))
+        answer = {'records': [{'text': (self.AVC % (4, 'search', 2, 'y', 2, 'etc_t'))
+                               .split(': ', 2)[2], 'serial': '4'}],
+                  'lost_lines': [], 'entries_read': 0,
+                  'journal_errors': ['journalctl exit 1: No journal files were opened']}
+        ctx.facts = {'commands': {'zz_se_denials': {'rc': 0, 'output': json.dumps(answer)}}}
+        found, problems, answered = self.bt.denials_of(ctx)
+        # serial 4 once (journal and console), serial 3 from the console alone
+        self.assertEqual(sorted((k.split()[-1], len(v)) for k, v in found.items()),
+                         [('etc_t:dir', 1), ('tmpfs_t:dir', 1)])
+        self.assertTrue(answered)
+        self.assertEqual(problems, ['journalctl exit 1: No journal files were opened',
+                                    'no audit or kernel entry read from the journal'])
 
     def test_a_record_that_is_not_an_avc(self):
         text = ('audit(1796520532.940:12): op=security_compute_sid invalid_context='
