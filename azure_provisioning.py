@@ -1573,6 +1573,15 @@ def read_media(system, device):
     mountpoint = os.path.join(private, 'media')
     os.mkdir(mountpoint, 0o700)
     try:
+        if os.path.isdir(SELINUX_FS):
+            # new directories get our domain's runtime type, on which the confined
+            # mount may not mount; /run's own type is a mountpoint
+            try:
+                for directory in (private, mountpoint):
+                    copy_selinux_label(system.files.path(MEDIA_MOUNT_DIR), directory)
+            except OSError as exc:      # the mount may still be allowed: it says if not
+                system.log.warning('media: cannot label %s: %s'
+                                   % (mountpoint, describe_error(exc)))
         try:
             # nodev, nosuid, noexec: the disc is anyone's; what it holds is data only
             system.run([find_tool('mount') or 'mount', '-o', 'ro,nodev,nosuid,noexec', '-t',
@@ -2619,6 +2628,8 @@ def sudo_plan(system, name, has_password):
         visudo = find_tool('visudo')
         system.files.write(SUDOERS_DROP_IN, rule, mode=0o440,
                            check=[visudo, '-cf'] if visudo else None, deadline=system.deadline)
+        # the policy's label (etc_t), not the type our domain gives new files in /etc
+        system.restore_labels([system.files.path(SUDOERS_DROP_IN)], 'user')
         system.log.info('user: sudo rule %s written%s'
                         % (SUDOERS_DROP_IN, ' (visudo -cf ok)' if visudo else ''))
     return [Action('write %s granting %s sudo' % (SUDOERS_DROP_IN, name), write_rule)]
@@ -2711,8 +2722,10 @@ def sshd_plan(facts, system, logins):
             system.files.make_dirs(directory, 0o755)
             system.log.info('user: made %s (0755)' % directory)
         system.files.write(SSHD_DROP_IN, setting, deadline=system.deadline)
-        if make_directory:      # the directory and the drop-in in it: sshd must read both
-            system.restore_labels([system.files.path(directory)], 'user')
+        # the policy's labels (etc_t), not the type our domain gives new files in /etc:
+        # the directory, when made, and the drop-in in it; sshd must read both
+        system.restore_labels(
+            [system.files.path(directory if make_directory else SSHD_DROP_IN)], 'user')
         system.log.info('user: PasswordAuthentication %s (%s)' % (logins, SSHD_DROP_IN))
         restart_sshd(system, required=False)
     return facts, [Action('write %s%s: PasswordAuthentication %s' % (

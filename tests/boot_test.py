@@ -133,6 +133,27 @@ Boots (each one a test; the names work with --only):
                 writes, every host key a complete pair, new, served by sshd, custom
                 data exact (in the guest and read with debugfs), state.json valid
                 with this vmId and alice as made by us.  One summary line per cut.
+  selinux       (issue 23) bookworm only.  The media boot's everything-at-once first boot
+                (password and custom data on the media, an SSH key in IMDS, the ready.d
+                hook, new host keys, hostname + DHCP, --provision-user) on an image with
+                Debian's reference policy (selinux-policy-default), booted with
+                `security=selinux selinux=1 enforcing=1` and SELINUX=enforcing, its tree
+                labelled at build time (the image's own setfiles with its file_contexts;
+                mke2fs -d copies the security.selinux attributes).  Three boots of the
+                same image: baseline (a fresh copy, the media attached, our unit masked
+                with systemd.mask= on the kernel command line), first (a fresh copy),
+                second (the first's disk again).  From inside the guest
+                (tests/boot/azp-selinux-check): getenforce Enforcing, sestatus policy
+                `default` loaded; the domain the provisioner ran in (the ready.d hook's
+                parent, among journald's _SELINUX_CONTEXT of the unit) is not permissive;
+                `restorecon -n -v -R` over every path we write prints nothing and
+                matchpathcon agrees file by file, ~/.ssh and authorized_keys are
+                ssh_home_t, host keys sshd_key_t; ssh logins as alice with the key and
+                with the password, sudo -S; Ready, hostname, the unit disabled, state.json.
+                Every AVC/USER_AVC/SELINUX_ERR record of each boot (journal, audit and
+                kernel transports, one per audit serial) is reduced to its kind
+                (permissions, command, source domain, target type, class): the first and
+                second boots may have no kind the baseline lacks; each is listed.
 Every boot boots with -uuid (its vmId, Gen1 byte order), and first, second and failure
 check state.json and --status (second: still this VM's record; failure: "failed",
 exit 1).  Option 12 on the wire: first (issue 6), second (the new name from the start),
@@ -333,9 +354,14 @@ _NETWORKMANAGER = BaseRecipe('networkmanager',
                                            r'new lease|address[ =])')
 # RECIPES['networkd'] and ['networkmanager'] are SUITE's (bookworm); every suite's are
 # RECIPES['SUITE-networkd'] etc. (recipe_for).
-RECIPES = {'networkd': _NETWORKD, 'networkmanager': _NETWORKMANAGER}
+# Issue 23: the NetworkManager base plus Debian's reference policy (SELinux enforcing)
+# and the tools the guest checks use (getenforce, restorecon, matchpathcon).
+SELINUX_PACKAGES = ['selinux-policy-default', 'selinux-utils', 'policycoreutils']
+_SELINUX = BaseRecipe('selinux', _NETWORKMANAGER.packages + SELINUX_PACKAGES,
+                      network='networkmanager', lease_pattern=_NETWORKMANAGER.lease_pattern)
+RECIPES = {'networkd': _NETWORKD, 'networkmanager': _NETWORKMANAGER, 'selinux': _SELINUX}
 for _suite in SUITES:
-    for _recipe in (_NETWORKD, _NETWORKMANAGER):
+    for _recipe in (_NETWORKD, _NETWORKMANAGER, _SELINUX):
         RECIPES['%s-%s' % (_suite, _recipe.name)] = (
             _recipe if _suite == SUITE else _recipe.for_suite(_suite))
 
@@ -369,10 +395,14 @@ class GuestImage(object):
     media: make this run's provisioning-media secrets (make_media_secrets: a password,
     custom data, IMDS user data), put the password into the image for the guest-side
     checks (MEDIA_SECRET, with tests/boot/azp-media-check and an askpass helper), and
-    keep them in the built image's 'media' for the boot that attaches the disc."""
+    keep them in the built image's 'media' for the boot that attaches the disc.
+    kernel_args: added to KERNEL_CMDLINE (the image's /etc/kernel/cmdline and QEMU's
+    -append).  selinux_labels: label the finished tree with its policy's file contexts
+    (label_tree), as an image builder does before capture."""
 
     def __init__(self, name, recipe='networkd', install_args=(), tweaks=(),
-                 checker_config=None, login_key=False, broken_check=False, media=False):
+                 checker_config=None, login_key=False, broken_check=False, media=False,
+                 kernel_args='', selinux_labels=False):
         self.name = name
         self.recipe = RECIPES[recipe]
         self.install_args = list(install_args)
@@ -381,6 +411,8 @@ class GuestImage(object):
         self.login_key = login_key
         self.broken_check = broken_check
         self.media = media
+        self.cmdline = ' '.join([KERNEL_CMDLINE] + ([kernel_args] if kernel_args else []))
+        self.selinux_labels = selinux_labels
 
 
 SSH_OPTIONS = ('-o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null '
@@ -432,10 +464,11 @@ SSH_CHECKER = {
     'commands': {
         'host_keys_disk': ['sh', '-c', 'for k in /etc/ssh/ssh_host_*_key.pub; do '
                            'ssh-keygen -l -f "$k"; done'],
+        # through a pipe: under SELinux a file the checker makes in /run gets its
+        # domain's runtime type, which the confined ssh-keygen may not read
         'host_keys_served': ['sh', '-c', SSH_WAIT + 'echo "ssh.service $(systemctl '
                              'is-active ssh.service) after $((i/2)) s"; ssh-keyscan -T 10 '
-                             '127.0.0.1 2>/dev/null > /run/azp-keyscan; ssh-keygen -l -f '
-                             '/run/azp-keyscan; rm -f /run/azp-keyscan'],
+                             '127.0.0.1 2>/dev/null | ssh-keygen -l -f -'],
     }}
 # Issue 14, capture-again: after Ready (and the facts above), VM A makes itself an image
 # again (--deprovision --user), and the checker says what is left; the VM powers off
@@ -570,6 +603,89 @@ def hold_back_cdrom_driver(tree):
                 '$CMDLINE_OPTS\n' % (LATE_CDROM, LATE_CDROM_AFTER))
 
 
+# Issue 23: SELinux enforcing.  The media image's first boot (password, custom data, the
+# ready.d hook, an SSH key, new host keys, hostname + DHCP) on the `selinux` base
+# (Debian's reference policy), booted with SELINUX_ARGS and labelled at build time.
+SELINUX_ARGS = 'security=selinux selinux=1 enforcing=1'
+SELINUX_CHECK = GUEST_LIB + '/azp-selinux-check'
+SELINUX_POLICY = 'default'          # SELINUXTYPE of Debian's selinux-policy-default
+FILE_CONTEXTS = '/etc/selinux/%s/contexts/files/file_contexts' % SELINUX_POLICY
+# every path the provisioner writes or makes (directories: with what is under them)
+SELINUX_WRITTEN = ['/etc/hostname', '/etc/hosts', '/etc/passwd', '/etc/group', '/etc/shadow',
+                   '/etc/gshadow', '/etc/sudoers.d', SUDOERS_FILE, '/etc/ssh/sshd_config.d',
+                   SSHD_DROP_IN, '/home/' + ADMIN_USER, DATA_DIR]
+# the baseline boot: the same disk and media, our unit masked for that boot only
+BASELINE_ARG = 'systemd.mask=' + UNIT
+SELINUX_CHECKER = {
+    # Debian's policy never lets hostnamed answer the checker (its domain, initrc_t)
+    'ask_hostnamed': False,
+    'files': [DATA_DIR, CUSTOM_DATA_FILE, USER_DATA_FILE, HOOK_RECORD, SUDOERS_FILE,
+              SSHD_DROP_IN, '/home/' + ADMIN_USER],
+    'commands': {
+        'media_data_sha256': ['sha256sum', CUSTOM_DATA_FILE, USER_DATA_FILE],
+        'media_password': [MEDIA_CHECK, 'password', ADMIN_USER],
+        'media_ssh_password': [MEDIA_CHECK, 'ssh', ADMIN_USER],
+        'media_zzz_forget': [MEDIA_CHECK, 'forget'],
+        'user_passwd': ['getent', 'passwd', ADMIN_USER],
+        'user_status': ['passwd', '-S', ADMIN_USER],
+        'sudoers_valid': ['visudo', '-cf', SUDOERS_FILE],
+        'sshd_config': ['sshd', '-T'],
+        # a login with the key; the login's context and the key file's label
+        'se_key_login': ['sh', '-c', SSH_WAIT + 'ssh -i %s -o IdentitiesOnly=yes %s %s@127.0.0.1 '
+                         '\'echo "user=$(id -un) home=$HOME"; echo "context=$(id -Z)"; '
+                         'echo "keys=$(stat -c %%C ~/.ssh/authorized_keys)"\''
+                         % (LOGIN_KEY, SSH_OPTIONS, ADMIN_USER)],
+        'se_labels': ['sh', '-c', 'exec "$0" labels "$@" /etc/ssh/ssh_host_*', SELINUX_CHECK]
+        + SELINUX_WRITTEN,
+        'se_state': [SELINUX_CHECK, 'state'],
+        'se_domain': [SELINUX_CHECK, 'domain', UNIT],
+        # last: every denial of the boot, the checks' own logins included
+        'zz_se_denials': [SELINUX_CHECK, 'denials'],
+    }}
+
+
+def install_selinux_check(tree):
+    """install azp-selinux-check; SELINUX=enforcing in /etc/selinux/config"""
+    write_guest_file(tree, SELINUX_CHECK, read_bytes(os.path.join(BOOT_DIR, 'azp-selinux-check'))
+                     .decode(), 0o755)
+    config = os.path.join(tree, 'etc/selinux/config')
+    with open(config) as f:
+        text = f.read()
+    text, changed = re.subn(r'(?m)^SELINUX=.*$', 'SELINUX=enforcing', text)
+    if not changed or not re.search(r'(?m)^SELINUXTYPE=%s$' % SELINUX_POLICY, text):
+        raise TestFailure('%s: no SELINUX= line or not SELINUXTYPE=%s' % (config, SELINUX_POLICY))
+    with open(config, 'w') as f:
+        f.write(text)
+
+
+# what label_tree must have given (the policy's own file contexts say so)
+LABEL_SAMPLES = {'etc/shadow': ':shadow_t:', 'etc/hostname': ':net_conf_t:',
+                 'usr/sbin/sshd': ':sshd_exec_t:', 'etc/sudoers.d': ':etc_t:'}
+
+
+def label_tree(tree):
+    """Every file of the finished tree labelled as its policy says (setfiles, the
+    image's own, with the image's file_contexts: what an image builder runs before
+    capture); mke2fs -d copies the security.selinux attributes into the disk."""
+    # setfiles sets each label through /proc/self/fd: a /proc of its own in the tree, in
+    # a mount namespace of its own (gone with it; this machine's mounts stay as they are)
+    _, took = run(['unshare', '--mount', '--propagation', 'private', 'sh', '-c',
+                   'mount -t proc proc "$0/proc" && exec chroot "$0" setfiles -F "$1" /',
+                   tree, FILE_CONTEXTS], 'setfiles in the image', 300)
+    wrong = []
+    for path, want in sorted(LABEL_SAMPLES.items()):
+        try:
+            label = os.getxattr(os.path.join(tree, path), 'security.selinux',
+                                follow_symlinks=False).decode('utf-8', 'replace')
+        except OSError as exc:
+            label = str(exc)
+        if want not in label:
+            wrong.append('%s: %s, not %s' % (path, label.rstrip('\0'), want))
+    if wrong:
+        raise TestFailure('labelling the tree failed: ' + '; '.join(wrong))
+    return 'labelled by setfiles (%s) in %.1f s' % (FILE_CONTEXTS, took)
+
+
 IMAGES = {
     'default': GuestImage('default', broken_check=True),
     'no-dbus': GuestImage('no-dbus', tweaks=[mask_units('dbus.service', 'dbus.socket')]),
@@ -592,6 +708,11 @@ IMAGES = {
     # build time, as every Debian image has) and --provision-user
     'capture': GuestImage('capture', recipe='networkmanager', install_args=['--provision-user'],
                           checker_config=CAPTURE_CHECKER),
+    # Issue 23: the media image's everything-at-once first boot, SELinux enforcing
+    'selinux': GuestImage('selinux', recipe='selinux', install_args=['--provision-user'],
+                          tweaks=[install_ready_hook, install_selinux_check],
+                          checker_config=SELINUX_CHECKER, login_key=True, media=True,
+                          kernel_args=SELINUX_ARGS, selinux_labels=True),
 }
 
 
@@ -860,6 +981,7 @@ def checker_config_for(tree, config):
     for part in extra + [config]:
         merged['files'] += [f for f in part.get('files', []) if f not in merged['files']]
         merged['commands'].update(part.get('commands', {}))
+        merged.update((k, v) for k, v in part.items() if k not in ('files', 'commands'))
     return merged
 
 
@@ -932,7 +1054,7 @@ def build_image(image, workdir, cache_dir, repo, log, suite=None):
     # config says it; --check reads it) is the one QEMU boots with (qemu_command).
     os.makedirs(os.path.join(tree, 'etc/kernel'), exist_ok=True)
     with open(os.path.join(tree, 'etc/kernel/cmdline'), 'w') as f:
-        f.write(KERNEL_CMDLINE + '\n')
+        f.write(image.cmdline + '\n')
     for tweak in image.tweaks:
         tweak(tree)
     login_key = make_login_key(tree) if image.login_key else None
@@ -940,6 +1062,7 @@ def build_image(image, workdir, cache_dir, repo, log, suite=None):
     if image.media:
         media = make_media_secrets(load_fake_module(repo))
         install_media_secret(tree, media)
+    labelled = label_tree(tree) if image.selinux_labels else ''
     preflight = preflight_checks(image, tree, repo, out)
     host_keys = image_host_keys(tree)
     kernel, initrd = find_boot_files(tree)
@@ -949,13 +1072,14 @@ def build_image(image, workdir, cache_dir, repo, log, suite=None):
     run(['mke2fs', '-q', '-t', 'ext4', '-L', 'root', '-d', tree, '-F', disk, '2G'],
         'mke2fs', 300)
     shutil.rmtree(tree)
-    say('image %r: install.sh --root ok, %s; disk made in %.1f s%s'
+    say('image %r: install.sh --root ok, %s; disk made in %.1f s%s%s'
         % (image.name, install_summary(text), time.monotonic() - started,
-           ''.join('; ' + (t.__doc__ or t.__name__) for t in image.tweaks)))
+           ''.join('; ' + (t.__doc__ or t.__name__) for t in image.tweaks),
+           '; ' + labelled if labelled else ''))
     return {'disk': disk, 'kernel': os.path.join(out, os.path.basename(kernel)),
             'initrd': os.path.join(out, os.path.basename(initrd)),
             'login_key': login_key, 'preflight': preflight, 'media': media,
-            'suite': recipe.suite, 'cmdline': KERNEL_CMDLINE, 'host_keys': host_keys,
+            'suite': recipe.suite, 'cmdline': image.cmdline, 'host_keys': host_keys,
             'name': image.name}
 
 
@@ -1665,9 +1789,10 @@ def check_hostname(ctx, c, name):
              'names in /etc/hosts: %s' % ' '.join(sorted(names)))
 
 
-def check_hostnamed_not_needed(ctx, c, name):
+def check_hostnamed_not_needed(ctx, c, name, ask_hostnamed=True):
     """The unit sets the name without starting systemd-hostnamed (0.5-1.5 s of the
-    boot under TCG), and hostnamed, asked afterwards, reports the same static name."""
+    boot under TCG), and hostnamed, asked afterwards, reports the same static name
+    (ask_hostnamed False: where the checker does not ask, see SELINUX_CHECKER)."""
     begin = ctx.mono(UNIT, 'InactiveExitTimestampMonotonic')
     end = ctx.mono(UNIT, 'InactiveEnterTimestampMonotonic')
     # it exits when idle (and may be unloaded) before the checker asks: its journal too
@@ -1678,6 +1803,8 @@ def check_hostnamed_not_needed(ctx, c, name):
              'systemd-hostnamed was not started while the unit ran',
              'unit %.3f-%.3f s, hostnamed starts at %s'
              % (begin / 1e6, end / 1e6, ', '.join('%.3f s' % (m / 1e6) for m in started if m)))
+    if not ask_hostnamed:
+        return
     answer = ctx.facts.get('hostnamed_static') or {}
     c.expect(answer.get('rc') == 0 and answer.get('output', '').strip() == 's "%s"' % name,
              'systemd-hostnamed, asked after the unit, says StaticHostname %s' % name,
@@ -1732,13 +1859,13 @@ def check_console(ctx, c, must_match):
                  hits[0] if hits else '%d step lines, none matching %r' % (len(lines), pattern))
 
 
-def check_provisioned(ctx, c):
+def check_provisioned(ctx, c, ask_hostnamed=True):
     """A fresh image provisioned: what `first` and `networkmanager` share."""
     check_common(ctx, c)
     check_ready(ctx, c)
     check_imds_requests(ctx, c)
     check_hostname(ctx, c, COMPUTER_NAME)
-    check_hostnamed_not_needed(ctx, c, COMPUTER_NAME)
+    check_hostnamed_not_needed(ctx, c, COMPUTER_NAME, ask_hostnamed)
     check_ran_after_network(ctx, c)
     check_unit_succeeded_and_disabled(ctx, c)
     check_unit_file_unmodified(ctx, c)
@@ -3002,6 +3129,310 @@ def run_powercut(boot, images, disks, history, fake, accel, workdir, suite=None)
     return c, total
 
 
+# Issue 23: SELinux enforcing ----------------------------------------------------
+
+AVC_DENIED = re.compile(r'avc:\s+denied\s+\{\s*([^}]*)\}\s+for\s+(.*)')
+
+
+def context_type(context):
+    """'system_u:system_r:init_t:s0' -> 'init_t' (the part the policy's rules name)."""
+    parts = (context or '').strip('"').split(':')
+    return parts[2] if len(parts) >= 3 else context
+
+
+def denial_signature(text):
+    """What a denial is about, without pids, inodes and times: permissions, command,
+    source domain, target type and class (the terms audit2allow groups by)."""
+    m = AVC_DENIED.search(text)
+    if not m:
+        return re.sub(r'\d+', 'N', text.split('): ', 1)[-1]).strip()
+    fields = dict(re.findall(r'(\w+)=("[^"]*"|\S+)', m.group(2)))
+    return 'denied { %s } comm=%s %s -> %s:%s' % (
+        ' '.join(sorted(m.group(1).split())), fields.get('comm', '?'),
+        context_type(fields.get('scontext')), context_type(fields.get('tcontext')),
+        fields.get('tclass', '?'))
+
+
+def selinux_json(ctx, name):
+    """A JSON answer of azp-selinux-check in the facts, or {} (rc and output in it)."""
+    rc, out = command(ctx, name)
+    try:
+        return json.loads(out)
+    except ValueError:
+        return {'rc': rc, 'unparsed': out[-500:]}
+
+
+CONSOLE_AVC = re.compile(r'audit: type=(?:1400|1107|1401) audit\(\d+\.\d+:(\d+)\): (.*)')
+
+
+def denials_of(ctx):
+    """{signature: [records]} of the boot, the problems that make "none" unprovable
+    (lost records, a journal the checker could not read), and whether the guest
+    answered.  The serial console's kernel audit lines count too (one per audit
+    serial with the journal's): they need no permission to be seen."""
+    answer = selinux_json(ctx, 'zz_se_denials')
+    records = list(answer.get('records', []))
+    serials = set(m.group(1) for m in (re.search(r'audit\(\d+\.\d+:(\d+)\)', r['text'])
+                                       for r in records) if m)
+    serials.update(str(r.get('serial')) for r in records if r.get('serial'))
+    for serial, text in CONSOLE_AVC.findall(ctx.vm.console.replace('\r', '')):
+        if serial not in serials and re.search(r'avc:\s+denied|SELINUX_ERR', text):
+            serials.add(serial)
+            records.append({'text': text, 'transport': 'console'})
+    found = {}
+    for record in records:
+        found.setdefault(denial_signature(record['text']), []).append(record)
+    problems = list(answer.get('lost_lines', [])) + list(answer.get('journal_errors', []))
+    if 'records' in answer and not answer.get('entries_read'):
+        problems.append('no audit or kernel entry read from the journal')
+    return found, problems, 'records' in answer
+
+
+def check_enforcing(ctx, c):
+    state = selinux_json(ctx, 'se_state')
+    status = state.get('sestatus', '')
+    c.expect(state.get('getenforce') == 'Enforcing' and state.get('enforce') == '1',
+             'getenforce says Enforcing (/sys/fs/selinux/enforce 1)',
+             '%r, enforce %r' % (state.get('getenforce'), state.get('enforce')))
+    loaded = re.search(r'(?m)^Loaded policy name:\s+(\S+)', status)
+    c.expect(bool(loaded) and loaded.group(1) == SELINUX_POLICY
+             and re.search(r'(?m)^Current mode:\s+enforcing', status)
+             and re.search(r'(?m)^Mode from config file:\s+enforcing', status),
+             'sestatus: policy %s loaded, current mode and config enforcing' % SELINUX_POLICY,
+             ' | '.join(l.strip() for l in status.splitlines() if l.strip())[:300])
+    return state
+
+
+def print_denials(title, found):
+    say('    info: %s: %d denial record(s), %d kind(s)%s' % (
+        title, sum(len(v) for v in found.values()), len(found), ':' if found else ''))
+    for signature, records in sorted(found.items()):
+        say('      %3d x %s' % (len(records), signature))
+        say('            e.g. %s' % records[0]['text'][:400])
+
+
+def check_new_denials(ctx, c, baseline, what):
+    """No denial in this boot that the baseline boot (no unit) did not have."""
+    found, lost, answered = denials_of(ctx)
+    print_denials('%s boot' % ctx.boot_label, found)
+    new = dict((k, v) for k, v in found.items() if k not in baseline)
+    c.expect(answered and not new, 'no AVC denial %s beyond the baseline boot\'s (%d kinds '
+             'there, %d here)' % (what, len(baseline), len(found)),
+             '; '.join('%d x %s' % (len(v), k) for k, v in sorted(new.items()))[:1500]
+             if answered else 'no answer from azp-selinux-check denials')
+    c.expect(answered and not lost, 'the journal was read, no audit record lost or '
+             'suppressed', ' | '.join(lost)[:300])
+    return found
+
+
+def check_unit_domain(ctx, c):
+    """The domain our unit ran in: the context of the ready.d hook's parent, which is
+    the provisioner itself (/proc/PPID/attr/current), one of those journald recorded
+    for the unit (_SELINUX_CONTEXT: also the tools it ran, and init_t for the stdout
+    stream that systemd opened before the exec); the kernel says it is not
+    permissive."""
+    contexts = selinux_json(ctx, 'se_domain').get('contexts') or {}
+    this_boot = dict((k, v) for k, v in contexts.items() if v.get('this_boot'))
+    parent = re.search(r'(?m)^context parent (\S+)', file_info(ctx, HOOK_RECORD)
+                       .get('content') or '')
+    domains = sorted(set(context_type(k) for k in this_boot))
+    say('    info: the unit\'s journal contexts: %s; the hook\'s parent: %s' % (
+        ', '.join('%s (%d entries, %s, permissive %s)' % (k, v['entries'],
+                                                         '/'.join(v['commands']),
+                                                         v.get('permissive'))
+                  for k, v in sorted(this_boot.items())) or 'none',
+        parent.group(1) if parent else '-'))
+    domain = parent.group(1) if parent else None
+    c.expect(domain in this_boot, 'the provisioner ran in %s (the hook\'s parent; the '
+             'journal has it among the unit\'s contexts %s)' % (context_type(domain),
+                                                               '/'.join(domains)),
+             'hook parent %s' % domain)
+    c.expect(domain in this_boot and this_boot[domain].get('permissive') is False,
+             'that domain is not permissive (security_compute_av_flags)',
+             ', '.join('%s: %s' % (k, v.get('permissive')) for k, v in this_boot.items()))
+    return [context_type(domain)] if domain else []
+
+
+def check_labels(ctx, c):
+    """restorecon -n -v over every path we wrote: nothing to change."""
+    labels = selinux_json(ctx, 'se_labels')
+    out = labels.get('restorecon', '')
+    files = labels.get('files', [])
+    keys = [f for f in files if re.match(r'/etc/ssh/ssh_host_', f['path'])]
+    say('    info: restorecon -n -v -R over %d paths (%d files): %s' % (
+        len(SELINUX_WRITTEN) + len(keys), len(files), out.strip() or '(nothing printed)'))
+    for f in files:
+        if f['path'] in SELINUX_WRITTEN or f['path'].startswith('/home/%s/.ssh' % ADMIN_USER) \
+                or f['path'].startswith(DATA_DIR) or f['path'] in [k['path'] for k in keys]:
+            say('      %-48s %s' % (f['path'], f['label']))
+    c.expect('restorecon' in labels and labels.get('restorecon_rc') == 0 and not out.strip()
+             and not labels.get('missing') and len(keys) >= 4,
+             'restorecon -n -v -R over every path we wrote (%s, the host keys): '
+             'nothing to relabel' % ', '.join(SELINUX_WRITTEN),
+             'exit %s, missing %s, %d host key files: %s' % (
+                 labels.get('restorecon_rc'), labels.get('missing'), len(keys),
+                 out.strip()[-800:] or labels.get('unparsed', '')))
+    differs = [f for f in files if context_type(f['expected'].split()[-1])
+               != context_type(f['label']) and not f['expected'].startswith('matchpathcon')]
+    c.expect(bool(files) and not differs,
+             'and matchpathcon agrees for each of the %d files' % len(files),
+             '; '.join('%s is %s, policy %s' % (f['path'], f['label'], f['expected'])
+                       for f in differs)[:800])
+    wanted = {'/home/%s/.ssh/authorized_keys' % ADMIN_USER: 'ssh_home_t',
+              '/home/%s/.ssh' % ADMIN_USER: 'ssh_home_t', '/etc/shadow': 'shadow_t',
+              '/etc/hostname': 'net_conf_t', '/etc/hosts': 'net_conf_t'}
+    wanted.update((k['path'], 'sshd_key_t') for k in keys)
+    by_path = dict((f['path'], f['label']) for f in files)
+    wrong = ['%s: %s' % (p, by_path.get(p)) for p, t in sorted(wanted.items())
+             if context_type(by_path.get(p)) != t]
+    c.expect(not wrong, 'the types sshd and the system need: ssh_home_t on ~/.ssh and '
+             'authorized_keys, sshd_key_t on the host keys, shadow_t, net_conf_t',
+             '; '.join(wrong))
+
+
+def check_selinux_logins(ctx, c):
+    rc, out = command(ctx, 'se_key_login')
+    c.expect(rc == 0 and 'user=%s home=/home/%s' % (ADMIN_USER, ADMIN_USER) in out,
+             'ssh %s@127.0.0.1 with the served key logs in (sshd confined, enforcing)'
+             % ADMIN_USER, ' | '.join(out.strip().splitlines())[-300:])
+    say('    info: the key login: %s' % ' | '.join(out.strip().splitlines())[-300:])
+
+
+def check_selinux_baseline(ctx, c):
+    check_common(ctx, c)
+    check_enforcing(ctx, c)
+    c.expect(ctx.mono(UNIT, 'ExecMainStartTimestampMonotonic') == 0 and not ctx.unit_requests,
+             'the unit did not run (masked for this boot): no request from it',
+             '%d requests' % len(ctx.unit_requests))
+    found, lost, answered = denials_of(ctx)
+    print_denials('baseline boot (no unit)', found)
+    c.expect(answered and not lost, 'the baseline\'s journal was read, no record lost',
+             ' | '.join(lost)[:300] if answered else 'no answer from azp-selinux-check')
+    return found
+
+
+def check_selinux_first(ctx, c, baseline, vm_id):
+    check_provisioned(ctx, c, ask_hostnamed=False)     # SELINUX_CHECKER: not asked
+    check_publish(ctx, c, 'NetworkManager')
+    check_enforcing(ctx, c)
+    domains = check_unit_domain(ctx, c)
+    check_media_data(ctx, c)
+    check_media_user(ctx, c)
+    check_selinux_logins(ctx, c)
+    check_host_keys(ctx, c, [("the image's", (ctx.image or {}).get('host_keys') or [])])
+    check_record(ctx, c, vm_id, user=ADMIN_USER)
+    check_labels(ctx, c)
+    found = check_new_denials(ctx, c, baseline, 'while provisioning and logging in')
+    return domains, found
+
+
+def check_selinux_second(ctx, c, baseline, vm_id):
+    check_common(ctx, c)
+    check_enforcing(ctx, c)
+    c.expect(ctx.facts.get('boot_number') == 2, 'the same disk booted a second time',
+             'checker counts boot %s' % ctx.facts.get('boot_number'))
+    c.expect(not ctx.unit_requests and ctx.mono(UNIT, 'ExecMainStartTimestampMonotonic') == 0
+             and not ctx.journal_this_boot(),
+             'the unit did not run: no request from it, no journal line this boot',
+             '%d requests, %d journal lines' % (len(ctx.unit_requests),
+                                                len(ctx.journal_this_boot())))
+    c.expect(ctx.is_enabled() == 'disabled', 'the unit is still disabled', ctx.is_enabled())
+    c.expect(ctx.facts.get('hostname') == COMPUTER_NAME, 'the hostname survived the reboot',
+             repr(ctx.facts.get('hostname')))
+    check_record(ctx, c, vm_id, user=ADMIN_USER)
+    check_selinux_logins(ctx, c)
+    return check_new_denials(ctx, c, baseline, 'in the second boot')
+
+
+def selinux_emulator(history, image):
+    """media_emulator, and the image's login key in compute.publicKeys as well."""
+    kwargs = media_emulator(history, image)
+    entry = {'keyData': image['login_key'] + '\n',
+             'path': '/home/%s/.ssh/authorized_keys' % ADMIN_USER}
+    doc = json.loads(kwargs['imds_body'])
+    doc['compute']['publicKeys'].append(entry)
+    return dict(kwargs, public_keys=kwargs['public_keys'] + [entry], vm_id=doc['compute']['vmId'],
+                imds_body=json.dumps(doc, separators=(',', ':')))
+
+
+def run_selinux(boot, images, disks, history, fake, accel, workdir, suite=None):
+    """Issue 23: three boots of the SELinux image, each with its own checks: baseline (a
+    fresh copy, the media attached, our unit masked on the kernel command line),
+    first (a fresh copy: everything at once) and second (the first's disk again, no
+    media).  Denials of first and second are judged against the baseline's.
+    Returns (Checks of all three, a VmRun summing them)."""
+    image = images[(suite, boot.image) if suite else boot.image]
+    scenario = os.path.join(workdir, 'boot-%s%s' % (suite + '-' if suite else '', boot.name))
+    os.makedirs(scenario)
+    media = build_boot_media(fake, image, scenario)
+    kwargs = selinux_emulator(history, image)
+    vm_id = kwargs['vm_id']
+    total, c, baseline, lines = VmRun(), Checks(), {}, []
+    total.duration = 0.0
+    disk = os.path.join(scenario, 'disk.ext4')
+    for name in ('baseline', 'first', 'second'):
+        say('')
+        say('  -- %s boot' % name)
+        files = dict(image, cmdline=image['cmdline'] + (' ' + BASELINE_ARG
+                                                       if name == 'baseline' else ''))
+        vm, az = boot_until_userspace(
+            files, disk, accel, kwargs, fake, os.path.join(scenario, name), boot.time_limit,
+            media if name != 'second' else None, gen1_uuid(vm_id),
+            fresh_from=image['disk'] if name != 'second' else None)
+        ctx = Context(boot, az, vm, kwargs, vm.wall_started)
+        ctx.rundir, ctx.media, ctx.media_path = os.path.join(scenario, name), image['media'], media
+        ctx.image, ctx.disk, ctx.suite, ctx.history = image, disk, suite, history
+        ctx.boot_label = name
+        slowest = sorted(((r.get('seconds') or 0, n) for n, r in
+                          ((vm.facts or {}).get('commands') or {}).items()), reverse=True)
+        say('    %s; QEMU start -> Ready accepted %s; VM ran %.1f s; the slowest checks: %s' % (
+            vm.outcome, '%.1f s' % vm.ready_after if vm.ready_after is not None else '-',
+            vm.duration, ', '.join('%s %.1f s' % (n, t) for t, n in slowest[:4])))
+        mine = Checks()
+        try:
+            if vm.early_hang is not None:
+                mine.expect(False, 'the guest reached userspace', 'hung twice, at %s'
+                            % hang_point(vm.early_hang))
+            elif name == 'baseline':
+                baseline = check_selinux_baseline(ctx, mine)
+            elif name == 'first':
+                domains, found = check_selinux_first(ctx, mine, baseline, vm_id)
+                total.ready_after = vm.ready_after
+                lines.append('unit domain %s; denials: baseline %d (%d kinds), with the unit '
+                             '%d (%d kinds)' % ('/'.join(domains) or '?',
+                                                sum(len(v) for v in baseline.values()),
+                                                len(baseline),
+                                                sum(len(v) for v in found.values()), len(found)))
+            else:
+                found = check_selinux_second(ctx, mine, baseline, vm_id)
+                lines.append('second boot: %d denials (%d kinds)'
+                             % (sum(len(v) for v in found.values()), len(found)))
+        except Exception as exc:        # a broken check must fail, not crash the run
+            mine.expect(False, 'checks ran', '%s: %s' % (exc.__class__.__name__, exc))
+        if mine.failures:
+            say('    step lines:')
+            for text in ctx.step_lines()[:40]:
+                say('      ' + masked(ctx, text))
+            say('    console tail:')
+            for text in vm.console.replace('\r', '').splitlines()[-15:]:
+                say('      | ' + masked(ctx, text))
+        c.count += mine.count
+        c.failures += ['%s: %s' % (name, f) for f in mine.failures]
+        total.duration += vm.duration       # main() adds the hung attempts' time
+        total.hung_before += vm.hung_before
+        lines.append('%s boot: %s, %d/%d checks, VM %.1f s' % (
+            name, 'PASS' if not mine.failures else 'FAIL', mine.count - len(mine.failures),
+            mine.count, vm.duration))
+    if not _KEEP[0] and os.path.exists(disk):
+        os.unlink(disk)
+    say('')
+    for line in lines:
+        say('  ' + line)
+    total.outcome = 'baseline, first and second boot'
+    total.name, total.suite = boot.name, suite
+    return c, total
+
+
 EMULATOR = dict(computer_name=COMPUTER_NAME, vm_name=VM_NAME, incarnation=INCARNATION,
                 vm_id=VM_ID)
 
@@ -3032,6 +3463,10 @@ BOOTS = [
     # the same provisioner code on every suite; 2 boots per cut)
     Boot('powercut', None, image='powercut', media=True, suites=ONE_SUITE,
          runner=run_powercut, vm_boots=2 * len(CUTS)),
+    # issue 23: SELinux enforcing (Debian's reference policy): a baseline boot without
+    # the unit, the everything-at-once first boot, the second boot
+    Boot('selinux', None, image='selinux', media=True, suites=ONE_SUITE,
+         runner=run_selinux, vm_boots=3),
 ]
 
 

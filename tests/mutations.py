@@ -151,6 +151,12 @@ MUTATIONS = [
     M('sshd-config-d-not-made', 'a missing sshd_config.d is not made (issue 20)',
       'make_directory = not system.files.is_dir(directory)', 'make_directory = False',
       ['tests.test_user']),
+    M('media-mountpoint-not-labelled', 'the media mountpoint keeps our domain\'s type '
+      '(issue 23)', 'copy_selinux_label(system.files.path(MEDIA_MOUNT_DIR), directory)', 'pass',
+      ['tests.test_media']),
+    M('sudoers-drop-in-not-labelled', 'a new sudoers drop-in keeps our domain\'s type '
+      '(issue 23)', "system.restore_labels([system.files.path(SUDOERS_DROP_IN)], 'user')", 'pass',
+      ['tests.test_user']),
     M('kvp-wait-eats-the-reserve', 'the KVP lock wait ignores the deadline (issue 20)',
       'wait = min(KVP_LOCK_WAIT, system.deadline.remaining())', 'wait = KVP_LOCK_WAIT',
       ['tests.test_kvp']),

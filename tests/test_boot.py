@@ -7,6 +7,7 @@ tests/boot_test.py itself as well (or sets AZP_BOOT_TEST=1), so CI never counts 
 skip as the boot test passing.
 """
 
+import json
 import os
 import socket
 import struct
@@ -48,7 +49,8 @@ class BootTest(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, out)
         names = [line.split()[0] for line in out.splitlines() if line.strip()]
         for name in ('first', 'second', 'failure', 'slow-network', 'no-dbus',
-                     'networkmanager', 'media', 'capture-a', 'capture-b', 'powercut'):
+                     'networkmanager', 'media', 'capture-a', 'capture-b', 'powercut',
+                     'selinux'):
             self.assertIn(name, names)
         self.assertNotIn('optional', out)   # every boot runs by default
 
@@ -144,7 +146,7 @@ class MatrixAndIdentityHelpers(unittest.TestCase):
                 self.assertIn((suite, boot), names)
         for boot in ('networkmanager', 'capture-a', 'capture-b'):
             self.assertIn(('trixie', boot), names)
-        self.assertEqual(len(set(r.cache_name for r in self.bt.RECIPES.values())), 6)
+        self.assertEqual(len(set(r.cache_name for r in self.bt.RECIPES.values())), 9)
         self.assertIs(self.bt.RECIPES['networkd'], self.bt.recipe_for('networkd', 'bookworm'))
 
     def test_summary_table(self):
@@ -152,6 +154,70 @@ class MatrixAndIdentityHelpers(unittest.TestCase):
                 ('trixie', 'media'): (False, None, 3, 9, '')}
         md = self.bt.summary_table(rows, ['trixie'], ['first', 'media', 'capture-a'], True)
         self.assertIn('| trixie | PASS 31.2 s, 40/40 | FAIL no Ready, 3/9 | - |', md)
+
+
+class SelinuxDenials(unittest.TestCase):
+    """Issue 23: what makes two denials the same (the baseline comparison), without
+    a VM: permissions, command, source domain, target type and class; never pids,
+    inodes, names or times."""
+
+    AVC = ('audit: type=1400 audit(1796520532.940:%d): avc:  denied  { %s } for  pid=%d '
+           'comm="systemd-tmpfile" name="%s" dev="vda" ino=%d '
+           'scontext=system_u:system_r:systemd_tmpfiles_t:s0 '
+           'tcontext=unconfined_u:object_r:%s:s0 tclass=dir permissive=0')
+
+    def setUp(self):
+        from tests import boot_test
+        self.bt = boot_test
+
+    def test_same_kind_whatever_the_numbers(self):
+        one = self.bt.denial_signature(self.AVC % (4, 'relabelfrom', 209, 'root', 430,
+                                                   'user_home_dir_t'))
+        self.assertEqual(one, 'denied { relabelfrom } comm="systemd-tmpfile" '
+                              'systemd_tmpfiles_t -> user_home_dir_t:dir')
+        # the audit transport's text (no "audit:" prefix), other pid, inode and name
+        other = self.bt.denial_signature(
+            (self.AVC % (9, 'relabelfrom', 77, 'alice', 12, 'user_home_dir_t')).split(': ', 1)[1])
+        self.assertEqual(one, other)
+
+    def test_other_permissions_or_types_differ(self):
+        base = self.bt.denial_signature(self.AVC % (4, 'relabelfrom', 1, 'a', 1,
+                                                    'user_home_dir_t'))
+        self.assertNotEqual(base, self.bt.denial_signature(
+            self.AVC % (4, 'read search', 1, 'a', 1, 'user_home_dir_t')))
+        self.assertNotEqual(base, self.bt.denial_signature(
+            self.AVC % (4, 'relabelfrom', 1, 'a', 1, 'ssh_home_t')))
+        # the order of the permissions says nothing
+        self.assertEqual(self.bt.denial_signature(self.AVC % (4, 'search read', 1, 'a', 1, 't')),
+                         self.bt.denial_signature(self.AVC % (5, 'read search', 2, 'b', 2, 't')))
+
+    def test_the_console_counts_and_an_unread_journal_proves_nothing(self):
+        class Ctx(object):
+            pass
+        ctx = Ctx()
+        ctx.vm = Ctx()
+        line = self.AVC % (3, 'search', 249, 'x', 1, 'tmpfs_t')
+        ctx.vm.console = '[   10.6] %s\r\n[   10.7] %s\r\n' % (
+            line, line.replace(':3)', ':4)').replace('tmpfs_t', 'etc_t'))
+        answer = {'records': [{'text': (self.AVC % (4, 'search', 2, 'y', 2, 'etc_t'))
+                               .split(': ', 2)[2], 'serial': '4'}],
+                  'lost_lines': [], 'entries_read': 0,
+                  'journal_errors': ['journalctl exit 1: No journal files were opened']}
+        ctx.facts = {'commands': {'zz_se_denials': {'rc': 0, 'output': json.dumps(answer)}}}
+        found, problems, answered = self.bt.denials_of(ctx)
+        # serial 4 once (journal and console), serial 3 from the console alone
+        self.assertEqual(sorted((k.split()[-1], len(v)) for k, v in found.items()),
+                         [('etc_t:dir', 1), ('tmpfs_t:dir', 1)])
+        self.assertTrue(answered)
+        self.assertEqual(problems, ['journalctl exit 1: No journal files were opened',
+                                    'no audit or kernel entry read from the journal'])
+
+    def test_a_record_that_is_not_an_avc(self):
+        text = ('audit(1796520532.940:12): op=security_compute_sid invalid_context='
+                '"system_u:system_r:x_t:s0" scontext=system_u:system_r:init_t:s0 tclass=process')
+        self.assertEqual(self.bt.denial_signature(text), self.bt.denial_signature(
+            text.replace(':12)', ':99)').replace('940', '123')))
+        self.assertEqual(self.bt.context_type('system_u:system_r:initrc_t:s0'), 'initrc_t')
 
 
 class PowerCuts(unittest.TestCase):

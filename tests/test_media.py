@@ -364,6 +364,80 @@ exit "${AZP_SETTLE_EXIT:-0}"
 '''
 
 
+# stand-in mount that records the SELinux label (LABEL_XATTR here) of the mountpoint
+# and of its private parent at the moment of the mount, then "mounts" as STAND_IN_MOUNT
+STAND_IN_MOUNT_LABELS = """#!%s
+import os, subprocess, sys
+target = sys.argv[-1]
+with open(os.environ['AZP_TOOL_LOG'], 'a') as log:
+    for path in (target, os.path.dirname(target)):
+        try:
+            label = os.getxattr(path, os.environ['AZP_LABEL_XATTR']).decode()
+        except OSError:
+            label = 'none'
+        log.write('label %%s %%s\\n' %% (path, label.rstrip('\\0')))
+os.execv(os.environ['AZP_MOUNT'], [os.environ['AZP_MOUNT']] + sys.argv[1:])
+""" % sys.executable
+
+
+class MediaLabel(MediaRoot):
+    """Issue 23: under an enforcing policy the mount (its own domain, mount_t) may mount
+    only on a mountpoint type.  A directory made in /run gets the type of whoever made
+    it (init's runtime type for our unit): the mountpoint and its private parent carry
+    the label of MEDIA_MOUNT_DIR itself.  A user.* attribute stands in for
+    security.selinux (which needs SELinux itself)."""
+
+    LABEL = b'system_u:object_r:var_run_t:s0\0'
+
+    def setUp(self):
+        MediaRoot.setUp(self)
+        os.rename(os.path.join(self.tools, 'mount'), os.path.join(self.tools, 'mount.real'))
+        with open(os.path.join(self.tools, 'mount'), 'w') as f:
+            f.write(STAND_IN_MOUNT_LABELS)
+        os.chmod(os.path.join(self.tools, 'mount'), 0o755)
+        old = dict((k, os.environ.get(k)) for k in ('AZP_MOUNT', 'AZP_LABEL_XATTR'))
+        os.environ.update(AZP_MOUNT=os.path.join(self.tools, 'mount.real'),
+                          AZP_LABEL_XATTR='user.azp-label')
+        self.addCleanup(lambda: [os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+                                 for k, v in old.items()])
+        for name, value in (('SELINUX_XATTR', 'user.azp-label'),
+                            ('SELINUX_FS', self.tools)):      # "SELinux is on"
+            self.addCleanup(setattr, ap, name, getattr(ap, name))
+            setattr(ap, name, value)
+        try:
+            os.setxattr(os.path.join(self.root, 'run'), 'user.azp-label', self.LABEL)
+        except OSError as exc:
+            self.skipTest('no user.* extended attributes here: %s' % exc)
+
+    def test_the_mountpoint_has_the_label_of_run(self):
+        self.device('sr0', make_ovf_env('web-7', 'alice').encode())
+        run, log = self.run_context()
+        self.assertEqual(self.find(run).username, 'alice')
+        labels = [l.split() for l in self.tool_log() if l.startswith('label ')]
+        self.assertEqual(len(labels), 2, self.tool_log())
+        self.assertTrue(labels[0][1].endswith('/media'), labels)
+        self.assertEqual([l[2] for l in labels], [self.LABEL.decode().rstrip('\0')] * 2, labels)
+        self.assertEqual(os.listdir(os.path.join(self.root, 'run')), [], 'mountpoint left')
+
+    def test_a_label_that_cannot_be_copied_is_a_warning(self):
+        self.device('sr0', make_ovf_env('web-7', 'alice').encode())
+        run, log = self.run_context()
+        with unittest.mock.patch.object(ap, 'copy_selinux_label', side_effect=PermissionError(
+                1, 'Operation not permitted')):
+            self.assertEqual(self.find(run).username, 'alice')
+        self.assertTrue([l for l in log.lines if l.startswith('warning: media: cannot label')
+                         and 'Operation not permitted' in l], log.lines)
+        self.assertEqual(os.listdir(os.path.join(self.root, 'run')), [], 'mountpoint left')
+
+    def test_without_selinux_no_label_is_copied(self):
+        ap.SELINUX_FS = os.path.join(self.tools, 'no-selinux')
+        self.device('sr0', make_ovf_env('web-7', 'alice').encode())
+        run, log = self.run_context()
+        self.assertEqual(self.find(run).username, 'alice')
+        labels = [l.split() for l in self.tool_log() if l.startswith('label ')]
+        self.assertEqual([l[2] for l in labels], ['none', 'none'], labels)
+
+
 class MediaLate(MediaRoot):
     """No media at the first look: udev's queue is waited for (bounded by the
     deadline), then the search runs again."""

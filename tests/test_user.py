@@ -157,6 +157,57 @@ class SshdDirectory(unittest.TestCase):
                 self.assertEqual(os.listdir(os.path.join(root, 'etc', 'ssh', 'real.d')), [])
 
 
+class NewDropInsLabelled(unittest.TestCase):
+    """Issue 23: a file we make in /etc gets the type our domain gives new files there
+    (Debian's policy: etc_runtime_t for initrc_t), not the policy's etc_t: each new
+    drop-in (sudoers.d, sshd_config.d that already exists) goes through restorecon
+    (a stand-in on PATH, SELinux said to be on)."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix='azp-dropins-')
+        self.addCleanup(shutil.rmtree, self.root)
+        os.makedirs(os.path.join(self.root, 'etc', 'ssh', 'sshd_config.d'))
+        os.makedirs(os.path.join(self.root, 'etc', 'sudoers.d'))
+        with open(os.path.join(self.root, 'etc', 'ssh', 'sshd_config'), 'w') as f:
+            f.write(SSHD_CONFIG)
+        self.tools = os.path.join(self.root, 'tools')
+        os.mkdir(self.tools)
+        with open(os.path.join(self.tools, 'restorecon'), 'w') as f:
+            f.write('#!/bin/sh\necho "$*" >> "%s/restorecon.log"\n' % self.tools)
+        os.chmod(os.path.join(self.tools, 'restorecon'), 0o755)
+        self.system, self.facts = in_root(self.root)
+        for patch in (mock.patch.object(ap, 'SELINUX_FS', self.tools),
+                      mock.patch.object(ap, 'restart_sshd'),
+                      mock.patch.object(ap, 'find_tool', lambda name: (
+                          os.path.join(self.tools, name) if name == 'restorecon' else None)),
+                      mock.patch.dict(os.environ, {'PATH': self.tools + os.pathsep
+                                                   + os.environ['PATH']})):
+            patch.start()
+            self.addCleanup(patch.stop)
+
+    def restorecon_calls(self):
+        try:
+            with open(os.path.join(self.tools, 'restorecon.log')) as f:
+                return f.read().splitlines()
+        except IOError:
+            return []
+
+    def test_the_sshd_drop_in(self):
+        one_step(lambda facts, system: ap.sshd_plan(facts, system, 'yes'),
+                 self.system, self.facts)
+        path = os.path.join(self.root, 'etc', 'ssh', 'sshd_config.d',
+                            '50-azure-provisioning.conf')
+        self.assertTrue(os.path.isfile(path))
+        self.assertEqual(self.restorecon_calls(), ['-R %s' % path])
+
+    def test_the_sudoers_drop_in(self):
+        one_step(lambda facts, system: (facts, ap.sudo_plan(system, 'alice', True)),
+                 self.system, self.facts)
+        path = os.path.join(self.root, 'etc', 'sudoers.d', 'azure-provisioning')
+        self.assertTrue(os.path.isfile(path))
+        self.assertEqual(self.restorecon_calls(), ['-R %s' % path])
+
+
 class ProvisionUser(unittest.TestCase):
     """Runs the script with --provision-user in a private host and looks at the files."""
 
