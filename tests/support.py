@@ -1,8 +1,10 @@
 """Shared helpers for the tests: run the provisioner as a process, and run it
 inside a private UTS + mount namespace with a private copy of /etc."""
 
+import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -234,3 +236,23 @@ def one_step(planner, system, facts, out=None):
     import azure_provisioning as ap
     facts, actions = planner(facts, system)
     return ap.perform_all(actions, facts, system, out or io.StringIO()), actions
+
+
+def tree_snapshot(root):
+    """Everything in the tree: path -> ('link', target), ('dir', mode, uid, gid) or
+    ('file', mode, uid, gid, sha256 of the bytes); equal snapshots: nothing changed."""
+    entries = {}
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                entry = ('link', os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                entry = ('dir', stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+            else:
+                with open(path, 'rb') as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                entry = ('file', stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, digest)
+            entries[os.path.relpath(path, root)] = entry
+    return entries

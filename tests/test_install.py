@@ -6,8 +6,6 @@ directories bind-mounted over /usr/local and /etc/systemd/system inside a
 private mount namespace: this machine's files are never touched.
 """
 
-import ast
-import hashlib
 import os
 import re
 import shutil
@@ -16,7 +14,7 @@ import sys
 import tempfile
 import unittest
 
-from tests.support import run_command, skip
+from tests.support import run_command, skip, tree_snapshot as snapshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTALL_SH = os.path.join(REPO, 'install.sh')
@@ -158,25 +156,6 @@ def make_image(root, python='3.11', full_stdlib=True, layout='debian', systemctl
             for name in FULL_STDLIB + ('xml/__init__.py', 'xml/parsers/__init__.py'):
                 write(os.path.join(root, stdlib, name), '')
     return root
-
-
-def snapshot(root):
-    """Everything in the tree: path -> (type, mode, link target or content hash)."""
-    entries = {}
-    for top, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(top, name)
-            rel = os.path.relpath(path, root)
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                entries[rel] = ('link', os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
-                entries[rel] = ('dir', stat.S_IMODE(st.st_mode))
-            else:
-                with open(path, 'rb') as f:
-                    digest = hashlib.sha256(f.read()).hexdigest()
-                entries[rel] = ('file', stat.S_IMODE(st.st_mode), digest)
-    return entries
 
 
 def read(path):

@@ -4,18 +4,16 @@ from that root's own files (its /etc/passwd, login.defs, /etc/default/useradd,
 /bin/bash), and the tree is the same byte for byte afterwards.  No test here
 needs root, and none is skipped without it."""
 
-import hashlib
 import json
 import os
 import shutil
 import signal
 import socket
-import stat
 import tempfile
 import unittest
 
 import azure_provisioning as ap
-from tests.support import in_root
+from tests.support import in_root, tree_snapshot as snapshot
 from tests.test_user import PASSWORD_HASH, key
 
 NOBODY = 65534
@@ -62,21 +60,6 @@ def make_tree(test, files=TREE):
     for directory, _, _ in os.walk(root):
         os.chmod(directory, 0o755)
     return root
-
-
-def snapshot(root):
-    """{path: (mode, owner, content digest)} of every entry of the tree."""
-    found = {}
-    for directory, names, files in os.walk(root):
-        for name in names + files:
-            path = os.path.join(directory, name)
-            st = os.lstat(path)
-            digest = None
-            if stat.S_ISREG(st.st_mode):
-                with open(path, 'rb') as f:
-                    digest = hashlib.sha256(f.read()).hexdigest()
-            found[os.path.relpath(path, root)] = (st.st_mode, st.st_uid, st.st_gid, digest)
-    return found
 
 
 def unprivileged(function):
