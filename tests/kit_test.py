@@ -1,0 +1,341 @@
+#!/usr/bin/env python3
+"""Whole bootable disk images through `fake_azure.py boot` (issue 22).
+
+    python3 tests/kit_test.py [--only NAME[,NAME]] [--list] [--keep]
+                              [--cache-dir DIR] [--repo DIR]
+
+Builds Debian 12 disk images the way image builders make them -- an MBR partition
+table, one ext4 partition, GRUB for BIOS in the MBR and the gap behind it, the
+kernel command line in /boot/grub/grub.cfg -- from Debian's packages: the boot
+test's cached mmdebstrap base (NetworkManager, sudo, openssh-server; see
+tests/boot_test.py), its tree written into the partition by `mke2fs -d` and GRUB's
+images by `grub-mkimage` from grub-pc-bin: no loop device, no mount.  Disks are
+cached in --cache-dir (kit-disks/) while their recipe, install.sh and the
+provisioner are unchanged.
+
+Then each boot runs the kit exactly as a user does (`python3 tests/fake_azure.py
+boot DISK ...`, a child process) and judges its verdict, its exit status and the
+image's bytes (sha256 before and after: the kit must never write the image):
+
+  ours        (CI) install.sh --provision-user in the image; a password and the
+              kit's own key: exit 0, "Ready after N s", ssh logins with the key and
+              the password print the computer name.
+  no-network  (--only) the same image with NetworkManager disabled: exit 3, "no
+              DHCP" (the system started, no address was asked for).
+  no-agent    (--only) the base without our unit: exit 3, "no request at all"
+              (DHCP seen, nothing asked the WireServer or IMDS).
+
+Needs root (the base tree is root's), qemu-system-x86, qemu-utils, grub-pc-bin,
+fdisk, e2fsprogs, genisoimage, netcat-openbsd, openssh-client: missing ones are a
+failure naming the package.  Ends with `N passed, M failed` and the boot times.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import boot_test as bt      # noqa: E402
+
+DEFAULT_REPO = os.path.dirname(HERE)
+KIT_RECIPE_VERSION = 1      # bump to rebuild every cached disk
+DISK_SIZE = 2 * 1024        # MiB
+PART_START = 2048           # sectors: the first partition at 1 MiB, GRUB's core.img before
+GRUB_DIR = '/usr/lib/grub/i386-pc'
+GRUB_MODULES = ['biosdisk', 'part_msdos', 'ext2', 'normal', 'linux', 'boot', 'configfile',
+                'serial', 'terminal', 'echo', 'test', 'search', 'search_fs_uuid', 'gzio']
+# root by file-system UUID, as Debian's grub-mkconfig writes it; the console on the
+# first serial port, as Azure's boot diagnostics read it
+GRUB_CFG = """serial --unit=0 --speed=115200
+terminal_input serial console
+terminal_output serial console
+set timeout=0
+menuentry 'Debian GNU/Linux' {
+    search --no-floppy --fs-uuid --set=root %(uuid)s
+    linux /boot/%(kernel)s root=UUID=%(uuid)s ro console=tty0 console=ttyS0,115200 panic=-1
+    initrd /boot/%(initrd)s
+}
+"""
+FSTAB = 'UUID=%s / ext4 errors=remount-ro 0 1\n'
+KIT_TOOLS = {'qemu-system-x86_64': 'qemu-system-x86', 'qemu-img': 'qemu-utils',
+             'grub-mkimage': 'grub-pc-bin', 'sfdisk': 'fdisk', 'mke2fs': 'e2fsprogs',
+             'genisoimage': 'genisoimage', 'ssh': 'openssh-client', 'nc': 'netcat-openbsd'}
+COMPUTER_NAME = 'kit-vm-7'
+ADMIN = 'alice'
+PASSWORD = 'Kit-pass<&>"1'      # a test's throwaway password, in a 0600 file only
+BOOT_LIMIT = 300.0              # s: the kit's deadline for a boot that must reach Ready
+FAIL_LIMIT = 150.0              # s: for the boots that must not (then diagnosed)
+
+
+def say(text=''):
+    sys.stdout.write(text + '\n')
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------
+# Disk images
+# ---------------------------------------------------------------------------
+
+def disable_network_manager(tree):
+    """no network configuration: nothing asks for an address"""
+    for link in ('etc/systemd/system/multi-user.target.wants/NetworkManager.service',
+                 'etc/systemd/system/network-online.target.wants/'
+                 'NetworkManager-wait-online.service'):
+        if os.path.lexists(os.path.join(tree, link)):
+            os.unlink(os.path.join(tree, link))
+    bt.mask_units('NetworkManager.service')(tree)
+
+
+class DiskRecipe(object):
+    def __init__(self, name, install_args=None, tweaks=()):
+        self.name = name
+        self.install_args = install_args    # None: our unit is not installed
+        self.tweaks = list(tweaks)
+
+    def key(self, base_key, repo):
+        parts = [KIT_RECIPE_VERSION, self.name, base_key, self.install_args,
+                 [t.__name__ for t in self.tweaks], GRUB_CFG, GRUB_MODULES]
+        if self.install_args is not None:
+            for name in ('install.sh', 'azure_provisioning.py', 'azure-provisioning.service'):
+                parts.append(hashlib.sha256(bt.read_bytes(os.path.join(repo, name)))
+                             .hexdigest())
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+DISKS = {
+    'ours': DiskRecipe('ours', ['--provision-user']),
+    'no-network': DiskRecipe('no-network', ['--provision-user'], [disable_network_manager]),
+    'no-agent': DiskRecipe('no-agent'),
+}
+
+
+def boot_files(tree):
+    kernel, initrd = bt.find_boot_files(tree)
+    return os.path.basename(kernel), os.path.basename(initrd)
+
+
+def install_grub_bios(disk, workdir):
+    """GRUB for BIOS without grub-install's device probing: boot.img's code in the
+    MBR, core.img (diskboot + the kernel with the modules) in the gap before the
+    first partition, its blocklist told how many sectors follow."""
+    core = os.path.join(workdir, 'core.img')
+    bt.run(['grub-mkimage', '-O', 'i386-pc', '-o', core, '-p', '(hd0,msdos1)/boot/grub']
+           + GRUB_MODULES, 'grub-mkimage', 120)
+    data = bytearray(bt.read_bytes(core))
+    sectors = (len(data) + 511) // 512
+    if sectors + 1 > PART_START:
+        raise bt.TestFailure('core.img (%d sectors) does not fit before the partition'
+                             % sectors)
+    struct.pack_into('<H', data, 0x1fc, sectors - 1)    # diskboot's first blocklist
+    boot = bt.read_bytes(os.path.join(GRUB_DIR, 'boot.img'))
+    with open(disk, 'r+b') as f:
+        f.seek(0)
+        f.write(boot[:440])
+        f.seek(512)
+        f.write(bytes(data))
+
+
+def build_disk(recipe, base, disk, repo, workdir):
+    tree = os.path.join(workdir, 'rootfs')
+    bt.run(['cp', '-a', '--reflink=auto', base, tree], 'copying the base tree', 300)
+    try:
+        if recipe.install_args is not None:
+            bt.run(['sh', os.path.join(repo, 'install.sh'), '--root', tree]
+                   + recipe.install_args, 'install.sh --root', 120, cwd=repo)
+        for tweak in recipe.tweaks:
+            tweak(tree)
+        fs_uuid = str(__import__('uuid').uuid4())
+        kernel, initrd = boot_files(tree)
+        os.makedirs(os.path.join(tree, 'boot/grub'), exist_ok=True)
+        with open(os.path.join(tree, 'boot/grub/grub.cfg'), 'w') as f:
+            f.write(GRUB_CFG % {'uuid': fs_uuid, 'kernel': kernel, 'initrd': initrd})
+        with open(os.path.join(tree, 'etc/fstab'), 'w') as f:
+            f.write(FSTAB % fs_uuid)
+        building = disk + '.building'
+        with open(building, 'wb') as f:
+            f.truncate(DISK_SIZE * 1024 * 1024)
+        bt.run(['sh', '-c', 'printf "label: dos\\nstart=%d, type=83, bootable\\n" | '
+                'sfdisk -q "$0"' % PART_START, building], 'sfdisk', 60)
+        part_bytes = DISK_SIZE * 1024 * 1024 - PART_START * 512
+        bt.run(['mke2fs', '-q', '-t', 'ext4', '-L', 'root', '-U', fs_uuid, '-d', tree,
+                '-E', 'offset=%d' % (PART_START * 512), '-F', building,
+                '%dk' % (part_bytes // 1024)], 'mke2fs -d', 300)
+        install_grub_bios(building, workdir)
+        os.rename(building, disk)
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+
+
+def cached_disk(recipe, cache_dir, repo, workdir, log):
+    """The disk of recipe, from the cache or built (the base from the boot test's
+    cache).  Returns (path, how)."""
+    base_recipe = bt.recipe_for('networkmanager', 'bookworm')
+    base, how = bt.base_rootfs(base_recipe, cache_dir, log)
+    key = recipe.key(base_recipe.key(), repo)
+    disks = os.path.join(cache_dir, 'kit-disks')
+    os.makedirs(disks, exist_ok=True)
+    disk = os.path.join(disks, '%s-%s.raw' % (recipe.name, key))
+    if os.path.isfile(disk):
+        return disk, 'cached'
+    for old in os.listdir(disks):
+        if re.match(r'%s-[0-9a-f]{16}\.raw(\.building)?$' % re.escape(recipe.name), old):
+            os.unlink(os.path.join(disks, old))
+    started = time.monotonic()
+    scratch = tempfile.mkdtemp(prefix='kit-%s-' % recipe.name, dir=workdir)
+    build_disk(recipe, base, disk, repo, scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return disk, 'built in %.0f s (base %s)' % (time.monotonic() - started, how)
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Boots through the kit
+# ---------------------------------------------------------------------------
+
+class KitBoot(object):
+    def __init__(self, name, disk, expect_code, expect_text, args=(), limit=BOOT_LIMIT,
+                 ci=False, doc=''):
+        self.name = name
+        self.disk = disk
+        self.expect_code = expect_code
+        self.expect_text = expect_text      # regexes the kit's output must match
+        self.args = list(args)
+        self.limit = limit
+        self.ci = ci
+        self.doc = doc
+
+
+BOOTS = [
+    KitBoot('ours', 'ours', 0, [r'Ready after \d+ s',
+                                r'ssh %s@127\.0\.0\.1 -p PORT with the key: hostname -> %s '
+                                % (ADMIN, COMPUTER_NAME),
+                                r'with the password: hostname -> %s ' % COMPUTER_NAME,
+                                r'timings from QEMU start: first DHCP [\d.]+ s, first '
+                                r'request [\d.]+ s \(imds\), Ready [\d.]+ s'],
+            ['--ssh', '--password-file', '{password}'], ci=True,
+            doc='install.sh --provision-user: Ready, ssh with key and password'),
+    KitBoot('no-network', 'no-network', 3, [r'nothing reported by the deadline .*: no DHCP: '
+                                            r'the system started', r'console, last \d+ lines'],
+            limit=FAIL_LIMIT, doc='NetworkManager disabled: exit 3, "no DHCP"'),
+    KitBoot('no-agent', 'no-agent', 3, [r'nothing reported by the deadline .*: no request '
+                                        r'at all: the guest got a DHCP lease'],
+            limit=FAIL_LIMIT, doc='no provisioning agent: exit 3, "no request at all"'),
+]
+
+
+def run_kit_boot(boot, disk, repo, workdir):
+    """(failures, seconds, output) of one `fake_azure.py boot` run."""
+    password_file = os.path.join(workdir, 'password')
+    fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, 'w') as f:
+        f.write(PASSWORD + '\n')
+    args = [a.replace('{password}', password_file) for a in boot.args]
+    cmd = [sys.executable, os.path.join(repo, 'tests', 'fake_azure.py'), 'boot', disk,
+           '--computer-name', COMPUTER_NAME, '--admin-username', ADMIN,
+           '--timeout', '%d' % boot.limit] + args
+    before = file_sha256(disk)
+    stat_before = os.stat(disk)
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True,
+                            start_new_session=True)
+    try:
+        out = proc.communicate(timeout=boot.limit + 300)[0]
+    except subprocess.TimeoutExpired:
+        bt.stop_process_group(proc)
+        out = proc.communicate()[0] + '\n(kit stopped after %d s)' % (boot.limit + 300)
+    took = time.monotonic() - started
+    failures = []
+    if proc.returncode != boot.expect_code:
+        failures.append('exit status %s, expected %d' % (proc.returncode, boot.expect_code))
+    for pattern in boot.expect_text:
+        if not re.search(pattern, out):
+            failures.append('output does not match %r' % pattern)
+    if PASSWORD in out:
+        failures.append('the password is in the kit\'s output')
+    after = os.stat(disk)
+    if file_sha256(disk) != before or after.st_mtime != stat_before.st_mtime:
+        failures.append('the image changed (sha256 or mtime): the kit wrote it')
+    return failures, took, out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--only', metavar='NAME[,NAME]',
+                        help='run these boots (default: the CI ones: %s)'
+                             % ', '.join(b.name for b in BOOTS if b.ci))
+    parser.add_argument('--list', action='store_true')
+    parser.add_argument('--keep', action='store_true', help='keep the work directory')
+    parser.add_argument('--cache-dir', default=os.environ.get('AZP_BOOT_CACHE') or
+                        os.path.join(os.path.expanduser('~'), '.cache', 'azp-boot-test'))
+    parser.add_argument('--repo', default=DEFAULT_REPO)
+    args = parser.parse_args(argv)
+    if args.list:
+        for b in BOOTS:
+            say('%-11s %s%s' % (b.name, b.doc, ' (CI)' if b.ci else ''))
+        return 0
+    names = args.only.split(',') if args.only else [b.name for b in BOOTS if b.ci]
+    unknown = [n for n in names if n not in [b.name for b in BOOTS]]
+    if unknown:
+        parser.error('unknown boot(s): %s' % ', '.join(unknown))
+    missing = sorted(set(p for t, p in KIT_TOOLS.items() if not shutil.which(t)))
+    if missing:
+        say('FAIL: missing tools: apt-get install %s' % ' '.join(missing))
+        say('0 passed, %d failed' % len(names))
+        return 1
+    workdir = tempfile.mkdtemp(prefix='azp-kit-test-')
+    passed, failed, times = 0, 0, []
+    try:
+        for boot in [b for b in BOOTS if b.name in names]:
+            say('=== %s: %s' % (boot.name, boot.doc))
+            try:
+                disk, how = cached_disk(DISKS[boot.disk], args.cache_dir, args.repo,
+                                        workdir, os.path.join(workdir, 'mmdebstrap.log'))
+            except bt.TestFailure as e:
+                say('FAIL %s: the disk: %s' % (boot.name, e))
+                failed += 1
+                continue
+            say('disk %s: %s' % (disk, how))
+            failures, took, out = run_kit_boot(boot, disk, args.repo, workdir)
+            for line in out.splitlines():
+                say('    ' + line)
+            ready = re.search(r'Ready after (\d+) s', out)
+            times.append('%-11s exit %s in %.0f s%s' % (
+                boot.name, 'ok' if not failures else 'FAILED', took,
+                ', Ready after %s s' % ready.group(1) if ready else ''))
+            if failures:
+                failed += 1
+                say('FAIL %s: %s' % (boot.name, '; '.join(failures)))
+            else:
+                passed += 1
+                say('ok   %s (%.0f s)' % (boot.name, took))
+    finally:
+        if args.keep:
+            say('kept %s' % workdir)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    say('times: ' + ('; '.join(times) or 'none'))
+    say('%d passed, %d failed' % (passed, failed))
+    return 0 if failed == 0 else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
