@@ -268,8 +268,17 @@ def console_lines(console, limit=CONSOLE_LINES):
     return lines[-limit:]
 
 
+# The real root's init has run: systemd's lines and banner (not GRUB's "Welcome to
+# GRUB!"), a login prompt.
+USERSPACE = re.compile(r'systemd\[1\]|Welcome to (?!GRUB)|\S login: ')
+# Debian's initramfs giving up on the root file system (the disk driver is not in it,
+# or root= names a disk that is not there).
+NO_ROOT = re.compile(r'Gave up waiting for root|ALERT! .* does not exist|'
+                     r'VFS: Unable to mount root fs')
+
+
 def reached_userspace(console):
-    return any(m.decode() in console for m in bt.USERSPACE_MARKERS + (b' login: ',))
+    return bool(USERSPACE.search(console))
 
 
 def diagnose(requests, reports, dhcp, console, qemu_exit=None):
@@ -306,6 +315,11 @@ def diagnose(requests, reports, dhcp, console, qemu_exit=None):
                 'never asked for an address: the image has no network configuration for '
                 'its NIC (a systemd-networkd .network file with DHCP=ipv4, NetworkManager, '
                 'ifupdown), or no driver for it')
+    elif NO_ROOT.search(console):
+        text = ('kernel never reached userspace: the root file system was not found (%s): '
+                'is the disk driver (virtio_blk here; hv_storvsc on Azure) in the '
+                'initramfs, and does root= name the disk?'
+                % NO_ROOT.search(console).group(0))
     elif bt.KERNEL_TIME.search(console.encode('utf-8', 'replace')):
         text = ('kernel never reached userspace: the kernel logged but no init started '
                 '(root file system not found? initramfs without the disk driver?)')
@@ -359,7 +373,7 @@ def ssh_login(port, user, workdir, key=None, password_file=None, limit=SSH_TIMEO
     else:
         askpass = os.path.join(workdir, 'askpass')
         with open(askpass, 'w') as f:
-            f.write('#!/bin/sh\nexec head -n 1 -- "$AZP_KIT_PASSWORD_FILE"\n')
+            f.write('#!/bin/sh\nexec cat -- "$AZP_KIT_PASSWORD_FILE"\n')
         os.chmod(askpass, 0o700)
         env.update(SSH_ASKPASS=askpass, SSH_ASKPASS_REQUIRE='force', DISPLAY='azp-kit:0',
                    AZP_KIT_PASSWORD_FILE=os.path.abspath(password_file))
@@ -591,8 +605,11 @@ def add_boot_arguments(parser):
                         help='the admin\'s SSH public key (default: a new key pair made '
                              'for this boot)')
     parser.add_argument('--password-file', metavar='FILE',
-                        help='the admin\'s password (its first line): on the media, '
-                             'with DisableSshPasswordAuthentication false')
+                        help='the admin\'s password (the file less a final newline; '
+                             'never on a command line): on the media, with '
+                             'DisableSshPasswordAuthentication false')
+    parser.add_argument('--password', nargs='?', action=fa._RefusePassword,
+                        help=argparse.SUPPRESS)
     parser.add_argument('--custom-data', metavar='FILE', help='CustomData on the media')
     parser.add_argument('--user-data', metavar='FILE', help='IMDS compute.userData')
     parser.add_argument('--vm-id', metavar='UUID', help='the vmId (default: a random one)')
@@ -616,6 +633,8 @@ def add_boot_arguments(parser):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog='fake_azure.py boot',
+        # no abbreviations: "--password X" must not become "--password-file X"
+        allow_abbrev=False,
         description='Boot a disk image as an Azure VM would, against the emulator, and '
                     'say whether it provisions (exit 0 Ready, 1 ProvisioningFailed, 3 '
                     'nothing by the deadline, 4 Ready but --ssh failed, 2 cannot boot).')

@@ -20,14 +20,18 @@ image's bytes (sha256 before and after: the kit must never write the image):
   ours        (CI) install.sh --provision-user in the image; a password and the
               kit's own key: exit 0, "Ready after N s", ssh logins with the key and
               the password print the computer name.
+  gen2        (--only) the same as a Gen2 VM (--uefi, OVMF): a GPT disk with an EFI
+              system partition (FAT made by mkfs.vfat and mtools, no mount) holding
+              GRUB for UEFI at \\EFI\\BOOT\\BOOTX64.EFI: exit 0, Ready, ssh login.
   no-network  (--only) the same image with NetworkManager disabled: exit 3, "no
               DHCP" (the system started, no address was asked for).
   no-agent    (--only) the base without our unit: exit 3, "no request at all"
               (DHCP seen, nothing asked the WireServer or IMDS).
 
 Needs root (the base tree is root's), qemu-system-x86, qemu-utils, grub-pc-bin,
-fdisk, e2fsprogs, genisoimage, netcat-openbsd, openssh-client: missing ones are a
-failure naming the package.  Ends with `N passed, M failed` and the boot times.
+fdisk, e2fsprogs, genisoimage, netcat-openbsd, openssh-client (gen2 also ovmf,
+grub-efi-amd64-bin, dosfstools, mtools): missing ones are a failure naming the
+package.  Ends with `N passed, M failed` and the boot times.
 """
 
 import argparse
@@ -71,6 +75,10 @@ FSTAB = 'UUID=%s / ext4 errors=remount-ro 0 1\n'
 KIT_TOOLS = {'qemu-system-x86_64': 'qemu-system-x86', 'qemu-img': 'qemu-utils',
              'grub-mkimage': 'grub-pc-bin', 'sfdisk': 'fdisk', 'mke2fs': 'e2fsprogs',
              'genisoimage': 'genisoimage', 'ssh': 'openssh-client', 'nc': 'netcat-openbsd'}
+# only for the Gen2 disk and boot
+UEFI_TOOLS = {'mkfs.vfat': 'dosfstools', 'mcopy': 'mtools', 'mmd': 'mtools'}
+UEFI_FILES = {'/usr/lib/grub/x86_64-efi/linux.mod': 'grub-efi-amd64-bin',
+              '/usr/share/OVMF/OVMF_CODE_4M.fd': 'ovmf'}
 COMPUTER_NAME = 'kit-vm-7'
 ADMIN = 'alice'
 PASSWORD = 'Kit-pass<&>"1'      # a test's throwaway password, in a 0600 file only
@@ -98,14 +106,16 @@ def disable_network_manager(tree):
 
 
 class DiskRecipe(object):
-    def __init__(self, name, install_args=None, tweaks=()):
+    def __init__(self, name, install_args=None, tweaks=(), firmware='bios'):
         self.name = name
+        self.firmware = firmware            # 'bios' (Gen1) or 'uefi' (Gen2)
         self.install_args = install_args    # None: our unit is not installed
         self.tweaks = list(tweaks)
 
     def key(self, base_key, repo):
         parts = [KIT_RECIPE_VERSION, self.name, base_key, self.install_args,
-                 [t.__name__ for t in self.tweaks], GRUB_CFG, GRUB_MODULES]
+                 [t.__name__ for t in self.tweaks], GRUB_CFG, self.firmware,
+                 LAYOUTS[self.firmware], GRUB_MODULES, GRUB_EFI_MODULES, GRUB_EARLY_CFG]
         if self.install_args is not None:
             for name in ('install.sh', 'azure_provisioning.py', 'azure-provisioning.service'):
                 parts.append(hashlib.sha256(bt.read_bytes(os.path.join(repo, name)))
@@ -117,6 +127,7 @@ DISKS = {
     'ours': DiskRecipe('ours', ['--provision-user']),
     'no-network': DiskRecipe('no-network', ['--provision-user'], [disable_network_manager]),
     'no-agent': DiskRecipe('no-agent'),
+    'ours-uefi': DiskRecipe('ours-uefi', ['--provision-user'], firmware='uefi'),
 }
 
 
@@ -146,6 +157,45 @@ def install_grub_bios(disk, workdir):
         f.write(bytes(data))
 
 
+ESP_SIZE = 32                # MiB
+GRUB_EFI_MODULES = ['part_gpt', 'fat', 'ext2', 'normal', 'linux', 'boot', 'configfile',
+                    'serial', 'terminal', 'echo', 'test', 'search', 'search_fs_uuid', 'gzio']
+# the boot loader's own first words: find the root file system, read its grub.cfg
+GRUB_EARLY_CFG = 'search --no-floppy --fs-uuid --set=root %s\nset prefix=($root)/boot/grub\n'
+# sfdisk scripts: Gen1 an MBR with the root partition; Gen2 a GPT with an EFI system
+# partition and the root partition
+LAYOUTS = {
+    'bios': 'label: dos\nstart=%d, type=83, bootable\n' % PART_START,
+    'uefi': 'label: gpt\nstart=%d, size=%dMiB, type=U, name=ESP\ntype=L, name=root\n'
+            % (PART_START, ESP_SIZE),
+}
+
+
+def partitions(disk):
+    """[(start sector, sectors)] of the disk's partitions, as sfdisk reads them."""
+    text, _ = bt.run(['sfdisk', '-J', disk], 'sfdisk -J', 60)
+    table = json.loads(text[text.index('{'):])['partitiontable']['partitions']
+    return [(p['start'], p['size']) for p in table]
+
+
+def install_grub_efi(disk, esp, fs_uuid, workdir):
+    """GRUB for UEFI at the removable-media path OVMF (and Hyper-V Gen2) boots without
+    NVRAM entries, \\EFI\\BOOT\\BOOTX64.EFI, on a FAT ESP made without mounting."""
+    early = os.path.join(workdir, 'early.cfg')
+    with open(early, 'w') as f:
+        f.write(GRUB_EARLY_CFG % fs_uuid)
+    loader = os.path.join(workdir, 'BOOTX64.EFI')
+    bt.run(['grub-mkimage', '-O', 'x86_64-efi', '-o', loader, '-c', early, '-p', '/boot/grub']
+           + GRUB_EFI_MODULES, 'grub-mkimage (x86_64-efi)', 120)
+    fat = os.path.join(workdir, 'esp.img')
+    bt.run(['mkfs.vfat', '-n', 'ESP', '-C', fat, str(esp[1] // 2)], 'mkfs.vfat', 60)
+    bt.run(['mmd', '-i', fat, '::/EFI', '::/EFI/BOOT'], 'mmd', 60)
+    bt.run(['mcopy', '-i', fat, loader, '::/EFI/BOOT/BOOTX64.EFI'], 'mcopy', 60)
+    with open(disk, 'r+b') as f:
+        f.seek(esp[0] * 512)
+        f.write(bt.read_bytes(fat))
+
+
 def build_disk(recipe, base, disk, repo, workdir):
     tree = os.path.join(workdir, 'rootfs')
     bt.run(['cp', '-a', '--reflink=auto', base, tree], 'copying the base tree', 300)
@@ -165,13 +215,17 @@ def build_disk(recipe, base, disk, repo, workdir):
         building = disk + '.building'
         with open(building, 'wb') as f:
             f.truncate(DISK_SIZE * 1024 * 1024)
-        bt.run(['sh', '-c', 'printf "label: dos\\nstart=%d, type=83, bootable\\n" | '
-                'sfdisk -q "$0"' % PART_START, building], 'sfdisk', 60)
-        part_bytes = DISK_SIZE * 1024 * 1024 - PART_START * 512
+        bt.run(['sh', '-c', 'printf "$1" | sfdisk -q "$0"', building,
+                LAYOUTS[recipe.firmware]], 'sfdisk', 60)
+        parts = partitions(building)
+        root = parts[-1]
         bt.run(['mke2fs', '-q', '-t', 'ext4', '-L', 'root', '-U', fs_uuid, '-d', tree,
-                '-E', 'offset=%d' % (PART_START * 512), '-F', building,
-                '%dk' % (part_bytes // 1024)], 'mke2fs -d', 300)
-        install_grub_bios(building, workdir)
+                '-E', 'offset=%d' % (root[0] * 512), '-F', building,
+                '%dk' % (root[1] // 2)], 'mke2fs -d', 300)
+        if recipe.firmware == 'uefi':
+            install_grub_efi(building, parts[0], fs_uuid, workdir)
+        else:
+            install_grub_bios(building, workdir)
         os.rename(building, disk)
     finally:
         shutil.rmtree(tree, ignore_errors=True)
@@ -232,6 +286,9 @@ BOOTS = [
                                 r'request [\d.]+ s \(imds\), Ready [\d.]+ s'],
             ['--ssh', '--password-file', '{password}'], ci=True,
             doc='install.sh --provision-user: Ready, ssh with key and password'),
+    KitBoot('gen2', 'ours-uefi', 0, [r'Ready after \d+ s', r'Gen2 \(UEFI, OVMF\)',
+                                     r'with the key: hostname -> %s ' % COMPUTER_NAME],
+            ['--uefi', '--ssh'], doc='the same, as a Gen2 VM: GPT, ESP, GRUB for UEFI, OVMF'),
     KitBoot('no-network', 'no-network', 3, [r'nothing reported by the deadline .*: no DHCP: '
                                             r'the system started', r'console, last \d+ lines'],
             limit=FAIL_LIMIT, doc='NetworkManager disabled: exit 3, "no DHCP"'),
@@ -296,7 +353,13 @@ def main(argv=None):
     unknown = [n for n in names if n not in [b.name for b in BOOTS]]
     if unknown:
         parser.error('unknown boot(s): %s' % ', '.join(unknown))
-    missing = sorted(set(p for t, p in KIT_TOOLS.items() if not shutil.which(t)))
+    tools = dict(KIT_TOOLS)
+    files = {}
+    if any(DISKS[b.disk].firmware == 'uefi' for b in BOOTS if b.name in names):
+        tools.update(UEFI_TOOLS)
+        files = UEFI_FILES
+    missing = sorted(set([p for t, p in tools.items() if not shutil.which(t)] +
+                         [p for f, p in files.items() if not os.path.exists(f)]))
     if missing:
         say('FAIL: missing tools: apt-get install %s' % ' '.join(missing))
         say('0 passed, %d failed' % len(names))
