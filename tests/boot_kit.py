@@ -511,6 +511,8 @@ def boot(args, workdir):
     with fa.FakeAzure(computer_name=args.computer_name, admin_username=args.admin_username,
                       public_keys=[prep['key']], vm_id=vm_id, user_data=prep['user_data'],
                       disable_password_authentication=not args.password_file,
+                      # the NIC as the guest has it: QEMU's MAC, slirp's first lease
+                      mac_address=bt.GUEST_MAC, private_ip=bt.SLIRP['dhcpstart'],
                       record_file=os.path.join(workdir, 'requests.jsonl')) as az:
         netdev = bt.slirp_netdev(int(az.wireserver_addr.rsplit(':', 1)[1]),
                                  int(az.imds_addr.rsplit(':', 1)[1]), ssh_port)

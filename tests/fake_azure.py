@@ -173,9 +173,17 @@ def strip_role_instance_list(goal_state):
 
 
 def make_instance_document(vm_name, computer_name, vm_id, admin_username,
-                           public_keys, os_profile, disable_password_authentication=True):
-    """Microsoft's published Linux instance document with our values."""
+                           public_keys, os_profile, disable_password_authentication=True,
+                           mac_address=None, private_ip=None):
+    """Microsoft's published Linux instance document with our values.  mac_address
+    ("52:54:00:a2:00:01") and private_ip: the VM's NIC, as IMDS describes it (agents
+    match their network configuration to this MAC: cloud-init does)."""
     doc = json.loads(_read_data(IMDS_SAMPLE), object_pairs_hook=collections.OrderedDict)
+    nic = doc["network"]["interface"][0]
+    if mac_address:
+        nic["macAddress"] = mac_address.replace(":", "").replace("-", "").upper()
+    if private_ip:
+        nic["ipv4"]["ipAddress"][0]["privateIpAddress"] = private_ip
     compute = doc["compute"]
     compute["name"] = vm_name
     compute["vmId"] = vm_id
@@ -630,7 +638,8 @@ class FakeAzure(object):
                  no_role_instance_for=0,
                  bump_incarnation_after=None, wireserver_up_after=0.0, imds_down=False,
                  vm_id=DEFAULT_VM_ID, record_file=None, verbose=False, user_data=None,
-                 on_request=None, disable_password_authentication=True):
+                 on_request=None, disable_password_authentication=True,
+                 mac_address=None, private_ip=None):
         if user_data is not None and not isinstance(user_data, (bytes, bytearray)):
             raise TypeError("user_data must be bytes, not %s" % type(user_data).__name__)
         self.computer_name = computer_name
@@ -672,7 +681,7 @@ class FakeAzure(object):
         self._imds_doc = make_instance_document(
             self.vm_name, computer_name, vm_id, admin_username,
             make_public_keys(public_keys, admin_username), os_profile,
-            disable_password_authentication)
+            disable_password_authentication, mac_address, private_ip)
         # api-versions from 2021-01-01 on get compute.userData; older ones do not
         self.user_data = user_data
         self._imds_doc_user_data = with_user_data(self._imds_doc, user_data)

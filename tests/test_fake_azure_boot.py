@@ -279,6 +279,11 @@ class VmShapeTest(KitCase):
         self.assertEqual(compute['osProfile']['computerName'], 'web-42')
         self.assertEqual(compute['osProfile']['adminUsername'], 'alice')
         self.assertEqual(compute['osProfile']['disablePasswordAuthentication'], 'false')
+        with open(imds_doc) as f:
+            nic = json.load(f)['network']['interface'][0]
+        self.assertEqual(nic['macAddress'], '525400A20001')     # QEMU's NIC, -device mac=
+        self.assertIn('mac=52:54:00:a2:00:01', ' '.join(self.option_values('-device')))
+        self.assertEqual(nic['ipv4']['ipAddress'][0]['privateIpAddress'], '168.0.0.15')
         if not shutil.which('isoinfo'):
             skip(self, 'needs isoinfo (genisoimage) to read the media back')
         ovf = subprocess.check_output(['isoinfo', '-i', media, '-R', '-x', '/ovf-env.xml'],
