@@ -351,6 +351,14 @@ class VerdictTest(KitCase):
                               r'Ready [\d.]+ s')
         self.assertNotIn('boot: kept', out)
 
+    def test_console_follows_live(self):
+        code, out, err = self.kit([['console', USERSPACE], ['sleep', 0.5],
+                                   ['health', 'Ready']], '--console')
+        self.assertEqual(code, 0, out + err)
+        self.assertIn('Welcome to Debian GNU/Linux 12 (bookworm)!', out)
+        code, out, err = self.kit([['console', USERSPACE], ['health', 'Ready']])
+        self.assertNotIn('Welcome to Debian', out)
+
     def test_provisioning_failed(self):
         code, out, err = self.kit([['dhcp'], ['health', 'NotReady', 'ProvisioningFailed',
                                                'result=error|reason=bad hostname']])
