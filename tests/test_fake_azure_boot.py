@@ -83,6 +83,9 @@ class KitCase(unittest.TestCase):
                 contextlib.redirect_stderr(err):
             code = boot_kit.main([image, '--qemu', FAKE_QEMU, '--accel', 'tcg']
                                  + list(args))
+        kept = self.kept_dir(out.getvalue(), required=False)
+        if kept:
+            self.addCleanup(shutil.rmtree, kept, True)
         return code, out.getvalue(), err.getvalue()
 
     def qemu_argv(self):
@@ -93,13 +96,13 @@ class KitCase(unittest.TestCase):
         argv = self.qemu_argv()
         return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == name]
 
-    def kept_dir(self, out):
+    def kept_dir(self, out, required=True):
         for line in out.splitlines():
             if line.startswith('boot: kept '):
-                path = line.split()[2]
-                self.addCleanup(shutil.rmtree, path, True)
-                return path
-        self.fail('no kept work directory in:\n' + out)
+                return line.split()[2]
+        if required:
+            self.fail('no kept work directory in:\n' + out)
+        return None
 
 
 class ArgumentTest(KitCase):
