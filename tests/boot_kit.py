@@ -360,11 +360,12 @@ SSH_BASE = ['-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/nul
             '-o', 'LogLevel=ERROR', '-o', 'ConnectTimeout=10']
 
 
-def ssh_login(port, user, workdir, key=None, password_file=None, limit=SSH_TIMEOUT):
+def ssh_login(port, user, workdir, key=None, password_file=None, limit=SSH_TIMEOUT,
+              command='hostname'):
     """Log in to the guest through the forwarded port with key (a private key file) or
     the password in password_file (handed to ssh by an askpass helper that reads the
-    file: the password is on no command line) and run `hostname`.
-    Returns (ok, hostname or the last error, seconds it took)."""
+    file: the password is on no command line) and run command (`hostname`).
+    Returns (ok, its output or the last error, seconds it took)."""
     cmd = ['ssh', '-p', str(port)] + SSH_BASE
     env = dict(os.environ)
     if key:
@@ -379,7 +380,7 @@ def ssh_login(port, user, workdir, key=None, password_file=None, limit=SSH_TIMEO
                    AZP_KIT_PASSWORD_FILE=os.path.abspath(password_file))
         cmd += ['-o', 'PubkeyAuthentication=no', '-o', 'NumberOfPasswordPrompts=1',
                 '-o', 'PreferredAuthentications=password,keyboard-interactive']
-    cmd += ['%s@127.0.0.1' % user, 'hostname']
+    cmd += ['%s@127.0.0.1' % user, command]
     started = time.monotonic()
     last = 'no attempt'
     while time.monotonic() - started < limit:
@@ -547,11 +548,18 @@ def boot(args, workdir):
 
 
 def ssh_logins(args, prep, port, workdir):
-    """[(how, ok, hostname or error, s)] for the key and, when given, the password."""
+    """[(how, ok, hostname or error, s)] for the key and, when given, the password;
+    then --ssh-run's command with the key, its output printed."""
     done = []
     if prep['private_key']:
         done.append(('key',) + ssh_login(port, args.admin_username, workdir,
                                          key=prep['private_key']))
+        if args.ssh_run and done[-1][1]:
+            ok, out, _ = ssh_login(port, args.admin_username, workdir,
+                                   key=prep['private_key'], limit=30, command=args.ssh_run)
+            say('ssh-run (%s):' % ('exit 0' if ok else 'FAILED'))
+            for line in out.splitlines():
+                say('  > ' + line)
     if args.password_file:
         done.append(('password',) + ssh_login(port, args.admin_username, workdir,
                                               password_file=args.password_file))
@@ -572,7 +580,7 @@ def report(args, workdir, ended, qemu_exit, login, requests, reports, started):
             if ok:
                 note = '' if seen == args.computer_name else (
                     ' (not the computer name %s)' % args.computer_name)
-                say('ssh %s@127.0.0.1 -p PORT with the %s: hostname -> %s%s (%.0f s after '
+                say('ssh %s@127.0.0.1 -p PORT with the %s: hostname -> %s%s (%.1f s after '
                     'Ready)' % (args.admin_username, how, seen, note, took))
             else:
                 say('ssh login as %s with the %s FAILED for %.0f s after Ready: %s'
@@ -622,6 +630,9 @@ def add_boot_arguments(parser):
     parser.add_argument('--ssh', action='store_true',
                         help='after Ready, log in as the admin user (key, and password '
                              'when given) through a forwarded port and run hostname')
+    parser.add_argument('--ssh-run', metavar='COMMAND',
+                        help='with --ssh: also run COMMAND as the admin user (key login) '
+                             'and print its output')
     parser.add_argument('--keep', action='store_true',
                         help='keep the work directory (overlay, console, capture, '
                              'requests); it is always kept when the verdict is not Ready')

@@ -273,6 +273,42 @@ def file_sha256(path):
 # Boots through the kit
 # ---------------------------------------------------------------------------
 
+# Where an agent spends its time: systemd's own clock (s of uptime) for these units,
+# read in the guest after the key login (--ssh-run)
+TIMED_UNITS = {
+    'ours': ['azure-provisioning.service'],
+    'cloud-init': ['cloud-init-local.service', 'cloud-init.service', 'cloud-config.service',
+                   'cloud-final.service'],
+}
+COMMON_UNITS = ['network-online.target', 'ssh.service']
+UNIT_PROPERTIES = ['Id', 'InactiveExitTimestampMonotonic', 'ActiveEnterTimestampMonotonic',
+                   'InactiveEnterTimestampMonotonic']
+
+
+def unit_timing_command(units):
+    return 'systemctl show -p %s %s' % (','.join(UNIT_PROPERTIES), ' '.join(units))
+
+
+def unit_timings(output):
+    """{unit: (start s, end s)} of uptime from the `  > ` lines of unit_timing_command's
+    output in the kit's report: start = left inactive, end = became active, or
+    inactive again for a oneshot unit that does not stay active."""
+    found, current = {}, {}
+    for line in output.splitlines() + ['']:
+        line = line.strip()
+        if line.startswith('> '):
+            line = line[2:]
+        if '=' in line:
+            key, _, value = line.partition('=')
+            current[key] = value
+            continue
+        if current.get('Id'):
+            micro = [int(current.get(p, '0') or 0) for p in UNIT_PROPERTIES[1:]]
+            found[current['Id']] = (micro[0] / 1e6, max(micro[1:]) / 1e6)
+            current = {}
+    return found
+
+
 class KitBoot(object):
     def __init__(self, name, disk, expect_code, expect_text, args=(), limit=BOOT_LIMIT,
                  ci=False, doc=''):
@@ -320,6 +356,8 @@ def run_kit_boot(boot, disk, repo, workdir):
     with os.fdopen(fd, 'w') as f:
         f.write(PASSWORD + '\n')
     args = [a.replace('{password}', password_file) for a in boot.args]
+    if '--ssh' in args and boot.name in TIMED_UNITS:
+        args += ['--ssh-run', unit_timing_command(TIMED_UNITS[boot.name] + COMMON_UNITS)]
     cmd = [sys.executable, os.path.join(repo, 'tests', 'fake_azure.py'), 'boot', disk,
            '--computer-name', COMPUTER_NAME, '--admin-username', ADMIN,
            '--timeout', '%d' % boot.limit] + args
@@ -349,11 +387,67 @@ def run_kit_boot(boot, disk, repo, workdir):
     return failures, took, out
 
 
+def boot_figures(out):
+    """{'ready': s, 'login': s, 'units': {unit: (start, end)}} from a kit report that
+    says Ready (None otherwise); login: QEMU start -> the first key login."""
+    ready = re.search(r'timings from QEMU start: .*Ready ([\d.]+) s', out)
+    if not ready:
+        return None
+    login = re.search(r'with the key: hostname -> \S+ .*\(([\d.]+) s after Ready\)', out)
+    return {'ready': float(ready.group(1)),
+            'login': float(ready.group(1)) + float(login.group(1)) if login else None,
+            'units': unit_timings(out)}
+
+
+def median(values):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def comparison(measured):
+    """The time-to-Ready table (medians, ratios to ours) and where the time went."""
+    if not measured:
+        return []
+    rows = dict((name, (median(f['ready'] for f in runs), median(f['login'] for f in runs),
+                        len(runs))) for name, runs in measured.items())
+    base = rows.get('ours')
+    lines = ['time to Ready, medians (QEMU start -> Ready accepted; -> first ssh login '
+             'with the key):',
+             '  %-11s %8s %8s %11s %11s %6s' % ('agent', 'Ready', 'login', 'Ready/ours',
+                                                'login/ours', 'boots')]
+
+    def ratio(value, reference):
+        return '%.2f' % (value / reference) if value and reference else '-'
+    for name in sorted(rows, key=lambda n: (n != 'ours', n)):
+        ready, login, count = rows[name]
+        lines.append('  %-11s %7.1fs %8s %11s %11s %6d' % (
+            name, ready, '%.1fs' % login if login else '-',
+            ratio(ready, base and base[0]), ratio(login, base and base[1]), count))
+    lines.append('where the time goes (systemd in the guest, s of uptime, medians: unit '
+                 'start -> end):')
+    for name, runs in sorted(measured.items()):
+        units = sorted(set(u for f in runs for u in f['units']))
+        parts = []
+        for unit in units:
+            start = median(f['units'][unit][0] for f in runs if unit in f['units'])
+            end = median(f['units'][unit][1] for f in runs if unit in f['units'])
+            parts.append('%s %.1f -> %.1f' % (unit, start, end) if start
+                         else '%s -> %.1f' % (unit, end))
+        lines.append('  %s: %s' % (name, '; '.join(parts) or 'no unit timings'))
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--only', metavar='NAME[,NAME]',
                         help='run these boots (default: the CI ones: %s)'
                              % ', '.join(b.name for b in BOOTS if b.ci))
+    parser.add_argument('--repeat', type=int, default=1, metavar='N',
+                        help='boot each N times; the boots that reach Ready are then '
+                             'compared in a table of medians (issue 22, item 4)')
     parser.add_argument('--list', action='store_true')
     parser.add_argument('--keep', action='store_true', help='keep the work directory')
     parser.add_argument('--cache-dir', default=os.environ.get('AZP_BOOT_CACHE') or
@@ -380,9 +474,9 @@ def main(argv=None):
         say('0 passed, %d failed' % len(names))
         return 1
     workdir = tempfile.mkdtemp(prefix='azp-kit-test-')
-    passed, failed, times = 0, 0, []
+    passed, failed, times, measured = 0, 0, [], {}
     try:
-        for boot in [b for b in BOOTS if b.name in names]:
+        for boot in [b for b in BOOTS if b.name in names for _ in range(args.repeat)]:
             say('=== %s: %s' % (boot.name, boot.doc))
             try:
                 disk, how = cached_disk(DISKS[boot.disk], args.cache_dir, args.repo,
@@ -405,12 +499,17 @@ def main(argv=None):
             else:
                 passed += 1
                 say('ok   %s (%.0f s)' % (boot.name, took))
+                figures = boot_figures(out)
+                if figures:
+                    measured.setdefault(boot.name, []).append(figures)
     finally:
         if args.keep:
             say('kept %s' % workdir)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     say('times: ' + ('; '.join(times) or 'none'))
+    for line in comparison(measured):
+        say(line)
     say('%d passed, %d failed' % (passed, failed))
     return 0 if failed == 0 else 1
 

@@ -328,6 +328,17 @@ class VmShapeTest(KitCase):
         self.assertRegex(netdev, r'hostfwd=tcp:127\.0\.0\.1:\d+-:22')
         self.assertIn('with the key: hostname -> azp-kit-vm', out)
 
+    def test_ssh_run_prints_the_commands_output(self):
+        answers = {'hostname': (True, 'azp-kit-vm', 1.0),
+                   'systemd-detect-virt': (True, 'microsoft\nsecond line', 0.5)}
+        with mock.patch.object(boot_kit, 'ssh_login',
+                               side_effect=lambda *a, **kw: answers[kw.get('command',
+                                                                           'hostname')]):
+            code, out, err = self.kit([['health', 'Ready']], '--ssh',
+                                      '--ssh-run', 'systemd-detect-virt')
+        self.assertEqual(code, 0, out + err)
+        self.assertIn('ssh-run (exit 0):\n  > microsoft\n  > second line\n', out)
+
     def test_a_failed_ssh_login_is_exit_4(self):
         with mock.patch.object(boot_kit, 'ssh_login',
                                return_value=(False, 'Permission denied (publickey).', 9.0)):
@@ -440,3 +451,48 @@ class DiagnoseUnitTest(unittest.TestCase):
 
 if __name__ == '__main__':
     unittest.main()
+
+
+class BenchFiguresTest(unittest.TestCase):
+    """tests/kit_test.py's reading of the kit's report and its time-to-Ready table."""
+
+    REPORT = ('Ready after 55 s\n'
+              'timings from QEMU start: first DHCP 40.9 s, first request 43.0 s (imds), '
+              'Ready 54.6 s\n'
+              'ssh alice@127.0.0.1 -p PORT with the key: hostname -> kit-vm-7 (5.2 s after '
+              'Ready)\n'
+              'ssh-run (exit 0):\n'
+              '  > Id=azure-provisioning.service\n'
+              '  > InactiveExitTimestampMonotonic=20100000\n'
+              '  > ActiveEnterTimestampMonotonic=0\n'
+              '  > InactiveEnterTimestampMonotonic=36000000\n'
+              '  >\n'
+              '  > Id=ssh.service\n'
+              '  > InactiveExitTimestampMonotonic=30000000\n'
+              '  > ActiveEnterTimestampMonotonic=31500000\n'
+              '  > InactiveEnterTimestampMonotonic=0\n')
+
+    def setUp(self):
+        sys.path.insert(0, HERE)
+        self.addCleanup(sys.path.remove, HERE)
+        import kit_test
+        self.kt = kit_test
+
+    def test_figures_of_a_report(self):
+        figures = self.kt.boot_figures(self.REPORT)
+        self.assertEqual(figures['ready'], 54.6)
+        self.assertAlmostEqual(figures['login'], 59.8)
+        self.assertEqual(figures['units'], {'azure-provisioning.service': (20.1, 36.0),
+                                            'ssh.service': (30.0, 31.5)})
+        self.assertIsNone(self.kt.boot_figures('nothing reported by the deadline'))
+
+    def test_table_of_medians_and_ratios(self):
+        ours = self.kt.boot_figures(self.REPORT)
+        other = [dict(ours, ready=r, login=l) for r, l in ((30.0, 90.0), (40.0, 70.0),
+                                                            (35.0, 80.0))]
+        lines = self.kt.comparison({'ours': [ours], 'cloud-init': other})
+        table = '\n'.join(lines)
+        self.assertRegex(table, r'ours +54\.6s +59\.8s +1\.00 +1\.00 +1')
+        self.assertRegex(table, r'cloud-init +35\.0s +80\.0s +0\.64 +1\.34 +3')
+        self.assertIn('ours: azure-provisioning.service 20.1 -> 36.0; ssh.service 30.0 -> 31.5',
+                      table)
