@@ -548,22 +548,22 @@ def boot(args, workdir):
 
 
 def ssh_logins(args, prep, port, workdir):
-    """[(how, ok, hostname or error, s)] for the key and, when given, the password;
-    then --ssh-run's command with the key, its output printed."""
-    done = []
-    if prep['private_key']:
-        done.append(('key',) + ssh_login(port, args.admin_username, workdir,
-                                         key=prep['private_key']))
-        if args.ssh_run and done[-1][1]:
-            ok, out, _ = ssh_login(port, args.admin_username, workdir,
-                                   key=prep['private_key'], limit=30, command=args.ssh_run)
-            say('ssh-run (%s):' % ('exit 0' if ok else 'FAILED'))
-            for line in out.splitlines():
-                say('  > ' + line)
+    """([(how, ok, hostname or error, s after Ready when it worked or was given up)] for
+    the key and, when given, the password; then (ok, output) of --ssh-run's command
+    run with the key, or None)."""
+    done, ran = [], None
+    ready = time.monotonic()
+    ways = [('key', {'key': prep['private_key']})] if prep['private_key'] else []
     if args.password_file:
-        done.append(('password',) + ssh_login(port, args.admin_username, workdir,
-                                              password_file=args.password_file))
-    return done
+        ways.append(('password', {'password_file': args.password_file}))
+    for how, credential in ways:
+        ok, seen, _ = ssh_login(port, args.admin_username, workdir, **credential)
+        done.append((how, ok, seen, time.monotonic() - ready))
+    if args.ssh_run and prep['private_key'] and done[0][1]:
+        ok, out, _ = ssh_login(port, args.admin_username, workdir, key=prep['private_key'],
+                               limit=30, command=args.ssh_run)
+        ran = (ok, out)
+    return done, ran
 
 
 def report(args, workdir, ended, qemu_exit, login, requests, reports, started):
@@ -576,7 +576,8 @@ def report(args, workdir, ended, qemu_exit, login, requests, reports, started):
         say('Ready after %.0f s' % (ready_at - started))
         say(timing_line(started, dhcp, requests, ready_at, offset))
         code = 0
-        for how, ok, seen, took in login or []:
+        logins, ran = login or ([], None)
+        for how, ok, seen, took in logins:
             if ok:
                 note = '' if seen == args.computer_name else (
                     ' (not the computer name %s)' % args.computer_name)
@@ -586,6 +587,10 @@ def report(args, workdir, ended, qemu_exit, login, requests, reports, started):
                 say('ssh login as %s with the %s FAILED for %.0f s after Ready: %s'
                     % (args.admin_username, how, took, seen))
                 code = 4
+        if ran:
+            say('ssh-run (%s):' % ('exit 0' if ran[0] else 'FAILED'))
+            for line in ran[1].splitlines():
+                say('  > ' + line)
         return code
     say(timing_line(started, dhcp, requests, None, offset))
     if ended == 'failed':

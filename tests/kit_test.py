@@ -432,10 +432,14 @@ def comparison(measured):
         units = sorted(set(u for f in runs for u in f['units']))
         parts = []
         for unit in units:
-            start = median(f['units'][unit][0] for f in runs if unit in f['units'])
-            end = median(f['units'][unit][1] for f in runs if unit in f['units'])
-            parts.append('%s %.1f -> %.1f' % (unit, start, end) if start
-                         else '%s -> %.1f' % (unit, end))
+            # 0: systemd has no such moment (not started; still running)
+            start = median(f['units'][unit][0] or None for f in runs if unit in f['units'])
+            end = median(f['units'][unit][1] or None for f in runs if unit in f['units'])
+            if start is None and end is None:
+                parts.append('%s not started' % unit)
+            else:
+                parts.append('%s %s -> %s' % (unit, '%.1f' % start if start else '?',
+                                              '%.1f' % end if end else 'running'))
         lines.append('  %s: %s' % (name, '; '.join(parts) or 'no unit timings'))
     return lines
 

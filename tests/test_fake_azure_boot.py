@@ -496,3 +496,11 @@ class BenchFiguresTest(unittest.TestCase):
         self.assertRegex(table, r'cloud-init +35\.0s +80\.0s +0\.64 +1\.34 +3')
         self.assertIn('ours: azure-provisioning.service 20.1 -> 36.0; ssh.service 30.0 -> 31.5',
                       table)
+
+    def test_units_still_running_or_never_started(self):
+        figures = {'ready': 40.0, 'login': 60.0,
+                   'units': {'cloud-config.service': (52.2, 0.0),
+                             'cloud-final.service': (0.0, 0.0)}}
+        table = '\n'.join(self.kt.comparison({'cloud-init': [figures]}))
+        self.assertIn('cloud-init: cloud-config.service 52.2 -> running; '
+                      'cloud-final.service not started', table)
