@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Whole bootable disk images through `fake_azure.py boot` (issue 22).
 
-    python3 tests/kit_test.py [--only NAME[,NAME]] [--list] [--keep]
+    python3 tests/kit_test.py [--only NAME[,NAME]] [--repeat N] [--list] [--keep]
                               [--cache-dir DIR] [--repo DIR]
 
 Builds Debian 12 disk images the way image builders make them -- an MBR partition
@@ -23,6 +23,12 @@ image's bytes (sha256 before and after: the kit must never write the image):
   gen2        (--only) the same as a Gen2 VM (--uefi, OVMF): a GPT disk with an EFI
               system partition (FAT made by mkfs.vfat and mtools, no mount) holding
               GRUB for UEFI at \\EFI\\BOOT\\BOOTX64.EFI: exit 0, Ready, ssh login.
+  vhd         (--only) the ours disk converted to a fixed VHD (what Azure takes):
+              exit 0, Ready, ssh login.
+  cloud-init  (--only) Debian 12's cloud-init (22.4.2) instead of our unit, on the
+              boot test's networkd recipe plus cloud-init, isc-dhcp-client, eject,
+              openssh-server, sudo: its Azure datasource (found through the asset
+              tag) reaches Ready; ssh logins with the key and the password.
   no-network  (--only) the same image with NetworkManager disabled: exit 3, "no
               DHCP" (the system started, no address was asked for).
   no-agent    (--only) the base without our unit: exit 3, "no request at all"
@@ -32,6 +38,11 @@ Needs root (the base tree is root's), qemu-system-x86, qemu-utils, grub-pc-bin,
 fdisk, e2fsprogs, genisoimage, netcat-openbsd, openssh-client (gen2 also ovmf,
 grub-efi-amd64-bin, dosfstools, mtools): missing ones are a failure naming the
 package.  Ends with `N passed, M failed` and the boot times.
+
+Issue 22's time-to-Ready comparison: `--only ours,cloud-init --repeat 3` prints the
+medians of QEMU start -> Ready accepted and -> the first ssh login with the key, their
+ratios to ours, and where each agent spent its time (its systemd units' start and
+end, s of guest uptime, read in the guest with the kit's --ssh-run).
 """
 
 import argparse
@@ -309,10 +320,21 @@ def unit_timings(output):
     return found
 
 
+def as_fixed_vhd(disk, workdir):
+    """A copy of the raw disk as a fixed VHD, the format Azure takes (`qemu-img convert
+    -O vpc -o subformat=fixed,force_size=on`, as Azure's docs convert images)."""
+    vhd = os.path.join(workdir, os.path.basename(disk)[:-len('.raw')] + '.vhd')
+    if not os.path.exists(vhd):
+        bt.run(['qemu-img', 'convert', '-f', 'raw', '-O', 'vpc', '-o',
+                'subformat=fixed,force_size=on', disk, vhd], 'qemu-img convert to VHD', 600)
+    return vhd
+
+
 class KitBoot(object):
     def __init__(self, name, disk, expect_code, expect_text, args=(), limit=BOOT_LIMIT,
-                 ci=False, doc=''):
+                 ci=False, doc='', convert=None):
         self.name = name
+        self.convert = convert      # f(raw disk, workdir) -> the image to boot
         self.disk = disk
         self.expect_code = expect_code
         self.expect_text = expect_text      # regexes the kit's output must match
@@ -334,6 +356,10 @@ BOOTS = [
     KitBoot('gen2', 'ours-uefi', 0, [r'Ready after \d+ s', r'Gen2 \(UEFI, OVMF\)',
                                      r'with the key: hostname -> %s ' % COMPUTER_NAME],
             ['--uefi', '--ssh'], doc='the same, as a Gen2 VM: GPT, ESP, GRUB for UEFI, OVMF'),
+    KitBoot('vhd', 'ours', 0, [r'\(VHD\) as Azure Gen1', r'Ready after \d+ s',
+                               r'with the key: hostname -> %s ' % COMPUTER_NAME],
+            ['--ssh'], convert=as_fixed_vhd,
+            doc='the ours disk as a fixed VHD (what Azure takes): Ready, ssh'),
     KitBoot('cloud-init', 'cloud-init', 0, [r'Ready after \d+ s',
                                            r'with the key: hostname -> %s ' % COMPUTER_NAME,
                                            r'with the password: hostname -> %s '
@@ -489,6 +515,9 @@ def main(argv=None):
                 say('FAIL %s: the disk: %s' % (boot.name, e))
                 failed += 1
                 continue
+            if boot.convert:
+                disk = boot.convert(disk, workdir)
+                how += ', converted to %s' % os.path.basename(disk)
             say('disk %s: %s' % (disk, how))
             failures, took, out = run_kit_boot(boot, disk, args.repo, workdir)
             for line in out.splitlines():
