@@ -599,6 +599,11 @@ def report(args, workdir, ended, qemu_exit, login, requests, reports, started):
         return 1
     say('nothing reported by the deadline (%.0f s): %s' % (
         args.timeout, diagnose(requests, reports, dhcp, console, qemu_exit)))
+    if qemu_exit is not None and qemu_exit[0] != 0:
+        said = console_lines(bt.read_bytes(os.path.join(workdir, 'qemu.log')).decode(
+            'utf-8', 'replace'), 3)
+        for line in said:
+            say('qemu: ' + line[:300])
     lines = console_lines(console)
     say('console, last %d lines:' % len(lines) if lines else 'console: empty')
     for line in lines:

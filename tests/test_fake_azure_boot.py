@@ -436,6 +436,16 @@ class VerdictTest(KitCase):
         self.assertIn('no DHCP', out)
 
 
+    def test_qemu_failing_shows_its_own_words(self):
+        code, out, err = self.kit([['stderr', 'qemu-system-x86_64: -drive if=pflash: '
+                                              'Could not open CODE.fd: Permission denied\n'],
+                                   ['exit', 1]], '--timeout', '30')
+        self.assertEqual(code, 3, out + err)
+        self.assertIn('QEMU exited (status 1)', out)
+        self.assertIn('qemu: qemu-system-x86_64: -drive if=pflash: Could not open CODE.fd: '
+                      'Permission denied', out)
+
+
 class DiagnoseUnitTest(unittest.TestCase):
     """diagnose() alone, for the orders of evidence the runs above do not reach."""
 
