@@ -14,8 +14,9 @@ chassis asset tag cloud-init's ds-identify looks for, the vmId as SMBIOS UUID,
 byte-swapped on Gen1 as Hyper-V shows it), gets the provisioning media as a CD-ROM
 (ovf-env.xml from the options) and an IMDS consistent with it.  Its network is
 QEMU's user network with restrict=on: the guest reaches nothing but 168.63.129.16:80
-and 169.254.169.254:80, forwarded to the emulator on this machine's loopback (and,
-with --ssh, this machine reaches its port 22 through 127.0.0.1).
+(and :32526, the HostGAPlugin) and 169.254.169.254:80, forwarded to the emulator on
+this machine's loopback (and, with --ssh, this machine reaches its port 22 through
+127.0.0.1).
 
 Verdict and exit status:
   0  Ready after N s (and, with --ssh, the admin user logged in)
@@ -514,9 +515,15 @@ def boot(args, workdir):
                       disable_password_authentication=not args.password_file,
                       # the NIC as the guest has it: QEMU's MAC, slirp's first lease
                       mac_address=bt.GUEST_MAC, private_ip=bt.SLIRP['dhcpstart'],
+                      # the goal state's URLs as the guest reaches them
+                      advertised_wireserver='%s:80' % bt.WIRESERVER_IP,
                       record_file=os.path.join(workdir, 'requests.jsonl')) as az:
+        # waagent asks the HostGAPlugin for vmSettings (FastTrack) first; the emulator's
+        # 404 is what a host without FastTrack answers (waagent: "the HostGAPlugin does
+        # not support FastTrack"), where a refused connection stops its goal state
         netdev = bt.slirp_netdev(int(az.wireserver_addr.rsplit(':', 1)[1]),
-                                 int(az.imds_addr.rsplit(':', 1)[1]), ssh_port)
+                                 int(az.imds_addr.rsplit(':', 1)[1]), ssh_port,
+                                 hostgaplugin=True)
         cmd = qemu_command(args.qemu, accel, prep['overlay'], netdev, workdir,
                            media=prep['media'], uefi=prep['uefi'],
                            uuid=smbios_uuid(vm_id, args.uefi), memory=args.memory)

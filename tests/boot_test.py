@@ -1246,12 +1246,19 @@ def gen1_uuid(vm_id):
     return '-'.join(fields)
 
 
-def slirp_netdev(wport, iport, ssh_port=None):
+HOSTGAPLUGIN_PORT = 32526          # the HostGAPlugin, at the WireServer's address
+
+
+def slirp_netdev(wport, iport, ssh_port=None, hostgaplugin=False):
     """-netdev for a guest that reaches nothing but the WireServer and IMDS at their
     real addresses, forwarded to the emulator's ports on this machine's loopback
-    (ssh_port: also this machine's 127.0.0.1:ssh_port to the guest's port 22)."""
+    (ssh_port: also this machine's 127.0.0.1:ssh_port to the guest's port 22;
+    hostgaplugin: 168.63.129.16:32526 to the emulator's WireServer port too)."""
     fwd = ('guestfwd=tcp:%s:80-cmd:nc 127.0.0.1 %d,guestfwd=tcp:%s:80-cmd:nc 127.0.0.1 %d'
            % (WIRESERVER_IP, wport, IMDS_IP, iport))
+    if hostgaplugin:
+        fwd += ',guestfwd=tcp:%s:%d-cmd:nc 127.0.0.1 %d' % (WIRESERVER_IP, HOSTGAPLUGIN_PORT,
+                                                            wport)
     if ssh_port:
         fwd += ',hostfwd=tcp:127.0.0.1:%d-:22' % ssh_port
     return 'user,id=n0,restrict=on,%s,%s' % (

@@ -639,10 +639,13 @@ class FakeAzure(object):
                  bump_incarnation_after=None, wireserver_up_after=0.0, imds_down=False,
                  vm_id=DEFAULT_VM_ID, record_file=None, verbose=False, user_data=None,
                  on_request=None, disable_password_authentication=True,
-                 mac_address=None, private_ip=None):
+                 mac_address=None, private_ip=None, advertised_wireserver=None):
         if user_data is not None and not isinstance(user_data, (bytes, bytearray)):
             raise TypeError("user_data must be bytes, not %s" % type(user_data).__name__)
         self.computer_name = computer_name
+        # HOST:PORT the goal state's URLs name (HostingEnvironmentConfig...): where a
+        # client reaches this WireServer; inside a VM, "168.63.129.16:80"
+        self.advertised_wireserver = advertised_wireserver
         self.vm_name = vm_name if vm_name is not None else computer_name
         self.vm_id = vm_id
         self.container_id = container_id
@@ -947,7 +950,7 @@ class FakeAzure(object):
             instance_id=xml_escape(self.instance_id),
             container_url=xml_escape(quote(self.container_id, safe="")),
             instance_url=xml_escape(_azure_url_quote(self.instance_id)),
-            base_url=self._wire.addr)
+            base_url=self.advertised_wireserver or self._wire.addr)
         return text if with_role_instances else strip_role_instance_list(text)
 
     def _serve_goal_state(self):

@@ -126,9 +126,9 @@ class DiskRecipe(object):
         self.tweaks = list(tweaks)
 
     def key(self, base_key, repo):
-        parts = [KIT_RECIPE_VERSION, self.name, base_key, self.install_args,
-                 [t.__name__ for t in self.tweaks], GRUB_CFG, self.firmware,
-                 LAYOUTS[self.firmware], GRUB_MODULES, GRUB_EFI_MODULES, GRUB_EARLY_CFG]
+        # this file (the recipes, their tweaks, the boot loader set-up) as it is
+        parts = [KIT_RECIPE_VERSION, self.name, base_key, self.install_args, self.firmware,
+                 hashlib.sha256(bt.read_bytes(os.path.abspath(__file__))).hexdigest()]
         if self.install_args is not None:
             for name in ('install.sh', 'azure_provisioning.py', 'azure-provisioning.service'):
                 parts.append(hashlib.sha256(bt.read_bytes(os.path.join(repo, name)))
@@ -154,6 +154,10 @@ WAAGENT_DROP_IN = ('[Unit]\n# kit_test.py: QEMU under TCG cannot show Hyper-V\'s
                    'ConditionVirtualization=\n')
 
 
+WAAGENT_ROUTES = ''.join('\n[Route]\nDestination=%s/32\nGateway=%s\n' % (ip, bt.SLIRP['host'])
+                         for ip in (bt.WIRESERVER_IP, bt.IMDS_IP))
+
+
 def waagent_provisions(tree):
     """waagent provisions (Provisioning.Agent=waagent), its unit runs under QEMU"""
     conf = os.path.join(tree, 'etc/waagent.conf')
@@ -162,6 +166,11 @@ def waagent_provisions(tree):
     text = re.sub(r'(?m)^Provisioning\.Agent=.*$', 'Provisioning.Agent=waagent', text)
     with open(conf, 'w') as f:
         f.write(text)
+    # Azure's DHCP gives the routes to the WireServer and IMDS (option 121), which
+    # waagent looks for in the route table; QEMU's DHCP cannot: the image's network
+    # configuration stands in for it, test-only
+    with open(os.path.join(tree, 'etc/systemd/network/50-dhcp.network'), 'a') as f:
+        f.write(WAAGENT_ROUTES)
     drop_in = os.path.join(tree, 'etc/systemd/system/walinuxagent.service.d')
     os.makedirs(drop_in, exist_ok=True)
     with open(os.path.join(drop_in, '50-kit-test.conf'), 'w') as f:

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -253,8 +254,10 @@ class VmShapeTest(KitCase):
         password = os.path.join(self.tmp, 'password')
         with open(password, 'w') as f:
             f.write(PASSWORD + '\n')
+        goal_state_doc = os.path.join(self.tmp, 'goalstate.xml')
         code, out, err = self.kit(
-            [['copy', 'media', media], ['imds', imds_doc], ['health', 'Ready']],
+            [['copy', 'media', media], ['imds', imds_doc], ['goalstate', goal_state_doc],
+             ['health', 'Ready']],
             '--vm-id', VM_ID, '--computer-name', 'web-42', '--admin-username', 'alice',
             '--password-file', password)
         self.assertEqual(code, 0, out + err)
@@ -269,9 +272,15 @@ class VmShapeTest(KitCase):
         netdev = self.option_values('-netdev')
         self.assertEqual(len(netdev), 1)
         self.assertIn('restrict=on', netdev[0])
-        self.assertEqual(netdev[0].count('guestfwd='), 2)
-        self.assertIn('guestfwd=tcp:168.63.129.16:80-cmd:nc 127.0.0.1 ', netdev[0])
-        self.assertIn('guestfwd=tcp:169.254.169.254:80-cmd:nc 127.0.0.1 ', netdev[0])
+        # the WireServer, IMDS and the HostGAPlugin, each to the emulator on loopback
+        forwards = re.findall(r'guestfwd=tcp:([0-9.]+):(\d+)-cmd:nc 127\.0\.0\.1 (\d+)',
+                              netdev[0])
+        self.assertEqual(netdev[0].count('guestfwd='), 3)
+        self.assertEqual(sorted((ip, port) for ip, port, _ in forwards),
+                         [('168.63.129.16', '32526'), ('168.63.129.16', '80'),
+                          ('169.254.169.254', '80')])
+        local = dict(((ip, port), port_here) for ip, port, port_here in forwards)
+        self.assertEqual(local[('168.63.129.16', '32526')], local[('168.63.129.16', '80')])
         self.assertNotIn('hostfwd', netdev[0])
         for text in (out, err, ' '.join(argv)):
             self.assertNotIn(PASSWORD, text)
@@ -282,6 +291,11 @@ class VmShapeTest(KitCase):
         self.assertEqual(compute['osProfile']['computerName'], 'web-42')
         self.assertEqual(compute['osProfile']['adminUsername'], 'alice')
         self.assertEqual(compute['osProfile']['disablePasswordAuthentication'], 'false')
+        # the goal state's URLs name the WireServer as the guest reaches it
+        with open(goal_state_doc) as f:
+            goal = f.read()
+        self.assertIn('<HostingEnvironmentConfig>http://168.63.129.16:80/machine/', goal)
+        self.assertNotIn('127.0.0.1', goal)
         with open(imds_doc) as f:
             nic = json.load(f)['network']['interface'][0]
         self.assertEqual(nic['macAddress'], '525400A20001')     # QEMU's NIC, -device mac=
