@@ -3,8 +3,9 @@ emulator, and say whether it provisions.
 
     python3 tests/fake_azure.py boot IMAGE [--uefi] [--computer-name NAME]
         [--admin-username USER] [--ssh-key FILE.pub] [--password-file FILE]
-        [--custom-data FILE] [--user-data FILE] [--timeout SECONDS] [--console]
-        [--ssh] [--keep]
+        [--custom-data FILE] [--user-data FILE] [--vm-id UUID] [--timeout SECONDS]
+        [--console] [--ssh [--ssh-run COMMAND]] [--keep] [--memory MB]
+        [--accel auto|kvm|tcg]
 
 IMAGE is raw, qcow2, VHD (fixed or dynamic) or VHDX, booted through its own boot
 loader: BIOS (Azure's Gen1, the default) or UEFI with OVMF (Gen2, --uefi).  The
