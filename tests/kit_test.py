@@ -570,6 +570,11 @@ def main(argv=None):
                 how += ', converted to %s' % os.path.basename(disk)
             say('disk %s: %s' % (disk, how))
             failures, took, out = run_kit_boot(boot, disk, args.repo, workdir)
+            kept = re.search(r'(?m)^boot: kept (\S+)', out)
+            if kept and not args.keep:
+                # the kit keeps a boot's work directory when it was not Ready: for
+                # the boots meant to fail, and the others' failures, once shown
+                shutil.rmtree(kept.group(1), ignore_errors=True)
             for line in out.splitlines():
                 say('    ' + line)
             ready = re.search(r'Ready after (\d+) s', out)
