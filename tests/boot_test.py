@@ -1370,6 +1370,25 @@ def gen1_uuid(vm_id):
     return '-'.join(fields)
 
 
+HOSTGAPLUGIN_PORT = 32526          # the HostGAPlugin, at the WireServer's address
+
+
+def slirp_netdev(wport, iport, ssh_port=None, hostgaplugin=False):
+    """-netdev for a guest that reaches nothing but the WireServer and IMDS at their
+    real addresses, forwarded to the emulator's ports on this machine's loopback
+    (ssh_port: also this machine's 127.0.0.1:ssh_port to the guest's port 22;
+    hostgaplugin: 168.63.129.16:32526 to the emulator's WireServer port too)."""
+    fwd = ('guestfwd=tcp:%s:80-cmd:nc 127.0.0.1 %d,guestfwd=tcp:%s:80-cmd:nc 127.0.0.1 %d'
+           % (WIRESERVER_IP, wport, IMDS_IP, iport))
+    if hostgaplugin:
+        fwd += ',guestfwd=tcp:%s:%d-cmd:nc 127.0.0.1 %d' % (WIRESERVER_IP, HOSTGAPLUGIN_PORT,
+                                                            wport)
+    if ssh_port:
+        fwd += ',hostfwd=tcp:127.0.0.1:%d-:22' % ssh_port
+    return 'user,id=n0,restrict=on,%s,%s' % (
+        ','.join('%s=%s' % (k, SLIRP[k]) for k in ('net', 'host', 'dns', 'dhcpstart')), fwd)
+
+
 def qemu_command(files, disk, accel, wport, iport, rundir, media=None, uuid=None):
     # Issue 11 (a hang in early kernel boot under TCG): tests/boot_hangs.py found no
     # configuration that does better than this one: 0 hangs in 50 boots (to the
@@ -1377,10 +1396,7 @@ def qemu_command(files, disk, accel, wport, iport, rundir, media=None, uuid=None
     # single, -smp 1 and clocksource=acpi_pm (the guest picks hpet itself: the TSC is
     # "unsynchronized" with 2 vCPUs), medians 7.0-7.5 s; so it stays, and boot_vm /
     # run_boot stop and retry a boot that hangs before userspace instead.
-    fwd = ('guestfwd=tcp:%s:80-cmd:nc 127.0.0.1 %d,guestfwd=tcp:%s:80-cmd:nc 127.0.0.1 %d'
-           % (WIRESERVER_IP, wport, IMDS_IP, iport))
-    netdev = 'user,id=n0,restrict=on,%s,%s' % (
-        ','.join('%s=%s' % (k, SLIRP[k]) for k in ('net', 'host', 'dns', 'dhcpstart')), fwd)
+    netdev = slirp_netdev(wport, iport)
     return ['qemu-system-x86_64', '-name', 'azp-boot-test', '-nodefaults', '-no-user-config',
             '-display', 'none', '-no-reboot', '-accel', accel, '-m', '1024', '-smp', '2',
             '-kernel', files['kernel'], '-initrd', files['initrd'],

@@ -21,6 +21,8 @@ Command line (python3 tests/fake_azure.py --help):
     run     run a command against the emulator, then summarise what it saw
     demo    run the repo's azure_provisioning.py against it in a private namespace
     media   write provisioning media: a UDF/ISO 9660 disc holding ovf-env.xml
+    boot    boot a disk image under QEMU as an Azure VM against the emulator and say
+            whether it provisions (tests/boot_kit.py; boot --help)
 
 Provisioning media (the disc Azure attaches at first boot; needs genisoimage):
 
@@ -171,9 +173,17 @@ def strip_role_instance_list(goal_state):
 
 
 def make_instance_document(vm_name, computer_name, vm_id, admin_username,
-                           public_keys, os_profile):
-    """Microsoft's published Linux instance document with our values."""
+                           public_keys, os_profile, disable_password_authentication=True,
+                           mac_address=None, private_ip=None):
+    """Microsoft's published Linux instance document with our values.  mac_address
+    ("52:54:00:a2:00:01") and private_ip: the VM's NIC, as IMDS describes it (agents
+    match their network configuration to this MAC: cloud-init does)."""
     doc = json.loads(_read_data(IMDS_SAMPLE), object_pairs_hook=collections.OrderedDict)
+    nic = doc["network"]["interface"][0]
+    if mac_address:
+        nic["macAddress"] = mac_address.replace(":", "").replace("-", "").upper()
+    if private_ip:
+        nic["ipv4"]["ipAddress"][0]["privateIpAddress"] = private_ip
     compute = doc["compute"]
     compute["name"] = vm_name
     compute["vmId"] = vm_id
@@ -181,6 +191,8 @@ def make_instance_document(vm_name, computer_name, vm_id, admin_username,
     if os_profile:
         compute["osProfile"]["computerName"] = computer_name
         compute["osProfile"]["adminUsername"] = admin_username
+        compute["osProfile"]["disablePasswordAuthentication"] = (
+            "true" if disable_password_authentication else "false")
     else:
         del compute["osProfile"]    # older api-versions and some images have none
     compute["publicKeys"] = public_keys
@@ -626,10 +638,14 @@ class FakeAzure(object):
                  no_role_instance_for=0,
                  bump_incarnation_after=None, wireserver_up_after=0.0, imds_down=False,
                  vm_id=DEFAULT_VM_ID, record_file=None, verbose=False, user_data=None,
-                 on_request=None):
+                 on_request=None, disable_password_authentication=True,
+                 mac_address=None, private_ip=None, advertised_wireserver=None):
         if user_data is not None and not isinstance(user_data, (bytes, bytearray)):
             raise TypeError("user_data must be bytes, not %s" % type(user_data).__name__)
         self.computer_name = computer_name
+        # HOST:PORT the goal state's URLs name (HostingEnvironmentConfig...): where a
+        # client reaches this WireServer; inside a VM, "168.63.129.16:80"
+        self.advertised_wireserver = advertised_wireserver
         self.vm_name = vm_name if vm_name is not None else computer_name
         self.vm_id = vm_id
         self.container_id = container_id
@@ -667,7 +683,8 @@ class FakeAzure(object):
         self._supported_versions = re.findall(r"<Version>([^<]+)</Version>", self._versions)
         self._imds_doc = make_instance_document(
             self.vm_name, computer_name, vm_id, admin_username,
-            make_public_keys(public_keys, admin_username), os_profile)
+            make_public_keys(public_keys, admin_username), os_profile,
+            disable_password_authentication, mac_address, private_ip)
         # api-versions from 2021-01-01 on get compute.userData; older ones do not
         self.user_data = user_data
         self._imds_doc_user_data = with_user_data(self._imds_doc, user_data)
@@ -933,7 +950,7 @@ class FakeAzure(object):
             instance_id=xml_escape(self.instance_id),
             container_url=xml_escape(quote(self.container_id, safe="")),
             instance_url=xml_escape(_azure_url_quote(self.instance_id)),
-            base_url=self._wire.addr)
+            base_url=self.advertised_wireserver or self._wire.addr)
         return text if with_role_instances else strip_role_instance_list(text)
 
     def _serve_goal_state(self):
@@ -1392,6 +1409,11 @@ def build_parser():
     demo.add_argument("--no-namespace", action="store_true",
                       help="do not try a namespace: run with --no-hostname")
 
+    # parsed by tests/boot_kit.py (main hands it the arguments): listed here for --help
+    commands.add_parser("boot", add_help=False,
+                        help="boot a disk image under QEMU as an Azure VM against the "
+                             "emulator: Ready or why not (boot --help)")
+
     media = commands.add_parser(
         "media", help="write provisioning media (ovf-env.xml on a disc image)",
         # no abbreviations: "--password X" must not become "--password-file X"
@@ -1524,6 +1546,12 @@ def cmd_media(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["boot"]:
+        # QEMU and the boot test's pieces: loaded only for this command
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import boot_kit
+        return boot_kit.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
