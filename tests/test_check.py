@@ -662,3 +662,46 @@ class Check(unittest.TestCase):
 
 if __name__ == '__main__':
     unittest.main()
+
+
+class InitramfsBounds(unittest.TestCase):
+    """Review finding 1: an .lzma initramfs whose header asks for a 2 GiB dictionary
+    makes the decompressor allocate it up front: where memory is limited (a build VM,
+    a container, ulimit -v) that is a MemoryError, which no check catches, so --check
+    ends in "internal error: MemoryError" with exit 1 and prints none of its rows,
+    where an untrusted initramfs must give one row and the rest of the report."""
+
+    def test_an_lzma_initramfs_asking_for_a_huge_dictionary_is_one_row(self):
+        import struct
+        base = tempfile.mkdtemp(prefix='azp-review-')
+        self.addCleanup(shutil.rmtree, base, True)
+        root = good_image(os.path.join(base, 'img'))
+        packed = bytearray(lzma.compress(cpio('init'), format=lzma.FORMAT_ALONE))
+        packed[1:5] = struct.pack('<I', 1 << 31)       # dictionary size in the header
+        with open(os.path.join(root, 'boot/initrd.img-' + KERNEL), 'wb') as f:
+            f.write(bytes(packed))
+        run = run_command(['prlimit', '--as=%d' % (1 << 30), sys.executable, '-I', SCRIPT,
+                           '--check', '--root', root])
+        self.assertNotIn('internal error', run.stderr)
+        self.assertEqual(run.code, 0, run)
+        self.assertRegex(run.stdout, r'warn  Hyper-V drivers: kernel %s: .*/boot/initrd\.img-%s'
+                         % (KERNEL, KERNEL))
+        self.assertIn('image ready', run.stdout)
+
+
+class InitramfsUnpackedLimit(unittest.TestCase):
+    """Review finding 2: INITRAMFS_MAX bounds "what it unpacks to", but the zeros
+    between archives (Unpacking.next_segment) are counted and never checked: an
+    initramfs unpacking to endless zeros after its cpio trailer is read until the
+    60 s deadline, not stopped at the byte limit like any other unpacked bytes."""
+
+    def test_zeros_after_an_archive_count_against_the_unpacked_limit(self):
+        import errno
+        from unittest import mock
+        import azure_provisioning as ap
+        zeros = (b'\0' * (1 << 20) for _ in range(64))      # 64 MiB of padding
+        pieces = [cpio('init')]
+        with mock.patch.object(ap, 'INITRAMFS_MAX', 8 << 20):
+            with self.assertRaises(OSError) as caught:
+                ap.initramfs_names(iter(pieces + list(zeros)), {'hv_vmbus': r'hv_vmbus'})
+        self.assertEqual(caught.exception.errno, errno.EFBIG)
