@@ -695,3 +695,27 @@ class CutDuringUseradd(AdminAccountHost):
 
 if __name__ == '__main__':
     unittest.main()
+
+
+class PasswdLines(unittest.TestCase):
+    """Review finding 3: System.account reads the root's /etc/passwd with
+    str.splitlines, which also breaks lines at U+0085, U+2028, \\x1c-\\x1e, \\x0b,
+    \\x0c; glibc (what pwd.getpwnam read at c4af033, and what useradd, sshd and
+    login see) breaks at '\\n' only.  A GECOS field holding U+0085 (chfn lets a user
+    put the bytes c2 85 in their own) followed by the admin's name makes a
+    one-field "entry" for it that shadows the real one: the existing admin is taken
+    for absent (useradd then refused, provisioning failed)."""
+
+    def test_a_gecos_with_a_unicode_line_break_does_not_hide_the_next_account(self):
+        root = tempfile.mkdtemp(prefix='azp-review-')
+        self.addCleanup(shutil.rmtree, root, True)
+        os.makedirs(os.path.join(root, 'etc'))
+        with open(os.path.join(root, 'etc/passwd'), 'wb') as f:
+            f.write('root:x:0:0:root:/root:/bin/bash\n'
+                    'eve:x:1001:1001:Eve\u0085azureuser:/home/eve:/bin/sh\n'
+                    'azureuser:x:1000:1000::/home/azureuser:/bin/bash\n'.encode('utf-8'))
+        system, facts = in_root(root)
+        account = system.account('azureuser')
+        self.assertIsNotNone(account)
+        self.assertEqual((account.uid, account.home), (1000, '/home/azureuser'))
+        self.assertIsNone(system.account('Eve\u0085azureuser'))
