@@ -705,3 +705,43 @@ class InitramfsUnpackedLimit(unittest.TestCase):
             with self.assertRaises(OSError) as caught:
                 ap.initramfs_names(iter(pieces + list(zeros)), {'hv_vmbus': r'hv_vmbus'})
         self.assertEqual(caught.exception.errno, errno.EFBIG)
+
+
+class HostileNetworkMatch(unittest.TestCase):
+    """Review finding 4: check_accelerated_networking matches the image's [Match]
+    Name= patterns with fnmatch; before Python 3.9 fnmatch turns each '*' into '.*'
+    and a pattern of many stars backtracks exponentially, so --check run by the
+    image's own Python 3.6-3.8 (RHEL 8, Debian 10/11, Ubuntu 20.04) hangs on one
+    line of an untrusted .network file instead of giving a row."""
+
+    def test_a_name_pattern_of_many_stars_is_bounded_under_python_3_6(self):
+        import glob
+        pythons = sorted(glob.glob(os.path.expanduser('~/.pyenv/versions/3.6*/bin/python3')))
+        if not pythons:
+            self.skipTest('no Python 3.6 under ~/.pyenv')
+        base = tempfile.mkdtemp(prefix='azp-review-')
+        self.addCleanup(shutil.rmtree, base, True)
+        root = good_image(os.path.join(base, 'img'))
+        write(os.path.join(root, 'etc/systemd/network/10-eth.network'),
+              '[Match]\nName=%sX\n\n[Network]\nDHCP=yes\n' % ('*' * 40))
+        run = run_command([pythons[-1], '-I', SCRIPT, '--check', '--root', root], timeout=30)
+        self.assertNotIn('Traceback', run.stderr)
+        self.assertIn('accelerated networking', run.stdout)
+
+
+class KernelsThatAreNotDirectories(unittest.TestCase):
+    """Review finding 5: installed_kernels takes every name starting with a digit in
+    /lib/modules and /usr/lib/modules, then next() over the directories among them
+    with no default: a dangling link or a plain file there (a removed kernel's
+    leftover) raises StopIteration, which no check catches, so --check prints no row
+    at all and ends "internal error: StopIteration" (exit 1)."""
+
+    def test_a_dangling_link_in_lib_modules_is_one_row_not_the_end_of_check(self):
+        base = tempfile.mkdtemp(prefix='azp-review-')
+        self.addCleanup(shutil.rmtree, base, True)
+        root = good_image(os.path.join(base, 'img'))
+        os.symlink('/nonexistent', os.path.join(root, 'usr/lib/modules/5.10.0-old-amd64'))
+        run = run_command([sys.executable, '-I', SCRIPT, '--check', '--root', root])
+        self.assertNotIn('internal error', run.stderr)
+        self.assertIn('image ready', run.stdout)
+        self.assertEqual(run.code, 0, run)
