@@ -745,3 +745,30 @@ class KernelsThatAreNotDirectories(unittest.TestCase):
         self.assertNotIn('internal error', run.stderr)
         self.assertIn('image ready', run.stdout)
         self.assertEqual(run.code, 0, run)
+
+
+class CheckCrashStatus(unittest.TestCase):
+    """Review finding 6: an internal error in --check (a bug, MemoryError, the
+    StopIteration of finding 5) goes to main()'s catch-all, which returns 1:
+    CHECK_NOT_READY.  install.sh decides by the status alone, so it says "installed,
+    but the image is not ready to capture: fix the FAIL lines above" when no FAIL
+    line (no row at all) was printed, and exits 0; at c4af033 install.sh failed the
+    install when --check printed no verdict.  A crashed check needs a status of its
+    own (not 0, 1 nor 3)."""
+
+    def test_an_internal_error_in_check_is_not_the_not_ready_status(self):
+        import io
+        from unittest import mock
+        import azure_provisioning as ap
+        root = tempfile.mkdtemp(prefix='azp-review-')
+        self.addCleanup(shutil.rmtree, root, True)
+        import signal
+        self.addCleanup(signal.signal, signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+        stderr = io.StringIO()
+        with mock.patch.object(ap, 'check_swap', side_effect=RuntimeError('a bug')), \
+                mock.patch('sys.stdout', io.StringIO()) as stdout, \
+                mock.patch('sys.stderr', stderr):
+            code = ap.main(['--check', '--root', root])
+        self.assertIn('internal error: RuntimeError: a bug', stderr.getvalue())
+        self.assertNotIn('FAIL', stdout.getvalue())
+        self.assertNotIn(code, (ap.CHECK_READY, ap.CHECK_NOT_READY, ap.CHECK_CANNOT_RUN))
