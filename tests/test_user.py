@@ -719,3 +719,29 @@ class PasswdLines(unittest.TestCase):
         self.assertIsNotNone(account)
         self.assertEqual((account.uid, account.home), (1000, '/home/azureuser'))
         self.assertIsNone(system.account('Eve\u0085azureuser'))
+
+
+class KeysWhereUseraddMadeTheHome(unittest.TestCase):
+    """Review finding 8: for a new account the keys' path is decided at plan time
+    from System.home_base(), a regex of its own over /etc/default/useradd
+    (^HOME=(/[^\\s]*)$), not from where useradd then made the home; c4af033 read the
+    home from the account useradd made (pwd.getpwnam after useradd).  Where the two
+    parse the file differently (a trailing blank after HOME=, which useradd keeps),
+    the keys go to /home/NAME, a directory that is not the user's home: the admin
+    cannot log in."""
+
+    setUp = ProvisionUser.setUp
+    provision = ProvisionUser.provision
+    passwd_entry = ProvisionUser.passwd_entry
+
+    def test_keys_go_to_the_home_useradd_made(self):
+        self.host.write('default/useradd', 'HOME=/home/staff \nSHELL=/bin/sh\n')
+        os.mkdir(os.path.join(self.host.home, 'staff '))
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 0, run)
+        home = self.passwd_entry('alice')[5]
+        self.assertEqual(home, '/home/staff /alice')
+        keys = os.path.join(self.host.home, 'staff ', 'alice', '.ssh', 'authorized_keys')
+        self.assertTrue(os.path.isfile(keys), run.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.host.home, 'alice')), run.stderr)
