@@ -793,3 +793,21 @@ class InitramfsThatIsADirectory(unittest.TestCase):
         self.assertNotIn('are modules not in', run.stdout)
         self.assertRegex(run.stdout, r'warn  Hyper-V drivers: kernel %s: .*not checked' % KERNEL)
         self.assertEqual(run.code, 0, run)
+
+
+class SwapOnTheTemporaryDisk(unittest.TestCase):
+    """Review finding 9: check_swap calls every fstab swap entry "swap on the OS
+    disk", also one on the temporary disk (/dev/disk/cloud/azure_resource-part2, the
+    place the same row's fix recommends, and which check_temporary_disk recognises
+    by that very name)."""
+
+    def test_swap_on_the_resource_disk_is_not_swap_on_the_os_disk(self):
+        base = tempfile.mkdtemp(prefix='azp-review-')
+        self.addCleanup(shutil.rmtree, base, True)
+        root = good_image(os.path.join(base, 'img'))
+        write(os.path.join(root, 'etc/fstab'),
+              'UUID=0a1b2c3d / ext4 defaults 0 1\n'
+              '/dev/disk/cloud/azure_resource-part2 none swap sw,nofail 0 0\n')
+        run = run_command([sys.executable, '-I', SCRIPT, '--check', '--root', root])
+        self.assertNotIn('swap on the OS disk', run.stdout)
+        self.assertIn('ok    no swap on the OS disk\n', run.stdout)
