@@ -2479,8 +2479,10 @@ ACCOUNT_FILES = ('/etc/passwd', '/etc/shadow', '/etc/group', '/etc/gshadow')
 
 def account_entries(root, path):
     """The entries of the account file `path` of the root (/etc/passwd, /etc/group...),
-    each its list of fields, read through the root (see Root.read)."""
-    return [line.split(':') for line in (root.read_text(path) or '').splitlines()]
+    each its list of fields, read through the root (see Root.read).  Lines end at
+    '\\n' only, as glibc and the shadow tools split them: a field may hold U+0085 or
+    U+2028, which str.splitlines would take for the start of another entry."""
+    return [line.split(':') for line in (root.read_text(path) or '').split('\n')]
 
 
 def account_entry(root, path, name):
