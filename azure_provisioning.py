@@ -2403,14 +2403,17 @@ def user_with_media(request, media):
 
 
 def authorized_keys_path(home, imds_paths, log):
-    """The path IMDS gives when it lies inside the home, else ~/.ssh/authorized_keys."""
+    """The path IMDS gives when it lies inside the home, else ~/.ssh/authorized_keys
+    (a path left aside is logged, when `log` is given)."""
     default = os.path.join(home, '.ssh', 'authorized_keys')
     for path in sorted(set(p for p in imds_paths if p), key=imds_paths.index):
         normal = os.path.normpath(path)
         if (os.path.isabs(path) and normal.startswith(home.rstrip('/') + '/')
                 and '..' not in path.split('/')):
             return normal
-        log.info('user: key path %r is outside %s; using %s' % (one_line(path, 80), home, default))
+        if log:
+            log.info('user: key path %r is outside %s; using %s'
+                     % (one_line(path, 80), home, default))
     return default
 
 
@@ -2450,9 +2453,9 @@ def user_plan(facts, system, request):
                               % (name, ', '.join(left)),
                               lambda: remove_unfinished_user(system, name)))
         account = None
+    home = None     # a new account's: where useradd makes it, read when the keys go in
     if account is None:
         shell = system.login_shell()
-        home = os.path.join(system.home_base(), name)
         actions.append(Action('create user %s (useradd -m -s %s), password locked'
                               % (name, shell), lambda: create_user(facts, system, name, shell)))
     else:
@@ -2465,7 +2468,7 @@ def user_plan(facts, system, request):
                               'with chpasswd' % name,
                               lambda: set_password(system, name, request.password)))
     actions += sudo_plan(system, name, request.password is not None)
-    actions += keys_plan(system, request, home, account is None)
+    actions += keys_plan(system, request, home)
     if request.password_logins:
         facts, setting = sshd_plan(facts, system, request.password_logins)
         actions += setting
@@ -2637,21 +2640,38 @@ def sudo_plan(system, name, has_password):
     return [Action('write %s granting %s sudo' % (SUDOERS_DROP_IN, name), write_rule)]
 
 
-def keys_plan(system, request, home, new_account):
-    """The keys IMDS gives that authorized_keys lacks (for an account useradd has yet
-    to make: all of them).  The action adds what is missing then: what /etc/skel
-    gave a new home is read after useradd made it."""
+def keys_plan(system, request, home):
+    """The keys IMDS gives that authorized_keys in `home` lacks (for an account useradd
+    has yet to make, home None: all of them, in the home useradd makes).  The action
+    adds what is missing then, in the home /etc/passwd gives the account then: useradd
+    alone knows where it makes a home, and what /etc/skel gave it is there after."""
     name, keys = request.name, request.keys
     if not keys:
         system.log.info('user: IMDS has no public keys for %s' % name)
         return []
-    path = authorized_keys_path(home, request.key_paths, system.log)
-    missing = keys if new_account else keys_to_add(system, keys, path)[1]
+    if home is None:
+        says = 'authorized_keys in the home useradd makes for %s' % name
+        missing = keys
+    else:
+        says = authorized_keys_path(home, request.key_paths, system.log)
+        missing = keys_to_add(system, keys, says)[1]
     if not missing:
-        system.log.info('user: %d key(s) already in %s' % (len(keys), path))
+        system.log.info('user: %d key(s) already in %s' % (len(keys), says))
         return []
-    return [Action('add %d key(s) to %s (0600, owner %s)' % (len(missing), path, name),
-                   lambda: install_keys(system, name, path, keys))]
+    return [Action('add %d key(s) to %s (0600, owner %s)' % (len(missing), says, name),
+                   lambda: install_keys_at_home(system, request, home))]
+
+
+def install_keys_at_home(system, request, planned_home):
+    """install_keys in the home the root's /etc/passwd gives the account now (a key
+    path IMDS gives outside it is logged here unless the plan logged it already)."""
+    account = system.account(request.name)
+    if account is None:
+        raise ProvisioningError('user: %s has no entry in /etc/passwd; no keys written'
+                                % request.name)
+    path = authorized_keys_path(account.home, request.key_paths,
+                                system.log if account.home != planned_home else None)
+    install_keys(system, request.name, path, request.keys)
 
 
 def keys_to_add(system, keys, path):
@@ -3621,7 +3641,9 @@ def user_removal_plan(system, state, problems):
             raise ProvisioningError('the record names %s, a system account (uid %s); '
                                     'refused: %s' % (name, printable(uid)[:20], why))
     plan = []
-    home = os.path.join(system.home_base(), name)     # useradd -m's, as user_plan made it
+    # the account's home; once it is gone, where useradd -m made it
+    home = (entry[5] if entry and len(entry) > 5 and entry[5].startswith('/')
+            else os.path.join(system.home_base(), name))
     found = system.files.lstat(home)
     if uid is None and found is not None and not any(
             fields[2:3] == [str(found.st_uid)]

@@ -438,7 +438,8 @@ class ProvisionUser(unittest.TestCase):
             self.assertEqual(run.code, 0, run)
             self.assertEqual(az.health_reports, [])
         self.assertIn('would create user alice', run.stdout)
-        self.assertIn('would add 1 key(s) to /home/alice/.ssh/authorized_keys', run.stdout)
+        self.assertIn('would add 1 key(s) to authorized_keys in the home useradd makes for alice',
+                      run.stdout)
         self.assertIn('would write /etc/ssh/sshd_config.d/50-azure-provisioning.conf', run.stdout)
         self.assertIsNone(self.passwd_entry('alice'))
         self.assertEqual(os.listdir(self.host.home), [])
