@@ -2464,6 +2464,7 @@ def user_plan(facts, system, request):
             actions.append(Action('lock the password of %s (usermod -L)' % name,
                                   lambda: lock_password(system, name)))
     if request.password:
+        refuse_password(request.password)   # here, or a dry run promises what fails
         actions.append(Action('set the password of %s from the provisioning media: (set), '
                               'with chpasswd' % name,
                               lambda: set_password(system, name, request.password)))
@@ -2602,13 +2603,19 @@ def lock_password(system, name):
     system.run(system.account_tool('usermod', '-L', name), 'user')
 
 
+def refuse_password(password):
+    """A password chpasswd cannot take is refused (never shown): a line break would
+    start another name:password line of its stdin."""
+    if any(c in password for c in '\n\r\0'):
+        raise ProvisioningError('user: the password on the provisioning media holds a line '
+                                'break or NUL; chpasswd cannot take it')
+
+
 def set_password(system, name, password):
     """chpasswd, the password on its stdin only: never in argv (ps shows it), a log
     line, a temporary file or an error message.  It replaces a locked hash, so the
     account is unlocked by it."""
-    if any(c in password for c in '\n\r\0'):
-        raise ProvisioningError('user: the password on the provisioning media holds a line '
-                                'break or NUL; chpasswd cannot take it')
+    refuse_password(password)
     system.run(system.account_tool('chpasswd'), 'user', stdin='%s:%s\n' % (name, password),
                secret=password)
     system.log.info('user: password of %s set (chpasswd)' % name)

@@ -746,3 +746,34 @@ class KeysWhereUseraddMadeTheHome(unittest.TestCase):
         keys = os.path.join(self.host.home, 'staff ', 'alice', '.ssh', 'authorized_keys')
         self.assertTrue(os.path.isfile(keys), run.stderr)
         self.assertFalse(os.path.exists(os.path.join(self.host.home, 'alice')), run.stderr)
+
+
+class PasswordRefusedAtThePlan(unittest.TestCase):
+    """Review: a media password chpasswd cannot take (a line break would start
+    another name:password line of its stdin) was refused by the action only, so
+    --dry-run printed "would set the password" for a run that then fails."""
+
+    def plan(self, password):
+        root = tempfile.mkdtemp(prefix='azp-review-')
+        self.addCleanup(shutil.rmtree, root, True)
+        os.makedirs(os.path.join(root, 'etc'))
+        with open(os.path.join(root, 'etc/passwd'), 'w') as f:
+            f.write('root:x:0:0:root:/root:/bin/bash\n')
+        system, facts = in_root(root, provision_user=True)
+        media = ap.OvfEnv('/dev/sr0', 'web-7', 'alice', password, 'false', [], None, None)
+        metadata = {'compute': {'vmId': 'vm-1', 'osProfile': {'adminUsername': 'alice'},
+                                'publicKeys': []}}
+        return ap.plan_user(facts._replace(metadata=metadata, media=media, vm_id='vm-1'),
+                            system)
+
+    def test_a_password_chpasswd_takes_is_planned(self):
+        _, actions = self.plan('Correct-Horse-7')
+        self.assertIn('set the password of alice from the provisioning media: (set), '
+                      'with chpasswd', [action.says for action in actions])
+
+    def test_a_line_break_or_nul_is_refused_by_the_plan(self):
+        for password in ('Correct\nroot:x', 'Correct\rHorse', 'Correct\0Horse'):
+            with self.assertRaises(ap.ProvisioningError) as caught:
+                self.plan(password)
+            self.assertIn('holds a line break or NUL', str(caught.exception))
+            self.assertNotIn('Correct', str(caught.exception))
