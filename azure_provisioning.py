@@ -2682,9 +2682,12 @@ def install_keys_at_home(system, request, planned_home):
 
 
 def keys_to_add(system, keys, path):
-    """(the lines authorized_keys at `path` holds, the keys it lacks)."""
+    """(the lines authorized_keys at `path` holds, the keys it lacks).  Lines end at
+    '\\n' only, as sshd reads them: a form feed or U+0085 in a comment is comment."""
     present = system.files.read(path)
-    lines = present.decode('utf-8', 'replace').splitlines() if present else []
+    lines = present.decode('utf-8', 'replace').split('\n') if present else []
+    if lines and not lines[-1]:     # the newline ending the last line
+        lines.pop()
     known = set(' '.join(line.split()[:2]) for line in lines)
     return lines, [key for key in keys if ' '.join(key.split()[:2]) not in known]
 

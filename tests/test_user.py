@@ -777,3 +777,34 @@ class PasswordRefusedAtThePlan(unittest.TestCase):
                 self.plan(password)
             self.assertIn('holds a line break or NUL', str(caught.exception))
             self.assertNotIn('Correct', str(caught.exception))
+
+
+class AuthorizedKeysLines(unittest.TestCase):
+    """sshd reads authorized_keys a line at a time, lines ending at '\\n' only: a
+    comment holding a form feed (or U+0085...) is a comment to it.  Split with
+    str.splitlines, the key after it was taken for present (and never added) and a
+    rewrite broke the line in two."""
+
+    def test_a_key_in_another_keys_comment_is_added(self):
+        root = tempfile.mkdtemp(prefix='azp-review-')
+        self.addCleanup(shutil.rmtree, root, True)
+        os.makedirs(os.path.join(root, 'etc'))
+        os.makedirs(os.path.join(root, 'home/alice/.ssh'))
+        with open(os.path.join(root, 'etc/passwd'), 'w') as f:
+            f.write('root:x:0:0:root:/root:/bin/bash\n'
+                    'alice:x:1000:1000::/home/alice:/bin/bash\n')
+        wanted = key(comment='alice@new', filler=b'\x05')
+        old = (key(comment='alice@old', filler=b'\x06') + ' \x0c' + wanted + '\u0085x\r')
+        path = os.path.join(root, 'home/alice/.ssh/authorized_keys')
+        with open(path, 'wb') as f:
+            f.write(old.encode('utf-8') + b'\n')
+        system, facts = in_root(root)
+        request = ap.user_from_metadata({'compute': {
+            'vmId': 'vm-1', 'osProfile': {'adminUsername': 'alice'},
+            'publicKeys': [{'keyData': wanted, 'path': ''}]}})
+        actions = ap.keys_plan(system, request, '/home/alice')
+        self.assertEqual([a.says for a in actions],
+                         ['add 1 key(s) to /home/alice/.ssh/authorized_keys (0600, owner alice)'])
+        actions[0].do()
+        with open(path, 'rb') as f:
+            self.assertEqual(f.read(), old.encode('utf-8') + b'\n' + wanted.encode() + b'\n')
