@@ -2403,14 +2403,17 @@ def user_with_media(request, media):
 
 
 def authorized_keys_path(home, imds_paths, log):
-    """The path IMDS gives when it lies inside the home, else ~/.ssh/authorized_keys."""
+    """The path IMDS gives when it lies inside the home, else ~/.ssh/authorized_keys
+    (a path left aside is logged, when `log` is given)."""
     default = os.path.join(home, '.ssh', 'authorized_keys')
     for path in sorted(set(p for p in imds_paths if p), key=imds_paths.index):
         normal = os.path.normpath(path)
         if (os.path.isabs(path) and normal.startswith(home.rstrip('/') + '/')
                 and '..' not in path.split('/')):
             return normal
-        log.info('user: key path %r is outside %s; using %s' % (one_line(path, 80), home, default))
+        if log:
+            log.info('user: key path %r is outside %s; using %s'
+                     % (one_line(path, 80), home, default))
     return default
 
 
@@ -2450,9 +2453,9 @@ def user_plan(facts, system, request):
                               % (name, ', '.join(left)),
                               lambda: remove_unfinished_user(system, name)))
         account = None
+    home = None     # a new account's: where useradd makes it, read when the keys go in
     if account is None:
         shell = system.login_shell()
-        home = os.path.join(system.home_base(), name)
         actions.append(Action('create user %s (useradd -m -s %s), password locked'
                               % (name, shell), lambda: create_user(facts, system, name, shell)))
     else:
@@ -2461,11 +2464,12 @@ def user_plan(facts, system, request):
             actions.append(Action('lock the password of %s (usermod -L)' % name,
                                   lambda: lock_password(system, name)))
     if request.password:
+        refuse_password(request.password)   # here, or a dry run promises what fails
         actions.append(Action('set the password of %s from the provisioning media: (set), '
                               'with chpasswd' % name,
                               lambda: set_password(system, name, request.password)))
     actions += sudo_plan(system, name, request.password is not None)
-    actions += keys_plan(system, request, home, account is None)
+    actions += keys_plan(system, request, home)
     if request.password_logins:
         facts, setting = sshd_plan(facts, system, request.password_logins)
         actions += setting
@@ -2479,8 +2483,10 @@ ACCOUNT_FILES = ('/etc/passwd', '/etc/shadow', '/etc/group', '/etc/gshadow')
 
 def account_entries(root, path):
     """The entries of the account file `path` of the root (/etc/passwd, /etc/group...),
-    each its list of fields, read through the root (see Root.read)."""
-    return [line.split(':') for line in (root.read_text(path) or '').splitlines()]
+    each its list of fields, read through the root (see Root.read).  Lines end at
+    '\\n' only, as glibc and the shadow tools split them: a field may hold U+0085 or
+    U+2028, which str.splitlines would take for the start of another entry."""
+    return [line.split(':') for line in (root.read_text(path) or '').split('\n')]
 
 
 def account_entry(root, path, name):
@@ -2597,13 +2603,19 @@ def lock_password(system, name):
     system.run(system.account_tool('usermod', '-L', name), 'user')
 
 
+def refuse_password(password):
+    """A password chpasswd cannot take is refused (never shown): a line break would
+    start another name:password line of its stdin."""
+    if any(c in password for c in '\n\r\0'):
+        raise ProvisioningError('user: the password on the provisioning media holds a line '
+                                'break or NUL; chpasswd cannot take it')
+
+
 def set_password(system, name, password):
     """chpasswd, the password on its stdin only: never in argv (ps shows it), a log
     line, a temporary file or an error message.  It replaces a locked hash, so the
     account is unlocked by it."""
-    if any(c in password for c in '\n\r\0'):
-        raise ProvisioningError('user: the password on the provisioning media holds a line '
-                                'break or NUL; chpasswd cannot take it')
+    refuse_password(password)
     system.run(system.account_tool('chpasswd'), 'user', stdin='%s:%s\n' % (name, password),
                secret=password)
     system.log.info('user: password of %s set (chpasswd)' % name)
@@ -2635,27 +2647,47 @@ def sudo_plan(system, name, has_password):
     return [Action('write %s granting %s sudo' % (SUDOERS_DROP_IN, name), write_rule)]
 
 
-def keys_plan(system, request, home, new_account):
-    """The keys IMDS gives that authorized_keys lacks (for an account useradd has yet
-    to make: all of them).  The action adds what is missing then: what /etc/skel
-    gave a new home is read after useradd made it."""
+def keys_plan(system, request, home):
+    """The keys IMDS gives that authorized_keys in `home` lacks (for an account useradd
+    has yet to make, home None: all of them, in the home useradd makes).  The action
+    adds what is missing then, in the home /etc/passwd gives the account then: useradd
+    alone knows where it makes a home, and what /etc/skel gave it is there after."""
     name, keys = request.name, request.keys
     if not keys:
         system.log.info('user: IMDS has no public keys for %s' % name)
         return []
-    path = authorized_keys_path(home, request.key_paths, system.log)
-    missing = keys if new_account else keys_to_add(system, keys, path)[1]
+    if home is None:
+        says = 'authorized_keys in the home useradd makes for %s' % name
+        missing = keys
+    else:
+        says = authorized_keys_path(home, request.key_paths, system.log)
+        missing = keys_to_add(system, keys, says)[1]
     if not missing:
-        system.log.info('user: %d key(s) already in %s' % (len(keys), path))
+        system.log.info('user: %d key(s) already in %s' % (len(keys), says))
         return []
-    return [Action('add %d key(s) to %s (0600, owner %s)' % (len(missing), path, name),
-                   lambda: install_keys(system, name, path, keys))]
+    return [Action('add %d key(s) to %s (0600, owner %s)' % (len(missing), says, name),
+                   lambda: install_keys_at_home(system, request, home))]
+
+
+def install_keys_at_home(system, request, planned_home):
+    """install_keys in the home the root's /etc/passwd gives the account now (a key
+    path IMDS gives outside it is logged here unless the plan logged it already)."""
+    account = system.account(request.name)
+    if account is None:
+        raise ProvisioningError('user: %s has no entry in /etc/passwd; no keys written'
+                                % request.name)
+    path = authorized_keys_path(account.home, request.key_paths,
+                                system.log if account.home != planned_home else None)
+    install_keys(system, request.name, path, request.keys)
 
 
 def keys_to_add(system, keys, path):
-    """(the lines authorized_keys at `path` holds, the keys it lacks)."""
+    """(the lines authorized_keys at `path` holds, the keys it lacks).  Lines end at
+    '\\n' only, as sshd reads them: a form feed or U+0085 in a comment is comment."""
     present = system.files.read(path)
-    lines = present.decode('utf-8', 'replace').splitlines() if present else []
+    lines = present.decode('utf-8', 'replace').split('\n') if present else []
+    if lines and not lines[-1]:     # the newline ending the last line
+        lines.pop()
     known = set(' '.join(line.split()[:2]) for line in lines)
     return lines, [key for key in keys if ' '.join(key.split()[:2]) not in known]
 
@@ -3619,7 +3651,9 @@ def user_removal_plan(system, state, problems):
             raise ProvisioningError('the record names %s, a system account (uid %s); '
                                     'refused: %s' % (name, printable(uid)[:20], why))
     plan = []
-    home = os.path.join(system.home_base(), name)     # useradd -m's, as user_plan made it
+    # the account's home; once it is gone, where useradd -m made it
+    home = (entry[5] if entry and len(entry) > 5 and entry[5].startswith('/')
+            else os.path.join(system.home_base(), name))
     found = system.files.lstat(home)
     if uid is None and found is not None and not any(
             fields[2:3] == [str(found.st_uid)]

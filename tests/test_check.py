@@ -662,3 +662,152 @@ class Check(unittest.TestCase):
 
 if __name__ == '__main__':
     unittest.main()
+
+
+class InitramfsBounds(unittest.TestCase):
+    """Review finding 1: an .lzma initramfs whose header asks for a 2 GiB dictionary
+    makes the decompressor allocate it up front: where memory is limited (a build VM,
+    a container, ulimit -v) that is a MemoryError, which no check catches, so --check
+    ends in "internal error: MemoryError" with exit 1 and prints none of its rows,
+    where an untrusted initramfs must give one row and the rest of the report."""
+
+    def test_an_lzma_initramfs_asking_for_a_huge_dictionary_is_one_row(self):
+        import struct
+        base = tempfile.mkdtemp(prefix='azp-review-')
+        self.addCleanup(shutil.rmtree, base, True)
+        root = good_image(os.path.join(base, 'img'))
+        packed = bytearray(lzma.compress(cpio('init'), format=lzma.FORMAT_ALONE))
+        packed[1:5] = struct.pack('<I', 1 << 31)       # dictionary size in the header
+        with open(os.path.join(root, 'boot/initrd.img-' + KERNEL), 'wb') as f:
+            f.write(bytes(packed))
+        run = run_command(['prlimit', '--as=%d' % (1 << 30), sys.executable, '-I', SCRIPT,
+                           '--check', '--root', root])
+        self.assertNotIn('internal error', run.stderr)
+        self.assertEqual(run.code, 0, run)
+        self.assertRegex(run.stdout, r'warn  Hyper-V drivers: kernel %s: .*/boot/initrd\.img-%s'
+                         % (KERNEL, KERNEL))
+        self.assertIn('image ready', run.stdout)
+
+
+class InitramfsUnpackedLimit(unittest.TestCase):
+    """Review finding 2: INITRAMFS_MAX bounds "what it unpacks to", but the zeros
+    between archives (Unpacking.next_segment) are counted and never checked: an
+    initramfs unpacking to endless zeros after its cpio trailer is read until the
+    60 s deadline, not stopped at the byte limit like any other unpacked bytes."""
+
+    def test_zeros_after_an_archive_count_against_the_unpacked_limit(self):
+        import errno
+        from unittest import mock
+        import azure_provisioning as ap
+        zeros = (b'\0' * (1 << 20) for _ in range(64))      # 64 MiB of padding
+        pieces = [cpio('init')]
+        with mock.patch.object(ap, 'INITRAMFS_MAX', 8 << 20):
+            with self.assertRaises(OSError) as caught:
+                ap.initramfs_names(iter(pieces + list(zeros)), {'hv_vmbus': r'hv_vmbus'})
+        self.assertEqual(caught.exception.errno, errno.EFBIG)
+
+
+class HostileNetworkMatch(unittest.TestCase):
+    """Review finding 4: check_accelerated_networking matches the image's [Match]
+    Name= patterns with fnmatch; before Python 3.9 fnmatch turns each '*' into '.*'
+    and a pattern of many stars backtracks exponentially, so --check run by the
+    image's own Python 3.6-3.8 (RHEL 8, Debian 10/11, Ubuntu 20.04) hangs on one
+    line of an untrusted .network file instead of giving a row."""
+
+    def test_a_name_pattern_of_many_stars_is_bounded_under_python_3_6(self):
+        import glob
+        pythons = sorted(glob.glob(os.path.expanduser('~/.pyenv/versions/3.6*/bin/python3')))
+        if not pythons:
+            self.skipTest('no Python 3.6 under ~/.pyenv')
+        base = tempfile.mkdtemp(prefix='azp-review-')
+        self.addCleanup(shutil.rmtree, base, True)
+        root = good_image(os.path.join(base, 'img'))
+        write(os.path.join(root, 'etc/systemd/network/10-eth.network'),
+              '[Match]\nName=%sX\n\n[Network]\nDHCP=yes\n' % ('*' * 40))
+        run = run_command([pythons[-1], '-I', SCRIPT, '--check', '--root', root], timeout=30)
+        self.assertNotIn('Traceback', run.stderr)
+        self.assertIn('accelerated networking', run.stdout)
+
+
+class KernelsThatAreNotDirectories(unittest.TestCase):
+    """Review finding 5: installed_kernels takes every name starting with a digit in
+    /lib/modules and /usr/lib/modules, then next() over the directories among them
+    with no default: a dangling link or a plain file there (a removed kernel's
+    leftover) raises StopIteration, which no check catches, so --check prints no row
+    at all and ends "internal error: StopIteration" (exit 1)."""
+
+    def test_a_dangling_link_in_lib_modules_is_one_row_not_the_end_of_check(self):
+        base = tempfile.mkdtemp(prefix='azp-review-')
+        self.addCleanup(shutil.rmtree, base, True)
+        root = good_image(os.path.join(base, 'img'))
+        os.symlink('/nonexistent', os.path.join(root, 'usr/lib/modules/5.10.0-old-amd64'))
+        run = run_command([sys.executable, '-I', SCRIPT, '--check', '--root', root])
+        self.assertNotIn('internal error', run.stderr)
+        self.assertIn('image ready', run.stdout)
+        self.assertEqual(run.code, 0, run)
+
+
+class CheckCrashStatus(unittest.TestCase):
+    """Review finding 6: an internal error in --check (a bug, MemoryError, the
+    StopIteration of finding 5) goes to main()'s catch-all, which returns 1:
+    CHECK_NOT_READY.  install.sh decides by the status alone, so it says "installed,
+    but the image is not ready to capture: fix the FAIL lines above" when no FAIL
+    line (no row at all) was printed, and exits 0; at c4af033 install.sh failed the
+    install when --check printed no verdict.  A crashed check needs a status of its
+    own (not 0, 1 nor 3)."""
+
+    def test_an_internal_error_in_check_is_not_the_not_ready_status(self):
+        import io
+        from unittest import mock
+        import azure_provisioning as ap
+        root = tempfile.mkdtemp(prefix='azp-review-')
+        self.addCleanup(shutil.rmtree, root, True)
+        import signal
+        self.addCleanup(signal.signal, signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+        stderr = io.StringIO()
+        with mock.patch.object(ap, 'check_swap', side_effect=RuntimeError('a bug')), \
+                mock.patch('sys.stdout', io.StringIO()) as stdout, \
+                mock.patch('sys.stderr', stderr):
+            code = ap.main(['--check', '--root', root])
+        self.assertIn('internal error: RuntimeError: a bug', stderr.getvalue())
+        self.assertNotIn('FAIL', stdout.getvalue())
+        self.assertNotIn(code, (ap.CHECK_READY, ap.CHECK_NOT_READY, ap.CHECK_CANNOT_RUN))
+
+
+class InitramfsThatIsADirectory(unittest.TestCase):
+    """Review finding 7: check_initramfs picks the first INITRAMFS_NAMES path that
+    stat() finds, whatever it is; Root.pieces gives None for a directory, read as
+    `None or ()`: an empty archive.  So a directory at /boot/initrd.img-RELEASE
+    (nothing read at all) becomes a blocking FAIL "hv_vmbus and hv_storvsc are
+    modules not in /boot/initrd.img-...", a claim about contents never seen, where
+    a FIFO at the same place is "not checked"."""
+
+    def test_a_directory_where_the_initramfs_should_be_is_not_checked(self):
+        base = tempfile.mkdtemp(prefix='azp-review-')
+        self.addCleanup(shutil.rmtree, base, True)
+        root = good_image(os.path.join(base, 'img'))
+        initrd = os.path.join(root, 'boot/initrd.img-' + KERNEL)
+        os.remove(initrd)
+        os.mkdir(initrd)
+        run = run_command([sys.executable, '-I', SCRIPT, '--check', '--root', root])
+        self.assertNotIn('are modules not in', run.stdout)
+        self.assertRegex(run.stdout, r'warn  Hyper-V drivers: kernel %s: .*not checked' % KERNEL)
+        self.assertEqual(run.code, 0, run)
+
+
+class SwapOnTheTemporaryDisk(unittest.TestCase):
+    """Review finding 9: check_swap calls every fstab swap entry "swap on the OS
+    disk", also one on the temporary disk (/dev/disk/cloud/azure_resource-part2, the
+    place the same row's fix recommends, and which check_temporary_disk recognises
+    by that very name)."""
+
+    def test_swap_on_the_resource_disk_is_not_swap_on_the_os_disk(self):
+        base = tempfile.mkdtemp(prefix='azp-review-')
+        self.addCleanup(shutil.rmtree, base, True)
+        root = good_image(os.path.join(base, 'img'))
+        write(os.path.join(root, 'etc/fstab'),
+              'UUID=0a1b2c3d / ext4 defaults 0 1\n'
+              '/dev/disk/cloud/azure_resource-part2 none swap sw,nofail 0 0\n')
+        run = run_command([sys.executable, '-I', SCRIPT, '--check', '--root', root])
+        self.assertNotIn('swap on the OS disk', run.stdout)
+        self.assertIn('ok    no swap on the OS disk\n', run.stdout)

@@ -136,7 +136,8 @@ class UserPlan(unittest.TestCase):
         self.assertEqual(answer['result']['plan'], [
             ['create user bob (useradd -m -s /bin/bash), password locked', True],
             ['write /etc/sudoers.d/azure-provisioning granting bob sudo', True],
-            ['add 1 key(s) to /srv/people/bob/.ssh/authorized_keys (0600, owner bob)', True],
+            ['add 1 key(s) to authorized_keys in the home useradd makes for bob (0600, owner bob)',
+             True],
             ['write /etc/ssh/sshd_config.d/50-azure-provisioning.conf (making '
              '/etc/ssh/sshd_config.d, 0755): PasswordAuthentication no', True]])
         # the admin user is a fact once the step's actions are done, not before
@@ -166,8 +167,8 @@ class UserPlan(unittest.TestCase):
         answer = self.plan(user_metadata('bob', BOB_KEY))
         self.assertEqual(answer['result']['plan'][0],
                          ['create user bob (useradd -m -s /bin/sh), password locked', True])
-        self.assertIn(['add 1 key(s) to /home/bob/.ssh/authorized_keys (0600, owner bob)',
-                       True], answer['result']['plan'])
+        self.assertIn(['add 1 key(s) to authorized_keys in the home useradd makes for bob '
+                       '(0600, owner bob)', True], answer['result']['plan'])
 
     def test_the_roots_system_account_is_refused(self):
         answer = self.plan(user_metadata('nobody', BOB_KEY))

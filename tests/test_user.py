@@ -438,7 +438,8 @@ class ProvisionUser(unittest.TestCase):
             self.assertEqual(run.code, 0, run)
             self.assertEqual(az.health_reports, [])
         self.assertIn('would create user alice', run.stdout)
-        self.assertIn('would add 1 key(s) to /home/alice/.ssh/authorized_keys', run.stdout)
+        self.assertIn('would add 1 key(s) to authorized_keys in the home useradd makes for alice',
+                      run.stdout)
         self.assertIn('would write /etc/ssh/sshd_config.d/50-azure-provisioning.conf', run.stdout)
         self.assertIsNone(self.passwd_entry('alice'))
         self.assertEqual(os.listdir(self.host.home), [])
@@ -695,3 +696,115 @@ class CutDuringUseradd(AdminAccountHost):
 
 if __name__ == '__main__':
     unittest.main()
+
+
+class PasswdLines(unittest.TestCase):
+    """Review finding 3: System.account reads the root's /etc/passwd with
+    str.splitlines, which also breaks lines at U+0085, U+2028, \\x1c-\\x1e, \\x0b,
+    \\x0c; glibc (what pwd.getpwnam read at c4af033, and what useradd, sshd and
+    login see) breaks at '\\n' only.  A GECOS field holding U+0085 (chfn lets a user
+    put the bytes c2 85 in their own) followed by the admin's name makes a
+    one-field "entry" for it that shadows the real one: the existing admin is taken
+    for absent (useradd then refused, provisioning failed)."""
+
+    def test_a_gecos_with_a_unicode_line_break_does_not_hide_the_next_account(self):
+        root = tempfile.mkdtemp(prefix='azp-review-')
+        self.addCleanup(shutil.rmtree, root, True)
+        os.makedirs(os.path.join(root, 'etc'))
+        with open(os.path.join(root, 'etc/passwd'), 'wb') as f:
+            f.write('root:x:0:0:root:/root:/bin/bash\n'
+                    'eve:x:1001:1001:Eve\u0085azureuser:/home/eve:/bin/sh\n'
+                    'azureuser:x:1000:1000::/home/azureuser:/bin/bash\n'.encode('utf-8'))
+        system, facts = in_root(root)
+        account = system.account('azureuser')
+        self.assertIsNotNone(account)
+        self.assertEqual((account.uid, account.home), (1000, '/home/azureuser'))
+        self.assertIsNone(system.account('Eve\u0085azureuser'))
+
+
+class KeysWhereUseraddMadeTheHome(unittest.TestCase):
+    """Review finding 8: for a new account the keys' path is decided at plan time
+    from System.home_base(), a regex of its own over /etc/default/useradd
+    (^HOME=(/[^\\s]*)$), not from where useradd then made the home; c4af033 read the
+    home from the account useradd made (pwd.getpwnam after useradd).  Where the two
+    parse the file differently (a trailing blank after HOME=, which useradd keeps),
+    the keys go to /home/NAME, a directory that is not the user's home: the admin
+    cannot log in."""
+
+    setUp = ProvisionUser.setUp
+    provision = ProvisionUser.provision
+    passwd_entry = ProvisionUser.passwd_entry
+
+    def test_keys_go_to_the_home_useradd_made(self):
+        self.host.write('default/useradd', 'HOME=/home/staff \nSHELL=/bin/sh\n')
+        os.mkdir(os.path.join(self.host.home, 'staff '))
+        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assertEqual(run.code, 0, run)
+        home = self.passwd_entry('alice')[5]
+        self.assertEqual(home, '/home/staff /alice')
+        keys = os.path.join(self.host.home, 'staff ', 'alice', '.ssh', 'authorized_keys')
+        self.assertTrue(os.path.isfile(keys), run.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.host.home, 'alice')), run.stderr)
+
+
+class PasswordRefusedAtThePlan(unittest.TestCase):
+    """Review: a media password chpasswd cannot take (a line break would start
+    another name:password line of its stdin) was refused by the action only, so
+    --dry-run printed "would set the password" for a run that then fails."""
+
+    def plan(self, password):
+        root = tempfile.mkdtemp(prefix='azp-review-')
+        self.addCleanup(shutil.rmtree, root, True)
+        os.makedirs(os.path.join(root, 'etc'))
+        with open(os.path.join(root, 'etc/passwd'), 'w') as f:
+            f.write('root:x:0:0:root:/root:/bin/bash\n')
+        system, facts = in_root(root, provision_user=True)
+        media = ap.OvfEnv('/dev/sr0', 'web-7', 'alice', password, 'false', [], None, None)
+        metadata = {'compute': {'vmId': 'vm-1', 'osProfile': {'adminUsername': 'alice'},
+                                'publicKeys': []}}
+        return ap.plan_user(facts._replace(metadata=metadata, media=media, vm_id='vm-1'),
+                            system)
+
+    def test_a_password_chpasswd_takes_is_planned(self):
+        _, actions = self.plan('Correct-Horse-7')
+        self.assertIn('set the password of alice from the provisioning media: (set), '
+                      'with chpasswd', [action.says for action in actions])
+
+    def test_a_line_break_or_nul_is_refused_by_the_plan(self):
+        for password in ('Correct\nroot:x', 'Correct\rHorse', 'Correct\0Horse'):
+            with self.assertRaises(ap.ProvisioningError) as caught:
+                self.plan(password)
+            self.assertIn('holds a line break or NUL', str(caught.exception))
+            self.assertNotIn('Correct', str(caught.exception))
+
+
+class AuthorizedKeysLines(unittest.TestCase):
+    """sshd reads authorized_keys a line at a time, lines ending at '\\n' only: a
+    comment holding a form feed (or U+0085...) is a comment to it.  Split with
+    str.splitlines, the key after it was taken for present (and never added) and a
+    rewrite broke the line in two."""
+
+    def test_a_key_in_another_keys_comment_is_added(self):
+        root = tempfile.mkdtemp(prefix='azp-review-')
+        self.addCleanup(shutil.rmtree, root, True)
+        os.makedirs(os.path.join(root, 'etc'))
+        os.makedirs(os.path.join(root, 'home/alice/.ssh'))
+        with open(os.path.join(root, 'etc/passwd'), 'w') as f:
+            f.write('root:x:0:0:root:/root:/bin/bash\n'
+                    'alice:x:1000:1000::/home/alice:/bin/bash\n')
+        wanted = key(comment='alice@new', filler=b'\x05')
+        old = (key(comment='alice@old', filler=b'\x06') + ' \x0c' + wanted + '\u0085x\r')
+        path = os.path.join(root, 'home/alice/.ssh/authorized_keys')
+        with open(path, 'wb') as f:
+            f.write(old.encode('utf-8') + b'\n')
+        system, facts = in_root(root)
+        request = ap.user_from_metadata({'compute': {
+            'vmId': 'vm-1', 'osProfile': {'adminUsername': 'alice'},
+            'publicKeys': [{'keyData': wanted, 'path': ''}]}})
+        actions = ap.keys_plan(system, request, '/home/alice')
+        self.assertEqual([a.says for a in actions],
+                         ['add 1 key(s) to /home/alice/.ssh/authorized_keys (0600, owner alice)'])
+        actions[0].do()
+        with open(path, 'rb') as f:
+            self.assertEqual(f.read(), old.encode('utf-8') + b'\n' + wanted.encode() + b'\n')
