@@ -4259,13 +4259,17 @@ class Unpacking(object):
                 break
             self.buffer, self.at = self.buffer[self.at:] + piece, 0
 
+    def count(self, size):
+        """`size` more bytes unpacked (data or the zeros between archives)."""
+        self.taken += size
+        if self.taken > INITRAMFS_MAX:
+            raise OSError(errno.EFBIG, 'unpacks to more than %d bytes' % INITRAMFS_MAX)
+
     def read(self, size):
         self.fill(size)
         data = self.buffer[self.at:self.at + size]
         self.at += len(data)
-        self.taken += len(data)
-        if self.taken > INITRAMFS_MAX:
-            raise OSError(errno.EFBIG, 'unpacks to more than %d bytes' % INITRAMFS_MAX)
+        self.count(len(data))
         return data
 
     def skip(self, size):
@@ -4283,7 +4287,7 @@ class Unpacking(object):
             if not rest:
                 return b''
             stripped = rest.lstrip(b'\0')
-            self.taken += len(rest) - len(stripped)
+            self.count(len(rest) - len(stripped))
             self.buffer, self.at = stripped, 0
             if stripped:
                 self.fill(8)
