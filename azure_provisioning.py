@@ -25,7 +25,8 @@ image again, `--status` says what the record says.
 Exit codes: 0 provisioned, 1 provisioning failed, 2 usage error.  --check: 0 the
 image is ready, 1 it is not (a FAIL row), 3 the unit's Python cannot run this
 program (a FAIL row saying why, and the last line on stderr: "error: the unit
-cannot run: WHY (fix: FIX)"); install.sh acts on these statuses alone.
+cannot run: WHY (fix: FIX)"), 4 the check itself failed (an internal error,
+said on stderr; no verdict); install.sh acts on these statuses alone.
 Standard library only; Python 3.6 or newer.
 
 The file reads top-down: system helpers (log and deadline, text, files under one
@@ -3818,7 +3819,7 @@ CLOUD_INIT_DISABLED = 'etc/cloud/cloud-init.disabled'   # cloud-init's own off s
 NEEDED_MODULES = ('json', 'xml.parsers.expat', 'base64', 'shutil')  # not in python3-minimal
 FULL_PYTHON = 'install the full python3 package, not python3-minimal'
 # --check's exit statuses: what install.sh decides by (never by the rows' wording)
-CHECK_READY, CHECK_NOT_READY, CHECK_CANNOT_RUN = 0, 1, 3
+CHECK_READY, CHECK_NOT_READY, CHECK_CANNOT_RUN, CHECK_CRASHED = 0, 1, 3, 4
 
 
 class Check(object):
@@ -4840,7 +4841,8 @@ def build_parser():
         epilog='Exit status: 0 provisioned, 1 provisioning failed (reported to Azure '
                'when possible), 2 usage error.  --check: 0 the image is ready, 1 it is '
                'not (a FAIL line), 3 the unit\'s Python cannot run azure-provisioning '
-               '(the last line, on stderr, says why).')
+               '(the last line, on stderr, says why), 4 the check itself failed (an '
+               'internal error, on stderr).')
     for option in OPTIONS:
         flags = [short for short, flag in SHORT_FLAGS.items() if flag == option.flag]
         flags.append(option.flag)
@@ -4914,7 +4916,8 @@ def main(args=None):
             import traceback
             traceback.print_exc()
         log.error('internal error: %s: %s' % (exc.__class__.__name__, exc))
-        return 1
+        # not "not ready": a check that ended gave no verdict (install.sh fails)
+        return CHECK_CRASHED if options.check else 1
 
 
 if __name__ == '__main__':
