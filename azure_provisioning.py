@@ -4087,13 +4087,15 @@ def remove_package(c, agent):
 
 
 def installed_kernels(c):
-    """[(release, its modules directory)] of the kernels the image has."""
+    """[(release, its modules directory)] of the kernels the image has: a name there
+    that is no directory (a removed kernel's dangling link, a stray file) is none."""
     kernels = []
     for release in sorted(set(k for d in ('lib/modules', 'usr/lib/modules')
                               for k in c.root.names(d, r'\d'))):
-        kernels.append((release, next('/%s/%s' % (d, release)
-                                      for d in ('lib/modules', 'usr/lib/modules')
-                                      if c.root.is_dir(d, release))))
+        modules = next(('/%s/%s' % (d, release) for d in ('lib/modules', 'usr/lib/modules')
+                        if c.root.is_dir(d, release)), None)
+        if modules is not None:
+            kernels.append((release, modules))
     return kernels
 
 
