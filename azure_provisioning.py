@@ -4548,18 +4548,60 @@ VF_FIX = ('install azure-vm-utils: its 10-azure-unmanaged-sriov.rules and '
           'Driver=hv_netvsc only)')
 
 
+def glob_tokens(pattern):
+    """A shell pattern as fnmatch reads it: '*', or a pattern of one character (a
+    character, '?', '[...]'; a '[' never closed is itself)."""
+    tokens, i = [], 0
+    while i < len(pattern):
+        end = i + 1
+        if pattern[i] == '[':
+            end += pattern.startswith('!', end)
+            end += pattern.startswith(']', end)
+            end = pattern.find(']', end) + 1 or i + 1
+        tokens.append(pattern[i:end])
+        i = end
+    return tokens
+
+
+def one_character_matches(token, char):
+    """fnmatch of one character; a class with a range ending before it starts
+    ('[b-a]') matches nothing, as from Python 3.9 (before: re.error)."""
+    import fnmatch
+    try:
+        return fnmatch.fnmatchcase(char, token)
+    except re.error:
+        return False
+
+
+def glob_matches(pattern, name):
+    """fnmatch.fnmatchcase(name, pattern) in time len(pattern) x len(name): before
+    Python 3.9 fnmatch's regular expression backtracks exponentially on many stars,
+    and the pattern is an image's (a .network file's Name=)."""
+    tokens = glob_tokens(pattern)
+    at = t = 0
+    star = None     # (the token after the last '*', where in the name it took over)
+    while at < len(name):
+        if t < len(tokens) and tokens[t] == '*':
+            star, t = (t + 1, at), t + 1
+        elif t < len(tokens) and one_character_matches(tokens[t], name[at]):
+            at, t = at + 1, t + 1
+        elif star is not None:      # the last '*' takes one more character
+            t, at = star[0], star[1] + 1
+            star = (t, at)
+        else:
+            return False
+    return all(token == '*' for token in tokens[t:])
+
+
 def matches_a_vf(text):
     """Whether a .network file's [Match] could take an accelerated-networking VF."""
-    import fnmatch
-
     def words(key):
         return ' '.join(ini_values(text, ('Match',), key)).split()
     if words('MACAddress') or words('Virtualization') == ['container']:
         return False    # another MAC (reported as such) / never in a VM
     names, drivers = words('Name'), words('Driver')
-    return ((not names or any(fnmatch.fnmatchcase(vf, n) for vf in VF_NAMES for n in names))
-            and (not drivers or any(fnmatch.fnmatchcase(vf, d)
-                                    for vf in VF_DRIVERS for d in drivers)))
+    return ((not names or any(glob_matches(n, vf) for vf in VF_NAMES for n in names))
+            and (not drivers or any(glob_matches(d, vf) for vf in VF_DRIVERS for d in drivers)))
 
 
 def leaves_vfs_alone(text):
