@@ -4467,9 +4467,14 @@ def check_initramfs(c, release, drivers, what, built_in):
         return
     wanted = dict((d.name, r'(^|/)%s\.ko%s' % (re.escape(d.name), MODULE_FILE)) for d in drivers)
     try:
-        found, unread = initramfs_names(c.root.pieces(path, INITRAMFS_MAX) or (), wanted)
+        pieces = c.root.pieces(path, INITRAMFS_MAX)
+        if pieces is None:      # a directory, or gone since: nothing read, nothing known
+            raise OSError(errno.EINVAL, 'not a regular file')
+        found, unread = initramfs_names(pieces, wanted)
     except (OSError, ValueError) as exc:    # a FIFO, too large, not an initramfs
-        c.say('warn', '%s: %s: %s: not checked' % (what, path, describe_error(exc)),
+        # an OSError's own text without its file name: the row names it already
+        c.say('warn', '%s: %s: %s: not checked' % (
+            what, path, getattr(exc, 'strerror', None) or describe_error(exc)),
               'lsinitramfs %s | grep hv_ (lsinitrd on dracut systems) shows what it holds' % path)
         return
     missing = [d for d in drivers if d.name not in found]
