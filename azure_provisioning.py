@@ -4516,8 +4516,23 @@ def check_sshd(c):
         c.say('ok', 'sshd: %s enabled' % ', '.join(enabled))
 
 
+# How an fstab names the temporary (resource) disk: azure-vm-utils' and waagent's links
+RESOURCE_DISK = r'disk/(azure/resource|cloud/azure_resource)'
+
+
+def on_the_temporary_disk(path, entries):
+    """Whether an fstab entry's device is the temporary disk, or a file where the
+    fstab mounts it (a swap file in /mnt/resource)."""
+    mounts = [f[1].rstrip('/') for f in entries
+              if re.search(RESOURCE_DISK, f[0]) and f[1].startswith('/')]
+    return bool(re.search(RESOURCE_DISK, path)) or any(
+        path.startswith(m + '/') for m in mounts if m)
+
+
 def check_swap(c):
-    swaps = [' '.join(fields[:3]) for fields in fstab_entries(c) if fields[2] == 'swap']
+    entries = fstab_entries(c)
+    swaps = [' '.join(f[:3]) for f in entries
+             if f[2] == 'swap' and not on_the_temporary_disk(f[0], entries)]
     swaps += ['%s enabled' % u for u in sorted(c.enabled_units()) if u.endswith('.swap')]
     if swaps:
         c.say('warn', 'swap on the OS disk (%s): Azure advises against it (the OS disk is '
@@ -4677,7 +4692,7 @@ def check_temporary_disk(c):
     setup = [p for p in ('usr/sbin/azure-ephemeral-disk-setup',
                          'usr/bin/azure-ephemeral-disk-setup') if c.exists(p)]
     mounted = [' '.join(f[:2]) for f in fstab_entries(c)
-               if re.search(r'disk/(azure/resource|cloud/azure_resource)', f[0])]
+               if re.search(RESOURCE_DISK, f[0])]
     if setup:
         c.say('info', 'temporary disk: azure-vm-utils\' /%s formats and mounts it' % setup[0])
     elif mounted:

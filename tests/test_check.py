@@ -849,3 +849,24 @@ class GlobMatches(unittest.TestCase):
         self.assertFalse(glob_matches('*?' * 4000 + 'X', 'enP30832s1'))
         self.assertTrue(glob_matches('*?' * 4 + '*1', 'enP30832s1'))
         self.assertLess(time.monotonic() - started, 2)
+
+
+class SwapWhereTheTemporaryDiskIsMounted(unittest.TestCase):
+    """A swap file where the fstab mounts the temporary disk is on it; one elsewhere
+    is still swap on the OS disk."""
+
+    def test_a_swap_file_in_the_resource_mount_is_not_on_the_os_disk(self):
+        base = tempfile.mkdtemp(prefix='azp-swap-')
+        self.addCleanup(shutil.rmtree, base, True)
+        root = good_image(os.path.join(base, 'img'))
+        fstab = ('UUID=0a1b2c3d / ext4 defaults 0 1\n'
+                 '/dev/disk/azure/resource-part1 /mnt/resource ext4 nofail 0 2\n'
+                 '/dev/disk/cloud/azure_resource-part2 none swap sw,nofail 0 0\n'
+                 '/mnt/resource/swapfile none swap sw 0 0\n')
+        write(os.path.join(root, 'etc/fstab'), fstab)
+        run = run_command([sys.executable, '-I', SCRIPT, '--check', '--root', root])
+        self.assertIn('ok    no swap on the OS disk\n', run.stdout)
+        self.assertNotIn('warn  swap', run.stdout)
+        write(os.path.join(root, 'etc/fstab'), fstab + '/mnt/resourcex/swap none swap sw 0 0\n')
+        run = run_command([sys.executable, '-I', SCRIPT, '--check', '--root', root])
+        self.assertIn('warn  swap on the OS disk (/mnt/resourcex/swap none swap)', run.stdout)
