@@ -3864,7 +3864,10 @@ class Check(object):
             self.say('warn', '%s: %s: not checked' % (check.__name__[len('check_'):],
                                                      describe_error(exc)),
                      'run --check as root')
-            return None
+        except MemoryError:     # what an image's file asked for: the other checks go on
+            self.say('warn', '%s: out of memory: not checked' % check.__name__[len('check_'):],
+                     'run --check where it has more memory')
+        return None
 
     def exists(self, *parts):
         return self.root.exists(*parts)
@@ -4233,6 +4236,8 @@ MODULE_FILE = r'(\.(xz|zst|gz))?$'      # a module's file: NAME.ko, compressed o
 INITRAMFS_NAMES = ('/boot/initrd.img-%s', '/boot/initramfs-%s.img', '/boot/initrd-%s')
 INITRAMFS_MAX = 1 << 30         # bytes of an initramfs file read, and of what it unpacks to
 INITRAMFS_SECONDS = 60          # for reading one, at most: then it is "not checked"
+UNPACK_MEMORY = 256 << 20       # bytes an xz/lzma decompressor may take (xz -9e: 674 MiB
+                                # to pack, 65 MiB to unpack)
 CPIO_HEADER = 110               # bytes of a cpio "newc" header (070701, 070702)
 # What the first bytes of an initramfs segment say it is, and whether it can be read
 # with the standard library (zstd, lz4, bzip2 and lzo: not checked).
@@ -4331,7 +4336,8 @@ def inflated(pieces, kind):
         unpack, broken = zlib.decompressobj(16 + zlib.MAX_WBITS), zlib.error
     else:
         import lzma
-        unpack, broken = lzma.LZMADecompressor(), lzma.LZMAError
+        # the header's dictionary size is the image's: a limit, not an allocation
+        unpack, broken = lzma.LZMADecompressor(memlimit=UNPACK_MEMORY), lzma.LZMAError
 
     def pieces_out():
         try:

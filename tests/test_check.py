@@ -870,3 +870,26 @@ class SwapWhereTheTemporaryDiskIsMounted(unittest.TestCase):
         write(os.path.join(root, 'etc/fstab'), fstab + '/mnt/resourcex/swap none swap sw 0 0\n')
         run = run_command([sys.executable, '-I', SCRIPT, '--check', '--root', root])
         self.assertIn('warn  swap on the OS disk (/mnt/resourcex/swap none swap)', run.stdout)
+
+
+class MemoryErrorInACheck(unittest.TestCase):
+    """A MemoryError in one check (what an image's file asked for) is that check's
+    row; the others still run and the report has its verdict."""
+
+    def test_a_memory_error_is_one_row(self):
+        import io
+        from unittest import mock
+        import azure_provisioning as ap
+        base = tempfile.mkdtemp(prefix='azp-memory-')
+        self.addCleanup(shutil.rmtree, base, True)
+        root = good_image(os.path.join(base, 'img'))
+        out = io.StringIO()
+
+        def check_swap(c):
+            raise MemoryError()
+        with mock.patch.object(ap, 'check_swap', check_swap):
+            code = ap.check_image(root, out)
+        self.assertEqual(code, ap.CHECK_READY, out.getvalue())
+        self.assertIn('warn  swap: out of memory: not checked\n', out.getvalue())
+        self.assertIn('ok    Hyper-V KVP daemon', out.getvalue())
+        self.assertIn('image ready: 0 blocking, 1 warnings', out.getvalue())
