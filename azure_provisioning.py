@@ -4240,7 +4240,7 @@ UNPACK_MEMORY = 256 << 20       # bytes an xz/lzma decompressor may take (xz -9e
                                 # to pack, 65 MiB to unpack)
 CPIO_HEADER = 110               # bytes of a cpio "newc" header (070701, 070702)
 # What the first bytes of an initramfs segment say it is, and whether it can be read
-# with the standard library (zstd, lz4, bzip2 and lzo: not checked).
+# with the standard library (zstd, lz4 and lzo: not checked).
 COMPRESSIONS = ((b'\x1f\x8b', 'gzip'), (b'\xfd7zXZ', 'xz'), (b'\x5d\x00\x00', 'lzma'),
                 (b'\x28\xb5\x2f\xfd', 'zstd'), (b'\x02\x21\x4c\x18', 'lz4'),
                 (b'BZh', 'bzip2'), (b'\x89LZO', 'lzo'))
@@ -4328,12 +4328,15 @@ def cpio_names(stream):
 
 
 def inflated(pieces, kind):
-    """The decompressed bytes of `pieces` (gzip, xz or lzma), in pieces of at most
-    1 MiB; ImportError now when this Python has no lzma, ValueError when the data is
-    not what it says."""
+    """The decompressed bytes of `pieces` (gzip, xz, lzma or bzip2), in pieces of at
+    most 1 MiB; ImportError now when this Python has no lzma (bz2), ValueError when the
+    data is not what it says."""
     import zlib
     if kind == 'gzip':
         unpack, broken = zlib.decompressobj(16 + zlib.MAX_WBITS), zlib.error
+    elif kind == 'bzip2':       # its memory is bounded by its format (900 kB blocks)
+        import bz2
+        unpack, broken = bz2.BZ2Decompressor(), OSError
     else:
         import lzma
         # the header's dictionary size is the image's: a limit, not an allocation
@@ -4378,7 +4381,7 @@ def initramfs_names(pieces, wanted):
         kind = next((k for m, k in COMPRESSIONS if magic.startswith(m)), None)
         if kind is None:
             return found, 'in a format this check does not know'
-        if kind not in ('gzip', 'xz', 'lzma'):
+        if kind not in ('gzip', 'xz', 'lzma', 'bzip2'):
             return found, '%s-compressed, which this check cannot read' % kind
         try:
             stream = Unpacking(inflated(stream.rest(), kind), stream.deadline)

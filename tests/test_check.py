@@ -498,6 +498,14 @@ class Check(unittest.TestCase):
                                 'hv_netvsc and hv_utils in /boot/initramfs-%s.img\n'
                           % (KERNEL, KERNEL))
 
+    def test_hyperv_modules_in_a_bzip2_initramfs(self):
+        import bz2
+        root = self.copy()
+        hyperv_modules(root, initrd=bz2.compress)
+        self.assert_ready(root, 'ok    Hyper-V drivers: kernel %s: hv_vmbus, hv_storvsc, '
+                                'hv_netvsc and hv_utils in /boot/initrd.img-%s\n'
+                          % (KERNEL, KERNEL))
+
     def test_the_initramfs_through_links_inside_the_image(self):
         root = self.copy()
         initrd = self.initrd(root)
