@@ -25,7 +25,8 @@ image again, `--status` says what the record says.
 Exit codes: 0 provisioned, 1 provisioning failed, 2 usage error.  --check: 0 the
 image is ready, 1 it is not (a FAIL row), 3 the unit's Python cannot run this
 program (a FAIL row saying why, and the last line on stderr: "error: the unit
-cannot run: WHY (fix: FIX)"); install.sh acts on these statuses alone.
+cannot run: WHY (fix: FIX)"), 4 the check itself failed (an internal error,
+said on stderr; no verdict); install.sh acts on these statuses alone.
 Standard library only; Python 3.6 or newer.
 
 The file reads top-down: system helpers (log and deadline, text, files under one
@@ -3852,7 +3853,7 @@ CLOUD_INIT_DISABLED = 'etc/cloud/cloud-init.disabled'   # cloud-init's own off s
 NEEDED_MODULES = ('json', 'xml.parsers.expat', 'base64', 'shutil')  # not in python3-minimal
 FULL_PYTHON = 'install the full python3 package, not python3-minimal'
 # --check's exit statuses: what install.sh decides by (never by the rows' wording)
-CHECK_READY, CHECK_NOT_READY, CHECK_CANNOT_RUN = 0, 1, 3
+CHECK_READY, CHECK_NOT_READY, CHECK_CANNOT_RUN, CHECK_CRASHED = 0, 1, 3, 4
 
 
 class Check(object):
@@ -3897,7 +3898,10 @@ class Check(object):
             self.say('warn', '%s: %s: not checked' % (check.__name__[len('check_'):],
                                                      describe_error(exc)),
                      'run --check as root')
-            return None
+        except MemoryError:     # what an image's file asked for: the other checks go on
+            self.say('warn', '%s: out of memory: not checked' % check.__name__[len('check_'):],
+                     'run --check where it has more memory')
+        return None
 
     def exists(self, *parts):
         return self.root.exists(*parts)
@@ -4120,13 +4124,15 @@ def remove_package(c, agent):
 
 
 def installed_kernels(c):
-    """[(release, its modules directory)] of the kernels the image has."""
+    """[(release, its modules directory)] of the kernels the image has: a name there
+    that is no directory (a removed kernel's dangling link, a stray file) is none."""
     kernels = []
     for release in sorted(set(k for d in ('lib/modules', 'usr/lib/modules')
                               for k in c.root.names(d, r'\d'))):
-        kernels.append((release, next('/%s/%s' % (d, release)
-                                      for d in ('lib/modules', 'usr/lib/modules')
-                                      if c.root.is_dir(d, release))))
+        modules = next(('/%s/%s' % (d, release) for d in ('lib/modules', 'usr/lib/modules')
+                        if c.root.is_dir(d, release)), None)
+        if modules is not None:
+            kernels.append((release, modules))
     return kernels
 
 
@@ -4264,9 +4270,11 @@ MODULE_FILE = r'(\.(xz|zst|gz))?$'      # a module's file: NAME.ko, compressed o
 INITRAMFS_NAMES = ('/boot/initrd.img-%s', '/boot/initramfs-%s.img', '/boot/initrd-%s')
 INITRAMFS_MAX = 1 << 30         # bytes of an initramfs file read, and of what it unpacks to
 INITRAMFS_SECONDS = 60          # for reading one, at most: then it is "not checked"
+UNPACK_MEMORY = 256 << 20       # bytes an xz/lzma decompressor may take (xz -9e: 674 MiB
+                                # to pack, 65 MiB to unpack)
 CPIO_HEADER = 110               # bytes of a cpio "newc" header (070701, 070702)
 # What the first bytes of an initramfs segment say it is, and whether it can be read
-# with the standard library (zstd, lz4, bzip2 and lzo: not checked).
+# with the standard library (zstd, lz4 and lzo: not checked).
 COMPRESSIONS = ((b'\x1f\x8b', 'gzip'), (b'\xfd7zXZ', 'xz'), (b'\x5d\x00\x00', 'lzma'),
                 (b'\x28\xb5\x2f\xfd', 'zstd'), (b'\x02\x21\x4c\x18', 'lz4'),
                 (b'BZh', 'bzip2'), (b'\x89LZO', 'lzo'))
@@ -4293,13 +4301,17 @@ class Unpacking(object):
                 break
             self.buffer, self.at = self.buffer[self.at:] + piece, 0
 
+    def count(self, size):
+        """`size` more bytes unpacked (data or the zeros between archives)."""
+        self.taken += size
+        if self.taken > INITRAMFS_MAX:
+            raise OSError(errno.EFBIG, 'unpacks to more than %d bytes' % INITRAMFS_MAX)
+
     def read(self, size):
         self.fill(size)
         data = self.buffer[self.at:self.at + size]
         self.at += len(data)
-        self.taken += len(data)
-        if self.taken > INITRAMFS_MAX:
-            raise OSError(errno.EFBIG, 'unpacks to more than %d bytes' % INITRAMFS_MAX)
+        self.count(len(data))
         return data
 
     def skip(self, size):
@@ -4317,7 +4329,7 @@ class Unpacking(object):
             if not rest:
                 return b''
             stripped = rest.lstrip(b'\0')
-            self.taken += len(rest) - len(stripped)
+            self.count(len(rest) - len(stripped))
             self.buffer, self.at = stripped, 0
             if stripped:
                 self.fill(8)
@@ -4350,15 +4362,19 @@ def cpio_names(stream):
 
 
 def inflated(pieces, kind):
-    """The decompressed bytes of `pieces` (gzip, xz or lzma), in pieces of at most
-    1 MiB; ImportError now when this Python has no lzma, ValueError when the data is
-    not what it says."""
+    """The decompressed bytes of `pieces` (gzip, xz, lzma or bzip2), in pieces of at
+    most 1 MiB; ImportError now when this Python has no lzma (bz2), ValueError when the
+    data is not what it says."""
     import zlib
     if kind == 'gzip':
         unpack, broken = zlib.decompressobj(16 + zlib.MAX_WBITS), zlib.error
+    elif kind == 'bzip2':       # its memory is bounded by its format (900 kB blocks)
+        import bz2
+        unpack, broken = bz2.BZ2Decompressor(), OSError
     else:
         import lzma
-        unpack, broken = lzma.LZMADecompressor(), lzma.LZMAError
+        # the header's dictionary size is the image's: a limit, not an allocation
+        unpack, broken = lzma.LZMADecompressor(memlimit=UNPACK_MEMORY), lzma.LZMAError
 
     def pieces_out():
         try:
@@ -4399,7 +4415,7 @@ def initramfs_names(pieces, wanted):
         kind = next((k for m, k in COMPRESSIONS if magic.startswith(m)), None)
         if kind is None:
             return found, 'in a format this check does not know'
-        if kind not in ('gzip', 'xz', 'lzma'):
+        if kind not in ('gzip', 'xz', 'lzma', 'bzip2'):
             return found, '%s-compressed, which this check cannot read' % kind
         try:
             stream = Unpacking(inflated(stream.rest(), kind), stream.deadline)
@@ -4494,9 +4510,14 @@ def check_initramfs(c, release, drivers, what, built_in):
         return
     wanted = dict((d.name, r'(^|/)%s\.ko%s' % (re.escape(d.name), MODULE_FILE)) for d in drivers)
     try:
-        found, unread = initramfs_names(c.root.pieces(path, INITRAMFS_MAX) or (), wanted)
+        pieces = c.root.pieces(path, INITRAMFS_MAX)
+        if pieces is None:      # a directory, or gone since: nothing read, nothing known
+            raise OSError(errno.EINVAL, 'not a regular file')
+        found, unread = initramfs_names(pieces, wanted)
     except (OSError, ValueError) as exc:    # a FIFO, too large, not an initramfs
-        c.say('warn', '%s: %s: %s: not checked' % (what, path, describe_error(exc)),
+        # an OSError's own text without its file name: the row names it already
+        c.say('warn', '%s: %s: %s: not checked' % (
+            what, path, getattr(exc, 'strerror', None) or describe_error(exc)),
               'lsinitramfs %s | grep hv_ (lsinitrd on dracut systems) shows what it holds' % path)
         return
     missing = [d for d in drivers if d.name not in found]
@@ -4538,8 +4559,23 @@ def check_sshd(c):
         c.say('ok', 'sshd: %s enabled' % ', '.join(enabled))
 
 
+# How an fstab names the temporary (resource) disk: azure-vm-utils' and waagent's links
+RESOURCE_DISK = r'disk/(azure/resource|cloud/azure_resource)'
+
+
+def on_the_temporary_disk(path, entries):
+    """Whether an fstab entry's device is the temporary disk, or a file where the
+    fstab mounts it (a swap file in /mnt/resource)."""
+    mounts = [f[1].rstrip('/') for f in entries
+              if re.search(RESOURCE_DISK, f[0]) and f[1].startswith('/')]
+    return bool(re.search(RESOURCE_DISK, path)) or any(
+        path.startswith(m + '/') for m in mounts if m)
+
+
 def check_swap(c):
-    swaps = [' '.join(fields[:3]) for fields in fstab_entries(c) if fields[2] == 'swap']
+    entries = fstab_entries(c)
+    swaps = [' '.join(f[:3]) for f in entries
+             if f[2] == 'swap' and not on_the_temporary_disk(f[0], entries)]
     swaps += ['%s enabled' % u for u in sorted(c.enabled_units()) if u.endswith('.swap')]
     if swaps:
         c.say('warn', 'swap on the OS disk (%s): Azure advises against it (the OS disk is '
@@ -4575,18 +4611,60 @@ VF_FIX = ('install azure-vm-utils: its 10-azure-unmanaged-sriov.rules and '
           'Driver=hv_netvsc only)')
 
 
+def glob_tokens(pattern):
+    """A shell pattern as fnmatch reads it: '*', or a pattern of one character (a
+    character, '?', '[...]'; a '[' never closed is itself)."""
+    tokens, i = [], 0
+    while i < len(pattern):
+        end = i + 1
+        if pattern[i] == '[':
+            end += pattern.startswith('!', end)
+            end += pattern.startswith(']', end)
+            end = pattern.find(']', end) + 1 or i + 1
+        tokens.append(pattern[i:end])
+        i = end
+    return tokens
+
+
+def one_character_matches(token, char):
+    """fnmatch of one character; a class with a range ending before it starts
+    ('[b-a]') matches nothing, as from Python 3.9 (before: re.error)."""
+    import fnmatch
+    try:
+        return fnmatch.fnmatchcase(char, token)
+    except re.error:
+        return False
+
+
+def glob_matches(pattern, name):
+    """fnmatch.fnmatchcase(name, pattern) in time len(pattern) x len(name): before
+    Python 3.9 fnmatch's regular expression backtracks exponentially on many stars,
+    and the pattern is an image's (a .network file's Name=)."""
+    tokens = glob_tokens(pattern)
+    at = t = 0
+    star = None     # (the token after the last '*', where in the name it took over)
+    while at < len(name):
+        if t < len(tokens) and tokens[t] == '*':
+            star, t = (t + 1, at), t + 1
+        elif t < len(tokens) and one_character_matches(tokens[t], name[at]):
+            at, t = at + 1, t + 1
+        elif star is not None:      # the last '*' takes one more character
+            t, at = star[0], star[1] + 1
+            star = (t, at)
+        else:
+            return False
+    return all(token == '*' for token in tokens[t:])
+
+
 def matches_a_vf(text):
     """Whether a .network file's [Match] could take an accelerated-networking VF."""
-    import fnmatch
-
     def words(key):
         return ' '.join(ini_values(text, ('Match',), key)).split()
     if words('MACAddress') or words('Virtualization') == ['container']:
         return False    # another MAC (reported as such) / never in a VM
     names, drivers = words('Name'), words('Driver')
-    return ((not names or any(fnmatch.fnmatchcase(vf, n) for vf in VF_NAMES for n in names))
-            and (not drivers or any(fnmatch.fnmatchcase(vf, d)
-                                    for vf in VF_DRIVERS for d in drivers)))
+    return ((not names or any(glob_matches(n, vf) for vf in VF_NAMES for n in names))
+            and (not drivers or any(glob_matches(d, vf) for vf in VF_DRIVERS for d in drivers)))
 
 
 def leaves_vfs_alone(text):
@@ -4657,7 +4735,7 @@ def check_temporary_disk(c):
     setup = [p for p in ('usr/sbin/azure-ephemeral-disk-setup',
                          'usr/bin/azure-ephemeral-disk-setup') if c.exists(p)]
     mounted = [' '.join(f[:2]) for f in fstab_entries(c)
-               if re.search(r'disk/(azure/resource|cloud/azure_resource)', f[0])]
+               if re.search(RESOURCE_DISK, f[0])]
     if setup:
         c.say('info', 'temporary disk: azure-vm-utils\' /%s formats and mounts it' % setup[0])
     elif mounted:
@@ -4870,7 +4948,8 @@ def build_parser():
         epilog='Exit status: 0 provisioned, 1 provisioning failed (reported to Azure '
                'when possible), 2 usage error.  --check: 0 the image is ready, 1 it is '
                'not (a FAIL line), 3 the unit\'s Python cannot run azure-provisioning '
-               '(the last line, on stderr, says why).')
+               '(the last line, on stderr, says why), 4 the check itself failed (an '
+               'internal error, on stderr).')
     for option in OPTIONS:
         flags = [short for short, flag in SHORT_FLAGS.items() if flag == option.flag]
         flags.append(option.flag)
@@ -4944,7 +5023,8 @@ def main(args=None):
             import traceback
             traceback.print_exc()
         log.error('internal error: %s: %s' % (exc.__class__.__name__, exc))
-        return 1
+        # not "not ready": a check that ended gave no verdict (install.sh fails)
+        return CHECK_CRASHED if options.check else 1
 
 
 if __name__ == '__main__':

@@ -305,7 +305,8 @@ last_line() {
 # judges the target's interpreter by its files. Its exit status decides, never
 # its wording: 0 ready; 1 not ready (a warning: the FAIL lines say what to fix);
 # 3 the unit's Python cannot run it (the install fails; the check's last line,
-# "azure-provisioning: error: ...", says why).
+# "azure-provisioning: error: ...", says why); 4 the check itself failed (an
+# internal error: the install fails, its last line quoted), as does any other.
 check_target() {
     if [ -n "$RUN_PY" ]; then
         _how="$PY" _run=target_python
@@ -325,8 +326,8 @@ check_target() {
         die "installed, but $(where "$PY") cannot run it (exit status $_rc): $(last_line "$_out" | cut -c1-300); azure-provisioning needs Python 3.6 or newer with the full standard library: fix that or pass --python PATH, then run $PROG again (or --uninstall)"
     if _out=$("$_run" -I -S "$@" 2>&1); then _rc=0; else _rc=$?; fi
     _last=$(last_line "$_out")
-    # with 3, the last line is the error's, said once: in ours below
-    [ "$_rc" -ne 3 ] || _out=$(printf '%s\n' "$_out" | sed '$d')
+    # unless ready or not ready, the last line is the error's, said once: in ours below
+    [ "$_rc" -le 1 ] || _out=$(printf '%s\n' "$_out" | sed '$d')
     say "checked the image with $_how (azure-provisioning --check):"
     printf '%s\n' "$_out" | sed "s/^/$PROG: check: /"
     case $_rc in

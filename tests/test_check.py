@@ -498,6 +498,14 @@ class Check(unittest.TestCase):
                                 'hv_netvsc and hv_utils in /boot/initramfs-%s.img\n'
                           % (KERNEL, KERNEL))
 
+    def test_hyperv_modules_in_a_bzip2_initramfs(self):
+        import bz2
+        root = self.copy()
+        hyperv_modules(root, initrd=bz2.compress)
+        self.assert_ready(root, 'ok    Hyper-V drivers: kernel %s: hv_vmbus, hv_storvsc, '
+                                'hv_netvsc and hv_utils in /boot/initrd.img-%s\n'
+                          % (KERNEL, KERNEL))
+
     def test_the_initramfs_through_links_inside_the_image(self):
         root = self.copy()
         initrd = self.initrd(root)
@@ -811,3 +819,85 @@ class SwapOnTheTemporaryDisk(unittest.TestCase):
         run = run_command([sys.executable, '-I', SCRIPT, '--check', '--root', root])
         self.assertNotIn('swap on the OS disk', run.stdout)
         self.assertIn('ok    no swap on the OS disk\n', run.stdout)
+
+
+class GlobMatches(unittest.TestCase):
+    """glob_matches answers as fnmatch.fnmatchcase does (classes, '!', a '[' never
+    closed, ']' first in a class), in time bounded by the pattern's length; a range
+    ending before it starts matches nothing, as from Python 3.9 (before, fnmatch
+    raises re.error)."""
+
+    @staticmethod
+    def fnmatch(name, pattern):
+        import fnmatch
+        import re
+        try:
+            return fnmatch.fnmatchcase(name, pattern)
+        except re.error:
+            return False
+
+    def test_it_answers_as_fnmatch_does(self):
+        import itertools
+        import random
+        from azure_provisioning import glob_matches
+        chance = random.Random(21)
+        checked = 0
+        for _ in range(20000):
+            pattern = ''.join(chance.choice('ab*?[]!-c') for _ in range(chance.randint(0, 8)))
+            for name in itertools.islice(('', 'a', 'ab-', ']b[', 'cab!', 'a*c?'), 6):
+                self.assertEqual(glob_matches(pattern, name), self.fnmatch(name, pattern),
+                                 (pattern, name))
+                checked += 1
+        self.assertEqual(checked, 120000)
+        for pattern, name in (('enP*s1', 'enP30832s1'), ('e[nt]*', 'eth1'), ('[!e]*', 'eth1'),
+                              ('mlx[45]_*', 'mlx5_core')):
+            self.assertEqual(glob_matches(pattern, name), self.fnmatch(name, pattern))
+        import time
+        started = time.monotonic()      # fnmatch itself takes hours here before 3.9
+        self.assertFalse(glob_matches('*?' * 4000 + 'X', 'enP30832s1'))
+        self.assertTrue(glob_matches('*?' * 4 + '*1', 'enP30832s1'))
+        self.assertLess(time.monotonic() - started, 2)
+
+
+class SwapWhereTheTemporaryDiskIsMounted(unittest.TestCase):
+    """A swap file where the fstab mounts the temporary disk is on it; one elsewhere
+    is still swap on the OS disk."""
+
+    def test_a_swap_file_in_the_resource_mount_is_not_on_the_os_disk(self):
+        base = tempfile.mkdtemp(prefix='azp-swap-')
+        self.addCleanup(shutil.rmtree, base, True)
+        root = good_image(os.path.join(base, 'img'))
+        fstab = ('UUID=0a1b2c3d / ext4 defaults 0 1\n'
+                 '/dev/disk/azure/resource-part1 /mnt/resource ext4 nofail 0 2\n'
+                 '/dev/disk/cloud/azure_resource-part2 none swap sw,nofail 0 0\n'
+                 '/mnt/resource/swapfile none swap sw 0 0\n')
+        write(os.path.join(root, 'etc/fstab'), fstab)
+        run = run_command([sys.executable, '-I', SCRIPT, '--check', '--root', root])
+        self.assertIn('ok    no swap on the OS disk\n', run.stdout)
+        self.assertNotIn('warn  swap', run.stdout)
+        write(os.path.join(root, 'etc/fstab'), fstab + '/mnt/resourcex/swap none swap sw 0 0\n')
+        run = run_command([sys.executable, '-I', SCRIPT, '--check', '--root', root])
+        self.assertIn('warn  swap on the OS disk (/mnt/resourcex/swap none swap)', run.stdout)
+
+
+class MemoryErrorInACheck(unittest.TestCase):
+    """A MemoryError in one check (what an image's file asked for) is that check's
+    row; the others still run and the report has its verdict."""
+
+    def test_a_memory_error_is_one_row(self):
+        import io
+        from unittest import mock
+        import azure_provisioning as ap
+        base = tempfile.mkdtemp(prefix='azp-memory-')
+        self.addCleanup(shutil.rmtree, base, True)
+        root = good_image(os.path.join(base, 'img'))
+        out = io.StringIO()
+
+        def check_swap(c):
+            raise MemoryError()
+        with mock.patch.object(ap, 'check_swap', check_swap):
+            code = ap.check_image(root, out)
+        self.assertEqual(code, ap.CHECK_READY, out.getvalue())
+        self.assertIn('warn  swap: out of memory: not checked\n', out.getvalue())
+        self.assertIn('ok    Hyper-V KVP daemon', out.getvalue())
+        self.assertIn('image ready: 0 blocking, 1 warnings', out.getvalue())

@@ -661,6 +661,12 @@ class TestCheckStatus(InstallTestCase):
                              status=5)
         self.assertFailed(r, 1, 'installed, but azure-provisioning --check failed (exit '
                                 'status 5): Traceback: boom')
+        r, _ = self.stand_in('ok    unit installed\n', 'azure-provisioning: error: internal '
+                             'error: MemoryError: \n', status=4)     # CHECK_CRASHED
+        self.assertFailed(r, 1, 'installed, but azure-provisioning --check failed (exit '
+                                'status 4): azure-provisioning: error: internal error: '
+                                'MemoryError:')
+        self.assertNotIn('not ready', r.stderr)
         r, root = self.stand_in('image ready: 0 blocking, 0 warnings\n', version_status=1)
         self.assertFailed(r, 1, 'installed, but /usr/bin/python3 (in %s) cannot run it (exit '
                                 'status 1): azure-provisioning: stand-in cannot start' % root)
