@@ -817,7 +817,7 @@ class SwapOnTheTemporaryDisk(unittest.TestCase):
               'UUID=0a1b2c3d / ext4 defaults 0 1\n'
               '/dev/disk/cloud/azure_resource-part2 none swap sw,nofail 0 0\n')
         run = run_command([sys.executable, '-I', SCRIPT, '--check', '--root', root])
-        self.assertNotIn('swap on the OS disk', run.stdout)
+        self.assertNotIn('warn  swap on the OS disk', run.stdout)
         self.assertIn('ok    no swap on the OS disk\n', run.stdout)
 
 
