@@ -147,24 +147,25 @@ class ArgumentTest(KitCase):
         code, _, err = self.kit((), image=packed)
         self.one_line_error(code, err, 'gzip-compressed', 'gunzip -k')
 
+    def mib_with(self, name, offset, data):
+        """A 1 MiB file of zeros but for `data` at `offset`."""
+        path = os.path.join(self.tmp, name)
+        with open(path, 'wb') as f:
+            f.truncate(1024 * 1024)
+            f.seek(offset)
+            f.write(data)
+        return path
+
     def test_a_filesystem_image_is_not_a_bootable_disk(self):
         self.need_tools()
-        fs = os.path.join(self.tmp, 'root.ext4')
-        with open(fs, 'wb') as f:
-            f.truncate(1024 * 1024)
-            f.seek(1080)
-            f.write(b'\x53\xef')
+        fs = self.mib_with('root.ext4', 1080, b'\x53\xef')     # ext4's magic
         code, _, err = self.kit((), image=fs)
         self.one_line_error(code, err, 'not bootable', 'ext2/3/4 file system',
                             'partition table')
 
     def test_an_mbr_without_boot_code(self):
         self.need_tools()
-        blank = os.path.join(self.tmp, 'blank.raw')
-        with open(blank, 'wb') as f:
-            f.truncate(1024 * 1024)
-            f.seek(510)
-            f.write(b'\x55\xaa')
+        blank = self.mib_with('blank.raw', 510, b'\x55\xaa')    # an MBR's signature
         code, _, err = self.kit((), image=blank)
         self.one_line_error(code, err, 'no boot code', 'grub-install --target=i386-pc')
         code, _, err = self.kit((), '--uefi', image=blank)
