@@ -919,9 +919,8 @@ class System(object):
             raise ProvisioningError('cannot set hostname %s: %s' % (name, describe_error(exc)))
 
     def kernel_filesystems(self):
-        """The file systems the running kernel mounts (/proc/filesystems: this machine's,
-        whatever the root)."""
-        return read_text('/proc/filesystems') or ''
+        """The file systems the running kernel mounts: this machine's, whatever the root."""
+        return kernel_filesystems()
 
     def restore_labels(self, paths, what):
         """The SELinux policy's labels for files we made, where SELinux is on."""
