@@ -3405,19 +3405,17 @@ def fail(step, exc, facts, system, out):
     system.log.error(reason)
     description = report_description('error', facts.vm_id, step, reason)
     facts = perform_all(kvp_report_plan(system, description), facts, system, out)
-    if step == 'ready':
-        record(facts, system, 'failed', step, reason)
-        return 1
-    try:
-        report = health_post(facts, system, 'NotReady', 'ProvisioningFailed', description)
-        facts = learned(facts, carry_out(report, facts.options.dry_run, out), system.log)
-    except Exception as exc:
-        system.log.error('could not report the failure to Azure: %s'
-                         % failure_reason(exc, 'report'))
-        record(facts, system, 'failed', step, reason)
-        return 1
+    reported = False
+    if step != 'ready':
+        try:
+            report = health_post(facts, system, 'NotReady', 'ProvisioningFailed', description)
+            facts = learned(facts, carry_out(report, facts.options.dry_run, out), system.log)
+            reported = True
+        except Exception as exc:
+            system.log.error('could not report the failure to Azure: %s'
+                             % failure_reason(exc, 'report'))
     record(facts, system, 'failed', step, reason)
-    if facts.incarnation is not None:
+    if reported and facts.incarnation is not None:
         system.log.info('reported ProvisioningFailed for incarnation %s; the unit stays enabled'
                         % facts.incarnation)
     return 1
