@@ -43,13 +43,13 @@ How provisioning is built, and where each part lives:
                   hooks' variables from it, in the hooks section)
   System          (after the tools) the files under the root (Root), the root's
                   own accounts, the hostname, the tools, the kernel, SELinux
-  STEPS           (provisioning) the steps in order, each a planner
-                  plan_X(facts, system) -> (facts, [Action]) that only reads:
+  STEPS           (provisioning) the steps in order, each one or more planners
+                  plan_X(facts, system) -> (facts, [Action]) that only read:
                   plan_imds, plan_media and plan_ready (provisioning),
-                  plan_hostname with publish_plan (hostname), plan_user (admin
+                  plan_hostname then plan_publish (hostname), plan_user (admin
                   user), plan_identity (per-VM identity), plan_data and
                   plan_hooks (hooks)
-  execute()       (provisioning) plans each step and performs its actions in
+  execute()       (provisioning) asks each planner and performs its actions in
                   order, timing the step; carry_out() is the one place --dry-run
                   is decided (it prints "would <says>" instead), and fail() the
                   one failure path: the reason logged, KVP, NotReady/
@@ -125,20 +125,21 @@ Action.__new__.__defaults__ = (True,)      # Python 3.6 has no namedtuple(defaul
 
 # What a run has learned, replaced step by step (facts._replace), never changed in
 # place: what was asked (options), read (metadata, media and why it could not be
-# read, vm_id), set (hostname, admin_user), made (user_created, user_creating: a
+# read, vm_id), set (hostname, renamed_to: the name this run gives the host,
+# admin_user), made (user_created, user_creating: a
 # useradd begun, user_claim_dropped: one that made nothing, host_keys and the VM
 # they were made for, the custom_data and user_data files), the incarnation Azure
 # accepted a report for, the warnings, and (step, seconds) of each step.  The
 # hooks' environment (hook_environment) and the reports are derived from it.
-Facts = namedtuple('Facts', 'options metadata media media_problem vm_id hostname admin_user '
-                            'user_created user_creating user_claim_dropped host_keys '
+Facts = namedtuple('Facts', 'options metadata media media_problem vm_id hostname renamed_to '
+                            'admin_user user_created user_creating user_claim_dropped host_keys '
                             'host_keys_for custom_data user_data incarnation warnings steps')
 
 
 def first_facts(options):
     """What a run knows before its first step: what it was asked."""
     return Facts(options=options, metadata=None, media=None, media_problem=None, vm_id='',
-                 hostname=None, admin_user='', user_created=None, user_creating=None,
+                 hostname=None, renamed_to=None, admin_user='', user_created=None, user_creating=None,
                  user_claim_dropped=False, host_keys=None, host_keys_for=None,
                  custom_data=None, user_data=None, incarnation=None, warnings=(), steps=())
 
@@ -1904,7 +1905,7 @@ def system_systemd():
 
 
 def plan_hostname(facts, system):
-    """Set the name IMDS gives (when it differs), then announce it to DHCP."""
+    """Set the name IMDS gives (when it differs); plan_publish then announces it."""
     current = system.hostname()
     facts = facts._replace(hostname=current)
     if not facts.options.set_hostname:
@@ -1913,16 +1914,9 @@ def plan_hostname(facts, system):
     t = time.monotonic()
     name = validate_hostname(desired_hostname(facts.metadata))
     if name != current:
-        rename = [Action('set hostname: %s (now %s)' % (name, current),
-                         lambda: rename_host(system, current, name, t))]
-        if not facts.options.publish_hostname:
-            return facts, rename
-        if not in_system_uts_namespace():
-            # a name set in a private namespace is not the one DHCP should send
-            system.log.info('hostname: not published to DHCP (not the system\'s UTS namespace)')
-            return facts, rename
-        facts, publish = publish_plan(facts, system, name)
-        return facts, rename + publish
+        return facts._replace(renamed_to=name), [
+            Action('set hostname: %s (now %s)' % (name, current),
+                   lambda: rename_host(system, current, name, t))]
     # live already (set by hand, or the image's own): the next boots need the file
     if (system.files.read_text('/etc/hostname') or '').strip() == name:
         system.log.info('hostname: already %s, nothing to change (%s)' % (name, elapsed_ms(t)))
@@ -2215,6 +2209,17 @@ def interface_address(interface, deadline, log):
             raise TryAgain('%s has no IPv4 address yet' % interface)
         return address
     return with_retries('publish hostname', attempt, deadline, log)
+
+
+def plan_publish(facts, system):
+    """Once the host has its new name (plan_hostname's action): DHCP is to send it."""
+    if facts.renamed_to is None or not facts.options.publish_hostname:
+        return facts, []
+    if not in_system_uts_namespace():
+        # a name set in a private namespace is not the one DHCP should send
+        system.log.info('hostname: not published to DHCP (not the system\'s UTS namespace)')
+        return facts, []
+    return publish_plan(facts, system, facts.renamed_to)
 
 
 def publish_plan(facts, system, name):
@@ -3279,15 +3284,16 @@ def health_post(facts, system, state, substatus=None, description=None):
                   % (host_header(wireserver), report.rstrip('\n')), post)
 
 
-# In order: each step's name, its planner `plan_X(facts, system) -> (facts,
-# [Action])`, and what (if anything) it establishes once its actions are done:
-# `done(facts) -> (facts, the line said then or None)`.  The first step that fails
-# is named in the report (step=...), and no later one runs.
-STEPS = (('imds', plan_imds, None), ('media', plan_media, None),
-         ('hostname', plan_hostname, None),
-         ('user', plan_user, user_ready),
-         ('identity', plan_identity, None), ('data', plan_data, None),
-         ('hooks', plan_hooks, None), ('ready', plan_ready, None))
+# In order: each step's name, its planners `plan_X(facts, system) -> (facts,
+# [Action])` (each asked once the actions of the one before it are done: what
+# is published is the name just set), and what (if anything) it establishes once
+# its actions are done: `done(facts) -> (facts, the line said then or None)`.
+# The first step that fails is named in the report (step=...); no later one runs.
+STEPS = (('imds', (plan_imds,), None), ('media', (plan_media,), None),
+         ('hostname', (plan_hostname, plan_publish), None),
+         ('user', (plan_user,), user_ready),
+         ('identity', (plan_identity,), None), ('data', (plan_data,), None),
+         ('hooks', (plan_hooks,), None), ('ready', (plan_ready,), None))
 
 
 def provision(options, log, out=None):
@@ -3299,20 +3305,20 @@ def provision(options, log, out=None):
 
 
 def execute(steps, facts, system, out):
-    """The executor: plan each step, then do its actions in order (carry_out: or print
-    them), timing each step.  A non-fatal action's failure is a warning; the first
+    """The executor: ask each step's planners, each followed by its actions in order
+    (carry_out: or print them), timing each step.  A non-fatal action's failure is a warning; the first
     fatal error of any type, from a planner or an action, goes to fail(), the one
     failure path.  Returns the exit code."""
     started = time.monotonic()
-    for step, plan, done in steps:
+    for step, planners, done in steps:
         t = time.monotonic()
-        before = len(facts.warnings)
         try:
-            facts, actions = plan(facts, system)
-            for warning in facts.warnings[before:]:
-                system.log.warning(warning)
-            for action in actions:
-                facts = perform(action, facts, system, out)
+            for plan in planners:
+                before = len(facts.warnings)
+                facts, actions = plan(facts, system)
+                for warning in facts.warnings[before:]:
+                    system.log.warning(warning)
+                facts = perform_all(actions, facts, system, out)
         except Exception as exc:    # whatever the type: Azure must hear why, not time out
             facts = learned(facts, getattr(exc, 'facts', None), system.log)
             return fail(step, exc, took(facts, step, t), system, out)

@@ -64,8 +64,9 @@ MUTATIONS = [
       '        if found is not None and stat.S_ISLNK(found.st_mode):', '        if False:',
       ['tests.test_user']),
     M('catch-all-narrowed', 'the catch-all that turns a crash into a failure report narrowed',
-      '                facts = perform(action, facts, system, out)\n        except Exception as exc:',
-      '                facts = perform(action, facts, system, out)\n'
+      '                facts = perform_all(actions, facts, system, out)\n'
+      '        except Exception as exc:',
+      '                facts = perform_all(actions, facts, system, out)\n'
       '        except (ProvisioningError, OSError) as exc:',
       ['tests.test_ready_post']),
     M('modes-not-checked', 'a mode takes every option, whatever its row of OPTIONS says',

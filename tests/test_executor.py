@@ -31,13 +31,16 @@ class Executor(unittest.TestCase):
         return do
 
     def execute(self, steps, dry_run=False, **emulator):
-        """(exit code, stdout, log lines, the record or None) of steps then Ready."""
+        """(exit code, stdout, log lines, the record or None) of steps then Ready; a
+        step's planner may be one function or a tuple of them."""
+        steps = tuple((name, plan if isinstance(plan, tuple) else (plan,), done)
+                      for name, plan, done in steps)
         with FakeAzure(**emulator) as az:
             options = ap.Options(root=self.root, dry_run=dry_run, timeout=20,
                                  wireserver=ap.parse_address(az.wireserver_addr))
             log, out = QuietLog(), io.StringIO()
             system = ap.System(self.root, ap.Deadline(20, reserve=5), log)
-            code = ap.execute(tuple(steps) + (('ready', ap.plan_ready, None),),
+            code = ap.execute(steps + (('ready', (ap.plan_ready,), None),),
                               ap.first_facts(options)._replace(vm_id='vm-1'), system, out)
             self.posts = health_posts(az)
             self.reports = az.health_reports
@@ -119,6 +122,23 @@ class Executor(unittest.TestCase):
                                           r'WireServer answered HTTP 400')
         self.assertRegex(kvp_values(self.pool)[0], r'^result=error\|reason=could not report '
                                                    r'Ready: ')
+        # timed like any step that failed
+        self.assertEqual([step['step'] for step in state['steps']], ['ready'])
+
+    def test_a_steps_second_planner_plans_after_the_first_ones_actions(self):
+        def renames(facts, system):
+            return facts, [ap.Action('rename', self.act('rename', {'hostname': 'web-7'}))]
+
+        def publishes(facts, system):
+            self.done.append('planned with %s' % facts.hostname)
+            return ap.with_warning(facts, 'not published'), [
+                ap.Action('publish', self.act('publish'))]
+        code, _, lines, state = self.execute([('f', (renames, publishes), None)])
+        self.assertEqual(code, 0, lines)
+        self.assertEqual(self.done, ['rename', 'planned with web-7', 'publish'])
+        self.assertEqual([step['step'] for step in state['steps']], ['f', 'ready'])
+        self.assertEqual([line for line in lines if line.startswith('warning:')],
+                         ['warning: not published'])
 
     def test_a_dry_run_prints_every_action_and_performs_none(self):
         def plan(facts, system):

@@ -238,6 +238,9 @@ class HostnameChange(Case):
         # never touch the host's DHCP client from a test namespace
         self.assertIn("hostname: not published to DHCP (not the system's UTS namespace)",
                       run.stderr)
+        # what was done first, then why it goes no further
+        self.assertLess(run.stderr.index('hostname set to web-7'),
+                        run.stderr.index('hostname: not published to DHCP'))
         leftovers = [n for n in os.listdir(host.etc) if n.endswith('.tmp')]
         self.assertEqual(leftovers, [])
 
