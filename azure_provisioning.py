@@ -63,7 +63,6 @@ for custom data and keys, traceback for -v), so that a run pays at start-up only
 for what it does.  tests/test_startup.py holds the path to Ready to this rule.
 """
 
-import binascii
 import errno
 import itertools
 import os
@@ -139,8 +138,8 @@ Facts = namedtuple('Facts', 'options metadata media media_problem vm_id hostname
 def first_facts(options):
     """What a run knows before its first step: what it was asked."""
     return Facts(options=options, metadata=None, media=None, media_problem=None, vm_id='',
-                 hostname=None, renamed_to=None, admin_user='', user_created=None, user_creating=None,
-                 user_claim_dropped=False, host_keys=None, host_keys_for=None,
+                 hostname=None, renamed_to=None, admin_user='', user_created=None,
+                 user_creating=None, user_claim_dropped=False, host_keys=None, host_keys_for=None,
                  custom_data=None, user_data=None, incarnation=None, warnings=(), steps=())
 
 
@@ -252,8 +251,10 @@ def one_line(text, limit):
 # Terminal escape sequences (colours, cursor moves) and every character XML 1.0
 # forbids (C0 controls but tab/LF/CR, U+FFFE/U+FFFF, lone surrogates): a report that
 # carried one would be refused with 400 and the VM would time out instead of failing.
+# The forbidden ones listed, not the allowed ranges negated: the same set, and its
+# pattern compiles in 0.1 ms instead of 4 at every start.
 TERMINAL_ESCAPE = re.compile(r'\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\\\)?|.?)')
-NOT_XML_TEXT = re.compile('[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]')
+NOT_XML_TEXT = re.compile('[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]')
 
 
 # what must not reach a terminal: controls (C0 but tab, C1) and bidi overrides, which
@@ -279,7 +280,7 @@ def decode_base64(text, field):
     import base64
     try:
         return base64.b64decode(''.join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
+    except ValueError:      # binascii.Error is one
         raise ValueError('%s is not valid base64' % field)
 
 
@@ -674,7 +675,7 @@ def write_at(directory, name, data, mode, owner, check, deadline):
         # predictable name would stop the write), made with O_EXCL; opened inside the
         # try: a SIGTERM handled right after open() returns must still remove it
         for _ in range(TEMPORARY_TRIES):
-            tmp = '.%s.%s.tmp' % (name, binascii.hexlify(os.urandom(8)).decode())
+            tmp = '.%s.%s.tmp' % (name, os.urandom(8).hex())
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                              | os.O_CLOEXEC, 0o600, dir_fd=directory)
@@ -2362,7 +2363,7 @@ def validate_public_key(text):
         blob = base64.b64decode(parts[1].encode('ascii'), validate=True)
         (size,) = struct.unpack('>I', blob[:4])
         named = blob[4:4 + size].decode('ascii')
-    except (binascii.Error, ValueError, struct.error, UnicodeError):
+    except (ValueError, struct.error, UnicodeError):     # binascii.Error is a ValueError
         named = None
     if named != parts[0]:
         raise ProvisioningError('invalid SSH public key %r: the base64 body is not a %s key'
@@ -3306,9 +3307,9 @@ def provision(options, log, out=None):
 
 def execute(steps, facts, system, out):
     """The executor: ask each step's planners, each followed by its actions in order
-    (carry_out: or print them), timing each step.  A non-fatal action's failure is a warning; the first
-    fatal error of any type, from a planner or an action, goes to fail(), the one
-    failure path.  Returns the exit code."""
+    (carry_out: or print them), timing each step.  A non-fatal action's failure is a
+    warning; the first fatal error of any type, from a planner or an action, goes to
+    fail(), the one failure path.  Returns the exit code."""
     started = time.monotonic()
     for step, planners, done in steps:
         t = time.monotonic()

@@ -165,6 +165,16 @@ class HealthReport(unittest.TestCase):
         ap.kvp_record('PROVISIONING_REPORT', text)     # encodes: no lone surrogate left
 
 
+    def test_the_pattern_is_xml_1_0s_char_production_negated(self):
+        # Char ::= #x9 | #xA | #xD | [#x20-#xD7FF] | [#xE000-#xFFFD] | [#x10000-#x10FFFF]
+        def allowed(point):
+            return (point in (0x9, 0xA, 0xD) or 0x20 <= point <= 0xD7FF
+                    or 0xE000 <= point <= 0xFFFD or 0x10000 <= point <= 0x10FFFF)
+        every = ''.join(map(chr, range(0x110000)))
+        found = [m.start() for m in ap.NOT_XML_TEXT.finditer(every)]
+        self.assertEqual(found, [point for point in range(0x110000) if not allowed(point)])
+
+
 class FailureDescription(unittest.TestCase):
     def test_azure_format(self):
         text = ap.report_description('error', 'vm-1', 'hostname', 'invalid hostname')
