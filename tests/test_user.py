@@ -159,6 +159,51 @@ class SshdDirectory(unittest.TestCase):
                 self.assertEqual(os.listdir(os.path.join(root, 'etc', 'ssh', 'real.d')), [])
 
 
+class SshdOfThisMachineOnly(unittest.TestCase):
+    """sshd is reloaded where the run's root is this machine: a run on a temporary
+    root (a mounted image, a test's tree) never asks this machine's systemd for it,
+    even where that systemd runs (said so here; systemctl is a stand-in that logs)."""
+
+    def setUp(self):
+        self.tools = tempfile.mkdtemp(prefix='azp-sshd-tools-')
+        self.addCleanup(shutil.rmtree, self.tools)
+        self.log_file = os.path.join(self.tools, 'systemctl.log')
+        with open(os.path.join(self.tools, 'systemctl'), 'w') as f:
+            f.write('#!/bin/sh\necho "$*" >> "%s"\nprintf "Id=ssh.service\\nActiveState=active\\n"\n'
+                    % self.log_file)
+        os.chmod(os.path.join(self.tools, 'systemctl'), 0o755)
+        for patch in (mock.patch.object(ap, 'system_systemd', lambda: True),
+                      mock.patch.dict(os.environ, {'PATH': self.tools + os.pathsep
+                                                   + os.environ['PATH']})):
+            patch.start()
+            self.addCleanup(patch.stop)
+
+    def asked(self):
+        try:
+            with open(self.log_file) as f:
+                return f.read().splitlines()
+        except IOError:
+            return []
+
+    def test_a_temporary_roots_drop_in_reloads_nothing_here(self):
+        root = tempfile.mkdtemp(prefix='azp-sshd-')
+        self.addCleanup(shutil.rmtree, root)
+        os.makedirs(os.path.join(root, 'etc', 'ssh', 'sshd_config.d'))
+        with open(os.path.join(root, 'etc', 'ssh', 'sshd_config'), 'w') as f:
+            f.write(SSHD_CONFIG)
+        system, facts = in_root(root)
+        facts, _ = one_step(sshd_plan('no'), system, facts)
+        with open(os.path.join(root, ap.SSHD_DROP_IN.lstrip('/'))) as f:
+            self.assertEqual(f.read().splitlines()[-1], 'PasswordAuthentication no')
+        self.assertEqual((self.asked(), facts.warnings), ([], ()))
+
+    def test_this_machines_root_is_asked(self):
+        # the control: the stand-in is found, and asked, when the root is '/'
+        ap.restart_sshd(ap.System('/', ap.Deadline(10), QuietLog()))
+        self.assertEqual(self.asked(), ['show -p Id -p ActiveState ssh.service sshd.service',
+                                        'reload-or-restart ssh.service'])
+
+
 class NewDropInsLabelled(unittest.TestCase):
     """Issue 23: a file we make in /etc gets the type our domain gives new files there
     (Debian's policy: etc_runtime_t for initrc_t), not the policy's etc_t: each new
