@@ -2774,9 +2774,11 @@ def sshd_plan(facts, system, logins):
 def restart_sshd(system, required=True):
     """sshd must serve what we changed (keys, PasswordAuthentication): a running one
     re-reads it on reload; one that failed to start for lack of keys (Debian's does)
-    is started.  Only the system's sshd, never from a test namespace.  Not required
-    (a setting): a failure is a warning; the setting applies from its next start."""
-    if not system_systemd():
+    is started.  Only the system's sshd, for a root that is this machine's, never
+    from a test namespace: the sshd of an image mounted elsewhere is not this
+    machine's.  Not required (a setting): a failure is a warning; the setting
+    applies from its next start."""
+    if not system.is_machine() or not system_systemd():
         return
     try:
         shown = system.run(['systemctl', 'show', '-p', 'Id', '-p', 'ActiveState',

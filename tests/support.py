@@ -1,9 +1,11 @@
-"""Shared helpers for the tests: run the provisioner as a process, and run it
-inside a private UTS + mount namespace with a private copy of /etc."""
+"""Shared helpers for the tests: run the provisioner as a process, on a temporary
+root (TemporaryRoot, no root needed), or as root inside a private UTS + mount
+namespace with a private copy of /etc (PrivateHost)."""
 
 import hashlib
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -203,6 +205,118 @@ class PrivateHost(object):
             run.hostname_after = lines[-1][len(self.MARK):]
             run.stdout = '\n'.join(lines[:-1]) + ('\n' if len(lines) > 1 else '')
         return run
+
+    def cleanup(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# The script's main() (its options, exit codes, log lines and output), its provisioning
+# run given the temporary root $2 (Options.root: what the run reads, writes and runs
+# the account tools on).  $1 is this clone (the interpreter runs -I -S, as the unit).
+IN_ROOT = ('import sys; sys.path.insert(0, sys.argv.pop(1)); import azure_provisioning as ap\n'
+           'root, provision = sys.argv.pop(1), ap.provision\n'
+           'def provision_in_root(options, log, out=None):\n'
+           '    options.root = root\n'
+           '    return provision(options, log, out)\n'
+           'ap.provision = provision_in_root\n'
+           'sys.exit(ap.main())\n')
+# argv, then the hostname it ended with on a line of its own (MARK); as root in a UTS
+# namespace of its own, named $1 first: a run on a temporary root never renames this
+# machine (an ordinary user's cannot: sethostname(2) needs root)
+HOSTNAME_AFTER = '"$@"; code=$?; echo "%s$(hostname)"; exit $code'
+
+
+def run_in_root(root, options, hostname=None, env=None, timeout=PROCESS_TIMEOUT):
+    """The script's provisioning run on the tree `root` with these options, as a
+    process (run_command: a private /var/lib); run.hostname_after is the hostname it
+    ended with.  As root it runs in a UTS namespace of its own named `hostname`
+    (this machine's when None); otherwise as this user, on this machine's name."""
+    command = [sys.executable, '-I', '-S', '-c', IN_ROOT, REPO, root] + list(options)
+    script = HOSTNAME_AFTER % PrivateHost.MARK
+    if is_root():
+        command = [UNSHARE, '--uts', SH, '-c', 'hostname "$0" && ' + script,
+                   hostname or socket.gethostname()] + command
+    else:
+        command = [SH, '-c', script, SH] + command
+    run = run_command(command, env=env, timeout=timeout)
+    lines = run.stdout.splitlines()
+    run.hostname_after = None
+    if lines and lines[-1].startswith(PrivateHost.MARK):
+        run.hostname_after = lines[-1][len(PrivateHost.MARK):]
+        run.stdout = '\n'.join(lines[:-1]) + ('\n' if len(lines) > 1 else '')
+    return run
+
+
+class TemporaryRoot(object):
+    """A temporary tree that is the root of whole provisioning runs (run_in_root): no
+    root needed.  Its /etc holds root, daemon and nobody (passwd, shadow, group,
+    gshadow, login.defs), the hostname and /etc/hosts; /home, /root, /run and /var/lib
+    are empty.  The run starts with the hostname `hostname` as root (a UTS namespace
+    of its own); an ordinary user's starts with this machine's, which it cannot
+    change: `self.hostname` is the one it starts with, and the tree's /etc/hostname
+    says it too.  Paths as in PrivateHost: dir, etc, home, root_home, var_lib."""
+
+    ACCOUNTS = (('root', 0, '/root', '/bin/sh'), ('daemon', 1, '/usr/sbin', '/usr/sbin/nologin'),
+                ('nobody', 65534, '/nonexistent', '/usr/sbin/nologin'))
+
+    def __init__(self, hostname='web-7'):
+        import azure_provisioning as ap
+        self.hostname = hostname if is_root() else socket.gethostname()
+        try:
+            ap.validate_hostname(self.hostname)
+        except ap.ProvisioningError as exc:
+            raise unittest.SkipTest('an ordinary user\'s run keeps this machine\'s hostname, '
+                                    'and it is not valid: %s' % exc)
+        self.dir = tempfile.mkdtemp(prefix='azp-root-')
+        os.chmod(self.dir, 0o755)
+        self.etc = os.path.join(self.dir, 'etc')
+        self.home = os.path.join(self.dir, 'home')
+        self.root_home = os.path.join(self.dir, 'root')
+        self.var_lib = os.path.join(self.dir, 'var', 'lib')
+        for directory in (self.etc, self.home, self.var_lib, os.path.join(self.dir, 'run')):
+            os.makedirs(directory)
+        os.mkdir(self.root_home, 0o700)
+        for name, uid, home, shell in self.ACCOUNTS:
+            self.add_account(name, uid, '*', home, shell)
+        self.write('login.defs', 'UID_MIN 1000\nUID_MAX 60000\n')
+        self.write('hostname', self.hostname + '\n')
+        self.write('hosts', '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n' % self.hostname)
+
+    def write(self, name, text):
+        path = os.path.join(self.etc, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'w') as f:
+            f.write(text)
+
+    def read(self, name):
+        with open(os.path.join(self.etc, name)) as f:
+            return f.read()
+
+    def append(self, name, line):
+        path = os.path.join(self.etc, name)
+        text = self.read(name) if os.path.exists(path) else ''
+        self.write(name, text + ('' if text.endswith('\n') or not text else '\n') + line + '\n')
+
+    def add_account(self, name, uid, password, home=None, shell='/bin/sh'):
+        """`name` in the four account files (uid and gid `uid`), as an image holds it;
+        a home under /home is made (owned by `uid` where this user may give it)."""
+        home = home or '/home/' + name
+        for file, line in [('passwd', '%s:x:%d:%d::%s:%s' % (name, uid, uid, home, shell)),
+                           ('group', '%s:x:%d:' % (name, uid)),
+                           ('shadow', '%s:%s:19000:0:99999:7:::' % (name, password)),
+                           ('gshadow', '%s:!::' % name)]:
+            self.append(file, line)
+        if home.startswith('/home/'):
+            path = os.path.join(self.dir, home.lstrip('/'))
+            os.mkdir(path, 0o755)
+            if is_root():
+                os.chown(path, uid, uid)
+            return path
+        return None
+
+    def run(self, *options, **how):
+        """run_in_root of this tree (env=, timeout= as run_command takes them)."""
+        return run_in_root(self.dir, options, self.hostname, **how)
 
     def cleanup(self):
         shutil.rmtree(self.dir, ignore_errors=True)

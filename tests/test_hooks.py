@@ -1,10 +1,10 @@
-"""ready.d hooks: run-parts rules, environment, failures and time limits, run in
-a private /etc (root only) against the emulator."""
+"""ready.d hooks: run-parts rules, environment, failures and time limits: the step
+on a temporary root, and whole runs of the script on one against the emulator (no
+root needed)."""
 
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import unittest
@@ -12,7 +12,7 @@ from unittest import mock
 
 import azure_provisioning as ap
 from tests.fake_azure import FakeAzure
-from tests.support import SCRIPT, PrivateHost, in_root, one_step, require_root
+from tests.support import TemporaryRoot, in_root, one_step
 
 RECORDER = '''#!/bin/sh
 # appends its name, the time and its environment facts to OUT
@@ -90,9 +90,10 @@ class HooksOnATemporaryRoot(unittest.TestCase):
 
 
 class Hooks(unittest.TestCase):
+    """Whole runs of the script on a temporary root whose /etc holds the hooks."""
+
     def setUp(self):
-        require_root(self)
-        self.host = PrivateHost('web-7')
+        self.host = TemporaryRoot('web-7')
         self.addCleanup(self.host.cleanup)
         self.hooks = os.path.join(self.host.etc, 'azure-provisioning', 'ready.d')
         os.makedirs(self.hooks)
@@ -107,9 +108,12 @@ class Hooks(unittest.TestCase):
     def recorder(self, name, mode=0o755):
         self.hook(name, RECORDER % {'out': self.out}, mode)
 
+    def emulator(self, **fields):
+        """The emulator, naming the VM as the run's host is named: no rename."""
+        return FakeAzure(computer_name=self.host.hostname, **fields)
+
     def provision(self, az, *extra):
-        run = self.host.run([sys.executable, '-I', SCRIPT, '--wireserver', az.wireserver_addr,
-                             '--imds', az.imds_addr] + list(extra))
+        run = self.host.run('--wireserver', az.wireserver_addr, '--imds', az.imds_addr, *extra)
         self.assertNotIn('Traceback', run.stderr)
         return run
 
@@ -126,8 +130,8 @@ class Hooks(unittest.TestCase):
         for leftover in ('40-x.dpkg-old', '41-x~', '42-x.rpmnew', '.hidden', '43-x.sh'):
             self.recorder(leftover)
         os.mkdir(os.path.join(self.hooks, '50-dir'))
-        with FakeAzure(computer_name='web-7', admin_username='alice',
-                       vm_id='0a0b0c0d-0000-1111-2222-333344445555') as az:
+        with self.emulator(admin_username='alice',
+                           vm_id='0a0b0c0d-0000-1111-2222-333344445555') as az:
             run = self.provision(az)
             self.assertEqual(run.code, 0, run)
             ready, = az.health_reports
@@ -137,8 +141,8 @@ class Hooks(unittest.TestCase):
         self.assertLess(last_hook, ready['time'])
         with open(self.out) as f:
             text = f.read()
-        self.assertIn('vm_id=0a0b0c0d-0000-1111-2222-333344445555 hostname=web-7 admin=alice left=',
-                      text)
+        self.assertIn('vm_id=0a0b0c0d-0000-1111-2222-333344445555 hostname=%s admin=alice left='
+                      % self.host.hostname, text)
         self.assertIn('imds_mode=600', text)
         with open(self.out + '.imds.json') as f:
             self.assertEqual(json.load(f)['compute']['vmId'], '0a0b0c0d-0000-1111-2222-333344445555')
@@ -152,7 +156,7 @@ class Hooks(unittest.TestCase):
                                    'echo "mount: /data: special device /dev/sdc does not exist" >&2\n'
                                    'exit 32\n')
         self.recorder('30-never')
-        with FakeAzure(computer_name='web-7') as az:
+        with self.emulator() as az:
             run = self.provision(az, '--timeout', '30')
             self.assertEqual(run.code, 1, run)
             report, = az.health_reports
@@ -167,7 +171,7 @@ class Hooks(unittest.TestCase):
         pid_file = os.path.join(self.host.dir, 'child.pid')
         self.hook('10-hang', '#!/bin/sh\necho "waiting for the data disk" >&2\n'
                              'sleep 600 &\necho $! > %s\nwait\n' % pid_file)
-        with FakeAzure(computer_name='web-7') as az:
+        with self.emulator() as az:
             started = time.monotonic()
             run = self.provision(az, '--timeout', '8')
             took = time.monotonic() - started
@@ -191,7 +195,7 @@ class Hooks(unittest.TestCase):
         self.hook('10-start-daemon', '#!/bin/sh\necho starting\n'
                                      '(sleep 60; echo late) &\necho $! > %s\nexit 0\n' % pid_file)
         self.hook('20-second-daemon', '#!/bin/sh\nsleep 60 &\necho "second" >&2\n')
-        with FakeAzure(computer_name='web-7') as az:
+        with self.emulator() as az:
             started = time.monotonic()
             run = self.provision(az, '--timeout', '60')
             took = time.monotonic() - started
@@ -209,7 +213,7 @@ class Hooks(unittest.TestCase):
         # terminal colours (ESC), a bell, a NUL, a form feed, U+FFFE and invalid UTF-8
         self.hook('10-colour', '#!/bin/sh\nprintf \'\\033[31mERROR\\033[0m: disk \\007\\000\\014 '
                                'missing \\357\\277\\276 \\377 end\\n\' >&2\nexit 3\n')
-        with FakeAzure(computer_name='web-7') as az:
+        with self.emulator() as az:
             run = self.provision(az, '--timeout', '30')
             self.assertEqual(run.code, 1, run)
             report, = az.health_reports
@@ -222,7 +226,7 @@ class Hooks(unittest.TestCase):
     def test_a_nul_in_an_imds_fact_is_reported_not_a_crash(self):
         # subprocess refuses an environment with a NUL: ValueError, once an "internal error"
         self.recorder('10-first')
-        with FakeAzure(computer_name='web-7', admin_username='alice\x00evil') as az:
+        with self.emulator(admin_username='alice\x00evil') as az:
             run = self.provision(az, '--timeout', '30')
             self.assertEqual(run.code, 1, run)
             report, = az.health_reports
@@ -235,11 +239,11 @@ class Hooks(unittest.TestCase):
     def test_dry_run_lists_hooks_and_runs_none(self):
         self.recorder('10-first')
         self.recorder('20-second')
-        with FakeAzure(computer_name='web-7') as az:
+        with self.emulator() as az:
             run = self.provision(az, '--dry-run')
             self.assertEqual(run.code, 0, run)
-        self.assertIn('would run hooks: /etc/azure-provisioning/ready.d/10-first '
-                      '/etc/azure-provisioning/ready.d/20-second', run.stdout)
+        hooks = os.path.realpath(self.hooks)
+        self.assertIn('would run hooks: %s/10-first %s/20-second' % (hooks, hooks), run.stdout)
         self.assertEqual(self.recorded(), [])
 
 

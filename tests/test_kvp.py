@@ -13,7 +13,7 @@ import unittest
 
 import azure_provisioning as ap
 from tests.fake_azure import FakeAzure
-from tests.support import REPO, SCRIPT, in_root, require_root, root_with_kvp_pool, run_command
+from tests.support import REPO, in_root, root_with_kvp_pool, run_in_root
 from tests.test_transport import QuietLog
 
 
@@ -160,7 +160,8 @@ class LockedPool(PoolDir):
     """Issue 20 (7): another process holds the pool's flock (a stuck hv_kvp_daemon, an
     agent's writer): KVP is best-effort, Azure's report is not.  Each test holds the
     lock on an open file of its own; the provisioner runs as a process, as the unit
-    runs it, and must still report within its --timeout."""
+    runs it (on the test's temporary root), and must still report within its
+    --timeout."""
 
     TIMEOUT = 8         # the run's --timeout
     SLACK = 3           # s past it for starting Python and exiting
@@ -172,18 +173,14 @@ class LockedPool(PoolDir):
         return holder
 
     def run_script(self, az, *args):
-        """The script as the unit starts it, in a mount namespace whose /var/lib is
-        this test's (the pool the test locks; the record); --media none and
+        """The script's run on this test's temporary root (the pool the test locks;
+        the record), no root needed; --no-hostname, --media none and
         --keep-ssh-host-keys: nothing of this machine is looked at or changed.  The
         process time limit is generous: a provisioner stuck in flock is seen by the
         assertions, not by a hang of the test."""
-        require_root(self)
-        wrapper = 'set -e; mount --bind "$1" /var/lib; shift; exec "$@"'
-        return run_command(['unshare', '--mount', 'sh', '-c', wrapper, 'sh',
-                            os.path.join(self.dir, 'var/lib'), sys.executable, '-I', '-S',
-                            SCRIPT, '--wireserver', az.wireserver_addr, '--imds',
-                            az.imds_addr, '--no-hostname', '--media', 'none',
-                            '--keep-ssh-host-keys', '--timeout', str(self.TIMEOUT)]
+        return run_in_root(self.dir, ['--wireserver', az.wireserver_addr, '--imds',
+                                      az.imds_addr, '--no-hostname', '--media', 'none',
+                                      '--keep-ssh-host-keys', '--timeout', str(self.TIMEOUT)]
                            + list(args), timeout=self.TIMEOUT + 15)
 
     def test_a_failing_run_still_reports_provisioning_failed(self):

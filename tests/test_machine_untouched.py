@@ -7,6 +7,7 @@ them (tests/untouched.py compares them)."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -14,7 +15,7 @@ import unittest
 
 from tests import untouched
 from tests.fake_azure import FakeAzure
-from tests.support import REPO, SCRIPT, is_root, require_root, run_command, skip
+from tests.support import REPO, SCRIPT, TemporaryRoot, is_root, require_root, run_command, skip
 
 INNER = 'AZP_SUITE_UNDER_GUARD'
 # what a process started by a test sees of /var/lib and /etc
@@ -24,7 +25,8 @@ PROBE = ('import json, os; s = os.stat("/var/lib"); print(json.dumps([s.st_dev, 
 
 class EveryProcessIsShielded(unittest.TestCase):
     """run_command (and so run_provisioner) gives each process a private /var/lib,
-    whoever runs the suite, whether or not the machine has a /var/lib/hyperv."""
+    whoever runs the suite, whether or not the machine has a /var/lib/hyperv; a run
+    on a temporary root (TemporaryRoot) keeps this machine's hostname."""
 
     def probe(self):
         run = run_command([sys.executable, '-c', PROBE])
@@ -60,6 +62,23 @@ class EveryProcessIsShielded(unittest.TestCase):
             '"-c", %r]); sys.stdout.write(run.stdout + run.stderr); sys.exit(run.code)' % PROBE])
         self.assertEqual(run.returncode, 0, run.stderr)
         self.assert_private(json.loads(run.stdout))
+
+    def test_a_run_on_a_temporary_root_never_renames_this_machine(self):
+        # IMDS names the VM otherwise: as root the run renames its own UTS namespace
+        # only; an ordinary user's may not rename at all (the step fails)
+        name = socket.gethostname()
+        host = TemporaryRoot('image-template')
+        self.addCleanup(host.cleanup)
+        with FakeAzure(computer_name='azp-other-7') as az:
+            run = host.run('--wireserver', az.wireserver_addr, '--imds', az.imds_addr,
+                           '--timeout', '20')
+        self.assertEqual(socket.gethostname(), name)
+        if is_root():
+            self.assertEqual((run.code, run.hostname_after), (0, 'azp-other-7'), run)
+            self.assertIn("not published to DHCP (not the system's UTS namespace)", run.stderr)
+        else:
+            self.assertEqual((run.code, run.hostname_after), (1, name), run)
+            self.assertIn('cannot set hostname azp-other-7', run.stderr)
 
     @staticmethod
     def as_nobody(argv):

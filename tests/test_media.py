@@ -2,8 +2,9 @@
 variants; the search order and the mount/unmount sequence with stand-in mount and
 umount commands (the mount step is the seam: this machine's kernel mounts neither
 UDF nor ISO 9660, the boot test mounts the real disc in a guest); the password
-set with chpasswd in a private host and found nowhere else; custom data and user
-data kept for the hooks."""
+set with chpasswd in a private host (root) and found nowhere else; runs with the
+media on a temporary root (no root needed); custom data and user data kept for the
+hooks."""
 
 import ast
 import base64
@@ -20,8 +21,8 @@ import unittest.mock
 
 import azure_provisioning as ap
 from tests.fake_azure import DEFAULT_VM_ID, FakeAzure, make_instance_document, make_ovf_env
-from tests.support import (SCRIPT, PrivateHost, in_root, is_root, one_step, require_root,
-                           root_with_kvp_pool, skip)
+from tests.support import (SCRIPT, PrivateHost, TemporaryRoot, in_root, is_root, one_step,
+                           require_root, root_with_kvp_pool, skip)
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 PASSWORD = 'S3cret<&\'"$;:pw %s' % 'x'      # XML and shell specials, a space
@@ -684,20 +685,13 @@ def verify_password(shadow_hash, password):
     return check.stdout == 'yes'
 
 
-class PasswordFromMedia(unittest.TestCase):
-    """The whole run, as root in a private host: useradd and chpasswd are the real
-    ones (on the private /etc), mount/umount and a logging chpasswd wrapper are on
-    PATH; the password is then looked for in every output."""
+class MediaRun(unittest.TestCase):
+    """Whole runs of the script with the media: mount/umount stand-ins and logging
+    wrappers of chpasswd, useradd, usermod and visudo on PATH (self.tools), the
+    disc a directory (self.media); the password is then looked for in every output.
+    The host the runs act on is a subclass's (no tests of its own)."""
 
     def setUp(self):
-        require_root(self)
-        for tool in ('useradd', 'chpasswd', 'usermod'):
-            if not ap.find_tool(tool):
-                skip(self, 'no %s here (apt-get install passwd)' % tool)
-        self.host = PrivateHost('web-7')
-        self.addCleanup(self.host.cleanup)
-        os.makedirs(os.path.join(self.host.etc, 'ssh', 'sshd_config.d'), exist_ok=True)
-        self.host.write('ssh/sshd_config', SSHD_CONFIG)
         self.tools = tempfile.mkdtemp(prefix='azp-media-tools-')
         self.addCleanup(shutil.rmtree, self.tools)
         self.log_file = os.path.join(self.tools, 'argv.log')
@@ -714,15 +708,19 @@ class PasswordFromMedia(unittest.TestCase):
         self.media = os.path.join(self.tools, 'sr0')
         os.mkdir(self.media)
 
+    def ssh_and_sudo(self):
+        os.makedirs(os.path.join(self.host.etc, 'ssh', 'sshd_config.d'), exist_ok=True)
+        self.host.write('ssh/sshd_config', SSHD_CONFIG)
+
     def provision(self, az, ovf, *extra):
         if ovf is not None:
             with open(os.path.join(self.media, 'ovf-env.xml'), 'w') as f:
                 f.write(ovf)
         env = dict(os.environ, PATH=self.tools + os.pathsep + os.environ['PATH'],
                    AZP_TOOL_LOG=self.log_file, AZURE_CUSTOM_DATA='/from/the/caller', AZP_MOUNTED=os.path.join(self.tools, 'mounted'))
-        argv = [sys.executable, '-I', SCRIPT, '--wireserver', az.wireserver_addr,
-                '--imds', az.imds_addr, '--timeout', '30', '--media', self.media] + list(extra)
-        run = self.host.run(argv, env=env)
+        options = ['--wireserver', az.wireserver_addr, '--imds', az.imds_addr, '--timeout',
+                   '30', '--media', self.media] + list(extra)
+        run = self.run_on_host(options, env)
         self.assertNotIn('Traceback', run.stderr)
         return run
 
@@ -741,6 +739,24 @@ class PasswordFromMedia(unittest.TestCase):
         for text in outputs:
             self.assertNotIn(PASSWORD, text)
             self.assertNotIn('S3cret', text)
+
+
+class PasswordFromMedia(MediaRun):
+    """The password really set, as root in a private host: useradd and chpasswd are
+    the real ones (on the private /etc)."""
+
+    def setUp(self):
+        require_root(self)
+        for tool in ('useradd', 'chpasswd', 'usermod'):
+            if not ap.find_tool(tool):
+                skip(self, 'no %s here (apt-get install passwd)' % tool)
+        MediaRun.setUp(self)
+        self.host = PrivateHost('web-7')
+        self.addCleanup(self.host.cleanup)
+        self.ssh_and_sudo()
+
+    def run_on_host(self, options, env):
+        return self.host.run([sys.executable, '-I', SCRIPT] + options, env=env)
 
     def test_password_set_unlocked_and_shown_nowhere(self):
         ovf = make_ovf_env('web-7', 'alice', password=PASSWORD, disable_ssh_password_auth=False)
@@ -765,9 +781,39 @@ class PasswordFromMedia(unittest.TestCase):
                       % self.media, run.stderr)
         self.assert_nowhere(az, run)
 
+
+class MediaOnATemporaryRoot(MediaRun):
+    """Runs with the media that fail, warn or only print before an account tool
+    would change an account, on a temporary root (no root needed); the hooks' data."""
+
+    def setUp(self):
+        MediaRun.setUp(self)
+        self.host = TemporaryRoot('web-7')
+        self.addCleanup(self.host.cleanup)
+        self.ssh_and_sudo()
+
+    def run_on_host(self, options, env):
+        run = self.host.run(*options, env=env)
+        self.assertEqual(run.hostname_after, self.host.hostname, run)
+        return run
+
+    def emulator(self, **fields):
+        """The emulator, naming the VM as the run's host is named: no rename."""
+        return FakeAzure(computer_name=self.host.hostname, **fields)
+
+    def files_holding(self, text):
+        """The files of the tree whose bytes hold `text`."""
+        found = []
+        for top, _, files in os.walk(self.host.dir):
+            for name in files:
+                with open(os.path.join(top, name), 'rb') as f:
+                    if text.encode() in f.read():
+                        found.append(os.path.join(top, name))
+        return found
+
     def test_dry_run_shows_the_password_as_set_only(self):
         ovf = make_ovf_env('web-7', 'alice', password=PASSWORD, disable_ssh_password_auth=False)
-        with FakeAzure(computer_name='web-7', admin_username='alice') as az:
+        with self.emulator(admin_username='alice') as az:
             run = self.provision(az, ovf, '--provision-user', '--dry-run')
             self.assertEqual(run.code, 0, run)
         self.assertIn('would set the password of alice from the provisioning media: (set), '
@@ -778,20 +824,19 @@ class PasswordFromMedia(unittest.TestCase):
 
     def test_without_provision_user_a_warning_and_ready(self):
         ovf = make_ovf_env('web-7', 'alice', password=PASSWORD)
-        pool_dir = os.path.join(self.host.dir, 'kvp')
-        with FakeAzure(computer_name='web-7', admin_username='alice') as az:
+        with self.emulator(admin_username='alice') as az:
             run = self.provision(az, ovf)
             self.assertEqual(run.code, 0, run)
             self.assertTrue(az.ready_accepted())
         self.assertIn('warning: the provisioning media holds a password for alice; not set: '
                       'this image does not manage users (no --provision-user)', run.stderr)
         self.assertIsNone(self.shadow_hash('alice'))
-        self.assertFalse(os.path.exists(pool_dir))
         self.assertNotIn(PASSWORD, run.stdout + run.stderr)
+        self.assertEqual(self.files_holding(PASSWORD), [])     # the record, KVP, /etc...
 
     def test_different_user_names_are_a_reported_failure(self):
         ovf = make_ovf_env('web-7', 'mallory', password=PASSWORD)
-        with FakeAzure(computer_name='web-7', admin_username='alice') as az:
+        with self.emulator(admin_username='alice') as az:
             run = self.provision(az, ovf, '--provision-user')
             self.assertEqual(run.code, 1, run)
             report, = az.health_reports
@@ -803,10 +848,10 @@ class PasswordFromMedia(unittest.TestCase):
         self.assertIsNone(self.shadow_hash('mallory'))
 
     def test_a_password_vm_without_readable_media_fails(self):
-        document = make_instance_document('web-7', 'web-7', DEFAULT_VM_ID, 'alice', [], True)
+        document = make_instance_document('web-7', self.host.hostname, DEFAULT_VM_ID, 'alice',
+                                          [], True)
         document['compute']['osProfile']['disablePasswordAuthentication'] = 'false'
-        with FakeAzure(computer_name='web-7', admin_username='alice',
-                       imds_body=json.dumps(document)) as az:
+        with self.emulator(admin_username='alice', imds_body=json.dumps(document)) as az:
             run = self.provision(az, None, '--provision-user')   # a disc without ovf-env.xml
             self.assertEqual(run.code, 1, run)
             report, = az.health_reports
@@ -821,22 +866,23 @@ class PasswordFromMedia(unittest.TestCase):
         seen = os.path.join(self.host.dir, 'seen')
         with open(os.path.join(hooks, '10-data'), 'w') as f:
             f.write('#!/bin/sh\nset -e\n{ echo "custom=$AZURE_CUSTOM_DATA user=$AZURE_USER_DATA"\n'
-                    '  stat -c "%%a %%U %%n" /var/lib/azure-provisioning '
+                    '  stat -c "%%a %%u %%n" "${AZURE_CUSTOM_DATA%%/*}" '
                     '"$AZURE_CUSTOM_DATA" "$AZURE_USER_DATA"\n'
                     '  cat "$AZURE_CUSTOM_DATA"; cat "$AZURE_USER_DATA"; } > %s\n' % seen)
         os.chmod(os.path.join(hooks, '10-data'), 0o755)
         ovf = make_ovf_env('web-7', 'alice', custom_data=b'#!/bin/sh\necho custom\n')
-        with FakeAzure(computer_name='web-7', admin_username='alice',
-                       user_data=b'user data\n') as az:
+        with self.emulator(admin_username='alice', user_data=b'user data\n') as az:
             run = self.provision(az, ovf)
             self.assertEqual(run.code, 0, run)
+        # in the root's /var/lib/azure-provisioning, the run's own (root's on a VM)
+        kept = os.path.join(os.path.realpath(self.host.var_lib), 'azure-provisioning')
         with open(seen) as f:
-            self.assertEqual(f.read(), 'custom=/var/lib/azure-provisioning/custom-data '
-                                       'user=/var/lib/azure-provisioning/user-data\n'
-                                       '700 root /var/lib/azure-provisioning\n'
-                                       '600 root /var/lib/azure-provisioning/custom-data\n'
-                                       '600 root /var/lib/azure-provisioning/user-data\n'
-                                       '#!/bin/sh\necho custom\nuser data\n')
+            self.assertEqual(f.read(), 'custom={0}/custom-data user={0}/user-data\n'
+                                       '700 {1} {0}\n'
+                                       '600 {1} {0}/custom-data\n'
+                                       '600 {1} {0}/user-data\n'
+                                       '#!/bin/sh\necho custom\nuser data\n'
+                                       .format(kept, os.geteuid()))
         # the data are kept, never run
         self.assertNotIn('custom', run.stdout)
         # none: the variables are unset, even when the caller's environment had them
@@ -844,7 +890,7 @@ class PasswordFromMedia(unittest.TestCase):
         with open(os.path.join(hooks, '10-data'), 'w') as f:
             f.write('#!/bin/sh\necho "custom=${AZURE_CUSTOM_DATA-unset} '
                     'user=${AZURE_USER_DATA-unset}" > %s\n' % seen)
-        with FakeAzure(computer_name='web-7', admin_username='alice') as az:
+        with self.emulator(admin_username='alice') as az:
             run = self.provision(az, make_ovf_env('web-7', 'alice'))
             self.assertEqual(run.code, 0, run)
         with open(seen) as f:
@@ -855,8 +901,9 @@ class PasswordFromMedia(unittest.TestCase):
         with open(os.path.join(self.tools, 'chpasswd'), 'w') as f:
             f.write('#!/bin/sh\necho "chpasswd $*" >> "$AZP_TOOL_LOG"\nread line\n'
                     'echo "chpasswd: cannot set: $line" >&2\nexit 1\n')
+        self.host.add_account('alice', 1500, '!')     # the image's: chpasswd is the first tool
         ovf = make_ovf_env('web-7', 'alice', password=PASSWORD)
-        with FakeAzure(computer_name='web-7', admin_username='alice') as az:
+        with self.emulator(admin_username='alice') as az:
             run = self.provision(az, ovf, '--provision-user')
             self.assertEqual(run.code, 1, run)
             report, = az.health_reports

@@ -7,8 +7,8 @@ import sys
 import unittest
 
 from tests.fake_azure import FakeAzure
-from tests.support import (DEAD_PROXY_ENV, SCRIPT, PrivateHost, is_root, require_root,
-                           run_provisioner)
+from tests.support import (DEAD_PROXY_ENV, SCRIPT, PrivateHost, TemporaryRoot, is_root,
+                           require_root, run_provisioner, tree_snapshot)
 
 BILLION_LAUGHS = ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
                   '<!ENTITY lol1 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">'
@@ -18,9 +18,10 @@ BILLION_LAUGHS = ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
 
 
 class Case(unittest.TestCase):
-    """Each test gets a fresh emulator; `provision()` runs the script against it.
-    As root the run happens in a private UTS+mount namespace with a private /etc
-    (so the hostname step really runs); otherwise with --no-hostname."""
+    """Each test gets a fresh emulator; `provision()` runs the script against it,
+    with --no-hostname; `on_a_temporary_root()` on a tree of its own (no root
+    needed), and `in_private_host()` as root in a private UTS+mount namespace with a
+    private /etc (so the hostname step really renames)."""
 
     emulator = {}
 
@@ -37,6 +38,16 @@ class Case(unittest.TestCase):
         run = run_provisioner(self.az, *args, **kwargs)
         self.assertNotIn('Traceback', run.stderr, run)
         return run
+
+    def on_a_temporary_root(self, *args, **kwargs):
+        """(the TemporaryRoot, the script's run on it): as root its run starts with
+        the hostname `hostname`, otherwise with this machine's."""
+        host = TemporaryRoot(kwargs.pop('hostname', 'image-template'))
+        self.addCleanup(host.cleanup)
+        run = host.run('--wireserver', self.az.wireserver_addr, '--imds', self.az.imds_addr,
+                       *args, **kwargs)
+        self.assertNotIn('Traceback', run.stderr, run)
+        return host, run
 
     def in_private_host(self, *args, **kwargs):
         require_root(self)
@@ -203,8 +214,9 @@ class ScaleSetNameWithoutOsProfile(Case):
     emulator = dict(os_profile=False, vm_name='vmss_3')
 
     def test_invalid_resource_name_is_a_failure_not_a_guess(self):
-        host, run = self.in_private_host('--timeout', '30')
-        self.assertEqual(run.hostname_after, 'image-template')
+        host, run = self.on_a_temporary_root('--timeout', '30')
+        self.assertEqual(run.hostname_after, host.hostname)
+        self.assertEqual(host.read('hostname'), host.hostname + '\n')
         self.assert_failure_reported(run, "invalid hostname 'vmss_3'", 'step=hostname')
 
 
@@ -212,12 +224,12 @@ class InvalidHostname(Case):
     emulator = dict(computer_name='bad_name!;$(reboot)')
 
     def test_reported_and_hostname_untouched(self):
-        host, run = self.in_private_host('--timeout', '30')
+        host, run = self.on_a_temporary_root('--timeout', '30')
         description = self.assert_failure_reported(run, 'invalid hostname', 'step=hostname')
         self.assertIn('bad_name!;$(reboot)', description)
-        self.assertEqual(run.hostname_after, 'image-template')
-        self.assertEqual(host.read('hostname'), 'image-template\n')
-        self.assertIn('127.0.1.1\timage-template\n', host.read('hosts'))
+        self.assertEqual(run.hostname_after, host.hostname)
+        self.assertEqual(host.read('hostname'), host.hostname + '\n')
+        self.assertIn('127.0.1.1\t%s\n' % host.hostname, host.read('hosts'))
         self.assertRegex(run.stderr, r"error: invalid hostname 'bad_name!;\$\(reboot\)'")
 
 
@@ -244,18 +256,6 @@ class HostnameChange(Case):
         leftovers = [n for n in os.listdir(host.etc) if n.endswith('.tmp')]
         self.assertEqual(leftovers, [])
 
-    def test_same_name_changes_nothing(self):
-        require_root(self)
-        host = PrivateHost('web-7')
-        self.addCleanup(host.cleanup)
-        before = {n: os.stat(os.path.join(host.etc, n)).st_mtime_ns for n in ('hostname', 'hosts')}
-        run = host.run([sys.executable, '-I', SCRIPT, '--wireserver', self.az.wireserver_addr,
-                        '--imds', self.az.imds_addr])
-        self.assert_ready(run)
-        self.assertIn('hostname: already web-7, nothing to change', run.stderr)
-        after = {n: os.stat(os.path.join(host.etc, n)).st_mtime_ns for n in ('hostname', 'hosts')}
-        self.assertEqual(before, after)
-
     def test_read_only_etc_is_a_reported_failure(self):
         require_root(self)
         host = PrivateHost()
@@ -268,10 +268,32 @@ class HostnameChange(Case):
         self.assert_failure_reported(run, 'step=hostname', 'Read-only file system')
 
     def test_no_hostname_leaves_it_alone(self):
-        host, run = self.in_private_host('--no-hostname')
+        host, run = self.on_a_temporary_root('--no-hostname')
         self.assert_ready(run)
-        self.assertEqual(run.hostname_after, 'image-template')
-        self.assertEqual(host.read('hostname'), 'image-template\n')
+        self.assertIn('hostname: left alone (--no-hostname)', run.stderr)
+        self.assertEqual(run.hostname_after, host.hostname)
+        self.assertEqual(host.read('hostname'), host.hostname + '\n')
+
+
+class SameHostname(Case):
+    """IMDS names the VM as it is named already: on a temporary root (no root needed)
+    whose run starts with that name, and whose /etc/hostname says it."""
+
+    def setUp(self):
+        self.host = TemporaryRoot('web-7')
+        self.addCleanup(self.host.cleanup)
+        self.emulator = dict(computer_name=self.host.hostname)
+        Case.setUp(self)
+
+    def test_same_name_changes_nothing(self):
+        files = [os.path.join(self.host.etc, n) for n in ('hostname', 'hosts')]
+        before = tree_snapshot(self.host.etc), [os.stat(f).st_mtime_ns for f in files]
+        run = self.host.run('--wireserver', self.az.wireserver_addr, '--imds', self.az.imds_addr)
+        self.assert_ready(run)
+        self.assertIn('hostname: already %s, nothing to change' % self.host.hostname, run.stderr)
+        self.assertEqual(run.hostname_after, self.host.hostname)
+        self.assertEqual((tree_snapshot(self.host.etc), [os.stat(f).st_mtime_ns for f in files]),
+                         before)
 
 
 class DryRun(Case):
@@ -298,12 +320,19 @@ class DryRunOfAFailure(Case):
     emulator = dict(computer_name='-bad-')
 
     def test_prints_the_failure_report_it_would_send(self):
-        host, run = self.in_private_host('--dry-run')
+        host = TemporaryRoot('image-template')
+        self.addCleanup(host.cleanup)
+        before = tree_snapshot(host.dir)
+        run = host.run('--wireserver', self.az.wireserver_addr, '--imds', self.az.imds_addr,
+                       '--dry-run')
         self.assertEqual(run.code, 1, run)
+        self.assertNotIn('Traceback', run.stderr, run)
         self.assertEqual(self.az.health_reports, [])
+        self.assertFalse([r for r in self.az.requests if r['method'] != 'GET'])
         self.assertIn('<SubStatus>ProvisioningFailed</SubStatus>', run.stdout)
         self.assertIn('reason=invalid hostname', run.stdout)
-        self.assertEqual(host.read('hostname'), 'image-template\n')
+        self.assertEqual(run.hostname_after, host.hostname)
+        self.assertEqual(tree_snapshot(host.dir), before)     # nor a record: nothing done
 
 
 class BadGoalStates(unittest.TestCase):

@@ -1,7 +1,8 @@
 """Third outside attack on issue 20's fixes (the admin user's records, host keys,
 deprovision's plan, KVP, names): each test reproduces a finding and fails on the
 code it was written against.  Root tests run in PrivateHost's namespaces; others on
-temporary roots; the fake WireServer and IMDS listen on 127.0.0.1."""
+temporary roots (whole runs of the script too: TemporaryRoot); the fake WireServer
+and IMDS listen on 127.0.0.1."""
 
 import json
 import os
@@ -13,9 +14,37 @@ import unittest
 
 import azure_provisioning as ap
 from tests.fake_azure import DEFAULT_VM_ID, FakeAzure
-from tests.support import SCRIPT, in_root, require_root, run_command, skip
+from tests.support import SCRIPT, TemporaryRoot, in_root, is_root, require_root, run_command, skip
 from tests import test_user
 from tests.test_user import key
+
+
+class AdminNameOnATemporaryRoot(unittest.TestCase):
+    """Runs of the script with --provision-user on a temporary root (no root needed)
+    and --deprovision --user of it, with test_user.AdminAccountHost's helpers for
+    its account files and record (no tests of its own)."""
+
+    def setUp(self):
+        self.host = TemporaryRoot('web-7')
+        self.addCleanup(self.host.cleanup)
+        self.state = os.path.join(self.host.var_lib, 'azure-provisioning', 'state.json')
+
+    entries = test_user.AdminAccountHost.entries
+    free_id = test_user.AdminAccountHost.free_id
+    append = test_user.AdminAccountHost.append
+    record = test_user.AdminAccountHost.record
+    read_record = test_user.AdminAccountHost.read_record
+    deprovision_user = test_user.AdminAccountHost.deprovision_user
+
+    def emulator(self, **fields):
+        """The emulator, naming the VM as the run's host is named: no rename."""
+        return FakeAzure(computer_name=self.host.hostname, **fields)
+
+    def provision(self, az):
+        run = self.host.run('--wireserver', az.wireserver_addr, '--imds', az.imds_addr,
+                            '--provision-user', '--timeout', '30')
+        self.assertNotIn('Traceback', run.stderr)
+        return run
 
 
 class ImagesGroupOfTheAdminName(test_user.AdminAccountHost):
@@ -25,22 +54,8 @@ class ImagesGroupOfTheAdminName(test_user.AdminAccountHost):
     admin_user_creating=alice.  The retry (next boot, or `systemctl restart`) takes
     the image's group for what a cut useradd left, and runs `groupdel alice`: the
     image's group is gone, its files' gid points at nothing (or at the next group
-    to get that gid), and useradd then "succeeds"."""
-
-    def test_the_images_group_is_not_removed(self):
-        gid = self.free_id() + 500     # the image's own gid, not the one useradd picks
-        self.append('group', 'alice:x:%d:' % gid)
-        self.append('gshadow', 'alice:!::')
-        group = self.entries()['group']
-        with FakeAzure(computer_name='web-7', admin_username='alice',
-                       public_keys=[key()]) as az:
-            first = self.provision(az)
-            self.assertEqual(first.code, 1, first)
-            second = self.provision(az)
-        # no useradd of ours was cut: nothing of alice is ours to remove, and the
-        # image's group (its gid, owning its files) stays whatever the retry does
-        self.assertNotIn('removed what a cut useradd left of alice', second.stderr)
-        self.assertEqual(self.entries()['group'], group, (first.stderr, second.stderr))
+    to get that gid), and useradd then "succeeds".  Here the runs where useradd
+    really fails (root); ImagesGroupRefusedByThePlan: the plan's refusal."""
 
     def test_a_useradd_that_made_nothing_leaves_no_claim(self):
         # useradd fails having made nothing (here: another tool holds /etc/passwd's
@@ -78,11 +93,29 @@ class ImagesGroupOfTheAdminName(test_user.AdminAccountHost):
         self.assertEqual(len(self.entries()['passwd']), 1)
         self.assertEqual(self.read_record()['admin_user_created'], 'alice')
 
+
+class ImagesGroupRefusedByThePlan(AdminNameOnATemporaryRoot):
+    """Finding 1 (ImagesGroupOfTheAdminName), on a temporary root: the image's group
+    alice fails the plan, before useradd, in every run; nothing of it is removed."""
+
+    def test_the_images_group_is_not_removed(self):
+        gid = self.free_id() + 500     # the image's own gid, not the one useradd picks
+        self.append('group', 'alice:x:%d:' % gid)
+        self.append('gshadow', 'alice:!::')
+        group = self.entries()['group']
+        with self.emulator(admin_username='alice', public_keys=[key()]) as az:
+            first = self.provision(az)
+            self.assertEqual(first.code, 1, first)
+            second = self.provision(az)
+        # no useradd of ours was cut: nothing of alice is ours to remove, and the
+        # image's group (its gid, owning its files) stays whatever the retry does
+        self.assertNotIn('removed what a cut useradd left of alice', second.stderr)
+        self.assertEqual(self.entries()['group'], group, (first.stderr, second.stderr))
+
     def test_the_images_group_fails_the_plan_and_nothing_is_made(self):
         gid = self.free_id() + 500
         self.append('group', 'alice:x:%d:' % gid)
-        with FakeAzure(computer_name='web-7', admin_username='alice',
-                       public_keys=[key()]) as az:
+        with self.emulator(admin_username='alice', public_keys=[key()]) as az:
             run = self.provision(az)
             self.assertEqual(run.code, 1, run)
             report, = az.health_reports
@@ -185,7 +218,7 @@ class ImmutableFileInThePlan(unittest.TestCase):
                       'append-only (chattr +a)', real.stderr)
 
 
-class HomeThatWasTheImages(test_user.AdminAccountHost):
+class HomeThatWasTheImages(AdminNameOnATemporaryRoot):
     """Finding 4: the image holds /home/alice of its own (data, owned by uid 1500)
     and no user alice; the VM's admin user is alice.  useradd -m keeps the directory
     (a warning, exit 0) and the keys go into it.  --deprovision --user: userdel -r
@@ -200,13 +233,15 @@ class HomeThatWasTheImages(test_user.AdminAccountHost):
     naming the home, with nothing made: an admin user living in a home it does not
     own cannot log in by key (sshd StrictModes) and leaves the admin's keys in the
     image's directory, and refusing it keeps "a home left after userdel -r is the
-    admin user's" true.  Deprovision of that tree finishes and keeps the data."""
-
+    admin user's" true.  Deprovision of that tree finishes and keeps the data.  On a
+    temporary root (no root needed): the image's home is another uid's as root
+    (1500), else this user's own."""
 
     def images_home(self, uid):
         home = os.path.join(self.host.home, 'alice')
         os.mkdir(home, 0o755)
-        os.chown(home, uid, uid)
+        if uid != os.geteuid():
+            os.chown(home, uid, uid)
         with open(os.path.join(home, 'data.txt'), 'w') as f:
             f.write('the image\'s own\n')
         return home
@@ -217,31 +252,36 @@ class HomeThatWasTheImages(test_user.AdminAccountHost):
         self.assertEqual(os.stat(home).st_uid, uid)
 
     def test_provisioning_fails_naming_the_home_and_deprovision_finishes(self):
-        home = self.images_home(1500)
-        with FakeAzure(computer_name='web-7', admin_username='alice',
-                       public_keys=[key()]) as az:
+        owner = 1500 if is_root() else os.geteuid()
+        home = self.images_home(owner)
+        with self.emulator(admin_username='alice', public_keys=[key()]) as az:
             run = self.provision(az)
             self.assertEqual(run.code, 1, run)
             report, = az.health_reports
             self.assertEqual(report['substatus'], 'ProvisioningFailed')
-            self.assertIn('/home/alice exists in the image, owned by uid 1500: remove it from '
-                          'the image or choose another admin name', report['description'])
+            self.assertIn('/home/alice exists in the image, owned by uid %d: remove it from '
+                          'the image or choose another admin name' % owner,
+                          report['description'])
         self.assertEqual(self.entries()['passwd'], [])
         self.assertEqual(sorted(os.listdir(home)), ['data.txt'])
-        self.assert_data_intact(home, 1500)
+        self.assert_data_intact(home, owner)
         run = self.deprovision_user()
         self.assertEqual(run.code, 0, run)
         self.assertEqual(self.entries()['passwd'], [])
-        self.assert_data_intact(home, 1500)
+        self.assert_data_intact(home, owner)
 
     def test_a_home_of_another_existing_user_does_not_block_deprovision(self):
         # the record's user is gone; /home/alice belongs to a user still in passwd
-        # (root): it is not what userdel -r failed to remove, and not ours to name
-        home = self.images_home(0)
+        # (root; nobody or another this user is): it is not what userdel -r failed to
+        # remove, and not ours to name
+        owner = os.geteuid()
+        if ':%d:' % owner not in self.host.read('passwd'):
+            self.host.add_account('runner', owner, '!', home='/nonexistent')
+        home = self.images_home(owner)
         self.record(result='provisioned', vm_id=DEFAULT_VM_ID, admin_user_created='alice')
         run = self.deprovision_user()
         self.assertEqual(run.code, 0, run)
-        self.assert_data_intact(home, 0)
+        self.assert_data_intact(home, owner)
 
 
 class StatusRootWithALineBreak(unittest.TestCase):

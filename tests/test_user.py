@@ -1,5 +1,6 @@
-"""Admin user and SSH keys (--provision-user): validation, then real runs in a
-private /etc, /home and /root (root only)."""
+"""Admin user and SSH keys (--provision-user): validation, plans on temporary roots,
+runs on a temporary root up to the first account tool (no root needed), then real
+runs in a private /etc, /home and /root (root only)."""
 
 import base64
 import json
@@ -15,7 +16,8 @@ from unittest import mock
 
 import azure_provisioning as ap
 from tests.fake_azure import DEFAULT_VM_ID, FakeAzure
-from tests.support import SCRIPT, PrivateHost, in_root, one_step, require_root, run_command, skip
+from tests.support import (SCRIPT, PrivateHost, TemporaryRoot, in_root, one_step, require_root,
+                           run_command, skip, tree_snapshot)
 from tests.test_transport import QuietLog
 
 
@@ -157,6 +159,51 @@ class SshdDirectory(unittest.TestCase):
                 self.assertEqual(os.listdir(os.path.join(root, 'etc', 'ssh', 'real.d')), [])
 
 
+class SshdOfThisMachineOnly(unittest.TestCase):
+    """sshd is reloaded where the run's root is this machine: a run on a temporary
+    root (a mounted image, a test's tree) never asks this machine's systemd for it,
+    even where that systemd runs (said so here; systemctl is a stand-in that logs)."""
+
+    def setUp(self):
+        self.tools = tempfile.mkdtemp(prefix='azp-sshd-tools-')
+        self.addCleanup(shutil.rmtree, self.tools)
+        self.log_file = os.path.join(self.tools, 'systemctl.log')
+        with open(os.path.join(self.tools, 'systemctl'), 'w') as f:
+            f.write('#!/bin/sh\necho "$*" >> "%s"\nprintf "Id=ssh.service\\nActiveState=active\\n"\n'
+                    % self.log_file)
+        os.chmod(os.path.join(self.tools, 'systemctl'), 0o755)
+        for patch in (mock.patch.object(ap, 'system_systemd', lambda: True),
+                      mock.patch.dict(os.environ, {'PATH': self.tools + os.pathsep
+                                                   + os.environ['PATH']})):
+            patch.start()
+            self.addCleanup(patch.stop)
+
+    def asked(self):
+        try:
+            with open(self.log_file) as f:
+                return f.read().splitlines()
+        except IOError:
+            return []
+
+    def test_a_temporary_roots_drop_in_reloads_nothing_here(self):
+        root = tempfile.mkdtemp(prefix='azp-sshd-')
+        self.addCleanup(shutil.rmtree, root)
+        os.makedirs(os.path.join(root, 'etc', 'ssh', 'sshd_config.d'))
+        with open(os.path.join(root, 'etc', 'ssh', 'sshd_config'), 'w') as f:
+            f.write(SSHD_CONFIG)
+        system, facts = in_root(root)
+        facts, _ = one_step(sshd_plan('no'), system, facts)
+        with open(os.path.join(root, ap.SSHD_DROP_IN.lstrip('/'))) as f:
+            self.assertEqual(f.read().splitlines()[-1], 'PasswordAuthentication no')
+        self.assertEqual((self.asked(), facts.warnings), ([], ()))
+
+    def test_this_machines_root_is_asked(self):
+        # the control: the stand-in is found, and asked, when the root is '/'
+        ap.restart_sshd(ap.System('/', ap.Deadline(10), QuietLog()))
+        self.assertEqual(self.asked(), ['show -p Id -p ActiveState ssh.service sshd.service',
+                                        'reload-or-restart ssh.service'])
+
+
 class NewDropInsLabelled(unittest.TestCase):
     """Issue 23: a file we make in /etc gets the type our domain gives new files there
     (Debian's policy: etc_runtime_t for initrc_t), not the policy's etc_t: each new
@@ -209,7 +256,9 @@ class NewDropInsLabelled(unittest.TestCase):
 
 
 class ProvisionUser(unittest.TestCase):
-    """Runs the script with --provision-user in a private host and looks at the files."""
+    """Runs the script with --provision-user in a private host and looks at the files
+    (root only: useradd, usermod and the chown of the keys are real; what is decided
+    before any of them runs is UserOnATemporaryRoot's)."""
 
     def setUp(self):
         require_root(self)
@@ -315,16 +364,6 @@ class ProvisionUser(unittest.TestCase):
                          .splitlines()[-1], 'PasswordAuthentication no')
         self.assertEqual(os.listdir(directory), ['50-azure-provisioning.conf'])
 
-    def test_a_missing_sshd_config_d_in_a_dry_run(self):
-        directory = os.path.join(self.host.etc, 'ssh', 'sshd_config.d')
-        shutil.rmtree(directory)
-        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
-            run = self.provision(az, '--dry-run')
-            self.assertEqual(run.code, 0, run)
-        self.assertIn('would write /etc/ssh/sshd_config.d/50-azure-provisioning.conf (making '
-                      '/etc/ssh/sshd_config.d, 0755): PasswordAuthentication no\n', run.stdout)
-        self.assertFalse(os.path.exists(directory))
-
     def test_a_new_users_home_and_skeleton_keys_are_useradds(self):
         # useradd decides the home (HOME= in /etc/default/useradd) and copies /etc/skel:
         # the keys go where the account really lives, next to the skeleton's
@@ -371,23 +410,6 @@ class ProvisionUser(unittest.TestCase):
             self.assertEqual(len(f.read().splitlines()), 2)
         self.assertIn('is outside /home/alice', run.stderr)
 
-    def test_bad_key_is_reported_and_no_user_made(self):
-        with FakeAzure(computer_name='web-7', admin_username='alice',
-                       public_keys=['ssh-rsa AAAA-not-a-key']) as az:
-            run = self.provision(az)
-            self.assert_failed(az, run, 'invalid SSH public key')
-        self.assertIsNone(self.passwd_entry('alice'))
-
-    def test_bad_user_name_is_reported(self):
-        with FakeAzure(computer_name='web-7', admin_username='Root;id') as az:
-            run = self.provision(az)
-            self.assert_failed(az, run, "invalid admin user name 'Root;id'")
-
-    def test_system_account_is_refused(self):
-        with FakeAzure(computer_name='web-7', admin_username='daemon') as az:
-            run = self.provision(az)
-            self.assert_failed(az, run, 'daemon exists as a system account')
-
     def test_existing_user_with_a_password_ends_locked(self):
         home = self.precreate()
         self.assertEqual(self.shadow_field('alice'), PASSWORD_HASH)
@@ -401,39 +423,63 @@ class ProvisionUser(unittest.TestCase):
         with open(os.path.join(home, '.ssh', 'authorized_keys')) as f:
             self.assertEqual(f.read(), key() + '\n')
 
-    def test_keys_are_not_written_through_a_symlinked_ssh_directory(self):
-        home = self.precreate()
-        elsewhere = os.path.join(self.host.root_home, '.ssh')      # /root/.ssh inside
-        os.mkdir(elsewhere, 0o700)
-        os.symlink('/root/.ssh', os.path.join(home, '.ssh'))
-        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
-            run = self.provision(az)
-            self.assert_failed(az, run, '/home/alice/.ssh is a symbolic link; refusing')
-        self.assertEqual(os.listdir(elsewhere), [])
-        self.assertEqual(stat.S_IMODE(os.stat(elsewhere).st_mode), 0o700)
-        self.assertEqual(os.stat(elsewhere).st_uid, 0)
 
-    def test_keys_are_not_written_through_a_symlinked_keys_file(self):
-        home = self.precreate()
-        target = os.path.join(self.host.root_home, 'keys')
-        with open(target, 'w') as f:
-            f.write('root only\n')
-        os.chmod(target, 0o600)
-        os.mkdir(os.path.join(home, '.ssh'), 0o700)
-        os.chown(os.path.join(home, '.ssh'), 1500, 1500)
-        link = os.path.join(home, '.ssh', 'authorized_keys')
-        os.symlink('/root/keys', link)
-        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+
+class UserOnATemporaryRoot(unittest.TestCase):
+    """--provision-user runs that refuse, fail or only print before an account tool
+    or a chown would run: the script on a temporary root (no root needed) against
+    the emulator; the report Azure got, what was printed, and the tree's files."""
+
+    def setUp(self):
+        self.host = TemporaryRoot('web-7')
+        self.addCleanup(self.host.cleanup)
+        os.makedirs(os.path.join(self.host.etc, 'ssh', 'sshd_config.d'))
+        os.makedirs(os.path.join(self.host.etc, 'sudoers.d'))
+        self.host.write('ssh/sshd_config', SSHD_CONFIG)
+
+    def emulator(self, **fields):
+        """The emulator, naming the VM as the run's host is named: no rename."""
+        return FakeAzure(computer_name=self.host.hostname, **fields)
+
+    def provision(self, az, *extra):
+        run = self.host.run('--wireserver', az.wireserver_addr, '--imds', az.imds_addr,
+                            '--provision-user', '--timeout', '30', *extra)
+        self.assertNotIn('Traceback', run.stderr)
+        self.assertEqual(run.hostname_after, self.host.hostname, run)
+        return run
+
+    passwd_entry = ProvisionUser.passwd_entry
+    assert_failed = ProvisionUser.assert_failed
+
+    def accounts_and_homes(self):
+        """The tree's /etc and /home, as tree_snapshot sees them."""
+        return [tree_snapshot(os.path.join(self.host.dir, part)) for part in ('etc', 'home')]
+
+    def test_bad_key_is_reported_and_no_user_made(self):
+        before = self.accounts_and_homes()
+        with self.emulator(admin_username='alice', public_keys=['ssh-rsa AAAA-not-a-key']) as az:
             run = self.provision(az)
-            self.assert_failed(az, run, 'authorized_keys is a symbolic link; refusing')
-        self.assertTrue(os.path.islink(link))
-        with open(target) as f:
-            self.assertEqual(f.read(), 'root only\n')
-        self.assertEqual((os.stat(target).st_uid, stat.S_IMODE(os.stat(target).st_mode)),
-                         (0, 0o600))
+            self.assert_failed(az, run, 'invalid SSH public key')
+        self.assertIsNone(self.passwd_entry('alice'))
+        self.assertEqual(self.accounts_and_homes(), before)
+
+    def test_bad_user_name_is_reported(self):
+        before = self.accounts_and_homes()
+        with self.emulator(admin_username='Root;id') as az:
+            run = self.provision(az)
+            self.assert_failed(az, run, "invalid admin user name 'Root;id'")
+        self.assertEqual(self.accounts_and_homes(), before)
+
+    def test_system_account_is_refused(self):
+        before = self.accounts_and_homes()
+        with self.emulator(admin_username='daemon') as az:
+            run = self.provision(az)
+            self.assert_failed(az, run, 'daemon exists as a system account (uid 1)')
+        self.assertEqual(self.accounts_and_homes(), before)
 
     def test_dry_run_says_what_it_would_do(self):
-        with FakeAzure(computer_name='web-7', admin_username='alice', public_keys=[key()]) as az:
+        before = tree_snapshot(self.host.dir)
+        with self.emulator(admin_username='alice', public_keys=[key()]) as az:
             run = self.provision(az, '--dry-run')
             self.assertEqual(run.code, 0, run)
             self.assertEqual(az.health_reports, [])
@@ -442,7 +488,48 @@ class ProvisionUser(unittest.TestCase):
                       run.stdout)
         self.assertIn('would write /etc/ssh/sshd_config.d/50-azure-provisioning.conf', run.stdout)
         self.assertIsNone(self.passwd_entry('alice'))
-        self.assertEqual(os.listdir(self.host.home), [])
+        self.assertEqual(tree_snapshot(self.host.dir), before)     # no record either
+
+    def test_a_missing_sshd_config_d_in_a_dry_run(self):
+        directory = os.path.join(self.host.etc, 'ssh', 'sshd_config.d')
+        shutil.rmtree(directory)
+        with self.emulator(admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az, '--dry-run')
+            self.assertEqual(run.code, 0, run)
+        self.assertIn('would write /etc/ssh/sshd_config.d/50-azure-provisioning.conf (making '
+                      '/etc/ssh/sshd_config.d, 0755): PasswordAuthentication no\n', run.stdout)
+        self.assertFalse(os.path.exists(directory))
+
+    def test_keys_are_not_written_through_a_symlinked_ssh_directory(self):
+        # an account of the image, its password locked: no usermod; the keys are next
+        home = self.host.add_account('alice', 1500, '!' + PASSWORD_HASH)
+        elsewhere = os.path.join(self.host.root_home, '.ssh')      # /root/.ssh inside
+        os.mkdir(elsewhere, 0o700)
+        os.symlink('/root/.ssh', os.path.join(home, '.ssh'))
+        before = tree_snapshot(self.host.root_home)
+        with self.emulator(admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assert_failed(az, run, '/home/alice/.ssh is a symbolic link; refusing')
+        self.assertEqual(os.listdir(elsewhere), [])
+        self.assertEqual(tree_snapshot(self.host.root_home), before)   # modes and owners too
+
+    def test_keys_are_not_written_through_a_symlinked_keys_file(self):
+        home = self.host.add_account('alice', 1500, '!' + PASSWORD_HASH)
+        target = os.path.join(self.host.root_home, 'keys')
+        with open(target, 'w') as f:
+            f.write('root only\n')
+        os.chmod(target, 0o600)
+        os.mkdir(os.path.join(home, '.ssh'), 0o700)
+        link = os.path.join(home, '.ssh', 'authorized_keys')
+        os.symlink('/root/keys', link)
+        before = tree_snapshot(self.host.root_home)
+        with self.emulator(admin_username='alice', public_keys=[key()]) as az:
+            run = self.provision(az)
+            self.assert_failed(az, run, 'authorized_keys is a symbolic link; refusing')
+        self.assertTrue(os.path.islink(link))
+        with open(target) as f:
+            self.assertEqual(f.read(), 'root only\n')
+        self.assertEqual(tree_snapshot(self.host.root_home), before)   # its mode and owner
 
 
 # What a power cut during useradd left (seen in boots: the account in /etc/passwd and
