@@ -1,11 +1,12 @@
-"""Differential test: run two versions of azure_provisioning.py (OLD, by default the
-checkout before issue 21's redesign, and this repository's) on identical fresh
+"""Differential test: run two versions of azure_provisioning.py (OLD, a checkout of
+an earlier commit, and this repository's) on identical fresh
 inputs and print every difference in what a user or Azure sees: exit status,
 stdout, stderr, the health reports and requests the emulator received, the KVP
 pool's records, the record (state.json) and every file written, with its mode
 and owner.
 
-    python3 tests/differential.py [--old DIR] [--only NAME[,NAME...]] [-v]
+    git worktree add /tmp/azp-old REV    # the version to hold this one against
+    python3 tests/differential.py --old /tmp/azp-old [--only NAME[,NAME...]] [-v]
 
 Provisioning runs as root only inside tests/support.PrivateHost (private /etc,
 /home, /root, /var/lib and hostname), always with --no-publish-hostname unless
@@ -30,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.fake_azure import FakeAzure, make_ovf_env                # noqa: E402
 from tests.support import PrivateHost, REPO, run_command, is_root   # noqa: E402
 
-OLD_DEFAULT = os.environ.get('AZP_OLD', '/work/old21')
 NOBODY = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups']
 KEY = ('ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDiffTestKeyDiffTestKeyDiffTestKeyDiffTe '
        'alice@laptop')
@@ -780,7 +780,8 @@ def normalize_media(view, media_dir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--old', default=OLD_DEFAULT, help='the old checkout (default %(default)s)')
+    parser.add_argument('--old', required=True, metavar='DIR',
+                        help='the checkout of the version to compare with')
     parser.add_argument('--new', default=REPO)
     parser.add_argument('--only', help='comma-separated scenario names')
     parser.add_argument('-v', '--verbose', action='store_true', help='show each run too')
@@ -792,6 +793,9 @@ def main(argv=None):
     chosen = scenarios()
     if args.only:
         wanted = args.only.split(',')
+        unknown = sorted(set(wanted) - set(s.name for s in chosen))
+        if unknown:
+            parser.error('no scenario named %s' % ', '.join(unknown))
         chosen = [s for s in chosen if s.name in wanted]
     scratch = tempfile.mkdtemp(prefix='azp-differential-')
     os.chmod(scratch, 0o755)
