@@ -2049,10 +2049,9 @@ def interface_index(interface, root):
     return (root.read_text('/sys/class/net', interface, 'ifindex') or '').strip()
 
 
-def primary_interface(root):
-    """The interface of the IPv4 default route with the lowest metric; without a
-    default route, the one networkd holds a DHCP lease for, else the first routed
-    interface (a single-NIC VM on a network that hands out no router)."""
+def ipv4_routes(root):
+    """(interface, destination, flags, metric) of each IPv4 route, or None when the
+    kernel's table cannot be read."""
     routes = []
     try:
         with open(root.path('/proc/net/route')) as f:
@@ -2062,8 +2061,23 @@ def primary_interface(root):
                     routes.append((fields[0], fields[1], int(fields[3], 16), int(fields[6])))
     except (OSError, ValueError):
         return None
-    defaults = sorted((metric, name) for name, destination, flags, metric in routes
-                      if destination == '00000000' and flags & 1)
+    return routes
+
+
+def default_routes(routes):
+    """(metric, interface) of each usable default route, the lowest metric first."""
+    return sorted((metric, name) for name, destination, flags, metric in routes or ()
+                  if destination == '00000000' and flags & 1)
+
+
+def primary_interface(root):
+    """The interface of the IPv4 default route with the lowest metric; without a
+    default route, the one networkd holds a DHCP lease for, else the first routed
+    interface (a single-NIC VM on a network that hands out no router)."""
+    routes = ipv4_routes(root)
+    if routes is None:
+        return None
+    defaults = default_routes(routes)
     if defaults:
         return defaults[0][1]
     for index in sorted(root.names('/run/systemd/netif/leases', r'^\d+$')):
@@ -2212,6 +2226,20 @@ def interface_address(interface, deadline, log):
     return with_retries('publish hostname', attempt, deadline, log)
 
 
+def has_default_route(interface, root):
+    return any(name == interface for _, name in default_routes(ipv4_routes(root)))
+
+
+def default_route_back(interface, root, deadline, log):
+    """Wait until the interface's default route is back: the kernel adds it after the
+    address, and a request sent before then fails with 'Network is unreachable'."""
+
+    def attempt():
+        if not has_default_route(interface, root):
+            raise TryAgain('%s has no default route yet' % interface)
+    with_retries('publish hostname', attempt, deadline, log)
+
+
 def plan_publish(facts, system):
     """Once the host has its new name (plan_hostname's action): DHCP is to send it."""
     if facts.renamed_to is None or not facts.options.publish_hostname:
@@ -2252,6 +2280,7 @@ def send_to_dhcp(system, interface, plan, name):
     limited = Deadline(min(PUBLISH_TIMEOUT, system.deadline.remaining()))
     try:
         before = interface_address(interface, limited, system.log)
+        routed = has_default_route(interface, system.files)
         try:
             for command in plan.commands:
                 system.run(command, 'publish hostname', deadline=limited)
@@ -2261,6 +2290,8 @@ def send_to_dhcp(system, interface, plan, name):
                 system.run(command, 'publish hostname (undo)', deadline=undo_deadline)
         # networkd lets the lease go for a moment before it asks again: expected
         after = interface_address(interface, limited, system.log.quieter())
+        if routed:      # the requests after this one (Ready) need it
+            default_route_back(interface, system.files, limited, system.log.quieter())
     except ProvisioningError as exc:
         raise ProvisioningError('hostname not published: %s' % exc)
     system.log.info('hostname %s sent to DHCP by %s on %s (%s); address %s%s (%s)'

@@ -85,6 +85,9 @@ MUTATIONS = [
     M('nm-no-reactivation', 'NetworkManager before 1.42 gets the reapply, which sends nothing',
       'if version is None or version >= NM_REAPPLY_SENDS:', 'if True:',
       ['tests.test_publish']),
+    M('route-not-awaited', 'after the DHCP reconfigure, Ready goes before the default route',
+      '        if routed:', '        if False:',
+      ['tests.test_publish']),
     # -- the provisioning media (#13) ----------------------------------------------------
     M('password-logged', 'the password written into the log line after chpasswd',
       "system.log.info('user: password of %s set (chpasswd)' % name)",

@@ -148,6 +148,25 @@ class Networkd(FakeSystem):
                                              r'eth0 \(networkctl reconfigure eth0\); address '
                                              r'10\.0\.0\.4 \(\d+ ms\)')
 
+    def test_ready_waits_for_the_default_route_the_reconfigure_took_away(self):
+        # networkd drops the lease, and its routes, before it asks again: a Ready posted
+        # before the route is back fails with 'Network is unreachable' and waits to retry
+        routes = os.path.join(self.root, 'proc/net/route')
+        without = ''.join(line for line in ROUTES.splitlines(True)
+                          if not line.startswith('eth0\t00000000'))
+        self.write('proc/net/route.without', without)
+        self.write('proc/net/route.with', ROUTES)
+        self.write('fakebin/networkctl', '#!/bin/sh\necho "networkctl $*" >> "%s"\n'
+                   'cp "%s.without" "%s"\n(sleep 0.5; cp "%s.with" "%s.new" && '
+                   'mv "%s.new" "%s") >/dev/null 2>&1 &\n'
+                   % ((self.log_file,) + (routes,) * 6), 0o755)
+        self.networkd('[Network]\nDHCP=yes\n')
+        self.assertIsNone(self.publish())
+        self.assertEqual(self.commands(), ['networkctl reconfigure eth0'])
+        self.assertEqual(ap.primary_interface(ap.Root(self.root)), 'eth0')
+        with open(routes) as f:
+            self.assertEqual(f.read(), ROUTES)
+
     def test_send_hostname_off_is_a_warning_and_nothing_runs(self):
         self.networkd('[Network]\nDHCP=yes\n[DHCPv4]\nSendHostname=no\n')
         self.assertIn('SendHostname=no', self.publish())
