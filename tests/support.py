@@ -195,16 +195,11 @@ class PrivateHost(object):
                    'mount --bind "$6" /var/lib; '
                    'if [ -n "$5" ]; then mount --bind "$5" "$3${5#/root}"; fi; '
                    'mount --rbind "$3" /root; hostname "$4"; shift 6; '
-                   'set +e; "$@"; code=$?; echo "%s$(hostname)"; exit $code' % self.MARK)
-        run = run_command(['unshare', '--uts', '--mount', 'sh', '-c', wrapper, 'sh', self.etc,
-                           self.home, self.root_home, self.hostname, self.keep, self.var_lib]
-                          + list(argv), env=env, timeout=timeout)
-        lines = run.stdout.splitlines()
-        run.hostname_after = None
-        if lines and lines[-1].startswith(self.MARK):
-            run.hostname_after = lines[-1][len(self.MARK):]
-            run.stdout = '\n'.join(lines[:-1]) + ('\n' if len(lines) > 1 else '')
-        return run
+                   'set +e; ' + HOSTNAME_AFTER % self.MARK)
+        return with_hostname_after(run_command(
+            ['unshare', '--uts', '--mount', 'sh', '-c', wrapper, 'sh', self.etc, self.home,
+             self.root_home, self.hostname, self.keep, self.var_lib] + list(argv),
+            env=env, timeout=timeout))
 
     def cleanup(self):
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -238,7 +233,12 @@ def run_in_root(root, options, hostname=None, env=None, timeout=PROCESS_TIMEOUT)
                    hostname or socket.gethostname()] + command
     else:
         command = [SH, '-c', script, SH] + command
-    run = run_command(command, env=env, timeout=timeout)
+    return with_hostname_after(run_command(command, env=env, timeout=timeout))
+
+
+def with_hostname_after(run):
+    """`run` with run.hostname_after taken from its last line (HOSTNAME_AFTER's),
+    which leaves its stdout."""
     lines = run.stdout.splitlines()
     run.hostname_after = None
     if lines and lines[-1].startswith(PrivateHost.MARK):
